@@ -1,0 +1,170 @@
+//! The proxy's configuration document (`crank-proxy --config FILE.yaml`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// This workload's certificate, key and trust bundle.
+    pub identity: IdentityConfig,
+    /// Traffic from peer sidecars (mTLS) to the local app. Optional: a
+    /// client-only workload has no inbound side.
+    #[serde(default)]
+    pub inbound: Option<InboundConfig>,
+    /// Traffic from the local app to the mesh.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Static routes: a name (usually a capability) to endpoints.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The admin listener: /live, /ready, /metrics, /config_dump.
+    pub admin: AdminConfig,
+    /// Worker threads per listener group. Default 1: a sidecar shares its host.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    #[serde(default)]
+    pub drain: DrainConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutConfig,
+    /// JSON access log line per request on stderr. Default true.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM leaf certificate (chain after it, if any).
+    pub cert: PathBuf,
+    /// PEM private key. Never shown in /config_dump.
+    pub key: PathBuf,
+    /// PEM roots trusted for peers (may hold several during a rotation).
+    pub trust_bundle: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Where peer sidecars connect (mTLS, TLS 1.3, ALPN h2 then http/1.1).
+    pub listen: SocketAddr,
+    /// The local app's address.
+    pub app: SocketAddr,
+    /// How to speak to the app. Default `auto`: h2c for gRPC, HTTP/1.1 otherwise.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// h2c for requests with `content-type: application/grpc*`, HTTP/1.1 otherwise.
+    #[default]
+    Auto,
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// An HTTP proxy listener for apps that honour `HTTP_PROXY`: the route is
+    /// chosen by the request's Host / `:authority`.
+    #[serde(default)]
+    pub http_proxy: Option<SocketAddr>,
+    /// Local upstream ports, each bound to one route.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub listen: SocketAddr,
+    /// The name of a route in `routes`.
+    pub route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route name, usually the capability (`transcode:v1`) or service name.
+    pub name: String,
+    /// Host / authority values (port ignored) that select this route on the
+    /// HTTP proxy listener. The route name always matches too.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Peer sidecars serving this route.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// The peer sidecar's inbound address.
+    pub address: SocketAddr,
+    /// The identity the peer must prove, DNS or SPIFFE form.
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    /// How long in-flight requests get after SIGTERM. Default 30s.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig {
+            deadline: default_drain(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// TCP + TLS connect timeout to a peer sidecar or the app. Default 5s.
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect: Duration,
+    /// Idle time allowed between reads from the upstream. Default 60s.
+    #[serde(default = "default_read", with = "humantime_serde")]
+    pub upstream_read: Duration,
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect: default_connect(),
+            upstream_read: default_read(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_threads() -> usize {
+    1
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read() -> Duration {
+    Duration::from_secs(60)
+}

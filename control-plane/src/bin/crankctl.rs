@@ -1,0 +1,14 @@
+//! `crankctl`: the operator CLI. All logic lives in `crank_control::cli`.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = crank_control::cli::Cli::parse();
+    match crank_control::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crankctl: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

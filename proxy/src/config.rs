@@ -1,0 +1,202 @@
+//! Loading and validating `crank-proxy --config FILE.yaml`.
+//!
+//! The document is typed ([`crank_api::proxy::ProxyConfig`]), unknown keys are
+//! rejected, and every error names the file, the field and the fix. A config
+//! that fails validation is rejected whole.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crank_api::proxy::ProxyConfig;
+use crank_certs::Identity;
+
+/// A config error: which file, which field, what is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// Reads, parses and validates a proxy config file.
+pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        field: "(file)".into(),
+        message: format!("cannot read the config file: {e}; check the --config path"),
+    })?;
+    let cfg = parse(&file, &text)?;
+    validate(&file, &cfg, path.parent().unwrap_or(Path::new(".")))?;
+    Ok(cfg)
+}
+
+/// Parses YAML text; errors carry the field path and the line.
+pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let mut message = inner.to_string();
+        if message.contains("unknown field") {
+            message.push_str("; remove it or fix its spelling (see docs/reference/proxy-config.md)");
+        } else if message.contains("missing field") {
+            message.push_str("; add it (see docs/reference/proxy-config.md)");
+        }
+        ConfigError {
+            file: file.to_string(),
+            field: if field == "." { "(top level)".into() } else { field },
+            message,
+        }
+    })
+}
+
+/// Checks what types cannot: references between sections, unique names and
+/// addresses, identities, readable files. Relative paths resolve against `base`.
+pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), ConfigError> {
+    let err = |field: String, message: String| ConfigError {
+        file: file.to_string(),
+        field,
+        message,
+    };
+    for (field, path) in [
+        ("identity.cert", &cfg.identity.cert),
+        ("identity.key", &cfg.identity.key),
+        ("identity.trust_bundle", &cfg.identity.trust_bundle),
+    ] {
+        let p = resolve(base, path);
+        if let Err(e) = std::fs::metadata(&p) {
+            return Err(err(
+                field.into(),
+                format!("cannot read {}: {e}; make it with `crankctl cert issue` or fix the path", p.display()),
+            ));
+        }
+    }
+    if cfg.threads == 0 || cfg.threads > 64 {
+        return Err(err("threads".into(), format!("{} is out of range; use 1 to 64", cfg.threads)));
+    }
+    let mut names = HashSet::new();
+    let mut hosts: HashMap<String, &str> = HashMap::new();
+    for (i, r) in cfg.routes.iter().enumerate() {
+        if r.name.is_empty() {
+            return Err(err(format!("routes[{i}].name"), "is empty; name the route after its capability or service".into()));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(err(format!("routes[{i}].name"), format!("route {:?} is defined twice; give each route a unique name", r.name)));
+        }
+        if r.endpoints.is_empty() {
+            return Err(err(format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
+        }
+        for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
+            let h = h.to_ascii_lowercase();
+            if let Some(other) = hosts.insert(h.clone(), &r.name) {
+                if other != r.name {
+                    return Err(err(format!("routes[{i}].hosts"), format!("host {h:?} already selects route {other:?}; a host may select one route only")));
+                }
+            }
+        }
+        for (j, ep) in r.endpoints.iter().enumerate() {
+            if let Err(e) = ep.identity.parse::<Identity>() {
+                return Err(err(format!("routes[{i}].endpoints[{j}].identity"), e.to_string()));
+            }
+        }
+    }
+    let mut listens: HashMap<SocketAddr, String> = HashMap::new();
+    let mut claim = |addr: SocketAddr, field: String| -> Result<(), ConfigError> {
+        if let Some(prev) = listens.insert(addr, field.clone()) {
+            return Err(err(field, format!("{addr} is already used by {prev}; give each listener its own port")));
+        }
+        Ok(())
+    };
+    claim(cfg.admin.listen, "admin.listen".into())?;
+    if let Some(inb) = &cfg.inbound {
+        claim(inb.listen, "inbound.listen".into())?;
+    }
+    if let Some(p) = cfg.outbound.http_proxy {
+        claim(p, "outbound.http_proxy".into())?;
+    }
+    for (i, port) in cfg.outbound.ports.iter().enumerate() {
+        claim(port.listen, format!("outbound.ports[{i}].listen"))?;
+        if !names.contains(port.route.as_str()) {
+            let known: Vec<_> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
+            return Err(err(
+                format!("outbound.ports[{i}].route"),
+                format!("route {:?} is not defined; define it under `routes` or use one of {known:?}", port.route),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves a config path relative to the config file's directory.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_certs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["a.crt", "a.key", "bundle.pem"] {
+            std::fs::write(d.path().join(f), "x").unwrap();
+        }
+        d
+    }
+
+    const BASE: &str = "identity: {cert: a.crt, key: a.key, trust_bundle: bundle.pem}\nadmin: {listen: 127.0.0.1:9901}\n";
+
+    fn check(extra: &str) -> Result<ProxyConfig, ConfigError> {
+        let d = dir_with_certs();
+        let text = format!("{BASE}{extra}");
+        let cfg = parse("p.yaml", &text)?;
+        validate("p.yaml", &cfg, d.path())?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = check("").unwrap();
+        assert_eq!(cfg.threads, 1);
+        assert_eq!(cfg.drain.deadline.as_secs(), 30);
+        assert!(cfg.inbound.is_none());
+    }
+
+    #[test]
+    fn errors_name_file_field_and_fix() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("bogus: 1\n", "(top level)", "unknown field `bogus`"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, colour: red}\n", "inbound", "unknown field `colour`"),
+            ("inbound: {listen: nope, app: 127.0.0.1:2}\n", "inbound.listen", "invalid socket address"),
+            ("outbound: {ports: [{listen: 127.0.0.1:5, route: b}]}\n", "outbound.ports[0].route", "define it under `routes`"),
+            ("routes: [{name: b, endpoints: []}]\n", "routes[0].endpoints", "has no endpoints"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: nope}]}]\n", "routes[0].endpoints[0].identity", "<service>.<tenant>.<trust-domain>"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}]}, {name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}]}]\n", "routes[1].name", "defined twice"),
+            ("inbound: {listen: 127.0.0.1:9901, app: 127.0.0.1:2}\n", "inbound.listen", "already used by admin.listen"),
+            ("threads: 0\n", "threads", "use 1 to 64"),
+            ("drain: {deadline: soon}\n", "drain.deadline", "soon"),
+        ];
+        for (extra, field, needle) in cases {
+            let e = check(extra).expect_err(extra);
+            assert_eq!(e.file, "p.yaml");
+            assert_eq!(e.field, *field, "{extra}: {e}");
+            assert!(e.message.contains(needle), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_cert_file_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = parse("p.yaml", BASE).unwrap();
+        let e = validate("p.yaml", &cfg, d.path()).unwrap_err();
+        assert_eq!(e.field, "identity.cert");
+        assert!(e.message.contains("crankctl cert issue"), "{e}");
+    }
+}

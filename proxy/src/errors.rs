@@ -1,0 +1,194 @@
+//! The one rescue table: every error the proxy answers for itself becomes a
+//! status, an `x-crank-error` reason and a short body saying what happened and
+//! what to do. Errors keep their source (downstream, upstream, internal).
+
+use pingora_error::{Error, ErrorSource, ErrorType};
+
+/// Why the proxy, not the app, produced a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No route matches the request's host or port.
+    NoRoute,
+    /// An inbound peer completed TLS without a client certificate.
+    ClientCertRequired,
+    /// An inbound peer's certificate carries no valid Crank identity.
+    PeerIdentityInvalid,
+    /// The request's framing is ambiguous or invalid (smuggling defence).
+    BadFraming,
+    /// The request could not be parsed.
+    BadRequest,
+    /// TCP connect to the upstream was refused or failed.
+    UpstreamConnectFailed,
+    /// TCP/TLS connect to the upstream did not finish in time.
+    ConnectTimeout,
+    /// The peer sidecar's certificate does not prove the expected identity.
+    TlsIdentityMismatch,
+    /// The TLS handshake with the peer sidecar failed for another reason.
+    UpstreamTlsFailed,
+    /// The upstream did not answer in time.
+    UpstreamTimeout,
+    /// The upstream closed or reset the connection mid-request.
+    UpstreamReset,
+    /// The upstream sent a response the proxy could not parse.
+    UpstreamProtocolError,
+    /// A bug or resource problem inside the proxy.
+    Internal,
+}
+
+impl Reason {
+    /// The value of the `x-crank-error` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no-route",
+            Reason::ClientCertRequired => "client-cert-required",
+            Reason::PeerIdentityInvalid => "peer-identity-invalid",
+            Reason::BadFraming => "bad-request-framing",
+            Reason::BadRequest => "bad-request",
+            Reason::UpstreamConnectFailed => "upstream-connect-failed",
+            Reason::ConnectTimeout => "connect-timeout",
+            Reason::TlsIdentityMismatch => "tls-identity-mismatch",
+            Reason::UpstreamTlsFailed => "upstream-tls-failed",
+            Reason::UpstreamTimeout => "upstream-timeout",
+            Reason::UpstreamReset => "upstream-reset",
+            Reason::UpstreamProtocolError => "upstream-protocol-error",
+            Reason::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::NoRoute => 404,
+            Reason::ClientCertRequired | Reason::PeerIdentityInvalid => 403,
+            Reason::BadFraming | Reason::BadRequest => 400,
+            Reason::UpstreamConnectFailed
+            | Reason::TlsIdentityMismatch
+            | Reason::UpstreamTlsFailed
+            | Reason::UpstreamReset
+            | Reason::UpstreamProtocolError => 502,
+            Reason::ConnectTimeout | Reason::UpstreamTimeout => 504,
+            Reason::Internal => 500,
+        }
+    }
+
+    /// What happened and what to do, for the response body.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no route matches this request's host or port; add a route whose name or hosts match it",
+            Reason::ClientCertRequired => "this port accepts mesh sidecars only; connect with a client certificate issued by the mesh CA",
+            Reason::PeerIdentityInvalid => "the client certificate carries no valid Crank identity (spiffe://<trust-domain>/tenant/<t>/svc/<s>); reissue it with crankctl",
+            Reason::BadFraming => "the request framing is ambiguous (Content-Length with Transfer-Encoding, repeated Content-Length, folded headers or bad chunks); fix the client",
+            Reason::BadRequest => "the request could not be parsed; fix the client",
+            Reason::UpstreamConnectFailed => "could not connect to the upstream; check that it runs and listens on the configured address",
+            Reason::ConnectTimeout => "connecting to the upstream timed out; check the network path and the upstream's load",
+            Reason::TlsIdentityMismatch => "the peer sidecar's certificate does not prove the identity this route expects; check the endpoint's identity in the route or the peer's certificate",
+            Reason::UpstreamTlsFailed => "the mTLS handshake with the peer sidecar failed; check that both sides trust the same CA and that certificates are valid",
+            Reason::UpstreamTimeout => "the upstream did not answer in time; it may be overloaded or stuck",
+            Reason::UpstreamReset => "the upstream closed the connection before the response was complete",
+            Reason::UpstreamProtocolError => "the upstream sent a response that is not valid HTTP",
+            Reason::Internal => "the proxy hit an internal error; see its log",
+        }
+    }
+}
+
+/// Maps a Pingora error to a reason. Pure, so it is tested with a table.
+pub fn classify(e: &Error) -> Reason {
+    let text = format!("{e}");
+    classify_parts(e.etype(), e.esource(), &text)
+}
+
+fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason {
+    use ErrorType::*;
+    let identity_problem = text.contains("NotValidForName") || text.contains("not valid for name");
+    match etype {
+        ConnectTimedout | TLSHandshakeTimedout => Reason::ConnectTimeout,
+        ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError => {
+            Reason::UpstreamConnectFailed
+        }
+        TLSHandshakeFailure | InvalidCert | HandshakeError | TLSWantX509Lookup => {
+            if identity_problem {
+                Reason::TlsIdentityMismatch
+            } else {
+                Reason::UpstreamTlsFailed
+            }
+        }
+        ReadTimedout | WriteTimedout => match source {
+            ErrorSource::Downstream => Reason::BadRequest,
+            _ => Reason::UpstreamTimeout,
+        },
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => match source {
+            ErrorSource::Downstream => {
+                if text.contains("chunk") || text.contains("Content-Length") || text.contains("Transfer-Encoding") {
+                    Reason::BadFraming
+                } else {
+                    Reason::BadRequest
+                }
+            }
+            _ => Reason::UpstreamProtocolError,
+        },
+        ReadError | WriteError | ConnectionClosed => match source {
+            ErrorSource::Upstream => Reason::UpstreamReset,
+            ErrorSource::Downstream => {
+                if text.contains("chunk") {
+                    Reason::BadFraming
+                } else {
+                    Reason::BadRequest
+                }
+            }
+            _ => Reason::Internal,
+        },
+        _ => Reason::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ErrorSource::*;
+    use ErrorType::*;
+
+    #[test]
+    fn rescue_table() {
+        let cases: &[(ErrorType, ErrorSource, &str, Reason)] = &[
+            (ConnectRefused, Upstream, "", Reason::UpstreamConnectFailed),
+            (ConnectTimedout, Upstream, "", Reason::ConnectTimeout),
+            (TLSHandshakeFailure, Upstream, "invalid peer certificate: NotValidForName", Reason::TlsIdentityMismatch),
+            (TLSHandshakeFailure, Upstream, "invalid peer certificate: UnknownIssuer", Reason::UpstreamTlsFailed),
+            (InvalidCert, Upstream, "", Reason::UpstreamTlsFailed),
+            (ReadTimedout, Upstream, "", Reason::UpstreamTimeout),
+            (ConnectionClosed, Upstream, "", Reason::UpstreamReset),
+            (InvalidHTTPHeader, Upstream, "", Reason::UpstreamProtocolError),
+            (InvalidHTTPHeader, Downstream, "invalid chunk size", Reason::BadFraming),
+            (InvalidHTTPHeader, Downstream, "bad header", Reason::BadRequest),
+            (ReadError, Downstream, "Invalid chunked encoding", Reason::BadFraming),
+            (InternalError, Internal, "", Reason::Internal),
+        ];
+        for (t, s, text, want) in cases {
+            assert_eq!(classify_parts(t, s, text), *want, "{t:?} {s:?} {text}");
+        }
+    }
+
+    #[test]
+    fn statuses_and_reasons_are_distinct_and_sane() {
+        let all = [
+            Reason::NoRoute,
+            Reason::ClientCertRequired,
+            Reason::PeerIdentityInvalid,
+            Reason::BadFraming,
+            Reason::BadRequest,
+            Reason::UpstreamConnectFailed,
+            Reason::ConnectTimeout,
+            Reason::TlsIdentityMismatch,
+            Reason::UpstreamTlsFailed,
+            Reason::UpstreamTimeout,
+            Reason::UpstreamReset,
+            Reason::UpstreamProtocolError,
+            Reason::Internal,
+        ];
+        let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), all.len());
+        for r in all {
+            assert!((400..600).contains(&r.status()));
+            assert!(!r.advice().is_empty());
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! `crank-proxy --config FILE.yaml`: parses arguments and runs the library.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "crank-proxy", about = "Crank Mesh sidecar proxy", version)]
+struct Args {
+    /// The proxy config file (YAML). See docs/reference/proxy-config.md.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    crank_proxy::logging::init();
+    if args.check {
+        return match crank_proxy::config::load(&args.config) {
+            Ok(_) => {
+                println!("{}: ok", args.config.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("crank-proxy: invalid config: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    match crank_proxy::server::run(&args.config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crank-proxy: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

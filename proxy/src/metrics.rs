@@ -1,0 +1,136 @@
+//! Prometheus metrics of the proxy, all prefixed `crank_`, in one registry
+//! served on the admin listener.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the proxy exports. Cheap to clone (handles are `Arc`s).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// `crank_requests_total{direction, route, status_class}`.
+    pub requests: IntCounterVec,
+    /// `crank_request_duration_seconds{direction, route}`.
+    pub latency: HistogramVec,
+    /// `crank_tls_handshake_failures_total{direction, reason}`.
+    pub handshake_failures: IntCounterVec,
+    /// `crank_open_connections{direction}`.
+    pub open_connections: IntGaugeVec,
+    /// `crank_proxy_errors_total{direction, reason}`: responses the proxy made itself.
+    pub proxy_errors: IntCounterVec,
+    /// `crank_inflight_requests`.
+    pub inflight: IntGauge,
+    /// `crank_ready` (1 when /ready answers 200).
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("crank_requests_total", "Requests handled, by direction, route and status class"),
+            &["direction", "route", "status_class"],
+        )
+        .expect("static metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("crank_request_duration_seconds", "Request latency through the proxy, from request start to the end of the response")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            &["direction", "route"],
+        )
+        .expect("static metric");
+        let handshake_failures = IntCounterVec::new(
+            Opts::new("crank_tls_handshake_failures_total", "Refused or failed mTLS handshakes, by direction and reason"),
+            &["direction", "reason"],
+        )
+        .expect("static metric");
+        let open_connections = IntGaugeVec::new(
+            Opts::new("crank_open_connections", "Open downstream connections, by direction"),
+            &["direction"],
+        )
+        .expect("static metric");
+        let proxy_errors = IntCounterVec::new(
+            Opts::new("crank_proxy_errors_total", "Error responses made by the proxy itself (x-crank-error), by reason"),
+            &["direction", "reason"],
+        )
+        .expect("static metric");
+        let inflight = IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
+        let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve").expect("static metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(handshake_failures.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(proxy_errors.clone()),
+            Box::new(inflight.clone()),
+            Box::new(ready.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        Metrics {
+            registry,
+            requests,
+            latency,
+            handshake_failures,
+            open_connections,
+            proxy_errors,
+            inflight,
+            ready,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding to a Vec cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// "2xx", "4xx", ... for a status code; "error" when no response was sent.
+pub fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_names() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["inbound", "r", "2xx"]).inc();
+        m.handshake_failures.with_label_values(&["inbound", "unknown-ca"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("crank_requests_total{direction=\"inbound\",route=\"r\",status_class=\"2xx\"} 1"));
+        assert!(text.contains("crank_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("crank_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(503), "5xx");
+        assert_eq!(status_class(0), "error");
+    }
+}

@@ -1,0 +1,357 @@
+//! The one `ProxyHttp` implementation. Each phase is a few lines that call
+//! the module owning the concern (routing, identity, framing, errors,
+//! metrics). `Direction` says which side of the sidecar a listener is.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use crank_api::proxy::AppProtocol;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::errors::{classify, Reason};
+use crate::framing;
+use crate::health::InflightGuard;
+use crate::identity::{ConnAuth, PeerAuth, PeerIdentity};
+use crate::metrics::status_class;
+use crate::routing::Route;
+use crate::state::Shared;
+
+/// Header carrying the verified caller identity to the app (inbound) —
+/// always set by the inbound sidecar, never trusted from the network.
+pub const CLIENT_ID_HEADER: &str = "x-crank-client-id";
+/// Header naming why the proxy answered by itself.
+pub const ERROR_HEADER: &str = "x-crank-error";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Peer sidecar → local app, over mTLS.
+    Inbound,
+    /// Local app → mesh.
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+pub struct MeshProxy {
+    pub direction: Direction,
+    pub shared: Arc<Shared>,
+    /// Inbound only: the app and how to speak to it.
+    pub app: Option<(SocketAddr, AppProtocol)>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    route: Option<Arc<Route>>,
+    peer: Option<Arc<PeerIdentity>>,
+    upstream: Option<SocketAddr>,
+    reason: Option<Reason>,
+    _inflight: InflightGuard,
+}
+
+impl Ctx {
+    fn route_label(&self, dir: Direction) -> &str {
+        match (&self.route, dir) {
+            (Some(r), _) => &r.name,
+            (None, Direction::Inbound) => "app",
+            (None, Direction::Outbound) => "none",
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for MeshProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            route: None,
+            peer: None,
+            upstream: None,
+            reason: None,
+            _inflight: self.shared.health.track(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Some(h1) = session.as_downstream().as_http1() {
+            if let Err(fe) = framing::check_raw_header(&h1.get_headers_raw_bytes()) {
+                self.refuse(session, ctx, Reason::BadFraming, fe.detail()).await;
+                return Ok(true);
+            }
+        }
+        match self.direction {
+            Direction::Inbound => match peer_auth(session) {
+                Ok(peer) => ctx.peer = Some(peer),
+                Err(reason) => {
+                    self.refuse(session, ctx, reason, "").await;
+                    return Ok(true);
+                }
+            },
+            Direction::Outbound => {
+                let port = session.as_downstream().server_addr().and_then(|a| a.as_inet()).map(|a| a.port());
+                let req = session.req_header();
+                let host = req
+                    .uri
+                    .authority()
+                    .map(|a| a.as_str().to_string())
+                    .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+                let table = self.shared.routes.load();
+                match table.select(port, host.as_deref()) {
+                    Ok(route) => ctx.route = Some(route),
+                    Err(nr) => {
+                        let detail = format!(
+                            "host {:?}; known routes: {}",
+                            nr.host.unwrap_or_default(),
+                            table.names().join(", ")
+                        );
+                        self.refuse(session, ctx, Reason::NoRoute, &detail).await;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let timeouts = self.shared.config.load().timeouts.clone();
+        let mut peer = match self.direction {
+            Direction::Inbound => {
+                let (addr, proto) = self.app.ok_or_else(|| Error::explain(ErrorType::InternalError, "inbound without app"))?;
+                let mut peer = HttpPeer::new(addr, false, String::new());
+                if wants_h2c(proto, session.req_header()) {
+                    peer.options.set_http_version(2, 2);
+                    peer.options.max_h2_streams = 128;
+                } else {
+                    peer.options.set_http_version(1, 1);
+                }
+                peer
+            }
+            Direction::Outbound => {
+                let route = ctx.route.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
+                let ep = route.pick();
+                let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
+                peer.client_cert_key = Some(self.shared.tls.client_cert());
+                peer.options.ca = Some(self.shared.tls.bundle());
+                if session.is_upgrade_req() {
+                    // WebSocket and other upgrades need HTTP/1.1 between sidecars.
+                    peer.options.set_http_version(1, 1);
+                } else {
+                    peer.options.set_http_version(2, 1);
+                    peer.options.max_h2_streams = 128;
+                }
+                peer
+            }
+        };
+        peer.options.connection_timeout = Some(timeouts.connect);
+        peer.options.total_connection_timeout = Some(timeouts.connect);
+        peer.options.read_timeout = Some(timeouts.upstream_read);
+        peer.options.idle_timeout = Some(Duration::from_secs(90));
+        ctx.upstream = peer.address().as_inet().copied();
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        req.remove_header(CLIENT_ID_HEADER);
+        match self.direction {
+            Direction::Inbound => {
+                if let Some(peer) = &ctx.peer {
+                    req.insert_header(CLIENT_ID_HEADER, peer.spiffe_id.as_str())?;
+                }
+            }
+            Direction::Outbound => to_origin_form(req)?,
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let reason = classify(e);
+        tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), error = %e, "request failed");
+        let code = if session.response_written().is_none() {
+            let detail = upstream_detail(ctx);
+            self.respond(session, ctx, reason, &detail).await;
+            reason.status()
+        } else {
+            ctx.reason = Some(reason);
+            0
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let dir = self.direction.as_str();
+        let route = ctx.route_label(self.direction).to_string();
+        let elapsed = ctx.start.elapsed();
+        let m = &self.shared.metrics;
+        m.requests.with_label_values(&[dir, &route, status_class(status)]).inc();
+        m.latency.with_label_values(&[dir, &route]).observe(elapsed.as_secs_f64());
+        if self.shared.access_log {
+            let req = session.req_header();
+            tracing::info!(
+                target: "crank::access",
+                direction = dir,
+                route = %route,
+                method = %req.method,
+                path = req.uri.path(),
+                status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream = ?ctx.upstream,
+                peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
+                crank_error = ctx.reason.map(|r| r.as_str()),
+                error = e.map(|e| e.to_string()),
+            );
+        }
+    }
+}
+
+impl MeshProxy {
+    /// Refuses a request before it reaches any upstream.
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
+        tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), detail, "refused request");
+        if matches!(reason, Reason::BadFraming | Reason::ClientCertRequired | Reason::PeerIdentityInvalid) {
+            session.set_keepalive(None);
+        }
+        self.respond(session, ctx, reason, detail).await;
+    }
+
+    /// Writes the proxy's own response: status, `x-crank-error`, and a body
+    /// saying what happened and what to do.
+    async fn respond(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
+        ctx.reason = Some(reason);
+        self.shared
+            .metrics
+            .proxy_errors
+            .with_label_values(&[self.direction.as_str(), reason.as_str()])
+            .inc();
+        let body = if detail.is_empty() {
+            format!("{}: {}\n", reason.as_str(), reason.advice())
+        } else {
+            format!("{}: {} ({detail})\n", reason.as_str(), reason.advice())
+        };
+        let Ok(mut resp) = ResponseHeader::build(reason.status(), Some(4)) else {
+            return;
+        };
+        let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+        if session.write_response_header(Box::new(resp), false).await.is_ok() {
+            let _ = session.write_response_body(Some(Bytes::from(body)), true).await;
+        }
+    }
+}
+
+/// The inbound peer's verified identity, or why it is refused.
+fn peer_auth(session: &Session) -> std::result::Result<Arc<PeerIdentity>, Reason> {
+    let auth = session
+        .as_downstream()
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .and_then(|ssl| ssl.extension.get::<ConnAuth>());
+    match auth.map(|a| &a.auth) {
+        Some(PeerAuth::Verified(id)) => Ok(id.clone()),
+        Some(PeerAuth::Refused(r)) => Err(*r),
+        None => Err(Reason::ClientCertRequired),
+    }
+}
+
+/// Whether to speak h2c to the local app for this request.
+pub fn wants_h2c(proto: AppProtocol, req: &RequestHeader) -> bool {
+    match proto {
+        AppProtocol::H2c => true,
+        AppProtocol::Http1 => false,
+        AppProtocol::Auto => is_grpc(req),
+    }
+}
+
+/// gRPC requests say so in their content type.
+pub fn is_grpc(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// An absolute-form target (`GET http://svc/path`, from an `HTTP_PROXY`
+/// client) becomes origin-form with the authority in `Host`.
+fn to_origin_form(req: &mut RequestHeader) -> Result<()> {
+    let Some(authority) = req.uri.authority().map(|a| a.as_str().to_string()) else {
+        return Ok(());
+    };
+    if req.uri.scheme().is_none() {
+        return Ok(());
+    }
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let uri: http::Uri = pq
+        .parse()
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
+    req.set_uri(uri);
+    req.insert_header(http::header::HOST, authority)?;
+    Ok(())
+}
+
+fn upstream_detail(ctx: &Ctx) -> String {
+    match (&ctx.route, ctx.upstream) {
+        (Some(r), Some(a)) => format!("route {}, endpoint {a}", r.name),
+        (None, Some(a)) => format!("upstream {a}"),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, ctype: Option<&str>) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        if let Some(c) = ctype {
+            r.insert_header("content-type", c).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn h2c_choice() {
+        let grpc = req("/svc/M", Some("application/grpc+proto"));
+        let plain = req("/", Some("application/json"));
+        assert!(wants_h2c(AppProtocol::Auto, &grpc));
+        assert!(!wants_h2c(AppProtocol::Auto, &plain));
+        assert!(wants_h2c(AppProtocol::H2c, &plain));
+        assert!(!wants_h2c(AppProtocol::Http1, &grpc));
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let mut r = req("http://backend:8080/a/b?x=1", None);
+        to_origin_form(&mut r).unwrap();
+        assert_eq!(r.uri.to_string(), "/a/b?x=1");
+        assert_eq!(r.headers["host"], "backend:8080");
+        let mut o = req("/keep?y", None);
+        to_origin_form(&mut o).unwrap();
+        assert_eq!(o.uri.to_string(), "/keep?y");
+        assert!(o.headers.get("host").is_none());
+    }
+}

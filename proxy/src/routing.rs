@@ -1,0 +1,192 @@
+//! Outbound route selection: which route a request from the local app takes,
+//! and which endpoint (peer sidecar) serves it. Pure over plain data; the
+//! proxy phases only call [`RouteTable::select`] and [`Route::pick`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crank_api::proxy::ProxyConfig;
+use crank_certs::Identity;
+
+/// A route with its endpoints.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+/// A peer sidecar that serves a route, and the identity it must prove.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub identity: Identity,
+    /// The SNI and the DNS SAN the peer's certificate must carry.
+    pub server_name: String,
+}
+
+impl Route {
+    /// Round-robin over the endpoints. (Load-aware balancing and outlier
+    /// ejection arrive with the resilience work.)
+    pub fn pick(&self) -> &Endpoint {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.endpoints[i % self.endpoints.len()]
+    }
+}
+
+/// Routes indexed by host and by local listener port.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+    by_host: HashMap<String, usize>,
+    by_port: HashMap<u16, usize>,
+}
+
+/// Why no route was found, with what the request named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoRoute {
+    pub host: Option<String>,
+}
+
+impl RouteTable {
+    /// Builds the table from a validated config.
+    pub fn from_config(cfg: &ProxyConfig) -> Self {
+        let mut t = RouteTable::default();
+        for r in &cfg.routes {
+            let idx = t.routes.len();
+            let endpoints = r
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let identity: Identity = e.identity.parse().expect("validated identity");
+                    Endpoint {
+                        address: e.address,
+                        server_name: identity.dns_name(),
+                        identity,
+                    }
+                })
+                .collect();
+            t.routes.push(Arc::new(Route {
+                name: r.name.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            }));
+            for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
+                t.by_host.insert(normalize_host(h), idx);
+            }
+        }
+        for p in &cfg.outbound.ports {
+            if let Some(idx) = t.routes.iter().position(|r| r.name == p.route) {
+                t.by_port.insert(p.listen.port(), idx);
+            }
+        }
+        t
+    }
+
+    /// Chooses the route: a local upstream port is bound to one route; on the
+    /// HTTP proxy listener the host (from the absolute URI, `:authority` or
+    /// `Host`) decides.
+    pub fn select(&self, local_port: Option<u16>, host: Option<&str>) -> Result<Arc<Route>, NoRoute> {
+        if let Some(idx) = local_port.and_then(|p| self.by_port.get(&p)) {
+            return Ok(self.routes[*idx].clone());
+        }
+        let host = host.map(normalize_host);
+        match host.as_ref().and_then(|h| self.by_host.get(h)) {
+            Some(idx) => Ok(self.routes[*idx].clone()),
+            None => Err(NoRoute { host }),
+        }
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.routes.iter().map(|r| r.name.as_str()).collect()
+    }
+}
+
+/// Lower-cases a host and strips any port and trailing dot.
+pub fn normalize_host(h: &str) -> String {
+    let h = h.trim();
+    let without_port = if let Some(rest) = h.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match h.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => h,
+        }
+    };
+    without_port.trim_end_matches('.').to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let cfg: ProxyConfig = serde_yaml::from_str(
+            r#"
+identity: {cert: a, key: b, trust_bundle: c}
+admin: {listen: 127.0.0.1:9901}
+outbound:
+  http_proxy: 127.0.0.1:4140
+  ports: [{listen: 127.0.0.1:5001, route: "transcode:v1"}]
+routes:
+  - name: "transcode:v1"
+    hosts: [transcoder, transcoder.media.svc]
+    endpoints:
+      - {address: 127.0.0.1:7001, identity: transcoder.media.crank.local}
+      - {address: 127.0.0.1:7002, identity: "spiffe://crank.local/tenant/media/svc/transcoder"}
+  - name: backend
+    endpoints: [{address: 127.0.0.1:7003, identity: backend.demo.crank.local}]
+"#,
+        )
+        .unwrap();
+        RouteTable::from_config(&cfg)
+    }
+
+    #[test]
+    fn selection_table() {
+        let t = table();
+        let cases: &[(Option<u16>, Option<&str>, Option<&str>)] = &[
+            (Some(5001), None, Some("transcode:v1")),
+            (Some(5001), Some("backend"), Some("transcode:v1")),
+            (Some(4140), Some("backend"), Some("backend")),
+            (Some(4140), Some("BACKEND:8080"), Some("backend")),
+            (Some(4140), Some("backend."), Some("backend")),
+            (Some(4140), Some("transcoder.media.svc"), Some("transcode:v1")),
+            (Some(4140), Some("unknown"), None),
+            (Some(4140), None, None),
+            (None, Some("[::1]:80"), None),
+        ];
+        for (port, host, want) in cases {
+            let got = t.select(*port, *host).ok().map(|r| r.name.clone());
+            assert_eq!(got.as_deref(), *want, "port {port:?} host {host:?}");
+        }
+    }
+
+    #[test]
+    fn no_route_reports_normalized_host() {
+        let e = table().select(None, Some("Nope:80")).unwrap_err();
+        assert_eq!(e.host.as_deref(), Some("nope"));
+    }
+
+    #[test]
+    fn round_robin_and_server_names() {
+        let t = table();
+        let r = t.select(Some(5001), None).unwrap();
+        let a = r.pick().address.port();
+        let b = r.pick().address.port();
+        let c = r.pick().address.port();
+        assert_ne!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(r.endpoints[1].server_name, "transcoder.media.crank.local");
+    }
+
+    #[test]
+    fn host_normalization() {
+        assert_eq!(normalize_host("Example.COM:443"), "example.com");
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert_eq!(normalize_host("svc"), "svc");
+    }
+}

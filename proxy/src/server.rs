@@ -1,0 +1,135 @@
+//! Wiring: turns a validated config into Pingora services (inbound mTLS,
+//! outbound HTTP proxy and local ports, admin) and runs them until SIGTERM
+//! has drained the proxy.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::apps::HttpServerOptions;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::listening::Service;
+use pingora_core::services::ServiceWithDependents;
+use pingora_proxy::HttpProxy;
+
+use crate::admin::Admin;
+use crate::conn::Counted;
+use crate::drain::DrainSignal;
+use crate::health::Health;
+use crate::identity::{PlaintextGuard, WorkloadTls};
+use crate::metrics::Metrics;
+use crate::proxy::{Direction, MeshProxy};
+use crate::routing::RouteTable;
+use crate::state::Shared;
+
+/// Loads the config at `path` and runs the proxy until it is told to stop.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let cfg = crate::config::load(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let metrics = Metrics::new();
+    let tls = WorkloadTls::load(&cfg.identity, base, &metrics)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    warn_if_expired(&tls);
+    tracing::info!(identity = %tls.identity, "loaded workload identity");
+
+    let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
+    let shared = Arc::new(Shared {
+        routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),
+        tls: Arc::new(tls),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        access_log: cfg.access_log,
+        config: ArcSwap::from_pointee(cfg.clone()),
+    });
+
+    let mut conf = ServerConf {
+        threads: cfg.threads,
+        grace_period_seconds: Some(cfg.drain.deadline.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
+    if let Some(inb) = &cfg.inbound {
+        let mut proxy = HttpProxy::new(
+            MeshProxy {
+                direction: Direction::Inbound,
+                shared: shared.clone(),
+                app: Some((inb.app, inb.app_protocol)),
+            },
+            conf.clone(),
+        );
+        proxy.handle_init_modules();
+        let gauge = metrics.open_connections.with_label_values(&["inbound"]);
+        let mut svc = Service::new("crank inbound".into(), Counted::new(proxy, gauge));
+        let settings = shared.tls.server_settings(&metrics);
+        svc.add_tls_with_settings(&inb.listen.to_string(), None, settings);
+        svc.endpoints().set_pre_tls_callback(Arc::new(PlaintextGuard {
+            failures: metrics.handshake_failures.clone(),
+        }));
+        services.push(Box::new(svc));
+    }
+    let out = &cfg.outbound;
+    if out.http_proxy.is_some() || !out.ports.is_empty() {
+        let mut proxy = HttpProxy::new(
+            MeshProxy {
+                direction: Direction::Outbound,
+                shared: shared.clone(),
+                app: None,
+            },
+            conf.clone(),
+        );
+        proxy.handle_init_modules();
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = true;
+        proxy.server_options = Some(opts);
+        let gauge = metrics.open_connections.with_label_values(&["outbound"]);
+        let mut svc = Service::new("crank outbound".into(), Counted::new(proxy, gauge));
+        for addr in out.http_proxy.iter().chain(out.ports.iter().map(|p| &p.listen)) {
+            svc.add_tcp(&addr.to_string());
+        }
+        services.push(Box::new(svc));
+    }
+    let mut admin = Service::new(
+        "crank admin".into(),
+        HttpServer::new_app(Admin {
+            shared: shared.clone(),
+        }),
+    );
+    admin.add_tcp(&cfg.admin.listen.to_string());
+    services.push(Box::new(admin));
+    server.add_services(services);
+
+    health.set_ready(true);
+    tracing::info!(
+        inbound = ?cfg.inbound.as_ref().map(|i| i.listen),
+        outbound_proxy = ?cfg.outbound.http_proxy,
+        ports = cfg.outbound.ports.len(),
+        admin = %cfg.admin.listen,
+        "crank-proxy starting"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainSignal {
+            health,
+            deadline: cfg.drain.deadline,
+        }),
+    });
+    Ok(())
+}
+
+fn warn_if_expired(tls: &WorkloadTls) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if tls.summary.not_after < now {
+        tracing::error!(identity = %tls.identity, "this workload's certificate has expired; peers will refuse it. Issue a new one with `crankctl cert issue`");
+    } else if tls.summary.not_before > now {
+        tracing::error!(identity = %tls.identity, "this workload's certificate is not valid yet; check the clock");
+    }
+}

@@ -1,0 +1,46 @@
+//! The state every phase reads: config, routes, identity, metrics, health.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use crank_api::proxy::ProxyConfig;
+
+use crate::health::Health;
+use crate::identity::WorkloadTls;
+use crate::metrics::Metrics;
+use crate::routing::RouteTable;
+
+pub struct Shared {
+    pub config: ArcSwap<ProxyConfig>,
+    pub routes: ArcSwap<RouteTable>,
+    pub tls: Arc<WorkloadTls>,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+    pub access_log: bool,
+}
+
+impl Shared {
+    /// The effective config as JSON, with the key path left out, plus what
+    /// was learned at load time (own identity, certificate validity).
+    pub fn config_dump(&self) -> Vec<u8> {
+        let cfg = self.config.load();
+        let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
+        if let Some(id) = v.get_mut("identity").and_then(|i| i.as_object_mut()) {
+            id.insert("key".into(), serde_json::Value::String("(secret, not shown)".into()));
+        }
+        let t = &self.tls;
+        let dump = serde_json::json!({
+            "config": v,
+            "identity": {
+                "spiffe_id": t.identity.spiffe_id(),
+                "dns_name": t.identity.dns_name(),
+                "not_before": t.summary.not_before,
+                "not_after": t.summary.not_after,
+                "serial": t.summary.serial,
+            },
+            "routes": self.routes.load().names(),
+            "ready": self.health.is_ready(),
+        });
+        serde_json::to_vec_pretty(&dump).unwrap_or_default()
+    }
+}
