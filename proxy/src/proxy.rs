@@ -186,6 +186,13 @@ impl ProxyHttp for MeshProxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let reason = classify(e);
+        if let Some(tls_reason) = outbound_handshake_reason(reason) {
+            self.shared
+                .metrics
+                .handshake_failures
+                .with_label_values(&["outbound", tls_reason])
+                .inc();
+        }
         tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), error = %e, "request failed");
         let code = if session.response_written().is_none() {
             let detail = upstream_detail(ctx);
@@ -219,7 +226,8 @@ impl ProxyHttp for MeshProxy {
                 path = req.uri.path(),
                 status,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
-                upstream = ?ctx.upstream,
+                protocol = ?req.version,
+                upstream = ctx.upstream.map(|a| a.to_string()),
                 peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
                 crank_error = ctx.reason.map(|r| r.as_str()),
                 error = e.map(|e| e.to_string()),
@@ -275,6 +283,15 @@ fn peer_auth(session: &Session) -> std::result::Result<Arc<PeerIdentity>, Reason
         Some(PeerAuth::Verified(id)) => Ok(id.clone()),
         Some(PeerAuth::Refused(r)) => Err(*r),
         None => Err(Reason::ClientCertRequired),
+    }
+}
+
+/// The handshake-failure reason counted when a request fails connecting to a peer.
+fn outbound_handshake_reason(reason: Reason) -> Option<&'static str> {
+    match reason {
+        Reason::TlsIdentityMismatch => Some("identity-mismatch"),
+        Reason::UpstreamTlsFailed => Some("tls-failed"),
+        _ => None,
     }
 }
 

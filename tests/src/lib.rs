@@ -1,2 +1,75 @@
-//! Test harness for end-to-end tests: builds certs, writes proxy configs,
-//! starts real `crank-proxy` processes on ephemeral ports.
+//! Test harness for end-to-end tests: makes a fresh PKI with `crank-certs`,
+//! writes proxy configs, and starts real `crank-proxy` processes on
+//! ephemeral ports. Build the binaries first (`cargo build --bins`); the
+//! README's test command does.
+
+pub mod app;
+pub mod pki;
+pub mod proxy;
+
+pub use app::{EchoApp, EchoSeen};
+pub use pki::Pki;
+pub use proxy::{free_port, Mesh, MeshOptions, Proxy};
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary (target/debug by default, or `CRANK_BIN_DIR`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CRANK_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        target.join("debug")
+    });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns true, or panics after `timeout` with `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Runs curl with `args`; returns (status code, headers+body as text).
+/// `-s -i` is added; the status is parsed from the last status line.
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-i", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl is installed (tests/run.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text
+        .lines()
+        .filter(|l| l.starts_with("HTTP/"))
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The value of a response header in curl `-i` output (case-insensitive).
+pub fn header<'a>(curl_output: &'a str, name: &str) -> Option<&'a str> {
+    curl_output.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Scrapes one sample's value from Prometheus text, by exact series text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+}
