@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command (README): installs the system packages the build and the
+# tests need, builds every binary, then runs every test in the workspace
+# (unit tests, end-to-end tests with real crank-proxy processes, and the
+# quickstart in one-shot mode). Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# cmake/pkg-config/build-essential: Pingora's build; protobuf-compiler: the
+# gRPC test service; curl: the tests' HTTP client.
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "tests/run.sh: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+cargo build --workspace --bins
+cargo test --workspace "$@"
+
+# The README's quickstart, end to end, with the debug binaries just built.
+QS_ONESHOT=1 QS_PROFILE=debug bash deploy/quickstart.sh
