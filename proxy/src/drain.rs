@@ -40,6 +40,7 @@ impl ShutdownSignalWatch for DrainSignal {
                 _ = int.recv() => {}
             }
             tracing::warn!("second signal: exiting now");
+            crate::logging::flush();
             std::process::exit(0);
         });
         ShutdownSignal::GracefulTerminate
@@ -55,6 +56,7 @@ fn wait_and_exit(health: &Health, deadline: Duration) {
             let since = *idle_since.get_or_insert(now);
             if now - since >= SETTLE {
                 tracing::info!(elapsed = ?start.elapsed(), "drained: no requests in flight, exiting");
+                crate::logging::flush();
                 std::process::exit(0);
             }
         } else {
@@ -62,6 +64,7 @@ fn wait_and_exit(health: &Health, deadline: Duration) {
         }
         if now - start >= deadline {
             tracing::warn!(inflight = health.inflight(), "drain deadline reached with requests in flight, exiting");
+            crate::logging::flush();
             std::process::exit(0);
         }
         std::thread::sleep(Duration::from_millis(20));
