@@ -6,6 +6,8 @@
 pub mod app;
 pub mod pki;
 pub mod proxy;
+pub mod raw_http;
+pub mod sidecar;
 
 pub use app::{EchoApp, EchoSeen};
 pub use pki::Pki;
@@ -51,8 +53,7 @@ pub fn curl(args: &[&str]) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let status = text
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
