@@ -66,6 +66,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             conf.clone(),
         );
         proxy.handle_init_modules();
+        proxy.h2_options = Some(h2_options());
         let gauge = metrics.open_connections.with_label_values(&["inbound"]);
         let mut svc = Service::new("crank inbound".into(), Counted::new(proxy, gauge));
         let settings = shared.tls.server_settings(&metrics);
@@ -89,6 +90,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let mut opts = HttpServerOptions::default();
         opts.h2c = true;
         proxy.server_options = Some(opts);
+        proxy.h2_options = Some(h2_options());
         let gauge = metrics.open_connections.with_label_values(&["outbound"]);
         let mut svc = Service::new("crank outbound".into(), Counted::new(proxy, gauge));
         for addr in out.http_proxy.iter().chain(out.ports.iter().map(|p| &p.listen)) {
@@ -121,6 +123,17 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         }),
     });
     Ok(())
+}
+
+/// HTTP/2 receive windows for downstream connections. The h2 default of
+/// 64 KiB makes every 64 KiB of an upload wait a round trip for a window
+/// update; 1 MiB per stream and 4 MiB per connection keep uploads streaming
+/// while bounding what one connection can make the proxy buffer.
+fn h2_options() -> pingora_core::protocols::http::v2::server::H2Options {
+    let mut o = pingora_core::protocols::http::v2::server::default_h2_options();
+    o.initial_window_size(1 << 20);
+    o.initial_connection_window_size(4 << 20);
+    o
 }
 
 fn warn_if_expired(tls: &WorkloadTls) {
