@@ -10,8 +10,9 @@ use tracing_subscriber::EnvFilter;
 
 static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
+/// Installs the subscriber (which also bridges `log` records). Safe to call
+/// twice: the second call changes nothing.
 pub fn init() {
-    let _ = tracing_log::LogTracer::init();
     let filter = EnvFilter::try_from_env("CRANK_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn"));
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());

@@ -27,6 +27,7 @@ use crate::state::Shared;
 /// Loads the config at `path` and runs the proxy until it is told to stop.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = crate::config::load(path)?;
+    check_bindable(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let metrics = Metrics::new();
     let tls = WorkloadTls::load(&cfg.identity, base, &metrics)
@@ -134,6 +135,28 @@ fn h2_options() -> pingora_core::protocols::http::v2::server::H2Options {
     o.initial_window_size(1 << 20);
     o.initial_connection_window_size(4 << 20);
     o
+}
+
+/// Fails fast, naming the field, when a listen address is taken: Pingora
+/// would retry and then panic inside a service thread, leaving the other
+/// listeners (and /ready) up.
+fn check_bindable(cfg: &crank_api::proxy::ProxyConfig) -> Result<(), String> {
+    let mut addrs = vec![("admin.listen".to_string(), cfg.admin.listen)];
+    if let Some(i) = &cfg.inbound {
+        addrs.push(("inbound.listen".into(), i.listen));
+    }
+    if let Some(p) = cfg.outbound.http_proxy {
+        addrs.push(("outbound.http_proxy".into(), p));
+    }
+    for (i, p) in cfg.outbound.ports.iter().enumerate() {
+        addrs.push((format!("outbound.ports[{i}].listen"), p.listen));
+    }
+    for (field, addr) in addrs {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!("{field}: cannot listen on {addr}: {e}; stop whatever holds the port or choose another"));
+        }
+    }
+    Ok(())
 }
 
 fn warn_if_expired(tls: &WorkloadTls) {
