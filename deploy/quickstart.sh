@@ -1,0 +1,310 @@
+#!/usr/bin/env bash
+# Crank Mesh quickstart: builds the mesh, makes a dev CA and two workload
+# certificates, and runs a frontend and a backend demo app, each behind its own
+# crank-proxy sidecar, with mTLS between the sidecars. Ctrl-C stops everything.
+#
+#   bash deploy/quickstart.sh                 # run until Ctrl-C
+#   QS_ONESHOT=1 bash deploy/quickstart.sh    # check one request end to end, stop, exit 0/1
+#   QS_BASE_PORT=28000 bash deploy/quickstart.sh   # move every port (default 18000)
+#   QS_PROFILE=debug bash deploy/quickstart.sh      # use debug builds (the test suite does)
+#
+# Ports, state and logs are described in deploy/README.md.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=$ROOT/.quickstart
+CERTS=$STATE/certs
+PROFILE=${QS_PROFILE:-release}
+case "$PROFILE" in
+    release) PROFILE_FLAG=(--release) ;;
+    debug) PROFILE_FLAG=() ;;
+    *) echo "quickstart: QS_PROFILE must be release or debug" >&2; exit 1 ;;
+esac
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE
+BASE=${QS_BASE_PORT:-18000}
+ONESHOT=${QS_ONESHOT:-0}
+READY_TIMEOUT=30
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'quickstart: error: %s\n' "$*" >&2; exit 1; }
+
+[[ $BASE =~ ^[0-9]+$ ]] && ((BASE >= 1024 && BASE + 902 <= 65535)) ||
+    die "QS_BASE_PORT=$BASE must be a number from 1024 to 64633 (every port is BASE + 80..902)"
+
+LO=127.0.0.1
+BACKEND_APP=$((BASE + 80))
+BACKEND_INBOUND=$((BASE + 443))
+BACKEND_ADMIN=$((BASE + 901))
+FRONTEND_APP=$((BASE + 81))
+FRONTEND_HTTP_PROXY=$((BASE + 140))
+FRONTEND_BACKEND_PORT=$((BASE + 501))
+FRONTEND_ADMIN=$((BASE + 902))
+FRONTEND_INBOUND=$((BASE + 444))
+ALL_PORTS=("$BACKEND_APP" "$BACKEND_INBOUND" "$BACKEND_ADMIN" "$FRONTEND_APP"
+    "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND")
+
+# Our own calls go straight to loopback, whatever proxy the user's shell sets.
+qcurl() { curl --noproxy '*' --max-time 15 "$@"; }
+
+# --- stopping -------------------------------------------------------------
+
+PIDS=()
+NAMES=()
+
+stop_all() {
+    local status=$?
+    trap - INT TERM EXIT
+    ((${#PIDS[@]})) || exit "$status"
+    kill -TERM "${PIDS[@]}" 2>/dev/null || true
+    # The sidecars drain for up to 5 s; give everything 10 s, then insist.
+    local deadline=$((SECONDS + 10)) pid
+    for pid in "${PIDS[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait "${PIDS[@]}" 2>/dev/null || true
+    echo "stopped (logs are in ${STATE#"$ROOT"/}/)"
+    exit "$status"
+}
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- steps ----------------------------------------------------------------
+
+install_system_packages() {
+    local pkgs=(cmake pkg-config build-essential curl ca-certificates) missing=() p
+    if ! command -v dpkg >/dev/null; then
+        log "not a Debian system: make sure ${pkgs[*]} (or their equivalents) are installed"
+        return
+    fi
+    for p in "${pkgs[@]}"; do
+        dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]} == 0)); then
+        log "system packages present: ${pkgs[*]}"
+        return
+    fi
+    local sudo=()
+    if (($(id -u) != 0)); then
+        command -v sudo >/dev/null || die "missing ${missing[*]}; run as root or install sudo"
+        sudo=(sudo)
+    fi
+    log "installing ${missing[*]}"
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+build() {
+    if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+        PATH=$HOME/.cargo/bin:$PATH
+    fi
+    command -v cargo >/dev/null || die "cargo not found. Install Rust with rustup
+    (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), open a new shell and rerun;
+    rust-toolchain.toml picks the pinned version"
+    log "building ($PROFILE): crank-proxy, crankctl, the demo apps"
+    (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" -p crank-proxy -p crank-control -p crank-examples)
+}
+
+check_ports_free() {
+    local port
+    for port in "${ALL_PORTS[@]}"; do
+        if (exec 3<>"/dev/tcp/$LO/$port") 2>/dev/null; then
+            die "$LO:$port is already in use (an earlier quickstart still running?); stop it or set QS_BASE_PORT"
+        fi
+    done
+}
+
+make_certs() {
+    log "making a dev CA and certificates for frontend.demo and backend.demo in ${CERTS#"$ROOT"/}"
+    mkdir -p "$STATE"
+    "$BIN/crankctl" ca init --dir "$CERTS" --force
+    "$BIN/crankctl" cert issue --ca-dir "$CERTS" --service frontend --tenant demo
+    "$BIN/crankctl" cert issue --ca-dir "$CERTS" --service backend --tenant demo
+}
+
+# A YAML single-quoted scalar.
+yq() { local s=${1//\'/\'\'}; printf "'%s'" "$s"; }
+
+identity_yaml() {
+    cat <<EOF
+identity:
+  cert: $(yq "$CERTS/$1.demo.crt")
+  key: $(yq "$CERTS/$1.demo.key")
+  trust_bundle: $(yq "$CERTS/bundle.pem")
+EOF
+}
+
+common_yaml() {
+    cat <<EOF
+admin:
+  listen: $LO:$1
+threads: 1
+drain:
+  deadline: 5s
+EOF
+}
+
+write_configs() {
+    log "writing sidecar configs in ${STATE#"$ROOT"/}"
+    {
+        identity_yaml backend
+        cat <<EOF
+inbound:
+  listen: $LO:$BACKEND_INBOUND
+  app: $LO:$BACKEND_APP
+  app_protocol: auto
+EOF
+        common_yaml "$BACKEND_ADMIN"
+    } >"$STATE/backend-proxy.yaml"
+    {
+        identity_yaml frontend
+        cat <<EOF
+inbound:
+  listen: $LO:$FRONTEND_INBOUND
+  app: $LO:$FRONTEND_APP
+  app_protocol: auto
+outbound:
+  http_proxy: $LO:$FRONTEND_HTTP_PROXY
+  ports:
+    - listen: $LO:$FRONTEND_BACKEND_PORT
+      route: backend
+routes:
+  - name: backend
+    hosts: [backend]
+    endpoints:
+      - address: $LO:$BACKEND_INBOUND
+        identity: backend.demo.crank.local
+EOF
+        common_yaml "$FRONTEND_ADMIN"
+    } >"$STATE/frontend-proxy.yaml"
+}
+
+# start NAME COMMAND...: runs COMMAND in the background, logging to .quickstart/NAME.log.
+start() {
+    local name=$1
+    shift
+    "$@" >"$STATE/$name.log" 2>&1 &
+    PIDS+=("$!")
+    NAMES+=("$name")
+}
+
+start_all() {
+    log "starting the backend app, both sidecars and the frontend app"
+    start backend "$BIN/crank-demo-backend" --listen "$LO:$BACKEND_APP" --name backend
+    start backend-proxy "$BIN/crank-proxy" --config "$STATE/backend-proxy.yaml"
+    start frontend-proxy "$BIN/crank-proxy" --config "$STATE/frontend-proxy.yaml"
+    # How an unmodified app adopts its sidecar: HTTP_PROXY. The lowercase one
+    # wins in most clients, so set both, and clear NO_PROXY.
+    local proxy=http://$LO:$FRONTEND_HTTP_PROXY
+    start frontend env HTTP_PROXY="$proxy" http_proxy="$proxy" NO_PROXY= no_proxy= \
+        "$BIN/crank-demo-frontend" --listen "$LO:$FRONTEND_APP" --name frontend \
+        --backend-url http://backend/hello
+}
+
+# wait_ready INDEX URL: polls URL until 200, failing if process INDEX exits or time runs out.
+wait_ready() {
+    local i=$1 url=$2 name=${NAMES[$1]} deadline=$((SECONDS + READY_TIMEOUT))
+    until qcurl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+        if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+            tail -n 20 "$STATE/$name.log" >&2 || true
+            die "$name exited; its log is ${STATE#"$ROOT"/}/$name.log (last lines above)"
+        fi
+        if ((SECONDS >= deadline)); then
+            tail -n 20 "$STATE/$name.log" >&2 || true
+            die "$name did not answer $url within ${READY_TIMEOUT}s; see ${STATE#"$ROOT"/}/$name.log"
+        fi
+        sleep 0.2
+    done
+    log "$name ready ($url)"
+}
+
+wait_all_ready() {
+    wait_ready 0 "http://$LO:$BACKEND_APP/healthz"
+    wait_ready 1 "http://$LO:$BACKEND_ADMIN/ready"
+    wait_ready 2 "http://$LO:$FRONTEND_ADMIN/ready"
+    wait_ready 3 "http://$LO:$FRONTEND_APP/healthz"
+}
+
+# check WHAT CURL_ARGS...: one request that must answer 200 with the backend's
+# JSON for GET /hello; prints the body and leaves it in BODY.
+BODY=
+check() {
+    local what=$1 out code
+    shift
+    out=$(curl --max-time 15 -sS -w '\n%{http_code}' "$@" 2>&1) || true
+    code=${out##*$'\n'}
+    BODY=${out%$'\n'*}
+    BODY=${BODY%$'\n'}
+    printf '%s\n' "$BODY"
+    if [[ $code != 200 ]]; then
+        echo "FAIL: $what answered HTTP $code" >&2
+        return 1
+    fi
+    if ! grep -q '"service": "backend"' <<<"$BODY" || ! grep -q '"path": "/hello"' <<<"$BODY"; then
+        echo "FAIL: $what: the answer does not show the backend receiving GET /hello" >&2
+        return 1
+    fi
+    echo "OK: $what reached the backend"
+}
+
+sample_requests() {
+    log "sample request: frontend app -> HTTP_PROXY (frontend sidecar) -> mTLS -> backend sidecar -> backend app"
+    echo "\$ curl -s http://$LO:$FRONTEND_APP/"
+    local failed=0
+    check "the frontend (GET /)" --noproxy '*' "http://$LO:$FRONTEND_APP/" || failed=1
+    if [[ $ONESHOT == 1 ]]; then
+        log "also checking the local upstream port and the HTTP proxy listener"
+        check "the local upstream port" --noproxy '*' "http://$LO:$FRONTEND_BACKEND_PORT/hello" || failed=1
+        check "the HTTP proxy listener" -x "http://$LO:$FRONTEND_HTTP_PROXY" "http://backend/hello" || failed=1
+    fi
+    return "$failed"
+}
+
+print_next_steps() {
+    local s=${STATE#"$ROOT"/}
+    try() { printf '  %-52s # %s\n' "$1" "$2"; }
+    echo
+    echo "Crank Mesh quickstart is running. Try next:"
+    try "curl http://$LO:$FRONTEND_APP/" "the frontend app; it calls the backend via its sidecar"
+    try "curl http://$LO:$FRONTEND_BACKEND_PORT/" "the backend through the sidecar's local upstream port"
+    try "curl -x http://$LO:$FRONTEND_HTTP_PROXY http://backend/" "the backend through the sidecar's HTTP proxy"
+    try "curl http://$LO:$FRONTEND_ADMIN/metrics" "frontend sidecar admin: /metrics /config_dump /ready /live"
+    try "curl http://$LO:$FRONTEND_ADMIN/config_dump" "the config the frontend sidecar runs"
+    try "curl http://$LO:$BACKEND_ADMIN/ready" "backend sidecar admin, same endpoints"
+    echo "Logs:    $s/backend.log $s/backend-proxy.log $s/frontend.log $s/frontend-proxy.log"
+    echo "Configs: $s/frontend-proxy.yaml $s/backend-proxy.yaml; certificates in $s/certs/"
+    echo "Press Ctrl-C to stop."
+}
+
+# Returns when a child exits on its own, naming it.
+watch_children() {
+    wait -n || true
+    local i
+    for i in "${!PIDS[@]}"; do
+        if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then
+            die "${NAMES[$i]} exited; see ${STATE#"$ROOT"/}/${NAMES[$i]}.log"
+        fi
+    done
+}
+
+main() {
+    cd "$ROOT"
+    install_system_packages
+    build
+    check_ports_free
+    make_certs
+    write_configs
+    start_all
+    wait_all_ready
+    if [[ $ONESHOT == 1 ]]; then
+        sample_requests || die "the end-to-end check failed; logs are in ${STATE#"$ROOT"/}/"
+        log "end-to-end check passed"
+        exit 0
+    fi
+    sample_requests || echo "warning: the sample request failed; the logs in ${STATE#"$ROOT"/}/ say why" >&2
+    print_next_steps
+    while true; do watch_children; done
+}
+
+main "$@"
