@@ -69,7 +69,10 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Crank Mesh");
-        dn.push(DnType::CommonName, format!("Crank Mesh root CA ({trust_domain})"));
+        dn.push(
+            DnType::CommonName,
+            format!("Crank Mesh root CA ({trust_domain})"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![
@@ -231,7 +234,10 @@ mod tests {
         let loaded = Ca::load(dir.path(), "crank.local").unwrap();
         assert_eq!(loaded.cert_pem(), ca.cert_pem());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

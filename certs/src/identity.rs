@@ -28,13 +28,22 @@ impl Identity {
     pub fn new(service: &str, tenant: &str, trust_domain: &str) -> Result<Self, IdentityError> {
         let input = format!("{service}.{tenant}.{trust_domain}");
         if !is_label(service) {
-            return Err(malformed(&input, "the service must be a DNS label (a-z, 0-9, '-', at most 63 characters)"));
+            return Err(malformed(
+                &input,
+                "the service must be a DNS label (a-z, 0-9, '-', at most 63 characters)",
+            ));
         }
         if !is_label(tenant) {
-            return Err(malformed(&input, "the tenant must be a DNS label (a-z, 0-9, '-', at most 63 characters)"));
+            return Err(malformed(
+                &input,
+                "the tenant must be a DNS label (a-z, 0-9, '-', at most 63 characters)",
+            ));
         }
         if trust_domain.is_empty() || !trust_domain.split('.').all(is_label) {
-            return Err(malformed(&input, "the trust domain must be a DNS name of lower-case labels"));
+            return Err(malformed(
+                &input,
+                "the trust domain must be a DNS name of lower-case labels",
+            ));
         }
         Ok(Identity {
             service: service.to_string(),
@@ -65,7 +74,10 @@ impl Identity {
         match parts.as_slice() {
             [td, "tenant", tenant, "svc", service] => Identity::new(service, tenant, td)
                 .map_err(|_| malformed(uri, "a part of the SPIFFE ID is not a valid DNS label")),
-            _ => Err(malformed(uri, "the SPIFFE path must be /tenant/<tenant>/svc/<service>")),
+            _ => Err(malformed(
+                uri,
+                "the SPIFFE path must be /tenant/<tenant>/svc/<service>",
+            )),
         }
     }
 
@@ -143,7 +155,10 @@ mod tests {
             "spiffe://crank.local/tenant/acme/svc/web/extra",
             "-web.acme.crank.local",
         ] {
-            assert!(bad.parse::<Identity>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<Identity>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -71,7 +71,11 @@ fn identity_of(dns: &[String], uris: &[String]) -> Result<Identity, ParseError> 
     let id = match spiffe.as_slice() {
         [one] => Identity::from_spiffe(one).map_err(|e| ParseError::NoIdentity(e.to_string()))?,
         [] => return Err(ParseError::NoIdentity("no spiffe:// URI SAN".into())),
-        _ => return Err(ParseError::NoIdentity("more than one spiffe:// URI SAN".into())),
+        _ => {
+            return Err(ParseError::NoIdentity(
+                "more than one spiffe:// URI SAN".into(),
+            ))
+        }
     };
     let suffix = format!(".{}", id.trust_domain);
     for d in dns.iter().filter(|d| d.ends_with(&suffix)) {

@@ -1,6 +1,6 @@
 //! `crankctl` commands: argument types and what each command does.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -93,7 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn ca_init(dir: &PathBuf, trust_domain: &str, ttl: Duration, force: bool) -> Result<()> {
+fn ca_init(dir: &Path, trust_domain: &str, ttl: Duration, force: bool) -> Result<()> {
     if dir.join("ca.key").exists() && !force {
         bail!(
             "{} already holds a CA; pass --force to replace it (every issued leaf stops being trusted)",
@@ -110,16 +110,25 @@ fn ca_init(dir: &PathBuf, trust_domain: &str, ttl: Duration, force: bool) -> Res
     Ok(())
 }
 
-fn cert_issue(ca_dir: &PathBuf, out: &PathBuf, id: Identity, ttl: Duration) -> Result<()> {
-    let ca = Ca::load(ca_dir, &id.trust_domain)
-        .with_context(|| format!("loading the CA from {} (run `crankctl ca init` first)", ca_dir.display()))?;
+fn cert_issue(ca_dir: &Path, out: &Path, id: Identity, ttl: Duration) -> Result<()> {
+    let ca = Ca::load(ca_dir, &id.trust_domain).with_context(|| {
+        format!(
+            "loading the CA from {} (run `crankctl ca init` first)",
+            ca_dir.display()
+        )
+    })?;
     let leaf = ca.issue(&LeafRequest::new(id.clone(), ttl))?;
     let (crt, key) = leaf.save(out, &format!("{}.{}", id.service, id.tenant))?;
-    println!("issued {} ({}), valid {}: {crt} {key}", id.dns_name(), id.spiffe_id(), humantime::format_duration(ttl));
+    println!(
+        "issued {} ({}), valid {}: {crt} {key}",
+        id.dns_name(),
+        id.spiffe_id(),
+        humantime::format_duration(ttl)
+    );
     Ok(())
 }
 
-fn cert_inspect(file: &PathBuf, output: &str) -> Result<()> {
+fn cert_inspect(file: &Path, output: &str) -> Result<()> {
     let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let certs = crank_certs::pem::certs_from_pem(&pem)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;

@@ -41,13 +41,18 @@ pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
         let inner = e.into_inner();
         let mut message = inner.to_string();
         if message.contains("unknown field") {
-            message.push_str("; remove it or fix its spelling (see docs/reference/proxy-config.md)");
+            message
+                .push_str("; remove it or fix its spelling (see docs/reference/proxy-config.md)");
         } else if message.contains("missing field") {
             message.push_str("; add it (see docs/reference/proxy-config.md)");
         }
         ConfigError {
             file: file.to_string(),
-            field: if field == "." { "(top level)".into() } else { field },
+            field: if field == "." {
+                "(top level)".into()
+            } else {
+                field
+            },
             message,
         }
     })
@@ -70,21 +75,36 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
         if let Err(e) = std::fs::metadata(&p) {
             return Err(err(
                 field.into(),
-                format!("cannot read {}: {e}; make it with `crankctl cert issue` or fix the path", p.display()),
+                format!(
+                    "cannot read {}: {e}; make it with `crankctl cert issue` or fix the path",
+                    p.display()
+                ),
             ));
         }
     }
     if cfg.threads == 0 || cfg.threads > 64 {
-        return Err(err("threads".into(), format!("{} is out of range; use 1 to 64", cfg.threads)));
+        return Err(err(
+            "threads".into(),
+            format!("{} is out of range; use 1 to 64", cfg.threads),
+        ));
     }
     let mut names = HashSet::new();
     let mut hosts: HashMap<String, &str> = HashMap::new();
     for (i, r) in cfg.routes.iter().enumerate() {
         if r.name.is_empty() {
-            return Err(err(format!("routes[{i}].name"), "is empty; name the route after its capability or service".into()));
+            return Err(err(
+                format!("routes[{i}].name"),
+                "is empty; name the route after its capability or service".into(),
+            ));
         }
         if !names.insert(r.name.as_str()) {
-            return Err(err(format!("routes[{i}].name"), format!("route {:?} is defined twice; give each route a unique name", r.name)));
+            return Err(err(
+                format!("routes[{i}].name"),
+                format!(
+                    "route {:?} is defined twice; give each route a unique name",
+                    r.name
+                ),
+            ));
         }
         if r.endpoints.is_empty() {
             return Err(err(format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
@@ -99,14 +119,20 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
         }
         for (j, ep) in r.endpoints.iter().enumerate() {
             if let Err(e) = ep.identity.parse::<Identity>() {
-                return Err(err(format!("routes[{i}].endpoints[{j}].identity"), e.to_string()));
+                return Err(err(
+                    format!("routes[{i}].endpoints[{j}].identity"),
+                    e.to_string(),
+                ));
             }
         }
     }
     let mut listens: HashMap<SocketAddr, String> = HashMap::new();
     let mut claim = |addr: SocketAddr, field: String| -> Result<(), ConfigError> {
         if let Some(prev) = listens.insert(addr, field.clone()) {
-            return Err(err(field, format!("{addr} is already used by {prev}; give each listener its own port")));
+            return Err(err(
+                field,
+                format!("{addr} is already used by {prev}; give each listener its own port"),
+            ));
         }
         Ok(())
     };
@@ -123,7 +149,10 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
             let known: Vec<_> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
             return Err(err(
                 format!("outbound.ports[{i}].route"),
-                format!("route {:?} is not defined; define it under `routes` or use one of {known:?}", port.route),
+                format!(
+                    "route {:?} is not defined; define it under `routes` or use one of {known:?}",
+                    port.route
+                ),
             ));
         }
     }
@@ -172,8 +201,8 @@ mod tests {
     #[test]
     fn errors_name_file_field_and_fix() {
         let cases: &[(&str, &str, &str)] = &[
-            ("bogus: 1\n", "(top level)", "unknown field `bogus`"),
-            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, colour: red}\n", "inbound", "unknown field `colour`"),
+            ("bogus: 1\n", "bogus", "unknown field `bogus`"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, colour: red}\n", "inbound.colour", "unknown field `colour`"),
             ("inbound: {listen: nope, app: 127.0.0.1:2}\n", "inbound.listen", "invalid socket address"),
             ("outbound: {ports: [{listen: 127.0.0.1:5, route: b}]}\n", "outbound.ports[0].route", "define it under `routes`"),
             ("routes: [{name: b, endpoints: []}]\n", "routes[0].endpoints", "has no endpoints"),

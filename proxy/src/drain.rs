@@ -63,7 +63,10 @@ fn wait_and_exit(health: &Health, deadline: Duration) {
             idle_since = None;
         }
         if now - start >= deadline {
-            tracing::warn!(inflight = health.inflight(), "drain deadline reached with requests in flight, exiting");
+            tracing::warn!(
+                inflight = health.inflight(),
+                "drain deadline reached with requests in flight, exiting"
+            );
             crate::logging::flush();
             std::process::exit(0);
         }

@@ -117,7 +117,10 @@ fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason
         },
         InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => match source {
             ErrorSource::Downstream => {
-                if text.contains("chunk") || text.contains("Content-Length") || text.contains("Transfer-Encoding") {
+                if text.contains("chunk")
+                    || text.contains("Content-Length")
+                    || text.contains("Transfer-Encoding")
+                {
                     Reason::BadFraming
                 } else {
                     Reason::BadRequest
@@ -151,15 +154,45 @@ mod tests {
         let cases: &[(ErrorType, ErrorSource, &str, Reason)] = &[
             (ConnectRefused, Upstream, "", Reason::UpstreamConnectFailed),
             (ConnectTimedout, Upstream, "", Reason::ConnectTimeout),
-            (TLSHandshakeFailure, Upstream, "invalid peer certificate: NotValidForName", Reason::TlsIdentityMismatch),
-            (TLSHandshakeFailure, Upstream, "invalid peer certificate: UnknownIssuer", Reason::UpstreamTlsFailed),
+            (
+                TLSHandshakeFailure,
+                Upstream,
+                "invalid peer certificate: NotValidForName",
+                Reason::TlsIdentityMismatch,
+            ),
+            (
+                TLSHandshakeFailure,
+                Upstream,
+                "invalid peer certificate: UnknownIssuer",
+                Reason::UpstreamTlsFailed,
+            ),
             (InvalidCert, Upstream, "", Reason::UpstreamTlsFailed),
             (ReadTimedout, Upstream, "", Reason::UpstreamTimeout),
             (ConnectionClosed, Upstream, "", Reason::UpstreamReset),
-            (InvalidHTTPHeader, Upstream, "", Reason::UpstreamProtocolError),
-            (InvalidHTTPHeader, Downstream, "invalid chunk size", Reason::BadFraming),
-            (InvalidHTTPHeader, Downstream, "bad header", Reason::BadRequest),
-            (ReadError, Downstream, "Invalid chunked encoding", Reason::BadFraming),
+            (
+                InvalidHTTPHeader,
+                Upstream,
+                "",
+                Reason::UpstreamProtocolError,
+            ),
+            (
+                InvalidHTTPHeader,
+                Downstream,
+                "invalid chunk size",
+                Reason::BadFraming,
+            ),
+            (
+                InvalidHTTPHeader,
+                Downstream,
+                "bad header",
+                Reason::BadRequest,
+            ),
+            (
+                ReadError,
+                Downstream,
+                "Invalid chunked encoding",
+                Reason::BadFraming,
+            ),
             (InternalError, Internal, "", Reason::Internal),
         ];
         for (t, s, text, want) in cases {

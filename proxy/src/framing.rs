@@ -19,9 +19,15 @@ pub enum FramingError {
 impl FramingError {
     pub fn detail(&self) -> &'static str {
         match self {
-            FramingError::ContentLengthWithTransferEncoding => "both Content-Length and Transfer-Encoding are present",
-            FramingError::ConflictingContentLength => "Content-Length is repeated with different values",
-            FramingError::ObsFold => "a header line is folded (obs-fold), which RFC 9112 forbids in requests",
+            FramingError::ContentLengthWithTransferEncoding => {
+                "both Content-Length and Transfer-Encoding are present"
+            }
+            FramingError::ConflictingContentLength => {
+                "Content-Length is repeated with different values"
+            }
+            FramingError::ObsFold => {
+                "a header line is folded (obs-fold), which RFC 9112 forbids in requests"
+            }
         }
     }
 }
@@ -31,7 +37,9 @@ pub fn check_raw_header(raw: &[u8]) -> Result<(), FramingError> {
     let mut content_length: Option<&[u8]> = None;
     let mut has_te = false;
     let mut has_cl = false;
-    let mut lines = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = raw
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let _request_line = lines.next();
     for line in lines {
         if line.is_empty() {
@@ -49,7 +57,9 @@ pub fn check_raw_header(raw: &[u8]) -> Result<(), FramingError> {
             has_cl = true;
             for part in value.split(|b| *b == b',').map(trim) {
                 match content_length {
-                    Some(prev) if prev != part => return Err(FramingError::ConflictingContentLength),
+                    Some(prev) if prev != part => {
+                        return Err(FramingError::ConflictingContentLength)
+                    }
                     _ => content_length = Some(part),
                 }
             }
@@ -64,8 +74,14 @@ pub fn check_raw_header(raw: &[u8]) -> Result<(), FramingError> {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -78,17 +94,41 @@ mod tests {
     fn framing_table() {
         let cases: &[(&str, Result<(), FramingError>)] = &[
             ("GET / HTTP/1.1\r\nHost: a\r\n\r\n", Ok(())),
-            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n", Ok(())),
-            ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", Ok(())),
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", Ok(())),
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", Err(ContentLengthWithTransferEncoding)),
-            ("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 0\r\n\r\n", Err(ContentLengthWithTransferEncoding)),
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", Err(ConflictingContentLength)),
-            ("POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n", Err(ConflictingContentLength)),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                Ok(()),
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Ok(()),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+                Ok(()),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Err(ContentLengthWithTransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length: 0\r\n\r\n",
+                Err(ContentLengthWithTransferEncoding),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                Err(ConflictingContentLength),
+            ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+                Err(ConflictingContentLength),
+            ),
             ("GET / HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", Err(ObsFold)),
             ("GET / HTTP/1.1\nHost: a\n\tfolded\n\n", Err(ObsFold)),
             // body bytes after the blank line are not headers
-            ("POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\nTransfer-Encoding: x", Ok(())),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 20\r\n\r\nTransfer-Encoding: x",
+                Ok(()),
+            ),
         ];
         for (raw, want) in cases {
             assert_eq!(check_raw_header(raw.as_bytes()), *want, "{raw:?}");

@@ -30,7 +30,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, CipherSuite, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    SignatureScheme,
+};
 
 use crate::errors::Reason;
 use crate::metrics::Metrics;
@@ -110,17 +113,30 @@ fn read_material(cfg: &IdentityConfig, base: &Path) -> Result<Material, Identity
     let key = crank_certs::pem::key_from_pem(&read("key", &cfg.key)?)
         .map_err(|e| ierr("key", format!("{}: {e}", cfg.key.display())))?;
     let roots = crank_certs::pem::certs_from_pem(&read("trust_bundle", &cfg.trust_bundle)?)
-        .map_err(|e| ierr("trust_bundle", format!("{}: {e}", cfg.trust_bundle.display())))?;
+        .map_err(|e| {
+            ierr(
+                "trust_bundle",
+                format!("{}: {e}", cfg.trust_bundle.display()),
+            )
+        })?;
     Ok(Material { chain, key, roots })
 }
 
 impl WorkloadTls {
     /// Loads and checks cert, key and bundle. Paths resolve against `base`.
-    pub fn load(cfg: &IdentityConfig, base: &Path, metrics: &Metrics) -> Result<Self, IdentityError> {
+    pub fn load(
+        cfg: &IdentityConfig,
+        base: &Path,
+        metrics: &Metrics,
+    ) -> Result<Self, IdentityError> {
         let m = read_material(cfg, base)?;
-        let summary = CertSummary::from_der(&m.chain[0]).map_err(|e| ierr("cert", e.to_string()))?;
+        let summary =
+            CertSummary::from_der(&m.chain[0]).map_err(|e| ierr("cert", e.to_string()))?;
         let identity = identity_from_der(&m.chain[0]).map_err(|e| {
-            ierr("cert", format!("{e}; issue the certificate with `crankctl cert issue`"))
+            ierr(
+                "cert",
+                format!("{e}; issue the certificate with `crankctl cert issue`"),
+            )
         })?;
         let certified = certified_key(&m)?;
         let roots = root_store(&m.roots)?;
@@ -178,9 +194,12 @@ fn certified_key(m: &Material) -> Result<CertifiedKey, IdentityError> {
 fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, IdentityError> {
     let mut store = RootCertStore::empty();
     for r in roots {
-        store
-            .add(r.clone())
-            .map_err(|e| ierr("trust_bundle", format!("a root is not a usable CA certificate: {e}")))?;
+        store.add(r.clone()).map_err(|e| {
+            ierr(
+                "trust_bundle",
+                format!("a root is not a usable CA certificate: {e}"),
+            )
+        })?;
     }
     Ok(Arc::new(store))
 }
@@ -207,7 +226,9 @@ pub fn refusal_reason(e: &rustls::Error) -> &'static str {
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not-yet-valid",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not-yet-valid"
+            }
             CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown-ca",
             CertificateError::Revoked => "revoked",
             _ => "invalid-cert",
@@ -257,7 +278,10 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let r = self.inner.load().verify_client_cert(end_entity, intermediates, now);
+        let r = self
+            .inner
+            .load()
+            .verify_client_cert(end_entity, intermediates, now);
         if let Err(e) = &r {
             let reason = refusal_reason(e);
             self.failures.with_label_values(&["inbound", reason]).inc();
@@ -308,8 +332,13 @@ pub fn offers_tls13(suites: &[CipherSuite]) -> bool {
 impl ResolvesServerCert for MeshCertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         if !offers_tls13(hello.cipher_suites()) {
-            self.failures.with_label_values(&["inbound", "tls-version"]).inc();
-            tracing::warn!(reason = "tls-version", "refused inbound handshake: the client does not offer TLS 1.3");
+            self.failures
+                .with_label_values(&["inbound", "tls-version"])
+                .inc();
+            tracing::warn!(
+                reason = "tls-version",
+                "refused inbound handshake: the client does not offer TLS 1.3"
+            );
             return None;
         }
         Some(self.current.load_full())
@@ -323,17 +352,27 @@ pub struct HandshakeCallbacks {
 
 #[async_trait]
 impl TlsAccept for HandshakeCallbacks {
-    async fn handshake_complete_callback(&self, tls: &TlsRef) -> Option<Arc<dyn Any + Send + Sync>> {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
         let auth = match tls.peer_certificate_der() {
             None => {
-                self.failures.with_label_values(&["inbound", "no-client-cert"]).inc();
-                tracing::warn!(reason = "no-client-cert", "refused inbound peer: no client certificate");
+                self.failures
+                    .with_label_values(&["inbound", "no-client-cert"])
+                    .inc();
+                tracing::warn!(
+                    reason = "no-client-cert",
+                    "refused inbound peer: no client certificate"
+                );
                 PeerAuth::Refused(Reason::ClientCertRequired)
             }
             Some(der) => match identity_from_der(der) {
                 Ok(id) => PeerAuth::Verified(Arc::new(id.into())),
                 Err(e) => {
-                    self.failures.with_label_values(&["inbound", "no-identity"]).inc();
+                    self.failures
+                        .with_label_values(&["inbound", "no-identity"])
+                        .inc();
                     tracing::warn!(reason = "no-identity", error = %e, "refused inbound peer");
                     PeerAuth::Refused(Reason::PeerIdentityInvalid)
                 }
@@ -356,15 +395,23 @@ impl PreTlsProcess for PlaintextGuard {
         use pingora_core::protocols::Peek;
         use tokio::io::AsyncWriteExt;
         let mut first = [0u8; 1];
-        stream
-            .try_peek(&mut first)
-            .await
-            .map_err(|e| pingora_error::Error::because(pingora_error::ErrorType::ReadError, "peeking the first byte", e))?;
+        stream.try_peek(&mut first).await.map_err(|e| {
+            pingora_error::Error::because(
+                pingora_error::ErrorType::ReadError,
+                "peeking the first byte",
+                e,
+            )
+        })?;
         if first[0] == 0x16 {
             return Ok(());
         }
-        self.failures.with_label_values(&["inbound", "plaintext"]).inc();
-        tracing::warn!(reason = "plaintext", "refused inbound connection: plaintext on the mTLS port");
+        self.failures
+            .with_label_values(&["inbound", "plaintext"])
+            .inc();
+        tracing::warn!(
+            reason = "plaintext",
+            "refused inbound connection: plaintext on the mTLS port"
+        );
         let body = "this port accepts mutual TLS from mesh sidecars only; send the request through your local crank-proxy\n";
         let resp = format!(
             "HTTP/1.1 400 Bad Request\r\nx-crank-error: mtls-required\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -372,7 +419,10 @@ impl PreTlsProcess for PlaintextGuard {
         );
         let _ = stream.write_all(resp.as_bytes()).await;
         let _ = stream.flush().await;
-        pingora_error::Error::e_explain(pingora_error::ErrorType::HandshakeError, "plaintext on the mTLS port")
+        pingora_error::Error::e_explain(
+            pingora_error::ErrorType::HandshakeError,
+            "plaintext on the mTLS port",
+        )
     }
 }
 
@@ -383,7 +433,9 @@ mod tests {
     #[test]
     fn tls13_detection() {
         assert!(offers_tls13(&[CipherSuite::TLS13_AES_128_GCM_SHA256]));
-        assert!(!offers_tls13(&[CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]));
+        assert!(!offers_tls13(&[
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        ]));
         assert!(!offers_tls13(&[]));
     }
 
@@ -391,8 +443,17 @@ mod tests {
     fn refusal_reasons() {
         use rustls::Error::InvalidCertificate as IC;
         assert_eq!(refusal_reason(&IC(CertificateError::Expired)), "expired");
-        assert_eq!(refusal_reason(&IC(CertificateError::NotValidYet)), "not-yet-valid");
-        assert_eq!(refusal_reason(&IC(CertificateError::UnknownIssuer)), "unknown-ca");
-        assert_eq!(refusal_reason(&IC(CertificateError::BadEncoding)), "invalid-cert");
+        assert_eq!(
+            refusal_reason(&IC(CertificateError::NotValidYet)),
+            "not-yet-valid"
+        );
+        assert_eq!(
+            refusal_reason(&IC(CertificateError::UnknownIssuer)),
+            "unknown-ca"
+        );
+        assert_eq!(
+            refusal_reason(&IC(CertificateError::BadEncoding)),
+            "invalid-cert"
+        );
     }
 }

@@ -30,35 +30,53 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("crank_requests_total", "Requests handled, by direction, route and status class"),
+            Opts::new(
+                "crank_requests_total",
+                "Requests handled, by direction, route and status class",
+            ),
             &["direction", "route", "status_class"],
         )
         .expect("static metric");
         let latency = HistogramVec::new(
-            HistogramOpts::new("crank_request_duration_seconds", "Request latency through the proxy, from request start to the end of the response")
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ]),
+            HistogramOpts::new(
+                "crank_request_duration_seconds",
+                "Request latency through the proxy, from request start to the end of the response",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
             &["direction", "route"],
         )
         .expect("static metric");
         let handshake_failures = IntCounterVec::new(
-            Opts::new("crank_tls_handshake_failures_total", "Refused or failed mTLS handshakes, by direction and reason"),
+            Opts::new(
+                "crank_tls_handshake_failures_total",
+                "Refused or failed mTLS handshakes, by direction and reason",
+            ),
             &["direction", "reason"],
         )
         .expect("static metric");
         let open_connections = IntGaugeVec::new(
-            Opts::new("crank_open_connections", "Open downstream connections, by direction"),
+            Opts::new(
+                "crank_open_connections",
+                "Open downstream connections, by direction",
+            ),
             &["direction"],
         )
         .expect("static metric");
         let proxy_errors = IntCounterVec::new(
-            Opts::new("crank_proxy_errors_total", "Error responses made by the proxy itself (x-crank-error), by reason"),
+            Opts::new(
+                "crank_proxy_errors_total",
+                "Error responses made by the proxy itself (x-crank-error), by reason",
+            ),
             &["direction", "reason"],
         )
         .expect("static metric");
-        let inflight = IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
-        let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve").expect("static metric");
+        let inflight =
+            IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
+        let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
+            .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -118,10 +136,16 @@ mod tests {
     fn renders_prefixed_names() {
         let m = Metrics::new();
         m.requests.with_label_values(&["inbound", "r", "2xx"]).inc();
-        m.handshake_failures.with_label_values(&["inbound", "unknown-ca"]).inc();
+        m.handshake_failures
+            .with_label_values(&["inbound", "unknown-ca"])
+            .inc();
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("crank_requests_total{direction=\"inbound\",route=\"r\",status_class=\"2xx\"} 1"));
-        assert!(text.contains("crank_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"} 1"));
+        assert!(text.contains(
+            "crank_requests_total{direction=\"inbound\",route=\"r\",status_class=\"2xx\"} 1"
+        ));
+        assert!(text.contains(
+            "crank_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown-ca\"} 1"
+        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("crank_"), "{line}");
         }

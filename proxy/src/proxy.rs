@@ -90,7 +90,8 @@ impl ProxyHttp for MeshProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if let Some(h1) = session.as_downstream().as_http1() {
             if let Err(fe) = framing::check_raw_header(&h1.get_headers_raw_bytes()) {
-                self.refuse(session, ctx, Reason::BadFraming, fe.detail()).await;
+                self.refuse(session, ctx, Reason::BadFraming, fe.detail())
+                    .await;
                 return Ok(true);
             }
         }
@@ -103,13 +104,12 @@ impl ProxyHttp for MeshProxy {
                 }
             },
             Direction::Outbound => {
-                let port = session.as_downstream().server_addr().and_then(|a| a.as_inet()).map(|a| a.port());
-                let req = session.req_header();
-                let host = req
-                    .uri
-                    .authority()
-                    .map(|a| a.as_str().to_string())
-                    .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+                let port = session
+                    .as_downstream()
+                    .server_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.port());
+                let host = request_authority(session.req_header());
                 let table = self.shared.routes.load();
                 match table.select(port, host.as_deref()) {
                     Ok(route) => ctx.route = Some(route),
@@ -132,7 +132,9 @@ impl ProxyHttp for MeshProxy {
         let timeouts = self.shared.config.load().timeouts.clone();
         let mut peer = match self.direction {
             Direction::Inbound => {
-                let (addr, proto) = self.app.ok_or_else(|| Error::explain(ErrorType::InternalError, "inbound without app"))?;
+                let (addr, proto) = self.app.ok_or_else(|| {
+                    Error::explain(ErrorType::InternalError, "inbound without app")
+                })?;
                 let mut peer = HttpPeer::new(addr, false, String::new());
                 if wants_h2c(proto, session.req_header()) {
                     peer.options.set_http_version(2, 2);
@@ -143,7 +145,10 @@ impl ProxyHttp for MeshProxy {
                 peer
             }
             Direction::Outbound => {
-                let route = ctx.route.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
+                let route = ctx
+                    .route
+                    .as_ref()
+                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
                 let ep = route.pick();
                 let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
                 peer.client_cert_key = Some(self.shared.tls.client_cert());
@@ -214,8 +219,12 @@ impl ProxyHttp for MeshProxy {
         let route = ctx.route_label(self.direction).to_string();
         let elapsed = ctx.start.elapsed();
         let m = &self.shared.metrics;
-        m.requests.with_label_values(&[dir, &route, status_class(status)]).inc();
-        m.latency.with_label_values(&[dir, &route]).observe(elapsed.as_secs_f64());
+        m.requests
+            .with_label_values(&[dir, &route, status_class(status)])
+            .inc();
+        m.latency
+            .with_label_values(&[dir, &route])
+            .observe(elapsed.as_secs_f64());
         if self.shared.access_log {
             let req = session.req_header();
             tracing::info!(
@@ -239,8 +248,16 @@ impl ProxyHttp for MeshProxy {
 impl MeshProxy {
     /// Refuses a request before it reaches any upstream.
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
-        tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), detail, "refused request");
-        if matches!(reason, Reason::BadFraming | Reason::ClientCertRequired | Reason::PeerIdentityInvalid) {
+        tracing::warn!(
+            direction = self.direction.as_str(),
+            reason = reason.as_str(),
+            detail,
+            "refused request"
+        );
+        if matches!(
+            reason,
+            Reason::BadFraming | Reason::ClientCertRequired | Reason::PeerIdentityInvalid
+        ) {
             session.set_keepalive(None);
         }
         self.respond(session, ctx, reason, detail).await;
@@ -266,8 +283,14 @@ impl MeshProxy {
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
         let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
         let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
-        if session.write_response_header(Box::new(resp), false).await.is_ok() {
-            let _ = session.write_response_body(Some(Bytes::from(body)), true).await;
+        if session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .is_ok()
+        {
+            let _ = session
+                .write_response_body(Some(Bytes::from(body)), true)
+                .await;
         }
     }
 }
@@ -312,20 +335,48 @@ pub fn is_grpc(req: &RequestHeader) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// The authority a request names: an absolute-form target's authority
+/// (RFC 9112 §3.2.2: it wins over `Host`), the h2 `:authority`, or `Host`.
+pub fn request_authority(req: &RequestHeader) -> Option<String> {
+    if let Some((_, authority, _)) = split_absolute(req.raw_path()) {
+        return Some(authority.to_string());
+    }
+    req.uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+/// Splits `http://authority/path?q` into (scheme, authority, path-and-query).
+fn split_absolute(target: &[u8]) -> Option<(&str, &str, &str)> {
+    let t = std::str::from_utf8(target).ok()?;
+    let (scheme, rest) = t.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, pq) = rest.split_at(split);
+    Some((scheme, authority, pq))
+}
+
 /// An absolute-form target (`GET http://svc/path`, from an `HTTP_PROXY`
 /// client) becomes origin-form with the authority in `Host`.
 fn to_origin_form(req: &mut RequestHeader) -> Result<()> {
-    let Some(authority) = req.uri.authority().map(|a| a.as_str().to_string()) else {
+    let Some((_, authority, pq)) = split_absolute(req.raw_path()) else {
         return Ok(());
     };
-    if req.uri.scheme().is_none() {
-        return Ok(());
-    }
-    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let uri: http::Uri = pq
-        .parse()
-        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
-    req.set_uri(uri);
+    let (authority, pq) = (authority.to_string(), pq.to_string());
+    let origin = if pq.starts_with('/') {
+        pq
+    } else {
+        format!("/{pq}")
+    };
+    req.set_raw_path(origin.as_bytes())?;
     req.insert_header(http::header::HOST, authority)?;
     Ok(())
 }
@@ -361,14 +412,27 @@ mod tests {
     }
 
     #[test]
+    fn authority_precedence() {
+        let mut abs = req("http://Backend:80/x", None);
+        abs.insert_header("host", "other").unwrap();
+        assert_eq!(request_authority(&abs).as_deref(), Some("Backend:80"));
+        let mut origin = req("/x", None);
+        origin.insert_header("host", "backend").unwrap();
+        assert_eq!(request_authority(&origin).as_deref(), Some("backend"));
+        assert_eq!(request_authority(&req("/x", None)), None);
+        let q = req("http://svc?x=1", None);
+        assert_eq!(split_absolute(q.raw_path()), Some(("http", "svc", "?x=1")));
+    }
+
+    #[test]
     fn absolute_form_becomes_origin_form() {
         let mut r = req("http://backend:8080/a/b?x=1", None);
         to_origin_form(&mut r).unwrap();
-        assert_eq!(r.uri.to_string(), "/a/b?x=1");
+        assert_eq!(r.raw_path(), b"/a/b?x=1");
         assert_eq!(r.headers["host"], "backend:8080");
         let mut o = req("/keep?y", None);
         to_origin_form(&mut o).unwrap();
-        assert_eq!(o.uri.to_string(), "/keep?y");
+        assert_eq!(o.raw_path(), b"/keep?y");
         assert!(o.headers.get("host").is_none());
     }
 }

@@ -88,7 +88,11 @@ impl RouteTable {
     /// Chooses the route: a local upstream port is bound to one route; on the
     /// HTTP proxy listener the host (from the absolute URI, `:authority` or
     /// `Host`) decides.
-    pub fn select(&self, local_port: Option<u16>, host: Option<&str>) -> Result<Arc<Route>, NoRoute> {
+    pub fn select(
+        &self,
+        local_port: Option<u16>,
+        host: Option<&str>,
+    ) -> Result<Arc<Route>, NoRoute> {
         if let Some(idx) = local_port.and_then(|p| self.by_port.get(&p)) {
             return Ok(self.routes[*idx].clone());
         }
@@ -154,7 +158,11 @@ routes:
             (Some(4140), Some("backend"), Some("backend")),
             (Some(4140), Some("BACKEND:8080"), Some("backend")),
             (Some(4140), Some("backend."), Some("backend")),
-            (Some(4140), Some("transcoder.media.svc"), Some("transcode:v1")),
+            (
+                Some(4140),
+                Some("transcoder.media.svc"),
+                Some("transcode:v1"),
+            ),
             (Some(4140), Some("unknown"), None),
             (Some(4140), None, None),
             (None, Some("[::1]:80"), None),

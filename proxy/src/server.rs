@@ -72,9 +72,10 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let mut svc = Service::new("crank inbound".into(), Counted::new(proxy, gauge));
         let settings = shared.tls.server_settings(&metrics);
         svc.add_tls_with_settings(&inb.listen.to_string(), None, settings);
-        svc.endpoints().set_pre_tls_callback(Arc::new(PlaintextGuard {
-            failures: metrics.handshake_failures.clone(),
-        }));
+        svc.endpoints()
+            .set_pre_tls_callback(Arc::new(PlaintextGuard {
+                failures: metrics.handshake_failures.clone(),
+            }));
         services.push(Box::new(svc));
     }
     let out = &cfg.outbound;
@@ -94,7 +95,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         proxy.h2_options = Some(h2_options());
         let gauge = metrics.open_connections.with_label_values(&["outbound"]);
         let mut svc = Service::new("crank outbound".into(), Counted::new(proxy, gauge));
-        for addr in out.http_proxy.iter().chain(out.ports.iter().map(|p| &p.listen)) {
+        for addr in out
+            .http_proxy
+            .iter()
+            .chain(out.ports.iter().map(|p| &p.listen))
+        {
             svc.add_tcp(&addr.to_string());
         }
         services.push(Box::new(svc));

@@ -26,7 +26,10 @@ impl Shared {
         let cfg = self.config.load();
         let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
         if let Some(id) = v.get_mut("identity").and_then(|i| i.as_object_mut()) {
-            id.insert("key".into(), serde_json::Value::String("(secret, not shown)".into()));
+            id.insert(
+                "key".into(),
+                serde_json::Value::String("(secret, not shown)".into()),
+            );
         }
         let t = &self.tls;
         let dump = serde_json::json!({
