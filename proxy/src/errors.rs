@@ -31,6 +31,8 @@ pub enum Reason {
     UpstreamReset,
     /// The upstream sent a response the proxy could not parse.
     UpstreamProtocolError,
+    /// The caller went away mid-request; nothing can be sent (logged as 499).
+    ClientClosed,
     /// A bug or resource problem inside the proxy.
     Internal,
 }
@@ -51,6 +53,7 @@ impl Reason {
             Reason::UpstreamTimeout => "upstream-timeout",
             Reason::UpstreamReset => "upstream-reset",
             Reason::UpstreamProtocolError => "upstream-protocol-error",
+            Reason::ClientClosed => "client-closed",
             Reason::Internal => "internal",
         }
     }
@@ -66,6 +69,7 @@ impl Reason {
             | Reason::UpstreamReset
             | Reason::UpstreamProtocolError => 502,
             Reason::ConnectTimeout | Reason::UpstreamTimeout => 504,
+            Reason::ClientClosed => 499,
             Reason::Internal => 500,
         }
     }
@@ -85,6 +89,7 @@ impl Reason {
             Reason::UpstreamTimeout => "the upstream did not answer in time; it may be overloaded or stuck",
             Reason::UpstreamReset => "the upstream closed the connection before the response was complete",
             Reason::UpstreamProtocolError => "the upstream sent a response that is not valid HTTP",
+            Reason::ClientClosed => "the caller closed the connection before the response was complete",
             Reason::Internal => "the proxy hit an internal error; see its log",
         }
     }
@@ -134,7 +139,7 @@ fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason
                 if text.contains("chunk") {
                     Reason::BadFraming
                 } else {
-                    Reason::BadRequest
+                    Reason::ClientClosed
                 }
             }
             _ => Reason::Internal,
@@ -215,6 +220,7 @@ mod tests {
             Reason::UpstreamTimeout,
             Reason::UpstreamReset,
             Reason::UpstreamProtocolError,
+            Reason::ClientClosed,
             Reason::Internal,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();

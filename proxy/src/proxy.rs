@@ -199,7 +199,7 @@ impl ProxyHttp for MeshProxy {
                 .inc();
         }
         tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), error = %e, "request failed");
-        let code = if session.response_written().is_none() {
+        let code = if session.response_written().is_none() && reason != Reason::ClientClosed {
             let detail = upstream_detail(ctx);
             self.respond(session, ctx, reason, &detail).await;
             reason.status()
