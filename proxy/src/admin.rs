@@ -1,47 +1,84 @@
 //! The admin listener: `/live`, `/ready`, `/metrics`, `/config_dump`.
+//!
+//! It runs on its own thread and Tokio runtime (hyper), outside Pingora's
+//! services, because Pingora closes every service's listener the moment a
+//! drain starts. The admin must keep answering during the drain, so probes
+//! see `503 not ready: draining` rather than a refused connection.
 
+use std::convert::Infallible;
+use std::net::TcpListener;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use http::Response;
-use pingora_core::apps::http_app::ServeHttp;
-use pingora_core::protocols::http::ServerSession;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use crate::state::Shared;
 
-pub struct Admin {
-    pub shared: Arc<Shared>,
+/// Answers one admin request. Pure over the shared state.
+pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+    let (status, ctype, body): (u16, &str, Vec<u8>) = match path {
+        "/live" => (200, "text/plain", b"live\n".to_vec()),
+        "/ready" => {
+            if shared.health.is_ready() {
+                (200, "text/plain", b"ready\n".to_vec())
+            } else if shared.health.is_draining() {
+                (503, "text/plain", b"not ready: draining\n".to_vec())
+            } else {
+                (503, "text/plain", b"not ready: starting\n".to_vec())
+            }
+        }
+        "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
+        "/config_dump" => (200, "application/json", shared.config_dump()),
+        _ => (
+            404,
+            "text/plain",
+            b"unknown admin path; try /live, /ready, /metrics or /config_dump\n".to_vec(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
 }
 
-#[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path().to_string();
-        let s = &self.shared;
-        let (status, ctype, body): (u16, &str, Vec<u8>) = match path.as_str() {
-            "/live" => (200, "text/plain", b"live\n".to_vec()),
-            "/ready" => {
-                if s.health.is_ready() {
-                    (200, "text/plain", b"ready\n".to_vec())
-                } else if s.health.is_draining() {
-                    (503, "text/plain", b"not ready: draining\n".to_vec())
-                } else {
-                    (503, "text/plain", b"not ready: starting\n".to_vec())
+/// Serves the admin endpoints on `listener` from a dedicated thread until
+/// the process exits.
+pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("crank-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener failed");
+                        return;
+                    }
+                };
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let resp = respond(&shared, req.uri().path());
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
                 }
-            }
-            "/metrics" => (200, "text/plain; version=0.0.4", s.metrics.render()),
-            "/config_dump" => (200, "application/json", s.config_dump()),
-            _ => (
-                404,
-                "text/plain",
-                b"unknown admin path; try /live, /ready, /metrics or /config_dump\n".to_vec(),
-            ),
-        };
-        Response::builder()
-            .status(status)
-            .header("content-type", ctype)
-            .header("content-length", body.len())
-            .body(body)
-            .expect("static response parts")
-    }
+            })
+        })?;
+    Ok(())
 }

@@ -85,7 +85,7 @@ impl Reason {
             Reason::UpstreamConnectFailed => "could not connect to the upstream; check that it runs and listens on the configured address",
             Reason::ConnectTimeout => "connecting to the upstream timed out; check the network path and the upstream's load",
             Reason::TlsIdentityMismatch => "the peer sidecar's certificate does not prove the identity this route expects; check the endpoint's identity in the route or the peer's certificate",
-            Reason::UpstreamTlsFailed => "the mTLS handshake with the peer sidecar failed; check that both sides trust the same CA and that certificates are valid",
+            Reason::UpstreamTlsFailed => "the mTLS handshake with the peer sidecar failed or the peer closed the new connection at once, most likely refusing our client certificate; check that both sides trust the same CA, that certificates are valid, and the peer's log",
             Reason::UpstreamTimeout => "the upstream did not answer in time; it may be overloaded or stuck",
             Reason::UpstreamReset => "the upstream closed the connection before the response was complete",
             Reason::UpstreamProtocolError => "the upstream sent a response that is not valid HTTP",
@@ -104,6 +104,17 @@ pub fn classify(e: &Error) -> Reason {
 fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason {
     use ErrorType::*;
     let identity_problem = text.contains("NotValidForName") || text.contains("not valid for name");
+    // Pingora's chunked-body errors are a custom type ("InvalidChunk").
+    if *source == ErrorSource::Downstream
+        && (text.contains("InvalidChunk") || text.contains("chunked encoding"))
+    {
+        return Reason::BadFraming;
+    }
+    // With TLS 1.3 a server's refusal of our client certificate arrives as an
+    // alert after the client considers the handshake done: the first read fails.
+    if *source == ErrorSource::Upstream && text.contains("received fatal alert") {
+        return Reason::UpstreamTlsFailed;
+    }
     match etype {
         ConnectTimedout | TLSHandshakeTimedout => Reason::ConnectTimeout,
         ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError => {

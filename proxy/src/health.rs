@@ -68,9 +68,74 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Ports with a socket in LISTEN state, from `/proc/net/tcp` and `tcp6`.
+pub fn listening_ports() -> std::collections::HashSet<u16> {
+    let mut ports = std::collections::HashSet::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            ports.extend(parse_listening(&text));
+        }
+    }
+    ports
+}
+
+/// Parses `/proc/net/tcp`: `sl local_address rem_address st ...`, where the
+/// local address is `HEXIP:HEXPORT` and state `0A` is LISTEN.
+pub fn parse_listening(text: &str) -> impl Iterator<Item = u16> + '_ {
+    text.lines().skip(1).filter_map(|line| {
+        let mut cols = line.split_whitespace();
+        let local = cols.nth(1)?;
+        let state = cols.nth(1)?;
+        if state != "0A" {
+            return None;
+        }
+        u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+    })
+}
+
+/// Marks the proxy ready once every port in `ports` is listening (Pingora
+/// binds its listeners on its own threads after start). Gives up after
+/// `timeout`, staying not ready, with an error naming the missing ports.
+pub fn ready_when_listening(health: Arc<Health>, ports: Vec<u16>, timeout: std::time::Duration) {
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        loop {
+            let up = listening_ports();
+            let missing: Vec<u16> = ports.iter().copied().filter(|p| !up.contains(p)).collect();
+            if missing.is_empty() {
+                health.set_ready(true);
+                tracing::info!(elapsed = ?start.elapsed(), "ready: all listeners are up");
+                return;
+            }
+            if start.elapsed() > timeout {
+                tracing::error!(?missing, "listeners did not come up; staying not ready");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parses_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:4A38 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n\
+   1: 0100007F:4A38 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
+        let ports: Vec<u16> = super::parse_listening(text).collect();
+        assert_eq!(ports, vec![0x4A38]);
+    }
+
+    #[test]
+    fn sees_a_real_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(super::listening_ports().contains(&port));
+    }
+
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn readiness_and_inflight() {

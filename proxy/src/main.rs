@@ -19,13 +19,13 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     crank_proxy::logging::init();
     if args.check {
-        return match crank_proxy::config::load(&args.config) {
+        return match crank_proxy::server::check(&args.config) {
             Ok(_) => {
                 println!("{}: ok", args.config.display());
                 std::process::ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("crank-proxy: invalid config: {e}");
+                eprintln!("crank-proxy: invalid config: {e:#}");
                 std::process::ExitCode::from(2)
             }
         };

@@ -58,6 +58,8 @@ pub struct Ctx {
     route: Option<Arc<Route>>,
     peer: Option<Arc<PeerIdentity>>,
     upstream: Option<SocketAddr>,
+    /// Whether the upstream connection was new (not from the pool).
+    fresh_upstream: bool,
     reason: Option<Reason>,
     _inflight: InflightGuard,
 }
@@ -82,6 +84,7 @@ impl ProxyHttp for MeshProxy {
             route: None,
             peer: None,
             upstream: None,
+            fresh_upstream: false,
             reason: None,
             _inflight: self.shared.health.track(),
         }
@@ -189,8 +192,21 @@ impl ProxyHttp for MeshProxy {
         Ok(())
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.fresh_upstream = !reused;
+        Ok(())
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let reason = classify(e);
+        let reason = refine(classify(e), self.direction, ctx.fresh_upstream);
         if let Some(tls_reason) = outbound_handshake_reason(reason) {
             self.shared
                 .metrics
@@ -309,6 +325,16 @@ fn peer_auth(session: &Session) -> std::result::Result<Arc<PeerIdentity>, Reason
     }
 }
 
+/// A peer sidecar that hangs up on a brand-new mTLS connection before any
+/// response has refused us during the handshake (with TLS 1.3 its alert can
+/// lose the race with the close, leaving only a reset or broken pipe).
+pub fn refine(reason: Reason, direction: Direction, fresh_upstream: bool) -> Reason {
+    match (reason, direction, fresh_upstream) {
+        (Reason::UpstreamReset, Direction::Outbound, true) => Reason::UpstreamTlsFailed,
+        (r, _, _) => r,
+    }
+}
+
 /// The handshake-failure reason counted when a request fails connecting to a peer.
 fn outbound_handshake_reason(reason: Reason) -> Option<&'static str> {
     match reason {
@@ -399,6 +425,27 @@ mod tests {
             r.insert_header("content-type", c).unwrap();
         }
         r
+    }
+
+    #[test]
+    fn reset_on_a_fresh_peer_connection_is_a_tls_refusal() {
+        use Direction::*;
+        assert_eq!(
+            refine(Reason::UpstreamReset, Outbound, true),
+            Reason::UpstreamTlsFailed
+        );
+        assert_eq!(
+            refine(Reason::UpstreamReset, Outbound, false),
+            Reason::UpstreamReset
+        );
+        assert_eq!(
+            refine(Reason::UpstreamReset, Inbound, true),
+            Reason::UpstreamReset
+        );
+        assert_eq!(
+            refine(Reason::UpstreamTimeout, Outbound, true),
+            Reason::UpstreamTimeout
+        );
     }
 
     #[test]

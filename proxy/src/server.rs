@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora_core::apps::http_app::HttpServer;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
@@ -14,7 +13,6 @@ use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 use pingora_proxy::HttpProxy;
 
-use crate::admin::Admin;
 use crate::conn::Counted;
 use crate::drain::DrainSignal;
 use crate::health::Health;
@@ -24,10 +22,28 @@ use crate::proxy::{Direction, MeshProxy};
 use crate::routing::RouteTable;
 use crate::state::Shared;
 
+/// Everything a start checks before listening: the config, then the
+/// identity material (key matches cert, cert carries a Crank identity,
+/// bundle holds usable roots). `crank-proxy --check` runs exactly this.
+pub fn check(path: &Path) -> anyhow::Result<crank_api::proxy::ProxyConfig> {
+    let cfg = crate::config::load(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    WorkloadTls::load(&cfg.identity, base, &Metrics::new())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
 /// Loads the config at `path` and runs the proxy until it is told to stop.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let cfg = crate::config::load(path)?;
     check_bindable(&cfg).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let admin_listener = std::net::TcpListener::bind(cfg.admin.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: admin.listen: cannot listen on {}: {e}",
+            path.display(),
+            cfg.admin.listen
+        )
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let metrics = Metrics::new();
     let tls = WorkloadTls::load(&cfg.identity, base, &metrics)
@@ -104,17 +120,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         }
         services.push(Box::new(svc));
     }
-    let mut admin = Service::new(
-        "crank admin".into(),
-        HttpServer::new_app(Admin {
-            shared: shared.clone(),
-        }),
-    );
-    admin.add_tcp(&cfg.admin.listen.to_string());
-    services.push(Box::new(admin));
     server.add_services(services);
 
-    health.set_ready(true);
+    crate::admin::spawn(admin_listener, shared.clone())?;
+    let mut ports: Vec<u16> = cfg.inbound.iter().map(|i| i.listen.port()).collect();
+    ports.extend(cfg.outbound.http_proxy.map(|a| a.port()));
+    ports.extend(cfg.outbound.ports.iter().map(|p| p.listen.port()));
+    crate::health::ready_when_listening(health.clone(), ports, std::time::Duration::from_secs(30));
     tracing::info!(
         inbound = ?cfg.inbound.as_ref().map(|i| i.listen),
         outbound_proxy = ?cfg.outbound.http_proxy,
