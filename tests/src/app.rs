@@ -46,16 +46,22 @@ impl EchoApp {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let seen2 = seen.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let serve = async {
                     loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
                         let seen = seen2.clone();
                         tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
+                            let svc =
+                                hyper::service::service_fn(move |req| handle(req, seen.clone()));
                             let _ = auto::Builder::new(TokioExecutor::new())
                                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                                 .await;
@@ -84,14 +90,25 @@ impl EchoApp {
     }
 }
 
-async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Vec<EchoSeen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<EchoSeen>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().to_string();
-    let path = req.uri().path_and_query().map_or("/".into(), |p| p.to_string());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
     let version = format!("{:?}", req.version());
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
         .collect();
     // Count the body frame by frame: never buffered whole.
     let mut body = req.into_body();

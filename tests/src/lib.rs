@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 /// Path of a workspace binary (target/debug by default, or `CRANK_BIN_DIR`).
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("CRANK_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        target.join("debug")
-    });
+    let dir = std::env::var_os("CRANK_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+            target.join("debug")
+        });
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -37,7 +39,10 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -70,7 +75,8 @@ pub fn header<'a>(curl_output: &'a str, name: &str) -> Option<&'a str> {
 
 /// Scrapes one sample's value from Prometheus text, by exact series text.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }

@@ -36,7 +36,10 @@ impl Pki {
     /// A valid 1-hour leaf for `service.tenant.crank.local`.
     pub fn leaf(&self, service: &str, tenant: &str) -> Leaf {
         let id = Identity::new(service, tenant, "crank.local").expect("identity");
-        self.leaf_with(&LeafRequest::new(id, Duration::from_secs(3600)), &format!("{service}.{tenant}"))
+        self.leaf_with(
+            &LeafRequest::new(id, Duration::from_secs(3600)),
+            &format!("{service}.{tenant}"),
+        )
     }
 
     /// A leaf from an explicit request (expired, not yet valid, ...), saved as `name`.
@@ -53,8 +56,12 @@ impl Pki {
     pub fn foreign_leaf(&self, service: &str, tenant: &str) -> Leaf {
         let other = Ca::generate("crank.local", Duration::from_secs(86400)).expect("CA");
         let id = Identity::new(service, tenant, "crank.local").expect("identity");
-        let issued = other.issue(&LeafRequest::new(id, Duration::from_secs(3600))).expect("issue");
-        let (cert, key) = issued.save(self.dir.path(), &format!("foreign-{service}.{tenant}")).expect("save");
+        let issued = other
+            .issue(&LeafRequest::new(id, Duration::from_secs(3600)))
+            .expect("issue");
+        let (cert, key) = issued
+            .save(self.dir.path(), &format!("foreign-{service}.{tenant}"))
+            .expect("save");
         Leaf {
             cert: cert.into(),
             key: key.into(),

@@ -11,7 +11,11 @@ use crate::pki::{Leaf, Pki};
 
 /// A free port on 127.0.0.1 (the kernel's choice; released before use).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A free `127.0.0.1:PORT` address.
@@ -36,7 +40,12 @@ impl Proxy {
     }
 
     /// Like [`Proxy::start`], but returns the log when it does not get ready.
-    pub fn try_start(dir: &Path, name: &str, yaml: &str, admin: SocketAddr) -> Result<Proxy, String> {
+    pub fn try_start(
+        dir: &Path,
+        name: &str,
+        yaml: &str,
+        admin: SocketAddr,
+    ) -> Result<Proxy, String> {
         let config = dir.join(format!("{name}.yaml"));
         let log = dir.join(format!("{name}.log"));
         std::fs::write(&config, yaml).unwrap();
@@ -59,13 +68,19 @@ impl Proxy {
         let start = Instant::now();
         loop {
             if let Some(status) = p.child.as_mut().unwrap().try_wait().unwrap() {
-                return Err(format!("crank-proxy {name} exited with {status} before ready:\n{}", p.log_text()));
+                return Err(format!(
+                    "crank-proxy {name} exited with {status} before ready:\n{}",
+                    p.log_text()
+                ));
             }
             if p.admin_get("/ready").0 == 200 {
                 return Ok(p);
             }
             if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!("crank-proxy {name} not ready after 20s:\n{}", p.log_text()));
+                return Err(format!(
+                    "crank-proxy {name} not ready after 20s:\n{}",
+                    p.log_text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -85,13 +100,24 @@ impl Proxy {
             return (0, String::new());
         };
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        if s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).is_err() {
+        if s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .is_err()
+        {
             return (0, String::new());
         }
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -175,7 +201,10 @@ impl Mesh {
     pub fn start(app: SocketAddr, opts: MeshOptions) -> Mesh {
         let pki = Pki::new();
         let server_leaf = pki.leaf("backend", "demo");
-        let client_leaf = opts.client_leaf.clone().unwrap_or_else(|| pki.leaf("frontend", "demo"));
+        let client_leaf = opts
+            .client_leaf
+            .clone()
+            .unwrap_or_else(|| pki.leaf("frontend", "demo"));
         let (http_proxy, port, inbound) = (free_addr(), free_addr(), free_addr());
         let (cadmin, sadmin) = (free_addr(), free_addr());
         let bundle = pki.bundle();

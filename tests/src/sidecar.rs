@@ -20,7 +20,13 @@ pub struct Sidecar {
 
 /// A server sidecar (inbound only) presenting `leaf`, trusting `pki`'s bundle,
 /// in front of `app`. Config and log are `pki.path()/<name>.{yaml,log}`.
-pub fn server_sidecar(pki: &Pki, name: &str, leaf: &Leaf, app: SocketAddr, drain: &str) -> Result<Sidecar, String> {
+pub fn server_sidecar(
+    pki: &Pki,
+    name: &str,
+    leaf: &Leaf,
+    app: SocketAddr,
+    drain: &str,
+) -> Result<Sidecar, String> {
     let (listen, admin) = (free_addr(), free_addr());
     let yaml = format!(
         "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
@@ -74,7 +80,14 @@ pub struct CurlResult {
 /// `curl https://<dns_name>:<port><path>` straight at an inbound mTLS
 /// listener, verifying the server against `pki`'s bundle, presenting
 /// `client` when given, with `extra` curl arguments.
-pub fn curl_mtls(pki: &Pki, inbound: SocketAddr, dns_name: &str, client: Option<&Leaf>, extra: &[&str], path: &str) -> CurlResult {
+pub fn curl_mtls(
+    pki: &Pki,
+    inbound: SocketAddr,
+    dns_name: &str,
+    client: Option<&Leaf>,
+    extra: &[&str],
+    path: &str,
+) -> CurlResult {
     let port = inbound.port();
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "-i", "--max-time", "10", "--cacert"])
@@ -82,7 +95,10 @@ pub fn curl_mtls(pki: &Pki, inbound: SocketAddr, dns_name: &str, client: Option<
         .arg("--resolve")
         .arg(format!("{dns_name}:{port}:{}", inbound.ip()));
     if let Some(leaf) = client {
-        cmd.arg("--cert").arg(&leaf.cert).arg("--key").arg(&leaf.key);
+        cmd.arg("--cert")
+            .arg(&leaf.cert)
+            .arg("--key")
+            .arg(&leaf.key);
     }
     let out = cmd
         .args(extra)
@@ -92,8 +108,7 @@ pub fn curl_mtls(pki: &Pki, inbound: SocketAddr, dns_name: &str, client: Option<
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let status = text
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
@@ -123,15 +138,40 @@ pub fn leaf_without_identity(pki: &Pki, name: &str) -> Leaf {
     openssl(
         dir,
         &[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=legacy.example",
-            "-keyout", path(&key), "-out", path(&csr),
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=legacy.example",
+            "-keyout",
+            path(&key),
+            "-out",
+            path(&csr),
         ],
     );
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", path(&csr), "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "4242", "-days", "1",
-            "-extfile", path(&ext), "-out", path(&cert),
+            "x509",
+            "-req",
+            "-in",
+            path(&csr),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "4242",
+            "-days",
+            "1",
+            "-extfile",
+            path(&ext),
+            "-out",
+            path(&cert),
         ],
     );
     Leaf { cert, key }
@@ -147,5 +187,9 @@ fn openssl(dir: &Path, args: &[&str]) {
         .current_dir(dir)
         .output()
         .expect("the openssl CLI is installed");
-    assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -21,9 +21,23 @@ fn http1_through_local_port_reaches_app_unchanged() {
     );
     // Sidecars talked HTTP/2 over mTLS: the server sidecar counts an inbound 2xx.
     let m = mesh.server.metrics();
-    assert_eq!(metric(&m, "crank_requests_total{direction=\"inbound\",route=\"app\",status_class=\"2xx\"}"), Some(1.0), "{m}");
+    assert_eq!(
+        metric(
+            &m,
+            "crank_requests_total{direction=\"inbound\",route=\"app\",status_class=\"2xx\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
     let c = mesh.client.metrics();
-    assert_eq!(metric(&c, "crank_requests_total{direction=\"outbound\",route=\"backend\",status_class=\"2xx\"}"), Some(1.0), "{c}");
+    assert_eq!(
+        metric(
+            &c,
+            "crank_requests_total{direction=\"outbound\",route=\"backend\",status_class=\"2xx\"}"
+        ),
+        Some(1.0),
+        "{c}"
+    );
 }
 
 #[test]
@@ -48,7 +62,11 @@ fn http_proxy_routes_by_host_and_refuses_unknown_hosts() {
 fn a_client_spoofing_the_identity_header_is_overwritten() {
     let app = EchoApp::start();
     let mesh = Mesh::start(app.addr, MeshOptions::default());
-    let (status, _) = curl(&["-H", "x-crank-client-id: spiffe://crank.local/tenant/root/svc/admin", &mesh.port_url("/")]);
+    let (status, _) = curl(&[
+        "-H",
+        "x-crank-client-id: spiffe://crank.local/tenant/root/svc/admin",
+        &mesh.port_url("/"),
+    ]);
     assert_eq!(status, 200);
     assert_eq!(
         app.last().unwrap().header("x-crank-client-id"),
