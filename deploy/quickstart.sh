@@ -99,9 +99,15 @@ build() {
     if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
         PATH=$HOME/.cargo/bin:$PATH
     fi
-    command -v cargo >/dev/null || die "cargo not found. Install Rust with rustup
-    (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh), open a new shell and rerun;
-    rust-toolchain.toml picks the pinned version"
+    if ! command -v cargo >/dev/null; then
+        # A fresh machine has no Rust: install it the official way (rustup,
+        # no changes to shell profiles); rust-toolchain.toml pins the version.
+        log "cargo not found: installing Rust with rustup into ~/.cargo"
+        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+            sh -s -- -y --profile minimal --no-modify-path ||
+            die "installing Rust failed; install it yourself (https://rustup.rs) and rerun"
+        PATH=$HOME/.cargo/bin:$PATH
+    fi
     log "building ($PROFILE): crank-proxy, crankctl, the demo apps"
     (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" -p crank-proxy -p crank-control -p crank-examples)
 }

@@ -21,6 +21,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# Rust: use ~/.cargo/bin when it is not on PATH; install it with rustup
+# when missing (rust-toolchain.toml pins the version).
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  PATH=$HOME/.cargo/bin:$PATH
+fi
+if ! command -v cargo >/dev/null; then
+  echo "tests/run.sh: cargo not found: installing Rust with rustup into ~/.cargo"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path
+  PATH=$HOME/.cargo/bin:$PATH
+fi
+
 cargo build --workspace --bins
 cargo test --workspace "$@"
 
