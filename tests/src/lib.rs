@@ -56,13 +56,17 @@ pub fn curl(args: &[&str]) -> (u16, String) {
         .output()
         .expect("curl is installed (tests/run.sh installs it)");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text
+    (status_of(&text), text)
+}
+
+/// The status code of the last status line in curl `-i` output (0 if none).
+pub fn status_of(curl_output: &str) -> u16 {
+    curl_output
         .lines()
         .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
+        .unwrap_or(0)
 }
 
 /// The value of a response header in curl `-i` output (case-insensitive).

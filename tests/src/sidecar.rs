@@ -106,12 +106,7 @@ pub fn curl_mtls(
         .output()
         .expect("curl is installed");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text
-        .lines()
-        .rfind(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = crate::status_of(&text);
     CurlResult {
         exit: out.status.code().unwrap_or(-1),
         status,
