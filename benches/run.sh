@@ -153,6 +153,34 @@ fmt_ms() { awk -v v="$1" 'BEGIN { if (v == "" || v == "-") print "-"; else print
 
 mib() { awk -v k="$1" 'BEGIN { if (k == "" || k == 0) print "-"; else printf "%.1f", k / 1024 }'; }
 
+# ---------------------------------------------------------------- setup
+# Installs what the run needs when it is missing: Debian packages (wrk,
+# haproxy, nginx, jq, curl), oha from crates.io, and the release binaries.
+# BENCH_NO_INSTALL=1 skips this.
+install_missing() {
+    [[ "${BENCH_NO_INSTALL:-0}" == 1 ]] && return 0
+    local missing=() sudo=()
+    for pair in wrk:wrk haproxy:haproxy nginx:nginx-light jq:jq curl:curl; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    [[ "$(id -u)" -eq 0 ]] || sudo=(sudo)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        log "installing ${missing[*]} (apt-get)"
+        "${sudo[@]}" apt-get update -qq
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v oha >/dev/null && [[ ! -x "$HOME/.cargo/bin/oha" ]]; then
+        log "installing oha (cargo install oha --locked; a few minutes)"
+        cargo install oha --locked >"$OUT/oha-install.log" 2>&1 || log "oha install failed; latency falls back to wrk (see $OUT/oha-install.log)"
+    fi
+    if [[ ! -x "$CRANK_PROXY" || ! -x "$CRANKCTL" ]]; then
+        log "building release binaries (cargo build --release -p crank-proxy -p crank-control)"
+        (cd "$ROOT" && cargo build --release -p crank-proxy -p crank-control)
+    fi
+}
+mkdir -p "$OUT"
+install_missing
+
 # ---------------------------------------------------------------- load tools
 OHA=$(command -v oha || true)
 [[ -z "$OHA" && -x "$HOME/.cargo/bin/oha" ]] && OHA=$HOME/.cargo/bin/oha
