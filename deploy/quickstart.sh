@@ -109,7 +109,7 @@ build() {
         PATH=$HOME/.cargo/bin:$PATH
     fi
     log "building ($PROFILE): crank-proxy, crankctl, the demo apps"
-    (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" -p crank-proxy -p crank-control -p crank-examples)
+    (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" --workspace --bins)
 }
 
 check_ports_free() {
