@@ -108,15 +108,32 @@ fn read_material(cfg: &IdentityConfig, base: &Path) -> Result<Material, Identity
         let p = crate::config::resolve(base, p);
         std::fs::read(&p).map_err(|e| ierr(field, format!("cannot read {}: {e}", p.display())))
     };
-    let chain = crank_certs::pem::certs_from_pem(&read("cert", &cfg.cert)?)
-        .map_err(|e| ierr("cert", format!("{}: {e}", cfg.cert.display())))?;
-    let key = crank_certs::pem::key_from_pem(&read("key", &cfg.key)?)
-        .map_err(|e| ierr("key", format!("{}: {e}", cfg.key.display())))?;
+    let chain = crank_certs::pem::certs_from_pem(&read("cert", &cfg.cert)?).map_err(|e| {
+        ierr(
+            "cert",
+            format!(
+                "{}: {e}; use the PEM certificate written by `crankctl cert issue`",
+                cfg.cert.display()
+            ),
+        )
+    })?;
+    let key = crank_certs::pem::key_from_pem(&read("key", &cfg.key)?).map_err(|e| {
+        ierr(
+            "key",
+            format!(
+                "{}: {e}; use the PEM key written by `crankctl cert issue`",
+                cfg.key.display()
+            ),
+        )
+    })?;
     let roots = crank_certs::pem::certs_from_pem(&read("trust_bundle", &cfg.trust_bundle)?)
         .map_err(|e| {
             ierr(
                 "trust_bundle",
-                format!("{}: {e}", cfg.trust_bundle.display()),
+                format!(
+                    "{}: {e}; point it at the CA's PEM bundle (bundle.pem from `crankctl ca init`)",
+                    cfg.trust_bundle.display()
+                ),
             )
         })?;
     Ok(Material { chain, key, roots })
@@ -130,6 +147,15 @@ impl WorkloadTls {
         metrics: &Metrics,
     ) -> Result<Self, IdentityError> {
         let m = read_material(cfg, base)?;
+        // Every certificate must decode: Pingora's CertKey panics on one that does not.
+        for (i, c) in m.chain.iter().enumerate().skip(1) {
+            CertSummary::from_der(c).map_err(|e| {
+                ierr(
+                    "cert",
+                    format!("certificate {i} of the chain: {e}; reissue the chain"),
+                )
+            })?;
+        }
         let summary =
             CertSummary::from_der(&m.chain[0]).map_err(|e| ierr("cert", e.to_string()))?;
         let identity = identity_from_der(&m.chain[0]).map_err(|e| {

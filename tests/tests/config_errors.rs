@@ -175,6 +175,13 @@ fn unusable_identity_cases(
 ) -> Vec<(&'static str, PathBuf, &'static str, Vec<&'static str>)> {
     s.pki.leaf("backend", "demo");
     leaf_without_identity(&s.pki, "legacy");
+    // A chain whose second certificate does not decode (Pingora would panic on it).
+    let leaf = std::fs::read_to_string(s.pki.path().join("frontend.demo.crt")).unwrap();
+    std::fs::write(
+        s.pki.path().join("bad-chain.crt"),
+        format!("{leaf}-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n"),
+    )
+    .unwrap();
     let admin = s.admin();
     let cases = [
         (
@@ -190,10 +197,16 @@ fn unusable_identity_cases(
             vec!["no Crank identity", "crankctl cert issue"],
         ),
         (
+            "chain-with-garbage",
+            "identity: {cert: bad-chain.crt, key: frontend.demo.key, trust_bundle: bundle.pem}\n",
+            "identity.cert",
+            vec!["certificate 1 of the chain", "reissue the chain"],
+        ),
+        (
             "bundle-not-pem",
             "identity: {cert: frontend.demo.crt, key: frontend.demo.key, trust_bundle: legacy.ext}\n",
             "identity.trust_bundle",
-            vec!["legacy.ext"],
+            vec!["legacy.ext", "bundle.pem from `crankctl ca init`"],
         ),
     ];
     cases
