@@ -48,7 +48,7 @@ pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
         }
         ConfigError {
             file: file.to_string(),
-            field: if field == "." {
+            field: if field == "." || field.is_empty() {
                 "(top level)".into()
             } else {
                 field
@@ -202,6 +202,8 @@ mod tests {
     fn errors_name_file_field_and_fix() {
         let cases: &[(&str, &str, &str)] = &[
             ("bogus: 1\n", "bogus", "unknown field `bogus`"),
+            // found by fuzz/proxy_config: a YAML complex key with an empty name
+            ("?\n", "(top level)", "unknown field"),
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, colour: red}\n", "inbound.colour", "unknown field `colour`"),
             ("inbound: {listen: nope, app: 127.0.0.1:2}\n", "inbound.listen", "invalid socket address"),
             ("outbound: {ports: [{listen: 127.0.0.1:5, route: b}]}\n", "outbound.ports[0].route", "define it under `routes`"),
