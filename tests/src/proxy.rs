@@ -9,13 +9,26 @@ use std::time::{Duration, Instant};
 
 use crate::pki::{Leaf, Pki};
 
-/// A free port on 127.0.0.1 (the kernel's choice; released before use).
+/// A free port on 127.0.0.1 for a proxy to bind later.
+///
+/// Ports come from 20000–31999, below Linux's ephemeral range (32768+):
+/// a port the kernel picked for us could otherwise be handed to some
+/// connection's source address between the pick and the proxy's bind. Each
+/// test process starts at its own offset and never hands a port out twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (std::process::id().wrapping_mul(997)) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A free `127.0.0.1:PORT` address.
