@@ -10,6 +10,19 @@ use std::time::{Duration, Instant};
 use crank_tests::raw_http::RawConn;
 use crank_tests::{curl, metric, wait_until, EchoApp, Mesh, MeshOptions, Proxy};
 
+/// An echo app behind a two-sidecar mesh whose sidecars drain for `deadline`.
+fn mesh_with_drain(deadline: &'static str) -> (EchoApp, Mesh) {
+    let app = EchoApp::start();
+    let mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            drain: deadline,
+            ..MeshOptions::default()
+        },
+    );
+    (app, mesh)
+}
+
 fn inflight(p: &Proxy) -> f64 {
     metric(&p.metrics(), "crank_inflight_requests").unwrap_or(0.0)
 }
@@ -95,14 +108,7 @@ fn drain_with_request_in_flight(mesh: &mut Mesh, app: &EchoApp, server_side: boo
 
 #[test]
 fn sigterm_drains_the_server_sidecar_and_exits_0_when_idle() {
-    let app = EchoApp::start();
-    let mut mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "10s",
-            ..MeshOptions::default()
-        },
-    );
+    let (app, mut mesh) = mesh_with_drain("10s");
     drain_with_request_in_flight(&mut mesh, &app, true);
     // The client sidecar is unaffected and says why the next request fails.
     assert_eq!(mesh.client.admin_get("/ready").0, 200);
@@ -112,14 +118,7 @@ fn sigterm_drains_the_server_sidecar_and_exits_0_when_idle() {
 
 #[test]
 fn sigterm_drains_the_client_sidecar_and_exits_0_when_idle() {
-    let app = EchoApp::start();
-    let mut mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "10s",
-            ..MeshOptions::default()
-        },
-    );
+    let (app, mut mesh) = mesh_with_drain("10s");
     let http_proxy = mesh.http_proxy;
     drain_with_request_in_flight(&mut mesh, &app, false);
     assert!(
@@ -135,14 +134,7 @@ fn sigterm_drains_the_client_sidecar_and_exits_0_when_idle() {
 
 #[test]
 fn an_idle_sidecar_exits_0_promptly_on_sigterm() {
-    let app = EchoApp::start();
-    let mut mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "10s",
-            ..MeshOptions::default()
-        },
-    );
+    let (_app, mut mesh) = mesh_with_drain("10s");
     let (status, _) = curl(&[&mesh.port_url("/warm")]);
     assert_eq!(status, 200);
     let signalled = Instant::now();
@@ -163,14 +155,7 @@ fn an_idle_sidecar_exits_0_promptly_on_sigterm() {
 fn ready_answers_503_draining_for_the_whole_drain() {
     // Probes and load balancers keep asking /ready during a rollout: the admin
     // listener must keep answering, and say why, until the process exits.
-    let app = EchoApp::start();
-    let mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "10s",
-            ..MeshOptions::default()
-        },
-    );
+    let (_app, mesh) = mesh_with_drain("10s");
     let _upload = endless_upload(&mesh);
     mesh.server.signal(libc::SIGTERM);
     let mut answers = vec![first_unready_answer(&mesh.server)];
@@ -211,14 +196,7 @@ fn endless_upload(mesh: &Mesh) -> RawConn {
 
 #[test]
 fn a_request_outliving_the_deadline_is_cut_and_the_sidecar_exits_0_at_the_deadline() {
-    let app = EchoApp::start();
-    let mut mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "1s",
-            ..MeshOptions::default()
-        },
-    );
+    let (_app, mut mesh) = mesh_with_drain("1s");
     let _upload = endless_upload(&mesh);
     let signalled = Instant::now();
     mesh.server.signal(libc::SIGTERM);
@@ -243,14 +221,7 @@ fn a_request_outliving_the_deadline_is_cut_and_the_sidecar_exits_0_at_the_deadli
 
 #[test]
 fn a_second_sigterm_exits_at_once() {
-    let app = EchoApp::start();
-    let mut mesh = Mesh::start(
-        app.addr,
-        MeshOptions {
-            drain: "10s",
-            ..MeshOptions::default()
-        },
-    );
+    let (_app, mut mesh) = mesh_with_drain("10s");
     let _upload = endless_upload(&mesh);
     mesh.server.signal(libc::SIGTERM);
     first_unready_answer(&mesh.server);
