@@ -1,0 +1,531 @@
+//! A compiled policy set and its evaluation.
+//!
+//! Compilation (parse, analysis, rule gathering) happens once per revision in
+//! [`PolicySet::compile`]. Each thread then keeps its own clone of the
+//! prepared engine for that revision, so the request path only sets the input
+//! and evaluates: no parse, no lock, no allocation of the policy.
+
+use std::cell::RefCell;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use regorus::utils::limits::ExecutionTimerConfig;
+use regorus::Engine;
+use serde_json::Value as Json;
+
+use crate::bundle::Bundle;
+use crate::manifest::{Entrypoints, FailureMode, Manifest, Mode};
+use crate::PolicyError;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many compiled sets one thread keeps engines for (inbound, outbound,
+/// and the previous revision of each during a reload).
+const ENGINES_PER_THREAD: usize = 4;
+
+thread_local! {
+    static ENGINES: RefCell<Vec<(u64, Engine)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A compiled, ready-to-evaluate policy set.
+pub struct PolicySet {
+    id: u64,
+    revision: String,
+    manifest: Manifest,
+    entrypoints: Entrypoints,
+    files: Vec<String>,
+    template: Mutex<Engine>,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("revision", &self.revision)
+            .field("manifest", &self.manifest)
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+/// The result class of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    Deny,
+    /// The evaluation failed or timed out.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// Why it was denied (the deny set's members, or a fixed explanation).
+    pub reasons: Vec<String>,
+    /// The evaluation error, when `outcome` is `Error`.
+    pub error: Option<String>,
+    pub elapsed: Duration,
+    /// Whether the request goes on, after mode and failure mode.
+    pub permitted: bool,
+}
+
+impl PolicySet {
+    /// Reads and compiles a policy directory.
+    pub fn load(dir: &std::path::Path) -> Result<PolicySet, PolicyError> {
+        PolicySet::compile(&Bundle::read(dir)?)
+    }
+
+    /// Compiles a bundle. Any error leaves nothing half-built: the caller keeps
+    /// the set it had.
+    pub fn compile(bundle: &Bundle) -> Result<PolicySet, PolicyError> {
+        if bundle.modules.is_empty() {
+            return Err(PolicyError::NoPolicies(bundle.dir.clone()));
+        }
+        let mut engine = new_engine(bundle)?;
+        engine.set_execution_timer_config(ExecutionTimerConfig {
+            limit: bundle.manifest.timeout,
+            check_interval: NonZeroU32::new(32).expect("non-zero"),
+        });
+        let explicit = bundle.manifest.entrypoints.is_some();
+        let mut entrypoints = bundle
+            .manifest
+            .entrypoints
+            .clone()
+            .unwrap_or_else(|| Entrypoints::default_for(bundle.manifest.input));
+        // Prepare the engine now (analysis, rule gathering) and prove the
+        // entry points exist, so the first request pays nothing.
+        // compile_with_entrypoint prepares without evaluating anything.
+        if let Err(e) = engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
+            return Err(PolicyError::Entrypoint {
+                rule: entrypoints.allow.clone(),
+                message: first_line(&e.to_string()),
+            });
+        }
+        if let Some(deny) = entrypoints.deny.clone() {
+            if let Err(e) = engine.compile_with_entrypoint(&deny.as_str().into()) {
+                if explicit {
+                    return Err(PolicyError::Entrypoint {
+                        rule: deny,
+                        message: first_line(&e.to_string()),
+                    });
+                }
+                // The default deny rule is optional: a policy may use allow only.
+                entrypoints.deny = None;
+            }
+        }
+        engine.set_gather_prints(false);
+        Ok(PolicySet {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            revision: bundle.revision.clone(),
+            manifest: bundle.manifest.clone(),
+            entrypoints,
+            files: bundle.modules.iter().map(|m| m.name.clone()).collect(),
+            template: Mutex::new(engine),
+        })
+    }
+
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn entrypoints(&self) -> &Entrypoints {
+        &self.entrypoints
+    }
+
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
+    /// Evaluates one input document and applies mode and failure mode.
+    pub fn decide(&self, input: &Json) -> Decision {
+        let start = Instant::now();
+        let raw = self.with_engine(|engine| {
+            engine.set_input(regorus::Value::from(input.clone()));
+            let allow = engine
+                .eval_rule(self.entrypoints.allow.clone())
+                .map_err(|e| e.to_string())?;
+            let deny = match &self.entrypoints.deny {
+                Some(rule) => engine.eval_rule(rule.clone()).map_err(|e| e.to_string())?,
+                None => regorus::Value::Undefined,
+            };
+            Ok::<_, String>((allow, deny))
+        });
+        let elapsed = start.elapsed();
+        let (outcome, reasons, error) =
+            match raw.and_then(|(a, d)| interpret(&self.entrypoints, &a, &d)) {
+                Ok((true, _)) => (Outcome::Allow, Vec::new(), None),
+                Ok((false, reasons)) => (Outcome::Deny, reasons, None),
+                Err(e) => {
+                    let e = first_line(&e);
+                    (
+                        Outcome::Error,
+                        vec![format!("policy evaluation failed: {e}")],
+                        Some(e),
+                    )
+                }
+            };
+        let permitted = match (self.manifest.mode, outcome) {
+            (Mode::Audit, _) | (_, Outcome::Allow) => true,
+            (Mode::Enforce, Outcome::Deny) => false,
+            (Mode::Enforce, Outcome::Error) => self.manifest.failure_mode == FailureMode::Open,
+        };
+        Decision {
+            outcome,
+            reasons,
+            error,
+            elapsed,
+            permitted,
+        }
+    }
+
+    /// Runs `f` with this thread's engine for this set, cloning the prepared
+    /// template the first time a thread sees the set.
+    fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+        ENGINES.with(|cell| {
+            let mut engines = cell.borrow_mut();
+            let pos = match engines.iter().position(|(id, _)| *id == self.id) {
+                Some(pos) => pos,
+                None => {
+                    let engine = self
+                        .template
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if engines.len() >= ENGINES_PER_THREAD {
+                        // The lowest id is the oldest revision.
+                        let oldest = engines
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, (id, _))| *id)
+                            .map(|(i, _)| i)
+                            .unwrap_or(0);
+                        engines.swap_remove(oldest);
+                    }
+                    engines.push((self.id, engine));
+                    engines.len() - 1
+                }
+            };
+            f(&mut engines[pos].1)
+        })
+    }
+}
+
+/// Builds an engine with every module and the data document of a bundle.
+/// `with_tests` adds the `*_test.rego` modules too (for `crankctl policy test`).
+pub(crate) fn new_engine_with(bundle: &Bundle, with_tests: bool) -> Result<Engine, PolicyError> {
+    let mut engine = Engine::new();
+    let tests = if with_tests { &bundle.tests[..] } else { &[] };
+    for file in bundle.modules.iter().chain(tests) {
+        engine
+            .add_policy(
+                bundle.dir.join(&file.name).display().to_string(),
+                file.text.clone(),
+            )
+            .map_err(|e| PolicyError::Compile {
+                file: file.name.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    engine
+        .add_data(regorus::Value::from(bundle.data.clone()))
+        .map_err(|e| PolicyError::Data {
+            path: bundle.dir.clone(),
+            message: e.to_string(),
+        })?;
+    Ok(engine)
+}
+
+fn new_engine(bundle: &Bundle) -> Result<Engine, PolicyError> {
+    new_engine_with(bundle, false)
+}
+
+/// Turns the entry points' values into (allowed, reasons). Pure.
+fn interpret(
+    entry: &Entrypoints,
+    allow: &regorus::Value,
+    deny: &regorus::Value,
+) -> Result<(bool, Vec<String>), String> {
+    let mut reasons = Vec::new();
+    if !matches!(deny, regorus::Value::Undefined) {
+        let json = to_json(deny);
+        match json {
+            Json::Array(items) => reasons.extend(items.iter().map(reason_text)),
+            Json::Bool(false) | Json::Null => {}
+            other => reasons.push(reason_text(&other)),
+        }
+    }
+    let allowed = match allow {
+        regorus::Value::Undefined => false,
+        regorus::Value::Bool(b) => *b,
+        other => match to_json(other) {
+            // OPA-Envoy style: {"allowed": bool, "body": ..., "headers": ...}
+            Json::Object(obj) => match obj.get("allowed") {
+                Some(Json::Bool(b)) => {
+                    if !b {
+                        for key in ["reason", "reasons", "body"] {
+                            match obj.get(key) {
+                                Some(Json::Array(items)) => {
+                                    reasons.extend(items.iter().map(reason_text))
+                                }
+                                Some(v @ Json::String(_)) => reasons.push(reason_text(v)),
+                                _ => {}
+                            }
+                        }
+                    }
+                    *b
+                }
+                _ => {
+                    return Err(format!(
+                        "{} is an object without a boolean \"allowed\" field",
+                        entry.allow
+                    ))
+                }
+            },
+            other => {
+                return Err(format!(
+                    "{} must be a boolean, but it is {}",
+                    entry.allow,
+                    type_name(&other)
+                ))
+            }
+        },
+    };
+    if !reasons.is_empty() {
+        return Ok((false, reasons));
+    }
+    if !allowed {
+        reasons.push(format!("not allowed: {} is not true", entry.allow));
+    }
+    Ok((allowed, reasons))
+}
+
+fn to_json(v: &regorus::Value) -> Json {
+    serde_json::to_value(v).unwrap_or(Json::Null)
+}
+
+fn reason_text(v: &Json) -> String {
+    match v {
+        Json::String(s) => s.clone(),
+        Json::Object(o) => match o.get("msg").or_else(|| o.get("reason")) {
+            Some(Json::String(s)) => s.clone(),
+            _ => v.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn type_name(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array or set",
+        Json::Object(_) => "an object",
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn set(files: &[(&str, &str)]) -> Result<PolicySet, PolicyError> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        PolicySet::load(dir.path())
+    }
+
+    const AUTHZ: &str = r#"
+package crank.authz
+default allow := false
+allow if count(deny) == 0
+deny contains "method not allowed" if not input.request.method in {"GET", "POST"}
+deny contains sprintf("tenant %s may not call %s", [input.source.tenant, input.destination.capability]) if {
+    input.destination.capability == "transcode:v1"
+    not "media" in data.roles[input.source.tenant]
+}
+"#;
+
+    fn input(tenant: &str, method: &str) -> Json {
+        json!({"source": {"tenant": tenant}, "destination": {"capability": "transcode:v1"},
+               "request": {"method": method}})
+    }
+
+    #[test]
+    fn allow_and_deny_with_reasons_from_the_deny_set() {
+        let s = set(&[
+            ("authz.rego", AUTHZ),
+            ("data.yaml", "roles: {acme: [media], evil: []}"),
+        ])
+        .unwrap();
+        let d = s.decide(&input("acme", "GET"));
+        assert_eq!((d.outcome, d.permitted), (Outcome::Allow, true), "{d:?}");
+        let d = s.decide(&input("evil", "DELETE"));
+        assert_eq!((d.outcome, d.permitted), (Outcome::Deny, false));
+        assert_eq!(
+            d.reasons,
+            vec![
+                "method not allowed",
+                "tenant evil may not call transcode:v1"
+            ]
+        );
+        // The engine cache must not leak one input's result into the next.
+        assert_eq!(s.decide(&input("acme", "POST")).outcome, Outcome::Allow);
+    }
+
+    #[test]
+    fn audit_mode_permits_a_denial_but_reports_it() {
+        let s = set(&[
+            ("authz.rego", AUTHZ),
+            ("data.yaml", "roles: {}"),
+            ("policy.yaml", "mode: audit"),
+        ])
+        .unwrap();
+        let d = s.decide(&input("evil", "GET"));
+        assert_eq!((d.outcome, d.permitted), (Outcome::Deny, true));
+    }
+
+    const CONFLICT: &str = r#"
+package crank.authz
+default allow := false
+allow if input.request.method == "GET"
+# Two values for one complete rule is an evaluation error in Rego.
+size := 1 if input.request.path == "/boom"
+size := 2 if input.request.path == "/boom"
+allow if size > 0
+"#;
+
+    #[test]
+    fn an_evaluation_error_fails_closed_unless_configured_open() {
+        let s = set(&[("authz.rego", CONFLICT)]).unwrap();
+        let boom = json!({"request": {"method": "GET", "path": "/boom"}});
+        let d = s.decide(&boom);
+        assert_eq!((d.outcome, d.permitted), (Outcome::Error, false), "{d:?}");
+        assert!(d.error.is_some());
+        let ok = s.decide(&json!({"request": {"method": "GET", "path": "/"}}));
+        assert_eq!(ok.outcome, Outcome::Allow);
+
+        let s = set(&[
+            ("authz.rego", CONFLICT),
+            ("policy.yaml", "failure_mode: open"),
+        ])
+        .unwrap();
+        let d = s.decide(&boom);
+        assert_eq!((d.outcome, d.permitted), (Outcome::Error, true));
+    }
+
+    #[test]
+    fn a_slow_policy_times_out_and_counts_as_an_error() {
+        let slow = r#"
+package crank.authz
+default allow := false
+allow if count([x | some x in numbers.range(1, 3000000); x % 7 == 0]) > 0
+"#;
+        let s = set(&[("authz.rego", slow), ("policy.yaml", "timeout: 5ms")]);
+        let s = s.unwrap();
+        let d = s.decide(&json!({}));
+        assert_eq!(d.outcome, Outcome::Error, "{d:?}");
+        assert!(!d.permitted);
+    }
+
+    #[test]
+    fn compile_errors_name_the_file_and_line() {
+        let e = set(&[(
+            "authz.rego",
+            "package crank.authz\nallow if {\n input.x ==\n}\n",
+        )])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("authz.rego"), "{e}");
+        assert!(e.contains(":3") || e.contains(":4"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_entrypoint_is_rejected() {
+        let e = set(&[("a.rego", "package other\nallow := true\n")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.crank.authz.allow"), "{e}");
+        let e = set(&[]).unwrap_err().to_string();
+        assert!(e.contains("no .rego"), "{e}");
+    }
+
+    #[test]
+    fn envoy_shape_accepts_an_object_result() {
+        let s = set(&[
+            (
+                "envoy.rego",
+                r#"
+package envoy.authz
+default allow := {"allowed": false, "body": "only GET"}
+allow := {"allowed": true} if input.attributes.request.http.method == "GET"
+"#,
+            ),
+            ("policy.yaml", "input: envoy"),
+        ])
+        .unwrap();
+        let get = json!({"attributes": {"request": {"http": {"method": "GET"}}}});
+        let post = json!({"attributes": {"request": {"http": {"method": "POST"}}}});
+        assert_eq!(s.decide(&get).outcome, Outcome::Allow);
+        let d = s.decide(&post);
+        assert_eq!(d.outcome, Outcome::Deny);
+        assert_eq!(d.reasons, vec!["only GET"]);
+    }
+
+    #[test]
+    fn policy_set_is_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PolicySet>();
+        let s = std::sync::Arc::new(
+            set(&[
+                ("authz.rego", AUTHZ),
+                ("data.yaml", "roles: {acme: [media]}"),
+            ])
+            .unwrap(),
+        );
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let tenant = if i % 2 == 0 { "acme" } else { "evil" };
+                    (0..50)
+                        .map(|_| s.decide(&input(tenant, "GET")).outcome)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let want = if i % 2 == 0 {
+                Outcome::Allow
+            } else {
+                Outcome::Deny
+            };
+            assert!(h.join().unwrap().iter().all(|o| *o == want));
+        }
+    }
+}
