@@ -22,6 +22,37 @@ pub enum Command {
     /// Workload certificate commands.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Rego policy sets: test, check, evaluate.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Run the test_* rules of every *_test.rego in DIR, like `opa test`.
+    /// Exits non-zero when a test fails or errors, or nothing compiles.
+    Test {
+        dir: PathBuf,
+        /// Only tests whose full name contains this.
+        #[arg(long)]
+        run: Option<String>,
+        /// List passing and skipped tests too.
+        #[arg(short, long)]
+        verbose: bool,
+        /// pretty or json
+        #[arg(long, default_value = "pretty")]
+        format: String,
+    },
+    /// Compile DIR as the proxy would (manifest, data, entry points) and print
+    /// its revision. Exits non-zero with the file and line of any error.
+    Check { dir: PathBuf },
+    /// Evaluate one input document (JSON or YAML; `-` for stdin) against DIR
+    /// and print the decision, as the proxy would make it.
+    Eval {
+        dir: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +121,7 @@ pub fn run(cli: Cli) -> Result<()> {
             cert_issue(&ca_dir, out.as_ref().unwrap_or(&ca_dir), id, ttl)
         }
         Command::Cert(CertCommand::Inspect { file, output }) => cert_inspect(&file, &output),
+        Command::Policy(cmd) => crate::policy_cli::run(cmd),
     }
 }
 

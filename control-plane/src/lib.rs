@@ -1,7 +1,9 @@
 //! crank-control: the mesh control plane library and the `crankctl` commands.
 //!
 //! Today it holds the dev-CA commands (`crankctl ca init`, `crankctl cert
-//! issue`, `crankctl cert inspect`). Enrollment, config distribution and the
+//! issue`, `crankctl cert inspect`) and the policy commands (`crankctl policy
+//! test|check|eval`). Enrollment, config distribution and the
 //! registry build on this crate in later issues.
 
 pub mod cli;
+mod policy_cli;
