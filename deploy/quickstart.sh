@@ -160,6 +160,12 @@ inbound:
   listen: $LO:$BACKEND_INBOUND
   app: $LO:$BACKEND_APP
   app_protocol: auto
+# The shipped Rego policies (policies/), checked on every inbound request.
+policy:
+  inbound:
+    dir: $(yq "$ROOT/policies")
+  decision_log:
+    path: $(yq "$STATE/backend-decisions.log")
 EOF
         common_yaml "$BACKEND_ADMIN"
     } >"$STATE/backend-proxy.yaml"
@@ -263,6 +269,12 @@ sample_requests() {
         log "also checking the local upstream port and the HTTP proxy listener"
         check "the local upstream port" --noproxy '*' "http://$LO:$FRONTEND_BACKEND_PORT/hello" || failed=1
         check "the HTTP proxy listener" -x "http://$LO:$FRONTEND_HTTP_PROXY" "http://backend/hello" || failed=1
+        if grep -q '"result":"allow"' "$STATE/backend-decisions.log" 2>/dev/null; then
+            echo "OK: the backend sidecar's policy allowed them (decision log ${STATE#"$ROOT"/}/backend-decisions.log)"
+        else
+            echo "FAIL: no allow decision in ${STATE#"$ROOT"/}/backend-decisions.log" >&2
+            failed=1
+        fi
     fi
     return "$failed"
 }
@@ -278,6 +290,7 @@ print_next_steps() {
     try "curl http://$LO:$FRONTEND_ADMIN/metrics" "frontend sidecar admin: /metrics /config_dump /ready /live"
     try "curl http://$LO:$FRONTEND_ADMIN/config_dump" "the config the frontend sidecar runs"
     try "curl http://$LO:$BACKEND_ADMIN/ready" "backend sidecar admin, same endpoints"
+    try "tail -f $s/backend-decisions.log" "the backend sidecar's policy decisions (policies/)"
     echo "Logs:    $s/backend.log $s/backend-proxy.log $s/frontend.log $s/frontend-proxy.log"
     echo "Configs: $s/frontend-proxy.yaml $s/backend-proxy.yaml; certificates in $s/certs/"
     echo "Press Ctrl-C to stop."

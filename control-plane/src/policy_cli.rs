@@ -109,10 +109,11 @@ fn check(dir: &Path) -> Result<()> {
     let set = PolicySet::load(dir)?;
     let m = set.manifest();
     println!(
-        "{}: revision {} compiles ({} module(s); mode {}, failure mode {}, allow {}{})",
+        "{}: revision {} compiles ({} module(s); engine {}; mode {}, failure mode {}, allow {}{})",
         dir.display(),
         set.revision(),
         set.files().len(),
+        set.engine(),
         m.mode.as_str(),
         format!("{:?}", m.failure_mode).to_lowercase(),
         set.entrypoints().allow,
@@ -122,6 +123,11 @@ fn check(dir: &Path) -> Result<()> {
             .map(|d| format!(", deny {d}"))
             .unwrap_or_default()
     );
+    if let Some(why) = set.vm_fallback() {
+        println!(
+            "note: the VM cannot compile this set, so it runs on the slower interpreter: {why}"
+        );
+    }
     Ok(())
 }
 
@@ -140,6 +146,7 @@ fn eval(dir: &Path, input: &Path) -> Result<()> {
     let d = set.decide(&doc);
     let out = serde_json::json!({
         "revision": set.revision(),
+        "engine": set.engine(),
         "mode": set.manifest().mode.as_str(),
         "result": d.outcome.as_str(),
         "permitted": d.permitted,

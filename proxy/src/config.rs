@@ -156,6 +156,55 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
             ));
         }
     }
+    if let Some(p) = &cfg.policy {
+        if p.inbound.is_none() && p.outbound.is_none() {
+            return Err(err(
+                "policy".into(),
+                "names no policy set; add policy.inbound.dir or policy.outbound.dir, or remove policy".into(),
+            ));
+        }
+        if p.inbound.is_some() && cfg.inbound.is_none() {
+            return Err(err(
+                "policy.inbound".into(),
+                "this proxy has no inbound listener to check; add `inbound` or move the set to policy.outbound".into(),
+            ));
+        }
+        if p.outbound.is_some()
+            && cfg.outbound.http_proxy.is_none()
+            && cfg.outbound.ports.is_empty()
+        {
+            return Err(err(
+                "policy.outbound".into(),
+                "this proxy has no outbound listener to check; add outbound.http_proxy or outbound.ports, or remove it".into(),
+            ));
+        }
+        for (field, src) in [
+            ("policy.inbound.dir", &p.inbound),
+            ("policy.outbound.dir", &p.outbound),
+        ] {
+            if let Some(src) = src {
+                let d = resolve(base, &src.dir);
+                if !d.is_dir() {
+                    return Err(err(
+                        field.into(),
+                        format!(
+                            "{} is not a directory; point it at a directory of .rego files",
+                            d.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        if p.decision_log.max_bytes < 4096 {
+            return Err(err(
+                "policy.decision_log.max_bytes".into(),
+                format!(
+                    "{} is too small; use at least 4096",
+                    p.decision_log.max_bytes
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -213,6 +262,11 @@ mod tests {
             ("inbound: {listen: 127.0.0.1:9901, app: 127.0.0.1:2}\n", "inbound.listen", "already used by admin.listen"),
             ("threads: 0\n", "threads", "use 1 to 64"),
             ("drain: {deadline: soon}\n", "drain.deadline", "soon"),
+            ("policy: {}\n", "policy", "names no policy set"),
+            ("policy: {inbound: {dir: .}}\n", "policy.inbound", "no inbound listener"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: nowhere}}\n", "policy.inbound.dir", "not a directory"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: .}, decision_log: {max_bytes: 10}}\n", "policy.decision_log.max_bytes", "at least 4096"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: ., mode: audit}}\n", "policy.inbound.mode", "unknown field"),
         ];
         for (extra, field, needle) in cases {
             let e = check(extra).expect_err(extra);

@@ -35,6 +35,10 @@ pub enum Reason {
     ClientClosed,
     /// A bug or resource problem inside the proxy.
     Internal,
+    /// The Rego policy denied the request.
+    PolicyDenied,
+    /// The policy could not be evaluated (error or timeout) and fails closed.
+    PolicyError,
 }
 
 impl Reason {
@@ -55,13 +59,18 @@ impl Reason {
             Reason::UpstreamProtocolError => "upstream-protocol-error",
             Reason::ClientClosed => "client-closed",
             Reason::Internal => "internal",
+            Reason::PolicyDenied => "policy-denied",
+            Reason::PolicyError => "policy-error",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
             Reason::NoRoute => 404,
-            Reason::ClientCertRequired | Reason::PeerIdentityInvalid => 403,
+            Reason::ClientCertRequired
+            | Reason::PeerIdentityInvalid
+            | Reason::PolicyDenied
+            | Reason::PolicyError => 403,
             Reason::BadFraming | Reason::BadRequest => 400,
             Reason::UpstreamConnectFailed
             | Reason::TlsIdentityMismatch
@@ -91,6 +100,8 @@ impl Reason {
             Reason::UpstreamProtocolError => "the upstream sent a response that is not valid HTTP",
             Reason::ClientClosed => "the caller closed the connection before the response was complete",
             Reason::Internal => "the proxy hit an internal error; see its log",
+            Reason::PolicyDenied => "the mesh policy denied this request; the reasons say why, and the security team can find the decision in the decision log by its id",
+            Reason::PolicyError => "the mesh policy could not be evaluated, and the policy set fails closed; the decision log has the error under this decision id",
         }
     }
 }
@@ -233,6 +244,8 @@ mod tests {
             Reason::UpstreamProtocolError,
             Reason::ClientClosed,
             Reason::Internal,
+            Reason::PolicyDenied,
+            Reason::PolicyError,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), all.len());

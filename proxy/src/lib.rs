@@ -15,6 +15,7 @@ pub mod health;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -2,8 +2,8 @@
 //! served on the admin listener.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the proxy exports. Cheap to clone (handles are `Arc`s).
@@ -24,6 +24,16 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// `crank_ready` (1 when /ready answers 200).
     pub ready: IntGauge,
+    /// `crank_policy_decisions_total{direction, result, mode}`.
+    pub policy_decisions: IntCounterVec,
+    /// `crank_policy_eval_seconds{direction}`.
+    pub policy_eval: HistogramVec,
+    /// `crank_policy_reloads_total{direction, result}`.
+    pub policy_reloads: IntCounterVec,
+    /// `crank_policy_revision{direction, revision}`: 1 for the running revision.
+    pub policy_revision: IntGaugeVec,
+    /// `crank_policy_decision_log_dropped_total`.
+    pub decision_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -77,6 +87,47 @@ impl Metrics {
             IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
         let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
             .expect("static metric");
+        let policy_decisions = IntCounterVec::new(
+            Opts::new(
+                "crank_policy_decisions_total",
+                "Policy decisions, by direction, result (allow, deny, error) and mode (enforce, audit)",
+            ),
+            &["direction", "result", "mode"],
+        )
+        .expect("static metric");
+        let policy_eval = HistogramVec::new(
+            HistogramOpts::new(
+                "crank_policy_eval_seconds",
+                "Time to evaluate the policy for one request",
+            )
+            .buckets(vec![
+                0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025,
+                0.1,
+            ]),
+            &["direction"],
+        )
+        .expect("static metric");
+        let policy_reloads = IntCounterVec::new(
+            Opts::new(
+                "crank_policy_reloads_total",
+                "Policy revisions applied (ok) or rejected (error), by direction",
+            ),
+            &["direction", "result"],
+        )
+        .expect("static metric");
+        let policy_revision = IntGaugeVec::new(
+            Opts::new(
+                "crank_policy_revision",
+                "1 for the policy revision each direction runs",
+            ),
+            &["direction", "revision"],
+        )
+        .expect("static metric");
+        let decision_log_dropped = IntCounter::new(
+            "crank_policy_decision_log_dropped_total",
+            "Decision log lines dropped because the writer fell behind",
+        )
+        .expect("static metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -85,6 +136,11 @@ impl Metrics {
             Box::new(proxy_errors.clone()),
             Box::new(inflight.clone()),
             Box::new(ready.clone()),
+            Box::new(policy_decisions.clone()),
+            Box::new(policy_eval.clone()),
+            Box::new(policy_reloads.clone()),
+            Box::new(policy_revision.clone()),
+            Box::new(decision_log_dropped.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -97,6 +153,11 @@ impl Metrics {
             proxy_errors,
             inflight,
             ready,
+            policy_decisions,
+            policy_eval,
+            policy_reloads,
+            policy_revision,
+            decision_log_dropped,
         }
     }
 

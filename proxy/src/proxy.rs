@@ -19,6 +19,7 @@ use crate::framing;
 use crate::health::InflightGuard;
 use crate::identity::{ConnAuth, PeerAuth, PeerIdentity};
 use crate::metrics::status_class;
+use crate::policy::{new_decision_id, trace_id, PolicyHandle};
 use crate::routing::Route;
 use crate::state::Shared;
 
@@ -27,6 +28,12 @@ use crate::state::Shared;
 pub const CLIENT_ID_HEADER: &str = "x-crank-client-id";
 /// Header naming why the proxy answered by itself.
 pub const ERROR_HEADER: &str = "x-crank-error";
+/// Header carrying the capability a route reaches, from the caller's
+/// outbound sidecar to the peer's inbound sidecar (policy input). The
+/// outbound sidecar always replaces what the app sent.
+pub const CAPABILITY_HEADER: &str = "x-crank-capability";
+/// Header naming the policy decision behind a 403.
+pub const DECISION_HEADER: &str = "x-crank-decision-id";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -61,6 +68,8 @@ pub struct Ctx {
     /// Whether the upstream connection was new (not from the pool).
     fresh_upstream: bool,
     reason: Option<Reason>,
+    /// The policy decision: id and result, for the access log.
+    policy: Option<(String, &'static str)>,
     _inflight: InflightGuard,
 }
 
@@ -86,6 +95,7 @@ impl ProxyHttp for MeshProxy {
             upstream: None,
             fresh_upstream: false,
             reason: None,
+            policy: None,
             _inflight: self.shared.health.track(),
         }
     }
@@ -126,6 +136,11 @@ impl ProxyHttp for MeshProxy {
                         return Ok(true);
                     }
                 }
+            }
+        }
+        if let Some(handle) = self.shared.policies.for_direction(self.direction) {
+            if !self.check_policy(session, ctx, handle).await {
+                return Ok(true);
             }
         }
         Ok(false)
@@ -187,7 +202,13 @@ impl ProxyHttp for MeshProxy {
                     req.insert_header(CLIENT_ID_HEADER, peer.spiffe_id.as_str())?;
                 }
             }
-            Direction::Outbound => to_origin_form(req)?,
+            Direction::Outbound => {
+                to_origin_form(req)?;
+                req.remove_header(CAPABILITY_HEADER);
+                if let Some(cap) = ctx.route.as_ref().and_then(|r| r.capability.as_deref()) {
+                    req.insert_header(CAPABILITY_HEADER, cap)?;
+                }
+            }
         }
         Ok(())
     }
@@ -255,6 +276,8 @@ impl ProxyHttp for MeshProxy {
                 upstream = ctx.upstream.map(|a| a.to_string()),
                 peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
                 crank_error = ctx.reason.map(|r| r.as_str()),
+                policy = ctx.policy.as_ref().map(|p| p.1),
+                decision_id = ctx.policy.as_ref().map(|p| p.0.as_str()),
                 error = e.map(|e| e.to_string()),
             );
         }
@@ -262,6 +285,166 @@ impl ProxyHttp for MeshProxy {
 }
 
 impl MeshProxy {
+    /// Evaluates the direction's policy set. Returns false when the request
+    /// was refused (and answered).
+    async fn check_policy(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        handle: &PolicyHandle,
+    ) -> bool {
+        let facts = self.request_facts(session, ctx);
+        let traceparent = session
+            .req_header()
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id)
+            .map(str::to_string);
+        let checked = self.shared.policies.check(
+            handle,
+            &facts,
+            traceparent.as_deref(),
+            &self.shared.metrics,
+        );
+        let d = &checked.decision;
+        let label = match (d.outcome, d.permitted) {
+            (crank_policy::Outcome::Allow, _) => "allow",
+            (crank_policy::Outcome::Deny, false) => "deny",
+            (crank_policy::Outcome::Deny, true) => "audit-deny",
+            (crank_policy::Outcome::Error, false) => "error",
+            (crank_policy::Outcome::Error, true) => "error-allowed",
+        };
+        ctx.policy = Some((facts.id.clone(), label));
+        if d.permitted {
+            return true;
+        }
+        let reason = match d.outcome {
+            crank_policy::Outcome::Error => Reason::PolicyError,
+            _ => Reason::PolicyDenied,
+        };
+        let reasons: Vec<&str> = match d.outcome {
+            // The error itself (a timeout, a conflict in a rule) is for the
+            // decision log, not for the caller.
+            crank_policy::Outcome::Error => vec!["policy evaluation failed"],
+            _ => d.reasons.iter().map(String::as_str).collect(),
+        };
+        tracing::warn!(
+            direction = self.direction.as_str(),
+            reason = reason.as_str(),
+            decision_id = %facts.id,
+            revision = %checked.revision,
+            "refused request by policy"
+        );
+        let body = serde_json::json!({
+            "error": reason.as_str(),
+            "message": reason.advice(),
+            "decision_id": facts.id,
+            "revision": checked.revision,
+            "reasons": reasons,
+            "trace_id": traceparent,
+        });
+        let mut body = serde_json::to_vec(&body).unwrap_or_default();
+        body.push(b'\n');
+        self.respond_with(
+            session,
+            ctx,
+            reason,
+            "application/json",
+            body,
+            &[(DECISION_HEADER, facts.id.as_str())],
+        )
+        .await;
+        false
+    }
+
+    /// What the policy input is built from.
+    fn request_facts(&self, session: &Session, ctx: &Ctx) -> crank_policy::RequestFacts {
+        let req = session.req_header();
+        let own = &self.shared.tls.identity;
+        let me = crank_policy::Workload {
+            spiffe_id: own.spiffe_id(),
+            service: own.service.clone(),
+            tenant: own.tenant.clone(),
+            trust_domain: own.trust_domain.clone(),
+        };
+        let header = |name: &str| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (source, destination, capability, route) = match self.direction {
+            Direction::Inbound => (
+                ctx.peer.as_ref().map(|p| crank_policy::Workload {
+                    spiffe_id: p.spiffe_id.clone(),
+                    service: p.service.clone(),
+                    tenant: p.tenant.clone(),
+                    trust_domain: p.trust_domain.clone(),
+                }),
+                me,
+                header(CAPABILITY_HEADER).or_else(|| {
+                    self.shared
+                        .config
+                        .load()
+                        .inbound
+                        .as_ref()
+                        .and_then(|i| i.capability.clone())
+                }),
+                None,
+            ),
+            Direction::Outbound => (
+                Some(me),
+                crank_policy::Workload::default(),
+                ctx.route.as_ref().and_then(|r| r.capability.clone()),
+                ctx.route.as_ref().map(|r| r.name.clone()),
+            ),
+        };
+        let path_and_query = match split_absolute(req.raw_path()) {
+            Some((_, _, pq)) if pq.starts_with('/') => pq.to_string(),
+            Some((_, _, pq)) => format!("/{pq}"),
+            None => String::from_utf8_lossy(req.raw_path()).into_owned(),
+        };
+        crank_policy::RequestFacts {
+            direction: self.direction.as_str(),
+            source,
+            source_address: session
+                .as_downstream()
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .copied(),
+            destination,
+            capability,
+            route,
+            method: req.method.as_str().to_string(),
+            path_and_query,
+            host: request_authority(req),
+            scheme: match self.direction {
+                Direction::Inbound => "https".into(),
+                Direction::Outbound => "http".into(),
+            },
+            protocol: match req.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }
+            .into(),
+            headers: req
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body_size: header("content-length").and_then(|v| v.trim().parse().ok()),
+            time: std::time::SystemTime::now(),
+            id: new_decision_id(),
+        }
+    }
+
     /// Refuses a request before it reaches any upstream.
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
         tracing::warn!(
@@ -282,22 +465,45 @@ impl MeshProxy {
     /// Writes the proxy's own response: status, `x-crank-error`, and a body
     /// saying what happened and what to do.
     async fn respond(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
+        let body = if detail.is_empty() {
+            format!("{}: {}\n", reason.as_str(), reason.advice())
+        } else {
+            format!("{}: {} ({detail})\n", reason.as_str(), reason.advice())
+        };
+        self.respond_with(
+            session,
+            ctx,
+            reason,
+            "text/plain; charset=utf-8",
+            body.into_bytes(),
+            &[],
+        )
+        .await;
+    }
+
+    async fn respond_with(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        reason: Reason,
+        content_type: &str,
+        body: Vec<u8>,
+        extra: &[(&'static str, &str)],
+    ) {
         ctx.reason = Some(reason);
         self.shared
             .metrics
             .proxy_errors
             .with_label_values(&[self.direction.as_str(), reason.as_str()])
             .inc();
-        let body = if detail.is_empty() {
-            format!("{}: {}\n", reason.as_str(), reason.advice())
-        } else {
-            format!("{}: {} ({detail})\n", reason.as_str(), reason.advice())
-        };
-        let Ok(mut resp) = ResponseHeader::build(reason.status(), Some(4)) else {
+        let Ok(mut resp) = ResponseHeader::build(reason.status(), Some(4 + extra.len())) else {
             return;
         };
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
-        let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+        for (k, v) in extra {
+            let _ = resp.insert_header(*k, *v);
+        }
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, content_type);
         let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
         if session
             .write_response_header(Box::new(resp), false)

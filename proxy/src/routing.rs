@@ -14,6 +14,8 @@ use crank_certs::Identity;
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
+    /// The capability this route reaches, sent to the peer in `x-crank-capability`.
+    pub capability: Option<String>,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
 }
@@ -70,6 +72,7 @@ impl RouteTable {
                 .collect();
             t.routes.push(Arc::new(Route {
                 name: r.name.clone(),
+                capability: r.capability.clone(),
                 endpoints,
                 next: AtomicUsize::new(0),
             }));

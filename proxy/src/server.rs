@@ -18,6 +18,7 @@ use crate::drain::DrainSignal;
 use crate::health::Health;
 use crate::identity::{PlaintextGuard, WorkloadTls};
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::proxy::{Direction, MeshProxy};
 use crate::routing::RouteTable;
 use crate::state::Shared;
@@ -30,6 +31,9 @@ pub fn check(path: &Path) -> anyhow::Result<crank_api::proxy::ProxyConfig> {
     let base = path.parent().unwrap_or(Path::new("."));
     WorkloadTls::load(&cfg.identity, base, &Metrics::new())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(p) = &cfg.policy {
+        Policies::load(p, base).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     Ok(cfg)
 }
 
@@ -49,6 +53,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let tls = WorkloadTls::load(&cfg.identity, base, &metrics)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     warn_if_expired(&tls);
+    let policies = match &cfg.policy {
+        Some(p) => Policies::start(p, base, &metrics)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        None => Policies::none(),
+    };
     tracing::info!(identity = %tls.identity, "loaded workload identity");
 
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
@@ -58,6 +67,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         health: health.clone(),
         access_log: cfg.access_log,
+        policies,
         config: ArcSwap::from_pointee(cfg.clone()),
     });
 

@@ -8,6 +8,7 @@ use crank_api::proxy::ProxyConfig;
 use crate::health::Health;
 use crate::identity::WorkloadTls;
 use crate::metrics::Metrics;
+use crate::policy::Policies;
 use crate::routing::RouteTable;
 
 pub struct Shared {
@@ -17,6 +18,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub health: Arc<Health>,
     pub access_log: bool,
+    pub policies: Policies,
 }
 
 impl Shared {
@@ -42,8 +44,38 @@ impl Shared {
                 "serial": t.summary.serial,
             },
             "routes": self.routes.load().names(),
+            "policy": self.policy_dump(),
             "ready": self.health.is_ready(),
         });
         serde_json::to_vec_pretty(&dump).unwrap_or_default()
+    }
+
+    /// Each direction's running policy revision, and the last rejected change.
+    fn policy_dump(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for h in self
+            .policies
+            .inbound
+            .iter()
+            .chain(self.policies.outbound.iter())
+        {
+            let set = h.current();
+            out.insert(
+                h.direction.as_str().into(),
+                serde_json::json!({
+                    "dir": h.dir.display().to_string(),
+                    "revision": set.revision(),
+                    "mode": set.manifest().mode.as_str(),
+                    "failure_mode": format!("{:?}", set.manifest().failure_mode).to_lowercase(),
+                    "input": format!("{:?}", set.manifest().input).to_lowercase(),
+                    "entrypoints": {"allow": set.entrypoints().allow, "deny": set.entrypoints().deny},
+                    "files": set.files(),
+                    "engine": set.engine(),
+                    "vm_fallback": set.vm_fallback(),
+                    "last_rejected_change": h.last_error(),
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
     }
 }

@@ -34,6 +34,76 @@ pub struct ProxyConfig {
     /// JSON access log line per request on stderr. Default true.
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// Rego policy sets evaluated on each request (inbound, and optionally
+    /// outbound for egress). Absent: no policy check.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy set checked on requests from peer sidecars.
+    #[serde(default)]
+    pub inbound: Option<PolicySource>,
+    /// The policy set checked on requests from the local app (egress).
+    #[serde(default)]
+    pub outbound: Option<PolicySource>,
+    /// How often the policy directories are checked for a new revision.
+    /// Default 1s.
+    #[serde(default = "default_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    #[serde(default)]
+    pub decision_log: DecisionLogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySource {
+    /// A directory of `.rego` files, `*_test.rego` tests, `data.yaml` and an
+    /// optional `policy.yaml` (mode, failure mode, input shape, entry points).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogConfig {
+    /// Write decision log lines at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `-` for stdout (default), or a file path.
+    #[serde(default = "default_decision_log_path")]
+    pub path: PathBuf,
+    /// A file is rotated when it would pass this size. Default 50 MiB.
+    #[serde(default = "default_decision_log_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` … `FILE.N`). Default 3.
+    #[serde(default = "default_decision_log_keep")]
+    pub keep: u32,
+}
+
+impl Default for DecisionLogConfig {
+    fn default() -> Self {
+        DecisionLogConfig {
+            enabled: true,
+            path: default_decision_log_path(),
+            max_bytes: default_decision_log_bytes(),
+            keep: default_decision_log_keep(),
+        }
+    }
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_decision_log_path() -> PathBuf {
+    PathBuf::from("-")
+}
+fn default_decision_log_bytes() -> u64 {
+    50 << 20
+}
+fn default_decision_log_keep() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +127,11 @@ pub struct InboundConfig {
     /// How to speak to the app. Default `auto`: h2c for gRPC, HTTP/1.1 otherwise.
     #[serde(default)]
     pub app_protocol: AppProtocol,
+    /// The capability this app serves when the caller's sidecar does not
+    /// name one (`x-crank-capability`); used as `destination.capability` in
+    /// policy input.
+    #[serde(default)]
+    pub capability: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,6 +175,11 @@ pub struct RouteConfig {
     pub hosts: Vec<String>,
     /// Peer sidecars serving this route.
     pub endpoints: Vec<EndpointConfig>,
+    /// The capability this route reaches (`transcode:v1`). The outbound
+    /// sidecar sends it to the peer in `x-crank-capability`; the peer's
+    /// policy sees it as `destination.capability`.
+    #[serde(default)]
+    pub capability: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,6 +39,20 @@ pub struct Manifest {
     pub timeout: Duration,
     #[serde(default)]
     pub decision_log: DecisionLogSettings,
+    /// `auto` (default): regorus's compiled VM (RVM) when the policy
+    /// compiles for it, else the tree-walking interpreter. `rvm` requires
+    /// the VM; `interpreter` never uses it.
+    #[serde(default)]
+    pub engine: EngineChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    #[default]
+    Auto,
+    Rvm,
+    Interpreter,
 }
 
 impl Default for Manifest {
@@ -51,6 +65,7 @@ impl Default for Manifest {
             headers: default_headers(),
             timeout: default_timeout(),
             decision_log: DecisionLogSettings::default(),
+            engine: EngineChoice::default(),
         }
     }
 }

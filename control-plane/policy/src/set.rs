@@ -8,15 +8,18 @@
 use std::cell::RefCell;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use regorus::languages::rego::compiler::Compiler;
+use regorus::rvm::program::Program;
+use regorus::rvm::vm::RegoVM;
 use regorus::utils::limits::ExecutionTimerConfig;
-use regorus::Engine;
+use regorus::{CompiledPolicy, Engine};
 use serde_json::Value as Json;
 
 use crate::bundle::Bundle;
-use crate::manifest::{Entrypoints, FailureMode, Manifest, Mode};
+use crate::manifest::{EngineChoice, Entrypoints, FailureMode, Manifest, Mode};
 use crate::PolicyError;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -26,7 +29,26 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const ENGINES_PER_THREAD: usize = 4;
 
 thread_local! {
-    static ENGINES: RefCell<Vec<(u64, Engine)>> = const { RefCell::new(Vec::new()) };
+    static ENGINES: RefCell<Vec<(u64, Local)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How a set is evaluated.
+enum Backend {
+    /// regorus's register VM: the policy compiled to a program once.
+    Vm {
+        compiled: CompiledPolicy,
+        program: Arc<Program>,
+        data: regorus::Value,
+        timer: ExecutionTimerConfig,
+    },
+    /// The tree-walking interpreter, for policies the VM cannot compile.
+    Interpreter(Mutex<Engine>),
+}
+
+/// A thread's own evaluator for one set.
+enum Local {
+    Vm(Box<RegoVM>),
+    Interpreter(Box<Engine>),
 }
 
 /// A compiled, ready-to-evaluate policy set.
@@ -36,7 +58,9 @@ pub struct PolicySet {
     manifest: Manifest,
     entrypoints: Entrypoints,
     files: Vec<String>,
-    template: Mutex<Engine>,
+    backend: Backend,
+    /// Why the VM was not used, when it was not.
+    vm_fallback: Option<String>,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -94,10 +118,11 @@ impl PolicySet {
             return Err(PolicyError::NoPolicies(bundle.dir.clone()));
         }
         let mut engine = new_engine(bundle)?;
-        engine.set_execution_timer_config(ExecutionTimerConfig {
+        let timer = ExecutionTimerConfig {
             limit: bundle.manifest.timeout,
             check_interval: NonZeroU32::new(32).expect("non-zero"),
-        });
+        };
+        engine.set_execution_timer_config(timer);
         let explicit = bundle.manifest.entrypoints.is_some();
         let mut entrypoints = bundle
             .manifest
@@ -107,18 +132,21 @@ impl PolicySet {
         // Prepare the engine now (analysis, rule gathering) and prove the
         // entry points exist, so the first request pays nothing.
         // compile_with_entrypoint prepares without evaluating anything.
-        if let Err(e) = engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
-            return Err(PolicyError::Entrypoint {
-                rule: entrypoints.allow.clone(),
-                message: first_line(&e.to_string()),
-            });
-        }
+        let compiled = match engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(PolicyError::Entrypoint {
+                    rule: entrypoints.allow.clone(),
+                    message: one_line(&e.to_string()),
+                })
+            }
+        };
         if let Some(deny) = entrypoints.deny.clone() {
             if let Err(e) = engine.compile_with_entrypoint(&deny.as_str().into()) {
                 if explicit {
                     return Err(PolicyError::Entrypoint {
                         rule: deny,
-                        message: first_line(&e.to_string()),
+                        message: one_line(&e.to_string()),
                     });
                 }
                 // The default deny rule is optional: a policy may use allow only.
@@ -126,13 +154,39 @@ impl PolicySet {
             }
         }
         engine.set_gather_prints(false);
+        let data = regorus::Value::from(bundle.data.clone());
+        let vm = match bundle.manifest.engine {
+            EngineChoice::Interpreter => Err("engine: interpreter in policy.yaml".to_string()),
+            _ => compile_vm(&compiled, &entrypoints, &data),
+        };
+        let (backend, vm_fallback) = match vm {
+            Ok(program) => (
+                Backend::Vm {
+                    compiled,
+                    program,
+                    data,
+                    timer,
+                },
+                None,
+            ),
+            Err(e) if bundle.manifest.engine == EngineChoice::Rvm => {
+                return Err(PolicyError::Entrypoint {
+                    rule: entrypoints.allow.clone(),
+                    message: format!(
+                        "engine: rvm was asked for, but the VM cannot compile this policy: {e}"
+                    ),
+                })
+            }
+            Err(e) => (Backend::Interpreter(Mutex::new(engine)), Some(e)),
+        };
         Ok(PolicySet {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             revision: bundle.revision.clone(),
             manifest: bundle.manifest.clone(),
             entrypoints,
             files: bundle.modules.iter().map(|m| m.name.clone()).collect(),
-            template: Mutex::new(engine),
+            backend,
+            vm_fallback,
         })
     }
 
@@ -152,19 +206,48 @@ impl PolicySet {
         &self.files
     }
 
+    /// `rvm` or `interpreter`.
+    pub fn engine(&self) -> &'static str {
+        match self.backend {
+            Backend::Vm { .. } => "rvm",
+            Backend::Interpreter(_) => "interpreter",
+        }
+    }
+
+    /// Why the VM is not used for this set (`engine: auto` fell back).
+    pub fn vm_fallback(&self) -> Option<&str> {
+        self.vm_fallback.as_deref()
+    }
+
     /// Evaluates one input document and applies mode and failure mode.
     pub fn decide(&self, input: &Json) -> Decision {
         let start = Instant::now();
-        let raw = self.with_engine(|engine| {
-            engine.set_input(regorus::Value::from(input.clone()));
-            let allow = engine
-                .eval_rule(self.entrypoints.allow.clone())
-                .map_err(|e| e.to_string())?;
-            let deny = match &self.entrypoints.deny {
-                Some(rule) => engine.eval_rule(rule.clone()).map_err(|e| e.to_string())?,
-                None => regorus::Value::Undefined,
-            };
-            Ok::<_, String>((allow, deny))
+        let value = regorus::Value::from(input.clone());
+        let raw = self.with_local(|local| match local {
+            Local::Vm(vm) => {
+                vm.set_input(value);
+                let allow = vm
+                    .execute_entry_point_by_name(&self.entrypoints.allow)
+                    .map_err(|e| e.to_string())?;
+                let deny = match &self.entrypoints.deny {
+                    Some(rule) => vm
+                        .execute_entry_point_by_name(rule)
+                        .map_err(|e| e.to_string())?,
+                    None => regorus::Value::Undefined,
+                };
+                Ok::<_, String>((allow, deny))
+            }
+            Local::Interpreter(engine) => {
+                engine.set_input(value);
+                let allow = engine
+                    .eval_rule(self.entrypoints.allow.clone())
+                    .map_err(|e| e.to_string())?;
+                let deny = match &self.entrypoints.deny {
+                    Some(rule) => engine.eval_rule(rule.clone()).map_err(|e| e.to_string())?,
+                    None => regorus::Value::Undefined,
+                };
+                Ok((allow, deny))
+            }
         });
         let elapsed = start.elapsed();
         let (outcome, reasons, error) =
@@ -172,7 +255,7 @@ impl PolicySet {
                 Ok((true, _)) => (Outcome::Allow, Vec::new(), None),
                 Ok((false, reasons)) => (Outcome::Deny, reasons, None),
                 Err(e) => {
-                    let e = first_line(&e);
+                    let e = one_line(&e);
                     (
                         Outcome::Error,
                         vec![format!("policy evaluation failed: {e}")],
@@ -194,19 +277,37 @@ impl PolicySet {
         }
     }
 
-    /// Runs `f` with this thread's engine for this set, cloning the prepared
-    /// template the first time a thread sees the set.
-    fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+    /// A fresh evaluator for this thread.
+    fn new_local(&self) -> Local {
+        match &self.backend {
+            Backend::Vm {
+                compiled,
+                program,
+                data,
+                timer,
+            } => {
+                let mut vm = RegoVM::new_with_policy(compiled.clone());
+                vm.load_program(program.clone());
+                // Checked once in compile_vm; cannot fail here.
+                let _ = vm.set_data(data.clone());
+                vm.set_execution_timer_config(Some(*timer));
+                Local::Vm(Box::new(vm))
+            }
+            Backend::Interpreter(template) => Local::Interpreter(Box::new(
+                template.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            )),
+        }
+    }
+
+    /// Runs `f` with this thread's evaluator for this set, made the first
+    /// time a thread sees the set.
+    fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
         ENGINES.with(|cell| {
             let mut engines = cell.borrow_mut();
             let pos = match engines.iter().position(|(id, _)| *id == self.id) {
                 Some(pos) => pos,
                 None => {
-                    let engine = self
-                        .template
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
+                    let engine = self.new_local();
                     if engines.len() >= ENGINES_PER_THREAD {
                         // The lowest id is the oldest revision.
                         let oldest = engines
@@ -224,6 +325,24 @@ impl PolicySet {
             f(&mut engines[pos].1)
         })
     }
+}
+
+/// Compiles the entry points into one VM program and checks the data
+/// against it.
+fn compile_vm(
+    compiled: &CompiledPolicy,
+    entry: &Entrypoints,
+    data: &regorus::Value,
+) -> Result<Arc<Program>, String> {
+    let mut points = vec![entry.allow.as_str()];
+    points.extend(entry.deny.as_deref());
+    let program =
+        Compiler::compile_from_policy(compiled, &points).map_err(|e| one_line(&e.to_string()))?;
+    let mut vm = RegoVM::new_with_policy(compiled.clone());
+    vm.load_program(program.clone());
+    vm.set_data(data.clone())
+        .map_err(|e| one_line(&e.to_string()))?;
+    Ok(program)
 }
 
 /// Builds an engine with every module and the data document of a bundle.
@@ -341,8 +460,12 @@ fn type_name(v: &Json) -> &'static str {
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or("").trim().to_string()
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -350,14 +473,57 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn set(files: &[(&str, &str)]) -> Result<PolicySet, PolicyError> {
+    /// Both evaluators must decide the same way.
+    const ENGINES: [&str; 2] = ["rvm", "interpreter"];
+
+    fn set_with(files: &[(&str, &str)], engine: &str) -> Result<PolicySet, PolicyError> {
         let dir = tempfile::tempdir().unwrap();
+        let mut manifest = format!("engine: {engine}\n");
         for (name, text) in files {
+            if *name == "policy.yaml" {
+                manifest.push_str(text);
+                continue;
+            }
             let p = dir.path().join(name);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, text).unwrap();
         }
+        std::fs::write(dir.path().join("policy.yaml"), manifest).unwrap();
+        let set = PolicySet::load(dir.path())?;
+        assert_eq!(set.engine(), engine, "{:?}", set.vm_fallback());
+        Ok(set)
+    }
+
+    fn set(files: &[(&str, &str)]) -> Result<PolicySet, PolicyError> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         PolicySet::load(dir.path())
+    }
+
+    #[test]
+    fn auto_uses_the_vm_and_falls_back_to_the_interpreter() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.rego"), AUTHZ).unwrap();
+        std::fs::write(dir.path().join("data.yaml"), "roles: {}").unwrap();
+        assert_eq!(PolicySet::load(dir.path()).unwrap().engine(), "rvm");
+        // The VM refuses direct access to the data root; the interpreter runs it.
+        std::fs::write(
+            dir.path().join("b.rego"),
+            "package crank.authz\ndeny contains \"x\" if object.get(data, \"nope\", false)\n",
+        )
+        .unwrap();
+        let s = PolicySet::load(dir.path()).unwrap();
+        assert_eq!(s.engine(), "interpreter");
+        assert!(
+            s.vm_fallback().unwrap().contains("data"),
+            "{:?}",
+            s.vm_fallback()
+        );
+        std::fs::write(dir.path().join("policy.yaml"), "engine: rvm\n").unwrap();
+        let e = PolicySet::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("engine: rvm"), "{e}");
     }
 
     const AUTHZ: &str = r#"
@@ -378,36 +544,46 @@ deny contains sprintf("tenant %s may not call %s", [input.source.tenant, input.d
 
     #[test]
     fn allow_and_deny_with_reasons_from_the_deny_set() {
-        let s = set(&[
-            ("authz.rego", AUTHZ),
-            ("data.yaml", "roles: {acme: [media], evil: []}"),
-        ])
-        .unwrap();
-        let d = s.decide(&input("acme", "GET"));
-        assert_eq!((d.outcome, d.permitted), (Outcome::Allow, true), "{d:?}");
-        let d = s.decide(&input("evil", "DELETE"));
-        assert_eq!((d.outcome, d.permitted), (Outcome::Deny, false));
-        assert_eq!(
-            d.reasons,
-            vec![
-                "method not allowed",
-                "tenant evil may not call transcode:v1"
-            ]
-        );
-        // The engine cache must not leak one input's result into the next.
-        assert_eq!(s.decide(&input("acme", "POST")).outcome, Outcome::Allow);
+        for engine in ENGINES {
+            let s = set_with(
+                &[
+                    ("authz.rego", AUTHZ),
+                    ("data.yaml", "roles: {acme: [media], evil: []}"),
+                ],
+                engine,
+            )
+            .unwrap();
+            let d = s.decide(&input("acme", "GET"));
+            assert_eq!((d.outcome, d.permitted), (Outcome::Allow, true), "{d:?}");
+            let d = s.decide(&input("evil", "DELETE"));
+            assert_eq!((d.outcome, d.permitted), (Outcome::Deny, false));
+            assert_eq!(
+                d.reasons,
+                vec![
+                    "method not allowed",
+                    "tenant evil may not call transcode:v1"
+                ]
+            );
+            // The engine cache must not leak one input's result into the next.
+            assert_eq!(s.decide(&input("acme", "POST")).outcome, Outcome::Allow);
+        }
     }
 
     #[test]
     fn audit_mode_permits_a_denial_but_reports_it() {
-        let s = set(&[
-            ("authz.rego", AUTHZ),
-            ("data.yaml", "roles: {}"),
-            ("policy.yaml", "mode: audit"),
-        ])
-        .unwrap();
-        let d = s.decide(&input("evil", "GET"));
-        assert_eq!((d.outcome, d.permitted), (Outcome::Deny, true));
+        for engine in ENGINES {
+            let s = set_with(
+                &[
+                    ("authz.rego", AUTHZ),
+                    ("data.yaml", "roles: {}"),
+                    ("policy.yaml", "mode: audit"),
+                ],
+                engine,
+            )
+            .unwrap();
+            let d = s.decide(&input("evil", "GET"));
+            assert_eq!((d.outcome, d.permitted), (Outcome::Deny, true));
+        }
     }
 
     const CONFLICT: &str = r#"
@@ -422,35 +598,60 @@ allow if size > 0
 
     #[test]
     fn an_evaluation_error_fails_closed_unless_configured_open() {
-        let s = set(&[("authz.rego", CONFLICT)]).unwrap();
-        let boom = json!({"request": {"method": "GET", "path": "/boom"}});
-        let d = s.decide(&boom);
-        assert_eq!((d.outcome, d.permitted), (Outcome::Error, false), "{d:?}");
-        assert!(d.error.is_some());
-        let ok = s.decide(&json!({"request": {"method": "GET", "path": "/"}}));
-        assert_eq!(ok.outcome, Outcome::Allow);
+        // Conflicting values for one complete rule are an evaluation error in
+        // OPA and in regorus's interpreter. The RVM (0.14) takes one value
+        // instead: a known difference, documented in the security guide.
+        for engine in ["interpreter"] {
+            let s = set_with(&[("authz.rego", CONFLICT)], engine).unwrap();
+            let boom = json!({"request": {"method": "GET", "path": "/boom"}});
+            let d = s.decide(&boom);
+            assert_eq!((d.outcome, d.permitted), (Outcome::Error, false), "{d:?}");
+            assert!(d.error.is_some());
+            let ok = s.decide(&json!({"request": {"method": "GET", "path": "/"}}));
+            assert_eq!(ok.outcome, Outcome::Allow);
 
-        let s = set(&[
-            ("authz.rego", CONFLICT),
-            ("policy.yaml", "failure_mode: open"),
-        ])
-        .unwrap();
-        let d = s.decide(&boom);
-        assert_eq!((d.outcome, d.permitted), (Outcome::Error, true));
+            let s = set_with(
+                &[
+                    ("authz.rego", CONFLICT),
+                    ("policy.yaml", "failure_mode: open"),
+                ],
+                engine,
+            )
+            .unwrap();
+            let d = s.decide(&boom);
+            assert_eq!((d.outcome, d.permitted), (Outcome::Error, true));
+        }
     }
 
     #[test]
     fn a_slow_policy_times_out_and_counts_as_an_error() {
-        let slow = r#"
+        for engine in ENGINES {
+            let slow = r#"
 package crank.authz
 default allow := false
 allow if count([x | some x in numbers.range(1, 3000000); x % 7 == 0]) > 0
 "#;
-        let s = set(&[("authz.rego", slow), ("policy.yaml", "timeout: 5ms")]);
-        let s = s.unwrap();
-        let d = s.decide(&json!({}));
-        assert_eq!(d.outcome, Outcome::Error, "{d:?}");
-        assert!(!d.permitted);
+            let s = set_with(
+                &[("authz.rego", slow), ("policy.yaml", "timeout: 5ms")],
+                engine,
+            );
+            let s = s.unwrap();
+            let d = s.decide(&json!({}));
+            assert_eq!(d.outcome, Outcome::Error, "{d:?}");
+            assert!(!d.permitted);
+            assert!(d.error.unwrap().contains("time limit"));
+
+            let s = set_with(
+                &[
+                    ("authz.rego", slow),
+                    ("policy.yaml", "timeout: 5ms\nfailure_mode: open"),
+                ],
+                engine,
+            )
+            .unwrap();
+            let d = s.decide(&json!({}));
+            assert_eq!((d.outcome, d.permitted), (Outcome::Error, true));
+        }
     }
 
     #[test]
@@ -477,55 +678,65 @@ allow if count([x | some x in numbers.range(1, 3000000); x % 7 == 0]) > 0
 
     #[test]
     fn envoy_shape_accepts_an_object_result() {
-        let s = set(&[
-            (
-                "envoy.rego",
-                r#"
+        for engine in ENGINES {
+            let s = set_with(
+                &[
+                    (
+                        "envoy.rego",
+                        r#"
 package envoy.authz
 default allow := {"allowed": false, "body": "only GET"}
 allow := {"allowed": true} if input.attributes.request.http.method == "GET"
 "#,
-            ),
-            ("policy.yaml", "input: envoy"),
-        ])
-        .unwrap();
-        let get = json!({"attributes": {"request": {"http": {"method": "GET"}}}});
-        let post = json!({"attributes": {"request": {"http": {"method": "POST"}}}});
-        assert_eq!(s.decide(&get).outcome, Outcome::Allow);
-        let d = s.decide(&post);
-        assert_eq!(d.outcome, Outcome::Deny);
-        assert_eq!(d.reasons, vec!["only GET"]);
+                    ),
+                    ("policy.yaml", "input: envoy"),
+                ],
+                engine,
+            )
+            .unwrap();
+            let get = json!({"attributes": {"request": {"http": {"method": "GET"}}}});
+            let post = json!({"attributes": {"request": {"http": {"method": "POST"}}}});
+            assert_eq!(s.decide(&get).outcome, Outcome::Allow);
+            let d = s.decide(&post);
+            assert_eq!(d.outcome, Outcome::Deny);
+            assert_eq!(d.reasons, vec!["only GET"]);
+        }
     }
 
     #[test]
     fn policy_set_is_shared_across_threads() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        assert_send_sync::<PolicySet>();
-        let s = std::sync::Arc::new(
-            set(&[
-                ("authz.rego", AUTHZ),
-                ("data.yaml", "roles: {acme: [media]}"),
-            ])
-            .unwrap(),
-        );
-        let handles: Vec<_> = (0..4)
-            .map(|i| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let tenant = if i % 2 == 0 { "acme" } else { "evil" };
-                    (0..50)
-                        .map(|_| s.decide(&input(tenant, "GET")).outcome)
-                        .collect::<Vec<_>>()
+        for engine in ENGINES {
+            fn assert_send_sync<T: Send + Sync>() {}
+            assert_send_sync::<PolicySet>();
+            let s = std::sync::Arc::new(
+                set_with(
+                    &[
+                        ("authz.rego", AUTHZ),
+                        ("data.yaml", "roles: {acme: [media]}"),
+                    ],
+                    engine,
+                )
+                .unwrap(),
+            );
+            let handles: Vec<_> = (0..4)
+                .map(|i| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        let tenant = if i % 2 == 0 { "acme" } else { "evil" };
+                        (0..50)
+                            .map(|_| s.decide(&input(tenant, "GET")).outcome)
+                            .collect::<Vec<_>>()
+                    })
                 })
-            })
-            .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            let want = if i % 2 == 0 {
-                Outcome::Allow
-            } else {
-                Outcome::Deny
-            };
-            assert!(h.join().unwrap().iter().all(|o| *o == want));
+                .collect();
+            for (i, h) in handles.into_iter().enumerate() {
+                let want = if i % 2 == 0 {
+                    Outcome::Allow
+                } else {
+                    Outcome::Deny
+                };
+                assert!(h.join().unwrap().iter().all(|o| *o == want));
+            }
         }
     }
 }

@@ -1,0 +1,449 @@
+//! Rego policy on the request path: the compiled set per direction (swapped
+//! atomically on a new revision), the decision, its metrics and its log line.
+//!
+//! Loading and evaluation live in `crank-policy`; this module adds what only
+//! a running proxy has: hot reload, metrics and the decision log.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use crank_api::proxy::{DecisionLogConfig, PolicyConfig};
+use crank_policy::input::{self, RequestFacts};
+use crank_policy::{Bundle, Decision, PolicySet};
+
+use crate::metrics::Metrics;
+use crate::proxy::Direction;
+
+/// Lines queued for the decision log writer before new ones are dropped
+/// (and counted): the request path never waits on the disk.
+const LOG_QUEUE: usize = 16 * 1024;
+
+/// One direction's policy set, kept current by the reloader.
+pub struct PolicyHandle {
+    pub direction: Direction,
+    pub dir: PathBuf,
+    set: ArcSwap<PolicySet>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl PolicyHandle {
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.set.load_full()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Reads the directory; compiles and swaps in a new revision. A bundle
+    /// that does not read or compile changes nothing: the running revision
+    /// keeps serving.
+    fn reload(&self, metrics: &Metrics) {
+        let dir = self.direction.as_str();
+        let result = Bundle::read(&self.dir).and_then(|b| {
+            if b.revision == self.set.load().revision() {
+                return Ok(None);
+            }
+            PolicySet::compile(&b).map(Some)
+        });
+        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(None) => {}
+            Ok(Some(set)) => {
+                let old = self.set.load().revision().to_string();
+                metrics
+                    .policy_revision
+                    .with_label_values(&[dir, &old])
+                    .set(0);
+                metrics
+                    .policy_revision
+                    .with_label_values(&[dir, set.revision()])
+                    .set(1);
+                metrics.policy_reloads.with_label_values(&[dir, "ok"]).inc();
+                tracing::info!(direction = dir, from = %old, to = %set.revision(), mode = set.manifest().mode.as_str(), "applied a new policy revision");
+                self.set.store(Arc::new(set));
+                *last = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last.as_deref() != Some(e.as_str()) {
+                    metrics
+                        .policy_reloads
+                        .with_label_values(&[dir, "error"])
+                        .inc();
+                    tracing::error!(direction = dir, error = %e, revision = %self.set.load().revision(), "policy change rejected; the running revision keeps serving");
+                    *last = Some(e);
+                }
+            }
+        }
+    }
+}
+
+/// The policy sets of a proxy and the decision log they write to.
+pub struct Policies {
+    pub inbound: Option<Arc<PolicyHandle>>,
+    pub outbound: Option<Arc<PolicyHandle>>,
+    log: Option<SyncSender<String>>,
+}
+
+impl Policies {
+    pub fn none() -> Policies {
+        Policies {
+            inbound: None,
+            outbound: None,
+            log: None,
+        }
+    }
+
+    /// Compiles every configured set; an error names the direction and the
+    /// file. Used by `--check` and at start.
+    pub fn load(
+        cfg: &PolicyConfig,
+        base: &Path,
+    ) -> anyhow::Result<Vec<(Direction, PathBuf, PolicySet)>> {
+        let mut out = Vec::new();
+        for (direction, src) in [
+            (Direction::Inbound, &cfg.inbound),
+            (Direction::Outbound, &cfg.outbound),
+        ] {
+            if let Some(src) = src {
+                let dir = if src.dir.is_absolute() {
+                    src.dir.clone()
+                } else {
+                    base.join(&src.dir)
+                };
+                let set = PolicySet::load(&dir)
+                    .map_err(|e| anyhow::anyhow!("policy.{}.dir: {e}", direction.as_str()))?;
+                out.push((direction, dir, set));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts the policy sets: the reload thread and the decision log writer.
+    pub fn start(cfg: &PolicyConfig, base: &Path, metrics: &Metrics) -> anyhow::Result<Policies> {
+        let mut policies = Policies::none();
+        for (direction, dir, set) in Policies::load(cfg, base)? {
+            metrics
+                .policy_revision
+                .with_label_values(&[direction.as_str(), set.revision()])
+                .set(1);
+            tracing::info!(direction = direction.as_str(), dir = %dir.display(), revision = %set.revision(), mode = set.manifest().mode.as_str(), engine = set.engine(), "loaded policy set");
+            if let Some(why) = set.vm_fallback() {
+                tracing::warn!(
+                    direction = direction.as_str(),
+                    reason = why,
+                    "policy runs on the slower interpreter: the VM cannot compile it"
+                );
+            }
+            let handle = Arc::new(PolicyHandle {
+                direction,
+                dir,
+                set: ArcSwap::from_pointee(set),
+                last_error: Mutex::new(None),
+            });
+            match direction {
+                Direction::Inbound => policies.inbound = Some(handle),
+                Direction::Outbound => policies.outbound = Some(handle),
+            }
+        }
+        if cfg.decision_log.enabled {
+            let writer = LogWriter::open(&cfg.decision_log, base)?;
+            let (tx, rx) = sync_channel(LOG_QUEUE);
+            std::thread::Builder::new()
+                .name("crank-decision-log".into())
+                .spawn(move || writer.run(rx))?;
+            policies.log = Some(tx);
+        }
+        let handles: Vec<Arc<PolicyHandle>> = policies
+            .inbound
+            .iter()
+            .chain(policies.outbound.iter())
+            .cloned()
+            .collect();
+        if !handles.is_empty() {
+            let metrics = metrics.clone();
+            let every = cfg.reload_interval.max(Duration::from_millis(50));
+            std::thread::Builder::new()
+                .name("crank-policy-reload".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    for h in &handles {
+                        h.reload(&metrics);
+                    }
+                })?;
+        }
+        Ok(policies)
+    }
+
+    pub fn for_direction(&self, d: Direction) -> Option<&Arc<PolicyHandle>> {
+        match d {
+            Direction::Inbound => self.inbound.as_ref(),
+            Direction::Outbound => self.outbound.as_ref(),
+        }
+    }
+
+    /// Evaluates, counts and logs one request.
+    pub fn check(
+        &self,
+        handle: &PolicyHandle,
+        facts: &RequestFacts,
+        trace_id: Option<&str>,
+        metrics: &Metrics,
+    ) -> Checked {
+        let set = handle.current();
+        let manifest = set.manifest();
+        let doc = input::build(facts, manifest);
+        let decision = set.decide(&doc);
+        let dir = handle.direction.as_str();
+        let mode = manifest.mode.as_str();
+        metrics
+            .policy_decisions
+            .with_label_values(&[dir, decision.outcome.as_str(), mode])
+            .inc();
+        metrics
+            .policy_eval
+            .with_label_values(&[dir])
+            .observe(decision.elapsed.as_secs_f64());
+        let wanted =
+            manifest.decision_log.log_allowed || decision.outcome != crank_policy::Outcome::Allow;
+        if let (Some(log), true) = (&self.log, wanted) {
+            let line = serde_json::json!({
+                "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                "decision_id": facts.id,
+                "revision": set.revision(),
+                "direction": dir,
+                "mode": mode,
+                "result": decision.outcome.as_str(),
+                "enforced": !decision.permitted,
+                "permitted": decision.permitted,
+                "reasons": decision.reasons,
+                "error": decision.error,
+                "eval_us": (decision.elapsed.as_secs_f64() * 1e6 * 10.0).round() / 10.0,
+                "trace_id": trace_id,
+                "input": input::summary(facts, manifest),
+            })
+            .to_string();
+            match log.try_send(line) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    metrics.decision_log_dropped.inc();
+                }
+            }
+        }
+        Checked {
+            revision: set.revision().to_string(),
+            decision,
+        }
+    }
+}
+
+/// A decision and the revision that made it.
+pub struct Checked {
+    pub revision: String,
+    pub decision: Decision,
+}
+
+/// A 128-bit random id, as 32 hex digits.
+pub fn new_decision_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The trace id of a well-formed `traceparent` (W3C Trace Context), for
+/// linking decisions to traces.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, parent, _flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0');
+    ok.then_some(trace)
+}
+
+/// Writes decision log lines to stdout or a size-bounded, rotated file.
+struct LogWriter {
+    path: Option<PathBuf>,
+    max_bytes: u64,
+    keep: u32,
+    file: Option<std::fs::File>,
+    written: u64,
+}
+
+impl LogWriter {
+    fn open(cfg: &DecisionLogConfig, base: &Path) -> anyhow::Result<LogWriter> {
+        if cfg.path == Path::new("-") {
+            return Ok(LogWriter {
+                path: None,
+                max_bytes: cfg.max_bytes,
+                keep: cfg.keep,
+                file: None,
+                written: 0,
+            });
+        }
+        let path = if cfg.path.is_absolute() {
+            cfg.path.clone()
+        } else {
+            base.join(&cfg.path)
+        };
+        let file = open_append(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "policy.decision_log.path: cannot open {}: {e}; fix the path or use - for stdout",
+                path.display()
+            )
+        })?;
+        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(LogWriter {
+            path: Some(path),
+            max_bytes: cfg.max_bytes.max(4096),
+            keep: cfg.keep,
+            file: Some(file),
+            written,
+        })
+    }
+
+    fn run(mut self, rx: Receiver<String>) {
+        let stdout = std::io::stdout();
+        while let Ok(line) = rx.recv() {
+            match &self.path {
+                None => {
+                    let mut out = stdout.lock();
+                    let _ = writeln!(out, "{line}");
+                    // Drain what else is queued before flushing.
+                    while let Ok(more) = rx.try_recv() {
+                        let _ = writeln!(out, "{more}");
+                    }
+                    let _ = out.flush();
+                }
+                Some(_) => {
+                    self.write_line(&line);
+                    while let Ok(more) = rx.try_recv() {
+                        self.write_line(&more);
+                    }
+                    if let Some(f) = &mut self.file {
+                        let _ = f.flush();
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let len = line.len() as u64 + 1;
+        if self.written + len > self.max_bytes && self.written > 0 {
+            self.rotate();
+        }
+        if let Some(f) = &mut self.file {
+            if writeln!(f, "{line}").is_ok() {
+                self.written += len;
+            }
+        }
+    }
+
+    /// `FILE` → `FILE.1` → … → `FILE.keep`; the oldest is removed.
+    fn rotate(&mut self) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        self.file = None;
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&path);
+        } else {
+            let _ = std::fs::remove_file(name(self.keep));
+            for i in (1..self.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            let _ = std::fs::rename(&path, name(1));
+        }
+        match open_append(&path) {
+            Ok(f) => {
+                self.file = Some(f);
+                self.written = 0;
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot reopen the decision log after rotation")
+            }
+        }
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_only_from_valid_traceparents() {
+        let tid = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_id(&format!("00-{tid}-00f067aa0ba902b7-01")),
+            Some(tid)
+        );
+        for bad in [
+            "",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn decision_ids_are_unique_hex() {
+        let a = new_decision_id();
+        let b = new_decision_id();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn decision_log_file_is_size_bounded_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DecisionLogConfig {
+            enabled: true,
+            path: "decisions.log".into(),
+            max_bytes: 4096,
+            keep: 2,
+        };
+        let mut w = LogWriter::open(&cfg, dir.path()).unwrap();
+        let line = "x".repeat(999);
+        for _ in 0..20 {
+            w.write_line(&line);
+        }
+        let size = |n: &str| std::fs::metadata(dir.path().join(n)).map(|m| m.len());
+        assert!(size("decisions.log").unwrap() <= 4096);
+        assert_eq!(size("decisions.log.1").unwrap(), 4000);
+        assert_eq!(size("decisions.log.2").unwrap(), 4000);
+        assert!(
+            size("decisions.log.3").is_err(),
+            "only `keep` old files stay"
+        );
+    }
+}
