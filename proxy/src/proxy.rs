@@ -383,19 +383,29 @@ impl MeshProxy {
                     trust_domain: p.trust_domain.clone(),
                 }),
                 me,
-                header(CAPABILITY_HEADER).or_else(|| {
+                inbound_capability(
                     self.shared
                         .config
                         .load()
                         .inbound
                         .as_ref()
-                        .and_then(|i| i.capability.clone())
-                }),
+                        .and_then(|i| i.capability.as_deref()),
+                    header(CAPABILITY_HEADER).as_deref(),
+                ),
                 None,
             ),
             Direction::Outbound => (
                 Some(me),
-                crank_policy::Workload::default(),
+                ctx.route
+                    .as_ref()
+                    .and_then(|r| r.single_identity())
+                    .map(|id| crank_policy::Workload {
+                        spiffe_id: id.spiffe_id(),
+                        service: id.service.clone(),
+                        tenant: id.tenant.clone(),
+                        trust_domain: id.trust_domain.clone(),
+                    })
+                    .unwrap_or_default(),
                 ctx.route.as_ref().and_then(|r| r.capability.clone()),
                 ctx.route.as_ref().map(|r| r.name.clone()),
             ),
@@ -550,6 +560,14 @@ fn outbound_handshake_reason(reason: Reason) -> Option<&'static str> {
     }
 }
 
+/// The capability an inbound request is for. When the config names the one
+/// capability this app serves, that is authoritative: a peer claiming
+/// another (to reach a capability shared across tenants, say) does not
+/// change it. Otherwise the caller's sidecar's claim is used.
+pub fn inbound_capability(configured: Option<&str>, claimed: Option<&str>) -> Option<String> {
+    configured.or(claimed).map(str::to_string)
+}
+
 /// Whether to speak h2c to the local app for this request.
 pub fn wants_h2c(proto: AppProtocol, req: &RequestHeader) -> bool {
     match proto {
@@ -652,6 +670,19 @@ mod tests {
             refine(Reason::UpstreamTimeout, Outbound, true),
             Reason::UpstreamTimeout
         );
+    }
+
+    #[test]
+    fn configured_capability_wins_over_the_callers_claim() {
+        assert_eq!(
+            inbound_capability(Some("transcode:v1"), Some("auth.introspect:v1")).as_deref(),
+            Some("transcode:v1")
+        );
+        assert_eq!(
+            inbound_capability(None, Some("transcode:v1")).as_deref(),
+            Some("transcode:v1")
+        );
+        assert_eq!(inbound_capability(None, None), None);
     }
 
     #[test]

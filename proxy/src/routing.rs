@@ -30,6 +30,17 @@ pub struct Endpoint {
 }
 
 impl Route {
+    /// The identity every endpoint proves, when they all prove the same one
+    /// (the usual case: one service behind a route). Egress policy sees it
+    /// as the destination.
+    pub fn single_identity(&self) -> Option<&Identity> {
+        let first = &self.endpoints.first()?.identity;
+        self.endpoints
+            .iter()
+            .all(|e| e.identity == *first)
+            .then_some(first)
+    }
+
     /// Round-robin over the endpoints. (Load-aware balancing and outlier
     /// ejection arrive with the resilience work.)
     pub fn pick(&self) -> &Endpoint {

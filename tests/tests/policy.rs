@@ -446,7 +446,7 @@ fn egress_policy_on_the_outbound_side() {
         egress.join("egress.rego"),
         r#"package crank.authz
 default allow := true
-deny contains sprintf("%s may not %s %s", [input.source.service, input.request.method, input.destination.route]) if {
+deny contains sprintf("%s may not %s %s.%s via %s", [input.source.service, input.request.method, input.destination.service, input.destination.tenant, input.destination.route]) if {
     input.destination.route == "transcode"
     input.request.method == "DELETE"
 }
@@ -461,7 +461,7 @@ deny contains sprintf("%s may not %s %s", [input.source.service, input.request.m
     assert_eq!(status, 403, "{out}");
     assert_eq!(
         json_body(&out)["reasons"],
-        serde_json::json!(["web may not DELETE transcode"])
+        serde_json::json!(["web may not DELETE transcoder.media via transcode"])
     );
     assert_eq!(mesh.app.count(), before);
     let m = client.metrics();

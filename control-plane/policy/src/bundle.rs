@@ -30,6 +30,10 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    pub fn manifest_ref(&self) -> &Manifest {
+        &self.manifest
+    }
+
     pub fn read(dir: &Path) -> Result<Bundle, PolicyError> {
         let meta = std::fs::metadata(dir).map_err(|e| PolicyError::Io {
             path: dir.to_path_buf(),

@@ -39,9 +39,11 @@ pub struct Manifest {
     pub timeout: Duration,
     #[serde(default)]
     pub decision_log: DecisionLogSettings,
-    /// `auto` (default): regorus's compiled VM (RVM) when the policy
-    /// compiles for it, else the tree-walking interpreter. `rvm` requires
-    /// the VM; `interpreter` never uses it.
+    /// `interpreter` (default): regorus's tree-walking interpreter, OPA's
+    /// semantics. `rvm`: regorus's compiled VM, several times faster, for
+    /// sets proven to decide the same on both (see the policy reference);
+    /// loading fails if the VM cannot compile the set. `auto`: the VM when
+    /// it compiles the set, else the interpreter.
     #[serde(default)]
     pub engine: EngineChoice,
 }
@@ -50,9 +52,9 @@ pub struct Manifest {
 #[serde(rename_all = "lowercase")]
 pub enum EngineChoice {
     #[default]
-    Auto,
-    Rvm,
     Interpreter,
+    Rvm,
+    Auto,
 }
 
 impl Default for Manifest {

@@ -460,7 +460,8 @@ fn type_name(v: &Json) -> &'static str {
     }
 }
 
-fn one_line(s: &str) -> String {
+/// A multi-line regorus message (location, source line, caret) as one line.
+pub(crate) fn one_line(s: &str) -> String {
     s.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -507,6 +508,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.rego"), AUTHZ).unwrap();
         std::fs::write(dir.path().join("data.yaml"), "roles: {}").unwrap();
+        // OPA's semantics unless the set asks for the VM.
+        assert_eq!(PolicySet::load(dir.path()).unwrap().engine(), "interpreter");
+        std::fs::write(dir.path().join("policy.yaml"), "engine: auto\n").unwrap();
         assert_eq!(PolicySet::load(dir.path()).unwrap().engine(), "rvm");
         // The VM refuses direct access to the data root; the interpreter runs it.
         std::fs::write(

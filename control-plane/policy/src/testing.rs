@@ -67,7 +67,7 @@ fn run_one(engine: &mut Engine, rule: &str) -> TestOutcome {
     match engine.eval_rule(rule.to_string()) {
         Ok(regorus::Value::Undefined) | Ok(regorus::Value::Bool(false)) => TestOutcome::Fail,
         Ok(_) => TestOutcome::Pass,
-        Err(e) => TestOutcome::Error(e.to_string().lines().next().unwrap_or("").to_string()),
+        Err(e) => TestOutcome::Error(crate::set::one_line(&e.to_string())),
     }
 }
 
