@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use crank_policy::input::{self, RequestFacts, Workload};
-use crank_policy::{Outcome, PolicySet};
+use crank_policy::manifest::EngineChoice;
+use crank_policy::{Bundle, Outcome, PolicySet};
 
 fn workload(service: &str, tenant: &str) -> Workload {
     Workload {
@@ -75,7 +76,7 @@ fn main() {
         }
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-    let set = PolicySet::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let bundle = Bundle::read(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let cases = [
         (
             "quickstart GET (allow)",
@@ -122,6 +123,15 @@ fn main() {
             ),
         ),
     ];
+    for engine in [EngineChoice::Rvm, EngineChoice::Interpreter] {
+        let mut b = bundle.clone();
+        b.manifest.engine = engine;
+        let set = PolicySet::compile(&b).unwrap_or_else(|e| panic!("{e}"));
+        run(&set, &cases, iterations);
+    }
+}
+
+fn run(set: &PolicySet, cases: &[(&str, RequestFacts)], iterations: usize) {
     println!(
         "policy set {} ({} modules, engine {}), {iterations} decisions per case, one thread\n",
         set.revision(),
@@ -130,17 +140,16 @@ fn main() {
     );
     println!("| request | result | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |");
     println!("|---|---|---|---|---|---|---|");
-    for (name, f) in &cases {
+    for (name, f) in cases {
         // Warm up: the first decision on a thread clones the prepared engine.
         let mut outcome = Outcome::Error;
         for _ in 0..1000 {
-            outcome = set.decide(&input::build(f, set.manifest())).outcome;
+            outcome = set.decide_owned(input::build(f, set.manifest())).outcome;
         }
         let mut samples = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let start = Instant::now();
-            let doc = input::build(f, set.manifest());
-            let d = set.decide(&doc);
+            let d = set.decide_owned(input::build(f, set.manifest()));
             samples.push(start.elapsed());
             std::hint::black_box(d);
         }

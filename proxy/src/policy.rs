@@ -201,7 +201,7 @@ impl Policies {
         let set = handle.current();
         let manifest = set.manifest();
         let doc = input::build(facts, manifest);
-        let decision = set.decide(&doc);
+        let decision = set.decide_owned(doc);
         let dir = handle.direction.as_str();
         let mode = manifest.mode.as_str();
         metrics

@@ -132,15 +132,12 @@ impl PolicySet {
         // Prepare the engine now (analysis, rule gathering) and prove the
         // entry points exist, so the first request pays nothing.
         // compile_with_entrypoint prepares without evaluating anything.
-        let compiled = match engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
-            Ok(c) => c,
-            Err(e) => {
-                return Err(PolicyError::Entrypoint {
-                    rule: entrypoints.allow.clone(),
-                    message: one_line(&e.to_string()),
-                })
-            }
-        };
+        if let Err(e) = engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
+            return Err(PolicyError::Entrypoint {
+                rule: entrypoints.allow.clone(),
+                message: one_line(&e.to_string()),
+            });
+        }
         if let Some(deny) = entrypoints.deny.clone() {
             if let Err(e) = engine.compile_with_entrypoint(&deny.as_str().into()) {
                 if explicit {
@@ -153,11 +150,25 @@ impl PolicySet {
                 entrypoints.deny = None;
             }
         }
+        // One entry rule yields both values, so a deny set that `allow`
+        // also reads (`allow if count(deny) == 0`) is computed once.
+        engine
+            .add_policy(ENTRY_FILE.into(), entry_module(&entrypoints))
+            .map_err(|e| PolicyError::Entrypoint {
+                rule: entrypoints.allow.clone(),
+                message: one_line(&e.to_string()),
+            })?;
+        let compiled = engine
+            .compile_with_entrypoint(&DECISION_RULE.into())
+            .map_err(|e| PolicyError::Entrypoint {
+                rule: entrypoints.allow.clone(),
+                message: one_line(&e.to_string()),
+            })?;
         engine.set_gather_prints(false);
         let data = regorus::Value::from(bundle.data.clone());
         let vm = match bundle.manifest.engine {
             EngineChoice::Interpreter => Err("engine: interpreter in policy.yaml".to_string()),
-            _ => compile_vm(&compiled, &entrypoints, &data),
+            _ => compile_vm(&compiled, &data),
         };
         let (backend, vm_fallback) = match vm {
             Ok(program) => (
@@ -221,32 +232,33 @@ impl PolicySet {
 
     /// Evaluates one input document and applies mode and failure mode.
     pub fn decide(&self, input: &Json) -> Decision {
+        self.decide_owned(input.clone())
+    }
+
+    /// [`PolicySet::decide`] without copying the input document.
+    pub fn decide_owned(&self, input: Json) -> Decision {
         let start = Instant::now();
-        let value = regorus::Value::from(input.clone());
-        let raw = self.with_local(|local| match local {
-            Local::Vm(vm) => {
-                vm.set_input(value);
-                let allow = vm
-                    .execute_entry_point_by_name(&self.entrypoints.allow)
-                    .map_err(|e| e.to_string())?;
-                let deny = match &self.entrypoints.deny {
-                    Some(rule) => vm
-                        .execute_entry_point_by_name(rule)
-                        .map_err(|e| e.to_string())?,
-                    None => regorus::Value::Undefined,
-                };
-                Ok::<_, String>((allow, deny))
-            }
-            Local::Interpreter(engine) => {
-                engine.set_input(value);
-                let allow = engine
-                    .eval_rule(self.entrypoints.allow.clone())
-                    .map_err(|e| e.to_string())?;
-                let deny = match &self.entrypoints.deny {
-                    Some(rule) => engine.eval_rule(rule.clone()).map_err(|e| e.to_string())?,
-                    None => regorus::Value::Undefined,
-                };
-                Ok((allow, deny))
+        let value = regorus::Value::from(input);
+        let raw = self.with_local(|local| {
+            let decision = match local {
+                Local::Vm(vm) => {
+                    vm.set_input(value);
+                    vm.execute_entry_point_by_name(DECISION_RULE)
+                        .map_err(|e| e.to_string())
+                }
+                Local::Interpreter(engine) => {
+                    engine.set_input(value);
+                    engine
+                        .eval_rule(DECISION_RULE.to_string())
+                        .map_err(|e| e.to_string())
+                }
+            }?;
+            match decision.as_array() {
+                Ok(pair) if pair.len() == 2 => Ok((pair[0].clone(), pair[1].clone())),
+                _ => Err(format!(
+                    "the entry points did not evaluate ({} undefined?)",
+                    self.entrypoints.allow
+                )),
             }
         });
         let elapsed = start.elapsed();
@@ -329,20 +341,34 @@ impl PolicySet {
 
 /// Compiles the entry points into one VM program and checks the data
 /// against it.
-fn compile_vm(
-    compiled: &CompiledPolicy,
-    entry: &Entrypoints,
-    data: &regorus::Value,
-) -> Result<Arc<Program>, String> {
-    let mut points = vec![entry.allow.as_str()];
-    points.extend(entry.deny.as_deref());
-    let program =
-        Compiler::compile_from_policy(compiled, &points).map_err(|e| one_line(&e.to_string()))?;
+fn compile_vm(compiled: &CompiledPolicy, data: &regorus::Value) -> Result<Arc<Program>, String> {
+    let program = Compiler::compile_from_policy(compiled, &[DECISION_RULE])
+        .map_err(|e| one_line(&e.to_string()))?;
     let mut vm = RegoVM::new_with_policy(compiled.clone());
     vm.load_program(program.clone());
     vm.set_data(data.clone())
         .map_err(|e| one_line(&e.to_string()))?;
     Ok(program)
+}
+
+/// The module added to every set: `decision` is `[allow, deny]`.
+const ENTRY_FILE: &str = "<crank decision entry>";
+const DECISION_RULE: &str = "data.crank_decision_entry.decision";
+
+fn entry_module(e: &Entrypoints) -> String {
+    let deny = match &e.deny {
+        Some(rule) => format!("deny_value := {rule}\n"),
+        None => String::new(),
+    };
+    format!(
+        "package crank_decision_entry\n\
+         default allow_value := false\n\
+         allow_value := {}\n\
+         default deny_value := []\n\
+         {deny}\
+         decision := [allow_value, deny_value]\n",
+        e.allow
+    )
 }
 
 /// Builds an engine with every module and the data document of a bundle.
