@@ -16,7 +16,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 
 OUT=${OUT:-$HERE/out}
 BASE=${BENCH_PORT_BASE:-19000}
-SETUPS=${SETUPS:-"direct crank haproxy nginx"}
+SETUPS=${SETUPS:-"direct crank crank_policy haproxy nginx"}
 CONNS=${CONNS:-16}
 DUR=${DUR:-10s}
 WARMUP=${WARMUP:-2s}
@@ -392,6 +392,7 @@ admin: {listen: 127.0.0.1:$P_CRANK_ADMIN_BACK}
 threads: $CRANK_THREADS
 access_log: $CRANK_ACCESS_LOG
 drain: {deadline: 1s}
+${CRANK_BACK_EXTRA:-}
 EOF
     local f
     for f in front back; do
@@ -518,10 +519,19 @@ setup_nginx() {
     URL=http://127.0.0.1:$P_NGX_FRONT/; HOP_PORT=$P_NGX_BACK
 }
 
+# crank with the shipped Rego policies (policies/, engine rvm) on the inbound
+# side, every decision logged to a file: the cost of policy per request.
+setup_crank_policy() {
+    CRANK_BACK_EXTRA="policy:
+  inbound: {dir: $ROOT/policies}
+  decision_log: {path: $RAW/crank.decisions.log}" setup_crank
+}
+
 hop_of() {
     case "$1" in
         direct) echo "—" ;;
         crank) echo "mTLS 1.3, h2 (ALPN)" ;;
+        crank_policy) echo "mTLS 1.3, h2 (ALPN), Rego policy + decision log" ;;
         haproxy) [[ "${HAP_ALPN_USED:-$HAPROXY_ALPN}" == h2 ]] && echo "mTLS 1.3, h2 (ALPN)" || echo "mTLS 1.3, HTTP/1.1" ;;
         nginx) echo "mTLS 1.3, HTTP/1.1 pool" ;;
     esac

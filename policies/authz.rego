@@ -68,13 +68,14 @@ allow if count(deny) == 0
 
 # SAME RESULT ON BOTH ENGINES
 #
-# The proxy runs the set on regorus's compiled VM (RVM) when it compiles for
-# it (`engine: auto` in policy.yaml), while `crankctl policy test` runs the
-# tests on the interpreter. Write rules that decide the same on both:
+# The proxy runs this set on regorus's compiled VM (RVM: `engine: rvm` in
+# policy.yaml), while `crankctl policy test` runs the tests on the
+# interpreter, and control-plane/policy/tests/shipped_policies.rs proves in
+# CI that both decide alike. Write rules that decide the same on both:
 #
 #   - Read data by path (`data.limits.max_body_bytes`); the VM refuses
-#     the data root (`object.get(data, ...)`) and the set then falls back to
-#     the slower interpreter.
+#     the data root (`object.get(data, ...)`), and with `engine: rvm` the
+#     set then fails to load.
 #   - On the VM (regorus 0.14) an assignment from an undefined value
 #     (`x := data.map[key]` with a missing key, `x := input.missing`) does
 #     NOT end the rule body as it does in OPA: x is left undefined and the
