@@ -522,9 +522,11 @@ setup_nginx() {
 # crank with the shipped Rego policies (policies/, engine rvm) on the inbound
 # side, every decision logged to a file: the cost of policy per request.
 setup_crank_policy() {
+    local log="{path: $RAW/crank.decisions.log}"
+    [[ "${CRANK_POLICY_LOG:-file}" == off ]] && log="{enabled: false}"
     CRANK_BACK_EXTRA="policy:
   inbound: {dir: $ROOT/policies}
-  decision_log: {path: $RAW/crank.decisions.log}" setup_crank
+  decision_log: $log" setup_crank
 }
 
 hop_of() {
