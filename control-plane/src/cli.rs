@@ -47,8 +47,9 @@ pub enum PolicyCommand {
     /// its revision. Exits non-zero with the file and line of any error.
     Check { dir: PathBuf },
     /// Evaluate one input document (JSON or YAML; `-` for stdin) against DIR
-    /// and print the decision, as the proxy would make it.
+    /// (default `policies`) and print the decision, as the proxy would make it.
     Eval {
+        #[arg(default_value = "policies")]
         dir: PathBuf,
         #[arg(long)]
         input: PathBuf,
