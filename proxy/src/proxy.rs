@@ -19,7 +19,7 @@ use crate::framing;
 use crate::health::InflightGuard;
 use crate::identity::{ConnAuth, PeerAuth, PeerIdentity};
 use crate::metrics::status_class;
-use crate::policy::{new_decision_id, trace_id, PolicyHandle};
+use crate::policy::{new_decision_id, PolicyHandle};
 use crate::routing::Route;
 use crate::state::Shared;
 
@@ -294,13 +294,16 @@ impl MeshProxy {
         handle: &PolicyHandle,
     ) -> bool {
         let facts = self.request_facts(session, ctx);
-        let traceparent = session
-            .req_header()
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(trace_id)
-            .map(str::to_string);
+        let traceparent = crate::tracecontext::parse_traceparent(
+            session
+                .req_header()
+                .headers
+                .get_all("traceparent")
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+        .ok()
+        .map(|t| t.trace_id_hex());
         let checked = self.shared.policies.check(
             handle,
             &facts,
