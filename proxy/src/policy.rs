@@ -194,11 +194,11 @@ impl Policies {
     pub fn check(
         &self,
         handle: &PolicyHandle,
+        set: &PolicySet,
         facts: &RequestFacts,
         trace_id: Option<&str>,
         metrics: &Metrics,
     ) -> Checked {
-        let set = handle.current();
         let manifest = set.manifest();
         let doc = input::build(facts, manifest);
         let decision = set.decide_owned(doc);

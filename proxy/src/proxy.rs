@@ -293,7 +293,9 @@ impl MeshProxy {
         ctx: &mut Ctx,
         handle: &PolicyHandle,
     ) -> bool {
-        let facts = self.request_facts(session, ctx);
+        // One revision for the whole check, even if a reload lands meanwhile.
+        let set = handle.current();
+        let facts = self.request_facts(session, ctx, set.manifest());
         let traceparent = crate::tracecontext::parse_traceparent(
             session
                 .req_header()
@@ -306,6 +308,7 @@ impl MeshProxy {
         .map(|t| t.trace_id_hex());
         let checked = self.shared.policies.check(
             handle,
+            &set,
             &facts,
             traceparent.as_deref(),
             &self.shared.metrics,
@@ -362,15 +365,17 @@ impl MeshProxy {
     }
 
     /// What the policy input is built from.
-    fn request_facts(&self, session: &Session, ctx: &Ctx) -> crank_policy::RequestFacts {
+    fn request_facts(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        manifest: &crank_policy::Manifest,
+    ) -> crank_policy::RequestFacts {
         let req = session.req_header();
-        let own = &self.shared.tls.identity;
-        let me = crank_policy::Workload {
-            spiffe_id: own.spiffe_id(),
-            service: own.service.clone(),
-            tenant: own.tenant.clone(),
-            trust_domain: own.trust_domain.clone(),
-        };
+        let me = self.shared.me.clone();
+        // Copy only the headers the input or the decision log can show.
+        let all_headers = manifest.input == crank_policy::InputShape::Envoy
+            || manifest.headers.iter().any(|h| h == "*");
         let header = |name: &str| {
             req.headers
                 .get(name)
@@ -445,6 +450,13 @@ impl MeshProxy {
             headers: req
                 .headers
                 .iter()
+                .filter(|(k, _)| {
+                    all_headers
+                        || manifest
+                            .headers
+                            .iter()
+                            .any(|w| w.eq_ignore_ascii_case(k.as_str()))
+                })
                 .map(|(k, v)| {
                     (
                         k.as_str().to_string(),

@@ -19,6 +19,8 @@ pub struct Shared {
     pub health: Arc<Health>,
     pub access_log: bool,
     pub policies: Policies,
+    /// This workload's identity as policy input sees it, made once.
+    pub me: crank_policy::Workload,
 }
 
 impl Shared {
