@@ -14,12 +14,8 @@ use crank_policy::manifest::EngineChoice;
 use crank_policy::{Bundle, Outcome, PolicySet};
 
 fn workload(service: &str, tenant: &str) -> Workload {
-    Workload {
-        spiffe_id: format!("spiffe://crank.local/tenant/{tenant}/svc/{service}"),
-        service: service.into(),
-        tenant: tenant.into(),
-        trust_domain: "crank.local".into(),
-    }
+    let id = crank_certs::Identity::new(service, tenant, "crank.local").expect("valid labels");
+    Workload::from(&id)
 }
 
 fn facts(

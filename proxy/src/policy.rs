@@ -198,7 +198,7 @@ impl Policies {
         facts: &RequestFacts,
         trace_id: Option<&str>,
         metrics: &Metrics,
-    ) -> Checked {
+    ) -> Decision {
         let manifest = set.manifest();
         let doc = input::build(facts, manifest);
         let decision = set.decide_owned(doc);
@@ -238,17 +238,8 @@ impl Policies {
                 }
             }
         }
-        Checked {
-            revision: set.revision().to_string(),
-            decision,
-        }
+        decision
     }
-}
-
-/// A decision and the revision that made it.
-pub struct Checked {
-    pub revision: String,
-    pub decision: Decision,
 }
 
 /// A 128-bit random id, as 32 hex digits.

@@ -306,14 +306,13 @@ impl MeshProxy {
         )
         .ok()
         .map(|t| t.trace_id_hex());
-        let checked = self.shared.policies.check(
+        let d = self.shared.policies.check(
             handle,
             &set,
             &facts,
             traceparent.as_deref(),
             &self.shared.metrics,
         );
-        let d = &checked.decision;
         let label = match (d.outcome, d.permitted) {
             (crank_policy::Outcome::Allow, _) => "allow",
             (crank_policy::Outcome::Deny, false) => "deny",
@@ -339,14 +338,14 @@ impl MeshProxy {
             direction = self.direction.as_str(),
             reason = reason.as_str(),
             decision_id = %facts.id,
-            revision = %checked.revision,
+            revision = %set.revision(),
             "refused request by policy"
         );
         let body = serde_json::json!({
             "error": reason.as_str(),
             "message": reason.advice(),
             "decision_id": facts.id,
-            "revision": checked.revision,
+            "revision": set.revision(),
             "reasons": reasons,
             "trace_id": traceparent,
         });
@@ -407,12 +406,7 @@ impl MeshProxy {
                 ctx.route
                     .as_ref()
                     .and_then(|r| r.single_identity())
-                    .map(|id| crank_policy::Workload {
-                        spiffe_id: id.spiffe_id(),
-                        service: id.service.clone(),
-                        tenant: id.tenant.clone(),
-                        trust_domain: id.trust_domain.clone(),
-                    })
+                    .map(crank_policy::Workload::from)
                     .unwrap_or_default(),
                 ctx.route.as_ref().and_then(|r| r.capability.clone()),
                 ctx.route.as_ref().map(|r| r.name.clone()),

@@ -60,12 +60,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     };
     tracing::info!(identity = %tls.identity, "loaded workload identity");
 
-    let me = crank_policy::Workload {
-        spiffe_id: tls.identity.spiffe_id(),
-        service: tls.identity.service.clone(),
-        tenant: tls.identity.tenant.clone(),
-        trust_domain: tls.identity.trust_domain.clone(),
-    };
+    let me = crank_policy::Workload::from(&tls.identity);
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
     let shared = Arc::new(Shared {
         routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),

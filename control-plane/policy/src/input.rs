@@ -17,6 +17,17 @@ pub struct Workload {
     pub trust_domain: String,
 }
 
+impl From<&crank_certs::Identity> for Workload {
+    fn from(id: &crank_certs::Identity) -> Self {
+        Workload {
+            spiffe_id: id.spiffe_id(),
+            service: id.service.clone(),
+            tenant: id.tenant.clone(),
+            trust_domain: id.trust_domain.clone(),
+        }
+    }
+}
+
 /// What the proxy knows about a request before its body arrives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestFacts {

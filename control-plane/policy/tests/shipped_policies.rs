@@ -32,12 +32,8 @@ fn compile(bundle: &Bundle, engine: EngineChoice) -> PolicySet {
 }
 
 fn workload(service: &str, tenant: &str) -> Workload {
-    Workload {
-        spiffe_id: format!("spiffe://crank.local/tenant/{tenant}/svc/{service}"),
-        service: service.into(),
-        tenant: tenant.into(),
-        trust_domain: "crank.local".into(),
-    }
+    let id = crank_certs::Identity::new(service, tenant, "crank.local").expect("valid labels");
+    Workload::from(&id)
 }
 
 fn inputs() -> Vec<RequestFacts> {
