@@ -473,6 +473,21 @@ deny contains sprintf("%s may not %s %s.%s via %s", [input.source.service, input
         Some(1.0),
         "{m}"
     );
+    // No decision_log.path here: decisions go to stdout as JSON lines.
+    let id = header(&out, "x-crank-decision-id").unwrap().to_string();
+    wait_until(
+        "the decision on the client's stdout",
+        Duration::from_secs(5),
+        || {
+            client.log_text().lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                    v["decision_id"] == id.as_str()
+                        && v["direction"] == "outbound"
+                        && v["result"] == "deny"
+                })
+            })
+        },
+    );
 }
 
 #[test]
