@@ -205,6 +205,73 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
             ));
         }
     }
+    if let Some(t) = &cfg.tracing {
+        validate_tracing(t).map_err(|(field, message)| err(field, message))?;
+    }
+    Ok(())
+}
+
+/// The tracing section: numbers in range, an endpoint that is an http(s)
+/// URL, headers that can be sent.
+fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, String)> {
+    if !(0.0..=1.0).contains(&t.sampling) {
+        return Err((
+            "tracing.sampling".into(),
+            format!(
+                "{} is out of range; use a share from 0.0 (no new traces) to 1.0 (all)",
+                t.sampling
+            ),
+        ));
+    }
+    if !(1..=1 << 20).contains(&t.max_queue_size) {
+        return Err((
+            "tracing.max_queue_size".into(),
+            format!(
+                "{} is out of range; use 1 to 1048576 spans",
+                t.max_queue_size
+            ),
+        ));
+    }
+    if t.max_export_batch_size == 0 || t.max_export_batch_size > t.max_queue_size {
+        return Err((
+            "tracing.max_export_batch_size".into(),
+            format!(
+                "{} is out of range; use 1 to max_queue_size ({})",
+                t.max_export_batch_size, t.max_queue_size
+            ),
+        ));
+    }
+    if t.scheduled_delay.is_zero() {
+        return Err((
+            "tracing.scheduled_delay".into(),
+            "is zero; use a duration such as 1s".into(),
+        ));
+    }
+    if let Some(ep) = &t.otlp.endpoint {
+        let ok = ep
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| matches!(u.scheme_str(), Some("http") | Some("https")))
+            .filter(|u| u.authority().is_some());
+        if ok.is_none() {
+            return Err((
+                "tracing.otlp.endpoint".into(),
+                format!(
+                    "{ep:?} is not an http(s) URL; use the collector's OTLP/HTTP traces URL, such as http://jaeger:4318/v1/traces"
+                ),
+            ));
+        }
+    }
+    for (k, v) in &t.otlp.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+            || http::HeaderValue::from_str(v).is_err()
+        {
+            return Err((
+                format!("tracing.otlp.headers.{k}"),
+                "is not a valid HTTP header name and value; use a token name and a printable ASCII value".into(),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -267,6 +334,16 @@ mod tests {
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: nowhere}}\n", "policy.inbound.dir", "not a directory"),
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: .}, decision_log: {max_bytes: 10}}\n", "policy.decision_log.max_bytes", "at least 4096"),
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2}\npolicy: {inbound: {dir: ., mode: audit}}\n", "policy.inbound.mode", "unknown field"),
+            ("tracing: {sampling: 1.5}\n", "tracing.sampling", "from 0.0"),
+            ("tracing: {sampling: -0.1}\n", "tracing.sampling", "out of range"),
+            ("tracing: {sampling: .nan}\n", "tracing.sampling", "out of range"),
+            ("tracing: {max_queue_size: 0}\n", "tracing.max_queue_size", "1 to 1048576"),
+            ("tracing: {max_queue_size: 10, max_export_batch_size: 11}\n", "tracing.max_export_batch_size", "max_queue_size (10)"),
+            ("tracing: {scheduled_delay: 0s}\n", "tracing.scheduled_delay", "is zero"),
+            ("tracing: {otlp: {endpoint: \"jaeger:4318\"}}\n", "tracing.otlp.endpoint", "OTLP/HTTP traces URL"),
+            ("tracing: {otlp: {endpoint: \"ftp://x/v1/traces\"}}\n", "tracing.otlp.endpoint", "not an http(s) URL"),
+            ("tracing: {otlp: {headers: {\"bad name\": x}}}\n", "tracing.otlp.headers.bad name", "valid HTTP header"),
+            ("tracing: {sampler: 1}\n", "tracing.sampler", "unknown field"),
         ];
         for (extra, field, needle) in cases {
             let e = check(extra).expect_err(extra);

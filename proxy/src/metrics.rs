@@ -2,8 +2,8 @@
 //! served on the admin listener.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the proxy exports. Cheap to clone (handles are `Arc`s).
@@ -34,6 +34,16 @@ pub struct Metrics {
     pub policy_revision: IntGaugeVec,
     /// `crank_policy_decision_log_dropped_total`.
     pub decision_log_dropped: IntCounter,
+    /// `crank_spans_exported_total`.
+    pub spans_exported: IntCounter,
+    /// `crank_spans_dropped_total{reason}`: `queue_full` or `export_failed`.
+    pub spans_dropped: IntCounterVec,
+    /// `crank_trace_sampling_ratio`: the ratio new traces are sampled at.
+    pub sampling_ratio: Gauge,
+    /// `crank_config_reloads_total{result}`: `applied`, `unchanged` is not
+    /// counted, `rejected` when the file is invalid or changes a field that
+    /// needs a restart.
+    pub config_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -128,8 +138,41 @@ impl Metrics {
             "Decision log lines dropped because the writer fell behind",
         )
         .expect("static metric");
+        let spans_exported = IntCounter::new(
+            "crank_spans_exported_total",
+            "Spans the OTLP collector accepted",
+        )
+        .expect("static metric");
+        let spans_dropped = IntCounterVec::new(
+            Opts::new(
+                "crank_spans_dropped_total",
+                "Spans dropped: the export queue was full (queue_full) or the collector did not accept a batch (export_failed)",
+            ),
+            &["reason"],
+        )
+        .expect("static metric");
+        for r in ["queue_full", "export_failed"] {
+            spans_dropped.with_label_values(&[r]);
+        }
+        let sampling_ratio = Gauge::new(
+            "crank_trace_sampling_ratio",
+            "Share of new traces sampled (tracing.sampling); 0 when tracing is off",
+        )
+        .expect("static metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "crank_config_reloads_total",
+                "Changes to the config file applied without a restart (applied) or refused (rejected)",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(spans_exported.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(spans_dropped.clone()),
+            Box::new(sampling_ratio.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(handshake_failures.clone()),
             Box::new(open_connections.clone()),
@@ -158,6 +201,10 @@ impl Metrics {
             policy_reloads,
             policy_revision,
             decision_log_dropped,
+            spans_exported,
+            spans_dropped,
+            sampling_ratio,
+            config_reloads,
         }
     }
 

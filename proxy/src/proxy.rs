@@ -21,6 +21,7 @@ use crate::identity::{ConnAuth, PeerAuth, PeerIdentity};
 use crate::metrics::status_class;
 use crate::policy::{new_decision_id, PolicyHandle};
 use crate::routing::Route;
+use crate::spans::{Hop, SpanEnd};
 use crate::state::Shared;
 
 /// Header carrying the verified caller identity to the app (inbound) —
@@ -34,6 +35,9 @@ pub const ERROR_HEADER: &str = "x-crank-error";
 pub const CAPABILITY_HEADER: &str = "x-crank-capability";
 /// Header naming the policy decision behind a 403.
 pub const DECISION_HEADER: &str = "x-crank-decision-id";
+/// Header carrying the trace id on responses the proxy makes itself, so an
+/// error a caller sees leads to its trace and log lines.
+pub const TRACE_ID_HEADER: &str = "x-crank-trace-id";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -70,6 +74,12 @@ pub struct Ctx {
     reason: Option<Reason>,
     /// The policy decision: id and result, for the access log.
     policy: Option<(String, &'static str)>,
+    /// This hop's trace context and span, when tracing is on.
+    hop: Option<Hop>,
+    /// The caller's trace id when tracing is off (logs only).
+    incoming_trace_id: Option<String>,
+    /// Outbound: the identity the chosen endpoint must prove.
+    endpoint_identity: Option<String>,
     _inflight: InflightGuard,
 }
 
@@ -79,6 +89,14 @@ impl Ctx {
             (Some(r), _) => &r.name,
             (None, Direction::Inbound) => "app",
             (None, Direction::Outbound) => "none",
+        }
+    }
+
+    /// The request's trace id: this hop's, or the caller's when tracing is off.
+    fn trace_id(&self) -> Option<String> {
+        match &self.hop {
+            Some(h) => Some(h.trace_id_hex()),
+            None => self.incoming_trace_id.clone(),
         }
     }
 }
@@ -96,11 +114,19 @@ impl ProxyHttp for MeshProxy {
             fresh_upstream: false,
             reason: None,
             policy: None,
+            hop: None,
+            incoming_trace_id: None,
+            endpoint_identity: None,
             _inflight: self.shared.health.track(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let headers = &session.req_header().headers;
+        match &self.shared.tracer {
+            Some(t) => ctx.hop = Some(t.begin(headers)),
+            None => ctx.incoming_trace_id = crate::spans::incoming_trace_id(headers),
+        }
         if let Some(h1) = session.as_downstream().as_http1() {
             if let Err(fe) = framing::check_raw_header(&h1.get_headers_raw_bytes()) {
                 self.refuse(session, ctx, Reason::BadFraming, fe.detail())
@@ -147,6 +173,19 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        if self.direction == Direction::Outbound {
+            // Each upstream attempt is its own client span.
+            if let Some(t) = &self.shared.tracer {
+                let retried = ctx
+                    .hop
+                    .as_ref()
+                    .filter(|h| h.attempts >= 1 && t.records(h))
+                    .map(|_| self.span_end(session, ctx, 0, Some("attempt failed; retried")));
+                if let Some(hop) = ctx.hop.as_mut() {
+                    t.next_attempt(hop, retried);
+                }
+            }
+        }
         let timeouts = self.shared.config.load().timeouts.clone();
         let mut peer = match self.direction {
             Direction::Inbound => {
@@ -168,6 +207,7 @@ impl ProxyHttp for MeshProxy {
                     .as_ref()
                     .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
                 let ep = route.pick();
+                ctx.endpoint_identity = Some(ep.identity.spiffe_id());
                 let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
                 peer.client_cert_key = Some(self.shared.tls.client_cert());
                 peer.options.ca = Some(self.shared.tls.bundle());
@@ -196,6 +236,15 @@ impl ProxyHttp for MeshProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         req.remove_header(CLIENT_ID_HEADER);
+        if let Some(hop) = &ctx.hop {
+            // This hop takes part in the trace: the next hop's parent is
+            // this span. Without tracing the headers pass untouched.
+            req.insert_header("traceparent", hop.traceparent())?;
+            req.remove_header("tracestate");
+            if let Some(ts) = &hop.tracestate {
+                req.insert_header("tracestate", ts.as_str())?;
+            }
+        }
         match self.direction {
             Direction::Inbound => {
                 if let Some(peer) = &ctx.peer {
@@ -252,6 +301,12 @@ impl ProxyHttp for MeshProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        if let (Some(t), Some(hop)) = (&self.shared.tracer, &ctx.hop) {
+            if t.records(hop) {
+                let err = e.map(|e| e.etype().as_str());
+                t.finish(hop, self.span_end(session, ctx, status, err));
+            }
+        }
         let dir = self.direction.as_str();
         let route = ctx.route_label(self.direction).to_string();
         let elapsed = ctx.start.elapsed();
@@ -279,6 +334,8 @@ impl ProxyHttp for MeshProxy {
                 policy = ctx.policy.as_ref().map(|p| p.1),
                 decision_id = ctx.policy.as_ref().map(|p| p.0.as_str()),
                 error = e.map(|e| e.to_string()),
+                trace_id = ctx.trace_id(),
+                span_id = ctx.hop.as_ref().map(|h| h.span_id_hex()),
             );
         }
     }
@@ -296,21 +353,12 @@ impl MeshProxy {
         // One revision for the whole check, even if a reload lands meanwhile.
         let set = handle.current();
         let facts = self.request_facts(session, ctx, set.manifest());
-        let traceparent = crate::tracecontext::parse_traceparent(
-            session
-                .req_header()
-                .headers
-                .get_all("traceparent")
-                .iter()
-                .map(|v| v.as_bytes()),
-        )
-        .ok()
-        .map(|t| t.trace_id_hex());
+        let trace_id = ctx.trace_id();
         let d = self.shared.policies.check(
             handle,
             &set,
             &facts,
-            traceparent.as_deref(),
+            trace_id.as_deref(),
             &self.shared.metrics,
         );
         let label = match (d.outcome, d.permitted) {
@@ -347,7 +395,7 @@ impl MeshProxy {
             "decision_id": facts.id,
             "revision": set.revision(),
             "reasons": reasons,
-            "trace_id": traceparent,
+            "trace_id": trace_id,
         });
         let mut body = serde_json::to_vec(&body).unwrap_or_default();
         body.push(b'\n');
@@ -361,6 +409,165 @@ impl MeshProxy {
         )
         .await;
         false
+    }
+
+    /// The span for this hop (or upstream attempt): OpenTelemetry HTTP
+    /// semantic conventions plus `crank.*` attributes. `failure` is a
+    /// transport error type, or why an attempt ended early.
+    fn span_end(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        status: u16,
+        failure: Option<&str>,
+    ) -> SpanEnd {
+        use opentelemetry::trace::SpanKind;
+        use opentelemetry::KeyValue as Kv;
+        let req = session.req_header();
+        let mut a: Vec<Kv> = Vec::with_capacity(24);
+        let name = crate::spans::method_attrs(req.method.as_str(), &mut a);
+        let kind = match self.direction {
+            Direction::Inbound => SpanKind::Server,
+            Direction::Outbound => SpanKind::Client,
+        };
+        a.push(Kv::new("network.protocol.name", "http"));
+        a.push(Kv::new(
+            "network.protocol.version",
+            match req.version {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            },
+        ));
+        let authority = request_authority(req);
+        let path = match split_absolute(req.raw_path()) {
+            Some((_, _, pq)) => pq.split('?').next().unwrap_or("").to_string(),
+            None => req.uri.path().to_string(),
+        };
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else {
+            path
+        };
+        let downstream = session.as_downstream();
+        let client = downstream.client_addr().and_then(|a| a.as_inet()).copied();
+        match self.direction {
+            Direction::Inbound => {
+                a.push(Kv::new("url.scheme", "https"));
+                a.push(Kv::new("url.path", path));
+                if let Some(host) = &authority {
+                    a.push(Kv::new("server.address", host_only(host).to_string()));
+                }
+                if let Some(local) = downstream.server_addr().and_then(|a| a.as_inet()) {
+                    a.push(Kv::new("server.port", i64::from(local.port())));
+                }
+                if let Some(c) = client {
+                    a.push(Kv::new("client.address", c.ip().to_string()));
+                    a.push(Kv::new("network.peer.address", c.ip().to_string()));
+                    a.push(Kv::new("network.peer.port", i64::from(c.port())));
+                }
+                if let Some(ua) = req
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    a.push(Kv::new("user_agent.original", ua.to_string()));
+                }
+            }
+            Direction::Outbound => {
+                a.push(Kv::new(
+                    "url.full",
+                    format!("http://{}{path}", authority.as_deref().unwrap_or("")),
+                ));
+                if let Some(up) = ctx.upstream {
+                    a.push(Kv::new("server.address", up.ip().to_string()));
+                    a.push(Kv::new("server.port", i64::from(up.port())));
+                    a.push(Kv::new("network.peer.address", up.ip().to_string()));
+                }
+                if let Some(hop) = &ctx.hop {
+                    if hop.attempts > 1 {
+                        a.push(Kv::new(
+                            "http.request.resend_count",
+                            i64::from(hop.attempts - 1),
+                        ));
+                    }
+                }
+            }
+        }
+        if status > 0 {
+            a.push(Kv::new("http.response.status_code", i64::from(status)));
+        }
+        a.push(Kv::new("crank.direction", self.direction.as_str()));
+        a.push(Kv::new(
+            "crank.route",
+            ctx.route_label(self.direction).to_string(),
+        ));
+        let (capability, peer, tenant) = match self.direction {
+            Direction::Inbound => (
+                inbound_capability(
+                    self.shared
+                        .config
+                        .load()
+                        .inbound
+                        .as_ref()
+                        .and_then(|i| i.capability.as_deref()),
+                    req.headers
+                        .get(CAPABILITY_HEADER)
+                        .and_then(|v| v.to_str().ok()),
+                ),
+                ctx.peer.as_ref().map(|p| p.spiffe_id.clone()),
+                ctx.peer.as_ref().map(|p| p.tenant.clone()),
+            ),
+            Direction::Outbound => (
+                ctx.route.as_ref().and_then(|r| r.capability.clone()),
+                ctx.endpoint_identity.clone(),
+                Some(self.shared.me.tenant.clone()),
+            ),
+        };
+        if let Some(c) = capability {
+            a.push(Kv::new("crank.capability", c));
+        }
+        if let Some(p) = peer {
+            a.push(Kv::new("crank.peer.identity", p));
+        }
+        if let Some(t) = tenant {
+            a.push(Kv::new("crank.tenant", t));
+        }
+        if let Some((id, result)) = &ctx.policy {
+            a.push(Kv::new("crank.decision", *result));
+            a.push(Kv::new("crank.decision_id", id.clone()));
+        }
+        let answered_by = match (ctx.reason, status) {
+            (Some(r), _) => r.as_str(),
+            (None, 0) => "none",
+            (None, _) => "upstream",
+        };
+        a.push(Kv::new("crank.answered_by", answered_by));
+        // Semantic conventions: a server span fails on 5xx, a client span
+        // on 4xx too; a request that got no response fails either way.
+        let error_floor = match kind {
+            SpanKind::Server => 500,
+            _ => 400,
+        };
+        let error = match (ctx.reason, failure) {
+            (_, Some(f)) if status == 0 => Some(f.to_string()),
+            (Some(r), _) if r.status() >= error_floor || status == 0 => {
+                Some(r.as_str().to_string())
+            }
+            (None, _) if status >= error_floor => Some(status.to_string()),
+            (None, None) if status == 0 => Some("no-response".to_string()),
+            _ => None,
+        };
+        if let Some(e) = &error {
+            a.push(Kv::new("error.type", e.clone()));
+        }
+        SpanEnd {
+            kind,
+            name: name.into(),
+            attributes: a,
+            error,
+            end: std::time::SystemTime::now(),
+        }
     }
 
     /// What the policy input is built from.
@@ -484,11 +691,16 @@ impl MeshProxy {
     /// Writes the proxy's own response: status, `x-crank-error`, and a body
     /// saying what happened and what to do.
     async fn respond(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
-        let body = if detail.is_empty() {
+        let mut body = if detail.is_empty() {
             format!("{}: {}\n", reason.as_str(), reason.advice())
         } else {
             format!("{}: {} ({detail})\n", reason.as_str(), reason.advice())
         };
+        if let Some(id) = ctx.trace_id() {
+            body.push_str("trace_id: ");
+            body.push_str(&id);
+            body.push('\n');
+        }
         self.respond_with(
             session,
             ctx,
@@ -519,6 +731,9 @@ impl MeshProxy {
             return;
         };
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
+        if let Some(id) = ctx.trace_id() {
+            let _ = resp.insert_header(TRACE_ID_HEADER, id);
+        }
         for (k, v) in extra {
             let _ = resp.insert_header(*k, *v);
         }
@@ -609,6 +824,14 @@ pub fn request_authority(req: &RequestHeader) -> Option<String> {
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
         })
+}
+
+/// The host part of an authority (`backend:8080` → `backend`, `[::1]:80` → `[::1]`).
+fn host_only(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i) if !authority[i + 1..].contains(']') => &authority[..i],
+        _ => authority,
+    }
 }
 
 /// Splits `http://authority/path?q` into (scheme, authority, path-and-query).

@@ -59,6 +59,23 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         None => Policies::none(),
     };
     tracing::info!(identity = %tls.identity, "loaded workload identity");
+    let tracer = match &cfg.tracing {
+        Some(t) => {
+            let resource = crate::otlp::resource(t, &tls.identity);
+            let sink = crate::otlp::start(
+                t,
+                resource,
+                crate::otlp::ExportMetrics {
+                    exported: metrics.spans_exported.clone(),
+                    dropped: metrics.spans_dropped.clone(),
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            metrics.sampling_ratio.set(t.sampling);
+            Some(crate::spans::Tracer::new(t.sampling, sink))
+        }
+        None => None,
+    };
 
     let me = crank_policy::Workload::from(&tls.identity);
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
@@ -70,8 +87,15 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         access_log: cfg.access_log,
         policies,
         me,
+        tracer,
+        reload: Default::default(),
         config: ArcSwap::from_pointee(cfg.clone()),
     });
+    crate::reload::spawn(
+        path.to_path_buf(),
+        shared.clone(),
+        std::time::Duration::from_secs(1),
+    )?;
 
     let mut conf = ServerConf {
         threads: cfg.threads,

@@ -21,6 +21,9 @@ pub struct Shared {
     pub policies: Policies,
     /// This workload's identity as policy input sees it, made once.
     pub me: crank_policy::Workload,
+    /// Spans and trace context; `None` when the config has no `tracing`.
+    pub tracer: Option<crate::spans::Tracer>,
+    pub reload: crate::reload::ReloadStatus,
 }
 
 impl Shared {
@@ -47,6 +50,8 @@ impl Shared {
             },
             "routes": self.routes.load().names(),
             "policy": self.policy_dump(),
+            "tracing": self.tracer.as_ref().map(|t| serde_json::json!({"sampling": t.ratio()})),
+            "last_rejected_config_change": self.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "ready": self.health.is_ready(),
         });
         serde_json::to_vec_pretty(&dump).unwrap_or_default()

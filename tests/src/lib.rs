@@ -4,12 +4,14 @@
 //! README's test command does.
 
 pub mod app;
+pub mod otlp;
 pub mod pki;
 pub mod proxy;
 pub mod raw_http;
 pub mod sidecar;
 
 pub use app::{EchoApp, EchoSeen};
+pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::Pki;
 pub use proxy::{free_port, Mesh, MeshOptions, Proxy};
 

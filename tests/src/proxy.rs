@@ -181,6 +181,10 @@ pub struct MeshOptions {
     /// Replace the client sidecar's certificate (expired, foreign CA, ...).
     pub client_leaf: Option<Leaf>,
     pub threads: usize,
+    /// YAML appended to the client (outbound) sidecar's config.
+    pub client_extra: String,
+    /// YAML appended to the server (inbound) sidecar's config.
+    pub server_extra: String,
 }
 
 impl Default for MeshOptions {
@@ -191,6 +195,8 @@ impl Default for MeshOptions {
             expected_server_identity: "backend.demo.crank.local".into(),
             client_leaf: None,
             threads: 1,
+            client_extra: String::new(),
+            server_extra: String::new(),
         }
     }
 }
@@ -224,25 +230,27 @@ impl Mesh {
         let server_yaml = format!(
             "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
              inbound: {{listen: {inbound}, app: {app}, app_protocol: {}}}\n\
-             admin: {{listen: {sadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n",
+             admin: {{listen: {sadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n{}",
             server_leaf.cert.display(),
             server_leaf.key.display(),
             bundle.display(),
             opts.app_protocol,
             opts.threads,
             opts.drain,
+            opts.server_extra,
         );
         let client_yaml = format!(
             "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
              outbound:\n  http_proxy: {http_proxy}\n  ports: [{{listen: {port}, route: backend}}]\n\
              routes:\n  - name: backend\n    hosts: [backend]\n    endpoints: [{{address: {inbound}, identity: {}}}]\n\
-             admin: {{listen: {cadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n",
+             admin: {{listen: {cadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n{}",
             client_leaf.cert.display(),
             client_leaf.key.display(),
             bundle.display(),
             opts.expected_server_identity,
             opts.threads,
             opts.drain,
+            opts.client_extra,
         );
         let server = Proxy::start(pki.path(), "server", &server_yaml, sadmin);
         let client = Proxy::start(pki.path(), "client", &client_yaml, cadmin);

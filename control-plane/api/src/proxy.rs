@@ -38,6 +38,74 @@ pub struct ProxyConfig {
     /// outbound for egress). Absent: no policy check.
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
+    /// Distributed tracing: W3C Trace Context and OTLP span export. Absent:
+    /// the proxy passes `traceparent` through untouched and makes no spans.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Spans for each request, exported over OTLP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The share of new traces (requests without a valid sampled or
+    /// unsampled `traceparent`) that are sampled, 0.0 to 1.0. A caller's
+    /// decision is always followed. Default 1.0. Changing it in the file
+    /// applies without a restart.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    #[serde(default)]
+    pub otlp: OtlpConfig,
+    /// Spans waiting for export; when full, new spans are dropped and
+    /// counted in `crank_spans_dropped_total`. Default 4096.
+    #[serde(default = "default_queue")]
+    pub max_queue_size: usize,
+    /// Most spans in one export request. Default 512.
+    #[serde(default = "default_batch")]
+    pub max_export_batch_size: usize,
+    /// Longest a span waits before its batch is sent. Default 1s.
+    #[serde(default = "default_delay", with = "humantime_serde")]
+    pub scheduled_delay: Duration,
+    /// Extra resource attributes (`deployment.environment: prod`). Also
+    /// read from `OTEL_RESOURCE_ATTRIBUTES`; these win.
+    #[serde(default)]
+    pub resource: std::collections::BTreeMap<String, String>,
+    /// `service.name` of the spans. Default: `OTEL_SERVICE_NAME`, else the
+    /// service part of this workload's identity.
+    #[serde(default)]
+    pub service_name: Option<String>,
+}
+
+/// Where spans go.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The OTLP/HTTP traces URL (`http://jaeger:4318/v1/traces`). Absent:
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// plus `/v1/traces`, else `http://localhost:4318/v1/traces`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Headers on each export request (an API key, say). Added to
+    /// `OTEL_EXPORTER_OTLP_HEADERS`; these win.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Deadline of one export request, retries included. Absent:
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT`, else 10s.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+fn default_sampling() -> f64 {
+    1.0
+}
+fn default_queue() -> usize {
+    4096
+}
+fn default_batch() -> usize {
+    512
+}
+fn default_delay() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

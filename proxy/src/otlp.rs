@@ -1,0 +1,267 @@
+//! Span export over OTLP/HTTP (protobuf), off the request path.
+//!
+//! Request threads hand finished spans to a bounded queue with `try_send`;
+//! one exporter thread batches them (by size, or after `scheduled_delay`)
+//! and sends each batch with `opentelemetry-otlp`'s exporter over a hyper
+//! client on its own current-thread runtime. When the collector is slow or
+//! gone the queue fills and new spans are dropped and counted
+//! (`crank_spans_dropped_total{reason="queue_full"}`); a batch that fails to
+//! send is counted as `export_failed`. A request never waits on export.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crank_api::proxy::TracingConfig;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use opentelemetry_sdk::Resource;
+use prometheus::{IntCounter, IntCounterVec};
+
+/// The request side of the queue.
+#[derive(Clone)]
+pub struct SpanSink {
+    tx: SyncSender<SpanData>,
+    dropped_full: IntCounter,
+}
+
+impl SpanSink {
+    /// Queues a span, or drops and counts it when the queue is full.
+    pub fn offer(&self, span: SpanData) {
+        match self.tx.try_send(span) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped_full.inc()
+            }
+        }
+    }
+
+    /// A sink whose spans a test reads from the returned receiver.
+    pub fn for_test(capacity: usize) -> (SpanSink, Receiver<SpanData>) {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let dropped = IntCounter::new("test_dropped", "test").expect("valid counter");
+        (
+            SpanSink {
+                tx,
+                dropped_full: dropped,
+            },
+            rx,
+        )
+    }
+}
+
+/// Export counters (registered in [`crate::metrics::Metrics`]).
+#[derive(Clone)]
+pub struct ExportMetrics {
+    pub exported: IntCounter,
+    pub dropped: IntCounterVec,
+}
+
+/// What the exporter thread needs to know to flush before the process exits.
+struct Control {
+    flush: AtomicBool,
+    done: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+static CONTROL: OnceLock<Arc<Control>> = OnceLock::new();
+
+/// Longest the exporter thread sleeps between checks for a flush request.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The resource every span carries: `service.name` (config, else
+/// `OTEL_SERVICE_NAME`, else this workload's service), the workload's
+/// identity, `OTEL_RESOURCE_ATTRIBUTES`, then the config's attributes.
+pub fn resource(cfg: &TracingConfig, identity: &crank_certs::Identity) -> Resource {
+    let mut b = Resource::builder();
+    match &cfg.service_name {
+        Some(name) => b = b.with_service_name(name.clone()),
+        None if std::env::var_os("OTEL_SERVICE_NAME").is_none() => {
+            b = b.with_service_name(identity.service.clone())
+        }
+        None => {}
+    }
+    b = b.with_attributes([
+        KeyValue::new("service.namespace", identity.tenant.clone()),
+        KeyValue::new("crank.identity", identity.spiffe_id()),
+        KeyValue::new("crank.trust_domain", identity.trust_domain.clone()),
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+    ]);
+    b = b.with_attributes(
+        cfg.resource
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+    );
+    b.build()
+}
+
+/// Builds the OTLP exporter and starts the exporter thread. Errors name the
+/// config field or environment variable at fault.
+pub fn start(
+    cfg: &TracingConfig,
+    resource: Resource,
+    metrics: ExportMetrics,
+) -> anyhow::Result<SpanSink> {
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .with_http_client(
+            opentelemetry_http::hyper::HyperClient::with_default_connector(
+                cfg.otlp.timeout.unwrap_or(Duration::from_secs(10)),
+                None,
+            ),
+        );
+    if let Some(ep) = &cfg.otlp.endpoint {
+        builder = builder.with_endpoint(ep.clone());
+    }
+    if let Some(t) = cfg.otlp.timeout {
+        builder = builder.with_timeout(t);
+    }
+    if !cfg.otlp.headers.is_empty() {
+        let headers: HashMap<String, String> = cfg
+            .otlp
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.with_headers(headers);
+    }
+    let mut exporter = builder.build().map_err(|e| {
+        anyhow::anyhow!(
+            "tracing.otlp: cannot build the OTLP exporter: {e}; check tracing.otlp.endpoint and the OTEL_EXPORTER_OTLP_* variables"
+        )
+    })?;
+    exporter.set_resource(&resource);
+
+    let (tx, rx) = mpsc::sync_channel(cfg.max_queue_size);
+    let control = Arc::new(Control {
+        flush: AtomicBool::new(false),
+        done: Mutex::new(None),
+    });
+    let _ = CONTROL.set(control.clone());
+    let batch = cfg.max_export_batch_size;
+    let delay = cfg.scheduled_delay;
+    let sink = SpanSink {
+        tx,
+        dropped_full: metrics.dropped.with_label_values(&["queue_full"]),
+    };
+    std::thread::Builder::new()
+        .name("crank-otlp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "tracing: cannot start the exporter runtime; spans will be dropped");
+                    return;
+                }
+            };
+            let mut w = Worker {
+                exporter,
+                metrics,
+                last_warn: None,
+            };
+            w.run(&rt, rx, &control, batch, delay);
+        })?;
+    Ok(sink)
+}
+
+struct Worker {
+    exporter: opentelemetry_otlp::SpanExporter,
+    metrics: ExportMetrics,
+    last_warn: Option<Instant>,
+}
+
+impl Worker {
+    fn run(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        rx: Receiver<SpanData>,
+        control: &Control,
+        max_batch: usize,
+        delay: Duration,
+    ) {
+        let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
+        let mut due = Instant::now() + delay;
+        loop {
+            if control.flush.load(Ordering::Acquire) {
+                batch.extend(rx.try_iter());
+                while !batch.is_empty() {
+                    let rest = batch.split_off(batch.len().min(max_batch));
+                    self.send(rt, std::mem::replace(&mut batch, rest));
+                }
+                control.flush.store(false, Ordering::Release);
+                if let Some(done) = control
+                    .done
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                {
+                    let _ = done.send(());
+                }
+            }
+            let now = Instant::now();
+            if now >= due {
+                if !batch.is_empty() {
+                    self.send(rt, std::mem::take(&mut batch));
+                }
+                due = Instant::now() + delay;
+                continue;
+            }
+            match rx.recv_timeout((due - now).min(POLL)) {
+                Ok(span) => {
+                    batch.push(span);
+                    if batch.len() >= max_batch {
+                        self.send(rt, std::mem::take(&mut batch));
+                        due = Instant::now() + delay;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    if !batch.is_empty() {
+                        self.send(rt, std::mem::take(&mut batch));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, rt: &tokio::runtime::Runtime, batch: Vec<SpanData>) {
+        let n = batch.len() as u64;
+        match rt.block_on(self.exporter.export(batch)) {
+            Ok(()) => self.metrics.exported.inc_by(n),
+            Err(e) => {
+                self.metrics
+                    .dropped
+                    .with_label_values(&["export_failed"])
+                    .inc_by(n);
+                // One warning per 30 s: a dead collector must not flood the log.
+                let now = Instant::now();
+                if self
+                    .last_warn
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30))
+                {
+                    self.last_warn = Some(now);
+                    tracing::warn!(spans = n, error = %e, "tracing: OTLP export failed; spans dropped (counted in crank_spans_dropped_total). Check that the collector at tracing.otlp.endpoint is up");
+                }
+            }
+        }
+    }
+}
+
+/// Exports what is queued, waiting at most `timeout`. Called before the
+/// process exits after a drain.
+pub fn flush(timeout: Duration) {
+    let Some(control) = CONTROL.get() else {
+        return;
+    };
+    let (tx, rx) = mpsc::channel();
+    *control.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    control.flush.store(true, Ordering::Release);
+    let _ = rx.recv_timeout(timeout);
+}

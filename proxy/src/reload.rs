@@ -1,0 +1,152 @@
+//! Watching the config file. A change is checked whole, as at start; an
+//! invalid file is refused and the running config keeps serving. A valid
+//! change applies without a restart when it touches only the live fields:
+//!
+//! - `tracing.sampling` (the root sampling ratio),
+//! - `routes` (endpoints, hosts, capabilities),
+//! - `timeouts`.
+//!
+//! Anything else (listeners, identity files, policy directories, the
+//! tracing exporter, threads) is refused with the list of fields that need
+//! a restart, so the running proxy never half-applies a config.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crank_api::proxy::ProxyConfig;
+
+use crate::routing::RouteTable;
+use crate::state::Shared;
+
+/// The last refused change, for `/config_dump`.
+#[derive(Default)]
+pub struct ReloadStatus {
+    pub last_rejected: Mutex<Option<String>>,
+}
+
+/// The top-level fields of `new` that differ from `old` and cannot change
+/// while running.
+pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("identity", old.identity == new.identity);
+    check("inbound", old.inbound == new.inbound);
+    check("outbound", old.outbound == new.outbound);
+    check("admin", old.admin == new.admin);
+    check("threads", old.threads == new.threads);
+    check("drain", old.drain == new.drain);
+    check("access_log", old.access_log == new.access_log);
+    check("policy", old.policy == new.policy);
+    let tracing_same = match (&old.tracing, &new.tracing) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            let mut b = b.clone();
+            b.sampling = a.sampling;
+            *a == b
+        }
+        _ => false,
+    };
+    check("tracing (all but tracing.sampling)", tracing_same);
+    out
+}
+
+/// Applies a validated config whose restart fields equal the running one's.
+pub fn apply(shared: &Shared, new: ProxyConfig) {
+    if let (Some(tracer), Some(t)) = (&shared.tracer, &new.tracing) {
+        tracer.set_ratio(t.sampling);
+        shared.metrics.sampling_ratio.set(t.sampling);
+    }
+    shared.routes.store(Arc::new(RouteTable::from_config(&new)));
+    shared.config.store(Arc::new(new));
+}
+
+/// Checks the file every `interval` and applies or refuses a change.
+pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io::Result<()> {
+    let mut last = std::fs::read(&path).unwrap_or_default();
+    std::thread::Builder::new()
+        .name("crank-config-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            let Ok(now) = std::fs::read(&path) else {
+                continue; // mid-rename, or removed: keep serving, check again
+            };
+            if now == last {
+                continue;
+            }
+            last = now;
+            match check_change(&path, &shared) {
+                Ok(new) => {
+                    apply(&shared, new);
+                    shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
+                    *shared.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    tracing::info!(file = %path.display(), "config change applied");
+                }
+                Err(msg) => {
+                    shared.metrics.config_reloads.with_label_values(&["rejected"]).inc();
+                    tracing::error!(file = %path.display(), error = %msg, "config change refused; the running config keeps serving");
+                    *shared.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(msg);
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn check_change(path: &std::path::Path, shared: &Shared) -> Result<ProxyConfig, String> {
+    let new = crate::config::load(path).map_err(|e| e.to_string())?;
+    let old = shared.config.load();
+    let fields = restart_fields(&old, &new);
+    if !fields.is_empty() {
+        return Err(format!(
+            "{}: changes {} which need a restart; restart the proxy to apply them (only tracing.sampling, routes and timeouts apply live)",
+            path.display(),
+            fields.join(", ")
+        ));
+    }
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> ProxyConfig {
+        let text = format!("identity: {{cert: a.crt, key: a.key, trust_bundle: b.pem}}\nadmin: {{listen: 127.0.0.1:9901}}\n{extra}");
+        crate::config::parse("p.yaml", &text).unwrap()
+    }
+
+    #[test]
+    fn live_fields_need_no_restart() {
+        let old = cfg("tracing: {sampling: 1.0}\n");
+        assert!(restart_fields(&old, &cfg("tracing: {sampling: 0.01}\n")).is_empty());
+        assert!(restart_fields(
+            &old,
+            &cfg("tracing: {sampling: 1.0}\ntimeouts: {connect: 1s}\nroutes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}]}]\n")
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn other_fields_are_named() {
+        let old = cfg("tracing: {sampling: 1.0}\n");
+        assert_eq!(
+            restart_fields(
+                &old,
+                &cfg("tracing: {sampling: 1.0, otlp: {endpoint: \"http://x:4318/v1/traces\"}}\n")
+            ),
+            vec!["tracing (all but tracing.sampling)"]
+        );
+        assert_eq!(
+            restart_fields(&old, &cfg("threads: 2\n")),
+            vec!["threads", "tracing (all but tracing.sampling)"]
+        );
+        let mut moved = old.clone();
+        moved.admin.listen = "127.0.0.1:9902".parse().unwrap();
+        assert_eq!(restart_fields(&old, &moved), vec!["admin"]);
+    }
+}
