@@ -197,6 +197,11 @@ impl Tracer {
     }
 }
 
+/// The longest `tracestate` forwarded. The recommendation asks for at
+/// least 512 characters; longer lists are cut by its rules (§3.3.1.5: long
+/// members first, then from the end).
+pub const MAX_TRACESTATE: usize = 4096;
+
 /// The valid incoming `traceparent` and its forwardable `tracestate`. A
 /// `tracestate` without a valid `traceparent` is never used (§3.3).
 pub fn incoming(headers: &HeaderMap) -> Option<(tracecontext::TraceParent, Option<String>)> {
@@ -206,7 +211,8 @@ pub fn incoming(headers: &HeaderMap) -> Option<(tracecontext::TraceParent, Optio
     .ok()?;
     let ts = tracecontext::combine_tracestate(
         headers.get_all("tracestate").iter().map(|v| v.as_bytes()),
-    );
+    )
+    .map(|ts| tracecontext::truncate_tracestate(&ts, MAX_TRACESTATE));
     Some((tp, ts))
 }
 
@@ -369,6 +375,22 @@ mod tests {
         let hop = t.begin(&headers(&[]));
         assert!(!hop.sampled());
         assert!(hop.traceparent().ends_with("-02"));
+    }
+
+    #[test]
+    fn a_long_tracestate_is_cut_by_the_rules() {
+        let t = Tracer::new(1.0, SpanSink::for_test(8).0);
+        // 31 members of ~140 bytes (over 128: dropped first), then a short one.
+        let long: Vec<String> = (0..31)
+            .map(|i| format!("k{i}={}", "v".repeat(136)))
+            .collect();
+        let value = format!("{},short=1", long.join(","));
+        assert!(value.len() > MAX_TRACESTATE);
+        let hop = t.begin(&headers(&[("traceparent", TP), ("tracestate", &value)]));
+        let ts = hop.tracestate.unwrap();
+        assert!(ts.len() <= MAX_TRACESTATE, "{}", ts.len());
+        assert!(ts.starts_with("k0="), "the first members are kept");
+        assert!(ts.ends_with(",short=1"), "short members outlive long ones");
     }
 
     #[test]

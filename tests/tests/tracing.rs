@@ -422,3 +422,31 @@ fn a_collector_that_is_down_or_slow_costs_no_request_and_drops_are_counted() {
     );
     assert_eq!(app.count(), 110, "every request reached the app");
 }
+
+#[test]
+fn spans_still_queued_are_sent_when_the_proxy_drains() {
+    let app = EchoApp::start();
+    let rx = OtlpReceiver::start();
+    // A long batch delay: nothing goes out on the timer during the test.
+    let mut mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            client_extra: format!(
+                "tracing:\n  scheduled_delay: 60s\n  otlp: {{endpoint: \"{}\"}}\n",
+                rx.endpoint()
+            ),
+            ..MeshOptions::default()
+        },
+    );
+    for i in 0..3 {
+        let (status, _) = curl(&[&mesh.port_url(&format!("/last/{i}"))]);
+        assert_eq!(status, 200);
+    }
+    assert!(rx.spans().is_empty(), "still queued");
+    mesh.client.signal(libc::SIGTERM);
+    let exit = mesh.client.wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert!(spans.iter().all(|s| s.kind() == "client"));
+}
