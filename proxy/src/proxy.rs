@@ -80,6 +80,9 @@ pub struct Ctx {
     incoming_trace_id: Option<String>,
     /// Outbound: the identity the chosen endpoint must prove.
     endpoint_identity: Option<String>,
+    /// Outbound: the peer sidecar's `x-crank-error`, when it answered by
+    /// itself (its policy denied the request, say).
+    peer_error: Option<String>,
     _inflight: InflightGuard,
 }
 
@@ -117,6 +120,7 @@ impl ProxyHttp for MeshProxy {
             hop: None,
             incoming_trace_id: None,
             endpoint_identity: None,
+            peer_error: None,
             _inflight: self.shared.health.track(),
         }
     }
@@ -258,6 +262,23 @@ impl ProxyHttp for MeshProxy {
                     req.insert_header(CAPABILITY_HEADER, cap)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if self.direction == Direction::Outbound && ctx.hop.is_some() {
+            ctx.peer_error = resp
+                .headers
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'))
+                .map(|v| format!("peer:{v}"));
         }
         Ok(())
     }
@@ -537,10 +558,11 @@ impl MeshProxy {
             a.push(Kv::new("crank.decision", *result));
             a.push(Kv::new("crank.decision_id", id.clone()));
         }
-        let answered_by = match (ctx.reason, status) {
-            (Some(r), _) => r.as_str(),
-            (None, 0) => "none",
-            (None, _) => "upstream",
+        let answered_by = match (ctx.reason, &ctx.peer_error, status) {
+            (Some(r), _, _) => r.as_str().to_string(),
+            (None, Some(peer), _) => peer.clone(),
+            (None, None, 0) => "none".to_string(),
+            (None, None, _) => "upstream".to_string(),
         };
         a.push(Kv::new("crank.answered_by", answered_by));
         // Semantic conventions: a server span fails on 5xx, a client span

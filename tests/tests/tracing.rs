@@ -450,3 +450,62 @@ fn spans_still_queued_are_sent_when_the_proxy_drains() {
     assert_eq!(spans.len(), 3, "{spans:#?}");
     assert!(spans.iter().all(|s| s.kind() == "client"));
 }
+
+#[test]
+fn a_policy_denial_shows_on_both_spans() {
+    let app = EchoApp::start();
+    let rx = OtlpReceiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("authz.rego"),
+        "package crank.authz\n\ndefault allow := false\ndeny contains \"tracing test: nobody may call\" if true\n",
+    )
+    .unwrap();
+    let mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            client_extra: tracing_yaml(&rx.endpoint(), 1.0),
+            server_extra: format!(
+                "{}policy: {{inbound: {{dir: {}}}, decision_log: {{enabled: false}}}}\n",
+                tracing_yaml(&rx.endpoint(), 1.0),
+                dir.path().display()
+            ),
+            ..MeshOptions::default()
+        },
+    );
+    let (status, out) = curl(&[
+        "-H",
+        &format!("traceparent: {TP}"),
+        &mesh.port_url("/denied"),
+    ]);
+    assert_eq!(status, 403, "{out}");
+    assert_eq!(header(&out, "x-crank-trace-id"), Some(TRACE), "{out}");
+    assert_eq!(app.count(), 0);
+    wait_until("two spans", Duration::from_secs(10), || {
+        rx.trace(TRACE).len() >= 2
+    });
+    let spans = rx.trace(TRACE);
+    let client = spans.iter().find(|s| s.kind() == "client").unwrap();
+    let server = spans.iter().find(|s| s.kind() == "server").unwrap();
+    assert_eq!(server.parent_id_hex(), client.span_id_hex());
+    // The server span: the policy answered; a 4xx is not a server error.
+    assert_eq!(server.attr("crank.decision").as_deref(), Some("deny"));
+    assert!(server
+        .attr("crank.decision_id")
+        .is_some_and(|d| !d.is_empty()));
+    assert_eq!(
+        server.attr("crank.answered_by").as_deref(),
+        Some("policy-denied")
+    );
+    assert_eq!(server.status_code(), 0);
+    // The client span: the peer's sidecar answered; a 4xx fails a client span.
+    assert_eq!(
+        client.attr("crank.answered_by").as_deref(),
+        Some("peer:policy-denied")
+    );
+    assert_eq!(
+        client.attr("http.response.status_code").as_deref(),
+        Some("403")
+    );
+    assert_eq!(client.status_code(), 2);
+}
