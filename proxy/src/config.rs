@@ -251,13 +251,13 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
         let ok = ep
             .parse::<http::Uri>()
             .ok()
-            .filter(|u| matches!(u.scheme_str(), Some("http") | Some("https")))
+            .filter(|u| u.scheme_str() == Some("http"))
             .filter(|u| u.authority().is_some());
         if ok.is_none() {
             return Err((
                 "tracing.otlp.endpoint".into(),
                 format!(
-                    "{ep:?} is not an http(s) URL; use the collector's OTLP/HTTP traces URL, such as http://jaeger:4318/v1/traces"
+                    "{ep:?} is not a plain http:// URL; use the collector's OTLP/HTTP traces URL (http://jaeger:4318/v1/traces) or gRPC address (http://jaeger:4317). For TLS to a remote collector, run an OpenTelemetry Collector on loopback"
                 ),
             ));
         }
@@ -341,9 +341,11 @@ mod tests {
             ("tracing: {max_queue_size: 10, max_export_batch_size: 11}\n", "tracing.max_export_batch_size", "max_queue_size (10)"),
             ("tracing: {scheduled_delay: 0s}\n", "tracing.scheduled_delay", "is zero"),
             ("tracing: {otlp: {endpoint: \"jaeger:4318\"}}\n", "tracing.otlp.endpoint", "OTLP/HTTP traces URL"),
-            ("tracing: {otlp: {endpoint: \"ftp://x/v1/traces\"}}\n", "tracing.otlp.endpoint", "not an http(s) URL"),
+            ("tracing: {otlp: {endpoint: \"ftp://x/v1/traces\"}}\n", "tracing.otlp.endpoint", "not a plain http:// URL"),
             ("tracing: {otlp: {headers: {\"bad name\": x}}}\n", "tracing.otlp.headers.bad name", "valid HTTP header"),
             ("tracing: {sampler: 1}\n", "tracing.sampler", "unknown field"),
+            ("tracing: {otlp: {endpoint: \"https://x:4318/v1/traces\"}}\n", "tracing.otlp.endpoint", "OpenTelemetry Collector on loopback"),
+            ("tracing: {otlp: {protocol: http/json}}\n", "tracing.otlp.protocol", "unknown variant"),
         ];
         for (extra, field, needle) in cases {
             let e = check(extra).expect_err(extra);

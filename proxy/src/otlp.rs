@@ -1,9 +1,9 @@
-//! Span export over OTLP/HTTP (protobuf), off the request path.
+//! Span export over OTLP (HTTP/protobuf or gRPC), off the request path.
 //!
 //! Request threads hand finished spans to a bounded queue with `try_send`;
 //! one exporter thread batches them (by size, or after `scheduled_delay`)
-//! and sends each batch with `opentelemetry-otlp`'s exporter over a hyper
-//! client on its own current-thread runtime. When the collector is slow or
+//! and sends each batch with `opentelemetry-otlp`'s exporter (a hyper
+//! client, or a tonic channel for gRPC) on its own current-thread runtime. When the collector is slow or
 //! gone the queue fills and new spans are dropped and counted
 //! (`crank_spans_dropped_total{reason="queue_full"}`); a batch that fails to
 //! send is counted as `export_failed`. A request never waits on export.
@@ -14,9 +14,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crank_api::proxy::TracingConfig;
+use crank_api::proxy::{OtlpProtocol, TracingConfig};
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use opentelemetry_sdk::Resource;
 use prometheus::{IntCounter, IntCounterVec};
@@ -97,6 +97,119 @@ pub fn resource(cfg: &TracingConfig, identity: &crank_certs::Identity) -> Resour
     b.build()
 }
 
+/// The protocol in force: the config's, else the OTLP variables', else
+/// `http/protobuf`.
+pub fn protocol(cfg: &TracingConfig) -> anyhow::Result<OtlpProtocol> {
+    if let Some(p) = cfg.otlp.protocol {
+        return Ok(p);
+    }
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            return match v.trim() {
+                "grpc" => Ok(OtlpProtocol::Grpc),
+                "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+                other => Err(anyhow::anyhow!(
+                    "{var}={other:?} is not supported; use grpc or http/protobuf"
+                )),
+            };
+        }
+    }
+    Ok(OtlpProtocol::HttpProtobuf)
+}
+
+/// Refuses an `https://` collector from the OTLP variables (the config's
+/// endpoint is checked with the rest of the config): the exporter speaks
+/// plain HTTP; TLS to a remote collector goes through a local one.
+fn check_env_endpoint(cfg: &TracingConfig) -> anyhow::Result<()> {
+    if cfg.otlp.endpoint.is_some() {
+        return Ok(());
+    }
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.trim().starts_with("http://") {
+                return Err(anyhow::anyhow!(
+                    "{var}={v:?}: only plain http:// collector endpoints are supported; run an OpenTelemetry Collector on loopback to forward over TLS"
+                ));
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn build_exporter(
+    cfg: &TracingConfig,
+    protocol: OtlpProtocol,
+) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    let timeout = cfg.otlp.timeout;
+    let built = match protocol {
+        OtlpProtocol::HttpProtobuf => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_http_client(
+                    opentelemetry_http::hyper::HyperClient::with_default_connector(
+                        timeout.unwrap_or(Duration::from_secs(10)),
+                        None,
+                    ),
+                );
+            if let Some(ep) = &cfg.otlp.endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            if let Some(t) = timeout {
+                b = b.with_timeout(t);
+            }
+            if !cfg.otlp.headers.is_empty() {
+                let headers: HashMap<String, String> = cfg
+                    .otlp
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                b = b.with_headers(headers);
+            }
+            b.build()
+        }
+        OtlpProtocol::Grpc => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_protocol(opentelemetry_otlp::Protocol::Grpc);
+            if let Some(ep) = &cfg.otlp.endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            if let Some(t) = timeout {
+                b = b.with_timeout(t);
+            }
+            let mut md = tonic::metadata::MetadataMap::new();
+            for (k, v) in &cfg.otlp.headers {
+                let key =
+                    tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "tracing.otlp.headers.{k}: not a valid gRPC metadata name"
+                            )
+                        })?;
+                let val = v.parse().map_err(|_| {
+                    anyhow::anyhow!("tracing.otlp.headers.{k}: not a valid gRPC metadata value")
+                })?;
+                md.insert(key, val);
+            }
+            b.with_metadata(md).build()
+        }
+    };
+    built.map_err(|e| {
+        anyhow::anyhow!(
+            "tracing.otlp: cannot build the OTLP exporter: {e}; check tracing.otlp and the OTEL_EXPORTER_OTLP_* variables"
+        )
+    })
+}
+
 /// Builds the OTLP exporter and starts the exporter thread. Errors name the
 /// config field or environment variable at fault.
 pub fn start(
@@ -104,37 +217,8 @@ pub fn start(
     resource: Resource,
     metrics: ExportMetrics,
 ) -> anyhow::Result<SpanSink> {
-    let mut builder = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-        .with_http_client(
-            opentelemetry_http::hyper::HyperClient::with_default_connector(
-                cfg.otlp.timeout.unwrap_or(Duration::from_secs(10)),
-                None,
-            ),
-        );
-    if let Some(ep) = &cfg.otlp.endpoint {
-        builder = builder.with_endpoint(ep.clone());
-    }
-    if let Some(t) = cfg.otlp.timeout {
-        builder = builder.with_timeout(t);
-    }
-    if !cfg.otlp.headers.is_empty() {
-        let headers: HashMap<String, String> = cfg
-            .otlp
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        builder = builder.with_headers(headers);
-    }
-    let mut exporter = builder.build().map_err(|e| {
-        anyhow::anyhow!(
-            "tracing.otlp: cannot build the OTLP exporter: {e}; check tracing.otlp.endpoint and the OTEL_EXPORTER_OTLP_* variables"
-        )
-    })?;
-    exporter.set_resource(&resource);
-
+    let protocol = protocol(cfg)?;
+    check_env_endpoint(cfg)?;
     let (tx, rx) = mpsc::sync_channel(cfg.max_queue_size);
     let control = Arc::new(Control {
         flush: AtomicBool::new(false),
@@ -147,6 +231,10 @@ pub fn start(
         tx,
         dropped_full: metrics.dropped.with_label_values(&["queue_full"]),
     };
+    // The exporter is built on the thread's own runtime (the gRPC channel
+    // needs one); whether that worked comes back before `start` returns.
+    let (ready_tx, ready_rx) = mpsc::channel::<anyhow::Result<()>>();
+    let cfg = cfg.clone();
     std::thread::Builder::new()
         .name("crank-otlp".into())
         .spawn(move || {
@@ -156,10 +244,25 @@ pub fn start(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!(error = %e, "tracing: cannot start the exporter runtime; spans will be dropped");
+                    let _ = ready_tx.send(Err(anyhow::anyhow!(
+                        "tracing: cannot start the exporter runtime: {e}"
+                    )));
                     return;
                 }
             };
+            let exporter = {
+                let _guard = rt.enter();
+                build_exporter(&cfg, protocol)
+            };
+            let mut exporter = match exporter {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            exporter.set_resource(&resource);
+            let _ = ready_tx.send(Ok(()));
             let mut w = Worker {
                 exporter,
                 metrics,
@@ -167,6 +270,9 @@ pub fn start(
             };
             w.run(&rt, rx, &control, batch, delay);
         })?;
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("tracing: the exporter thread stopped while starting"))??;
     Ok(sink)
 }
 

@@ -65,6 +65,7 @@ impl ReceivedSpan {
 
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
+    grpc: bool,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
     requests: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
@@ -111,6 +112,7 @@ impl OtlpReceiver {
         });
         OtlpReceiver {
             addr: addr_rx.recv().unwrap(),
+            grpc: false,
             spans,
             requests,
             delay_ms,
@@ -118,9 +120,53 @@ impl OtlpReceiver {
         }
     }
 
-    /// The traces URL to put in `tracing.otlp.endpoint`.
+    /// An OTLP/gRPC receiver (`TraceService/Export`, served by tonic with
+    /// the official service definition).
+    pub fn start_grpc() -> OtlpReceiver {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
+        let requests = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let svc = GrpcTraces {
+            spans: spans.clone(),
+            requests: requests.clone(),
+        };
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let incoming = tokio_stream_from(listener);
+                let _ = tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(svc))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+        });
+        OtlpReceiver {
+            addr: addr_rx.recv().unwrap(),
+            grpc: true,
+            spans,
+            requests,
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            _shutdown: tx,
+        }
+    }
+
+    /// What to put in `tracing.otlp.endpoint`: the traces URL for HTTP,
+    /// the server address for gRPC.
     pub fn endpoint(&self) -> String {
-        format!("http://{}/v1/traces", self.addr)
+        if self.grpc {
+            format!("http://{}", self.addr)
+        } else {
+            format!("http://{}/v1/traces", self.addr)
+        }
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
@@ -143,6 +189,50 @@ impl OtlpReceiver {
             .into_iter()
             .filter(|s| s.trace_id_hex() == trace_id_hex)
             .collect()
+    }
+}
+
+struct GrpcTraces {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    requests: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for GrpcTraces
+{
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        keep(&self.spans, request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Accepted connections as the stream tonic's server takes.
+fn tokio_stream_from(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+fn keep(spans: &Mutex<Vec<ReceivedSpan>>, export: ExportTraceServiceRequest) {
+    let mut out = spans.lock().unwrap();
+    for rs in export.resource_spans {
+        let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                out.push(ReceivedSpan {
+                    resource: resource.clone(),
+                    span,
+                });
+            }
+        }
     }
 }
 
@@ -182,20 +272,7 @@ async fn handle(
             )))
             .unwrap());
     };
-    {
-        let mut out = spans.lock().unwrap();
-        for rs in export.resource_spans {
-            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    out.push(ReceivedSpan {
-                        resource: resource.clone(),
-                        span,
-                    });
-                }
-            }
-        }
-    }
+    keep(&spans, export);
     let resp = ExportTraceServiceResponse::default().encode_to_vec();
     Ok(Response::builder()
         .header("content-type", "application/x-protobuf")

@@ -509,3 +509,31 @@ fn a_policy_denial_shows_on_both_spans() {
     );
     assert_eq!(client.status_code(), 2);
 }
+
+#[test]
+fn spans_go_to_an_otlp_grpc_collector_too() {
+    let app = EchoApp::start();
+    let rx = OtlpReceiver::start_grpc();
+    let yaml = format!(
+        "tracing:\n  scheduled_delay: 100ms\n  otlp: {{endpoint: \"{}\", protocol: grpc}}\n",
+        rx.endpoint()
+    );
+    let mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            client_extra: yaml.clone(),
+            server_extra: yaml,
+            ..MeshOptions::default()
+        },
+    );
+    let (status, _) = curl(&["-H", &format!("traceparent: {TP}"), &mesh.port_url("/grpc")]);
+    assert_eq!(status, 200);
+    wait_until("two spans over gRPC", Duration::from_secs(10), || {
+        rx.trace(TRACE).len() >= 2
+    });
+    let spans = rx.trace(TRACE);
+    let client = spans.iter().find(|s| s.kind() == "client").unwrap();
+    let server = spans.iter().find(|s| s.kind() == "server").unwrap();
+    assert_eq!(server.parent_id_hex(), client.span_id_hex());
+    assert!(rx.requests() >= 1);
+}

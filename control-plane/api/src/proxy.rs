@@ -80,9 +80,12 @@ pub struct TracingConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OtlpConfig {
-    /// The OTLP/HTTP traces URL (`http://jaeger:4318/v1/traces`). Absent:
-    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`
-    /// plus `/v1/traces`, else `http://localhost:4318/v1/traces`.
+    /// The collector: for `http/protobuf` the traces URL
+    /// (`http://jaeger:4318/v1/traces`), for `grpc` the server
+    /// (`http://jaeger:4317`). Plain `http://` only: run a local collector
+    /// for TLS. Absent: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (plus `/v1/traces` for HTTP), else
+    /// the protocol's localhost default.
     #[serde(default)]
     pub endpoint: Option<String>,
     /// Headers on each export request (an API key, say). Added to
@@ -93,6 +96,19 @@ pub struct OtlpConfig {
     /// `OTEL_EXPORTER_OTLP_TIMEOUT`, else 10s.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// `http/protobuf` (port 4318) or `grpc` (port 4317). Absent:
+    /// `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, else `OTEL_EXPORTER_OTLP_PROTOCOL`,
+    /// else `http/protobuf`.
+    #[serde(default)]
+    pub protocol: Option<OtlpProtocol>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 fn default_sampling() -> f64 {
