@@ -262,6 +262,14 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
             ));
         }
     }
+    for k in t.resource.keys() {
+        if k == "service.name" || k.starts_with("crank.") {
+            return Err((
+                format!("tracing.resource.{k}"),
+                "is set by the proxy; use tracing.service_name for the service name, and leave crank.* attributes to the proxy".into(),
+            ));
+        }
+    }
     for (k, v) in &t.otlp.headers {
         if http::HeaderName::from_bytes(k.as_bytes()).is_err()
             || http::HeaderValue::from_str(v).is_err()
@@ -344,6 +352,8 @@ mod tests {
             ("tracing: {otlp: {endpoint: \"ftp://x/v1/traces\"}}\n", "tracing.otlp.endpoint", "not a plain http:// URL"),
             ("tracing: {otlp: {headers: {\"bad name\": x}}}\n", "tracing.otlp.headers.bad name", "valid HTTP header"),
             ("tracing: {sampler: 1}\n", "tracing.sampler", "unknown field"),
+            ("tracing: {resource: {service.name: x}}\n", "tracing.resource.service.name", "tracing.service_name"),
+            ("tracing: {resource: {crank.identity: x}}\n", "tracing.resource.crank.identity", "set by the proxy"),
             ("tracing: {otlp: {endpoint: \"https://x:4318/v1/traces\"}}\n", "tracing.otlp.endpoint", "OpenTelemetry Collector on loopback"),
             ("tracing: {otlp: {protocol: http/json}}\n", "tracing.otlp.protocol", "unknown variant"),
         ];

@@ -40,9 +40,9 @@ pub struct Metrics {
     pub spans_dropped: IntCounterVec,
     /// `crank_trace_sampling_ratio`: the ratio new traces are sampled at.
     pub sampling_ratio: Gauge,
-    /// `crank_config_reloads_total{result}`: `applied`, `unchanged` is not
-    /// counted, `rejected` when the file is invalid or changes a field that
-    /// needs a restart.
+    /// `crank_config_reloads_total{result}`: `applied`, or `rejected` when
+    /// the file is invalid or changes a field that needs a restart. A save
+    /// that changes nothing (comments, spacing) is not counted.
     pub config_reloads: IntCounterVec,
 }
 

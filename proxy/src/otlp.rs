@@ -71,30 +71,57 @@ static CONTROL: OnceLock<Arc<Control>> = OnceLock::new();
 /// Longest the exporter thread sleeps between checks for a flush request.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The resource every span carries: `service.name` (config, else
-/// `OTEL_SERVICE_NAME`, else this workload's service), the workload's
-/// identity, `OTEL_RESOURCE_ATTRIBUTES`, then the config's attributes.
+/// The resource every span carries: `OTEL_RESOURCE_ATTRIBUTES`, then the
+/// workload's identity and the config's attributes, and `service.name` from
+/// (first found) `tracing.service_name`, `OTEL_SERVICE_NAME`, `service.name`
+/// in `OTEL_RESOURCE_ATTRIBUTES`, the service part of this identity.
 pub fn resource(cfg: &TracingConfig, identity: &crank_certs::Identity) -> Resource {
-    let mut b = Resource::builder();
-    match &cfg.service_name {
-        Some(name) => b = b.with_service_name(name.clone()),
-        None if std::env::var_os("OTEL_SERVICE_NAME").is_none() => {
-            b = b.with_service_name(identity.service.clone())
-        }
-        None => {}
-    }
-    b = b.with_attributes([
-        KeyValue::new("service.namespace", identity.tenant.clone()),
-        KeyValue::new("crank.identity", identity.spiffe_id()),
-        KeyValue::new("crank.trust_domain", identity.trust_domain.clone()),
-        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-    ]);
-    b = b.with_attributes(
-        cfg.resource
-            .iter()
-            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-    );
-    b.build()
+    let env_attr_name = std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+        .ok()
+        .and_then(|attrs| {
+            attrs.split(',').find_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                (k.trim() == "service.name" && !v.trim().is_empty()).then(|| v.trim().to_string())
+            })
+        });
+    let service_name = cfg
+        .service_name
+        .clone()
+        .or_else(|| {
+            std::env::var("OTEL_SERVICE_NAME")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+        })
+        .or(env_attr_name)
+        .unwrap_or_else(|| identity.service.clone());
+    Resource::builder()
+        .with_attributes([
+            KeyValue::new("service.namespace", identity.tenant.clone()),
+            KeyValue::new("crank.identity", identity.spiffe_id()),
+            KeyValue::new("crank.trust_domain", identity.trust_domain.clone()),
+            KeyValue::new("crank.proxy.version", env!("CARGO_PKG_VERSION")),
+        ])
+        .with_attributes(
+            cfg.resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .with_service_name(service_name)
+        .build()
+}
+
+/// The export deadline: the config's, else `OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`
+/// or `OTEL_EXPORTER_OTLP_TIMEOUT` (milliseconds), else 10 s.
+fn export_timeout(cfg: &TracingConfig) -> Duration {
+    cfg.otlp.timeout.unwrap_or_else(|| {
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+    })
 }
 
 /// The protocol in force: the config's, else the OTLP variables', else
@@ -147,7 +174,7 @@ fn build_exporter(
     cfg: &TracingConfig,
     protocol: OtlpProtocol,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    let timeout = cfg.otlp.timeout;
+    let timeout = export_timeout(cfg);
     let built = match protocol {
         OtlpProtocol::HttpProtobuf => {
             let mut b = opentelemetry_otlp::SpanExporter::builder()
@@ -155,16 +182,14 @@ fn build_exporter(
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_http_client(
                     opentelemetry_http::hyper::HyperClient::with_default_connector(
-                        timeout.unwrap_or(Duration::from_secs(10)),
+                        timeout,
                         None,
                     ),
                 );
             if let Some(ep) = &cfg.otlp.endpoint {
                 b = b.with_endpoint(ep.clone());
             }
-            if let Some(t) = timeout {
-                b = b.with_timeout(t);
-            }
+            b = b.with_timeout(timeout);
             if !cfg.otlp.headers.is_empty() {
                 let headers: HashMap<String, String> = cfg
                     .otlp
@@ -183,9 +208,7 @@ fn build_exporter(
             if let Some(ep) = &cfg.otlp.endpoint {
                 b = b.with_endpoint(ep.clone());
             }
-            if let Some(t) = timeout {
-                b = b.with_timeout(t);
-            }
+            b = b.with_timeout(timeout);
             let mut md = tonic::metadata::MetadataMap::new();
             for (k, v) in &cfg.otlp.headers {
                 let key =

@@ -184,7 +184,7 @@ impl ProxyHttp for MeshProxy {
                     .hop
                     .as_ref()
                     .filter(|h| h.attempts >= 1 && t.records(h))
-                    .map(|_| self.span_end(session, ctx, 0, Some("attempt failed; retried")));
+                    .map(|_| self.span_end(session, ctx, 0, Some("retried")));
                 if let Some(hop) = ctx.hop.as_mut() {
                     t.next_attempt(hop, retried);
                 }
@@ -452,14 +452,18 @@ impl MeshProxy {
             Direction::Outbound => SpanKind::Client,
         };
         a.push(Kv::new("network.protocol.name", "http"));
-        a.push(Kv::new(
-            "network.protocol.version",
-            match req.version {
-                http::Version::HTTP_2 => "2",
-                http::Version::HTTP_10 => "1.0",
-                _ => "1.1",
-            },
-        ));
+        if kind == SpanKind::Server {
+            // The client span's wire is the sidecar-to-sidecar connection,
+            // not the app's request; it is left out there.
+            a.push(Kv::new(
+                "network.protocol.version",
+                match req.version {
+                    http::Version::HTTP_2 => "2",
+                    http::Version::HTTP_10 => "1.0",
+                    _ => "1.1",
+                },
+            ));
+        }
         let authority = request_authority(req);
         let path = match split_absolute(req.raw_path()) {
             Some((_, _, pq)) => pq.split('?').next().unwrap_or("").to_string(),
@@ -500,10 +504,19 @@ impl MeshProxy {
                     "url.full",
                     format!("http://{}{path}", authority.as_deref().unwrap_or("")),
                 ));
+                // server.* is the host the app asked for; network.peer.* the
+                // peer sidecar actually reached.
+                if let Some(host) = &authority {
+                    a.push(Kv::new("server.address", host_only(host).to_string()));
+                    let port = host[host_only(host).len()..]
+                        .strip_prefix(':')
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .unwrap_or(80);
+                    a.push(Kv::new("server.port", i64::from(port)));
+                }
                 if let Some(up) = ctx.upstream {
-                    a.push(Kv::new("server.address", up.ip().to_string()));
-                    a.push(Kv::new("server.port", i64::from(up.port())));
                     a.push(Kv::new("network.peer.address", up.ip().to_string()));
+                    a.push(Kv::new("network.peer.port", i64::from(up.port())));
                 }
                 if let Some(hop) = &ctx.hop {
                     if hop.attempts > 1 {

@@ -80,6 +80,9 @@ pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io:
             }
             last = now;
             match check_change(&path, &shared) {
+                Ok(new) if new == **shared.config.load() => {
+                    tracing::debug!(file = %path.display(), "config file saved without a change");
+                }
                 Ok(new) => {
                     apply(&shared, new);
                     shared.metrics.config_reloads.with_label_values(&["applied"]).inc();

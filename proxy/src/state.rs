@@ -32,6 +32,15 @@ impl Shared {
     pub fn config_dump(&self) -> Vec<u8> {
         let cfg = self.config.load();
         let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
+        // Export headers often carry an API key: show the names only.
+        if let Some(h) = v
+            .pointer_mut("/tracing/otlp/headers")
+            .and_then(|h| h.as_object_mut())
+        {
+            for val in h.values_mut() {
+                *val = serde_json::Value::String("(secret, not shown)".into());
+            }
+        }
         if let Some(id) = v.get_mut("identity").and_then(|i| i.as_object_mut()) {
             id.insert(
                 "key".into(),

@@ -109,8 +109,14 @@ fn one_trace_across_two_sidecars_with_links_and_attributes() {
         Some("spiffe://crank.local/tenant/demo/svc/backend")
     );
     assert_eq!(
-        client.attr("server.port").as_deref(),
+        client.attr("network.peer.port").as_deref(),
         Some(mesh.inbound.port().to_string().as_str())
+    );
+    assert_eq!(client.attr("server.address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(
+        client.attr("server.port").as_deref(),
+        Some(mesh.port.port().to_string().as_str()),
+        "the address the app called"
     );
     let url = client.attr("url.full").unwrap();
     assert!(
@@ -377,7 +383,7 @@ fn a_collector_that_is_down_or_slow_costs_no_request_and_drops_are_counted() {
         app.addr,
         MeshOptions {
             client_extra: format!(
-                "tracing:\n  scheduled_delay: 50ms\n  otlp: {{endpoint: \"{dead}\", timeout: 500ms}}\n"
+                "tracing:\n  scheduled_delay: 50ms\n  otlp: {{endpoint: \"{dead}\", timeout: 500ms, headers: {{x-api-key: s3cret}}}}\n"
             ),
             ..MeshOptions::default()
         },
@@ -393,6 +399,11 @@ fn a_collector_that_is_down_or_slow_costs_no_request_and_drops_are_counted() {
         )
         .is_some_and(|n| n >= 1.0)
     });
+    let (_, dump) = mesh.client.admin_get("/config_dump");
+    assert!(
+        dump.contains("x-api-key") && !dump.contains("s3cret"),
+        "{dump}"
+    );
     drop(mesh);
 
     // Slow: the collector holds each export for 5 s; a small queue fills

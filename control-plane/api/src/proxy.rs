@@ -66,8 +66,9 @@ pub struct TracingConfig {
     /// Longest a span waits before its batch is sent. Default 1s.
     #[serde(default = "default_delay", with = "humantime_serde")]
     pub scheduled_delay: Duration,
-    /// Extra resource attributes (`deployment.environment: prod`). Also
-    /// read from `OTEL_RESOURCE_ATTRIBUTES`; these win.
+    /// Extra resource attributes (`deployment.environment: prod`), added to
+    /// `OTEL_RESOURCE_ATTRIBUTES`; these win. `service.name` and `crank.*`
+    /// are set by the proxy and refused here.
     #[serde(default)]
     pub resource: std::collections::BTreeMap<String, String>,
     /// `service.name` of the spans. Default: `OTEL_SERVICE_NAME`, else the
@@ -88,8 +89,10 @@ pub struct OtlpConfig {
     /// the protocol's localhost default.
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// Headers on each export request (an API key, say). Added to
-    /// `OTEL_EXPORTER_OTLP_HEADERS`; these win.
+    /// Headers on each export request. `OTEL_EXPORTER_OTLP_HEADERS` (or
+    /// `..._TRACES_HEADERS`) is added and wins for the same name; keep
+    /// secrets such as API keys there rather than in this file.
+    /// `/config_dump` shows the names only.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
     /// Deadline of one export request, retries included. Absent:
