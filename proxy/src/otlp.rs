@@ -181,10 +181,7 @@ fn build_exporter(
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                 .with_http_client(
-                    opentelemetry_http::hyper::HyperClient::with_default_connector(
-                        timeout,
-                        None,
-                    ),
+                    opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
                 );
             if let Some(ep) = &cfg.otlp.endpoint {
                 b = b.with_endpoint(ep.clone());
