@@ -6,6 +6,19 @@
 #   haproxy pair  load -> haproxy front  -> mTLS (TLS 1.3, h2 via ALPN) -> haproxy back  -> upstream
 #   nginx pair    load -> nginx front    -> mTLS (TLS 1.3, HTTP/1.1)    -> nginx back    -> upstream
 #
+# Tracing overhead (SETUPS="crank crank_trace1 crank_trace100" ROUNDS=5):
+#   crank_trace1    the crank pair with `tracing:` on both sidecars, root sampling 0.01
+#   crank_trace100  the same, sampling 1.0
+#   crank_trace0    the same, sampling 0.0 (optional: trace context propagated, nothing exported)
+# Spans go over OTLP/HTTP protobuf to a private nginx "collector" that answers
+# POST /v1/traces with 200 and an empty body (a valid empty
+# ExportTraceServiceResponse). ROUNDS repeats the setups interleaved.
+# Knobs for it: ROUNDS [1], ROTATE [1] (round r starts at the r-th setup),
+# TRACE_QUEUE [4096], TRACE_BATCH [512], TRACE_DELAY [1s] (the tracing section),
+# OTLP_CPUS [= LOAD_CPUS] (the collector's CPU), SNAPSHOT_BINS [1] (run a copy
+# of crank-proxy taken at start). Extra outputs: spans.tsv, raw/*.spans.txt,
+# conf/otlp/logs/access.log, and a "Tracing overhead" section in results.md.
+#
 # Upstream is a private nginx instance answering `return 200 "ok"`.
 # Prints a markdown table and writes benches/out/results.md plus raw outputs
 # under benches/out/ (gitignored). See benches/README.md for the knobs.
@@ -28,6 +41,12 @@ CRANK_PROXY=${CRANK_PROXY:-$ROOT/target/release/crank-proxy}
 CRANKCTL=${CRANKCTL:-$ROOT/target/release/crankctl}
 CRANK_THREADS=${CRANK_THREADS:-1}
 CRANK_ACCESS_LOG=${CRANK_ACCESS_LOG:-false}  # the peers log nothing per request either
+ROUNDS=${ROUNDS:-1}                        # repeat SETUPS this many times, interleaved
+ROTATE=${ROTATE:-1}                        # with ROUNDS > 1: round r starts at the r-th setup (drift hits every setup alike)
+TRACE_QUEUE=${TRACE_QUEUE:-4096}           # tracing.max_queue_size in the crank_trace* setups
+TRACE_BATCH=${TRACE_BATCH:-512}            # tracing.max_export_batch_size
+TRACE_DELAY=${TRACE_DELAY:-1s}             # tracing.scheduled_delay
+SNAPSHOT_BINS=${SNAPSHOT_BINS:-1}          # copy crank-proxy once at start: a concurrent cargo build cannot swap it mid-run
 
 NPROC=$(nproc)
 if [[ -z "${LOAD_CPUS+x}" || -z "${SERVER_CPUS+x}" ]]; then
@@ -38,19 +57,28 @@ fi
 LOAD_PIN=(); SERVER_PIN=()
 [[ -n "$LOAD_CPUS" ]] && LOAD_PIN=(taskset -c "$LOAD_CPUS")
 [[ -n "$SERVER_CPUS" ]] && SERVER_PIN=(taskset -c "$SERVER_CPUS")
+# The OTLP collector stands for a remote service: by default it shares the load
+# generator's CPU, so the pair's CPU carries only the sidecars' own export cost.
+OTLP_CPUS=${OTLP_CPUS-$LOAD_CPUS}
+OTLP_PIN=()
+[[ -n "$OTLP_CPUS" ]] && OTLP_PIN=(taskset -c "$OTLP_CPUS")
 
 P_UP=$BASE
 P_CRANK_FRONT=$((BASE + 10)); P_CRANK_BACK=$((BASE + 11))
 P_CRANK_ADMIN_FRONT=$((BASE + 12)); P_CRANK_ADMIN_BACK=$((BASE + 13))
 P_HAP_FRONT=$((BASE + 20)); P_HAP_BACK=$((BASE + 21))
 P_NGX_FRONT=$((BASE + 30)); P_NGX_BACK=$((BASE + 31))
+P_OTLP=$((BASE + 40))
 BACK_NAME=back.bench.crank.local
 
 CERTS=$OUT/certs
 RAW=$OUT/raw
 CONF=$OUT/conf
 SUMMARY=$OUT/summary.tsv
+SPANS=$OUT/spans.tsv
 NOTES=$OUT/notes.txt
+ROUND=1
+TRACE_RUN=0; [[ " $SETUPS " == *" crank_trace"* ]] && TRACE_RUN=1
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -198,19 +226,31 @@ fi
 # measure NAME URL FRONT_PID BACK_PID  -> appends a row to $SUMMARY
 measure() {
     local name=$1 url=$2 fpid=${3:-} bpid=${4:-}
-    local pids=() wrkf=$RAW/$name.wrk.txt
+    local tag=$name; (( ROUNDS > 1 )) && tag=$name.r$ROUND
+    local pids=() wrkf=$RAW/$tag.wrk.txt
+    # crank setups of a tracing run: span counters are read after each phase,
+    # once the exporter's scheduled delay has passed (every crank setup alike)
+    local spans=0 settle=0
+    if (( TRACE_RUN )) && [[ "$name" == crank* ]]; then
+        spans=1; settle=$(( $(secs "$TRACE_DELAY") + 1 ))
+    fi
     [[ -n "$fpid" ]] && pids+=("$fpid")
     [[ -n "$bpid" ]] && pids+=("$bpid")
     local tmo=$(( $(secs "$DUR") + 30 ))
 
     log "$name: warm-up $WARMUP"
-    timeout 60 "${LOAD_PIN[@]}" wrk -t1 -c"$CONNS" -d"$WARMUP" "$url" >"$RAW/$name.warmup.txt" 2>&1 &
+    timeout 60 "${LOAD_PIN[@]}" wrk -t1 -c"$CONNS" -d"$WARMUP" "$url" >"$RAW/$tag.warmup.txt" 2>&1 &
     local wpid=$!
     sleep "$(awk -v w="$(secs "$WARMUP")" 'BEGIN { print (w > 1 ? w / 2 : 0.5) }')"
-    observe_hop "$name"
+    observe_hop "$name" "$tag"
     wait "$wpid"
+    local s0f="" s0b="" s1f="" s1b="" c0=0 c1=0
+    if (( spans )); then
+        sleep "$settle"
+        s0f=$(span_counts "$P_CRANK_ADMIN_FRONT"); s0b=$(span_counts "$P_CRANK_ADMIN_BACK"); c0=$(collector_lines)
+    fi
 
-    RSS_SAMPLES=$RAW/$name.rss-samples.txt; : >"$RSS_SAMPLES"
+    RSS_SAMPLES=$RAW/$tag.rss-samples.txt; : >"$RSS_SAMPLES"
     local p idle=""
     for p in "${pids[@]}"; do idle+="$p VmRSS=$(kib_of "$p" VmRSS)kB threads=$(kib_of "$p" Threads); "; done
     if (( ${#pids[@]} )); then
@@ -218,8 +258,17 @@ measure() {
         SAMPLER_PID=$!
     fi
 
+    local busy t0 t1
+    busy="rustc=$(pgrep -c -x rustc 2>/dev/null || true) load1=$(cut -d' ' -f1 /proc/loadavg)"
+    t0=$(cpu_ticks "${pids[@]}")
     log "$name: wrk -t1 -c$CONNS -d$DUR"
     timeout "$tmo" "${LOAD_PIN[@]}" wrk -t1 -c"$CONNS" -d"$DUR" --latency "$url" >"$wrkf" 2>&1
+    t1=$(cpu_ticks "${pids[@]}")
+    busy+=" / rustc=$(pgrep -c -x rustc 2>/dev/null || true) load1=$(cut -d' ' -f1 /proc/loadavg)"
+    if (( spans )); then
+        sleep "$settle"
+        s1f=$(span_counts "$P_CRANK_ADMIN_FRONT"); s1b=$(span_counts "$P_CRANK_ADMIN_BACK"); c1=$(collector_lines)
+    fi
 
     local rf="" rb=""
     if [[ -n "$SAMPLER_PID" ]]; then
@@ -229,11 +278,16 @@ measure() {
         {
             echo "idle before warm-up: $idle"
             echo "peak (max of VmRSS samples during wrk, VmHWM after wrk): front=${rf}kB back=${rb}kB"
-        } >"$RAW/$name.rss.txt"
+        } >"$RAW/$tag.rss.txt"
     fi
 
-    local rps wrk_errs non2xx sock wrk_p50 wrk_p99
+    local rps wrk_errs non2xx sock wrk_p50 wrk_p99 nreq cpu_us=""
     rps=$(awk '/^Requests\/sec:/ { print $2 }' "$wrkf")
+    nreq=$(awk '/ requests in / { print $1; exit }' "$wrkf")
+    # CPU of both sidecars (all threads, the OTLP exporter's included) per request of the wrk run
+    if [[ -n "$t0" && -n "$t1" && "${nreq:-0}" -gt 0 ]]; then
+        cpu_us=$(awk -v a="$t0" -v b="$t1" -v n="$nreq" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz * 1e6 / n }')
+    fi
     non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$wrkf")
     sock=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$wrkf")
     wrk_errs=$(( ${non2xx:-0} + ${sock:-0} ))
@@ -247,10 +301,10 @@ measure() {
     local lat_src p50="" p99="" p999="" pmax="" lat_rps="" lat_ok=""
     if [[ -n "$OHA" ]]; then
         lat_src=oha
-        local ohaf=$RAW/$name.oha.json
+        local ohaf=$RAW/$tag.oha.json
         log "$name: oha -q $RATE -c$CONNS -z $LAT_DUR --latency-correction"
         timeout $(( $(secs "$LAT_DUR") + 30 )) "${LOAD_PIN[@]}" "$OHA" --no-tui "${OHA_JSON_FLAG[@]}" \
-            --latency-correction -q "$RATE" -c "$CONNS" -z "$LAT_DUR" "$url" >"$ohaf" 2>"$RAW/$name.oha.stderr"
+            --latency-correction -q "$RATE" -c "$CONNS" -z "$LAT_DUR" "$url" >"$ohaf" 2>"$RAW/$tag.oha.stderr"
         if jq -e . "$ohaf" >/dev/null 2>&1; then
             # lat_ok = requests that failed or were not 200 (oha counts any status as success);
             # requests still in flight when -z ends ("aborted due to deadline") are not failures
@@ -265,7 +319,7 @@ measure() {
                 echo "$name: oha reached only $lat_rps of $RATE req/s; its latency is at that rate's saturation" >>"$NOTES"
             fi
         else
-            log "$name: oha output unreadable (see $RAW/$name.oha.stderr)"
+            log "$name: oha output unreadable (see $RAW/$tag.oha.stderr)"
         fi
     else
         lat_src="wrk-c$CONNS"
@@ -273,10 +327,33 @@ measure() {
         p999=-; pmax=$(awk '$1 == "Latency" { print $4; exit }' "$wrkf"); pmax=$(to_ms "$pmax")
     fi
 
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+    if (( spans )); then
+        sleep "$settle"
+        local s2f s2b c2
+        s2f=$(span_counts "$P_CRANK_ADMIN_FRONT"); s2b=$(span_counts "$P_CRANK_ADMIN_BACK"); c2=$(collector_lines)
+        {
+            echo "counters: exported dropped{queue_full} dropped{export_failed}"
+            echo "after warm-up: front $s0f; back $s0b; collector log lines $c0"
+            echo "after wrk:     front $s1f; back $s1b; collector log lines $c1"
+            echo "after oha:     front $s2f; back $s2b; collector log lines $c2"
+        } >"$RAW/$tag.spans.txt"
+        local post200 bytes other
+        read -r post200 bytes other < <(collector_delta "$c0" "$c1")
+        # spans.tsv: tag setup round wrk-requests | wrk run: exported front back, dropped front back |
+        # whole run (warm-up, wrk, oha): exported front back, dropped front back | collector POSTs bytes other (wrk run)
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$ROUND" "${nreq:-0}" \
+            "$(span_delta "$s0f" "$s1f" 1)" "$(span_delta "$s0b" "$s1b" 1)" \
+            "$(span_delta "$s0f" "$s1f" 2)" "$(span_delta "$s0b" "$s1b" 2)" \
+            "$(span_delta "" "$s2f" 1)" "$(span_delta "" "$s2b" 1)" \
+            "$(span_delta "" "$s2f" 2)" "$(span_delta "" "$s2b" 2)" \
+            "$post200" "$bytes" "$other" >>"$SPANS"
+        log "$name: spans in the wrk run ($nreq requests): exported front $(span_delta "$s0f" "$s1f" 1) back $(span_delta "$s0b" "$s1b" 1), dropped front $(span_delta "$s0f" "$s1f" 2) back $(span_delta "$s0b" "$s1b" 2); collector got $post200 POSTs, $bytes bytes"
+    fi
+
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$name" "${rps:-0}" "$wrk_errs" "$lat_src" "${p50:--}" "${p99:--}" "${p999:--}" "${pmax:--}" \
-        "${lat_rps:--}" "${lat_ok:--}" "${rf:-}" "${rb:-}" >>"$SUMMARY"
-    log "$name: ${rps:-?} req/s (errors $wrk_errs), latency p50 ${p50:-?} ms p99 ${p99:-?} ms, RSS front ${rf:--} kB back ${rb:--} kB"
+        "${lat_rps:--}" "${lat_ok:--}" "${rf:-}" "${rb:-}" "$ROUND" "${cpu_us:--}" "$busy" >>"$SUMMARY"
+    log "$name: ${rps:-?} req/s (errors $wrk_errs), latency p50 ${p50:-?} ms p99 ${p99:-?} ms, RSS front ${rf:--} kB back ${rb:--} kB, pair CPU ${cpu_us:-?} µs/req ($busy)"
 }
 
 to_ms() { # wrk duration (123.45us / 1.23ms / 1.02s) -> ms
@@ -289,9 +366,48 @@ to_ms() { # wrk duration (123.45us / 1.23ms / 1.02s) -> ms
 
 fail_row() { # NAME REASON [FAILED|SKIPPED]
     local what=${3:-FAILED}
-    printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t\t\n' "$1" "$what" >>"$SUMMARY"
+    printf '%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t\t\t%s\t-\t\n' "$1" "$what" "$ROUND" >>"$SUMMARY"
     echo "$1: $what — $2" >>"$NOTES"
     log "$1: $what — $2"
+}
+
+# cpu_ticks PID... -> utime + stime of all of them (all threads), in clock ticks; empty without PIDs
+cpu_ticks() {
+    (( $# )) || return 0
+    local pid total=0 t
+    for pid in "$@"; do
+        t=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }')
+        [[ -n "$t" ]] || return 0
+        total=$(( total + t ))
+    done
+    echo "$total"
+}
+
+# span_counts ADMIN_PORT -> "exported,dropped_queue_full,dropped_export_failed" from crank's /metrics
+span_counts() {
+    curl -s -m 2 "http://127.0.0.1:$1/metrics" 2>/dev/null | awk '
+        /^crank_spans_exported_total / { e = $2 }
+        /^crank_spans_dropped_total\{.*reason="queue_full"/ { q = $2 }
+        /^crank_spans_dropped_total\{.*reason="export_failed"/ { f = $2 }
+        END { printf "%d,%d,%d\n", e, q, f }'
+}
+
+# span_delta BEFORE AFTER FIELD -> AFTER - BEFORE for field 1 (exported) or 2 (dropped, both reasons)
+span_delta() {
+    awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN {
+        na = split(a, x, ","); nb = split(b, y, ",")
+        if (nb < 3) { print "?"; exit }
+        if (na < 3) { x[1] = x[2] = x[3] = 0 }
+        if (f == 1) print y[1] - x[1]; else print (y[2] + y[3]) - (x[2] + x[3]) }'
+}
+
+collector_lines() { if [[ -f "$CONF/otlp/logs/access.log" ]]; then wc -l <"$CONF/otlp/logs/access.log"; else echo 0; fi; }
+
+# collector_delta FROM TO -> "POSTs-answered-200 body-bytes (Content-Length) other-requests" among access-log lines FROM+1..TO
+collector_delta() {
+    [[ -f "$CONF/otlp/logs/access.log" ]] || { echo "0 0 0"; return; }
+    awk -v a="$1" -v b="$2" 'NR > a && NR <= b { if ($2 == 200 && $3 == "POST") { n++; bytes += $4 } else o++ }
+        END { printf "%d %d %d\n", n, bytes, o }' "$CONF/otlp/logs/access.log"
 }
 
 # ---------------------------------------------------------------- certs
@@ -383,6 +499,7 @@ admin: {listen: 127.0.0.1:$P_CRANK_ADMIN_FRONT}
 threads: $CRANK_THREADS
 access_log: $CRANK_ACCESS_LOG
 drain: {deadline: 1s}
+${CRANK_FRONT_EXTRA:-}
 EOF
     cat >"$d/back.yaml" <<EOF
 # crank inbound sidecar (generated by benches/run.sh)
@@ -529,10 +646,55 @@ setup_crank_policy() {
   decision_log: $log" setup_crank
 }
 
+# The OTLP "collector" for the crank_trace* setups: a private nginx answering
+# POST /v1/traces with 200 and an empty body, which is a valid, empty
+# ExportTraceServiceResponse in protobuf, so the exporter really serialises and
+# sends every batch. It discards the bodies without buffering them and logs one
+# line per request (status, method, Content-Length, Content-Type, Content-Encoding)
+# to count what arrived.
+start_collector() {
+    [[ -n "${OTLP_PID:-}" ]] && kill -0 "$OTLP_PID" 2>/dev/null && return 0
+    local SERVER_PIN=("${OTLP_PIN[@]}")
+    nginx_start otlp "    log_format otlp '\$msec \$status \$request_method \$content_length \$content_type \$http_content_encoding';
+    server {
+        listen 127.0.0.1:$P_OTLP backlog=4096;
+        access_log $CONF/otlp/logs/access.log otlp;
+        client_max_body_size 64m;
+        location = /v1/traces {
+            if (\$request_method != POST) { return 405; }
+            default_type application/x-protobuf;
+            return 200;
+        }
+        location / { return 404; }
+    }"
+    OTLP_PID=$LAST_PID
+    wait_port "$P_OTLP" "$OTLP_PID" || { SKIP_REASON="OTLP collector (nginx) did not start (see $CONF/otlp/logs/error.log)"; return 1; }
+}
+
+# setup_crank_trace RATIO: the crank pair with the same `tracing:` section on
+# both sidecars. wrk sends no traceparent, so the outbound sidecar's root
+# ratio decides and the inbound one follows its sampled flag.
+setup_crank_trace() {
+    start_collector || return 1
+    local t="tracing:
+  sampling: $1
+  scheduled_delay: $TRACE_DELAY
+  max_queue_size: $TRACE_QUEUE
+  max_export_batch_size: $TRACE_BATCH
+  otlp: {endpoint: \"http://127.0.0.1:$P_OTLP/v1/traces\"}"
+    CRANK_FRONT_EXTRA="$t" CRANK_BACK_EXTRA="$t" setup_crank
+}
+setup_crank_trace0() { setup_crank_trace 0.0; }   # tracing on, nothing sampled: the cost of propagation alone
+setup_crank_trace1() { setup_crank_trace 0.01; }
+setup_crank_trace100() { setup_crank_trace 1.0; }
+
 hop_of() {
     case "$1" in
         direct) echo "—" ;;
         crank) echo "mTLS 1.3, h2 (ALPN)" ;;
+        crank_trace0) echo "mTLS 1.3, h2 (ALPN), tracing on, 0% sampled" ;;
+        crank_trace1) echo "mTLS 1.3, h2 (ALPN), tracing 1% (OTLP/HTTP)" ;;
+        crank_trace100) echo "mTLS 1.3, h2 (ALPN), tracing 100% (OTLP/HTTP)" ;;
         crank_policy) echo "mTLS 1.3, h2 (ALPN), Rego policy + decision log" ;;
         haproxy) [[ "${HAP_ALPN_USED:-$HAPROXY_ALPN}" == h2 ]] && echo "mTLS 1.3, h2 (ALPN)" || echo "mTLS 1.3, HTTP/1.1" ;;
         nginx) echo "mTLS 1.3, HTTP/1.1 pool" ;;
@@ -541,8 +703,11 @@ hop_of() {
 
 # ---------------------------------------------------------------- report
 report() {
-    local best
-    best=$(awk -F'\t' '($1 == "haproxy" || $1 == "nginx") && $2 != "FAILED" && $2 > m { m = $2 } END { print m + 0 }' "$SUMMARY")
+    # best peer per round (one round unless ROUNDS > 1)
+    local -A best=()
+    local r v
+    while read -r r v; do best[$r]=$v; done < <(awk -F'\t' '($1 == "haproxy" || $1 == "nginx") && $2 != "FAILED" && $2 != "SKIPPED" && $2 > m[$13] { m[$13] = $2 }
+        END { for (r in m) print r, m[r] }' "$SUMMARY")
     local lat_hdr="latency @ $RATE req/s (oha, corrected)"
     [[ -z "$OHA" ]] && lat_hdr="latency @ c$CONNS closed loop (wrk; oha unavailable)"
     {
@@ -556,36 +721,113 @@ report() {
         echo "- certs: $CERTS_FROM (ECDSA P-256, TLS 1.3 only, client certs verified on every hop)"
         echo "- throughput: \`wrk -t1 -c$CONNS -d$DUR\` after a $WARMUP warm-up; latency: \`oha -c$CONNS -q $RATE -z $LAT_DUR --latency-correction\`"
         echo "- upstream: nginx \`return 200 \"ok\"\`, 1 process; every sidecar 1 process, 1 worker thread"
+        (( ROUNDS > 1 )) && echo "- rounds: $ROUNDS, setups interleaved ($SETUPS)$( (( ROTATE )) && echo ", each round starting one setup later")"
         echo
         echo "| setup | sidecar hop | req/s (c$CONNS) | × best peer | p50 ms | p99 ms | p99.9 ms | max ms | RSS front MiB | RSS back MiB | RSS pair MiB | errors |"
         echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        local name rps errs src p50 p99 p999 pmax lrps lok rf rb
-        while IFS=$'\t' read -r name rps errs src p50 p99 p999 pmax lrps lok rf rb; do
+        local name rps errs src p50 p99 p999 pmax lrps lok rf rb round cpu busy label
+        # \037 as the separator: a tab in IFS would merge empty fields
+        while IFS=$'\037' read -r name rps errs src p50 p99 p999 pmax lrps lok rf rb round cpu busy; do
+            label=$name; (( ROUNDS > 1 )) && label="$name (r$round)"
             if [[ "$rps" == FAILED || "$rps" == SKIPPED ]]; then
-                echo "| $name | $(hop_of "$name") | ${rps,,} | | | | | | | | | |"
+                echo "| $label | $(hop_of "$name") | ${rps,,} | | | | | | | | | |"
                 continue
             fi
             local ratio pair
-            ratio=$(awk -v a="$rps" -v b="$best" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+            ratio=$(awk -v a="$rps" -v b="${best[$round]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
             pair=""; [[ -n "$rf" || -n "$rb" ]] && pair=$(( ${rf:-0} + ${rb:-0} ))
             local e=$errs
             [[ "$src" == oha ]] && e="$errs / ${lok:--}"
             printf '| %s | %s | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
-                "$name" "$(hop_of "$name")" "$rps" "$ratio" "$(fmt_ms "$p50")" "$(fmt_ms "$p99")" \
+                "$label" "$(hop_of "$name")" "$rps" "$ratio" "$(fmt_ms "$p50")" "$(fmt_ms "$p99")" \
                 "$(fmt_ms "$p999")" "$(fmt_ms "$pmax")" \
                 "$(mib "$rf")" "$(mib "$rb")" "$(mib "$pair")" "$e"
-        done <"$SUMMARY"
+        done < <(tr '\t' '\037' <"$SUMMARY")
         echo
-        echo "× best peer = req/s ÷ the higher req/s of the haproxy and nginx pairs in this run. Latency: $lat_hdr."
+        echo "× best peer = req/s ÷ the higher req/s of the haproxy and nginx pairs in this run$( (( ROUNDS > 1 )) && echo " (same round)"). Latency: $lat_hdr."
         echo "RSS = peak resident set (max of VmRSS sampled every 0.2 s during the wrk run and VmHWM after it)."
         if [[ -n "$OHA" ]]; then
             echo "errors = wrk (socket errors + non-2xx) / oha (failed + non-200); anything but 0 / 0 makes the row invalid."
         else
             echo "errors = wrk socket errors + non-2xx responses."
         fi
+        (( TRACE_RUN )) && [[ -s "$SPANS" ]] && trace_report
         if [[ -s "$NOTES" ]]; then echo; echo "Notes:"; sed 's/^/- /' "$NOTES"; fi
     } >"$OUT/results.md"
     cat "$OUT/results.md"
+}
+
+# trace_report: the tracing-overhead tables, from summary.tsv and spans.tsv.
+# Every traced row is compared with the untraced `crank` row of its round.
+trace_report() {
+    echo
+    echo "## Tracing overhead"
+    echo
+    echo "Both sidecars have \`tracing:\` (queue $TRACE_QUEUE, batch $TRACE_BATCH, scheduled delay $TRACE_DELAY), exporting OTLP/HTTP protobuf to"
+    echo "an nginx collector on CPU ${OTLP_CPUS:-any} that answers 200 with an empty body. wrk sends no traceparent: the outbound sidecar's"
+    echo "root ratio decides, the inbound one follows. × off = this row ÷ the \`crank\` (tracing off) row of the same round."
+    echo
+    echo "| round | setup | req/s (c$CONNS) | × off | p50 ms | p99 ms | pair CPU µs/req | × off | spans exported front / back (wrk run) | dropped front / back | collector POSTs (MiB) | other load at wrk start / end |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"
+    awk -F'\t' -v spans="$SPANS" '
+        BEGIN { while ((getline line < spans) > 0) { split(line, f, "\t"); k = f[2] SUBSEP f[3]
+                    req[k] = f[4]; ef[k] = f[5]; eb[k] = f[6]; df[k] = f[7]; db[k] = f[8]; posts[k] = f[13]; bytes[k] = f[14]; other[k] = f[15] } }
+        $2 != "FAILED" && $2 != "SKIPPED" && $1 == "crank" { off_rps[$13] = $2; off_cpu[$13] = $14 }
+        { row[++n] = $0 }
+        function ratio(a, b) { return (b > 0 && a != "-" && a != "") ? sprintf("%.2f", a / b) : "-" }
+        END {
+            for (i = 1; i <= n; i++) {
+                split(row[i], c, "\t"); if (c[1] !~ /^crank(_trace|$)/) continue
+                k = c[1] SUBSEP c[13]
+                if (c[2] == "FAILED" || c[2] == "SKIPPED") { printf "| %s | %s | %s | | | | | | | | | |\n", c[13], c[1], tolower(c[2]); continue }
+                sp = (k in req) ? sprintf("%s / %s of %s requests", ef[k], eb[k], req[k]) : "-"
+                dr = (k in req) ? sprintf("%s / %s", df[k], db[k]) : "-"
+                co = (k in req) ? sprintf("%s (%.2f)%s", posts[k], bytes[k] / 1048576, other[k] > 0 ? ", " other[k] " not 200" : "") : "-"
+                printf "| %s | %s | %.0f | %s | %.3f | %.3f | %s | %s | %s | %s | %s | %s |\n", c[13], c[1], c[2],
+                    ratio(c[2], off_rps[c[13]]), c[5], c[6], c[14], ratio(c[14], off_cpu[c[13]]), sp, dr, co, c[15]
+            }
+        }' "$SUMMARY"
+    echo
+    echo "Ratios over the rounds, each taken against the untraced run of the same round: median (min–max)."
+    echo
+    echo "| setup | rounds | req/s median (min–max) | req/s × off | pair CPU µs/req median | CPU/req × off | p50 × off | p99 × off | spans dropped, all rounds |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' -v spans="$SPANS" '
+        BEGIN { while ((getline line < spans) > 0) { split(line, f, "\t"); drop[f[2]] += f[11] + f[12] } }
+        $2 == "FAILED" || $2 == "SKIPPED" { next }
+        $1 == "crank" { o_rps[$13] = $2; o_cpu[$13] = $14; o_p50[$13] = $5; o_p99[$13] = $6 }
+        $1 ~ /^crank(_trace|$)/ { m = ++cnt[$1]; if (m == 1) order[++ns] = $1
+            v_rps[$1, m] = $2; v_cpu[$1, m] = $14; v_p50[$1, m] = $5; v_p99[$1, m] = $6; v_r[$1, m] = $13 }
+        function med(a, k,   i, j, t, h) {   # median (min–max) of a[1..k], sorted in place
+            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            if (k == 0) return "-"
+            h = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+            return sprintf(fmt, h) " (" sprintf(fmt, a[1]) "–" sprintf(fmt, a[k]) ")"
+        }
+        function col(which, rel,   i, k, a, r, v, b) {
+            k = 0; split("", a)
+            for (i = 1; i <= cnt[s]; i++) {
+                r = v_r[s, i]
+                if (which == "rps") { v = v_rps[s, i]; b = o_rps[r] } else if (which == "cpu") { v = v_cpu[s, i]; b = o_cpu[r] }
+                else if (which == "p50") { v = v_p50[s, i]; b = o_p50[r] } else { v = v_p99[s, i]; b = o_p99[r] }
+                if (v == "-" || v == "") continue
+                if (rel) { if (b == "" || b == "-" || b <= 0) continue; a[++k] = v / b } else a[++k] = v + 0
+            }
+            return med(a, k)
+        }
+        END {
+            for (q = 1; q <= ns; q++) {
+                s = order[q]
+                fmt = "%.0f"; c1 = col("rps", 0); fmt = "%.1f"; c3 = col("cpu", 0)
+                fmt = "%.2f"; c2 = col("rps", 1); c4 = col("cpu", 1); c5 = col("p50", 1); c6 = col("p99", 1)
+                printf "| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", s, cnt[s], c1, c2, c3, c4, c5, c6, (s in drop) ? drop[s] : "-"
+            }
+        }' "$SUMMARY"
+    echo
+    echo "pair CPU µs/req = utime+stime of both sidecar processes (all threads, the exporter included) during the wrk run ÷ its requests."
+    echo "Spans: crank_spans_exported_total and crank_spans_dropped_total (both reasons) from each sidecar's /metrics, read $(( $(secs "$TRACE_DELAY") + 1 )) s"
+    echo "after the warm-up and after the wrk run (one scheduled delay for the last batch to go out); the difference is the wrk run's."
+    echo "Collector POSTs: answered 200 in that window, from the collector's access log. Raw counters: raw/<setup>.r<round>.spans.txt."
 }
 
 # ---------------------------------------------------------------- main
@@ -596,11 +838,21 @@ main() {
     mkdir -p "$OUT" "$RAW" "$CONF" "$CERTS"
     # The script itself (RSS sampler, curl checks) stays off the servers' CPU.
     [[ -n "$LOAD_CPUS" ]] && taskset -pc "$LOAD_CPUS" $$ >/dev/null
-    rm -f "$RAW"/* "$SUMMARY" "$NOTES"; : >"$SUMMARY"; : >"$NOTES"
+    rm -f "$RAW"/* "$SUMMARY" "$SPANS" "$NOTES"; : >"$SUMMARY"; : >"$NOTES"
+    (( TRACE_RUN )) && : >"$SPANS"
+    rm -f "$CONF/otlp/logs/access.log"
+
+    # A cargo build running beside the bench may replace target/release/crank-proxy;
+    # every setup of this run uses one copy taken now.
+    if [[ "$SNAPSHOT_BINS" == 1 && -x "$CRANK_PROXY" ]]; then
+        mkdir -p "$OUT/bin"
+        cp -p "$CRANK_PROXY" "$OUT/bin/crank-proxy" && CRANK_PROXY=$OUT/bin/crank-proxy
+        log "crank-proxy copied to $CRANK_PROXY (sha256 $(sha256sum "$CRANK_PROXY" | cut -c1-12))"
+    fi
 
     local p
     for p in $P_UP $P_CRANK_FRONT $P_CRANK_BACK $P_CRANK_ADMIN_FRONT $P_CRANK_ADMIN_BACK \
-             $P_HAP_FRONT $P_HAP_BACK $P_NGX_FRONT $P_NGX_BACK; do
+             $P_HAP_FRONT $P_HAP_BACK $P_NGX_FRONT $P_NGX_BACK $P_OTLP; do
         port_busy "$p" && die "port $p is in use (set BENCH_PORT_BASE)"
     done
 
@@ -618,39 +870,57 @@ main() {
     start_upstream
     wait_ok "http://127.0.0.1:$P_UP/" || die "upstream does not answer"
 
-    local s
-    for s in $SETUPS; do
-        FRONT_PID=; BACK_PID=; URL=; SKIP_REASON=; SKIPPED=0; HOP_PORT=
-        log "== $s"
-        if ! "setup_$s"; then
-            fail_row "$s" "${SKIP_REASON:-setup failed}" "$( ((SKIPPED)) && echo SKIPPED || echo FAILED)"
-            stop_pids ${FRONT_PID:-} ${BACK_PID:-}
-            continue
-        fi
-        if ! wait_ok "$URL"; then
-            fail_row "$s" "no 200 \"ok\" through $URL: $(curl -s -m 2 -o /dev/null -w '%{http_code}' "$URL")"
-            stop_pids ${FRONT_PID:-} ${BACK_PID:-}
-            continue
-        fi
-        measure "$s" "$URL" "$FRONT_PID" "$BACK_PID"
-        [[ -n "$FRONT_PID$BACK_PID" ]] && stop_pids ${FRONT_PID:-} ${BACK_PID:-}
+    local s i off list=($SETUPS) n
+    n=${#list[@]}
+    for (( ROUND = 1; ROUND <= ROUNDS; ROUND++ )); do
+        # interleaved rounds; with ROTATE=1 round r starts at the r-th setup
+        off=0; (( ROTATE && ROUNDS > 1 )) && off=$(( (ROUND - 1) % n ))
+        for (( i = 0; i < n; i++ )); do
+            s=${list[(i + off) % n]}
+            FRONT_PID=; BACK_PID=; URL=; SKIP_REASON=; SKIPPED=0; HOP_PORT=
+            log "== $s$( (( ROUNDS > 1 )) && echo " (round $ROUND of $ROUNDS)")"
+            if ! "setup_$s"; then
+                fail_row "$s" "${SKIP_REASON:-setup failed}" "$( ((SKIPPED)) && echo SKIPPED || echo FAILED)"
+                stop_pids ${FRONT_PID:-} ${BACK_PID:-}
+                continue
+            fi
+            if ! wait_ok "$URL"; then
+                fail_row "$s" "no 200 \"ok\" through $URL: $(curl -s -m 2 -o /dev/null -w '%{http_code}' "$URL")"
+                stop_pids ${FRONT_PID:-} ${BACK_PID:-}
+                continue
+            fi
+            measure "$s" "$URL" "$FRONT_PID" "$BACK_PID"
+            [[ -n "$FRONT_PID$BACK_PID" ]] && stop_pids ${FRONT_PID:-} ${BACK_PID:-}
+            if [[ "$s" == crank* ]] && (( ROUNDS > 1 )); then
+                local f; for f in front back; do
+                    [[ -f "$RAW/crank.$f.log" ]] && mv "$RAW/crank.$f.log" "$RAW/$s.r$ROUND.$f.log"
+                done
+            fi
+        done
     done
-    stop_pids "$UP_PID"
+    if (( TRACE_RUN )); then
+        local w
+        w=$(grep -l -i 'export failed\|tracing:' "$RAW"/crank*.log 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')
+        [[ -n "$w" ]] && echo "tracing warnings in the sidecar logs: $w(see $RAW)" >>"$NOTES"
+    fi
+    stop_pids "$UP_PID" ${OTLP_PID:-}
     echo
     report
 }
 
-# observe_hop NAME: during the warm-up, note how many TCP connections carry the
+# observe_hop NAME [TAG]: during the warm-up, note how many TCP connections carry the
 # sidecar hop, and for haproxy which mux its front uses towards the back (the
-# h1/h2 counters of backend `to_back` in `show stat`).
+# h1/h2 counters of backend `to_back` in `show stat`). TAG names raw files
+# (NAME.rN with ROUNDS > 1); the note is written in the first round only.
 observe_hop() {
     [[ -n "${HOP_PORT:-}" ]] || return 0
-    local n
+    local n tag=${2:-$1}
     n=$(ss -Htn state established "dport = :$HOP_PORT" 2>/dev/null | wc -l)
-    echo "$1: $n TCP connection(s) on the sidecar hop under c$CONNS load" >>"$NOTES"
-    if [[ "$1" == crank ]]; then
-        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_FRONT/metrics" >"$RAW/crank.front.metrics.txt" 2>&1
-        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_BACK/metrics" >"$RAW/crank.back.metrics.txt" 2>&1
+    (( ROUND == 1 )) && echo "$1: $n TCP connection(s) on the sidecar hop under c$CONNS load" >>"$NOTES"
+    if [[ "$1" == crank || "$1" == crank_trace* ]]; then
+        local pre=crank; [[ "$tag" != crank ]] && pre=$tag
+        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_FRONT/metrics" >"$RAW/$pre.front.metrics.txt" 2>&1
+        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_BACK/metrics" >"$RAW/$pre.back.metrics.txt" 2>&1
     fi
     if [[ "$1" == haproxy ]] && command -v python3 >/dev/null; then
         python3 - "$CONF/haproxy/front.sock" >"$RAW/haproxy.front.show-stat.txt" 2>&1 <<'PY'
