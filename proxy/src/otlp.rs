@@ -9,8 +9,8 @@
 //! send is counted as `export_failed`. A request never waits on export.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,26 @@ use prometheus::{IntCounter, IntCounterVec};
 pub struct SpanSink {
     tx: SyncSender<SpanData>,
     dropped_full: IntCounter,
+    /// Spans queued and not yet taken by the exporter.
+    pending: Arc<AtomicUsize>,
+    /// At this many pending spans the exporter is woken.
+    batch: usize,
+    /// The exporter thread, once started.
+    worker: Arc<OnceLock<std::thread::Thread>>,
 }
 
 impl SpanSink {
-    /// Queues a span, or drops and counts it when the queue is full.
+    /// Queues a span, or drops and counts it when the queue is full. Wakes
+    /// the exporter only when a batch is complete.
     pub fn offer(&self, span: SpanData) {
         match self.tx.try_send(span) {
-            Ok(()) => {}
+            Ok(()) => {
+                if self.pending.fetch_add(1, Ordering::AcqRel).wrapping_add(1) == self.batch {
+                    if let Some(t) = self.worker.get() {
+                        t.unpark();
+                    }
+                }
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped_full.inc()
             }
@@ -47,6 +60,9 @@ impl SpanSink {
             SpanSink {
                 tx,
                 dropped_full: dropped,
+                pending: Arc::default(),
+                batch: capacity,
+                worker: Arc::default(),
             },
             rx,
         )
@@ -64,6 +80,7 @@ pub struct ExportMetrics {
 struct Control {
     flush: AtomicBool,
     done: Mutex<Option<mpsc::Sender<()>>>,
+    worker: Arc<OnceLock<std::thread::Thread>>,
 }
 
 static CONTROL: OnceLock<Arc<Control>> = OnceLock::new();
@@ -240,16 +257,22 @@ pub fn start(
     let protocol = protocol(cfg)?;
     check_env_endpoint(cfg)?;
     let (tx, rx) = mpsc::sync_channel(cfg.max_queue_size);
+    let worker: Arc<OnceLock<std::thread::Thread>> = Arc::default();
     let control = Arc::new(Control {
         flush: AtomicBool::new(false),
         done: Mutex::new(None),
+        worker: worker.clone(),
     });
     let _ = CONTROL.set(control.clone());
     let batch = cfg.max_export_batch_size;
     let delay = cfg.scheduled_delay;
+    let pending: Arc<AtomicUsize> = Arc::default();
     let sink = SpanSink {
         tx,
         dropped_full: metrics.dropped.with_label_values(&["queue_full"]),
+        pending: pending.clone(),
+        batch,
+        worker: worker.clone(),
     };
     // The exporter is built on the thread's own runtime (the gRPC channel
     // needs one); whether that worked comes back before `start` returns.
@@ -258,6 +281,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("crank-otlp".into())
         .spawn(move || {
+            let _ = worker.set(std::thread::current());
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -288,7 +312,7 @@ pub fn start(
                 metrics,
                 last_warn: None,
             };
-            w.run(&rt, rx, &control, batch, delay);
+            w.run(&rt, rx, &pending, &control, batch, delay);
         })?;
     ready_rx
         .recv()
@@ -303,57 +327,65 @@ struct Worker {
 }
 
 impl Worker {
+    /// Sleeps until a batch is full (the request side wakes it), the
+    /// scheduled delay passes, or a flush is asked for; then drains the
+    /// queue. A span does not wake the thread by itself: waking it per span
+    /// cost more than encoding and sending (measured, docs/benchmarks.md).
     fn run(
         &mut self,
         rt: &tokio::runtime::Runtime,
         rx: Receiver<SpanData>,
+        pending: &AtomicUsize,
         control: &Control,
         max_batch: usize,
         delay: Duration,
     ) {
-        let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
         let mut due = Instant::now() + delay;
         loop {
-            if control.flush.load(Ordering::Acquire) {
-                batch.extend(rx.try_iter());
-                while !batch.is_empty() {
-                    let rest = batch.split_off(batch.len().min(max_batch));
-                    self.send(rt, std::mem::replace(&mut batch, rest));
-                }
-                control.flush.store(false, Ordering::Release);
-                if let Some(done) = control
-                    .done
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-                {
-                    let _ = done.send(());
-                }
-            }
+            let flush = control.flush.load(Ordering::Acquire);
             let now = Instant::now();
-            if now >= due {
-                if !batch.is_empty() {
-                    self.send(rt, std::mem::take(&mut batch));
+            if flush || now >= due || pending.load(Ordering::Acquire) >= max_batch {
+                // Drain in batches; stop at a partial one unless it is due.
+                loop {
+                    let mut batch: Vec<SpanData> = Vec::with_capacity(max_batch);
+                    let mut closed = false;
+                    while batch.len() < max_batch {
+                        match rx.try_recv() {
+                            Ok(span) => batch.push(span),
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
+                    pending.fetch_sub(batch.len(), Ordering::AcqRel);
+                    let full = batch.len() == max_batch;
+                    if !batch.is_empty() {
+                        self.send(rt, batch);
+                    }
+                    if closed {
+                        return;
+                    }
+                    if !full {
+                        break;
+                    }
                 }
                 due = Instant::now() + delay;
+                if flush {
+                    control.flush.store(false, Ordering::Release);
+                    if let Some(done) = control
+                        .done
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take()
+                    {
+                        let _ = done.send(());
+                    }
+                }
                 continue;
             }
-            match rx.recv_timeout((due - now).min(POLL)) {
-                Ok(span) => {
-                    batch.push(span);
-                    if batch.len() >= max_batch {
-                        self.send(rt, std::mem::take(&mut batch));
-                        due = Instant::now() + delay;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if !batch.is_empty() {
-                        self.send(rt, std::mem::take(&mut batch));
-                    }
-                    return;
-                }
-            }
+            std::thread::park_timeout((due - now).min(POLL));
         }
     }
 
@@ -389,5 +421,8 @@ pub fn flush(timeout: Duration) {
     let (tx, rx) = mpsc::channel();
     *control.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
     control.flush.store(true, Ordering::Release);
+    if let Some(t) = control.worker.get() {
+        t.unpark();
+    }
     let _ = rx.recv_timeout(timeout);
 }
