@@ -538,17 +538,7 @@ impl MeshProxy {
         ));
         let (capability, peer, tenant) = match self.direction {
             Direction::Inbound => (
-                inbound_capability(
-                    self.shared
-                        .config
-                        .load()
-                        .inbound
-                        .as_ref()
-                        .and_then(|i| i.capability.as_deref()),
-                    req.headers
-                        .get(CAPABILITY_HEADER)
-                        .and_then(|v| v.to_str().ok()),
-                ),
+                self.inbound_capability(req),
                 ctx.peer.as_ref().map(|p| p.spiffe_id.clone()),
                 ctx.peer.as_ref().map(|p| p.tenant.clone()),
             ),
@@ -605,6 +595,21 @@ impl MeshProxy {
         }
     }
 
+    /// The capability an inbound request is for (see [`inbound_capability`]).
+    fn inbound_capability(&self, req: &RequestHeader) -> Option<String> {
+        inbound_capability(
+            self.shared
+                .config
+                .load()
+                .inbound
+                .as_ref()
+                .and_then(|i| i.capability.as_deref()),
+            req.headers
+                .get(CAPABILITY_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
     /// What the policy input is built from.
     fn request_facts(
         &self,
@@ -632,15 +637,7 @@ impl MeshProxy {
                     trust_domain: p.trust_domain.clone(),
                 }),
                 me,
-                inbound_capability(
-                    self.shared
-                        .config
-                        .load()
-                        .inbound
-                        .as_ref()
-                        .and_then(|i| i.capability.as_deref()),
-                    header(CAPABILITY_HEADER).as_deref(),
-                ),
+                self.inbound_capability(req),
                 None,
             ),
             Direction::Outbound => (

@@ -42,40 +42,23 @@ impl EchoApp {
     /// Starts the app on an ephemeral port.
     pub fn start() -> EchoApp {
         let seen: Arc<Mutex<Vec<EchoSeen>>> = Arc::default();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let seen2 = seen.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let serve = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let seen = seen2.clone();
-                        tokio::spawn(async move {
-                            let svc =
-                                hyper::service::service_fn(move |req| handle(req, seen.clone()));
-                            let _ = auto::Builder::new(TokioExecutor::new())
-                                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
+        let (addr, tx) = crate::serve_on_thread(move |listener| async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
                 };
-                tokio::select! {
-                    _ = serve => {}
-                    _ = rx => {}
-                }
-            });
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
         });
         EchoApp {
-            addr: addr_rx.recv().unwrap(),
+            addr,
             seen,
             _shutdown: tx,
         }

@@ -86,3 +86,30 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.trim().parse().ok())
     })
 }
+
+/// Runs `serve` on its own thread and current-thread runtime with a
+/// listener on an ephemeral loopback port, until the returned sender is
+/// dropped. The in-test servers (the echo app, the OTLP receivers) use it.
+pub fn serve_on_thread<F, Fut>(serve: F) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>)
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            tokio::select! {
+                _ = serve(listener) => {}
+                _ = rx => {}
+            }
+        });
+    });
+    (addr_rx.recv().unwrap(), tx)
+}

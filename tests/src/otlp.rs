@@ -77,41 +77,25 @@ impl OtlpReceiver {
         let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
         let requests = Arc::new(AtomicU64::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (s2, r2, d2) = (spans.clone(), requests.clone(), delay_ms.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let serve = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let (s, r, d) = (s2.clone(), r2.clone(), d2.clone());
-                        tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| {
-                                handle(req, s.clone(), r.clone(), d.clone())
-                            });
-                            let _ = auto::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
-                    }
+        let (addr, tx) = crate::serve_on_thread(move |listener| async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
                 };
-                tokio::select! {
-                    _ = serve => {}
-                    _ = rx => {}
-                }
-            });
+                let (s, r, d) = (s2.clone(), r2.clone(), d2.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        handle(req, s.clone(), r.clone(), d.clone())
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
         });
         OtlpReceiver {
-            addr: addr_rx.recv().unwrap(),
+            addr,
             grpc: false,
             spans,
             requests,
@@ -126,31 +110,18 @@ impl OtlpReceiver {
         use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
         let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
         let requests = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let svc = GrpcTraces {
             spans: spans.clone(),
             requests: requests.clone(),
         };
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                let incoming = tokio_stream_from(listener);
-                let _ = tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(svc))
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = rx.await;
-                    })
-                    .await;
-            });
+        let (addr, tx) = crate::serve_on_thread(move |listener| async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(svc))
+                .serve_with_incoming(tokio_stream_from(listener))
+                .await;
         });
         OtlpReceiver {
-            addr: addr_rx.recv().unwrap(),
+            addr,
             grpc: true,
             spans,
             requests,
