@@ -71,6 +71,10 @@ pub struct Ctx {
     upstream: Option<SocketAddr>,
     /// Whether the upstream connection was new (not from the pool).
     fresh_upstream: bool,
+    /// Upstream attempts started (retries after a failed connect add one).
+    attempts: usize,
+    /// Why the last attempt failed to connect, when it was retried.
+    retried_because: Option<Reason>,
     reason: Option<Reason>,
     /// The policy decision: id and result, for the access log.
     policy: Option<(String, &'static str)>,
@@ -115,6 +119,8 @@ impl ProxyHttp for MeshProxy {
             peer: None,
             upstream: None,
             fresh_upstream: false,
+            attempts: 0,
+            retried_because: None,
             reason: None,
             policy: None,
             hop: None,
@@ -177,6 +183,7 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
         if self.direction == Direction::Outbound {
             // Each upstream attempt is its own client span.
             if let Some(t) = &self.shared.tracer {
@@ -184,7 +191,10 @@ impl ProxyHttp for MeshProxy {
                     .hop
                     .as_ref()
                     .filter(|h| h.attempts >= 1 && t.records(h))
-                    .map(|_| self.span_end(session, ctx, 0, Some("retried")));
+                    .map(|_| {
+                        let why = ctx.retried_because.map_or("retried", |r| r.as_str());
+                        self.span_end(session, ctx, 0, Some(why))
+                    });
                 if let Some(hop) = ctx.hop.as_mut() {
                     t.next_attempt(hop, retried);
                 }
@@ -294,6 +304,26 @@ impl ProxyHttp for MeshProxy {
     ) -> Result<()> {
         ctx.fresh_upstream = !reused;
         Ok(())
+    }
+
+    /// A connect or TLS failure to one endpoint of an outbound route is
+    /// retried on the next endpoint, once per other endpoint: nothing was
+    /// sent, so this is safe for any method.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let endpoints = ctx.route.as_ref().map_or(0, |r| r.endpoints.len());
+        if self.direction == Direction::Outbound && ctx.attempts < endpoints {
+            let reason = refine(classify(&e), self.direction, true);
+            tracing::warn!(reason = reason.as_str(), upstream = ?ctx.upstream, attempt = ctx.attempts, "connect to endpoint failed; trying the next endpoint of the route");
+            ctx.retried_because = Some(reason);
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

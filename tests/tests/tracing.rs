@@ -548,3 +548,75 @@ fn spans_go_to_an_otlp_grpc_collector_too() {
     assert_eq!(server.parent_id_hex(), client.span_id_hex());
     assert!(rx.requests() >= 1);
 }
+
+#[test]
+fn a_retry_to_the_next_endpoint_is_its_own_client_span() {
+    let app = EchoApp::start();
+    let rx = OtlpReceiver::start();
+    let mesh = traced_mesh(&app, &rx, 1.0);
+    // A second client sidecar whose route lists a dead endpoint first.
+    let leaf = mesh.pki.leaf("frontend", "demo");
+    let (port, admin) = (
+        crank_tests::proxy::free_addr(),
+        crank_tests::proxy::free_addr(),
+    );
+    let dead = crank_tests::proxy::free_addr();
+    let yaml = format!(
+        "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
+         outbound:\n  ports: [{{listen: {port}, route: backend}}]\n\
+         routes:\n  - name: backend\n    endpoints:\n      - {{address: {dead}, identity: backend.demo.crank.local}}\n      - {{address: {}, identity: backend.demo.crank.local}}\n\
+         admin: {{listen: {admin}}}\n{}",
+        leaf.cert.display(),
+        leaf.key.display(),
+        mesh.pki.bundle().display(),
+        mesh.inbound,
+        tracing_yaml(&rx.endpoint(), 1.0),
+    );
+    let client = crank_tests::Proxy::start(mesh.pki.path(), "retrying", &yaml, admin);
+    let (status, out) = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        "once",
+        "-H",
+        &format!("traceparent: {TP}"),
+        &format!("http://{port}/retry"),
+    ]);
+    assert_eq!(
+        status, 200,
+        "a failed connect is retried on the live endpoint: {out}"
+    );
+    assert_eq!(app.count(), 1, "the app saw the request once");
+    wait_until("three spans", Duration::from_secs(10), || {
+        rx.trace(TRACE).len() >= 3
+    });
+    let spans = rx.trace(TRACE);
+    let mut clients: Vec<_> = spans.iter().filter(|s| s.kind() == "client").collect();
+    clients.sort_by_key(|s| s.span.start_time_unix_nano);
+    assert_eq!(clients.len(), 2, "{spans:#?}");
+    let (first, second) = (clients[0], clients[1]);
+    assert_eq!(first.parent_id_hex(), "00f067aa0ba902b7");
+    assert_eq!(second.parent_id_hex(), "00f067aa0ba902b7");
+    assert_ne!(first.span_id_hex(), second.span_id_hex());
+    assert_eq!(first.status_code(), 2);
+    assert_eq!(
+        first.attr("error.type").as_deref(),
+        Some("upstream-connect-failed")
+    );
+    assert_eq!(
+        first.attr("network.peer.port").as_deref(),
+        Some(dead.port().to_string().as_str())
+    );
+    assert_eq!(first.attr("http.request.resend_count"), None);
+    assert_eq!(
+        second.attr("http.request.resend_count").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        second.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let server = spans.iter().find(|s| s.kind() == "server").unwrap();
+    assert_eq!(server.parent_id_hex(), second.span_id_hex());
+    drop(client);
+}
