@@ -19,7 +19,8 @@ use rustls::RootCertStore;
 
 /// An mTLS server that only offers `http/1.1`, requires a client certificate
 /// from the bundle, and answers with what it negotiated.
-fn start_h1_only_peer(pki: &Pki, leaf: &Leaf) -> SocketAddr {
+/// The peer's address, and the handle that keeps it running.
+fn start_h1_only_peer(pki: &Pki, leaf: &Leaf) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = crank_certs::pem::certs_from_pem(&std::fs::read(&leaf.cert).unwrap()).unwrap();
     let key = crank_certs::pem::key_from_pem(&std::fs::read(&leaf.key).unwrap()).unwrap();
@@ -38,56 +39,46 @@ fn start_h1_only_peer(pki: &Pki, leaf: &Leaf) -> SocketAddr {
         .unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let (_, conn) = tls.get_ref();
-                    let alpn = conn
-                        .alpn_protocol()
-                        .map(|a| String::from_utf8_lossy(a).to_string());
-                    let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let body = format!(
-                            "alpn={} version={:?} client_cert={client_cert}",
-                            alpn.clone().unwrap_or_default(),
-                            req.version()
-                        );
-                        async move {
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .header("x-peer", "h1-only")
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+    crank_tests::serve_on_thread(move |listener| async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (_, conn) = tls.get_ref();
+                let alpn = conn
+                    .alpn_protocol()
+                    .map(|a| String::from_utf8_lossy(a).to_string());
+                let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let body = format!(
+                        "alpn={} version={:?} client_cert={client_cert}",
+                        alpn.clone().unwrap_or_default(),
+                        req.version()
+                    );
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("x-peer", "h1-only")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    }
                 });
-            }
-        });
-    });
-    rx.recv().unwrap()
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 #[test]
 fn a_peer_without_h2_gets_http1_over_mtls() {
     let pki = Pki::new();
-    let peer = start_h1_only_peer(&pki, &pki.leaf("backend", "demo"));
+    let (peer, _running) = start_h1_only_peer(&pki, &pki.leaf("backend", "demo"));
     let client = client_sidecar(
         &pki,
         "client",
