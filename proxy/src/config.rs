@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crank_api::proxy::ProxyConfig;
 use crank_certs::Identity;
@@ -208,6 +209,142 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
     if let Some(t) = &cfg.tracing {
         validate_tracing(t).map_err(|(field, message)| err(field, message))?;
     }
+    validate_resilience(cfg).map_err(|(field, message)| err(field, message))?;
+    Ok(())
+}
+
+/// Quotas, concurrency limits, retries, circuits, faults, idempotency:
+/// numbers in range, rates that parse.
+fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
+    use crank_api::proxy::ConcurrencyConfig;
+    let q = &cfg.quotas;
+    for (i, l) in q.limits.iter().enumerate() {
+        let f = format!("quotas.limits[{i}]");
+        crate::resilience::parse_rate(&l.rate).map_err(|m| (format!("{f}.rate"), m))?;
+        if l.burst == Some(0) {
+            return Err((format!("{f}.burst"), "is 0, which lets nothing pass; use at least 1, or leave it out to equal the rate's count".into()));
+        }
+        if l.tenant.is_empty() || l.capability.is_empty() {
+            return Err((
+                f,
+                "tenant and capability must be set; use \"*\" to match any".into(),
+            ));
+        }
+    }
+    if let Some(h) = &q.tenant_header {
+        if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            return Err((
+                "quotas.tenant_header".into(),
+                format!("{h:?} is not a valid header name; use a token such as x-tenant"),
+            ));
+        }
+    }
+    if q.max_keys == 0 {
+        return Err((
+            "quotas.max_keys".into(),
+            "is 0; use at least 1 (default 100000)".into(),
+        ));
+    }
+    let conc = |f: String, c: &ConcurrencyConfig| -> Result<(), (String, String)> {
+        if c.max_concurrent == 0 {
+            return Err((
+                format!("{f}.max_concurrent"),
+                "is 0, which refuses every request; use at least 1, or remove the section".into(),
+            ));
+        }
+        if c.queue_timeout.is_zero() && c.max_queue > 0 {
+            return Err((format!("{f}.queue_timeout"), "is zero while max_queue lets requests wait; give a wait such as 1s, or set max_queue to 0".into()));
+        }
+        Ok(())
+    };
+    if let Some(inb) = &cfg.inbound {
+        if let Some(c) = &inb.concurrency {
+            conc("inbound.concurrency".into(), c)?;
+        }
+        let id = &inb.idempotency;
+        if id.enabled && (id.ttl.is_zero() || id.max_entries == 0 || id.max_total_bytes == 0) {
+            return Err(("inbound.idempotency".into(), "ttl, max_entries and max_total_bytes must be above zero; set enabled: false to turn replay off".into()));
+        }
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let f = format!("routes[{i}]");
+        if let Some(c) = &r.concurrency {
+            conc(format!("{f}.concurrency"), c)?;
+        }
+        if r.timeout.is_some_and(|t| t.is_zero()) {
+            return Err((
+                format!("{f}.timeout"),
+                "is zero; give a deadline such as 10s, or leave it out".into(),
+            ));
+        }
+        let rt = &r.retry;
+        if rt.attempts > 10 {
+            return Err((
+                format!("{f}.retry.attempts"),
+                format!("{} is too many; use 0 to 10", rt.attempts),
+            ));
+        }
+        if !(0.0..=10.0).contains(&rt.budget_ratio) {
+            return Err((
+                format!("{f}.retry.budget_ratio"),
+                format!(
+                    "{} is out of range; use a share such as 0.2 (0.0 to 10.0)",
+                    rt.budget_ratio
+                ),
+            ));
+        }
+        if rt.backoff_base > rt.backoff_max {
+            return Err((
+                format!("{f}.retry.backoff_base"),
+                "is longer than backoff_max; make backoff_max at least backoff_base".into(),
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&rt.budget_window) {
+            return Err((
+                format!("{f}.retry.budget_window"),
+                "is out of range; use 1s to 60s".into(),
+            ));
+        }
+        let c = &r.circuit;
+        if c.max_ejected_percent > 100 {
+            return Err((
+                format!("{f}.circuit.max_ejected_percent"),
+                format!("{} is over 100", c.max_ejected_percent),
+            ));
+        }
+        if c.consecutive_failures > 0
+            && (c.base_ejection.is_zero() || c.base_ejection > c.max_ejection)
+        {
+            return Err((
+                format!("{f}.circuit.base_ejection"),
+                "must be above zero and at most max_ejection".into(),
+            ));
+        }
+        if let Some(fault) = &r.fault {
+            if let Some(d) = &fault.delay {
+                if !(0.0..=100.0).contains(&d.percent) {
+                    return Err((
+                        format!("{f}.fault.delay.percent"),
+                        format!("{} is out of range; use 0 to 100", d.percent),
+                    ));
+                }
+            }
+            if let Some(a) = &fault.abort {
+                if !(0.0..=100.0).contains(&a.percent) {
+                    return Err((
+                        format!("{f}.fault.abort.percent"),
+                        format!("{} is out of range; use 0 to 100", a.percent),
+                    ));
+                }
+                if !(400..=599).contains(&a.status) {
+                    return Err((
+                        format!("{f}.fault.abort.status"),
+                        format!("{} is not an error status; use 400 to 599", a.status),
+                    ));
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -356,6 +493,21 @@ mod tests {
             ("tracing: {resource: {crank.identity: x}}\n", "tracing.resource.crank.identity", "set by the proxy"),
             ("tracing: {otlp: {endpoint: \"https://x:4318/v1/traces\"}}\n", "tracing.otlp.endpoint", "OpenTelemetry Collector on loopback"),
             ("tracing: {otlp: {protocol: http/json}}\n", "tracing.otlp.protocol", "unknown variant"),
+            ("quotas: {limits: [{tenant: a, capability: c, rate: 100/day}]}\n", "quotas.limits[0].rate", "N/s, N/min or N/h"),
+            ("quotas: {limits: [{tenant: a, capability: c, rate: 0/s}]}\n", "quotas.limits[0].rate", "allows nothing"),
+            ("quotas: {limits: [{tenant: a, capability: c, rate: 1/s, burst: 0}]}\n", "quotas.limits[0].burst", "at least 1"),
+            ("quotas: {limits: [{tenant: a, capability: c, rate: 1/s, direction: sideways}]}\n", "quotas.limits[0].direction", "unknown variant"),
+            ("quotas: {tenant_header: \"x y\"}\n", "quotas.tenant_header", "valid header name"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, concurrency: {max_concurrent: 0}}\n", "inbound.concurrency.max_concurrent", "refuses every request"),
+            ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, idempotency: {ttl: 0s}}\n", "inbound.idempotency", "enabled: false"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], timeout: 0s}]\n", "routes[0].timeout", "is zero"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {attempts: 50}}]\n", "routes[0].retry.attempts", "0 to 10"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {on: [teapot]}}]\n", "routes[0].retry.on[0]", "unknown variant"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {backoff_base: 1s, backoff_max: 10ms}}]\n", "routes[0].retry.backoff_base", "backoff_max"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], circuit: {max_ejected_percent: 150}}]\n", "routes[0].circuit.max_ejected_percent", "over 100"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {abort: {percent: 101, status: 503}}}]\n", "routes[0].fault.abort.percent", "0 to 100"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {abort: {percent: 1, status: 200}}}]\n", "routes[0].fault.abort.status", "400 to 599"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {delay: {percent: -1, duration: 1s}}}]\n", "routes[0].fault.delay.percent", "0 to 100"),
         ];
         for (extra, field, needle) in cases {
             let e = check(extra).expect_err(extra);

@@ -39,6 +39,28 @@ pub enum Reason {
     PolicyDenied,
     /// The policy could not be evaluated (error or timeout) and fails closed.
     PolicyError,
+    /// The tenant's quota for this capability is spent (429).
+    RateLimited,
+    /// The concurrency limit and its wait queue are full (503).
+    Overloaded,
+    /// The request waited for a concurrency slot and timed out (503).
+    QueueTimeout,
+    /// Every endpoint of the route is ejected by outlier detection (503).
+    CircuitOpen,
+    /// The route's request deadline passed (504).
+    RequestTimeout,
+    /// The route's fault injection aborted this request (configured status).
+    FaultInjected,
+    /// A request with this `Idempotency-Key` is still running (409).
+    IdempotencyKeyInUse,
+    /// The `Idempotency-Key` was used before with a different request (422).
+    IdempotencyKeyMismatch,
+    /// The first response under this key was too large to keep (409).
+    IdempotencyReplayUnavailable,
+    /// The idempotency store is full of running requests (503).
+    IdempotencyStoreFull,
+    /// The `Idempotency-Key` header is empty or longer than 255 bytes (400).
+    IdempotencyKeyInvalid,
 }
 
 impl Reason {
@@ -61,6 +83,17 @@ impl Reason {
             Reason::Internal => "internal",
             Reason::PolicyDenied => "policy-denied",
             Reason::PolicyError => "policy-error",
+            Reason::RateLimited => "rate-limited",
+            Reason::Overloaded => "overloaded",
+            Reason::QueueTimeout => "queue-timeout",
+            Reason::CircuitOpen => "circuit-open",
+            Reason::RequestTimeout => "request-timeout",
+            Reason::FaultInjected => "fault-injected",
+            Reason::IdempotencyKeyInUse => "idempotency-key-in-use",
+            Reason::IdempotencyKeyMismatch => "idempotency-key-mismatch",
+            Reason::IdempotencyReplayUnavailable => "idempotency-replay-unavailable",
+            Reason::IdempotencyStoreFull => "idempotency-store-full",
+            Reason::IdempotencyKeyInvalid => "idempotency-key-invalid",
         }
     }
 
@@ -71,7 +104,16 @@ impl Reason {
             | Reason::PeerIdentityInvalid
             | Reason::PolicyDenied
             | Reason::PolicyError => 403,
-            Reason::BadFraming | Reason::BadRequest => 400,
+            Reason::BadFraming | Reason::BadRequest | Reason::IdempotencyKeyInvalid => 400,
+            Reason::RateLimited => 429,
+            Reason::Overloaded
+            | Reason::QueueTimeout
+            | Reason::CircuitOpen
+            | Reason::IdempotencyStoreFull
+            | Reason::FaultInjected => 503,
+            Reason::RequestTimeout => 504,
+            Reason::IdempotencyKeyInUse | Reason::IdempotencyReplayUnavailable => 409,
+            Reason::IdempotencyKeyMismatch => 422,
             Reason::UpstreamConnectFailed
             | Reason::TlsIdentityMismatch
             | Reason::UpstreamTlsFailed
@@ -102,6 +144,17 @@ impl Reason {
             Reason::Internal => "the proxy hit an internal error; see its log",
             Reason::PolicyDenied => "the mesh policy denied this request; the reasons say why, and the security team can find the decision in the decision log by its id",
             Reason::PolicyError => "the mesh policy could not be evaluated, and the policy set fails closed; the decision log has the error under this decision id",
+            Reason::RateLimited => "your tenant's quota for this capability is spent; retry after the Retry-After seconds, or ask the platform team for a larger quota",
+            Reason::Overloaded => "the upstream is at its concurrency limit and its wait queue is full; retry after the Retry-After seconds, preferably elsewhere",
+            Reason::QueueTimeout => "the request waited for a free slot at the upstream's concurrency limit and timed out; retry after the Retry-After seconds",
+            Reason::CircuitOpen => "every endpoint of this route failed repeatedly and is ejected; retry after the Retry-After seconds, and check the endpoints' health",
+            Reason::RequestTimeout => "the route's request timeout passed before the upstream answered (retries included); the upstream may be slow or stuck",
+            Reason::FaultInjected => "this response was injected by the route's fault configuration (a chaos drill); it is not a real failure",
+            Reason::IdempotencyKeyInUse => "a request with this Idempotency-Key is still running; retry after the Retry-After seconds to get its result",
+            Reason::IdempotencyKeyMismatch => "this Idempotency-Key was already used with a different request (method, path or body); use a new key for a new request",
+            Reason::IdempotencyReplayUnavailable => "the first request with this Idempotency-Key completed, but its response was too large to keep for replay; do not resend it, look up its result instead",
+            Reason::IdempotencyStoreFull => "the sidecar holds as many running idempotent requests as it may; retry after the Retry-After seconds",
+            Reason::IdempotencyKeyInvalid => "the Idempotency-Key header must be 1 to 255 bytes; send a unique key such as a UUID",
         }
     }
 }
@@ -246,6 +299,17 @@ mod tests {
             Reason::Internal,
             Reason::PolicyDenied,
             Reason::PolicyError,
+            Reason::RateLimited,
+            Reason::Overloaded,
+            Reason::QueueTimeout,
+            Reason::CircuitOpen,
+            Reason::RequestTimeout,
+            Reason::FaultInjected,
+            Reason::IdempotencyKeyInUse,
+            Reason::IdempotencyKeyMismatch,
+            Reason::IdempotencyReplayUnavailable,
+            Reason::IdempotencyStoreFull,
+            Reason::IdempotencyKeyInvalid,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(names.len(), all.len());

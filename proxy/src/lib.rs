@@ -19,6 +19,7 @@ pub mod otlp;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod resilience;
 pub mod routing;
 pub mod server;
 pub mod spans;

@@ -44,6 +44,111 @@ pub struct Metrics {
     /// the file is invalid or changes a field that needs a restart. A save
     /// that changes nothing (comments, spacing) is not counted.
     pub config_reloads: IntCounterVec,
+    /// Quotas, shedding, circuits, retries, idempotency, faults.
+    pub resilience: ResilienceMetrics,
+}
+
+/// One counter or gauge per resilience decision (see
+/// `docs/reference/metrics.md`).
+#[derive(Clone)]
+pub struct ResilienceMetrics {
+    /// `crank_ratelimited_total{direction, tenant, capability}`.
+    pub ratelimited: IntCounterVec,
+    /// `crank_shed_total{direction, route, reason}`: `queue-full`,
+    /// `queue-timeout`, `circuit-open`, `idempotency-store-full`.
+    pub shed: IntCounterVec,
+    /// `crank_circuit_state{route, endpoint}`: 0 closed, 1 open, 2 half-open.
+    pub circuit_state: IntGaugeVec,
+    /// `crank_circuit_ejections_total{route, endpoint}`.
+    pub ejections: IntCounterVec,
+    /// `crank_retries_total{route, reason}`.
+    pub retries: IntCounterVec,
+    /// `crank_retry_budget_exhausted_total{route}`.
+    pub budget_exhausted: IntCounterVec,
+    /// `crank_idempotent_replays_total{result}`: `replayed`, `mismatch`,
+    /// `in-use`, `unavailable`.
+    pub replays: IntCounterVec,
+    /// `crank_idempotency_keys`: responses kept plus requests running.
+    pub idempotency_keys: IntGauge,
+    /// `crank_faults_injected_total{route, kind}`: `delay` or `abort`.
+    pub faults: IntCounterVec,
+    /// `crank_request_timeouts_total{route}`.
+    pub timeouts: IntCounterVec,
+}
+
+impl ResilienceMetrics {
+    fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric names");
+            c
+        };
+        let circuit_state = IntGaugeVec::new(
+            Opts::new(
+                "crank_circuit_state",
+                "Outlier detection state of each endpoint: 0 closed, 1 open (ejected), 2 half-open (probing)",
+            ),
+            &["route", "endpoint"],
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(circuit_state.clone()))
+            .expect("unique metric names");
+        let idempotency_keys = IntGauge::new(
+            "crank_idempotency_keys",
+            "Idempotency keys held: responses kept for replay plus requests running",
+        )
+        .expect("static metric");
+        registry
+            .register(Box::new(idempotency_keys.clone()))
+            .expect("unique metric names");
+        ResilienceMetrics {
+            ratelimited: counter(
+                "crank_ratelimited_total",
+                "Requests refused with 429 because the tenant's quota was spent",
+                &["direction", "tenant", "capability"],
+            ),
+            shed: counter(
+                "crank_shed_total",
+                "Requests refused with 503 without reaching the upstream, by reason",
+                &["direction", "route", "reason"],
+            ),
+            circuit_state,
+            ejections: counter(
+                "crank_circuit_ejections_total",
+                "Endpoints ejected by outlier detection",
+                &["route", "endpoint"],
+            ),
+            retries: counter(
+                "crank_retries_total",
+                "Upstream attempts retried, by the failure that caused the retry",
+                &["route", "reason"],
+            ),
+            budget_exhausted: counter(
+                "crank_retry_budget_exhausted_total",
+                "Failures not retried because the route's retry budget was spent",
+                &["route"],
+            ),
+            replays: counter(
+                "crank_idempotent_replays_total",
+                "Requests with a known Idempotency-Key: replayed, or refused (mismatch, in-use, unavailable)",
+                &["result"],
+            ),
+            idempotency_keys,
+            faults: counter(
+                "crank_faults_injected_total",
+                "Faults injected by route config, by kind (delay, abort)",
+                &["route", "kind"],
+            ),
+            timeouts: counter(
+                "crank_request_timeouts_total",
+                "Requests answered 504 request-timeout because the route's deadline passed",
+                &["route"],
+            ),
+        }
+    }
 }
 
 impl Metrics {
@@ -187,7 +292,9 @@ impl Metrics {
         ] {
             registry.register(c).expect("unique metric names");
         }
+        let resilience = ResilienceMetrics::new(&registry);
         Metrics {
+            resilience,
             registry,
             requests,
             latency,

@@ -65,33 +65,35 @@ pub struct MeshProxy {
 
 /// Per-request state.
 pub struct Ctx {
-    start: Instant,
-    route: Option<Arc<Route>>,
-    peer: Option<Arc<PeerIdentity>>,
-    upstream: Option<SocketAddr>,
+    pub(crate) start: Instant,
+    pub(crate) route: Option<Arc<Route>>,
+    pub(crate) peer: Option<Arc<PeerIdentity>>,
+    pub(crate) upstream: Option<SocketAddr>,
     /// Whether the upstream connection was new (not from the pool).
-    fresh_upstream: bool,
+    pub(crate) fresh_upstream: bool,
     /// Upstream attempts started (retries after a failed connect add one).
-    attempts: usize,
-    /// Why the last attempt failed to connect, when it was retried.
-    retried_because: Option<Reason>,
-    reason: Option<Reason>,
+    pub(crate) attempts: usize,
+    /// Why the last attempt failed, when it was retried.
+    pub(crate) retried_because: Option<&'static str>,
+    pub(crate) reason: Option<Reason>,
     /// The policy decision: id and result, for the access log.
-    policy: Option<(String, &'static str)>,
+    pub(crate) policy: Option<(String, &'static str)>,
     /// This hop's trace context and span, when tracing is on.
-    hop: Option<Hop>,
+    pub(crate) hop: Option<Hop>,
     /// The caller's trace id when tracing is off (logs only).
-    incoming_trace_id: Option<String>,
+    pub(crate) incoming_trace_id: Option<String>,
     /// Outbound: the identity the chosen endpoint must prove.
-    endpoint_identity: Option<String>,
+    pub(crate) endpoint_identity: Option<String>,
     /// Outbound: the peer sidecar's `x-crank-error`, when it answered by
     /// itself (its policy denied the request, say).
-    peer_error: Option<String>,
+    pub(crate) peer_error: Option<String>,
+    /// Quota, concurrency slot, retries, deadline, idempotency.
+    pub(crate) res: crate::resilience::flow::ResCtx,
     _inflight: InflightGuard,
 }
 
 impl Ctx {
-    fn route_label(&self, dir: Direction) -> &str {
+    pub(crate) fn route_label(&self, dir: Direction) -> &str {
         match (&self.route, dir) {
             (Some(r), _) => &r.name,
             (None, Direction::Inbound) => "app",
@@ -127,6 +129,7 @@ impl ProxyHttp for MeshProxy {
             incoming_trace_id: None,
             endpoint_identity: None,
             peer_error: None,
+            res: Default::default(),
             _inflight: self.shared.health.track(),
         }
     }
@@ -179,6 +182,9 @@ impl ProxyHttp for MeshProxy {
                 return Ok(true);
             }
         }
+        if !self.admit(session, ctx).await {
+            return Ok(true);
+        }
         Ok(false)
     }
 
@@ -192,7 +198,7 @@ impl ProxyHttp for MeshProxy {
                     .as_ref()
                     .filter(|h| h.attempts >= 1 && t.records(h))
                     .map(|_| {
-                        let why = ctx.retried_because.map_or("retried", |r| r.as_str());
+                        let why = ctx.retried_because.unwrap_or("retried");
                         self.span_end(session, ctx, 0, Some(why))
                     });
                 if let Some(hop) = ctx.hop.as_mut() {
@@ -218,9 +224,10 @@ impl ProxyHttp for MeshProxy {
             Direction::Outbound => {
                 let route = ctx
                     .route
-                    .as_ref()
+                    .clone()
                     .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
-                let ep = route.pick();
+                let idx = self.next_endpoint(ctx, &route).await?;
+                let ep = &route.endpoints[idx];
                 ctx.endpoint_identity = Some(ep.identity.spiffe_id());
                 let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
                 peer.client_cert_key = Some(self.shared.tls.client_cert());
@@ -237,7 +244,8 @@ impl ProxyHttp for MeshProxy {
         };
         peer.options.connection_timeout = Some(timeouts.connect);
         peer.options.total_connection_timeout = Some(timeouts.connect);
-        peer.options.read_timeout = Some(timeouts.upstream_read);
+        peer.options.read_timeout = Some(self.attempt_timeout(ctx, timeouts.upstream_read));
+        peer.options.write_timeout = peer.options.read_timeout;
         peer.options.idle_timeout = Some(Duration::from_secs(90));
         ctx.upstream = peer.address().as_inet().copied();
         Ok(Box::new(peer))
@@ -278,10 +286,13 @@ impl ProxyHttp for MeshProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if self.direction == Direction::Outbound {
+            self.on_upstream_status(session, ctx, resp)?;
+        }
         if self.direction == Direction::Outbound && ctx.hop.is_some() {
             ctx.peer_error = resp
                 .headers
@@ -306,28 +317,61 @@ impl ProxyHttp for MeshProxy {
         Ok(())
     }
 
-    /// A connect or TLS failure to one endpoint of an outbound route is
-    /// retried on the next endpoint, once per other endpoint: nothing was
-    /// sent, so this is safe for any method.
+    /// A connect or TLS failure to an endpoint of an outbound route counts
+    /// against it, and is retried on another endpoint under the route's
+    /// retry policy and budget: nothing was sent, so any method is safe.
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let endpoints = ctx.route.as_ref().map_or(0, |r| r.endpoints.len());
-        if self.direction == Direction::Outbound && ctx.attempts < endpoints {
-            let reason = refine(classify(&e), self.direction, true);
-            tracing::warn!(reason = reason.as_str(), upstream = ?ctx.upstream, attempt = ctx.attempts, "connect to endpoint failed; trying the next endpoint of the route");
-            ctx.retried_because = Some(reason);
-            e.set_retry(true);
+        if self.direction == Direction::Outbound {
+            self.record_attempt(ctx, false);
+            if self.may_retry(session, ctx, crate::resilience::retry::Failure::Connect) {
+                let reason = refine(classify(&e), self.direction, true);
+                tracing::warn!(reason = reason.as_str(), upstream = ?ctx.upstream, attempt = ctx.attempts, "connect to endpoint failed; retrying on another endpoint");
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    /// A failure while proxying: outbound, the attempt counts against the
+    /// endpoint and may be retried (see `resilience::flow`). Otherwise
+    /// Pingora's rule: a request on a reused connection that died is sent
+    /// again if its method is idempotent and its body is still held.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if self.direction == Direction::Outbound && self.on_attempt_error(session, ctx, &mut e) {
+            return e;
+        }
+        if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+            || session.response_written().is_some()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let reason = refine(classify(e), self.direction, ctx.fresh_upstream);
+        let reason = self
+            .resilience_reason(e, ctx)
+            .unwrap_or_else(|| refine(classify(e), self.direction, ctx.fresh_upstream));
+        if reason == Reason::RequestTimeout {
+            self.count_timeout(ctx);
+        }
         if let Some(tls_reason) = outbound_handshake_reason(reason) {
             self.shared
                 .metrics
@@ -338,7 +382,14 @@ impl ProxyHttp for MeshProxy {
         tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), error = %e, "request failed");
         let code = if session.response_written().is_none() && reason != Reason::ClientClosed {
             let detail = upstream_detail(ctx);
-            self.respond(session, ctx, reason, &detail).await;
+            match self.retry_after_for(reason, ctx) {
+                Some(secs) => {
+                    let ra = secs.to_string();
+                    self.respond_extra(session, ctx, reason, &detail, &[("retry-after", &ra)])
+                        .await
+                }
+                None => self.respond(session, ctx, reason, &detail).await,
+            }
             reason.status()
         } else {
             ctx.reason = Some(reason);
@@ -350,8 +401,52 @@ impl ProxyHttp for MeshProxy {
         }
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.on_request_body(body, ctx);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.on_response(resp, ctx);
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        self.check_deadline_mid_body(ctx, end_of_stream)?;
+        Ok(None)
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        self.on_response_body(body, ctx);
+        Ok(None)
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        self.finish_idempotency(ctx, e.is_none() && status > 0);
         if let (Some(t), Some(hop)) = (&self.shared.tracer, &ctx.hop) {
             if t.records(hop) {
                 let err = e.map(|e| e.etype().as_str());
@@ -382,6 +477,8 @@ impl ProxyHttp for MeshProxy {
                 upstream = ctx.upstream.map(|a| a.to_string()),
                 peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
                 crank_error = ctx.reason.map(|r| r.as_str()),
+                answered_by = answered_by(ctx),
+                retries = ctx.res.retries,
                 policy = ctx.policy.as_ref().map(|p| p.1),
                 decision_id = ctx.policy.as_ref().map(|p| p.0.as_str()),
                 error = e.map(|e| e.to_string()),
@@ -626,7 +723,7 @@ impl MeshProxy {
     }
 
     /// The capability an inbound request is for (see [`inbound_capability`]).
-    fn inbound_capability(&self, req: &RequestHeader) -> Option<String> {
+    pub(crate) fn inbound_capability(&self, req: &RequestHeader) -> Option<String> {
         inbound_capability(
             self.shared
                 .config
@@ -752,7 +849,25 @@ impl MeshProxy {
 
     /// Writes the proxy's own response: status, `x-crank-error`, and a body
     /// saying what happened and what to do.
-    async fn respond(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
+    pub(crate) async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        reason: Reason,
+        detail: &str,
+    ) {
+        self.respond_extra(session, ctx, reason, detail, &[]).await
+    }
+
+    /// [`Self::respond`] with extra headers (`Retry-After`, `RateLimit`).
+    pub(crate) async fn respond_extra(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        reason: Reason,
+        detail: &str,
+        extra: &[(&'static str, &str)],
+    ) {
         let mut body = if detail.is_empty() {
             format!("{}: {}\n", reason.as_str(), reason.advice())
         } else {
@@ -769,7 +884,7 @@ impl MeshProxy {
             reason,
             "text/plain; charset=utf-8",
             body.into_bytes(),
-            &[],
+            extra,
         )
         .await;
     }
@@ -789,7 +904,8 @@ impl MeshProxy {
             .proxy_errors
             .with_label_values(&[self.direction.as_str(), reason.as_str()])
             .inc();
-        let Ok(mut resp) = ResponseHeader::build(reason.status(), Some(4 + extra.len())) else {
+        let status = ctx.res.status_override.unwrap_or(reason.status());
+        let Ok(mut resp) = ResponseHeader::build(status, Some(4 + extra.len())) else {
             return;
         };
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
@@ -923,6 +1039,17 @@ fn to_origin_form(req: &mut RequestHeader) -> Result<()> {
     req.set_raw_path(origin.as_bytes())?;
     req.insert_header(http::header::HOST, authority)?;
     Ok(())
+}
+
+/// Who answered, for the access log: the upstream, the idempotency store,
+/// or the mechanism named by the proxy's own reason.
+fn answered_by(ctx: &Ctx) -> &'static str {
+    match (ctx.res.answered_by, ctx.reason) {
+        (Some(a), _) => a,
+        (None, Some(r)) => r.as_str(),
+        (None, None) if ctx.upstream.is_some() => "upstream",
+        (None, None) => "none",
+    }
 }
 
 fn upstream_detail(ctx: &Ctx) -> String {

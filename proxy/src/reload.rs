@@ -3,7 +3,9 @@
 //! change applies without a restart when it touches only the live fields:
 //!
 //! - `tracing.sampling` (the root sampling ratio),
-//! - `routes` (endpoints, hosts, capabilities),
+//! - `routes` (endpoints, hosts, capabilities, timeouts, retries, circuit
+//!   breaking, concurrency limits and faults),
+//! - `quotas`,
 //! - `timeouts`.
 //!
 //! Anything else (listeners, identity files, policy directories, the
@@ -61,7 +63,16 @@ pub fn apply(shared: &Shared, new: ProxyConfig) {
         tracer.set_ratio(t.sampling);
         shared.metrics.sampling_ratio.set(t.sampling);
     }
-    shared.routes.store(Arc::new(RouteTable::from_config(&new)));
+    let routes = RouteTable::reloaded(&new, Some(&shared.routes.load()));
+    crate::resilience::flow::init_circuit_gauges(&routes, &shared.metrics);
+    shared.routes.store(Arc::new(routes));
+    if new.quotas != shared.config.load().quotas {
+        shared
+            .quotas
+            .store(Arc::new(crate::resilience::flow::QuotaSet::from_config(
+                &new.quotas,
+            )));
+    }
     shared.config.store(Arc::new(new));
 }
 
@@ -106,7 +117,7 @@ fn check_change(path: &std::path::Path, shared: &Shared) -> Result<ProxyConfig, 
     let fields = restart_fields(&old, &new);
     if !fields.is_empty() {
         return Err(format!(
-            "{}: changes {} which need a restart; restart the proxy to apply them (only tracing.sampling, routes and timeouts apply live)",
+            "{}: changes {} which need a restart; restart the proxy to apply them (only tracing.sampling, routes, quotas and timeouts apply live)",
             path.display(),
             fields.join(", ")
         ));

@@ -1,23 +1,70 @@
 //! Outbound route selection: which route a request from the local app takes,
 //! and which endpoint (peer sidecar) serves it. Pure over plain data; the
 //! proxy phases only call [`RouteTable::select`] and [`Route::pick`].
+//!
+//! Each route carries its resilience state (outlier detection, retry
+//! budget, concurrency limit). A config reload keeps a route's state when
+//! its endpoints and those settings are unchanged, so changing a timeout or
+//! a fault drill does not forget which endpoints are ejected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crank_api::proxy::ProxyConfig;
+use crank_api::proxy::{ProxyConfig, RouteConfig};
 use crank_certs::Identity;
 
-/// A route with its endpoints.
+use crate::resilience::breaker::{BreakerConfig, Endpoints, Pick};
+use crate::resilience::retry::Budget;
+use crate::resilience::shed::Limiter;
+
+/// A route with its endpoints and its settings.
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
     /// The capability this route reaches, sent to the peer in `x-crank-capability`.
     pub capability: Option<String>,
     pub endpoints: Vec<Endpoint>,
-    next: AtomicUsize,
+    /// The route's config as written (timeout, retry, fault, ...).
+    pub cfg: RouteConfig,
+    /// Outlier detection, retry budget and concurrency limit.
+    pub state: Arc<RouteState>,
+}
+
+/// What a route remembers between requests.
+#[derive(Debug)]
+pub struct RouteState {
+    pub breakers: Endpoints,
+    pub budget: Budget,
+    pub limiter: Option<Limiter>,
+}
+
+impl RouteState {
+    fn new(cfg: &RouteConfig) -> Self {
+        RouteState {
+            breakers: Endpoints::new(cfg.endpoints.len(), breaker_config(cfg)),
+            budget: Budget::new(&cfg.retry),
+            limiter: cfg.concurrency.as_ref().map(Limiter::new),
+        }
+    }
+}
+
+fn breaker_config(cfg: &RouteConfig) -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: cfg.circuit.consecutive_failures,
+        base_ejection: cfg.circuit.base_ejection,
+        max_ejection: cfg.circuit.max_ejection,
+        max_ejected_percent: cfg.circuit.max_ejected_percent,
+        jitter: 0.25,
+    }
+}
+
+/// Whether a reloaded route may keep the old route's state.
+fn same_state(a: &RouteConfig, b: &RouteConfig) -> bool {
+    a.endpoints == b.endpoints
+        && a.circuit == b.circuit
+        && a.retry == b.retry
+        && a.concurrency == b.concurrency
 }
 
 /// A peer sidecar that serves a route, and the identity it must prove.
@@ -41,11 +88,12 @@ impl Route {
             .then_some(first)
     }
 
-    /// Round-robin over the endpoints. (Load-aware balancing and outlier
-    /// ejection arrive with the resilience work.)
-    pub fn pick(&self) -> &Endpoint {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.endpoints[i % self.endpoints.len()]
+    /// Round-robin over the endpoints that can take a request, skipping
+    /// ejected ones and, when another can take it, those in `tried`. None:
+    /// every endpoint is ejected (the circuit is open).
+    pub fn pick(&self, tried: &[usize]) -> Option<(Pick, &Endpoint)> {
+        let p = self.state.breakers.pick(tried)?;
+        self.endpoints.get(p.index).map(|e| (p, e))
     }
 }
 
@@ -66,6 +114,12 @@ pub struct NoRoute {
 impl RouteTable {
     /// Builds the table from a validated config.
     pub fn from_config(cfg: &ProxyConfig) -> Self {
+        Self::reloaded(cfg, None)
+    }
+
+    /// Builds the table, keeping the state of routes from `prev` whose
+    /// endpoints and resilience settings did not change.
+    pub fn reloaded(cfg: &ProxyConfig, prev: Option<&RouteTable>) -> Self {
         let mut t = RouteTable::default();
         for r in &cfg.routes {
             let idx = t.routes.len();
@@ -81,11 +135,17 @@ impl RouteTable {
                     }
                 })
                 .collect();
+            let state = prev
+                .and_then(|p| p.routes.iter().find(|o| o.name == r.name))
+                .filter(|o| same_state(&o.cfg, r))
+                .map(|o| o.state.clone())
+                .unwrap_or_else(|| Arc::new(RouteState::new(r)));
             t.routes.push(Arc::new(Route {
                 name: r.name.clone(),
                 capability: r.capability.clone(),
                 endpoints,
-                next: AtomicUsize::new(0),
+                cfg: r.clone(),
+                state,
             }));
             for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
                 t.by_host.insert(normalize_host(h), idx);
@@ -119,6 +179,10 @@ impl RouteTable {
 
     pub fn names(&self) -> Vec<&str> {
         self.routes.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
     }
 }
 
@@ -197,12 +261,45 @@ routes:
     fn round_robin_and_server_names() {
         let t = table();
         let r = t.select(Some(5001), None).unwrap();
-        let a = r.pick().address.port();
-        let b = r.pick().address.port();
-        let c = r.pick().address.port();
+        let a = r.pick(&[]).unwrap().1.address.port();
+        let b = r.pick(&[]).unwrap().1.address.port();
+        let c = r.pick(&[]).unwrap().1.address.port();
         assert_ne!(a, b);
         assert_eq!(a, c);
         assert_eq!(r.endpoints[1].server_name, "transcoder.media.crank.local");
+        // A retry goes to the endpoint not tried yet.
+        let (p, _) = r.pick(&[]).unwrap();
+        let (q, _) = r.pick(&[p.index]).unwrap();
+        assert_ne!(p.index, q.index);
+    }
+
+    #[test]
+    fn reload_keeps_state_only_when_endpoints_and_settings_match() {
+        let old = table();
+        let cfg: ProxyConfig = serde_yaml::from_str(
+            r#"
+identity: {cert: a, key: b, trust_bundle: c}
+admin: {listen: 127.0.0.1:9901}
+routes:
+  - name: "transcode:v1"
+    timeout: 2s
+    endpoints:
+      - {address: 127.0.0.1:7001, identity: transcoder.media.crank.local}
+      - {address: 127.0.0.1:7002, identity: "spiffe://crank.local/tenant/media/svc/transcoder"}
+  - name: backend
+    endpoints: [{address: 127.0.0.1:7009, identity: backend.demo.crank.local}]
+"#,
+        )
+        .unwrap();
+        let new = RouteTable::reloaded(&cfg, Some(&old));
+        let same = |name: &str| {
+            Arc::ptr_eq(
+                &old.select(None, Some(name)).unwrap().state,
+                &new.select(None, Some(name)).unwrap().state,
+            )
+        };
+        assert!(same("transcode:v1"), "a timeout change keeps the breakers");
+        assert!(!same("backend"), "a new endpoint list starts afresh");
     }
 
     #[test]

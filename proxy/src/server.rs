@@ -89,8 +89,17 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         me,
         tracer,
         reload: Default::default(),
+        quotas: ArcSwap::from_pointee(crate::resilience::flow::QuotaSet::from_config(&cfg.quotas)),
+        inbound_limiter: cfg
+            .inbound
+            .as_ref()
+            .and_then(|i| i.concurrency.as_ref())
+            .map(crate::resilience::shed::Limiter::new),
+        idempotency: crate::resilience::flow::idempotency_store(&cfg),
         config: ArcSwap::from_pointee(cfg.clone()),
     });
+    crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), &metrics);
+    crate::resilience::flow::spawn_housekeeping(shared.clone())?;
     crate::reload::spawn(
         path.to_path_buf(),
         shared.clone(),

@@ -24,6 +24,12 @@ pub struct Shared {
     /// Spans and trace context; `None` when the config has no `tracing`.
     pub tracer: Option<crate::spans::Tracer>,
     pub reload: crate::reload::ReloadStatus,
+    /// Quotas of each direction; replaced when the config file changes.
+    pub quotas: ArcSwap<crate::resilience::flow::QuotaSet>,
+    /// The concurrency limit in front of the local app (inbound).
+    pub inbound_limiter: Option<crate::resilience::shed::Limiter>,
+    /// Responses kept for `Idempotency-Key` replay (inbound).
+    pub idempotency: Option<Arc<dyn crate::resilience::idempotency::IdempotencyStore>>,
 }
 
 impl Shared {

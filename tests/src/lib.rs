@@ -4,6 +4,7 @@
 //! README's test command does.
 
 pub mod app;
+pub mod flaky;
 pub mod otlp;
 pub mod pki;
 pub mod proxy;
@@ -11,6 +12,7 @@ pub mod raw_http;
 pub mod sidecar;
 
 pub use app::{EchoApp, EchoSeen};
+pub use flaky::FlakyApp;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::Pki;
 pub use proxy::{free_port, Mesh, MeshOptions, Proxy};

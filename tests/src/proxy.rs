@@ -185,6 +185,11 @@ pub struct MeshOptions {
     pub client_extra: String,
     /// YAML appended to the server (inbound) sidecar's config.
     pub server_extra: String,
+    /// Fields added inside the server's `inbound: {...}` map
+    /// (`concurrency: {max_concurrent: 2}`).
+    pub inbound_extra: String,
+    /// Lines added to the client's route `backend` (`    timeout: 1s\n`).
+    pub route_extra: String,
 }
 
 impl Default for MeshOptions {
@@ -197,6 +202,8 @@ impl Default for MeshOptions {
             threads: 1,
             client_extra: String::new(),
             server_extra: String::new(),
+            inbound_extra: String::new(),
+            route_extra: String::new(),
         }
     }
 }
@@ -229,12 +236,17 @@ impl Mesh {
         let bundle = pki.bundle();
         let server_yaml = format!(
             "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
-             inbound: {{listen: {inbound}, app: {app}, app_protocol: {}}}\n\
+             inbound: {{listen: {inbound}, app: {app}, app_protocol: {}{}}}\n\
              admin: {{listen: {sadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n{}",
             server_leaf.cert.display(),
             server_leaf.key.display(),
             bundle.display(),
             opts.app_protocol,
+            if opts.inbound_extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", opts.inbound_extra)
+            },
             opts.threads,
             opts.drain,
             opts.server_extra,
@@ -242,12 +254,13 @@ impl Mesh {
         let client_yaml = format!(
             "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
              outbound:\n  http_proxy: {http_proxy}\n  ports: [{{listen: {port}, route: backend}}]\n\
-             routes:\n  - name: backend\n    hosts: [backend]\n    endpoints: [{{address: {inbound}, identity: {}}}]\n\
+             routes:\n  - name: backend\n    hosts: [backend]\n    endpoints: [{{address: {inbound}, identity: {}}}]\n{}\
              admin: {{listen: {cadmin}}}\nthreads: {}\ndrain: {{deadline: {}}}\n{}",
             client_leaf.cert.display(),
             client_leaf.key.display(),
             bundle.display(),
             opts.expected_server_identity,
+            opts.route_extra,
             opts.threads,
             opts.drain,
             opts.client_extra,

@@ -6,3 +6,4 @@
 //! documented default (see `docs/reference/proxy-config.md`).
 
 pub mod proxy;
+pub mod resilience;

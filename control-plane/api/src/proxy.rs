@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::resilience::*;
+
 /// The whole proxy configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +44,9 @@ pub struct ProxyConfig {
     /// the proxy passes `traceparent` through untouched and makes no spans.
     #[serde(default)]
     pub tracing: Option<TracingConfig>,
+    /// Rate limits by tenant and capability (429 with `Retry-After`).
+    #[serde(default)]
+    pub quotas: QuotaConfig,
 }
 
 /// Spans for each request, exported over OTLP.
@@ -219,6 +224,12 @@ pub struct InboundConfig {
     /// policy input.
     #[serde(default)]
     pub capability: Option<String>,
+    /// A concurrency limit in front of the app (503 when full). Absent: none.
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyConfig>,
+    /// `Idempotency-Key` replay. On by default.
+    #[serde(default)]
+    pub idempotency: IdempotencyConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -267,6 +278,25 @@ pub struct RouteConfig {
     /// policy sees it as `destination.capability`.
     #[serde(default)]
     pub capability: Option<String>,
+    /// The whole request's deadline, retries included (504
+    /// `request-timeout`). Absent: none beyond `timeouts.upstream_read`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// The upstream is safe to call twice: requests with any method may
+    /// be retried. Default false (only GET, HEAD, OPTIONS, TRACE, PUT and
+    /// DELETE are).
+    #[serde(default)]
+    pub idempotent: bool,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub circuit: CircuitConfig,
+    /// A concurrency limit for this route (503 when full). Absent: none.
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyConfig>,
+    /// Fault injection (chaos drills). Absent: off.
+    #[serde(default)]
+    pub fault: Option<FaultConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

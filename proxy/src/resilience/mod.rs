@@ -1,0 +1,87 @@
+//! Resilience: what the proxy does on its own so that one fragile worker,
+//! one greedy tenant or one bad deploy does not become everyone's outage.
+//!
+//! | Mechanism | Module | Answer | Where |
+//! |---|---|---|---|
+//! | quotas by (tenant, capability) | [`ratelimit`] | 429 `rate-limited`, `Retry-After`, `RateLimit` | inbound (peer tenant), outbound (edge) |
+//! | concurrency limit + bounded queue | [`shed`] | 503 `overloaded` / `queue-timeout`, `Retry-After` | inbound (the app), outbound (per route) |
+//! | outlier detection | [`breaker`] | 503 `circuit-open`, `Retry-After` | outbound endpoints |
+//! | request deadline | `proxy.rs` | 504 `request-timeout` | outbound routes |
+//! | retries under a budget | [`retry`] | the retried attempt's answer | outbound routes |
+//! | `Idempotency-Key` | [`idempotency`] | the stored response, 409, 422 | inbound |
+//! | fault injection | [`fault`] | delay, or the configured status | outbound routes |
+//!
+//! Each module is a state machine over plain data with paused-time unit
+//! tests; [`flow`] calls them from the proxy phases.
+
+pub mod breaker;
+pub mod fault;
+pub mod flow;
+pub mod idempotency;
+pub mod ratelimit;
+pub mod retry;
+pub mod shed;
+
+use std::time::Duration;
+
+/// Parses a quota rate: `100/min`, `10/s`, `5000/h` (also `second`,
+/// `minute`, `hour`, `sec`, `m`). Returns (count, window).
+pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let fix = "write it as N/s, N/min or N/h, for example 100/min";
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} has no '/'; {fix}"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{:?} is not a whole number; {fix}", n.trim()))?;
+    if n == 0 {
+        return Err(format!(
+            "{s:?} allows nothing; {fix} with N at least 1, or remove the limit"
+        ));
+    }
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        u => return Err(format!("unknown unit {u:?}; {fix}")),
+    };
+    Ok((n, per))
+}
+
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates() {
+        let ok: &[(&str, u32, u64)] = &[
+            ("100/min", 100, 60),
+            ("10/s", 10, 1),
+            ("5000/h", 5000, 3600),
+            (" 7 / second ", 7, 1),
+            ("1/minute", 1, 60),
+        ];
+        for (s, n, secs) in ok {
+            assert_eq!(parse_rate(s), Ok((*n, Duration::from_secs(*secs))), "{s}");
+        }
+        for bad in ["100", "x/min", "0/s", "5/day", "-1/s", ""] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("N/s, N/min or N/h"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::from_millis(600)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(30)), 30);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+    }
+}

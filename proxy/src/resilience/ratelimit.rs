@@ -1,0 +1,902 @@
+//! Quotas: token buckets keyed by (tenant, capability) that turn an
+//! over-quota request into `429 Too Many Requests`.
+//!
+//! Example: tenant `acme` has a quota of 100 requests/min on
+//! `transcode:v1`. The first 100 requests pass, the 101st gets a 429 with
+//! `Retry-After` and the `RateLimit` / `RateLimit-Policy` headers, and other
+//! tenants are not affected.
+//!
+//! # Model
+//!
+//! Every configured [`Limit`] owns one keyed GCRA limiter (`governor`): a
+//! bucket holds `burst` tokens and gets one token back every `per / count`,
+//! so `count` requests per `per` pass in the long run and up to `burst` pass
+//! at once after an idle time. Each request takes one token; a request that
+//! finds the bucket empty is denied and takes nothing.
+//!
+//! # Matching
+//!
+//! [`Quotas::check`] walks the limits in config order and the first limit
+//! whose tenant and capability both match decides alone: later limits are
+//! not consulted, so put specific limits before `*` ones. `*` matches any
+//! value, and each distinct value seen gets its own bucket: `tenant: "*"`
+//! gives every tenant its own bucket of the limit's size; it is not one
+//! bucket shared by all tenants. An exact tenant with an exact capability
+//! is a single bucket. A request that no limit matches is not limited
+//! (`None`).
+//!
+//! # Memory bound and eviction
+//!
+//! Buckets are created on first use. [`Quotas::evict_idle`] (run it
+//! periodically) drops the buckets that are full again, using governor's
+//! `retain_recent`: a bucket is dropped once it has been full for at least
+//! one refill interval (`per / count`), which makes it indistinguishable from
+//! a fresh one, so eviction never gives a tenant tokens back early.
+//!
+//! Each limit keeps at most `max_keys` buckets of its own. When a limit
+//! holds `max_keys` buckets and a request with a new key arrives, that
+//! limit's idle buckets are dropped first (at most once per second per
+//! limit, so a flood of new keys cannot make every request scan the map);
+//! if the limit is still full, the new key shares one overflow bucket of
+//! that limit (same size as the others). Such requests are still limited,
+//! only together, and memory stays bounded at `max_keys + 1` buckets per
+//! limit. The bound is checked before the bucket is inserted, so concurrent
+//! requests with new keys may pass it by at most the number of threads
+//! inserting at that moment.
+//!
+//! # Headers
+//!
+//! A [`RateDecision`] renders the IETF `draft-ietf-httpapi-ratelimit-headers`
+//! fields (structured fields; the policy name is an sf-string):
+//!
+//! * `RateLimit-Policy: "acme-transcode";q=100;w=60`: quota `q` per window
+//!   of `w` seconds.
+//! * `RateLimit: "acme-transcode";r=0;t=1`: `r` requests left now; `t`
+//!   seconds until the bucket is full again (allowed) or until the next
+//!   request may pass (denied).
+//! * `Retry-After: 1` on a 429: [`RateDecision::retry_after_secs`].
+//!
+//! All seconds are rounded up, so a client that waits as told is not
+//! denied again.
+//!
+//! # Time
+//!
+//! The limiters read tokio's clock (`tokio::time::Instant`), so tests can
+//! pause and advance time. Outside a runtime it is the system's monotonic
+//! clock.
+
+use std::cell::Cell;
+use std::fmt;
+use std::fmt::Write as _;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// The longest bucket span (`burst` refill intervals) kept: 100 years.
+/// Governor counts nanoseconds in a `u64` (about 584 years) and adds spans
+/// without overflow checks, so longer periods and bursts are clamped to this.
+const MAX_SPAN_NANOS: u64 = 100 * 365 * 24 * 3600 * NANOS_PER_SEC;
+
+/// When a limit is full, drop its idle buckets at most this often.
+const SWEEP_EVERY_NANOS: u64 = NANOS_PER_SEC;
+
+/// One configured quota.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    /// Policy name used in the headers, e.g. `acme-transcode`.
+    pub name: String,
+    /// An exact tenant, or `*`: any tenant, each tenant with its own bucket.
+    pub tenant: String,
+    /// An exact capability, or `*`: any capability, each its own bucket.
+    pub capability: String,
+    /// Requests per `per` (at least 1; 0 is treated as 1).
+    pub count: u32,
+    /// The window (more than zero; zero is treated as 1 ns).
+    pub per: Duration,
+    /// Bucket size: requests that may pass at once (at least 1; 0 is
+    /// treated as 1). The config default is `count`.
+    pub burst: u32,
+}
+
+/// The outcome of [`Quotas::check`] for a request some limit matched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateDecision {
+    /// Whether the request may pass; `false` means answer 429.
+    pub allowed: bool,
+    /// The deciding limit's [`Limit::name`].
+    pub policy: String,
+    /// The deciding limit's [`Limit::count`].
+    pub quota: u32,
+    /// [`Limit::per`] in whole seconds, at least 1.
+    pub window_secs: u64,
+    /// Tokens left after this request (0 when denied).
+    pub remaining: u32,
+    /// Allowed: seconds until the bucket is full again. Denied: seconds
+    /// until the next request may pass. Rounded up.
+    pub reset_secs: u64,
+    /// Denied: seconds until one request may pass, rounded up, at least 1
+    /// (the `Retry-After` value). Allowed: 0.
+    pub retry_after_secs: u64,
+}
+
+impl RateDecision {
+    /// The `RateLimit-Policy` field value: `"acme-transcode";q=100;w=60`.
+    pub fn policy_header(&self) -> String {
+        let mut out = String::with_capacity(self.policy.len() + 32);
+        push_sf_string(&mut out, &self.policy);
+        let _ = write!(out, ";q={};w={}", self.quota, self.window_secs);
+        out
+    }
+
+    /// The `RateLimit` field value: `"acme-transcode";r=0;t=36`.
+    pub fn ratelimit_header(&self) -> String {
+        let mut out = String::with_capacity(self.policy.len() + 32);
+        push_sf_string(&mut out, &self.policy);
+        let _ = write!(out, ";r={};t={}", self.remaining, self.reset_secs);
+        out
+    }
+}
+
+/// Appends `s` as a structured-field string (RFC 8941 sf-string): quotes
+/// and backslashes are escaped; characters an sf-string cannot hold
+/// (controls, non-ASCII) become `_`, so the header value is always valid.
+fn push_sf_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+}
+
+/// The configured quotas of one proxy: one keyed limiter per [`Limit`].
+pub struct Quotas {
+    limits: Vec<LimitState>,
+    max_keys: usize,
+}
+
+impl Quotas {
+    /// Builds the limiters. `max_keys`: most buckets kept per limit (memory
+    /// bound); beyond it new keys share one overflow bucket per limit (0:
+    /// every key shares it).
+    pub fn new(limits: Vec<Limit>, max_keys: usize) -> Quotas {
+        Quotas {
+            limits: limits.into_iter().map(LimitState::new).collect(),
+            max_keys,
+        }
+    }
+
+    /// Whether no limit is configured (then [`check`](Self::check) always
+    /// returns `None`).
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+    }
+
+    /// Takes one token for this request from the first limit (config
+    /// order) whose tenant and capability match; that limit alone decides.
+    /// `None` when no limit matches: the request is not limited.
+    pub fn check(&self, tenant: &str, capability: &str) -> Option<RateDecision> {
+        let limit = self
+            .limits
+            .iter()
+            .find(|limit| limit.matches(tenant, capability))?;
+        Some(limit.check(tenant, capability, self.max_keys))
+    }
+
+    /// Drops the buckets that are full again (governor's `retain_recent`,
+    /// then `shrink_to_fit`); returns the buckets left over all limits.
+    pub fn evict_idle(&self) -> usize {
+        for limit in &self.limits {
+            limit.limiter.retain_recent();
+            limit.limiter.shrink_to_fit();
+        }
+        self.key_count()
+    }
+
+    /// Buckets currently held, over all limits (overflow buckets included).
+    pub fn key_count(&self) -> usize {
+        self.limits.iter().map(|limit| limit.store.len()).sum()
+    }
+}
+
+impl fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quotas")
+            .field(
+                "limits",
+                &self
+                    .limits
+                    .iter()
+                    .map(|limit| &limit.limit)
+                    .collect::<Vec<_>>(),
+            )
+            .field("max_keys", &self.max_keys)
+            .field("keys", &self.key_count())
+            .finish()
+    }
+}
+
+type Limiter = RateLimiter<BucketKey, SharedStore, TokioClock, StateInformationMiddleware>;
+
+/// One limit with its limiter.
+struct LimitState {
+    limit: Limit,
+    any_tenant: bool,
+    any_capability: bool,
+    /// `count`, at least 1.
+    quota: u32,
+    window_secs: u64,
+    /// Bucket size after clamping.
+    burst: u32,
+    /// Refill interval of one token, in nanoseconds (at least 1).
+    period_nanos: u64,
+    /// The limiter's buckets, shared with the limiter so new keys can be
+    /// told from known ones.
+    store: Arc<DashMapStateStore<BucketKey>>,
+    limiter: Limiter,
+    /// Clock reading (nanoseconds) before which no overflow sweep runs.
+    next_sweep: AtomicU64,
+}
+
+impl LimitState {
+    fn new(limit: Limit) -> LimitState {
+        let quota = limit.count.max(1);
+        let per = limit.per.max(Duration::from_nanos(1));
+        let period_nanos = u64::try_from((per / quota).as_nanos())
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_SPAN_NANOS);
+        let max_burst = u32::try_from(MAX_SPAN_NANOS / period_nanos).unwrap_or(u32::MAX);
+        let burst = limit.burst.clamp(1, max_burst.max(1));
+        let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        // `with_period` is `None` only for a zero period, ruled out above.
+        let gcra = Quota::with_period(Duration::from_nanos(period_nanos))
+            .unwrap_or(Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst_nz);
+        let store = Arc::new(DashMapStateStore::<BucketKey>::default());
+        let clock = TokioClock {
+            base: tokio::time::Instant::now(),
+        };
+        let limiter: Limiter = RateLimiter::new(gcra, SharedStore(Arc::clone(&store)), clock);
+        LimitState {
+            any_tenant: limit.tenant == "*",
+            any_capability: limit.capability == "*",
+            quota,
+            window_secs: limit.per.as_secs().max(1),
+            burst,
+            period_nanos,
+            store,
+            limiter,
+            next_sweep: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    fn matches(&self, tenant: &str, capability: &str) -> bool {
+        (self.any_tenant || self.limit.tenant == tenant)
+            && (self.any_capability || self.limit.capability == capability)
+    }
+
+    /// The bucket key: the parts a `*` stands for (the exact parts are the
+    /// same for every request this limit matches). No allocation for an
+    /// exact tenant and capability.
+    fn key_for(&self, tenant: &str, capability: &str) -> BucketKey {
+        let tenant = if self.any_tenant { tenant } else { "" };
+        let capability = if self.any_capability { capability } else { "" };
+        let mut parts = String::with_capacity(tenant.len() + capability.len());
+        parts.push_str(tenant);
+        parts.push_str(capability);
+        BucketKey::Seen {
+            parts,
+            tenant_len: tenant.len(),
+        }
+    }
+
+    /// `key` itself, or the overflow key when this limit is full.
+    fn admit(&self, key: BucketKey, max_keys: usize) -> BucketKey {
+        if self.store.contains_key(&key) || self.own_buckets() < max_keys {
+            return key;
+        }
+        self.sweep_throttled();
+        if self.own_buckets() < max_keys {
+            key
+        } else {
+            BucketKey::Overflow
+        }
+    }
+
+    /// Buckets held, the overflow bucket not counted.
+    fn own_buckets(&self) -> usize {
+        let overflow = usize::from(self.store.contains_key(&BucketKey::Overflow));
+        self.store.len().saturating_sub(overflow)
+    }
+
+    /// `retain_recent`, unless another sweep of this limit ran in the last
+    /// second.
+    fn sweep_throttled(&self) {
+        let now = self.limiter.clock().now().as_u64();
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        if now >= due
+            && self
+                .next_sweep
+                .compare_exchange(
+                    due,
+                    now.saturating_add(SWEEP_EVERY_NANOS),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.limiter.retain_recent();
+        }
+    }
+
+    fn check(&self, tenant: &str, capability: &str, max_keys: usize) -> RateDecision {
+        let key = self.admit(self.key_for(tenant, capability), max_keys);
+        let _ = LAST_TAT.try_with(|tat| tat.set(0));
+        match self.limiter.check_key(&key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let tat = LAST_TAT.try_with(Cell::get).unwrap_or(0);
+                let until_full = if tat != 0 {
+                    // The limiter started when its clock read (almost) 0,
+                    // so the new theoretical arrival time `tat` is a
+                    // reading of the same clock: the bucket is full again
+                    // at `tat`.
+                    tat.saturating_sub(self.limiter.clock().now().as_u64())
+                } else {
+                    // Not recorded (cannot happen with `SharedStore`):
+                    // an upper bound, exact when requests are aligned.
+                    u64::from(self.burst.saturating_sub(remaining))
+                        .saturating_mul(self.period_nanos)
+                };
+                self.decision(true, remaining, ceil_secs(until_full).max(1), 0)
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
+                let secs = ceil_secs(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX)).max(1);
+                self.decision(false, 0, secs, secs)
+            }
+        }
+    }
+
+    fn decision(
+        &self,
+        allowed: bool,
+        remaining: u32,
+        reset_secs: u64,
+        retry_after_secs: u64,
+    ) -> RateDecision {
+        RateDecision {
+            allowed,
+            policy: self.limit.name.clone(),
+            quota: self.quota,
+            window_secs: self.window_secs,
+            remaining,
+            reset_secs,
+            retry_after_secs,
+        }
+    }
+}
+
+fn ceil_secs(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS_PER_SEC)
+}
+
+/// A bucket of one limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum BucketKey {
+    /// The tenant (when the limit's tenant is `*`, else empty) followed by
+    /// the capability (likewise); `tenant_len` keeps `("ab", "c")` and
+    /// `("a", "bc")` apart.
+    Seen { parts: String, tenant_len: usize },
+    /// The bucket shared by new keys while the limit holds `max_keys`.
+    Overflow,
+}
+
+thread_local! {
+    /// The theoretical arrival time the last allowed check on this thread
+    /// stored: when its bucket is full again.
+    static LAST_TAT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Governor's `DashMap` store, shared with [`LimitState`] (to tell new keys
+/// from known ones) and recording each stored state in `LAST_TAT` (the
+/// middleware's snapshot does not expose it; `reset_secs` needs it).
+struct SharedStore(Arc<DashMapStateStore<BucketKey>>);
+
+impl StateStore for SharedStore {
+    type Key = BucketKey;
+
+    fn measure_and_replace<T, F, E>(&self, key: &BucketKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        StateStore::measure_and_replace(&*self.0, key, |prev| {
+            let outcome = f(prev);
+            if let Ok((_, tat)) = &outcome {
+                let _ = LAST_TAT.try_with(|last| last.set(tat.as_u64()));
+            }
+            outcome
+        })
+    }
+}
+
+impl ShrinkableKeyedStateStore<BucketKey> for SharedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Governor clock on tokio's clock (pausable in tests): nanoseconds since
+/// `base`.
+#[derive(Debug, Clone, Copy)]
+struct TokioClock {
+    base: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        let elapsed = self.base.elapsed().as_nanos();
+        Nanos::from(u64::try_from(elapsed).unwrap_or(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::advance;
+
+    fn limit(name: &str, tenant: &str, capability: &str, count: u32, per_secs: u64) -> Limit {
+        Limit {
+            name: name.to_string(),
+            tenant: tenant.to_string(),
+            capability: capability.to_string(),
+            count,
+            per: Duration::from_secs(per_secs),
+            burst: count,
+        }
+    }
+
+    fn allowed(quotas: &Quotas, tenant: &str, capability: &str) -> bool {
+        quotas
+            .check(tenant, capability)
+            .expect("a limit matches")
+            .allowed
+    }
+
+    /// Checks `n` times; how many passed.
+    fn passes(quotas: &Quotas, tenant: &str, capability: &str, n: usize) -> usize {
+        (0..n)
+            .filter(|_| allowed(quotas, tenant, capability))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hundred_per_minute_then_429_with_headers() {
+        let quotas = Quotas::new(
+            vec![limit("acme-transcode", "acme", "transcode:v1", 100, 60)],
+            1000,
+        );
+        for i in 0..100u32 {
+            let d = quotas.check("acme", "transcode:v1").unwrap();
+            assert!(d.allowed, "request {} denied", i + 1);
+            assert_eq!(d.remaining, 99 - i);
+            assert_eq!(d.retry_after_secs, 0);
+            // i + 1 tokens out, 0.6 s each, rounded up.
+            assert_eq!(d.reset_secs, ((u64::from(i) + 1) * 600).div_ceil(1000));
+        }
+        let denied = quotas.check("acme", "transcode:v1").unwrap();
+        assert_eq!(
+            denied,
+            RateDecision {
+                allowed: false,
+                policy: "acme-transcode".to_string(),
+                quota: 100,
+                window_secs: 60,
+                remaining: 0,
+                reset_secs: 1,
+                retry_after_secs: 1,
+            }
+        );
+        assert_eq!(denied.policy_header(), r#""acme-transcode";q=100;w=60"#);
+        assert_eq!(denied.ratelimit_header(), r#""acme-transcode";r=0;t=1"#);
+        // The limit names acme only: other tenants and capabilities are not
+        // limited by it.
+        assert_eq!(quotas.check("globex", "transcode:v1"), None);
+        assert_eq!(quotas.check("acme", "thumbnail:v1"), None);
+        assert!(!allowed(&quotas, "acme", "transcode:v1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wildcard_tenant_gives_each_tenant_its_own_bucket() {
+        let quotas = Quotas::new(vec![limit("transcode", "*", "transcode:v1", 100, 60)], 1000);
+        assert_eq!(passes(&quotas, "acme", "transcode:v1", 101), 100);
+        assert!(!allowed(&quotas, "acme", "transcode:v1"));
+
+        // globex is not affected by acme's empty bucket.
+        let first = quotas.check("globex", "transcode:v1").unwrap();
+        assert!(first.allowed);
+        assert_eq!(first.remaining, 99);
+        assert_eq!(passes(&quotas, "globex", "transcode:v1", 100), 99);
+        assert!(!allowed(&quotas, "acme", "transcode:v1"));
+        assert_eq!(quotas.key_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exact_tenant_limit_and_the_rest() {
+        let quotas = Quotas::new(
+            vec![
+                limit("acme-transcode", "acme", "transcode:v1", 2, 60),
+                limit("default", "*", "*", 5, 60),
+            ],
+            1000,
+        );
+        assert_eq!(passes(&quotas, "acme", "transcode:v1", 2), 2);
+        let denied = quotas.check("acme", "transcode:v1").unwrap();
+        assert!(!denied.allowed);
+        assert_eq!(denied.policy, "acme-transcode");
+        assert_eq!(denied.retry_after_secs, 30);
+
+        // Other tenants fall through to the default limit, own buckets.
+        for tenant in ["globex", "initech"] {
+            for _ in 0..5 {
+                let d = quotas.check(tenant, "transcode:v1").unwrap();
+                assert!(d.allowed);
+                assert_eq!(d.policy, "default");
+            }
+            let d = quotas.check(tenant, "transcode:v1").unwrap();
+            assert!(!d.allowed);
+            assert_eq!(d.retry_after_secs, 12);
+            assert_eq!(d.ratelimit_header(), r#""default";r=0;t=12"#);
+        }
+        // acme on another capability: the default limit, its own bucket.
+        assert_eq!(passes(&quotas, "acme", "thumbnail:v1", 6), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_per_minute() {
+        let quotas = Quotas::new(vec![limit("p", "acme", "c", 2, 60)], 10);
+        let first = quotas.check("acme", "c").unwrap();
+        assert_eq!(
+            (first.allowed, first.remaining, first.reset_secs),
+            (true, 1, 30)
+        );
+        let second = quotas.check("acme", "c").unwrap();
+        assert_eq!(
+            (second.allowed, second.remaining, second.reset_secs),
+            (true, 0, 60)
+        );
+        assert_eq!(second.ratelimit_header(), r#""p";r=0;t=60"#);
+        let third = quotas.check("acme", "c").unwrap();
+        assert!(!third.allowed);
+        assert_eq!((third.retry_after_secs, third.reset_secs), (30, 30));
+        assert_eq!(third.ratelimit_header(), r#""p";r=0;t=30"#);
+
+        advance(Duration::from_secs(29)).await;
+        let d = quotas.check("acme", "c").unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_secs, 1);
+        advance(Duration::from_secs(1)).await;
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!((d.allowed, d.remaining, d.reset_secs), (true, 0, 60));
+        assert_eq!(quotas.check("acme", "c").unwrap().retry_after_secs, 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refill_over_paused_time() {
+        let quotas = Quotas::new(vec![limit("p", "*", "c", 100, 60)], 10);
+        assert_eq!(passes(&quotas, "acme", "c", 100), 100);
+        assert!(!allowed(&quotas, "acme", "c"));
+
+        // One token every 600 ms.
+        advance(Duration::from_millis(599)).await;
+        let d = quotas.check("acme", "c").unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_secs, 1);
+        advance(Duration::from_millis(1)).await;
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!((d.allowed, d.remaining, d.reset_secs), (true, 0, 60));
+        assert!(!allowed(&quotas, "acme", "c"));
+
+        // A full window: the full burst again, and no more.
+        advance(Duration::from_secs(60)).await;
+        assert_eq!(passes(&quotas, "acme", "c", 101), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_and_remaining_follow_the_bucket_exactly() {
+        let quotas = Quotas::new(vec![limit("p", "acme", "c", 2, 60)], 10);
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!((d.remaining, d.reset_secs), (1, 30));
+        // 10 s later: 1/3 of a token back, so the bucket is full again
+        // 50 s from now (not 60).
+        advance(Duration::from_secs(10)).await;
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!((d.allowed, d.remaining, d.reset_secs), (true, 0, 50));
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!(
+            (d.allowed, d.retry_after_secs, d.reset_secs),
+            (false, 20, 20)
+        );
+        advance(Duration::from_millis(19_500)).await;
+        assert_eq!(quotas.check("acme", "c").unwrap().retry_after_secs, 1);
+        advance(Duration::from_millis(500)).await;
+        assert!(allowed(&quotas, "acme", "c"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_smaller_than_count() {
+        let quotas = Quotas::new(
+            vec![Limit {
+                burst: 3,
+                ..limit("p", "acme", "c", 10, 60)
+            }],
+            10,
+        );
+        let seen: Vec<(u32, u64)> = (0..3)
+            .map(|_| quotas.check("acme", "c").unwrap())
+            .map(|d| {
+                assert!(d.allowed);
+                (d.remaining, d.reset_secs)
+            })
+            .collect();
+        assert_eq!(seen, vec![(2, 6), (1, 12), (0, 18)]);
+        let d = quotas.check("acme", "c").unwrap();
+        assert_eq!((d.allowed, d.retry_after_secs), (false, 6));
+        assert_eq!(d.policy_header(), r#""p";q=10;w=60"#);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_match_in_config_order_decides() {
+        let specific = limit("acme-transcode", "acme", "transcode:v1", 1, 60);
+        let catch_all = limit("catch-all", "*", "*", 1000, 60);
+
+        let quotas = Quotas::new(vec![specific.clone(), catch_all.clone()], 10);
+        assert_eq!(
+            quotas.check("acme", "transcode:v1").unwrap().policy,
+            "acme-transcode"
+        );
+        // The specific limit is exhausted; the catch-all is not consulted.
+        let d = quotas.check("acme", "transcode:v1").unwrap();
+        assert_eq!((d.allowed, d.policy.as_str()), (false, "acme-transcode"));
+        assert_eq!(quotas.check("acme", "other").unwrap().policy, "catch-all");
+
+        // Reversed: the catch-all shadows the specific limit.
+        let quotas = Quotas::new(vec![catch_all, specific.clone()], 10);
+        assert_eq!(passes(&quotas, "acme", "transcode:v1", 10), 10);
+        assert_eq!(
+            quotas.check("acme", "transcode:v1").unwrap().policy,
+            "catch-all"
+        );
+
+        // No limit matches: not limited.
+        let quotas = Quotas::new(vec![specific], 10);
+        assert!(!quotas.is_empty());
+        assert_eq!(quotas.check("acme", "thumbnail:v1"), None);
+        assert_eq!(quotas.check("globex", "transcode:v1"), None);
+        assert_eq!(quotas.key_count(), 0);
+
+        let none = Quotas::new(Vec::new(), 10);
+        assert!(none.is_empty());
+        assert_eq!(none.check("acme", "transcode:v1"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wildcard_capability_and_unambiguous_keys() {
+        let quotas = Quotas::new(vec![limit("p", "*", "*", 1, 60)], 100);
+        // Same concatenation, different (tenant, capability): two buckets.
+        assert!(allowed(&quotas, "ab", "c"));
+        assert!(allowed(&quotas, "a", "bc"));
+        assert!(allowed(&quotas, "a\u{1f}b", "c"));
+        assert!(allowed(&quotas, "a", "b\u{1f}c"));
+        assert!(!allowed(&quotas, "ab", "c"));
+        assert!(!allowed(&quotas, "a", "bc"));
+        assert_eq!(quotas.key_count(), 4);
+
+        let quotas = Quotas::new(vec![limit("p", "acme", "*", 1, 60)], 100);
+        assert!(allowed(&quotas, "acme", "x"));
+        assert!(allowed(&quotas, "acme", "y"));
+        assert!(!allowed(&quotas, "acme", "x"));
+        assert_eq!(quotas.check("globex", "x"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evict_idle_drops_full_buckets_and_keeps_the_rest() {
+        // 10 per minute: one token every 6 s.
+        let quotas = Quotas::new(vec![limit("p", "*", "c", 10, 60)], 1000);
+        for i in 0..20 {
+            assert!(allowed(&quotas, &format!("idle-{i}"), "c"));
+            assert_eq!(passes(&quotas, &format!("busy-{i}"), "c", 10), 10);
+        }
+        assert_eq!(quotas.key_count(), 40);
+        assert_eq!(quotas.evict_idle(), 40);
+
+        // The idle buckets are full again; the drained ones are not.
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(quotas.evict_idle(), 20);
+        assert_eq!(quotas.key_count(), 20);
+        // A kept bucket kept its state: 5 tokens back, one taken now.
+        assert_eq!(quotas.check("busy-0", "c").unwrap().remaining, 4);
+        // An evicted one starts full.
+        assert_eq!(quotas.check("idle-0", "c").unwrap().remaining, 9);
+        assert_eq!(quotas.key_count(), 21);
+
+        // At 70 s everything has been full for a refill interval except
+        // busy-0, full again only at 66 s + 6 s.
+        advance(Duration::from_secs(40)).await;
+        assert_eq!(quotas.evict_idle(), 1);
+        advance(Duration::from_secs(60)).await;
+        assert_eq!(quotas.evict_idle(), 0);
+        assert_eq!(quotas.key_count(), 0);
+        assert_eq!(quotas.check("busy-1", "c").unwrap().remaining, 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_keys_overflow_shares_one_bucket() {
+        let quotas = Quotas::new(vec![limit("p", "*", "c", 2, 60)], 3);
+        for tenant in ["t1", "t2", "t3"] {
+            assert_eq!(quotas.check(tenant, "c").unwrap().remaining, 1);
+        }
+        assert_eq!(quotas.key_count(), 3);
+
+        // t4 and t5 are new keys beyond the bound: one shared bucket.
+        let t4 = quotas.check("t4", "c").unwrap();
+        assert_eq!((t4.allowed, t4.remaining), (true, 1));
+        let t5 = quotas.check("t5", "c").unwrap();
+        assert_eq!((t5.allowed, t5.remaining), (true, 0));
+        let t6 = quotas.check("t6", "c").unwrap();
+        assert_eq!((t6.allowed, t6.retry_after_secs), (false, 30));
+        assert!(!allowed(&quotas, "t4", "c"));
+        assert_eq!(quotas.key_count(), 4);
+
+        // Known keys keep their own buckets.
+        assert_eq!(quotas.check("t1", "c").unwrap().remaining, 0);
+        assert!(!allowed(&quotas, "t1", "c"));
+
+        // Many more new keys: still limited, memory still bounded.
+        assert_eq!(
+            (0..100)
+                .filter(|i| allowed(&quotas, &format!("flood-{i}"), "c"))
+                .count(),
+            0
+        );
+        assert_eq!(quotas.key_count(), 4);
+
+        // Once the old buckets are idle, a new key gets its own bucket.
+        advance(Duration::from_secs(120)).await;
+        assert_eq!(quotas.check("t7", "c").unwrap().remaining, 1);
+        assert_eq!(quotas.key_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_keys_zero_puts_every_key_in_the_overflow_bucket() {
+        let quotas = Quotas::new(vec![limit("p", "*", "c", 2, 60)], 0);
+        assert!(allowed(&quotas, "a", "c"));
+        assert!(allowed(&quotas, "b", "c"));
+        assert!(!allowed(&quotas, "c", "c"));
+        assert_eq!(quotas.key_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn degenerate_limits_are_clamped_not_panics() {
+        let quotas = Quotas::new(
+            vec![
+                Limit {
+                    name: "zero".into(),
+                    tenant: "zero".into(),
+                    capability: "*".into(),
+                    count: 0,
+                    per: Duration::ZERO,
+                    burst: 0,
+                },
+                Limit {
+                    name: "huge".into(),
+                    tenant: "huge".into(),
+                    capability: "*".into(),
+                    count: 1,
+                    per: Duration::MAX,
+                    burst: u32::MAX,
+                },
+                Limit {
+                    name: "tiny".into(),
+                    tenant: "tiny".into(),
+                    capability: "*".into(),
+                    count: u32::MAX,
+                    per: Duration::from_nanos(1),
+                    burst: u32::MAX,
+                },
+            ],
+            10,
+        );
+        let d = quotas.check("zero", "c").unwrap();
+        assert_eq!((d.allowed, d.quota, d.window_secs), (true, 1, 1));
+        assert_eq!(d.reset_secs, 1);
+
+        let d = quotas.check("huge", "c").unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.window_secs, Duration::MAX.as_secs());
+        let d = quotas.check("huge", "c").unwrap();
+        assert!(!d.allowed);
+        assert!(d.retry_after_secs > 365 * 24 * 3600);
+        assert!(!d.ratelimit_header().is_empty());
+
+        assert!(allowed(&quotas, "tiny", "c"));
+        advance(Duration::from_secs(1)).await;
+        assert!(allowed(&quotas, "tiny", "c"));
+        // "zero" is full again; "huge" and "tiny" were used.
+        assert_eq!(quotas.evict_idle(), 2);
+    }
+
+    #[test]
+    fn header_formatting() {
+        let d = RateDecision {
+            allowed: true,
+            policy: "acme-transcode".into(),
+            quota: 100,
+            window_secs: 60,
+            remaining: 57,
+            reset_secs: 36,
+            retry_after_secs: 0,
+        };
+        assert_eq!(d.policy_header(), r#""acme-transcode";q=100;w=60"#);
+        assert_eq!(d.ratelimit_header(), r#""acme-transcode";r=57;t=36"#);
+
+        // sf-string: quotes and backslashes escaped, controls and non-ASCII
+        // replaced, so the value is always a valid header.
+        let d = RateDecision {
+            policy: "a\"b\\c\u{e9}\r\n/*".into(),
+            ..d
+        };
+        assert_eq!(d.policy_header(), r#""a\"b\\c___/*";q=100;w=60"#);
+        assert_eq!(d.ratelimit_header(), r#""a\"b\\c___/*";r=57;t=36"#);
+    }
+
+    #[test]
+    fn concurrent_checks_share_one_bucket() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Quotas>();
+
+        // No runtime: tokio's clock is the system clock here. 100 per hour,
+        // so nothing refills while the threads run.
+        let quotas = Arc::new(Quotas::new(vec![limit("p", "*", "c", 100, 3600)], 10));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let quotas = Arc::clone(&quotas);
+                std::thread::spawn(move || passes(&quotas, "acme", "c", 50))
+            })
+            .collect();
+        let passed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(passed, 100);
+        assert_eq!(quotas.key_count(), 1);
+    }
+}
