@@ -74,7 +74,7 @@ pub struct Ctx {
     /// Upstream attempts started (retries after a failed connect add one).
     pub(crate) attempts: usize,
     /// Why the last attempt failed, when it was retried.
-    pub(crate) retried_because: Option<&'static str>,
+    pub(crate) retried_because: Option<std::borrow::Cow<'static, str>>,
     pub(crate) reason: Option<Reason>,
     /// The policy decision: id and result, for the access log.
     pub(crate) policy: Option<(String, &'static str)>,
@@ -198,8 +198,8 @@ impl ProxyHttp for MeshProxy {
                     .as_ref()
                     .filter(|h| h.attempts >= 1 && t.records(h))
                     .map(|_| {
-                        let why = ctx.retried_because.unwrap_or("retried");
-                        self.span_end(session, ctx, 0, Some(why))
+                        let why = ctx.retried_because.clone();
+                        self.span_end(session, ctx, 0, Some(why.as_deref().unwrap_or("retried")))
                     });
                 if let Some(hop) = ctx.hop.as_mut() {
                     t.next_attempt(hop, retried);
@@ -331,6 +331,7 @@ impl ProxyHttp for MeshProxy {
             self.record_attempt(ctx, false);
             if self.may_retry(session, ctx, crate::resilience::retry::Failure::Connect) {
                 let reason = refine(classify(&e), self.direction, true);
+                ctx.retried_because = Some(reason.as_str().into());
                 tracing::warn!(reason = reason.as_str(), upstream = ?ctx.upstream, attempt = ctx.attempts, "connect to endpoint failed; retrying on another endpoint");
                 e.set_retry(true);
             }

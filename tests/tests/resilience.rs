@@ -479,3 +479,113 @@ fn fault_injection_hits_the_configured_shares() {
         Some(aborted as f64)
     );
 }
+
+#[test]
+fn a_duplicate_in_reject_mode_gets_409_and_the_log_says_who_answered() {
+    let app = EchoApp::start();
+    let mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            inbound_extra: "idempotency: {in_flight: reject}".into(),
+            ..MeshOptions::default()
+        },
+    );
+    let args: Vec<String> = [
+        "-X",
+        "POST",
+        "-H",
+        "Idempotency-Key: \"job-9\"",
+        "-d",
+        "slow",
+        &mesh.port_url("/slow"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let first = {
+        let args = args.clone();
+        std::thread::spawn(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            curl(&refs)
+        })
+    };
+    // The first is running (the app sleeps 1.5 s on /slow).
+    wait_until(
+        "the first request is in flight",
+        Duration::from_secs(5),
+        || metric(&mesh.server.metrics(), "crank_inflight_requests") == Some(1.0),
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (status, out) = curl(&refs);
+    assert_eq!(status, 409, "a duplicate during the first request: {out}");
+    assert_eq!(
+        header(&out, "x-crank-error"),
+        Some("idempotency-key-in-use")
+    );
+    assert_eq!(header(&out, "retry-after"), Some("1"));
+    assert_eq!(first.join().unwrap().0, 200);
+    // Once the first is done, a duplicate gets its result.
+    let (status, out) = curl(&refs);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(header(&out, "idempotent-replayed"), Some("true"));
+    assert_eq!(app.count(), 1);
+    wait_until(
+        "the access log names the replay",
+        Duration::from_secs(5),
+        || {
+            mesh.server
+                .log_text()
+                .contains("\"answered_by\":\"idempotency-replay\"")
+        },
+    );
+    assert!(mesh
+        .server
+        .log_text()
+        .contains("\"answered_by\":\"idempotency-key-in-use\""));
+}
+
+#[test]
+fn a_chaos_drill_is_switched_on_and_off_by_editing_the_route() {
+    let app = EchoApp::start();
+    let mesh = Mesh::start(app.addr, MeshOptions::default());
+    assert_eq!(curl(&[&mesh.port_url("/before")]).0, 200);
+    let original = std::fs::read_to_string(&mesh.client.config).unwrap();
+    let marker = "    endpoints: [";
+    let with = |route_lines: &str| {
+        let i = original.find(marker).expect("the route's endpoints line");
+        let mut s = original.clone();
+        s.insert_str(i, route_lines);
+        s
+    };
+    // An invalid drill is refused whole; the running config keeps serving.
+    std::fs::write(
+        &mesh.client.config,
+        with("    fault: {abort: {percent: 150, status: 503}}\n"),
+    )
+    .unwrap();
+    wait_until(
+        "the refused change is reported",
+        Duration::from_secs(10),
+        || {
+            mesh.client
+                .admin_get("/config_dump")
+                .1
+                .contains("fault.abort.percent")
+        },
+    );
+    assert_eq!(curl(&[&mesh.port_url("/still")]).0, 200);
+    // Every request aborted with 503 while the drill runs.
+    std::fs::write(
+        &mesh.client.config,
+        with("    fault: {abort: {percent: 100, status: 503}}\n"),
+    )
+    .unwrap();
+    wait_until("the drill applies", Duration::from_secs(10), || {
+        let (status, out) = curl(&[&mesh.port_url("/drill")]);
+        status == 503 && header(&out, "x-crank-error") == Some("fault-injected")
+    });
+    std::fs::write(&mesh.client.config, &original).unwrap();
+    wait_until("the drill ends", Duration::from_secs(10), || {
+        curl(&[&mesh.port_url("/after")]).0 == 200
+    });
+}

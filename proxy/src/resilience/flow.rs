@@ -637,7 +637,12 @@ impl MeshProxy {
             return false;
         }
         ctx.res.retries += 1;
-        ctx.retried_because = Some(failure.as_str());
+        // The span's error.type: the status (semantic conventions), or
+        // the failure; callers that know the precise reason replace it.
+        ctx.retried_because = Some(match failure {
+            Failure::Status(s) => s.to_string().into(),
+            f => f.as_str().into(),
+        });
         m.retries
             .with_label_values(&[route.name.as_str(), failure.as_str()])
             .inc();
@@ -706,6 +711,9 @@ impl MeshProxy {
         };
         self.record_attempt(ctx, false);
         let retry = self.may_retry(session, ctx, failure);
+        if retry {
+            ctx.retried_because = Some(reason.as_str().into());
+        }
         e.set_retry(retry);
         retry
     }
