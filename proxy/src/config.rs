@@ -262,6 +262,9 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
             conc("inbound.concurrency".into(), c)?;
         }
         let id = &inb.idempotency;
+        if id.enabled && id.max_response_bytes > id.max_total_bytes {
+            return Err(("inbound.idempotency.max_response_bytes".into(), "is larger than max_total_bytes, so such a response could never be kept; lower it or raise max_total_bytes".into()));
+        }
         if id.enabled && (id.ttl.is_zero() || id.max_entries == 0 || id.max_total_bytes == 0) {
             return Err(("inbound.idempotency".into(), "ttl, max_entries and max_total_bytes must be above zero; set enabled: false to turn replay off".into()));
         }

@@ -242,8 +242,9 @@ impl ProxyHttp for MeshProxy {
                 peer
             }
         };
-        peer.options.connection_timeout = Some(timeouts.connect);
-        peer.options.total_connection_timeout = Some(timeouts.connect);
+        let connect = self.attempt_timeout(ctx, timeouts.connect);
+        peer.options.connection_timeout = Some(connect);
+        peer.options.total_connection_timeout = Some(connect);
         peer.options.read_timeout = Some(self.attempt_timeout(ctx, timeouts.upstream_read));
         peer.options.write_timeout = peer.options.read_timeout;
         peer.options.idle_timeout = Some(Duration::from_secs(90));
@@ -372,6 +373,9 @@ impl ProxyHttp for MeshProxy {
             .unwrap_or_else(|| refine(classify(e), self.direction, ctx.fresh_upstream));
         if reason == Reason::RequestTimeout {
             self.count_timeout(ctx);
+        }
+        if reason == Reason::CircuitOpen {
+            self.count_shed(ctx, "circuit-open");
         }
         if let Some(tls_reason) = outbound_handshake_reason(reason) {
             self.shared
@@ -690,6 +694,9 @@ impl MeshProxy {
             a.push(Kv::new("crank.decision_id", id.clone()));
         }
         let answered_by = match (ctx.reason, &ctx.peer_error, status) {
+            _ if ctx.res.answered_by.is_some() => {
+                ctx.res.answered_by.unwrap_or_default().to_string()
+            }
             (Some(r), _, _) => r.as_str().to_string(),
             (None, Some(peer), _) => peer.clone(),
             (None, None, 0) => "none".to_string(),

@@ -63,8 +63,9 @@ pub fn apply(shared: &Shared, new: ProxyConfig) {
         tracer.set_ratio(t.sampling);
         shared.metrics.sampling_ratio.set(t.sampling);
     }
-    let routes = RouteTable::reloaded(&new, Some(&shared.routes.load()));
-    crate::resilience::flow::init_circuit_gauges(&routes, &shared.metrics);
+    let prev = shared.routes.load();
+    let routes = RouteTable::reloaded(&new, Some(&prev));
+    crate::resilience::flow::init_circuit_gauges(&routes, Some(&prev), &shared.metrics);
     shared.routes.store(Arc::new(routes));
     if new.quotas != shared.config.load().quotas {
         shared

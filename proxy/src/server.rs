@@ -98,7 +98,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         idempotency: crate::resilience::flow::idempotency_store(&cfg),
         config: ArcSwap::from_pointee(cfg.clone()),
     });
-    crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), &metrics);
+    crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), None, &metrics);
     crate::resilience::flow::spawn_housekeeping(shared.clone())?;
     crate::reload::spawn(
         path.to_path_buf(),

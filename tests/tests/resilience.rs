@@ -589,3 +589,34 @@ fn a_chaos_drill_is_switched_on_and_off_by_editing_the_route() {
         curl(&[&mesh.port_url("/after")]).0 == 200
     });
 }
+
+#[test]
+fn a_resent_idempotent_request_reaches_the_replica_that_kept_the_result() {
+    let pool = Pool::start(3, "");
+    let url = format!("http://{}/transcode", pool.port);
+    for key in ["job-a", "job-b", "job-c", "job-d"] {
+        let before: usize = pool.apps.iter().map(FlakyApp::count).sum();
+        let post = || {
+            curl(&[
+                "-X",
+                "POST",
+                "-H",
+                &format!("Idempotency-Key: {key}"),
+                "-d",
+                "clip",
+                &url,
+            ])
+        };
+        let (s1, first) = post();
+        let (s2, second) = post();
+        assert_eq!((s1, s2), (200, 200), "{first}\n{second}");
+        assert_eq!(
+            header(&second, "idempotent-replayed"),
+            Some("true"),
+            "{second}"
+        );
+        assert_eq!(header(&first, "x-app"), header(&second, "x-app"));
+        let after: usize = pool.apps.iter().map(FlakyApp::count).sum();
+        assert_eq!(after - before, 1, "{key} ran once across the replicas");
+    }
+}

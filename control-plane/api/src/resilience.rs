@@ -132,8 +132,9 @@ impl Default for RetryConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
-    /// Connect, TLS or refused-stream failures: nothing was sent, so these
-    /// are retried for any method even without this entry.
+    /// Connect and TLS handshake failures: nothing was sent, so these are
+    /// retried for any method (on an endpoint not tried yet) whenever
+    /// `attempts` is above 0, listed or not.
     ConnectFailure,
     /// The connection was reset or closed before a response.
     Reset,
@@ -206,7 +207,8 @@ pub struct AbortFault {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdempotencyConfig {
-    /// Default true: a POST or PATCH with `Idempotency-Key` is answered once.
+    /// Default true: a request with a non-idempotent method (POST, PATCH,
+    /// ...) and an `Idempotency-Key` is answered once.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// How long a response is kept for replay. Default 1h.

@@ -51,8 +51,14 @@ pub struct ResCtx {
     /// The route's request deadline.
     deadline: Option<Instant>,
     pub retries: u32,
+    /// Outbound: the hash of the request's `Idempotency-Key`, which picks
+    /// its first endpoint.
+    affinity: Option<u64>,
     /// The response status that made `upstream_response_filter` ask for a retry.
     status_retry: bool,
+    /// The retry in progress follows a connect or TLS failure: it must go
+    /// to an endpoint not tried yet.
+    connect_retry: bool,
     /// The quota decision, for `RateLimit` headers on the response.
     rate: Option<RateDecision>,
     idem: Option<IdemCtx>,
@@ -132,8 +138,27 @@ pub fn idempotency_store(cfg: &ProxyConfig) -> Option<Arc<dyn IdempotencyStore>>
     })
 }
 
-/// Sets `crank_circuit_state` for every endpoint of a new route table.
-pub fn init_circuit_gauges(table: &RouteTable, m: &Metrics) {
+/// Sets `crank_circuit_state` for every endpoint of a new route table,
+/// and drops the series of endpoints the previous table had and this one
+/// does not (a removed endpoint must not keep an alert firing).
+pub fn init_circuit_gauges(table: &RouteTable, prev: Option<&RouteTable>, m: &Metrics) {
+    let key = |r: &Route, e: &crate::routing::Endpoint| (r.name.clone(), e.address.to_string());
+    let now: std::collections::HashSet<_> = table
+        .routes()
+        .iter()
+        .flat_map(|r| r.endpoints.iter().map(move |e| key(r, e)))
+        .collect();
+    for r in prev.map(|p| p.routes()).unwrap_or_default() {
+        for e in &r.endpoints {
+            let k = key(r, e);
+            if !now.contains(&k) {
+                let _ = m
+                    .resilience
+                    .circuit_state
+                    .remove_label_values(&[&k.0, &k.1]);
+            }
+        }
+    }
     for r in table.routes() {
         for (i, e) in r.endpoints.iter().enumerate() {
             m.resilience
@@ -181,6 +206,7 @@ impl MeshProxy {
                     }
                 }
                 route.state.budget.deposit();
+                ctx.res.affinity = idempotency_affinity(session.req_header());
                 ctx.res.deadline = route.cfg.timeout.map(|t| Instant::now() + t);
             }
             _ => {
@@ -194,6 +220,7 @@ impl MeshProxy {
 
     async fn check_quota(&self, session: &mut Session, ctx: &mut Ctx) -> bool {
         let quotas = self.shared.quotas.load();
+        let mut from_header = false;
         let (q, tenant, capability): (&Quotas, Cow<str>, Cow<str>) = match self.direction {
             Direction::Inbound => {
                 if quotas.inbound.is_empty() {
@@ -218,6 +245,7 @@ impl MeshProxy {
                         .get(h)
                         .and_then(|v| v.to_str().ok())
                 });
+                from_header = header.is_some();
                 let tenant = header.unwrap_or(self.shared.me.tenant.as_str());
                 let cap = ctx
                     .route
@@ -237,11 +265,18 @@ impl MeshProxy {
             ctx.res.rate = Some(d);
             return true;
         }
+        // A tenant named by the caller's header (edge traffic) is not a
+        // label: callers could make series without bound.
+        let label = if from_header {
+            "(tenant_header)"
+        } else {
+            &tenant
+        };
         self.shared
             .metrics
             .resilience
             .ratelimited
-            .with_label_values(&[self.direction.as_str(), &tenant, &capability])
+            .with_label_values(&[self.direction.as_str(), label, &capability])
             .inc();
         let detail = format!(
             "tenant {tenant:?}, capability {capability:?}, quota {} ({} per {}s)",
@@ -431,7 +466,7 @@ impl MeshProxy {
         }
     }
 
-    fn count_shed(&self, ctx: &Ctx, reason: &str) {
+    pub(crate) fn count_shed(&self, ctx: &Ctx, reason: &str) {
         self.shared
             .metrics
             .resilience
@@ -548,7 +583,19 @@ impl MeshProxy {
         if self.deadline_passed(ctx) {
             return Err(Error::explain(DEADLINE, "the route's deadline passed"));
         }
-        let Some((pick, _)) = route.pick(&ctx.res.tried) else {
+        // A request with an Idempotency-Key goes first to the endpoint its
+        // key maps to, so a resent duplicate reaches the replica that kept
+        // the first response (when that endpoint can take it).
+        let affinity: Vec<usize>;
+        let exclude: &[usize] = match ctx.res.affinity {
+            Some(h) if ctx.res.tried.is_empty() && route.endpoints.len() > 1 => {
+                let home = (h % route.endpoints.len() as u64) as usize;
+                affinity = (0..route.endpoints.len()).filter(|i| *i != home).collect();
+                &affinity
+            }
+            _ => &ctx.res.tried,
+        };
+        let Some((pick, _)) = route.pick(exclude) else {
             return Err(Error::explain(
                 CIRCUIT_OPEN,
                 format!("every endpoint of route {} is ejected", route.name),
@@ -563,6 +610,14 @@ impl MeshProxy {
                 .with_label_values(&[route.name.as_str(), &addr])
                 .set(CircuitState::HalfOpen.gauge());
             tracing::info!(route = %route.name, endpoint = %addr, "sending a probe request to an ejected endpoint");
+        }
+        if ctx.res.connect_retry && ctx.res.tried.contains(&pick.index) {
+            // The untried endpoints are ejected: the retry of a connect
+            // failure would only hit the endpoint that just refused.
+            return Err(Error::explain(
+                ErrorType::ConnectError,
+                "no other endpoint of the route can take the retry",
+            ));
         }
         ctx.res.tried.push(pick.index);
         ctx.res.pick = Some(pick);
@@ -623,7 +678,7 @@ impl MeshProxy {
             || !retry::covers(cfg, safe, failure)
             || (failure == Failure::Connect && !untried_left)
             || session.response_written().is_some()
-            || (failure != Failure::Connect && session.as_ref().retry_buffer_truncated())
+            || session.as_ref().retry_buffer_truncated()
             || self.deadline_passed(ctx)
         {
             return false;
@@ -637,6 +692,7 @@ impl MeshProxy {
             return false;
         }
         ctx.res.retries += 1;
+        ctx.res.connect_retry = failure == Failure::Connect;
         // The span's error.type: the status (semantic conventions), or
         // the failure; callers that know the precise reason replace it.
         ctx.retried_because = Some(match failure {
@@ -692,11 +748,10 @@ impl MeshProxy {
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
-        let reason = crate::proxy::refine(
-            crate::errors::classify(e),
-            Direction::Outbound,
-            ctx.fresh_upstream,
-        );
+        // Only a TLS error the handshake reported counts as "nothing was
+        // sent"; a reset on a new connection may come after the peer passed
+        // the request on, so it stays a reset (idempotent requests only).
+        let reason = crate::errors::classify(e);
         let failure = if timeout && self.deadline_passed(ctx) {
             Failure::Timeout
         } else if matches!(
@@ -709,10 +764,20 @@ impl MeshProxy {
         } else {
             Failure::Reset
         };
+        // A reset on a brand-new connection is most likely the peer
+        // refusing our certificate: retry it (idempotent requests only, as
+        // a reset) but never on the same endpoint.
+        let refined = crate::proxy::refine(reason, Direction::Outbound, ctx.fresh_upstream);
+        let elsewhere_only = failure == Failure::Connect || refined == Reason::UpstreamTlsFailed;
         self.record_attempt(ctx, false);
-        let retry = self.may_retry(session, ctx, failure);
+        let untried_left = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| ctx.res.tried.len() < r.endpoints.len());
+        let retry = (!elsewhere_only || untried_left) && self.may_retry(session, ctx, failure);
         if retry {
-            ctx.retried_because = Some(reason.as_str().into());
+            ctx.res.connect_retry |= elsewhere_only;
+            ctx.retried_because = Some(refined.as_str().into());
         }
         e.set_retry(retry);
         retry
@@ -771,10 +836,8 @@ impl MeshProxy {
     /// `response_filter`: `RateLimit` headers, and the start of the
     /// response kept for idempotent replay.
     pub(crate) fn on_response(&self, resp: &mut ResponseHeader, ctx: &mut Ctx) {
-        if let Some(d) = &ctx.res.rate {
-            let _ = resp.insert_header("ratelimit-policy", d.policy_header());
-            let _ = resp.insert_header("ratelimit", d.ratelimit_header());
-        }
+        // Captured before this request's RateLimit headers: a replay must
+        // not carry stale quota figures.
         if let Some(i) = ctx.res.idem.as_mut() {
             i.status = resp.status.as_u16();
             i.headers = resp
@@ -783,6 +846,10 @@ impl MeshProxy {
                 .filter(|(k, _)| !is_hop_header(k.as_str()))
                 .map(|(k, v)| (k.as_str().to_string(), Bytes::copy_from_slice(v.as_bytes())))
                 .collect();
+        }
+        if let Some(d) = &ctx.res.rate {
+            let _ = resp.insert_header("ratelimit-policy", d.policy_header());
+            let _ = resp.insert_header("ratelimit", d.ratelimit_header());
         }
     }
 
@@ -859,6 +926,20 @@ impl IdemCtx {
     }
 }
 
+/// The endpoint affinity of a non-idempotent request with an
+/// `Idempotency-Key`: a hash of the key, the same in every sidecar.
+fn idempotency_affinity(req: &pingora_http::RequestHeader) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    if req.method.is_idempotent() {
+        return None;
+    }
+    let key = req.headers.get(IDEMPOTENCY_KEY)?;
+    // SipHash with fixed keys: stable across processes and hosts.
+    let mut h = std::hash::DefaultHasher::new();
+    key.as_bytes().hash(&mut h);
+    Some(h.finish())
+}
+
 /// Headers that describe one connection's framing, not the response.
 fn is_hop_header(name: &str) -> bool {
     matches!(
@@ -900,6 +981,23 @@ limits:
         assert_eq!(s.outbound.check("x", "y").unwrap().quota, 10);
         assert_eq!(s.inbound.check("x", "thumb").unwrap().remaining, 2);
         assert_eq!(s.tenant_header.unwrap().as_str(), "x-tenant");
+    }
+
+    #[test]
+    fn idempotency_keys_map_to_a_stable_endpoint() {
+        let req = |method: &str, key: Option<&str>| {
+            let mut r = pingora_http::RequestHeader::build(method, b"/", None).unwrap();
+            if let Some(k) = key {
+                r.insert_header(IDEMPOTENCY_KEY, k).unwrap();
+            }
+            r
+        };
+        let a = idempotency_affinity(&req("POST", Some("job-1")));
+        assert!(a.is_some());
+        assert_eq!(a, idempotency_affinity(&req("POST", Some("job-1"))));
+        assert_ne!(a, idempotency_affinity(&req("POST", Some("job-2"))));
+        assert_eq!(idempotency_affinity(&req("GET", Some("job-1"))), None);
+        assert_eq!(idempotency_affinity(&req("POST", None)), None);
     }
 
     #[test]
