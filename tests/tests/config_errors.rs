@@ -260,3 +260,19 @@ fn a_good_config_passes_check_with_0_and_does_not_serve() {
         "--check must not start listeners"
     );
 }
+
+#[test]
+fn the_shipped_resilience_example_passes_check() {
+    // deploy/examples/resilience.yaml documents every resilience knob; it
+    // must stay a valid config (only the identity files are swapped in).
+    let s = Setup::new();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/resilience.yaml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let text = text
+        .replace("certs/api.acme.crt", "frontend.demo.crt")
+        .replace("certs/api.acme.key", "frontend.demo.key")
+        .replace("certs/bundle.pem", "bundle.pem");
+    let file = s.write("resilience-example", &text);
+    let o = crank_proxy(&file, &["--check"]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+}
