@@ -19,6 +19,27 @@
 # of crank-proxy taken at start). Extra outputs: spans.tsv, raw/*.spans.txt,
 # conf/otlp/logs/access.log, and a "Tracing overhead" section in results.md.
 #
+# Resilience overhead (SETUPS="crank crank_resilience" ROUNDS=5):
+#   crank_resilience  the crank pair with every resilience knob set, none of them tripping:
+#                     quotas on both sidecars (one limit, tenant "*", capability "*",
+#                     100000000/s, direction both: every request takes a token);
+#                     inbound concurrency 10000 with a queue of 100, idempotency
+#                     (on by default; it acts only on POST/PATCH with Idempotency-Key,
+#                     so wrk's GETs never use it); on the route timeout 30s, retry
+#                     attempts 2 and circuit consecutive_failures 5 (both also the
+#                     defaults), concurrency 10000 with a queue of 100, and faults at
+#                     0% (delay and abort are drawn for every request, never fire)
+#   crank_res_quotas  only the quotas section (optional, to attribute the cost)
+#   crank_res_limits  only the two concurrency limits, route and inbound (optional)
+#   crank_res_route   only the route's timeout and 0% faults (optional)
+# Plain `crank` is "off" (it still has the default retries and circuit breaking).
+# Extra outputs: resilience.tsv, raw/<setup>[.r<N>].{front,back}.end-metrics.txt (both
+# sidecars' /metrics after the oha run), and a "Resilience overhead" section in
+# results.md with the resilience counters (429, shed, timeouts, faults, retries,
+# ejections) that fired. Hooks, as CRANK_FRONT_EXTRA / CRANK_BACK_EXTRA add top-level
+# YAML: CRANK_ROUTE_EXTRA (YAML lines added to the front's route; the script indents
+# them) and CRANK_INBOUND_EXTRA (flow-style fields appended inside `inbound: {...}`).
+#
 # Upstream is a private nginx instance answering `return 200 "ok"`.
 # Prints a markdown table and writes benches/out/results.md plus raw outputs
 # under benches/out/ (gitignored). See benches/README.md for the knobs.
@@ -79,6 +100,8 @@ SPANS=$OUT/spans.tsv
 NOTES=$OUT/notes.txt
 ROUND=1
 TRACE_RUN=0; [[ " $SETUPS " == *" crank_trace"* ]] && TRACE_RUN=1
+RES_RUN=0; [[ " $SETUPS " == *" crank_res"* ]] && RES_RUN=1
+RESIL=$OUT/resilience.tsv
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -350,6 +373,17 @@ measure() {
         log "$name: spans in the wrk run ($nreq requests): exported front $(span_delta "$s0f" "$s1f" 1) back $(span_delta "$s0b" "$s1b" 1), dropped front $(span_delta "$s0f" "$s1f" 2) back $(span_delta "$s0b" "$s1b" 2); collector got $post200 POSTs, $bytes bytes"
     fi
 
+    # crank setups of a resilience run: both sidecars' counters once everything
+    # (warm-up, wrk, oha) is done, to show what the layer decided
+    if (( RES_RUN )) && [[ "$name" == crank* ]]; then
+        local rcf rcb
+        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_FRONT/metrics" >"$RAW/$tag.front.end-metrics.txt" 2>&1
+        curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_BACK/metrics" >"$RAW/$tag.back.end-metrics.txt" 2>&1
+        rcf=$(res_counts "$RAW/$tag.front.end-metrics.txt"); rcb=$(res_counts "$RAW/$tag.back.end-metrics.txt")
+        printf '%s\t%s\t%s\t%s\t%s\n' "$tag" "$name" "$ROUND" "$rcf" "$rcb" >>"$RESIL"
+        log "$name: counters front $rcf, back $rcb (requests,4xx+5xx,no-response,429,shed,timeouts,faults,retries,budget-exhausted,ejections,replays,proxy-errors)"
+    fi
+
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
         "$name" "${rps:-0}" "$wrk_errs" "$lat_src" "${p50:--}" "${p99:--}" "${p999:--}" "${pmax:--}" \
         "${lat_rps:--}" "${lat_ok:--}" "${rf:-}" "${rb:-}" "$ROUND" "${cpu_us:--}" "$busy" >>"$SUMMARY"
@@ -399,6 +433,28 @@ span_delta() {
         if (nb < 3) { print "?"; exit }
         if (na < 3) { x[1] = x[2] = x[3] = 0 }
         if (f == 1) print y[1] - x[1]; else print (y[2] + y[3]) - (x[2] + x[3]) }'
+}
+
+# res_counts METRICS_FILE -> "requests,4xx+5xx,no-response,ratelimited,shed,timeouts,faults,
+# retries,budget_exhausted,ejections,replays,proxy_errors": crank's counters summed over their
+# labels (a labelled counter is absent until it first counts: absent = 0); "?" when unreadable.
+# no-response = status_class "error": no response was sent, e.g. the client closed the
+# connection with the request in flight, as wrk and oha do when their time is up.
+res_counts() {
+    grep -q '^crank_' "$1" 2>/dev/null || { echo "?"; return; }
+    awk '
+        /^crank_requests_total\{/ { n[1] += $NF
+            if ($0 ~ /status_class="[45]xx"/) n[2] += $NF; else if ($0 ~ /status_class="error"/) n[3] += $NF }
+        /^crank_ratelimited_total\{/ { n[4] += $NF }
+        /^crank_shed_total\{/ { n[5] += $NF }
+        /^crank_request_timeouts_total\{/ { n[6] += $NF }
+        /^crank_faults_injected_total\{/ { n[7] += $NF }
+        /^crank_retries_total\{/ { n[8] += $NF }
+        /^crank_retry_budget_exhausted_total\{/ { n[9] += $NF }
+        /^crank_circuit_ejections_total\{/ { n[10] += $NF }
+        /^crank_idempotent_replays_total\{/ { n[11] += $NF }
+        /^crank_proxy_errors_total\{/ { n[12] += $NF }
+        END { for (i = 1; i <= 12; i++) printf "%s%d", (i > 1 ? "," : ""), n[i]; print "" }' "$1"
 }
 
 collector_lines() { if [[ -f "$CONF/otlp/logs/access.log" ]]; then wc -l <"$CONF/otlp/logs/access.log"; else echo 0; fi; }
@@ -483,6 +539,10 @@ setup_direct() { FRONT_PID=; BACK_PID=; URL=http://127.0.0.1:$P_UP/; }
 setup_crank() {
     [[ -x "$CRANK_PROXY" ]] || { SKIP_REASON="$CRANK_PROXY not built"; SKIPPED=1; return 1; }
     local d=$CONF/crank; mkdir -p "$d"
+    # hooks for the route and the inbound map; unset, the files are as they always were
+    local route_extra="" inbound_extra=""
+    [[ -n "${CRANK_ROUTE_EXTRA:-}" ]] && route_extra=$'\n'$(sed 's/^/    /' <<<"$CRANK_ROUTE_EXTRA")
+    [[ -n "${CRANK_INBOUND_EXTRA:-}" ]] && inbound_extra=", $CRANK_INBOUND_EXTRA"
     cat >"$d/front.yaml" <<EOF
 # crank outbound sidecar (generated by benches/run.sh)
 identity: {cert: $CERTS/front.bench.crt, key: $CERTS/front.bench.key, trust_bundle: $CERTS/bundle.pem}
@@ -494,7 +554,7 @@ routes:
   - name: back
     endpoints:
       - address: 127.0.0.1:$P_CRANK_BACK
-        identity: $BACK_NAME
+        identity: $BACK_NAME$route_extra
 admin: {listen: 127.0.0.1:$P_CRANK_ADMIN_FRONT}
 threads: $CRANK_THREADS
 access_log: $CRANK_ACCESS_LOG
@@ -504,7 +564,7 @@ EOF
     cat >"$d/back.yaml" <<EOF
 # crank inbound sidecar (generated by benches/run.sh)
 identity: {cert: $CERTS/back.bench.crt, key: $CERTS/back.bench.key, trust_bundle: $CERTS/bundle.pem}
-inbound: {listen: 127.0.0.1:$P_CRANK_BACK, app: 127.0.0.1:$P_UP, app_protocol: http1}
+inbound: {listen: 127.0.0.1:$P_CRANK_BACK, app: 127.0.0.1:$P_UP, app_protocol: http1$inbound_extra}
 admin: {listen: 127.0.0.1:$P_CRANK_ADMIN_BACK}
 threads: $CRANK_THREADS
 access_log: $CRANK_ACCESS_LOG
@@ -688,6 +748,38 @@ setup_crank_trace0() { setup_crank_trace 0.0; }   # tracing on, nothing sampled:
 setup_crank_trace1() { setup_crank_trace 0.01; }
 setup_crank_trace100() { setup_crank_trace 1.0; }
 
+# The resilience layer (issue #5), every part set so that nothing trips: each
+# request pays for the checks (a quota token, a concurrency slot, the deadline
+# check, two fault draws) and none is refused, delayed or retried.
+RES_QUOTAS="quotas:
+  limits:
+    - {tenant: '*', capability: '*', rate: 100000000/s, direction: both}"
+RES_LIMIT="{max_concurrent: 10000, max_queue: 100}"
+RES_ROUTE="timeout: 30s
+fault: {delay: {percent: 0, duration: 1s}, abort: {percent: 0, status: 503}}"
+
+# setup_crank_res QUOTAS LIMITS ROUTE (1 or 0 each): the crank pair with those parts.
+setup_crank_res() {
+    local q="" route="" inbound=""
+    (( $1 )) && q=$RES_QUOTAS
+    if (( $2 )); then route="concurrency: $RES_LIMIT"; inbound="concurrency: $RES_LIMIT"; fi
+    (( $3 )) && route+="${route:+$'\n'}$RES_ROUTE"
+    CRANK_FRONT_EXTRA="$q" CRANK_BACK_EXTRA="$q" CRANK_ROUTE_EXTRA="$route" CRANK_INBOUND_EXTRA="$inbound" setup_crank
+}
+# All on. retry, circuit and idempotency are written out although they are the
+# defaults (plain `crank` has them too), so that the file shows the whole layer.
+setup_crank_resilience() {
+    CRANK_FRONT_EXTRA="$RES_QUOTAS" CRANK_BACK_EXTRA="$RES_QUOTAS" \
+    CRANK_ROUTE_EXTRA="$RES_ROUTE
+retry: {attempts: 2}
+circuit: {consecutive_failures: 5}
+concurrency: $RES_LIMIT" \
+    CRANK_INBOUND_EXTRA="concurrency: $RES_LIMIT, idempotency: {enabled: true}" setup_crank
+}
+setup_crank_res_quotas() { setup_crank_res 1 0 0; }
+setup_crank_res_limits() { setup_crank_res 0 1 0; }
+setup_crank_res_route() { setup_crank_res 0 0 1; }
+
 hop_of() {
     case "$1" in
         direct) echo "—" ;;
@@ -696,6 +788,10 @@ hop_of() {
         crank_trace1) echo "mTLS 1.3, h2 (ALPN), tracing 1% (OTLP/HTTP)" ;;
         crank_trace100) echo "mTLS 1.3, h2 (ALPN), tracing 100% (OTLP/HTTP)" ;;
         crank_policy) echo "mTLS 1.3, h2 (ALPN), Rego policy + decision log" ;;
+        crank_resilience) echo "mTLS 1.3, h2 (ALPN), resilience all on (quotas, limits, timeout, 0% faults)" ;;
+        crank_res_quotas) echo "mTLS 1.3, h2 (ALPN), quotas only" ;;
+        crank_res_limits) echo "mTLS 1.3, h2 (ALPN), concurrency limits only" ;;
+        crank_res_route) echo "mTLS 1.3, h2 (ALPN), route timeout + 0% faults only" ;;
         haproxy) [[ "${HAP_ALPN_USED:-$HAPROXY_ALPN}" == h2 ]] && echo "mTLS 1.3, h2 (ALPN)" || echo "mTLS 1.3, HTTP/1.1" ;;
         nginx) echo "mTLS 1.3, HTTP/1.1 pool" ;;
     esac
@@ -752,6 +848,7 @@ report() {
             echo "errors = wrk socket errors + non-2xx responses."
         fi
         (( TRACE_RUN )) && [[ -s "$SPANS" ]] && trace_report
+        (( RES_RUN )) && resilience_report
         if [[ -s "$NOTES" ]]; then echo; echo "Notes:"; sed 's/^/- /' "$NOTES"; fi
     } >"$OUT/results.md"
     cat "$OUT/results.md"
@@ -830,6 +927,91 @@ trace_report() {
     echo "Collector POSTs: answered 200 in that window, from the collector's access log. Raw counters: raw/<setup>.r<round>.spans.txt."
 }
 
+# resilience_report: the resilience-overhead tables, from summary.tsv and resilience.tsv.
+# Every crank_res* row is compared with the plain `crank` row of its round.
+resilience_report() {
+    echo
+    echo "## Resilience overhead"
+    echo
+    echo "\`crank_resilience\`: quotas on both sidecars (tenant \`*\`, capability \`*\`, 100000000/s, direction both), inbound"
+    echo "concurrency 10000 (queue 100) and idempotency (acts only on POST/PATCH with \`Idempotency-Key\`: not exercised by GETs),"
+    echo "route timeout 30s, retry attempts 2, circuit consecutive_failures 5, route concurrency 10000 (queue 100), faults at 0%."
+    echo "\`crank_res_quotas\` / \`_limits\` / \`_route\`: only the quotas / the two concurrency limits / the route's timeout and faults."
+    echo "Nothing is set to trip. × off = this row ÷ the plain \`crank\` row of the same round."
+    echo
+    echo "| round | setup | req/s (c$CONNS) | × off | p50 ms | p99 ms | pair CPU µs/req | × off | RSS front / back MiB | requests front / back | 4xx+5xx front / back | no response front / back | 429 / shed / timeouts / faults | retries / budget / ejections | proxy errors front / back |"
+    echo "|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|---|"
+    awk -F'\t' -v res="$RESIL" '
+        BEGIN { while ((getline line < res) > 0) { split(line, f, "\t"); k = f[2] SUBSEP f[3]; fr[k] = f[4]; bk[k] = f[5] } }
+        $2 != "FAILED" && $2 != "SKIPPED" && $1 == "crank" { off_rps[$13] = $2; off_cpu[$13] = $14 }
+        { row[++n] = $0 }
+        function ratio(a, b) { return (b > 0 && a != "-" && a != "") ? sprintf("%.2f", a / b) : "-" }
+        function mib(k) { return (k == "" || k == 0) ? "-" : sprintf("%.1f", k / 1024) }
+        END {
+            for (i = 1; i <= n; i++) {
+                split(row[i], c, "\t"); if (c[1] !~ /^crank(_res|$)/) continue
+                k = c[1] SUBSEP c[13]
+                if (c[2] == "FAILED" || c[2] == "SKIPPED") { printf "| %s | %s | %s | | | | | | | | | | | | |\n", c[13], c[1], tolower(c[2]); continue }
+                if ((k in fr) && split(fr[k], a, ",") == 12 && split(bk[k], b, ",") == 12) {
+                    rq = a[1] " / " b[1]; bad = a[2] " / " b[2]; nr = a[3] " / " b[3]
+                    dec = (a[4] + b[4]) " / " (a[5] + b[5]) " / " (a[6] + b[6]) " / " (a[7] + b[7])
+                    rt = (a[8] + b[8]) " / " (a[9] + b[9]) " / " (a[10] + b[10]); pe = a[12] " / " b[12]
+                } else { rq = bad = nr = dec = rt = pe = "?" }
+                printf "| %s | %s | %.0f | %s | %.3f | %.3f | %s | %s | %s / %s | %s | %s | %s | %s | %s | %s |\n", c[13], c[1], c[2],
+                    ratio(c[2], off_rps[c[13]]), c[5], c[6], c[14], ratio(c[14], off_cpu[c[13]]), mib(c[11]), mib(c[12]), rq, bad, nr, dec, rt, pe
+            }
+        }' "$SUMMARY"
+    echo
+    echo "Ratios over the rounds, each taken against the plain \`crank\` run of the same round: median (min–max)."
+    echo
+    echo "| setup | rounds | req/s median (min–max) | req/s × off | pair CPU µs/req median (min–max) | CPU/req × off | p50 ms median | p50 × off | p99 ms median | p99 × off | 429 + shed + timeouts + faults, all rounds |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' -v res="$RESIL" '
+        BEGIN { while ((getline line < res) > 0) { split(line, f, "\t")
+                    if (split(f[4], a, ",") == 12 && split(f[5], b, ",") == 12) fired[f[2]] += a[4] + a[5] + a[6] + a[7] + b[4] + b[5] + b[6] + b[7]
+                    else unread[f[2]] = 1 } }
+        $2 == "FAILED" || $2 == "SKIPPED" { next }
+        $1 == "crank" { o_rps[$13] = $2; o_cpu[$13] = $14; o_p50[$13] = $5; o_p99[$13] = $6 }
+        $1 ~ /^crank(_res|$)/ { m = ++cnt[$1]; if (m == 1) order[++ns] = $1
+            v_rps[$1, m] = $2; v_cpu[$1, m] = $14; v_p50[$1, m] = $5; v_p99[$1, m] = $6; v_r[$1, m] = $13 }
+        function med(a, k,   i, j, t, h) {   # median (min–max) of a[1..k], sorted in place
+            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            if (k == 0) return "-"
+            h = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+            return sprintf(fmt, h) " (" sprintf(fmt, a[1]) "–" sprintf(fmt, a[k]) ")"
+        }
+        function col(which, rel,   i, k, a, r, v, b) {
+            k = 0; split("", a)
+            for (i = 1; i <= cnt[s]; i++) {
+                r = v_r[s, i]
+                if (which == "rps") { v = v_rps[s, i]; b = o_rps[r] } else if (which == "cpu") { v = v_cpu[s, i]; b = o_cpu[r] }
+                else if (which == "p50") { v = v_p50[s, i]; b = o_p50[r] } else { v = v_p99[s, i]; b = o_p99[r] }
+                if (v == "-" || v == "") continue
+                if (rel) { if (b == "" || b == "-" || b <= 0) continue; a[++k] = v / b } else a[++k] = v + 0
+            }
+            return med(a, k)
+        }
+        END {
+            for (q = 1; q <= ns; q++) {
+                s = order[q]
+                fmt = "%.0f"; c1 = col("rps", 0); fmt = "%.1f"; c3 = col("cpu", 0); fmt = "%.3f"; c5 = col("p50", 0); c7 = col("p99", 0)
+                fmt = "%.2f"; c2 = col("rps", 1); c4 = col("cpu", 1); c6 = col("p50", 1); c8 = col("p99", 1)
+                sub(/ \(.*/, "", c5); sub(/ \(.*/, "", c7)
+                printf "| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", s, cnt[s], c1, c2, c3, c4, c5, c6, c7, c8,
+                    (s in unread) ? "? (metrics unreadable)" : ((s in fired) ? fired[s] : "-")
+            }
+        }' "$SUMMARY"
+    echo
+    echo "pair CPU µs/req = utime+stime of both sidecar processes (all threads) during the wrk run ÷ its requests."
+    echo "Counters: both sidecars' /metrics read after the oha run (the whole life of that setup's processes: readiness checks,"
+    echo "warm-up, wrk, oha), summed over labels; raw/<setup>[.r<round>].{front,back}.end-metrics.txt. requests = crank_requests_total,"
+    echo "4xx+5xx = its 4xx and 5xx classes, no response = its \`error\` class (no response sent: the client closed the connection"
+    echo "with the request in flight, as wrk and oha do when their time is up; not errors in the main table either);"
+    echo "429 = crank_ratelimited_total, shed = crank_shed_total, timeouts = crank_request_timeouts_total, faults = crank_faults_injected_total,"
+    echo "retries / budget / ejections = crank_retries_total / crank_retry_budget_exhausted_total / crank_circuit_ejections_total,"
+    echo "proxy errors = crank_proxy_errors_total (responses the proxy made itself)."
+}
+
 # ---------------------------------------------------------------- main
 main() {
     command -v wrk >/dev/null || die "wrk not installed"
@@ -840,6 +1022,7 @@ main() {
     [[ -n "$LOAD_CPUS" ]] && taskset -pc "$LOAD_CPUS" $$ >/dev/null
     rm -f "$RAW"/* "$SUMMARY" "$SPANS" "$NOTES"; : >"$SUMMARY"; : >"$NOTES"
     (( TRACE_RUN )) && : >"$SPANS"
+    rm -f "$RESIL"; (( RES_RUN )) && : >"$RESIL"
     rm -f "$CONF/otlp/logs/access.log"
 
     # A cargo build running beside the bench may replace target/release/crank-proxy;
@@ -917,7 +1100,7 @@ observe_hop() {
     local n tag=${2:-$1}
     n=$(ss -Htn state established "dport = :$HOP_PORT" 2>/dev/null | wc -l)
     (( ROUND == 1 )) && echo "$1: $n TCP connection(s) on the sidecar hop under c$CONNS load" >>"$NOTES"
-    if [[ "$1" == crank || "$1" == crank_trace* ]]; then
+    if [[ "$1" == crank || "$1" == crank_trace* || "$1" == crank_res* ]]; then
         local pre=crank; [[ "$tag" != crank ]] && pre=$tag
         curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_FRONT/metrics" >"$RAW/$pre.front.metrics.txt" 2>&1
         curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_BACK/metrics" >"$RAW/$pre.back.metrics.txt" 2>&1

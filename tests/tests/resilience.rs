@@ -98,7 +98,7 @@ fn quota_answers_429_with_retry_after_and_ratelimit_headers_per_tenant() {
     let mesh = Mesh::start(
         app.addr,
         MeshOptions {
-            server_extra: "quotas:\n  limits:\n    - {name: demo-any, tenant: demo, capability: \"*\", rate: 5/min}\n".into(),
+            server_extra: "quotas:\n  response_headers: always\n  limits:\n    - {name: demo-any, tenant: demo, capability: \"*\", rate: 5/min}\n".into(),
             ..MeshOptions::default()
         },
     );

@@ -26,6 +26,33 @@ pub struct QuotaConfig {
     /// Default 100000.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// `RateLimit` / `RateLimit-Policy` on responses that passed:
+    /// `near-limit` (default: once a quarter of the burst or less is left,
+    /// so callers see the limit coming without every response paying for
+    /// two headers), `always`, or `never`. A 429 always carries them.
+    #[serde(default)]
+    pub response_headers: RateLimitHeaders,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RateLimitHeaders {
+    #[default]
+    NearLimit,
+    Always,
+    Never,
+}
+
+impl RateLimitHeaders {
+    /// Whether an allowed response with `remaining` of `burst` left gets
+    /// the headers.
+    pub fn on_allowed(self, remaining: u32, burst: u32) -> bool {
+        match self {
+            RateLimitHeaders::Always => true,
+            RateLimitHeaders::Never => false,
+            RateLimitHeaders::NearLimit => u64::from(remaining) * 4 <= u64::from(burst),
+        }
+    }
 }
 
 impl Default for QuotaConfig {
@@ -34,6 +61,7 @@ impl Default for QuotaConfig {
             limits: Vec::new(),
             tenant_header: None,
             max_keys: default_max_keys(),
+            response_headers: RateLimitHeaders::default(),
         }
     }
 }

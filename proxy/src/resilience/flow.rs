@@ -85,6 +85,9 @@ pub struct QuotaSet {
     pub inbound: Quotas,
     pub outbound: Quotas,
     pub tenant_header: Option<http::HeaderName>,
+    pub headers: crank_api::proxy::RateLimitHeaders,
+    /// Burst of each limit by policy name (for `near-limit` headers).
+    bursts: std::collections::HashMap<String, u32>,
 }
 
 impl QuotaSet {
@@ -92,6 +95,7 @@ impl QuotaSet {
     pub fn from_config(q: &QuotaConfig) -> Self {
         let mut inbound = Vec::new();
         let mut outbound = Vec::new();
+        let mut bursts = std::collections::HashMap::new();
         for l in &q.limits {
             let Ok((count, per)) = super::parse_rate(&l.rate) else {
                 continue; // validated before
@@ -107,6 +111,7 @@ impl QuotaSet {
                 per,
                 burst: l.burst.unwrap_or(count),
             };
+            bursts.insert(limit.name.clone(), limit.burst);
             if matches!(l.direction, QuotaDirection::Outbound | QuotaDirection::Both) {
                 outbound.push(limit.clone());
             }
@@ -121,6 +126,8 @@ impl QuotaSet {
                 .tenant_header
                 .as_deref()
                 .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            headers: q.response_headers,
+            bursts,
         }
     }
 }
@@ -262,7 +269,10 @@ impl MeshProxy {
             return true;
         };
         if d.allowed {
-            ctx.res.rate = Some(d);
+            let burst = quotas.bursts.get(&d.policy).copied().unwrap_or(d.quota);
+            if quotas.headers.on_allowed(d.remaining, burst) {
+                ctx.res.rate = Some(d);
+            }
             return true;
         }
         // A tenant named by the caller's header (edge traffic) is not a
@@ -981,6 +991,29 @@ limits:
         assert_eq!(s.outbound.check("x", "y").unwrap().quota, 10);
         assert_eq!(s.inbound.check("x", "thumb").unwrap().remaining, 2);
         assert_eq!(s.tenant_header.unwrap().as_str(), "x-tenant");
+        assert_eq!(s.bursts["*/thumb"], 3);
+    }
+
+    #[test]
+    fn ratelimit_headers_on_passing_responses_follow_the_setting() {
+        use crank_api::proxy::RateLimitHeaders::*;
+        let cases: &[(crank_api::proxy::RateLimitHeaders, u32, u32, bool)] = &[
+            (NearLimit, 100, 100, false),
+            (NearLimit, 26, 100, false),
+            (NearLimit, 25, 100, true),
+            (NearLimit, 0, 100, true),
+            (NearLimit, 1, 5, true),
+            (NearLimit, 2, 5, false),
+            (Always, 100, 100, true),
+            (Never, 0, 100, false),
+        ];
+        for (mode, remaining, burst, want) in cases {
+            assert_eq!(
+                mode.on_allowed(*remaining, *burst),
+                *want,
+                "{mode:?} {remaining}/{burst}"
+            );
+        }
     }
 
     #[test]
