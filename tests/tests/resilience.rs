@@ -620,3 +620,33 @@ fn a_resent_idempotent_request_reaches_the_replica_that_kept_the_result() {
         assert_eq!(after - before, 1, "{key} ran once across the replicas");
     }
 }
+
+#[test]
+fn by_default_ratelimit_headers_appear_only_near_the_limit() {
+    let app = EchoApp::start();
+    let mesh = Mesh::start(
+        app.addr,
+        MeshOptions {
+            server_extra: "quotas:\n  limits:\n    - {name: q8, tenant: demo, capability: \"*\", rate: 8/min}\n".into(),
+            ..MeshOptions::default()
+        },
+    );
+    // Burst 8: after requests 1..5, 7..3 are left (more than a quarter):
+    // no headers. From 2 left on, the caller sees the limit coming.
+    for i in 1..=8 {
+        let (status, out) = curl(&[&mesh.port_url("/n")]);
+        assert_eq!(status, 200, "{out}");
+        let left = 8 - i;
+        let want = (left * 4 <= 8).then(|| format!("\"q8\";r={left};"));
+        match want {
+            None => assert_eq!(header(&out, "ratelimit"), None, "request {i}: {out}"),
+            Some(w) => assert!(
+                header(&out, "ratelimit").is_some_and(|v| v.starts_with(&w)),
+                "request {i}: {out}"
+            ),
+        }
+    }
+    let (status, out) = curl(&[&mesh.port_url("/n")]);
+    assert_eq!(status, 429);
+    assert_eq!(header(&out, "ratelimit-policy"), Some("\"q8\";q=8;w=60"));
+}

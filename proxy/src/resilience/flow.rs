@@ -86,8 +86,6 @@ pub struct QuotaSet {
     pub outbound: Quotas,
     pub tenant_header: Option<http::HeaderName>,
     pub headers: crank_api::proxy::RateLimitHeaders,
-    /// Burst of each limit by policy name (for `near-limit` headers).
-    bursts: std::collections::HashMap<String, u32>,
 }
 
 impl QuotaSet {
@@ -95,7 +93,6 @@ impl QuotaSet {
     pub fn from_config(q: &QuotaConfig) -> Self {
         let mut inbound = Vec::new();
         let mut outbound = Vec::new();
-        let mut bursts = std::collections::HashMap::new();
         for l in &q.limits {
             let Ok((count, per)) = super::parse_rate(&l.rate) else {
                 continue; // validated before
@@ -111,7 +108,6 @@ impl QuotaSet {
                 per,
                 burst: l.burst.unwrap_or(count),
             };
-            bursts.insert(limit.name.clone(), limit.burst);
             if matches!(l.direction, QuotaDirection::Outbound | QuotaDirection::Both) {
                 outbound.push(limit.clone());
             }
@@ -127,7 +123,6 @@ impl QuotaSet {
                 .as_deref()
                 .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
             headers: q.response_headers,
-            bursts,
         }
     }
 }
@@ -269,8 +264,7 @@ impl MeshProxy {
             return true;
         };
         if d.allowed {
-            let burst = quotas.bursts.get(&d.policy).copied().unwrap_or(d.quota);
-            if quotas.headers.on_allowed(d.remaining, burst) {
+            if quotas.headers.on_allowed(d.remaining, d.burst) {
                 ctx.res.rate = Some(d);
             }
             return true;
@@ -984,14 +978,14 @@ limits:
         let s = QuotaSet::from_config(&q);
         let d = s.inbound.check("acme", "transcode:v1").unwrap();
         assert_eq!(
-            (d.policy.as_str(), d.quota, d.window_secs),
+            (&*d.policy, d.quota, d.window_secs),
             ("acme/transcode:v1", 100, 60)
         );
         assert!(s.inbound.check("other", "transcode:v1").is_none());
         assert_eq!(s.outbound.check("x", "y").unwrap().quota, 10);
         assert_eq!(s.inbound.check("x", "thumb").unwrap().remaining, 2);
         assert_eq!(s.tenant_header.unwrap().as_str(), "x-tenant");
-        assert_eq!(s.bursts["*/thumb"], 3);
+        assert_eq!(s.inbound.check("y", "thumb").unwrap().burst, 3);
     }
 
     #[test]

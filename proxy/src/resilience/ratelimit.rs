@@ -113,10 +113,12 @@ pub struct Limit {
 pub struct RateDecision {
     /// Whether the request may pass; `false` means answer 429.
     pub allowed: bool,
-    /// The deciding limit's [`Limit::name`].
-    pub policy: String,
+    /// The deciding limit's [`Limit::name`] (shared, not copied per check).
+    pub policy: Arc<str>,
     /// The deciding limit's [`Limit::count`].
     pub quota: u32,
+    /// The deciding limit's bucket size (after clamping).
+    pub burst: u32,
     /// [`Limit::per`] in whole seconds, at least 1.
     pub window_secs: u64,
     /// Tokens left after this request (0 when denied).
@@ -237,6 +239,8 @@ type Limiter = RateLimiter<BucketKey, SharedStore, TokioClock, StateInformationM
 /// One limit with its limiter.
 struct LimitState {
     limit: Limit,
+    /// [`Limit::name`], handed to every decision without a copy.
+    name: Arc<str>,
     any_tenant: bool,
     any_capability: bool,
     /// `count`, at least 1.
@@ -274,6 +278,7 @@ impl LimitState {
         };
         let limiter: Limiter = RateLimiter::new(gcra, SharedStore(Arc::clone(&store)), clock);
         LimitState {
+            name: Arc::from(limit.name.as_str()),
             any_tenant: limit.tenant == "*",
             any_capability: limit.capability == "*",
             quota,
@@ -384,8 +389,9 @@ impl LimitState {
     ) -> RateDecision {
         RateDecision {
             allowed,
-            policy: self.limit.name.clone(),
+            policy: Arc::clone(&self.name),
             quota: self.quota,
+            burst: self.burst,
             window_secs: self.window_secs,
             remaining,
             reset_secs,
@@ -520,8 +526,9 @@ mod tests {
             denied,
             RateDecision {
                 allowed: false,
-                policy: "acme-transcode".to_string(),
+                policy: "acme-transcode".into(),
                 quota: 100,
+                burst: 100,
                 window_secs: 60,
                 remaining: 0,
                 reset_secs: 1,
@@ -564,7 +571,7 @@ mod tests {
         assert_eq!(passes(&quotas, "acme", "transcode:v1", 2), 2);
         let denied = quotas.check("acme", "transcode:v1").unwrap();
         assert!(!denied.allowed);
-        assert_eq!(denied.policy, "acme-transcode");
+        assert_eq!(&*denied.policy, "acme-transcode");
         assert_eq!(denied.retry_after_secs, 30);
 
         // Other tenants fall through to the default limit, own buckets.
@@ -572,7 +579,7 @@ mod tests {
             for _ in 0..5 {
                 let d = quotas.check(tenant, "transcode:v1").unwrap();
                 assert!(d.allowed);
-                assert_eq!(d.policy, "default");
+                assert_eq!(&*d.policy, "default");
             }
             let d = quotas.check(tenant, "transcode:v1").unwrap();
             assert!(!d.allowed);
@@ -683,19 +690,19 @@ mod tests {
 
         let quotas = Quotas::new(vec![specific.clone(), catch_all.clone()], 10);
         assert_eq!(
-            quotas.check("acme", "transcode:v1").unwrap().policy,
+            &*quotas.check("acme", "transcode:v1").unwrap().policy,
             "acme-transcode"
         );
         // The specific limit is exhausted; the catch-all is not consulted.
         let d = quotas.check("acme", "transcode:v1").unwrap();
-        assert_eq!((d.allowed, d.policy.as_str()), (false, "acme-transcode"));
-        assert_eq!(quotas.check("acme", "other").unwrap().policy, "catch-all");
+        assert_eq!((d.allowed, &*d.policy), (false, "acme-transcode"));
+        assert_eq!(&*quotas.check("acme", "other").unwrap().policy, "catch-all");
 
         // Reversed: the catch-all shadows the specific limit.
         let quotas = Quotas::new(vec![catch_all, specific.clone()], 10);
         assert_eq!(passes(&quotas, "acme", "transcode:v1", 10), 10);
         assert_eq!(
-            quotas.check("acme", "transcode:v1").unwrap().policy,
+            &*quotas.check("acme", "transcode:v1").unwrap().policy,
             "catch-all"
         );
 
@@ -863,6 +870,7 @@ mod tests {
             allowed: true,
             policy: "acme-transcode".into(),
             quota: 100,
+            burst: 100,
             window_secs: 60,
             remaining: 57,
             reset_secs: 36,
