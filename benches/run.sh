@@ -854,6 +854,34 @@ report() {
     cat "$OUT/results.md"
 }
 
+# The per-round ratio table of the tracing and resilience reports: rows of
+# plain `crank` are the baseline of their round ($13); rows of `crank` and
+# of setups whose name starts with $family are collected per setup;
+# col(which, rel) gives the median (min–max) of a column, or of its ratio
+# to the same round's baseline.
+RATIO_AWK='
+        $1 == "crank" { o_rps[$13] = $2; o_cpu[$13] = $14; o_p50[$13] = $5; o_p99[$13] = $6 }
+        $1 == "crank" || index($1, family) == 1 { m = ++cnt[$1]; if (m == 1) order[++ns] = $1
+            v_rps[$1, m] = $2; v_cpu[$1, m] = $14; v_p50[$1, m] = $5; v_p99[$1, m] = $6; v_r[$1, m] = $13 }
+        function med(a, k,   i, j, t, h) {   # median (min–max) of a[1..k], sorted in place
+            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+            if (k == 0) return "-"
+            h = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+            return sprintf(fmt, h) " (" sprintf(fmt, a[1]) "–" sprintf(fmt, a[k]) ")"
+        }
+        function col(which, rel,   i, k, a, r, v, b) {
+            k = 0; split("", a)
+            for (i = 1; i <= cnt[s]; i++) {
+                r = v_r[s, i]
+                if (which == "rps") { v = v_rps[s, i]; b = o_rps[r] } else if (which == "cpu") { v = v_cpu[s, i]; b = o_cpu[r] }
+                else if (which == "p50") { v = v_p50[s, i]; b = o_p50[r] } else { v = v_p99[s, i]; b = o_p99[r] }
+                if (v == "-" || v == "") continue
+                if (rel) { if (b == "" || b == "-" || b <= 0) continue; a[++k] = v / b } else a[++k] = v + 0
+            }
+            return med(a, k)
+        }
+'
+
 # trace_report: the tracing-overhead tables, from summary.tsv and spans.tsv.
 # Every traced row is compared with the untraced `crank` row of its round.
 trace_report() {
@@ -889,29 +917,10 @@ trace_report() {
     echo
     echo "| setup | rounds | req/s median (min–max) | req/s × off | pair CPU µs/req median | CPU/req × off | p50 × off | p99 × off | spans dropped, all rounds |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    awk -F'\t' -v spans="$SPANS" '
+    awk -F'\t' -v family=crank_trace -v spans="$SPANS" '
         BEGIN { while ((getline line < spans) > 0) { split(line, f, "\t"); drop[f[2]] += f[11] + f[12] } }
         $2 == "FAILED" || $2 == "SKIPPED" { next }
-        $1 == "crank" { o_rps[$13] = $2; o_cpu[$13] = $14; o_p50[$13] = $5; o_p99[$13] = $6 }
-        $1 ~ /^crank(_trace|$)/ { m = ++cnt[$1]; if (m == 1) order[++ns] = $1
-            v_rps[$1, m] = $2; v_cpu[$1, m] = $14; v_p50[$1, m] = $5; v_p99[$1, m] = $6; v_r[$1, m] = $13 }
-        function med(a, k,   i, j, t, h) {   # median (min–max) of a[1..k], sorted in place
-            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-            if (k == 0) return "-"
-            h = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-            return sprintf(fmt, h) " (" sprintf(fmt, a[1]) "–" sprintf(fmt, a[k]) ")"
-        }
-        function col(which, rel,   i, k, a, r, v, b) {
-            k = 0; split("", a)
-            for (i = 1; i <= cnt[s]; i++) {
-                r = v_r[s, i]
-                if (which == "rps") { v = v_rps[s, i]; b = o_rps[r] } else if (which == "cpu") { v = v_cpu[s, i]; b = o_cpu[r] }
-                else if (which == "p50") { v = v_p50[s, i]; b = o_p50[r] } else { v = v_p99[s, i]; b = o_p99[r] }
-                if (v == "-" || v == "") continue
-                if (rel) { if (b == "" || b == "-" || b <= 0) continue; a[++k] = v / b } else a[++k] = v + 0
-            }
-            return med(a, k)
-        }
+'"$RATIO_AWK"'
         END {
             for (q = 1; q <= ns; q++) {
                 s = order[q]
@@ -966,31 +975,12 @@ resilience_report() {
     echo
     echo "| setup | rounds | req/s median (min–max) | req/s × off | pair CPU µs/req median (min–max) | CPU/req × off | p50 ms median | p50 × off | p99 ms median | p99 × off | 429 + shed + timeouts + faults, all rounds |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    awk -F'\t' -v res="$RESIL" '
+    awk -F'\t' -v family=crank_res -v res="$RESIL" '
         BEGIN { while ((getline line < res) > 0) { split(line, f, "\t")
                     if (split(f[4], a, ",") == 12 && split(f[5], b, ",") == 12) fired[f[2]] += a[4] + a[5] + a[6] + a[7] + b[4] + b[5] + b[6] + b[7]
                     else unread[f[2]] = 1 } }
         $2 == "FAILED" || $2 == "SKIPPED" { next }
-        $1 == "crank" { o_rps[$13] = $2; o_cpu[$13] = $14; o_p50[$13] = $5; o_p99[$13] = $6 }
-        $1 ~ /^crank(_res|$)/ { m = ++cnt[$1]; if (m == 1) order[++ns] = $1
-            v_rps[$1, m] = $2; v_cpu[$1, m] = $14; v_p50[$1, m] = $5; v_p99[$1, m] = $6; v_r[$1, m] = $13 }
-        function med(a, k,   i, j, t, h) {   # median (min–max) of a[1..k], sorted in place
-            for (i = 2; i <= k; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-            if (k == 0) return "-"
-            h = (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
-            return sprintf(fmt, h) " (" sprintf(fmt, a[1]) "–" sprintf(fmt, a[k]) ")"
-        }
-        function col(which, rel,   i, k, a, r, v, b) {
-            k = 0; split("", a)
-            for (i = 1; i <= cnt[s]; i++) {
-                r = v_r[s, i]
-                if (which == "rps") { v = v_rps[s, i]; b = o_rps[r] } else if (which == "cpu") { v = v_cpu[s, i]; b = o_cpu[r] }
-                else if (which == "p50") { v = v_p50[s, i]; b = o_p50[r] } else { v = v_p99[s, i]; b = o_p99[r] }
-                if (v == "-" || v == "") continue
-                if (rel) { if (b == "" || b == "-" || b <= 0) continue; a[++k] = v / b } else a[++k] = v + 0
-            }
-            return med(a, k)
-        }
+'"$RATIO_AWK"'
         END {
             for (q = 1; q <= ns; q++) {
                 s = order[q]
