@@ -113,8 +113,10 @@ impl PolicyMesh {
     }
 
     fn log_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.decision_log)
-            .unwrap_or_default()
+        // Only whole lines: the writer thread may be in the middle of one.
+        let text = std::fs::read_to_string(&self.decision_log).unwrap_or_default();
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("decision log lines are JSON"))
             .collect()
@@ -287,8 +289,13 @@ fn audit_mode_lets_denials_through_and_then_enforce_blocks_them() {
     assert_eq!(status, 200, "audit mode must not enforce: {out}");
     assert_eq!(mesh.decisions("deny", "audit"), 1.0);
     assert_eq!(mesh.decisions("deny", "enforce"), 0.0);
-    let lines = mesh.log_lines();
-    let entry = lines.last().expect("a decision log line");
+    // The decision log is written by its own thread, after the response.
+    let mut lines = Vec::new();
+    wait_until("a decision log line", Duration::from_secs(5), || {
+        lines = mesh.log_lines();
+        !lines.is_empty()
+    });
+    let entry = lines.last().unwrap();
     assert_eq!(entry["result"], "deny");
     assert_eq!(entry["mode"], "audit");
     assert_eq!(entry["enforced"], false);
