@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # cmake/pkg-config/build-essential: Pingora's build; protobuf-compiler: the
-# gRPC test service; curl: the tests' HTTP client.
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler)
+# gRPC test service; curl: the tests' HTTP client; ffmpeg (and ffprobe):
+# the worker shim's transcode tests.
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

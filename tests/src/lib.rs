@@ -9,6 +9,7 @@ pub mod otlp;
 pub mod pki;
 pub mod proxy;
 pub mod raw_http;
+pub mod shim;
 pub mod sidecar;
 
 pub use app::{EchoApp, EchoSeen};
@@ -16,6 +17,7 @@ pub use flaky::FlakyApp;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use pki::Pki;
 pub use proxy::{free_port, Mesh, MeshOptions, Proxy};
+pub use shim::Shim;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -40,6 +42,35 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Polls `f` until it returns true, or panics after `timeout` with `what`.
+/// A plain HTTP/1.1 GET (`Connection: close`): (status, body); (0, "") when
+/// nothing answers.
+pub fn plain_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {

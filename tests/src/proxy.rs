@@ -1,8 +1,7 @@
 //! Real `crank-proxy` processes: start on ephemeral ports, wait for
 //! `/ready`, read metrics, signal, and kill on drop.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -107,31 +106,9 @@ impl Proxy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// A plain HTTP/1.0 GET on the admin port: (status, body). (0, "") when down.
+    /// A plain HTTP/1.1 GET on the admin port: (status, body). (0, "") when down.
     pub fn admin_get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)) else {
-            return (0, String::new());
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        if s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .is_err()
-        {
-            return (0, String::new());
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let status = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        crate::plain_get(self.admin, path)
     }
 
     pub fn metrics(&self) -> String {

@@ -1,5 +1,24 @@
-//! crank-shim: supervises or executes an unmodified worker behind a sidecar.
+//! crank-shim: an unmodified worker behind a thin shim, as a mesh citizen.
 //!
-//! Not built yet: the worker shim issue brings `serve` and `exec` modes, host
-//! capabilities (NVML, RAPL) and the job API. The crate exists so the
-//! workspace layout matches `docs/architecture.md`.
+//! - `serve` mode ([`serve`]): the worker is an HTTP server; the shim starts
+//!   it, restarts it with backoff, health-checks it, sits in front of it and
+//!   drains it on SIGTERM.
+//! - `exec` mode ([`jobs`], [`exec`], [`api`]): the worker is a command-line
+//!   tool such as ffmpeg; the shim runs it as jobs behind `/v1/jobs`, with a
+//!   priority queue, device slots, timeouts, retries, cancellation and a
+//!   persistent job store.
+//! - [`host`]: CPU, memory, GPUs (NVML, loaded at run time) and RAPL, as
+//!   `/v1/host` and registration labels; energy per job.
+//!
+//! See `docs/guides/service-owner.md` (putting a program behind the shim)
+//! and `docs/reference/shim-config.md`.
+
+pub mod api;
+pub mod config;
+pub mod exec;
+pub mod host;
+pub mod jobs;
+pub mod metrics;
+pub mod registration;
+pub mod run;
+pub mod serve;
