@@ -410,6 +410,17 @@ fn cancel_kills_the_whole_process_group_and_a_timeout_does_too() {
     assert_eq!(status, 409, "{out}");
     assert_eq!(header(&out, "x-crank-error"), Some("job-finished"));
 
+    // A job may ask for a shorter timeout, never a longer one.
+    let (status, out) = s.submit_json(r#"{"params": {"secs": 1}, "timeout": "1h"}"#);
+    assert_eq!(status, 400, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("bad-timeout"));
+    let short = s.submit_ok(r#"{"params": {"secs": 300}, "timeout": "300ms"}"#);
+    let j = s.wait_state(&short, "timed_out", Duration::from_secs(10));
+    assert!(
+        j["failure"]["message"].as_str().unwrap().contains("300ms"),
+        "{j:#}"
+    );
+
     // Over exec.timeout: timed_out, classified, group gone, not retried.
     let id = s.submit_ok(r#"{"params": {"secs": 300}}"#);
     let mut pid = 0;
@@ -435,7 +446,7 @@ fn cancel_kills_the_whole_process_group_and_a_timeout_does_too() {
             &m,
             "crank_jobs_finished_total{capability=\"transcode:h264\",state=\"timed_out\"}"
         ),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         metric(

@@ -261,6 +261,34 @@ struct JsonSubmit {
     params: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     priority: Option<String>,
+    /// A run timeout shorter than `exec.timeout`, like `90s`.
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+fn parse_timeout(
+    t: Option<&str>,
+    max: std::time::Duration,
+) -> Result<Option<std::time::Duration>, Refusal> {
+    let Some(t) = t else { return Ok(None) };
+    let d = humantime::parse_duration(t).map_err(|e| {
+        Refusal::new(
+            400,
+            "bad-timeout",
+            format!("timeout {t:?} is not a duration like `90s` or `10m`: {e}"),
+        )
+    })?;
+    if d.is_zero() || d > max {
+        return Err(Refusal::new(
+            400,
+            "bad-timeout",
+            format!(
+                "timeout {t:?} must be more than 0 and at most exec.timeout ({})",
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(Some(d))
 }
 
 fn parse_priority(p: Option<&str>) -> Result<Priority, Refusal> {
@@ -304,7 +332,7 @@ async fn submit(m: &Arc<Manager>, req: Request<Incoming>) -> Result<Response<Bod
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let takes_input = m.settings.template.uses_input();
-    let (given, priority, body) = if is_json {
+    let (given, priority, timeout, body) = if is_json {
         let bytes = Limited::read(req.into_body(), MAX_JSON)
             .await
             .map_err(|e| refused(Refusal::new(400, "bad-request", e)))?;
@@ -316,19 +344,24 @@ async fn submit(m: &Arc<Manager>, req: Request<Incoming>) -> Result<Response<Bod
             ))
         })?;
         let priority = parse_priority(js.priority.as_deref()).map_err(refused)?;
-        (js.params, priority, None)
+        let timeout = parse_timeout(js.timeout.as_deref(), m.settings.timeout).map_err(refused)?;
+        (js.params, priority, timeout, None)
     } else {
         let mut given = BTreeMap::new();
         let mut priority = None;
+        let mut timeout = None;
         for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
             if k == "priority" {
                 priority = Some(v.into_owned());
+            } else if k == "timeout" {
+                timeout = Some(v.into_owned());
             } else {
                 given.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
             }
         }
         let priority = parse_priority(priority.as_deref()).map_err(refused)?;
-        (given, priority, Some(req.into_body()))
+        let timeout = parse_timeout(timeout.as_deref(), m.settings.timeout).map_err(refused)?;
+        (given, priority, timeout, Some(req.into_body()))
     };
     let params = m.settings.schema.validate(&given).map_err(|errs| {
         refused(Refusal {
@@ -400,6 +433,7 @@ async fn submit(m: &Arc<Manager>, req: Request<Incoming>) -> Result<Response<Bod
                 params,
                 priority,
                 requester,
+                timeout,
             },
         )
         .inspect_err(|_| m.discard(&dir))?;

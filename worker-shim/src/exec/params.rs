@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 /// Names the shim itself fills in; a parameter cannot take them.
 pub const RESERVED_NAMES: [&str; 4] = ["input", "output", "workdir", "job_id"];
 
+/// Names the job API itself reads from a submission's query string.
+pub const SUBMIT_FIELDS: [&str; 2] = ["priority", "timeout"];
+
 /// The length limit of a value when the spec sets no `max_len`.
 pub const DEFAULT_MAX_LEN: usize = 256;
 
@@ -197,6 +200,12 @@ fn check_spec(name: &str, spec: &ParamSpec, errors: &mut Vec<String>) -> Option<
         err(format!(
             "`{name}` is reserved (the shim fills in {}); rename it",
             RESERVED_NAMES.join(", ")
+        ));
+    }
+    if SUBMIT_FIELDS.contains(&name) {
+        err(format!(
+            "`{name}` is a submission field of the job API (as are {}); rename it",
+            SUBMIT_FIELDS.join(", ")
         ));
     }
     if spec.required == Some(true) && spec.default.is_some() {

@@ -117,6 +117,8 @@ pub struct NewJob {
     pub params: BTreeMap<String, String>,
     pub priority: Priority,
     pub requester: Option<String>,
+    /// A shorter run timeout than `exec.timeout` (never longer).
+    pub timeout: Option<Duration>,
 }
 
 struct Running {
@@ -381,6 +383,7 @@ impl Manager {
             state: JobState::Queued,
             params: job.params,
             requester: job.requester,
+            timeout_ms: job.timeout.map(|t| t.as_millis() as u64),
             device: None,
             attempts: 0,
             max_attempts: self.settings.max_attempts,
@@ -712,7 +715,11 @@ impl Manager {
             })
         };
 
-        let timeout = tokio::time::sleep(self.settings.timeout);
+        let limit = rec
+            .timeout_ms
+            .map(Duration::from_millis)
+            .map_or(self.settings.timeout, |t| t.min(self.settings.timeout));
+        let timeout = tokio::time::sleep(limit);
         let mut stopped = None;
         let status = tokio::select! {
             s = child.wait() => s,
@@ -751,7 +758,7 @@ impl Manager {
                     class: FailureClass::Timeout,
                     message: format!(
                         "ran longer than the job timeout ({}); the process group was killed",
-                        humantime::format_duration(self.settings.timeout)
+                        humantime::format_duration(limit)
                     ),
                     exit_code: None,
                     signal: Some(libc::SIGKILL),

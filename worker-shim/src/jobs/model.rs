@@ -260,6 +260,10 @@ pub struct JobRecord {
     /// The device pool it runs on (`gpu0`, `cpu`), once placed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device: Option<String>,
+    /// This job's run timeout in milliseconds, when the submission asked
+    /// for less than `exec.timeout`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub timeout_ms: Option<u64>,
     /// Runs started so far (1 on the first run).
     pub attempts: u32,
     pub max_attempts: u32,
