@@ -124,17 +124,7 @@ impl Proxy {
 
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        let child = self.child.as_mut()?;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if start.elapsed() > timeout {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait_child(self.child.as_mut()?, timeout)
     }
 }
 
