@@ -846,3 +846,40 @@ fn energy_from_rapl_counters_is_attributed_to_the_job_that_ran() {
         "{m}"
     );
 }
+
+#[test]
+fn sigterm_deregisters_refuses_new_jobs_and_requeues_what_it_had_to_stop() {
+    let mut s = ExecShim::start(
+        "",
+        &format!("{SLEEP_TOOL}  devices: {{cpu_slots: 1}}\n  drain_timeout: 1s\n"),
+    );
+    let reg = s.path().join("registration.json");
+    wait_until("the registration", Duration::from_secs(5), || reg.exists());
+    let long = s.submit_ok(r#"{"params": {"secs": 5}}"#);
+    let queued = s.submit_ok(r#"{"params": {"secs": 0.1}}"#);
+    s.wait_state(&long, "running", Duration::from_secs(10));
+
+    s.shim.signal(libc::SIGTERM);
+    // While it drains: deregistered, not ready, and new work is refused
+    // with a reason the caller's sidecar treats as a load signal.
+    wait_until("deregistration", Duration::from_secs(5), || !reg.exists());
+    let (status, out) = s.submit_json(r#"{"params": {"secs": 0.1}}"#);
+    assert_eq!(status, 503, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("draining"));
+    assert_eq!(s.shim.admin_get("/ready").0, 503);
+    let st = s.shim.wait_exit(Duration::from_secs(10)).expect("the shim stops after the drain");
+    assert!(st.success(), "{}", s.shim.log_text());
+
+    // The next start runs both: the stopped run is not charged an attempt.
+    s.restart();
+    let j = s.wait_state(&long, "succeeded", Duration::from_secs(20));
+    assert_eq!(j["attempts"], 1, "{j:#}");
+    assert!(
+        j["history"].as_array().unwrap().iter().any(|e| e["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("interrupted by shutdown"))),
+        "{j:#}"
+    );
+    s.wait_state(&queued, "succeeded", Duration::from_secs(20));
+    assert!(reg.exists(), "registered again");
+}

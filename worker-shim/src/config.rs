@@ -358,6 +358,12 @@ pub fn validate(file: &str, cfg: &ShimConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    if cfg.host.energy_sample_interval < Duration::from_millis(10) {
+        return Err(fail(
+            "host.energy_sample_interval",
+            "must be at least 10ms, like `1s`".into(),
+        ));
+    }
     if cfg.admin_listen == Some(cfg.listen) {
         return Err(fail(
             "admin_listen",
@@ -482,6 +488,12 @@ fn validate_exec(exec: &ExecConfig) -> Result<(), (String, String)> {
         return Err((
             "devices.cpu_slots".into(),
             "is 0 with placement `cpu`: no job could ever run; give it at least 1".into(),
+        ));
+    }
+    if exec.retention.max_jobs == 0 {
+        return Err((
+            "retention.max_jobs".into(),
+            "must be at least 1, or every output is deleted as its job finishes".into(),
         ));
     }
     if exec.max_queue == 0 {

@@ -42,7 +42,21 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     if let Some(Cmd::Host { json }) = args.cmd {
-        let (info, _probe) = crank_shim::host::detect(&crank_shim::host::HostOptions::default());
+        // With --config, probe as that shim would (its nvml and powercap_root).
+        let mut opts = crank_shim::host::HostOptions::default();
+        if let Some(path) = &args.config {
+            match crank_shim::config::load(path) {
+                Ok(cfg) => {
+                    opts.nvml = cfg.host.nvml;
+                    opts.powercap_root = cfg.host.powercap_root;
+                }
+                Err(e) => {
+                    eprintln!("crank-shim: config rejected: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        let (info, _probe) = crank_shim::host::detect(&opts);
         if json {
             println!(
                 "{}",

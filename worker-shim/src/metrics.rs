@@ -88,7 +88,7 @@ impl JobMetrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "crank_jobs_refused_total",
-                    "Submissions refused, by reason (bad-params, queue-full, input-too-large, work-dir-full, draining)",
+                    "Submissions refused, by reason (the x-crank-error of the answer)",
                 ),
                 &["reason"],
             )?,

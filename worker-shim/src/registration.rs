@@ -44,6 +44,9 @@ pub struct FileRegistrar {
 impl Registrar for FileRegistrar {
     async fn register(&self, reg: &Registration) -> anyhow::Result<()> {
         let body = serde_json::to_vec_pretty(reg)?;
+        if let Some(dir) = self.path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
         let tmp = self.path.with_extension("tmp");
         tokio::fs::write(&tmp, body).await?;
         tokio::fs::rename(&tmp, &self.path).await?;

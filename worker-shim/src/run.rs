@@ -132,6 +132,12 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
                 exec.devices.placement != Placement::Cpu,
                 exec.devices.placement != Placement::Gpu,
             );
+            if devices.capacity() == 0 {
+                anyhow::bail!(
+                    "no job could ever run here: this host has no GPU and exec.devices.cpu_slots is 0; \
+                     give cpu_slots at least 1"
+                );
+            }
             let store = Arc::new(RedbStore::open(&exec.store_path())?);
             let energy = Arc::new(EnergyAccountant::new(probe.energy_sources()));
             tokio::spawn(energy.clone().run_sampler(cfg.host.energy_sample_interval));
@@ -165,8 +171,18 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
                 ))
             };
             spawn_admin(admin_listener, shared.clone(), close_rx.clone());
-            registrar.register(&registration).await?;
+            // Ready to take jobs now; registration is retried until it works
+            // (the serve mode does the same).
             let _ = ready_tx.send(true);
+            {
+                let (registrar, registration) = (registrar.clone(), registration.clone());
+                tokio::spawn(async move {
+                    while let Err(e) = registrar.register(&registration).await {
+                        tracing::warn!(error = %e, "registration failed; retrying in 5s");
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    }
+                });
+            }
             tracing::info!(listen = %cfg.listen, capability = %cfg.capability, "crank-shim ready (exec)");
 
             let mut stop = stop_rx.clone();

@@ -70,10 +70,21 @@ pub fn is_failure_status(status: u16) -> bool {
     status >= 500
 }
 
-/// Whether a peer sidecar's `x-crank-error` says it shed the request
-/// (concurrency limit or queue timeout): a load signal, not a failure.
+/// Whether a peer's `x-crank-error` says it shed the request: the sidecar's
+/// concurrency limit or queue timeout, or a worker shim that is not taking
+/// work now (job queue full, draining, worker not ready yet or draining). A
+/// load signal, not a failure: retried elsewhere, never counted toward
+/// ejection.
 pub fn is_shedding(crank_error: &[u8]) -> bool {
-    matches!(crank_error, b"overloaded" | b"queue-timeout")
+    matches!(
+        crank_error,
+        b"overloaded"
+            | b"queue-timeout"
+            | b"queue-full"
+            | b"draining"
+            | b"worker-not-ready"
+            | b"worker-draining"
+    )
 }
 
 /// Backoff before retry number `n` (1-based): uniform in
@@ -164,6 +175,8 @@ mod tests {
     fn shedding_is_a_load_signal() {
         assert!(is_shedding(b"overloaded"));
         assert!(is_shedding(b"queue-timeout"));
+        assert!(is_shedding(b"queue-full"));
+        assert!(is_shedding(b"worker-not-ready"));
         assert!(!is_shedding(b"upstream-connect-failed"));
         assert!(!is_shedding(b"circuit-open"));
     }

@@ -4,13 +4,13 @@
 //! Config:
 //!
 //! ```yaml
-//! failure_rules:
+//! failures:
 //!   - {pattern: "license check failed", class: bad_input}
 //! exit_codes: {2: bad_input}
 //! ```
 //!
 //! Order of decision: timeout; stopped by the shim; killed by a signal;
-//! config `failure_rules`; config `exit_codes`; the built-in ffmpeg rules
+//! config `failures`; config `exit_codes`; the built-in ffmpeg rules
 //! ([`BUILTIN_RULES`], resource exhaustion before bad input); otherwise a
 //! tool crash.
 
@@ -203,12 +203,12 @@ impl Classifier {
         for (i, r) in rules.iter().enumerate() {
             if r.pattern.is_empty() {
                 return Err(format!(
-                    "failure_rules[{i}]: the pattern is empty and would match every line; give a regex"
+                    "failures[{i}]: the pattern is empty and would match every line; give a regex"
                 ));
             }
             let re = compile(&r.pattern).map_err(|e| {
                 format!(
-                    "failure_rules[{i}]: pattern {:?} does not compile, fix the regex: {e}",
+                    "failures[{i}]: pattern {:?} does not compile, fix the regex: {e}",
                     r.pattern
                 )
             })?;
@@ -602,14 +602,11 @@ Exiting normally, received signal 15.";
         let none = BTreeMap::new();
         let err = Classifier::new(&[bad("ok"), bad("(unclosed")], &none).unwrap_err();
         assert!(
-            err.starts_with("failure_rules[1]: pattern \"(unclosed\" does not compile"),
+            err.starts_with("failures[1]: pattern \"(unclosed\" does not compile"),
             "{err}"
         );
         let err = Classifier::new(&[bad("")], &none).unwrap_err();
-        assert!(
-            err.contains("failure_rules[0]: the pattern is empty"),
-            "{err}"
-        );
+        assert!(err.contains("failures[0]: the pattern is empty"), "{err}");
         let err = Classifier::new(&[], &[(0, BadInput)].into()).unwrap_err();
         assert!(err.contains("exit_codes: 0 means success"), "{err}");
         let e = serde_yaml::from_str::<FailureRule>("{pattern: x, class: bad_input, retry: true}")

@@ -117,10 +117,22 @@ impl CommandTemplate {
                 ))
             }
         };
+        let is_shell = matches!(
+            std::path::Path::new(&program)
+                .file_name()
+                .and_then(|n| n.to_str()),
+            Some("sh" | "bash" | "dash" | "zsh" | "ksh" | "ash")
+        );
         let mut args = Vec::with_capacity(rest.len());
         for (i, arg) in rest.iter().enumerate() {
             let index = i + 1;
             let pieces = parse_arg(index, arg)?;
+            let script_text = is_shell && i > 0 && rest[i - 1] == "-c";
+            if script_text && pieces.iter().any(|p| matches!(p, Piece::Param(_))) {
+                return Err(format!(
+                    "command argument {index} is the script of `{program} -c` and has a placeholder, which would splice a value into shell code; pass values as positional arguments instead: [{program}, -c, 'tool \"$1\"', {program}, \"{{param}}\"]"
+                ));
+            }
             for piece in &pieces {
                 let Piece::Param(name) = piece else { continue };
                 if RESERVED_NAMES.contains(&name.as_str()) {
@@ -336,11 +348,27 @@ note:   {type: string, required: false}
             (r#"[ffmpeg, "{Height}"]"#, "command argument 1 \"{Height}\": `{Height}` is not a placeholder"),
             (r#"[ffmpeg, "{}"]"#, "`{}` is not a placeholder"),
             (r#"[ffmpeg, "--note={note}"]"#, "command argument 1 \"--note={note}\": `{note}` refers to an optional parameter without a default, which could leave it empty; give `note` a default or make it required"),
+            (r#"[sh, -c, "ffmpeg -vf scale=-2:{height}"]"#, "command argument 2 is the script of `sh -c` and has a placeholder, which would splice a value into shell code"),
+            (r#"[/bin/bash, -c, "echo {output}"]"#, "script of `/bin/bash -c`"),
         ];
         for (yaml, want) in table {
             let err = CommandTemplate::parse(&argv(yaml), &schema()).unwrap_err();
             assert!(err.contains(want), "{yaml}:\n got  {err}\n want {want}");
         }
+    }
+
+    #[test]
+    fn a_shell_gets_values_as_positional_arguments_only() {
+        let t = CommandTemplate::parse(
+            &argv(r#"[sh, -c, 'ffmpeg -vf "scale=-2:$1" "$2"', sh, "{height}", "{output}"]"#),
+            &schema(),
+        )
+        .unwrap();
+        let params = schema()
+            .validate(&[("title".to_string(), "x".into())].into())
+            .unwrap();
+        let r = t.render(&params, &reserved(Some("/in"))).unwrap();
+        assert_eq!(r.args[1], "ffmpeg -vf \"scale=-2:$1\" \"$2\"", "the script stays literal");
     }
 
     #[test]

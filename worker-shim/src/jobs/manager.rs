@@ -1,6 +1,7 @@
 //! The job manager: accepts jobs, keeps the queue, places jobs on device
 //! slots, runs the tool, classifies failures, retries, and writes every state
-//! change to the store before it shows in the API.
+//! change to the store: before answering for a submission or a cancel, and
+//! right after the in-memory change when a run starts or ends.
 //!
 //! One mutex guards the in-memory view (records, queue, slots, running
 //! handles). Nothing awaits while holding it.
@@ -123,6 +124,8 @@ pub struct NewJob {
 
 struct Running {
     cancel: Arc<Notify>,
+    /// Set by a caller's cancel; a drain stops runs without it.
+    by_user: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Inner {
@@ -262,31 +265,96 @@ impl Manager {
 
     /// The dispatcher: starts queued jobs whenever a slot is free.
     pub async fn run(self: Arc<Self>) {
-        loop {
-            let starts = self.take_startable();
-            for (id, device) in starts {
-                let me = self.clone();
-                tokio::spawn(async move { me.run_job(id, device).await });
+        // Retention by age also applies while no job finishes.
+        let weak = self.weak.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(m) => m.prune(),
+                    None => return,
+                }
             }
+        });
+        loop {
+            for start in self.take_startable() {
+                if let Err(e) = self.store.put(&start.rec) {
+                    tracing::error!(job = %start.rec.id, error = %e, "could not persist the job's start");
+                }
+                if start.rec.attempts == 1 {
+                    if let Some(w) = start.rec.queue_wait_seconds {
+                        self.metrics
+                            .queue_wait
+                            .with_label_values(&[
+                                &self.settings.capability,
+                                start.rec.priority.as_str(),
+                            ])
+                            .observe(w);
+                    }
+                }
+                let me = self.clone();
+                tokio::spawn(async move { me.run_job(start).await });
+            }
+            self.refresh_gauges();
             self.wake.notified().await;
         }
     }
 
-    fn take_startable(&self) -> Vec<(String, usize)> {
+    /// Pops what can start now and marks it running, all under one lock,
+    /// so a cancel never finds a job between `queued` and `running`.
+    fn take_startable(&self) -> Vec<Start> {
         let mut inner = self.inner.lock().unwrap();
         let mut out = Vec::new();
         if inner.draining {
             return out;
         }
+        let now = now_ms();
         while !inner.queue.is_empty() {
             let Some(device) = inner.devices.acquire() else {
                 break;
             };
             let id = inner.queue.pop().expect("queue is not empty");
-            out.push((id, device));
+            let (gpu, device_name) = {
+                let d = &inner.devices.list[device];
+                (d.gpu, d.name.clone())
+            };
+            let Some(rec) = inner.records.get_mut(&id) else {
+                inner.devices.release(device);
+                continue;
+            };
+            rec.attempts += 1;
+            rec.device = Some(device_name.clone());
+            rec.progress = Progress::default();
+            rec.stderr_tail.clear();
+            if rec.started_ms.is_none() {
+                rec.started_ms = Some(now);
+                rec.queue_wait_seconds = Some(now.saturating_sub(rec.submitted_ms) as f64 / 1000.0);
+            }
+            let note = format!("attempt {} on {device_name}", rec.attempts);
+            if rec.transition(JobState::Running, now, Some(note)).is_err() {
+                rec.attempts -= 1;
+                inner.devices.release(device);
+                continue;
+            }
+            let rec = rec.clone();
+            let cancel = Arc::new(Notify::new());
+            let by_user = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            inner.running.insert(
+                id,
+                Running {
+                    cancel: cancel.clone(),
+                    by_user: by_user.clone(),
+                },
+            );
+            out.push(Start {
+                rec,
+                device,
+                gpu,
+                cancel,
+                by_user,
+            });
         }
-        drop(inner);
-        self.refresh_gauges();
         out
     }
 
@@ -476,6 +544,7 @@ impl Manager {
             }
             JobState::Running => {
                 if let Some(run) = inner.running.get(id) {
+                    run.by_user.store(true, Ordering::SeqCst);
                     run.cancel.notify_one();
                 }
                 // The runner records the transition once the group is dead.
@@ -561,53 +630,23 @@ impl Manager {
         Some(rec.clone())
     }
 
-    async fn run_job(self: Arc<Self>, id: String, device: usize) {
-        let cancel = Arc::new(Notify::new());
-        let now = now_ms();
-        let (gpu, device_name) = {
-            let inner = self.inner.lock().unwrap();
-            let d = &inner.devices.list[device];
-            (d.gpu, d.name.clone())
-        };
-        let started = self.by_ref(&id, |rec| {
-            rec.attempts += 1;
-            rec.device = Some(device_name.clone());
-            rec.progress = Progress::default();
-            rec.stderr_tail.clear();
-            if rec.started_ms.is_none() {
-                rec.started_ms = Some(now);
-                rec.queue_wait_seconds = Some(now.saturating_sub(rec.submitted_ms) as f64 / 1000.0);
-            }
-            let note = format!("attempt {} on {device_name}", rec.attempts);
-            let _ = rec.transition(JobState::Running, now, Some(note));
-        });
-        let Some(rec) = started else {
-            self.release(&id, device);
-            return;
-        };
-        if rec.attempts == 1 {
-            if let Some(w) = rec.queue_wait_seconds {
-                self.metrics
-                    .queue_wait
-                    .with_label_values(&[&self.settings.capability, rec.priority.as_str()])
-                    .observe(w);
-            }
-        }
-        self.inner.lock().unwrap().running.insert(
-            id.clone(),
-            Running {
-                cancel: cancel.clone(),
-            },
-        );
-        let _ = self.store.put(&rec);
-        self.refresh_gauges();
-
+    async fn run_job(self: Arc<Self>, start: Start) {
+        let Start {
+            rec,
+            device,
+            gpu,
+            cancel,
+            by_user,
+        } = start;
+        let id = rec.id.clone();
         let t0 = tokio::time::Instant::now();
         self.energy.start(&id, gpu);
         let outcome = self.execute(&rec, gpu, &cancel).await;
         let energy = self.energy.finish(&id);
         let ran = t0.elapsed().as_secs_f64();
-        self.finish_run(&id, device, outcome, energy, ran).await;
+        let user_canceled = by_user.load(Ordering::SeqCst);
+        self.finish_run(&id, device, outcome, energy, ran, user_canceled)
+            .await;
     }
 
     async fn execute(&self, rec: &JobRecord, gpu: Option<u32>, cancel: &Notify) -> Outcome {
@@ -636,7 +675,10 @@ impl Manager {
             .kill_on_drop(true);
         match gpu {
             Some(g) => {
-                cmd.env("CUDA_VISIBLE_DEVICES", g.to_string());
+                // NVML indexes follow the PCI bus order; CUDA's default order
+                // is fastest first, so pin it to the same numbering.
+                cmd.env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+                    .env("CUDA_VISIBLE_DEVICES", g.to_string());
             }
             None => {
                 cmd.env("CUDA_VISIBLE_DEVICES", "");
@@ -816,6 +858,7 @@ impl Manager {
         outcome: Outcome,
         energy: JobEnergy,
         ran: f64,
+        user_canceled: bool,
     ) {
         let now = now_ms();
         let draining = self.is_draining();
@@ -830,7 +873,7 @@ impl Manager {
                     rec.progress.percent = Some(100.0);
                     let _ = rec.transition(JobState::Succeeded, now, None);
                 }
-                Outcome::Canceled if draining => {
+                Outcome::Canceled if draining && !user_canceled => {
                     // Stopped by a shutdown: back to the queue for the next
                     // start, without charging the attempt.
                     rec.attempts = rec.attempts.saturating_sub(1);
@@ -859,7 +902,18 @@ impl Manager {
                 }
                 Outcome::Failed(ref f) => {
                     rec.failure = Some(f.clone());
-                    if f.class.retryable() && rec.attempts < rec.max_attempts && !draining {
+                    let retry = f.class.retryable() && rec.attempts < rec.max_attempts;
+                    if retry && draining {
+                        let _ = rec.transition(
+                            JobState::Queued,
+                            now,
+                            Some(format!(
+                                "{}: {}; the shim is stopping, so the retry runs on the next start",
+                                f.class.as_str(),
+                                f.message
+                            )),
+                        );
+                    } else if retry {
                         let wait = backoff(
                             self.settings.backoff_initial,
                             self.settings.backoff_max,
@@ -1026,6 +1080,15 @@ impl Manager {
         self.metrics
             .set_states(&self.settings.capability, inner.records.values());
     }
+}
+
+/// A job taken off the queue and marked running, with its slot.
+struct Start {
+    rec: JobRecord,
+    device: usize,
+    gpu: Option<u32>,
+    cancel: Arc<Notify>,
+    by_user: Arc<std::sync::atomic::AtomicBool>,
 }
 
 enum Stop {

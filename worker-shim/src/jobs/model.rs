@@ -134,7 +134,8 @@ pub enum FailureClass {
     OutOfResources,
     /// The shim restarted while the job ran.
     Interrupted,
-    /// The shim itself could not run the job (spawn failed, work dir full).
+    /// The shim itself could not run the job (the program could not be
+    /// started, the command could not be rendered).
     Internal,
 }
 
@@ -254,7 +255,7 @@ pub struct JobRecord {
     pub state: JobState,
     /// Validated parameters, as submitted (after defaults).
     pub params: BTreeMap<String, String>,
-    /// The caller's identity, from the sidecar's `x-crank-peer-identity`.
+    /// The caller's verified identity, from the sidecar's `x-crank-client-id`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub requester: Option<String>,
     /// The device pool it runs on (`gpu0`, `cpu`), once placed.
