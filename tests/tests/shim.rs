@@ -867,7 +867,10 @@ fn sigterm_deregisters_refuses_new_jobs_and_requeues_what_it_had_to_stop() {
     assert_eq!(status, 503, "{out}");
     assert_eq!(header(&out, "x-crank-error"), Some("draining"));
     assert_eq!(s.shim.admin_get("/ready").0, 503);
-    let st = s.shim.wait_exit(Duration::from_secs(10)).expect("the shim stops after the drain");
+    let st = s
+        .shim
+        .wait_exit(Duration::from_secs(10))
+        .expect("the shim stops after the drain");
     assert!(st.success(), "{}", s.shim.log_text());
 
     // The next start runs both: the stopped run is not charged an attempt.

@@ -368,7 +368,10 @@ note:   {type: string, required: false}
             .validate(&[("title".to_string(), "x".into())].into())
             .unwrap();
         let r = t.render(&params, &reserved(Some("/in"))).unwrap();
-        assert_eq!(r.args[1], "ffmpeg -vf \"scale=-2:$1\" \"$2\"", "the script stays literal");
+        assert_eq!(
+            r.args[1], "ffmpeg -vf \"scale=-2:$1\" \"$2\"",
+            "the script stays literal"
+        );
     }
 
     #[test]
