@@ -301,9 +301,30 @@ pub fn load(path: &Path) -> Result<ShimConfig, ConfigError> {
         field: "(file)".into(),
         message: format!("cannot read the config file: {e}; check the --config path"),
     })?;
-    let cfg = parse(&file, &text)?;
+    let mut cfg = parse(&file, &text)?;
     validate(&file, &cfg)?;
+    resolve_paths(&mut cfg, path.parent().unwrap_or(Path::new(".")));
     Ok(cfg)
+}
+
+/// Relative paths in the config are relative to the config file's
+/// directory, as in crank-proxy's config.
+pub fn resolve_paths(cfg: &mut ShimConfig, base: &Path) {
+    let fix = |p: &mut PathBuf| {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    };
+    if let Some(r) = cfg.registration_file.as_mut() {
+        fix(r);
+    }
+    fix(&mut cfg.host.powercap_root);
+    if let Some(exec) = cfg.exec.as_mut() {
+        fix(&mut exec.work_dir);
+        if let Some(st) = exec.store.as_mut() {
+            fix(st);
+        }
+    }
 }
 
 /// Parses YAML text; errors carry the field path and the line.
@@ -539,6 +560,19 @@ exec:
         assert_eq!(exec.cpu_slots(1), 1);
         assert_eq!(exec.store_path(), PathBuf::from("/tmp/work/jobs.redb"));
         assert!(cfg.host.nvml);
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let mut cfg = check(&GOOD.replace("/tmp/work", "work")).unwrap();
+        resolve_paths(&mut cfg, Path::new("/etc/crank"));
+        let exec = cfg.exec.unwrap();
+        assert_eq!(exec.work_dir, PathBuf::from("/etc/crank/work"));
+        assert_eq!(
+            exec.store_path(),
+            PathBuf::from("/etc/crank/work/jobs.redb")
+        );
+        assert_eq!(cfg.host.powercap_root, PathBuf::from("/sys/class/powercap"));
     }
 
     #[test]
