@@ -677,6 +677,27 @@ fn without_a_gpu_the_shim_says_gpu_none_and_refuses_gpu_only_placement() {
     assert_eq!(reg["labels"]["energy.gpu"], "unmeasured");
     assert_eq!(s.shim.admin_get("/v1/registration").0, 200);
 
+    // GPU-aware placement: jobs whose parameters need a GPU are refused on
+    // this host, everything else runs in the CPU pool.
+    let split = ExecShim::start(
+        "",
+        r#"  command: [sh, -c, 'echo "$1" > "$2"', sh, "{codec}", "{output}"]
+  params:
+    codec: {type: enum, values: [libx264, h264_nvenc], default: libx264}
+  devices: {gpu_when: {codec: [h264_nvenc]}}
+"#,
+    );
+    let (status, out) = split.submit_json(r#"{"params": {"codec": "h264_nvenc"}}"#);
+    assert_eq!(status, 422, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("no-matching-device"));
+    assert!(
+        out.contains("codec=h264_nvenc needs a GPU and this host has none"),
+        "{out}"
+    );
+    let id = split.submit_ok(r#"{"params": {"codec": "libx264"}}"#);
+    let j = split.wait_state(&id, "succeeded", Duration::from_secs(10));
+    assert_eq!(j["device"], "cpu");
+
     // GPU-only placement on this host: refused at start, with the fix.
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (free_addr(), free_addr());

@@ -376,6 +376,7 @@ async fn submit(m: &Arc<Manager>, req: Request<Incoming>) -> Result<Response<Bod
             )
         })
     })?;
+    m.device_check(&params).map_err(refused)?;
     m.admit_check().map_err(refused)?;
     if takes_input && body.is_none() {
         return Err(refused(Refusal::new(

@@ -198,6 +198,11 @@ pub struct DevicesConfig {
     /// Concurrent jobs in the CPU pool; default half the cores, at least 1.
     #[serde(default)]
     pub cpu_slots: Option<usize>,
+    /// Jobs whose parameter has one of these values need a GPU (for example
+    /// `{codec: [h264_nvenc]}`); with it set, every other job runs in the
+    /// CPU pool. On a host without a GPU such jobs are refused at submit.
+    #[serde(default)]
+    pub gpu_when: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for DevicesConfig {
@@ -206,6 +211,7 @@ impl Default for DevicesConfig {
             placement: Placement::Any,
             sessions_per_gpu: default_sessions(),
             cpu_slots: None,
+            gpu_when: BTreeMap::new(),
         }
     }
 }
@@ -511,6 +517,37 @@ fn validate_exec(exec: &ExecConfig) -> Result<(), (String, String)> {
             "is 0 with placement `cpu`: no job could ever run; give it at least 1".into(),
         ));
     }
+    if !exec.devices.gpu_when.is_empty() && exec.devices.placement != Placement::Any {
+        return Err((
+            "devices.gpu_when".into(),
+            "only applies with placement `any` (it splits jobs between the GPUs and the CPU pool); remove it or set placement: any".into(),
+        ));
+    }
+    for (name, values) in &exec.devices.gpu_when {
+        let Some(spec) = exec.params.get(name) else {
+            return Err((
+                format!("devices.gpu_when.{name}"),
+                format!("`{name}` is not a declared parameter; use one of params"),
+            ));
+        };
+        if values.is_empty() {
+            return Err((
+                format!("devices.gpu_when.{name}"),
+                "lists no values; give the values that need a GPU".into(),
+            ));
+        }
+        if !spec.values.is_empty() {
+            if let Some(v) = values.iter().find(|v| !spec.values.contains(v)) {
+                return Err((
+                    format!("devices.gpu_when.{name}"),
+                    format!(
+                        "{v:?} is not one of the parameter's values ({}); fix the spelling",
+                        spec.values.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     if exec.retention.max_jobs == 0 {
         return Err((
             "retention.max_jobs".into(),
@@ -600,6 +637,11 @@ exec:
             ),
             ("scale=-2:{height}", "scale=-2:{width}", "exec.command"),
             ("mode: exec", "mode: serve", "serve"),
+            (
+                "  work_dir: /tmp/work",
+                "  work_dir: /tmp/work\n  devices: {gpu_when: {codec: [h264_nvenc]}}",
+                "exec.devices.gpu_when.codec",
+            ),
             (
                 "  work_dir: /tmp/work",
                 "  work_dir: /tmp/work\n  output: {extension: ../mp4}",

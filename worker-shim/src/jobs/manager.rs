@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use super::model::{
     now_ms, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState, Priority, Progress,
 };
-use super::queue::{Devices, PriorityQueue};
+use super::queue::{Devices, Need, PriorityQueue};
 use super::store::{JobStore, StoreError};
 use crate::config::ExecConfig;
 use crate::exec::classify::{Classifier, ExitInfo};
@@ -83,6 +83,8 @@ pub struct ExecSettings {
     pub max_queue: usize,
     pub retention_max_jobs: usize,
     pub retention_max_age: Duration,
+    /// Parameter values that need a GPU (`devices.gpu_when`).
+    pub gpu_when: BTreeMap<String, Vec<String>>,
 }
 
 impl ExecSettings {
@@ -109,7 +111,24 @@ impl ExecSettings {
             max_queue: c.max_queue,
             retention_max_jobs: c.retention.max_jobs,
             retention_max_age: c.retention.max_age,
+            gpu_when: c.devices.gpu_when.clone(),
         })
+    }
+
+    /// What a job with these parameters may run on.
+    pub fn need(&self, params: &BTreeMap<String, String>) -> Need {
+        if self.gpu_when.is_empty() {
+            return Need::Any;
+        }
+        let gpu = self
+            .gpu_when
+            .iter()
+            .any(|(k, vs)| params.get(k).is_some_and(|v| vs.contains(v)));
+        if gpu {
+            Need::Gpu
+        } else {
+            Need::Cpu
+        }
     }
 }
 
@@ -310,11 +329,28 @@ impl Manager {
             return out;
         }
         let now = now_ms();
-        while !inner.queue.is_empty() {
-            let Some(device) = inner.devices.acquire() else {
+        loop {
+            let Inner {
+                queue,
+                devices,
+                records,
+                ..
+            } = &mut *inner;
+            let need_of = |id: &str| {
+                records
+                    .get(id)
+                    .map_or(Need::Any, |r| self.settings.need(&r.params))
+            };
+            let Some(id) = queue.pop_first(|id| devices.has_free(need_of(id))) else {
                 break;
             };
-            let id = inner.queue.pop().expect("queue is not empty");
+            let Some(device) = devices.acquire_for(need_of(&id)) else {
+                // has_free said yes under this same lock; keep it queued anyway.
+                if let Some(r) = records.get(&id) {
+                    queue.push(r.priority, r.seq, id);
+                }
+                break;
+            };
             let (gpu, device_name) = {
                 let d = &inner.devices.list[device];
                 (d.gpu, d.name.clone())
@@ -403,6 +439,33 @@ impl Manager {
         // A rough wait: one backoff step per queued job per slot, 1..60 s.
         let slots = inner.devices.capacity().max(1) as u64;
         (inner.queue.len() as u64 / slots).clamp(1, 60)
+    }
+
+    /// Refuses a job this host has no device for: a GPU job (by
+    /// `devices.gpu_when`) on a host without a GPU, or a CPU job without a
+    /// CPU pool.
+    pub fn device_check(&self, params: &BTreeMap<String, String>) -> Result<(), Refusal> {
+        let need = self.settings.need(params);
+        let inner = self.inner.lock().unwrap();
+        if inner.devices.has_kind(need) {
+            return Ok(());
+        }
+        let detail = match need {
+            Need::Gpu => {
+                let which: Vec<String> = self
+                    .settings
+                    .gpu_when
+                    .iter()
+                    .filter_map(|(k, vs)| params.get(k).filter(|v| vs.contains(v)).map(|v| format!("{k}={v}")))
+                    .collect();
+                format!(
+                    "{} needs a GPU and this host has none (gpu=none); send it to a worker labelled gpu=nvidia",
+                    which.join(", ")
+                )
+            }
+            _ => "this job runs in the CPU pool and this shim has none (exec.devices.cpu_slots is 0); send it to another worker".to_string(),
+        };
+        Err(Refusal::new(422, "no-matching-device", detail))
     }
 
     /// Creates the job's directory; returns (id, directory).

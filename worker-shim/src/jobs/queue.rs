@@ -26,6 +26,22 @@ impl PriorityQueue {
             .find_map(|c| c.pop_first().map(|(_, id)| id))
     }
 
+    /// Takes out the first job, most urgent class first and FIFO within
+    /// it, for which `can_start` holds. A job that cannot start now (its
+    /// device kind is busy) does not hold back the ones behind it.
+    pub fn pop_first(&mut self, mut can_start: impl FnMut(&str) -> bool) -> Option<String> {
+        for class in self.classes.iter_mut() {
+            let found = class
+                .iter()
+                .find(|(_, id)| can_start(id))
+                .map(|(seq, _)| *seq);
+            if let Some(seq) = found {
+                return class.remove(&seq);
+            }
+        }
+        None
+    }
+
     /// Takes a queued job out (cancellation). False when it was not queued.
     pub fn remove(&mut self, priority: Priority, seq: u64) -> bool {
         self.classes[priority.rank()].remove(&seq).is_some()
@@ -41,6 +57,27 @@ impl PriorityQueue {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// What a job may run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A GPU session first, else the CPU pool.
+    Any,
+    /// Only a GPU session (its parameters ask for a GPU encoder, say).
+    Gpu,
+    /// Only the CPU pool.
+    Cpu,
+}
+
+impl Need {
+    fn fits(self, d: &Device) -> bool {
+        match self {
+            Need::Any => true,
+            Need::Gpu => d.gpu.is_some(),
+            Need::Cpu => d.gpu.is_none(),
+        }
     }
 }
 
@@ -95,11 +132,28 @@ impl Devices {
 
     /// Takes a slot: the least busy GPU first, the CPU pool after.
     pub fn acquire(&mut self) -> Option<usize> {
+        self.acquire_for(Need::Any)
+    }
+
+    /// Whether a job with this need could start now.
+    pub fn has_free(&self, need: Need) -> bool {
+        self.list
+            .iter()
+            .any(|d| need.fits(d) && d.busy < d.capacity)
+    }
+
+    /// Whether this host has any device of the kind at all.
+    pub fn has_kind(&self, need: Need) -> bool {
+        self.list.iter().any(|d| need.fits(d))
+    }
+
+    /// Takes a slot that fits `need`: the least busy GPU first.
+    pub fn acquire_for(&mut self, need: Need) -> Option<usize> {
         let pick = self
             .list
             .iter()
             .enumerate()
-            .filter(|(_, d)| d.busy < d.capacity)
+            .filter(|(_, d)| need.fits(d) && d.busy < d.capacity)
             .min_by_key(|(i, d)| (d.gpu.is_none(), d.busy, *i))
             .map(|(i, _)| i)?;
         self.list[pick].busy += 1;
@@ -159,6 +213,37 @@ mod tests {
         assert_eq!(d.acquire(), None);
         d.release(1);
         assert_eq!(d.acquire(), Some(1));
+    }
+
+    #[test]
+    fn a_gpu_job_waiting_for_a_busy_gpu_does_not_hold_back_cpu_jobs() {
+        let mut d = Devices::new(&[0], 1, 1, true, true);
+        let mut q = PriorityQueue::default();
+        q.push(Priority::Live, 1, "gpu-a".into());
+        q.push(Priority::Live, 2, "gpu-b".into());
+        q.push(Priority::Live, 3, "cpu-c".into());
+        let need = |id: &str| {
+            if id.starts_with("gpu") {
+                Need::Gpu
+            } else {
+                Need::Cpu
+            }
+        };
+        let mut started = Vec::new();
+        while let Some(id) = q.pop_first(|id| d.has_free(need(id))) {
+            let slot = d.acquire_for(need(&id)).unwrap();
+            started.push((id, d.list[slot].name.clone()));
+        }
+        assert_eq!(
+            started,
+            [
+                ("gpu-a".to_string(), "gpu0".to_string()),
+                ("cpu-c".to_string(), "cpu".to_string())
+            ]
+        );
+        assert_eq!(q.len(), 1, "gpu-b waits for the GPU");
+        assert!(d.has_kind(Need::Gpu) && d.has_kind(Need::Cpu));
+        assert!(!Devices::new(&[], 2, 2, true, true).has_kind(Need::Gpu));
     }
 
     #[test]
