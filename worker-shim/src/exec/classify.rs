@@ -60,6 +60,12 @@ pub const BUILTIN_RULES: &[(&str, FailureClass)] = &[
     ),
     // x264's own allocator: `x264 [error]: malloc of size 429198528 failed`
     ("malloc of size", FailureClass::OutOfResources),
+    // The host lacks what the job needs (no NVIDIA driver or GPU): retrying
+    // here cannot help, and the input is not at fault.
+    ("Cannot load libcuda", FailureClass::Internal),
+    ("No NVENC capable devices found", FailureClass::Internal),
+    ("no CUDA-capable device is detected", FailureClass::Internal),
+    ("CUDA_ERROR_NO_DEVICE", FailureClass::Internal),
     // Specific bad-input messages before the generic ones below, so the
     // message shows the most telling line.
     (
@@ -397,6 +403,12 @@ x264 [error]: malloc of size 429198528 failed
 Error initializing output stream 0:0 -- Error while opening encoder for output stream #0:0 - maybe incorrect parameters such as bit_rate, rate, width or height
 Conversion failed!";
     /// output to /dev/full
+    /// `-c:v h264_nvenc` on a host without the NVIDIA driver (ffmpeg 5.1).
+    const NO_CUDA: &str = "\
+[h264_nvenc @ 0x5612f83b77c0] Cannot load libcuda.so.1
+Error initializing output stream 0:0 -- Error while opening encoder for output stream #0:0 - maybe incorrect parameters such as bit_rate, rate, width or height
+[aac @ 0x5612f83b8a40] 2 frames left in the queue on closing
+Conversion failed!";
     const DISK_FULL: &str = "\
 [libx264 @ 0x55a213458a80] profile High, level 1.3, 4:2:0, 8-bit
 Could not write header for output file #0 (incorrect codec parameters ?): No space left on device
@@ -442,6 +454,7 @@ Exiting normally, received signal 15.";
             (EAGAIN, OutOfResources, "exit code 1: Error while filtering: Resource temporarily unavailable"),
             (X264_MALLOC, OutOfResources, "exit code 1: x264 [error]: malloc of size 429198528 failed"),
             (DISK_FULL, OutOfResources, "exit code 1: Could not write header for output file #0 (incorrect codec parameters ?): No space left on device"),
+            (NO_CUDA, Internal, "exit code 1: [h264_nvenc] Cannot load libcuda.so.1"),
         ];
         let c = Classifier::default();
         for (stderr, class, message) in table {

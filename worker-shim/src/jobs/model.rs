@@ -134,8 +134,8 @@ pub enum FailureClass {
     OutOfResources,
     /// The shim restarted while the job ran.
     Interrupted,
-    /// The shim itself could not run the job (the program could not be
-    /// started, the command could not be rendered).
+    /// The shim could not run the job here: the program could not be
+    /// started, or the host lacks what the job needs (no GPU driver).
     Internal,
 }
 
