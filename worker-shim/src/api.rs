@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -88,36 +87,62 @@ pub struct Shared {
     pub output_content_type: String,
 }
 
-/// Serves `handler` on `listener` (HTTP/1.1 and h2c) until `shutdown`.
-pub async fn serve<H>(
+/// Serves `handler` on `listener` (HTTP/1.1 and h2c) until `stop`, then
+/// lets open connections finish for up to `grace`. Every listener of the
+/// shim (job API, admin, serve mode's front proxy) runs on this loop.
+pub async fn serve<F, Fut, B>(
     listener: TcpListener,
-    handler: H,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()>
-where
-    H: Fn(Request<Incoming>, SocketAddr) -> BoxFut + Clone + Send + Sync + 'static,
+    handler: F,
+    mut stop: watch::Receiver<bool>,
+    grace: std::time::Duration,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            res = listener.accept() => res,
         };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
         let h = handler.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let h = h.clone();
-                async move { Ok::<_, Infallible>(h(req, peer).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+        let service = hyper::service::service_fn(move |req| {
+            let fut = h(req);
+            async move { Ok::<_, Infallible>(fut.await) }
         });
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("some client connections were still open at shutdown");
     }
 }
 

@@ -164,10 +164,12 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
             });
             let main = {
                 let s = shared.clone();
+                // Downloads in flight get a few seconds to finish.
                 tokio::spawn(api::serve(
                     listener,
-                    move |req, _| api::jobs(s.clone(), req),
+                    move |req| api::jobs(s.clone(), req),
                     close_rx.clone(),
+                    std::time::Duration::from_secs(5),
                 ))
             };
             spawn_admin(admin_listener, shared.clone(), close_rx.clone());
@@ -236,8 +238,9 @@ fn spawn_admin(listener: Option<TcpListener>, shared: Arc<Shared>, stop: watch::
     if let Some(l) = listener {
         tokio::spawn(api::serve(
             l,
-            move |req, _| api::admin(shared.clone(), req),
+            move |req| api::admin(shared.clone(), req),
             stop,
+            std::time::Duration::from_secs(1),
         ));
     }
 }

@@ -22,7 +22,6 @@
 //!   group, `SIGKILL` it after `stop_timeout`, return.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,9 +40,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioExecutor;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -792,50 +789,17 @@ async fn register(registrar: &dyn Registrar, registration: &Registration) -> boo
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Accepts connections until a stop, then lets them close (briefly).
-async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            res = listener.accept() => res,
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a connection failed");
-                if sleep_or_stop(Duration::from_millis(100), &mut stop).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |req| proxy(shared.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "serve connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(CONNECTION_CLOSE_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::debug!("some client connections were still open at shutdown");
-    }
+async fn serve_proxy(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    crate::api::serve(
+        listener,
+        move |req| proxy(shared.clone(), req),
+        stop,
+        CONNECTION_CLOSE_GRACE,
+    )
+    .await
 }
 
-async fn proxy(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+async fn proxy(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
     let resp = forward(&shared, req).await;
     let class = match resp.status().as_u16() / 100 {
         1 => "1xx",
@@ -845,7 +809,7 @@ async fn proxy(
         _ => "5xx",
     };
     shared.metrics.requests.with_label_values(&[class]).inc();
-    Ok(resp)
+    resp
 }
 
 async fn forward(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -1307,13 +1271,13 @@ mod tests {
                         let mut resp =
                             Response::new(Full::new(Bytes::from_static(body.as_bytes())));
                         *resp.status_mut() = status;
-                        Ok::<_, Infallible>(resp)
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(false)
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await;
                 });
             }
