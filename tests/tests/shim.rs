@@ -319,6 +319,23 @@ fn ffmpeg_transcode_through_a_sidecar_pair_with_progress_and_ffprobe_checked_out
         Some(1.0)
     );
     assert_eq!(metric(&m, "crank_gpus"), Some(0.0));
+    // Jobs by state: the one job is succeeded, none queued or running.
+    let by_state = |state: &str| {
+        metric(
+            &m,
+            &format!("crank_jobs{{capability=\"transcode:h264\",state=\"{state}\"}}"),
+        )
+    };
+    assert_eq!(by_state("succeeded"), Some(1.0), "{m}");
+    assert_eq!(by_state("queued"), Some(0.0));
+    assert_eq!(by_state("running"), Some(0.0));
+    assert_eq!(
+        metric(
+            &m,
+            "crank_jobs_submitted_total{capability=\"transcode:h264\",priority=\"live\"}"
+        ),
+        Some(1.0)
+    );
     assert_eq!(
         metric(
             &m,
