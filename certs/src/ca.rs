@@ -30,11 +30,36 @@ pub enum CaError {
     Invalid(String),
 }
 
-/// A CA able to sign leaves: its certificate (PEM) and its key.
+/// A CA able to sign leaves: its certificate (PEM) and its key. A root is
+/// self-signed; an intermediate is signed by a root and sends its own
+/// certificate after every leaf it signs ([`Ca::chain_pem`]).
 pub struct Ca {
     cert_pem: String,
     key: KeyPair,
     trust_domain: String,
+    intermediate: bool,
+}
+
+/// A leaf signed from a workload's CSR: the chain to send (leaf, then the
+/// intermediate when there is one) and what the inventory keeps.
+#[derive(Debug, Clone)]
+pub struct SignedLeaf {
+    pub chain_pem: String,
+    /// Lower-case hex, no separators.
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Why a CSR was refused. Each names what the workload must change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CsrError {
+    #[error("the CSR is not a PEM/DER PKCS#10 request ({0}); send the CSR the proxy generates, unmodified")]
+    Malformed(String),
+    #[error("the CSR's signature does not verify against its public key; make a new CSR with the key it names")]
+    BadSignature,
+    #[error("the CSR asks for {asked}, but this request may only be issued {granted}; ask for exactly that identity, or use a token for the other one")]
+    IdentityNotGranted { asked: String, granted: String },
 }
 
 /// What a leaf should say. `not_before`/`not_after` default to now-1min and now+ttl.
@@ -89,7 +114,78 @@ impl Ca {
             cert_pem: cert.pem(),
             key,
             trust_domain: trust_domain.to_string(),
+            intermediate: false,
         })
+    }
+
+    /// Makes an intermediate CA signed by this root, valid for `ttl` (capped
+    /// at the root's own expiry). Its subject carries the time it was made,
+    /// so several generations are told apart in `crankctl ca status`.
+    pub fn generate_intermediate(&self, ttl: Duration) -> Result<Ca, CaError> {
+        if self.intermediate {
+            return Err(CaError::Invalid(
+                "an intermediate can only be signed by a root; pass the root's directory (made by `crankctl ca init`)".into(),
+            ));
+        }
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let now = OffsetDateTime::now_utc();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Crank Mesh");
+        dn.push(
+            DnType::CommonName,
+            format!(
+                "Crank Mesh intermediate CA ({}) {}",
+                self.trust_domain,
+                stamp(now)
+            ),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = now - time::Duration::minutes(1);
+        let root_end = crate::parse::CertSummary::from_der(
+            &crate::pem::certs_from_pem(self.cert_pem.as_bytes()).map_err(CaError::Invalid)?[0],
+        )
+        .map_err(|e| CaError::Invalid(e.to_string()))?
+        .not_after;
+        let wanted = now + ttl;
+        params.not_after =
+            wanted.min(OffsetDateTime::from_unix_timestamp(root_end).unwrap_or(wanted));
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Ca {
+            cert_pem: cert.pem(),
+            key,
+            trust_domain: self.trust_domain.clone(),
+            intermediate: true,
+        })
+    }
+
+    /// True for an intermediate (not self-signed).
+    pub fn is_intermediate(&self) -> bool {
+        self.intermediate
+    }
+
+    /// What follows a leaf signed by this CA on the wire: the intermediate's
+    /// certificate, or nothing for a root.
+    pub fn chain_pem(&self) -> &str {
+        if self.intermediate {
+            &self.cert_pem
+        } else {
+            ""
+        }
+    }
+
+    /// The private key, PEM (for uploading a new intermediate to crank-control).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// Loads a CA from its certificate and key PEM.
@@ -99,10 +195,27 @@ impl Ca {
         // Check the certificate parses and matches the key before accepting it.
         Issuer::from_ca_cert_pem(cert_pem, &key)
             .map_err(|e| CaError::Invalid(format!("the CA certificate is not usable: {e}")))?;
+        let der = crate::pem::certs_from_pem(cert_pem.as_bytes())
+            .map_err(|e| CaError::Invalid(format!("the CA certificate: {e}")))?;
+        let summary = crate::parse::CertSummary::from_der(&der[0])
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        if !summary.is_ca {
+            return Err(CaError::Invalid(
+                "the certificate is not a CA certificate; use ca.crt from `crankctl ca init` or `crankctl ca intermediate`".into(),
+            ));
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der[0])
+            .map_err(|e| CaError::Invalid(e.to_string()))?;
+        if &*parsed.public_key().subject_public_key.data != key.public_key_raw() {
+            return Err(CaError::Invalid(
+                "the CA key does not belong to the CA certificate; use the ca.key written with that ca.crt".into(),
+            ));
+        }
         Ok(Ca {
             cert_pem: cert_pem.to_string(),
             key,
             trust_domain: trust_domain.to_string(),
+            intermediate: summary.subject != summary.issuer,
         })
     }
 
@@ -113,11 +226,17 @@ impl Ca {
         Ca::from_pem(&cert, &key, trust_domain)
     }
 
-    /// Writes `ca.crt`, `ca.key` (mode 0600) and `bundle.pem` into `dir`.
+    /// Writes `ca.crt`, `ca.key` (mode 0600) and `bundle.pem` (the root) into
+    /// `dir`. For an intermediate, `root_pem` is its root.
     pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        self.save_with_root(dir, &self.cert_pem)
+    }
+
+    /// As [`Ca::save`], with the bundle given: for an intermediate, its root.
+    pub fn save_with_root(&self, dir: &Path, root_pem: &str) -> Result<(), CaError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         write(&dir.join("ca.crt"), &self.cert_pem, false)?;
-        write(&dir.join("bundle.pem"), &self.cert_pem, false)?;
+        write(&dir.join("bundle.pem"), root_pem, false)?;
         write(&dir.join("ca.key"), &self.key.serialize_pem(), true)
     }
 
@@ -131,13 +250,77 @@ impl Ca {
 
     /// Signs a leaf for `req.identity` with a new P-256 key.
     pub fn issue(&self, req: &LeafRequest) -> Result<IssuedLeaf, CaError> {
-        if req.identity.trust_domain != self.trust_domain {
+        let params = self.leaf_params(&req.identity, req.ttl, req.not_before, req.not_after)?;
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(IssuedLeaf {
+            cert_pem: format!("{}{}", cert.pem(), self.chain_pem()),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Signs a workload's CSR for `granted`, valid for `ttl`. Only the CSR's
+    /// public key is used; the certificate says what Crank decides (both
+    /// identity SANs, leaf usages). The CSR must ask for `granted` and nothing
+    /// else: its SPIFFE URI SAN is required, its DNS SAN optional.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        granted: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedLeaf, SignCsrError> {
+        use rcgen::CertificateSigningRequestParams;
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => {
+                SignCsrError::Csr(CsrError::BadSignature)
+            }
+            other => SignCsrError::Csr(CsrError::Malformed(other.to_string())),
+        })?;
+        let asked = csr_identity(&csr.params.subject_alt_names);
+        if asked.as_deref() != Some(granted.spiffe_id().as_str()) {
+            return Err(SignCsrError::Csr(CsrError::IdentityNotGranted {
+                asked: asked.unwrap_or_else(|| "names that are not a Crank identity".into()),
+                granted: granted.spiffe_id(),
+            }));
+        }
+        let params = self.leaf_params(granted, ttl, None, None)?;
+        let serial = hex(params
+            .serial_number
+            .as_ref()
+            .map(|s| s.as_ref())
+            .unwrap_or(&[]));
+        let (not_before, not_after) = (
+            params.not_before.unix_timestamp(),
+            params.not_after.unix_timestamp(),
+        );
+        let signed = CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).map_err(CaError::from)?;
+        let cert = signed.signed_by(&issuer).map_err(CaError::from)?;
+        Ok(SignedLeaf {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem()),
+            serial: crank_serial(&serial),
+            not_before,
+            not_after,
+        })
+    }
+
+    fn leaf_params(
+        &self,
+        id: &Identity,
+        ttl: Duration,
+        not_before: Option<OffsetDateTime>,
+        not_after: Option<OffsetDateTime>,
+    ) -> Result<CertificateParams, CaError> {
+        if id.trust_domain != self.trust_domain {
             return Err(CaError::Invalid(format!(
                 "identity {} is outside this CA's trust domain {:?}",
-                req.identity, self.trust_domain
+                id, self.trust_domain
             )));
         }
-        let id = &req.identity;
         let mut params = CertificateParams::new(vec![id.dns_name()])?;
         params
             .subject_alt_names
@@ -156,17 +339,97 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
-        params.not_before = req.not_before.unwrap_or(now - time::Duration::minutes(1));
-        params.not_after = req.not_after.unwrap_or(now + req.ttl);
-        let key = KeyPair::generate()?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(IssuedLeaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        params.not_before = not_before.unwrap_or(now - time::Duration::minutes(1));
+        params.not_after = not_after.unwrap_or(now + ttl);
+        Ok(params)
     }
+}
+
+/// Why [`Ca::sign_csr`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SignCsrError {
+    #[error(transparent)]
+    Csr(#[from] CsrError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+/// The SPIFFE ID a CSR asks for, when it asks for exactly one Crank
+/// identity (a SPIFFE URI SAN, plus at most the matching DNS SAN).
+fn csr_identity(sans: &[SanType]) -> Option<String> {
+    let mut spiffe = None;
+    let mut dns = Vec::new();
+    for san in sans {
+        match san {
+            SanType::URI(u) if spiffe.is_none() => spiffe = Some(u.as_str().to_string()),
+            SanType::DnsName(d) => dns.push(d.as_str().to_string()),
+            _ => return None,
+        }
+    }
+    let id = Identity::from_spiffe(spiffe.as_deref()?).ok()?;
+    if dns.iter().any(|d| *d != id.dns_name()) {
+        return None;
+    }
+    Some(id.spiffe_id())
+}
+
+fn random_serial() -> rcgen::SerialNumber {
+    let mut b = [0u8; 16];
+    rand_bytes(&mut b);
+    b[0] &= 0x7f; // positive
+    b[0] |= 0x10; // no leading zero byte, so every form of it agrees
+    rcgen::SerialNumber::from_slice(&b)
+}
+
+fn rand_bytes(out: &mut [u8]) {
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(out)
+        .expect("the system random source works");
+}
+
+/// Random bytes as lower-case hex (tokens, instance ids).
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand_bytes(&mut b);
+    hex(&b)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn crank_serial(s: &str) -> String {
+    s.trim_start_matches("00").to_string()
+}
+
+fn stamp(t: OffsetDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// A new P-256 key and a CSR for `id` (both SANs), both PEM. The key stays
+/// with the caller.
+pub fn new_key_and_csr(id: &Identity) -> Result<(String, String), CaError> {
+    let mut params = CertificateParams::new(vec![id.dns_name()])?;
+    params
+        .subject_alt_names
+        .push(SanType::URI(id.spiffe_id().try_into()?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, id.dns_name());
+    params.distinguished_name = dn;
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
 }
 
 impl IssuedLeaf {

@@ -11,6 +11,8 @@ pub mod identity;
 pub mod parse;
 pub mod pem;
 
-pub use ca::{Ca, IssuedLeaf, LeafRequest};
+pub use ca::{
+    new_key_and_csr, random_hex, Ca, CsrError, IssuedLeaf, LeafRequest, SignCsrError, SignedLeaf,
+};
 pub use identity::{Identity, IdentityError, DEFAULT_TRUST_DOMAIN};
 pub use parse::{identity_from_der, CertSummary, ParseError};

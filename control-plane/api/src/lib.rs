@@ -5,5 +5,6 @@
 //! Every struct rejects unknown fields, and every optional knob has a
 //! documented default (see `docs/reference/proxy-config.md`).
 
+pub mod identity;
 pub mod proxy;
 pub mod resilience;
