@@ -134,9 +134,10 @@ impl Ca {
         dn.push(
             DnType::CommonName,
             format!(
-                "Crank Mesh intermediate CA ({}) {}",
+                "Crank Mesh intermediate CA ({}) {} {}",
                 self.trust_domain,
-                stamp(now)
+                stamp(now),
+                random_hex(3)
             ),
         );
         params.distinguished_name = dn;
@@ -502,6 +503,68 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn intermediate_signs_leaves_that_carry_it() {
+        let root = Ca::generate("crank.local", Duration::from_secs(3600)).unwrap();
+        let inter = root
+            .generate_intermediate(Duration::from_secs(7200))
+            .unwrap();
+        assert!(inter.is_intermediate() && !root.is_intermediate());
+        assert!(inter
+            .generate_intermediate(Duration::from_secs(60))
+            .is_err());
+        let s = CertSummary::from_der(
+            &crate::pem::certs_from_pem(inter.cert_pem().as_bytes()).unwrap()[0],
+        )
+        .unwrap();
+        let r = CertSummary::from_der(
+            &crate::pem::certs_from_pem(root.cert_pem().as_bytes()).unwrap()[0],
+        )
+        .unwrap();
+        assert!(s.is_ca);
+        assert_eq!(s.issuer, r.subject);
+        assert!(s.not_after <= r.not_after, "capped at the root's expiry");
+        let id = Identity::new("web", "acme", "crank.local").unwrap();
+        let leaf = inter
+            .issue(&LeafRequest::new(id, Duration::from_secs(60)))
+            .unwrap();
+        let chain = crate::pem::certs_from_pem(leaf.cert_pem.as_bytes()).unwrap();
+        assert_eq!(chain.len(), 2, "leaf then intermediate");
+        // Reloaded from PEM it is still an intermediate.
+        let again = Ca::from_pem(inter.cert_pem(), &inter.key_pem(), "crank.local").unwrap();
+        assert!(again.is_intermediate());
+        assert!(
+            Ca::from_pem(inter.cert_pem(), &root.key_pem(), "crank.local").is_err(),
+            "key of another CA"
+        );
+    }
+
+    #[test]
+    fn csr_signing_grants_only_the_token_identity() {
+        let root = Ca::generate("crank.local", Duration::from_secs(3600)).unwrap();
+        let inter = root
+            .generate_intermediate(Duration::from_secs(3600))
+            .unwrap();
+        let web = Identity::new("web", "acme", "crank.local").unwrap();
+        let api = Identity::new("api", "acme", "crank.local").unwrap();
+        let (_, csr) = new_key_and_csr(&web).unwrap();
+        let signed = inter
+            .sign_csr(&csr, &web, Duration::from_secs(600))
+            .unwrap();
+        let chain = crate::pem::certs_from_pem(signed.chain_pem.as_bytes()).unwrap();
+        let s = CertSummary::from_der(&chain[0]).unwrap();
+        assert_eq!(s.identity.as_ref(), Some(&web));
+        assert_eq!(s.serial.replace(':', ""), signed.serial);
+        assert!(matches!(
+            inter.sign_csr(&csr, &api, Duration::from_secs(600)),
+            Err(SignCsrError::Csr(CsrError::IdentityNotGranted { .. }))
+        ));
+        assert!(matches!(
+            inter.sign_csr("not a csr", &web, Duration::from_secs(600)),
+            Err(SignCsrError::Csr(CsrError::Malformed(_)))
+        ));
     }
 
     #[test]

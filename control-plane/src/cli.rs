@@ -10,6 +10,14 @@ use crank_certs::{Ca, CertSummary, Identity, LeafRequest, DEFAULT_TRUST_DOMAIN};
 #[derive(Parser, Debug)]
 #[command(name = "crankctl", about = "Operate a Crank Mesh", version)]
 pub struct Cli {
+    /// crank-control's admin socket (for token, ca rotate/status, cert list/revoke).
+    #[arg(
+        long,
+        global = true,
+        env = "CRANK_CONTROL",
+        default_value = "state/admin.sock"
+    )]
+    pub control: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -25,6 +33,52 @@ pub enum Command {
     /// Rego policy sets: test, check, evaluate.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// One-time join tokens for enrollment.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a one-time join token bound to <service>.<tenant>; prints it on stdout.
+    Create {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        tenant: String,
+        /// How long the token can be used, e.g. 30m (default: tokens.default_ttl).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RotateCommand {
+    /// Sign a new intermediate with the root in --root and make it the signer;
+    /// every workload renews under it, then the old one is retired.
+    Intermediate {
+        #[arg(long, default_value = "ca/root")]
+        root: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
+    /// Stage the root in --new-root (made by `crankctl ca init`): added to every
+    /// bundle, leaves reissued under it, then the old root removed.
+    Root {
+        #[arg(long)]
+        new_root: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Lifetime of the intermediate signed under the new root.
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +125,28 @@ pub enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Sign an intermediate with the root in --root (offline): writes ca.crt,
+    /// ca.key (0600) and bundle.pem (the root) into --out, for crank-control.
+    Intermediate {
+        #[arg(long, default_value = "ca/root")]
+        root: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rotate the signing intermediate or the root while traffic flows.
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+    /// Where a rotation stands: roots, intermediates, every workload and who lags.
+    Status {
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,17 +169,86 @@ pub enum CertCommand {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
-    /// Print a certificate's identity, SANs and validity.
+    /// Print a certificate's identity, SANs, validity and chain, from a PEM
+    /// file or from a live TLS server (--connect HOST:PORT).
     Inspect {
-        file: PathBuf,
+        #[arg(required_unless_present = "connect", conflicts_with = "connect")]
+        file: Option<PathBuf>,
+        /// Connect to HOST:PORT and inspect the chain it presents.
+        #[arg(long)]
+        connect: Option<String>,
+        /// SNI name to send with --connect (default: the host part).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// A PEM bundle to verify the presented chain against.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Client certificate and key for servers that require one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
         /// human or json
         #[arg(long, default_value = "human")]
         output: String,
     },
+    /// The inventory of issued leaves (serial, identity, status, expiry, requester).
+    List {
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
+    /// Revoke one leaf by serial, or every unexpired leaf of an identity
+    /// (<service>.<tenant>.<trust-domain>); proxies refuse them at once, on
+    /// open connections too.
+    Revoke { target: String },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    use crate::ca_cli;
+    use crate::server::admin::AdminClient;
+    let client = AdminClient::new(&cli.control);
     match cli.command {
+        Command::Ca(CaCommand::Intermediate {
+            root,
+            out,
+            trust_domain,
+            ttl,
+            force,
+        }) => ca_cli::intermediate(&root, &out, &trust_domain, ttl, force),
+        Command::Ca(CaCommand::Rotate(RotateCommand::Intermediate {
+            root,
+            trust_domain,
+            ttl,
+            output,
+        })) => ca_cli::rotate(
+            &client,
+            crate::server::state::RotationKind::Intermediate,
+            &root,
+            &trust_domain,
+            ttl,
+            &output,
+        ),
+        Command::Ca(CaCommand::Rotate(RotateCommand::Root {
+            new_root,
+            trust_domain,
+            ttl,
+            output,
+        })) => ca_cli::rotate(
+            &client,
+            crate::server::state::RotationKind::Root,
+            &new_root,
+            &trust_domain,
+            ttl,
+            &output,
+        ),
+        Command::Ca(CaCommand::Status { output }) => ca_cli::ca_status(&client, &output),
+        Command::Token(TokenCommand::Create {
+            service,
+            tenant,
+            ttl,
+        }) => ca_cli::token_create(&client, &service, &tenant, ttl),
+        Command::Cert(CertCommand::List { output }) => ca_cli::cert_list(&client, &output),
+        Command::Cert(CertCommand::Revoke { target }) => ca_cli::cert_revoke(&client, &target),
         Command::Ca(CaCommand::Init {
             dir,
             trust_domain,
@@ -121,7 +266,22 @@ pub fn run(cli: Cli) -> Result<()> {
             let id = Identity::new(&service, &tenant, &trust_domain)?;
             cert_issue(&ca_dir, out.as_ref().unwrap_or(&ca_dir), id, ttl)
         }
-        Command::Cert(CertCommand::Inspect { file, output }) => cert_inspect(&file, &output),
+        Command::Cert(CertCommand::Inspect {
+            file,
+            connect,
+            server_name,
+            ca,
+            cert,
+            key,
+            output,
+        }) => match (file, connect) {
+            (Some(file), _) => cert_inspect(&file, &output),
+            (None, Some(address)) => {
+                let _ = (server_name, ca, cert, key, address);
+                bail!("--connect arrives with the inspect module")
+            }
+            (None, None) => bail!("name a PEM file or --connect HOST:PORT"),
+        },
         Command::Policy(cmd) => crate::policy_cli::run(cmd),
     }
 }

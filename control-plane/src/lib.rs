@@ -5,5 +5,7 @@
 //! test|check|eval`). Enrollment, config distribution and the
 //! registry build on this crate in later issues.
 
+mod ca_cli;
 pub mod cli;
 mod policy_cli;
+pub mod server;

@@ -1,2 +1,57 @@
-//! placeholder, replaced in the next commit
-fn main() {}
+//! `crank-control`: the mesh control plane (CA, enrollment, renewal, CA
+//! rotation, revocation). All logic lives in `crank_control::server`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "crank-control", about = "Crank Mesh control plane", version)]
+struct Args {
+    /// The control plane config (see docs/reference/control-config.md).
+    #[arg(long, default_value = "control.yaml")]
+    config: PathBuf,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = match crank_control::server::config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("crank-control: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crank-control: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crank_control::server::run(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crank-control: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `crank-control`'s own config file (`control.yaml`): listeners, state
+//! directory, the intermediate that seeds the CA, and certificate, token and
+//! workload limits. Typed, `deny_unknown_fields`, every error names the
+//! file, the field and the fix; relative paths resolve against the file's
+//! directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Workload API (TLS; a client certificate is required for renew and watch).
+    pub listen: SocketAddr,
+    /// Where `crankctl` connects: a Unix socket made with mode 0600.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Prometheus `/metrics` (plain HTTP). Absent: metrics only on the admin socket.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// `state.json` (CA generations, tokens (hashed), inventory, deny list,
+    /// rotation) and `bundle.pem` (the current roots) live here.
+    pub state_dir: PathBuf,
+    pub ca: CaSeed,
+    #[serde(default)]
+    pub certs: CertLimits,
+    #[serde(default)]
+    pub tokens: TokenLimits,
+    #[serde(default)]
+    pub workloads: WorkloadSettings,
+}
+
+/// The intermediate that signs, used only when `state_dir` holds no CA yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSeed {
+    /// A directory written by `crankctl ca intermediate` (ca.crt, ca.key, bundle.pem).
+    pub intermediate: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertLimits {
+    #[serde(with = "humantime_serde", default = "default_leaf_ttl")]
+    pub leaf_ttl: Duration,
+    #[serde(with = "humantime_serde", default = "default_max_leaf_ttl")]
+    pub max_leaf_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenLimits {
+    #[serde(with = "humantime_serde", default = "default_token_ttl")]
+    pub default_ttl: Duration,
+    #[serde(with = "humantime_serde", default = "default_max_leaf_ttl")]
+    pub max_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSettings {
+    /// A workload not seen for this long no longer holds back a rotation
+    /// (it is listed as stale in `crankctl ca status`).
+    #[serde(with = "humantime_serde", default = "default_stale_after")]
+    pub stale_after: Duration,
+}
+
+impl Default for CertLimits {
+    fn default() -> Self {
+        CertLimits {
+            leaf_ttl: default_leaf_ttl(),
+            max_leaf_ttl: default_max_leaf_ttl(),
+        }
+    }
+}
+impl Default for TokenLimits {
+    fn default() -> Self {
+        TokenLimits {
+            default_ttl: default_token_ttl(),
+            max_ttl: default_max_leaf_ttl(),
+        }
+    }
+}
+impl Default for WorkloadSettings {
+    fn default() -> Self {
+        WorkloadSettings {
+            stale_after: default_stale_after(),
+        }
+    }
+}
+
+fn default_trust_domain() -> String {
+    crank_certs::DEFAULT_TRUST_DOMAIN.into()
+}
+fn default_admin_socket() -> PathBuf {
+    "state/admin.sock".into()
+}
+fn default_leaf_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_max_leaf_ttl() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A config error: the file, the field, what is wrong and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// Reads, parses and checks `path`; relative paths become absolute against
+/// the file's directory.
+pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        field: "(file)".into(),
+        message: format!("cannot read it: {e}"),
+    })?;
+    let mut cfg = parse(&file, &text)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [
+        &mut cfg.admin_socket,
+        &mut cfg.state_dir,
+        &mut cfg.ca.intermediate,
+    ] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
+}
+
+/// Parses and checks the YAML text of a control config.
+pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    let cfg: ControlConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError {
+        file: file.into(),
+        field: e.path().to_string(),
+        message: format!("{}; see docs/reference/control-config.md", e.inner()),
+    })?;
+    let err = |field: &str, message: String| ConfigError {
+        file: file.into(),
+        field: field.into(),
+        message,
+    };
+    crank_certs::Identity::new("x", "x", &cfg.trust_domain)
+        .map_err(|e| err("trust_domain", e.to_string()))?;
+    let c = &cfg.certs;
+    if c.leaf_ttl < Duration::from_secs(10) {
+        return Err(err(
+            "certs.leaf_ttl",
+            "is under 10s; leaves must live long enough to be renewed (24h is the default)".into(),
+        ));
+    }
+    if c.leaf_ttl > c.max_leaf_ttl {
+        return Err(err(
+            "certs.leaf_ttl",
+            format!(
+                "{} is over certs.max_leaf_ttl ({}); lower it or raise the maximum",
+                humantime::format_duration(c.leaf_ttl),
+                humantime::format_duration(c.max_leaf_ttl)
+            ),
+        ));
+    }
+    let t = &cfg.tokens;
+    if t.default_ttl.is_zero() || t.default_ttl > t.max_ttl {
+        return Err(err(
+            "tokens.default_ttl",
+            "must be above zero and at most tokens.max_ttl".into(),
+        ));
+    }
+    if cfg.workloads.stale_after < Duration::from_secs(1) {
+        return Err(err("workloads.stale_after", "is under 1s".into()));
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse("c.yaml", BASE).unwrap();
+        assert_eq!(c.trust_domain, "crank.local");
+        assert_eq!(c.certs.leaf_ttl, Duration::from_secs(86400));
+        assert_eq!(c.certs.max_leaf_ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(c.tokens.default_ttl, Duration::from_secs(3600));
+        assert_eq!(c.workloads.stale_after, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("bogus: 1\n", "bogus", "unknown field"),
+            ("certs: {leaf_ttl: 8d}\n", "certs.leaf_ttl", "max_leaf_ttl"),
+            ("certs: {leaf_ttl: 1s}\n", "certs.leaf_ttl", "under 10s"),
+            (
+                "tokens: {default_ttl: 30d}\n",
+                "tokens.default_ttl",
+                "max_ttl",
+            ),
+            ("trust_domain: Not_Valid\n", "trust_domain", "trust domain"),
+        ];
+        for (extra, field, msg) in cases {
+            let e = parse("c.yaml", &format!("{BASE}{extra}")).unwrap_err();
+            assert!(e.field.contains(field), "{extra}: {e}");
+            assert!(e.to_string().contains(msg), "{extra}: {e}");
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! crank-control's Prometheus metrics (`/metrics` on the admin socket and
+//! on `metrics_listen`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use super::state::{CaState, Phase, Report};
+use super::tls::ServerTls;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub issued: IntCounterVec,
+    pub refused: IntCounterVec,
+    expiry: IntGaugeVec,
+    phase: IntGaugeVec,
+    workloads: IntGaugeVec,
+    bundle_version: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let issued = IntCounterVec::new(
+            Opts::new(
+                "crank_ca_certs_issued_total",
+                "Leaf certificates issued, by kind (enroll, renew)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "crank_ca_requests_refused_total",
+                "Enroll, renew and watch requests refused, by reason code",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let expiry = IntGaugeVec::new(
+            Opts::new("crank_cert_expiry_timestamp_seconds", "Not-after of each CA certificate (root, intermediate) and of the control plane's own TLS certificate (control), unix seconds"),
+            &["cert", "subject", "serial"],
+        )
+        .expect("valid metric");
+        let phase = IntGaugeVec::new(
+            Opts::new(
+                "crank_ca_rotation_phase",
+                "1 for the current rotation phase (idle, adding-root, reissuing, removing-root)",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let workloads = IntGaugeVec::new(
+            Opts::new(
+                "crank_ca_workloads",
+                "Workloads known to the CA by state (active, stale, lagging)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let bundle_version = IntGaugeVec::new(
+            Opts::new(
+                "crank_ca_versions",
+                "Current trust bundle and deny list versions",
+            ),
+            &["what"],
+        )
+        .expect("valid metric");
+        for c in [&issued, &refused] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+        }
+        for g in [&expiry, &phase, &workloads, &bundle_version] {
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+        }
+        Metrics {
+            registry,
+            issued,
+            refused,
+            expiry,
+            phase,
+            workloads,
+            bundle_version,
+        }
+    }
+
+    pub fn observe(&self, st: &CaState, tls: &ServerTls) {
+        self.expiry.reset();
+        for r in &st.roots {
+            self.expiry
+                .with_label_values(&["root", &r.subject, &r.serial])
+                .set(r.not_after);
+        }
+        for i in st.intermediates.iter().filter(|i| i.key_pem.is_some()) {
+            self.expiry
+                .with_label_values(&["intermediate", &i.subject, &i.serial])
+                .set(i.not_after);
+        }
+        let (serial, not_after) = tls.own_cert();
+        self.expiry
+            .with_label_values(&["control", "control.crank-system", &serial])
+            .set(not_after);
+        for p in [
+            Phase::Idle,
+            Phase::AddingRoot,
+            Phase::Reissuing,
+            Phase::RemovingRoot,
+        ] {
+            self.phase
+                .with_label_values(&[p.as_str()])
+                .set((st.rotation.phase == p) as i64);
+        }
+        self.bundle_version
+            .with_label_values(&["bundle"])
+            .set(st.bundle_version as i64);
+        self.bundle_version
+            .with_label_values(&["revocations"])
+            .set(st.revocations_version as i64);
+    }
+
+    pub fn observe_workloads(
+        &self,
+        st: &CaState,
+        reports: &HashMap<String, Report>,
+        stale: Duration,
+    ) {
+        let now = super::now();
+        let active = reports
+            .values()
+            .filter(|r| st.is_active(r, stale, now))
+            .count();
+        self.workloads
+            .with_label_values(&["active"])
+            .set(active as i64);
+        self.workloads
+            .with_label_values(&["stale"])
+            .set((reports.len() - active) as i64);
+        self.workloads
+            .with_label_values(&["lagging"])
+            .set(st.lagging(reports, stale, now).len() as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,229 @@
+//! `crank-control`: the mesh CA. It serves the workload identity API
+//! (enroll, renew, watch) over TLS, the admin API over a Unix socket for
+//! `crankctl`, and `/metrics`. [`Control`] holds the state behind one mutex;
+//! every change is saved to `state.json` and wakes the watchers.
+//!
+//! Ports and tasks: `listen` (TLS, workload API), `admin_socket` (HTTP/1.1
+//! over a Unix socket), optional `metrics_listen`, and one ticker task that
+//! moves rotations on, prunes expired entries and renews the server's own
+//! certificate.
+
+pub mod admin;
+pub mod config;
+mod http;
+mod metrics;
+pub mod state;
+mod tls;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use crank_certs::Ca;
+
+use config::ControlConfig;
+use state::{CaState, Report};
+
+/// The running control plane.
+pub struct Control {
+    pub cfg: ControlConfig,
+    state: Mutex<CaState>,
+    reports: Mutex<HashMap<String, Report>>,
+    /// Bumped on every change a watcher may care about.
+    changed: tokio::sync::watch::Sender<u64>,
+    tls: tls::ServerTls,
+    metrics: metrics::Metrics,
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Control {
+    /// Loads `state.json`, or seeds it from `ca.intermediate` on first start.
+    pub fn open(cfg: ControlConfig) -> Result<Arc<Control>> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+        let path = cfg.state_dir.join("state.json");
+        let state = if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let st: CaState = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a crank-control state file; restore it from backup",
+                    path.display()
+                )
+            })?;
+            if st.trust_domain != cfg.trust_domain {
+                anyhow::bail!(
+                    "{} is for trust domain {:?} but the config says {:?}",
+                    path.display(),
+                    st.trust_domain,
+                    cfg.trust_domain
+                );
+            }
+            tracing::info!(file = %path.display(), bundle_version = st.bundle_version, "loaded CA state");
+            st
+        } else {
+            let dir = &cfg.ca.intermediate;
+            let inter = Ca::load(dir, &cfg.trust_domain).with_context(|| {
+                format!("loading ca.intermediate {} (make it with `crankctl ca intermediate --root ROOT_DIR --out {}`)", dir.display(), dir.display())
+            })?;
+            let root = std::fs::read_to_string(dir.join("bundle.pem"))
+                .with_context(|| format!("reading {}/bundle.pem (the root)", dir.display()))?;
+            let st = CaState::seed(&inter, &root, now())?;
+            tracing::info!(dir = %dir.display(), "seeded the CA from the intermediate");
+            st
+        };
+        let signer = state.signer()?;
+        let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let control = Arc::new(Control {
+            metrics: metrics::Metrics::new(),
+            cfg,
+            state: Mutex::new(state),
+            reports: Mutex::new(HashMap::new()),
+            changed,
+            tls,
+        });
+        {
+            let st = control.state();
+            control.save(&st)?;
+            control.metrics.observe(&st, &control.tls);
+        }
+        Ok(control)
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, CaState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reports(&self) -> MutexGuard<'_, HashMap<String, Report>> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `state.json` (0600) and `bundle.pem` atomically.
+    fn save(&self, st: &CaState) -> Result<()> {
+        let dir = &self.cfg.state_dir;
+        write_atomic(
+            &dir.join("state.json"),
+            &serde_json::to_vec_pretty(st)?,
+            true,
+        )?;
+        write_atomic(&dir.join("bundle.pem"), st.bundle().pem.as_bytes(), false)?;
+        Ok(())
+    }
+
+    /// Saves, refreshes TLS and metrics, and wakes watchers after a change.
+    fn commit(&self, st: &CaState) {
+        if let Err(e) = self.save(st) {
+            tracing::error!(error = %format!("{e:#}"), "cannot save the CA state; the change applies in memory only until the next save");
+        }
+        if let Ok(signer) = st.signer() {
+            if let Err(e) = self.tls.update(&signer, &st.bundle().pem, &self.cfg.certs) {
+                tracing::error!(error = %format!("{e:#}"), "cannot refresh the control plane's own TLS");
+            }
+        }
+        self.metrics.observe(st, &self.tls);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Moves a rotation on if every active workload caught up.
+    fn advance(&self) {
+        let mut st = self.state();
+        let reports = self.reports().clone();
+        if let Some(line) = st.advance(&reports, self.cfg.workloads.stale_after, now()) {
+            tracing::info!(bundle_version = st.bundle_version, "{line}");
+            self.commit(&st);
+        }
+    }
+
+    fn tick(&self) {
+        {
+            let mut st = self.state();
+            if st.prune(now()) {
+                self.commit(&st);
+            }
+        }
+        self.advance();
+        if self.tls.needs_renewal() {
+            let st = self.state();
+            self.commit(&st);
+        }
+        let st = self.state();
+        self.metrics
+            .observe_workloads(&st, &self.reports(), self.cfg.workloads.stale_after);
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if secret {
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs crank-control until SIGTERM/SIGINT.
+pub async fn run(cfg: ControlConfig) -> Result<()> {
+    let control = Control::open(cfg)?;
+    let cfg = &control.cfg;
+    let workload = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen {}: cannot bind", cfg.listen))?;
+    let admin = bind_admin(&cfg.admin_socket)?;
+    tracing::info!(listen = %cfg.listen, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "crank-control serving");
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(http::serve_workloads(control.clone(), workload));
+    tasks.spawn(http::serve_admin(control.clone(), admin));
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics_listen {addr}: cannot bind"))?;
+        tasks.spawn(http::serve_metrics(control.clone(), l));
+    }
+    let ticker = control.clone();
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            every.tick().await;
+            ticker.tick();
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+        r = tasks.join_next() => { if let Some(Ok(Err(e))) = r { return Err(e); } }
+    }
+    tracing::info!("crank-control stopping");
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    Ok(())
+}
+
+fn bind_admin(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("admin_socket {}: cannot bind", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
