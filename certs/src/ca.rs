@@ -342,7 +342,9 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
-        params.not_before = not_before.unwrap_or(now - time::Duration::minutes(1));
+        // Backdated for clock skew: a minute, or a tenth of a short lifetime.
+        let skew = time::Duration::seconds((ttl.as_secs() / 10).clamp(1, 60) as i64);
+        params.not_before = not_before.unwrap_or(now - skew);
         params.not_after = not_after.unwrap_or(now + ttl);
         Ok(params)
     }

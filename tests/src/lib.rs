@@ -4,6 +4,7 @@
 //! README's test command does.
 
 pub mod app;
+pub mod control;
 pub mod flaky;
 pub mod otlp;
 pub mod pki;

@@ -35,7 +35,16 @@ pub struct Control {
     changed: tokio::sync::watch::Sender<u64>,
     tls: tls::ServerTls,
     metrics: metrics::Metrics,
+    /// Workload reports live in memory: after a start, rotations wait until
+    /// every live workload had the chance to report (one longest watch).
+    started: std::time::Instant,
+    /// The state existed before this start (a restart, not a first start).
+    restarted: bool,
 }
+
+/// Longer than the longest watch (60 s): by then every live workload has
+/// reported again after a control plane restart.
+const RESYNC_GRACE: Duration = Duration::from_secs(65);
 
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -47,10 +56,22 @@ pub fn now() -> i64 {
 impl Control {
     /// Loads `state.json`, or seeds it from `ca.intermediate` on first start.
     pub fn open(cfg: ControlConfig) -> Result<Arc<Control>> {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(&cfg.state_dir)
+                .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+            // state.json holds intermediate keys; the admin socket sits here too.
+            std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| {
+                    format!(
+                        "making state_dir {} private (0700)",
+                        cfg.state_dir.display()
+                    )
+                })?;
+        }
         let path = cfg.state_dir.join("state.json");
-        let state = if path.exists() {
+        let restarted = path.exists();
+        let state = if restarted {
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let st: CaState = serde_json::from_str(&text).with_context(|| {
@@ -90,6 +111,8 @@ impl Control {
             reports: Mutex::new(HashMap::new()),
             changed,
             tls,
+            started: std::time::Instant::now(),
+            restarted,
         });
         {
             let st = control.state();
@@ -135,6 +158,9 @@ impl Control {
 
     /// Moves a rotation on if every active workload caught up.
     fn advance(&self) {
+        if self.restarted && self.started.elapsed() < RESYNC_GRACE {
+            return;
+        }
         let mut st = self.state();
         let reports = self.reports().clone();
         if let Some(line) = st.advance(&reports, self.cfg.workloads.stale_after, now()) {
