@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Crank Mesh quickstart: builds the mesh, makes a dev CA and two workload
-# certificates, and runs a frontend and a backend demo app, each behind its own
-# crank-proxy sidecar, with mTLS between the sidecars. Ctrl-C stops everything.
+# Crank Mesh quickstart: builds the mesh, makes a root and an intermediate CA,
+# starts crank-control (the mesh CA), and runs a frontend and a backend demo
+# app, each behind its own crank-proxy sidecar that enrolls with a one-time
+# join token and renews its certificate by itself; mTLS between the sidecars.
+# Ctrl-C stops everything.
 #
 #   bash deploy/quickstart.sh                 # run until Ctrl-C
 #   QS_ONESHOT=1 bash deploy/quickstart.sh    # check one request end to end, stop, exit 0/1
@@ -13,7 +15,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=$ROOT/.quickstart
-CERTS=$STATE/certs
+CA=$STATE/ca
 PROFILE=${QS_PROFILE:-release}
 case "$PROFILE" in
     release) PROFILE_FLAG=(--release) ;;
@@ -40,8 +42,11 @@ FRONTEND_HTTP_PROXY=$((BASE + 140))
 FRONTEND_BACKEND_PORT=$((BASE + 501))
 FRONTEND_ADMIN=$((BASE + 902))
 FRONTEND_INBOUND=$((BASE + 444))
+CONTROL=$((BASE + 445))
 ALL_PORTS=("$BACKEND_APP" "$BACKEND_INBOUND" "$BACKEND_ADMIN" "$FRONTEND_APP"
-    "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND")
+    "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND" "$CONTROL")
+# crankctl finds crank-control's admin socket here.
+export CRANK_CONTROL=$STATE/control/admin.sock
 
 # Our own calls go straight to loopback, whatever proxy the user's shell sets.
 qcurl() { curl --noproxy '*' --max-time 15 "$@"; }
@@ -108,7 +113,7 @@ build() {
             die "installing Rust failed; install it yourself (https://rustup.rs) and rerun"
         PATH=$HOME/.cargo/bin:$PATH
     fi
-    log "building ($PROFILE): crank-proxy, crankctl, the demo apps"
+    log "building ($PROFILE): crank-proxy, crank-control, crankctl, the demo apps"
     (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" --workspace --bins)
 }
 
@@ -121,23 +126,36 @@ check_ports_free() {
     done
 }
 
-make_certs() {
-    log "making a dev CA and certificates for frontend.demo and backend.demo in ${CERTS#"$ROOT"/}"
+make_ca() {
+    log "making a root CA (kept offline in real life) and an intermediate in ${CA#"$ROOT"/}"
+    rm -rf "$STATE/control" "$STATE"/*-identity "$CA"
     mkdir -p "$STATE"
-    "$BIN/crankctl" ca init --dir "$CERTS" --force
-    "$BIN/crankctl" cert issue --ca-dir "$CERTS" --service frontend --tenant demo
-    "$BIN/crankctl" cert issue --ca-dir "$CERTS" --service backend --tenant demo
+    "$BIN/crankctl" ca init --dir "$CA/root"
+    "$BIN/crankctl" ca intermediate --root "$CA/root" --out "$CA/int1"
+    cat >"$STATE/control.yaml" <<EOF
+listen: $LO:$CONTROL
+state_dir: control
+admin_socket: control/admin.sock
+ca:
+  intermediate: ca/int1
+EOF
 }
 
 # A YAML single-quoted scalar.
 yq() { local s=${1//\'/\'\'}; printf "'%s'" "$s"; }
 
+# identity_yaml SERVICE: the sidecar enrolls as SERVICE.demo with a fresh one-time token.
 identity_yaml() {
+    "$BIN/crankctl" token create --service "$1" --tenant demo 2>/dev/null >"$STATE/$1.token"
     cat <<EOF
 identity:
-  cert: $(yq "$CERTS/$1.demo.crt")
-  key: $(yq "$CERTS/$1.demo.key")
-  trust_bundle: $(yq "$CERTS/bundle.pem")
+  trust_bundle: $(yq "$CA/root/bundle.pem")
+  enroll:
+    control_plane: $LO:$CONTROL
+    service: $1
+    tenant: demo
+    token_file: $(yq "$STATE/$1.token")
+    state_dir: $(yq "$STATE/$1-identity")
 EOF
 }
 
@@ -201,6 +219,21 @@ start() {
     NAMES+=("$name")
 }
 
+start_control() {
+    log "starting crank-control (the mesh CA) on $LO:$CONTROL"
+    start control "$BIN/crank-control" --config "$STATE/control.yaml"
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    until "$BIN/crankctl" ca status >/dev/null 2>&1; do
+        if ! kill -0 "${PIDS[0]}" 2>/dev/null; then
+            tail -n 20 "$STATE/control.log" >&2 || true
+            die "crank-control exited; see ${STATE#"$ROOT"/}/control.log"
+        fi
+        ((SECONDS < deadline)) || die "crank-control did not answer within ${READY_TIMEOUT}s; see ${STATE#"$ROOT"/}/control.log"
+        sleep 0.2
+    done
+    log "crank-control ready (crankctl ca status answers)"
+}
+
 start_all() {
     log "starting the backend app, both sidecars and the frontend app"
     start backend "$BIN/crank-demo-backend" --listen "$LO:$BACKEND_APP" --name backend
@@ -232,10 +265,10 @@ wait_ready() {
 }
 
 wait_all_ready() {
-    wait_ready 0 "http://$LO:$BACKEND_APP/healthz"
-    wait_ready 1 "http://$LO:$BACKEND_ADMIN/ready"
-    wait_ready 2 "http://$LO:$FRONTEND_ADMIN/ready"
-    wait_ready 3 "http://$LO:$FRONTEND_APP/healthz"
+    wait_ready 1 "http://$LO:$BACKEND_APP/healthz"
+    wait_ready 2 "http://$LO:$BACKEND_ADMIN/ready"
+    wait_ready 3 "http://$LO:$FRONTEND_ADMIN/ready"
+    wait_ready 4 "http://$LO:$FRONTEND_APP/healthz"
 }
 
 # check WHAT CURL_ARGS...: one request that must answer 200 with the backend's
@@ -291,8 +324,10 @@ print_next_steps() {
     try "curl http://$LO:$FRONTEND_ADMIN/config_dump" "the config the frontend sidecar runs"
     try "curl http://$LO:$BACKEND_ADMIN/ready" "backend sidecar admin, same endpoints"
     try "tail -f $s/backend-decisions.log" "the backend sidecar's policy decisions (policies/)"
-    echo "Logs:    $s/backend.log $s/backend-proxy.log $s/frontend.log $s/frontend-proxy.log"
-    echo "Configs: $s/frontend-proxy.yaml $s/backend-proxy.yaml; certificates in $s/certs/"
+    try "target/$PROFILE/crankctl ca status" "the CA: roots, intermediates, every workload (CRANK_CONTROL=$s/control/admin.sock)"
+    try "target/$PROFILE/crankctl cert list" "every issued certificate and its expiry"
+    echo "Logs:    $s/control.log $s/backend.log $s/backend-proxy.log $s/frontend.log $s/frontend-proxy.log"
+    echo "Configs: $s/control.yaml $s/frontend-proxy.yaml $s/backend-proxy.yaml; CA in $s/ca/, enrolled keys in $s/*-identity/"
     echo "Press Ctrl-C to stop."
 }
 
@@ -312,7 +347,8 @@ main() {
     install_system_packages
     build
     check_ports_free
-    make_certs
+    make_ca
+    start_control
     write_configs
     start_all
     wait_all_ready

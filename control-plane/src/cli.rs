@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use crank_certs::{Ca, CertSummary, Identity, LeafRequest, DEFAULT_TRUST_DOMAIN};
+use crank_certs::{Ca, Identity, LeafRequest, DEFAULT_TRUST_DOMAIN};
 
 #[derive(Parser, Debug)]
 #[command(name = "crankctl", about = "Operate a Crank Mesh", version)]
@@ -274,14 +274,24 @@ pub fn run(cli: Cli) -> Result<()> {
             cert,
             key,
             output,
-        }) => match (file, connect) {
-            (Some(file), _) => cert_inspect(&file, &output),
-            (None, Some(address)) => {
-                let _ = (server_name, ca, cert, key, address);
-                bail!("--connect arrives with the inspect module")
+        }) => {
+            let output: crate::inspect::Output = output.parse().map_err(anyhow::Error::msg)?;
+            match (file, connect) {
+                (Some(file), _) => crate::inspect::inspect_file(&file, output),
+                (None, Some(address)) => crate::inspect::inspect_connect(
+                    &crate::inspect::ConnectOptions {
+                        address,
+                        server_name,
+                        ca,
+                        cert,
+                        key,
+                        timeout: Duration::from_secs(10),
+                    },
+                    output,
+                ),
+                (None, None) => bail!("name a PEM file or --connect HOST:PORT"),
             }
-            (None, None) => bail!("name a PEM file or --connect HOST:PORT"),
-        },
+        }
         Command::Policy(cmd) => crate::policy_cli::run(cmd),
     }
 }
@@ -319,41 +329,4 @@ fn cert_issue(ca_dir: &Path, out: &Path, id: Identity, ttl: Duration) -> Result<
         humantime::format_duration(ttl)
     );
     Ok(())
-}
-
-fn cert_inspect(file: &Path, output: &str) -> Result<()> {
-    let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let certs = crank_certs::pem::certs_from_pem(&pem)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let summaries = certs
-        .iter()
-        .map(|c| CertSummary::from_der(c))
-        .collect::<Result<Vec<_>, _>>()?;
-    match output {
-        "json" => println!("{}", serde_json::to_string_pretty(&summaries)?),
-        "human" => {
-            for (i, s) in summaries.iter().enumerate() {
-                let role = if i == 0 { "leaf" } else { "chain" };
-                println!("[{i}] {role}");
-                println!("  subject:   {}", s.subject);
-                println!("  issuer:    {}", s.issuer);
-                println!("  serial:    {}", s.serial);
-                if let Some(id) = &s.identity {
-                    println!("  identity:  {id}");
-                }
-                println!("  dns SANs:  {}", s.dns_sans.join(", "));
-                println!("  uri SANs:  {}", s.uri_sans.join(", "));
-                println!("  not before {}", fmt_ts(s.not_before));
-                println!("  not after  {}", fmt_ts(s.not_after));
-                println!("  CA:        {}", s.is_ca);
-            }
-        }
-        other => bail!("unknown --output {other:?}; use human or json"),
-    }
-    Ok(())
-}
-
-fn fmt_ts(ts: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }

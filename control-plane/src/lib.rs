@@ -7,5 +7,6 @@
 
 mod ca_cli;
 pub mod cli;
+pub mod inspect;
 mod policy_cli;
 pub mod server;

@@ -22,15 +22,20 @@ pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
     let (status, ctype, body): (u16, &str, Vec<u8>) = match path {
         "/live" => (200, "text/plain", b"live\n".to_vec()),
         "/ready" => {
-            if shared.health.is_ready() {
-                (200, "text/plain", b"ready\n".to_vec())
-            } else if shared.health.is_draining() {
-                (503, "text/plain", b"not ready: draining\n".to_vec())
-            } else {
-                (503, "text/plain", b"not ready: starting\n".to_vec())
+            shared.health.refresh_gauge();
+            match shared.health.not_ready_reason() {
+                None => (200, "text/plain", b"ready\n".to_vec()),
+                Some(why) => (
+                    503,
+                    "text/plain",
+                    format!("not ready: {why}\n").into_bytes(),
+                ),
             }
         }
-        "/metrics" => (200, "text/plain; version=0.0.4", shared.metrics.render()),
+        "/metrics" => {
+            shared.health.refresh_gauge();
+            (200, "text/plain; version=0.0.4", shared.metrics.render())
+        }
         "/config_dump" => (200, "application/json", shared.config_dump()),
         _ => (
             404,

@@ -67,22 +67,7 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
         field,
         message,
     };
-    for (field, path) in [
-        ("identity.cert", &cfg.identity.cert),
-        ("identity.key", &cfg.identity.key),
-        ("identity.trust_bundle", &cfg.identity.trust_bundle),
-    ] {
-        let p = resolve(base, path);
-        if let Err(e) = std::fs::metadata(&p) {
-            return Err(err(
-                field.into(),
-                format!(
-                    "cannot read {}: {e}; make it with `crankctl cert issue` or fix the path",
-                    p.display()
-                ),
-            ));
-        }
-    }
+    validate_identity(&cfg.identity, base).map_err(|(f, m)| err(f, m))?;
     if cfg.threads == 0 || cfg.threads > 64 {
         return Err(err(
             "threads".into(),
@@ -351,6 +336,96 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// The identity section: exactly one of a static certificate (`cert` and
+/// `key`) or `enroll`, readable files, enrollment settings in range.
+fn validate_identity(
+    id: &crank_api::proxy::IdentityConfig,
+    base: &Path,
+) -> Result<(), (String, String)> {
+    let readable = |field: &str, path: &Path, fix: &str| -> Result<(), (String, String)> {
+        let p = resolve(base, path);
+        std::fs::metadata(&p).map(|_| ()).map_err(|e| {
+            (
+                field.to_string(),
+                format!("cannot read {}: {e}; {fix}", p.display()),
+            )
+        })
+    };
+    let issue = "make it with `crankctl cert issue` or fix the path";
+    match (&id.cert, &id.key, &id.enroll) {
+        (Some(_), Some(_), Some(_)) | (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+            Err(("identity.enroll".into(), "is set together with identity.cert/identity.key; use cert and key for a static certificate, or enroll to get one from crank-control, not both".into()))
+        }
+        (None, None, None) => Err(("identity".into(), "has neither cert and key nor enroll; set identity.cert and identity.key (from `crankctl cert issue`), or identity.enroll to get a certificate from crank-control".into())),
+        (Some(_), None, None) => Err(("identity.key".into(), "is missing while identity.cert is set; add the key issued with that certificate".into())),
+        (None, Some(_), None) => Err(("identity.cert".into(), "is missing while identity.key is set; add the certificate issued with that key".into())),
+        (Some(cert), Some(key), None) => {
+            readable("identity.cert", cert, issue)?;
+            readable("identity.key", key, issue)?;
+            readable("identity.trust_bundle", &id.trust_bundle, issue)
+        }
+        (None, None, Some(e)) => {
+            readable("identity.trust_bundle", &id.trust_bundle, "with identity.enroll it is the bootstrap bundle that verifies crank-control; copy the CA's bundle.pem (from `crankctl ca init`) there")?;
+            validate_enroll(e)
+        }
+    }
+}
+
+fn validate_enroll(e: &crank_api::proxy::EnrollConfig) -> Result<(), (String, String)> {
+    let f = |name: &str| format!("identity.enroll.{name}");
+    let port_ok = e
+        .control_plane
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err((
+            f("control_plane"),
+            format!(
+                "{:?} is not host:port; give crank-control's workload API address, e.g. 127.0.0.1:8443",
+                e.control_plane
+            ),
+        ));
+    }
+    if let Err(err) = Identity::new(&e.service, &e.tenant, &e.trust_domain) {
+        return Err((
+            f("service"),
+            format!("service, tenant and trust_domain do not make an identity: {err}"),
+        ));
+    }
+    if let Some(n) = &e.server_name {
+        if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+            return Err((
+                f("server_name"),
+                format!(
+                    "{n:?} is not a DNS name; leave it out for control.crank-system.<trust_domain>"
+                ),
+            ));
+        }
+    }
+    if !(0.1..=0.9).contains(&e.renew_at) {
+        return Err((
+            f("renew_at"),
+            format!(
+                "{} is out of range; use a fraction of the certificate's lifetime from 0.1 to 0.9 (default 0.66)",
+                e.renew_at
+            ),
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&e.watch_wait) {
+        return Err((
+            f("watch_wait"),
+            "is out of range; use 1s to 60s (default 30s)".into(),
+        ));
+    }
+    if e.state_dir.as_os_str().is_empty() {
+        return Err((
+            f("state_dir"),
+            "is empty; give a directory the proxy may write, e.g. /var/lib/crank/<service>".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The tracing section: numbers in range, an endpoint that is an http(s)
 /// URL, headers that can be sent.
 fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, String)> {
@@ -517,6 +592,46 @@ mod tests {
             assert_eq!(e.file, "p.yaml");
             assert_eq!(e.field, *field, "{extra}: {e}");
             assert!(e.message.contains(needle), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn identity_modes_are_checked() {
+        let d = dir_with_certs();
+        let admin = "admin: {listen: 127.0.0.1:9901}\n";
+        let en =
+            "enroll: {control_plane: \"127.0.0.1:8443\", service: web, tenant: acme, state_dir: st";
+        let ok = format!("identity: {{trust_bundle: bundle.pem, {en}}}}}\n{admin}");
+        let cfg = parse("p.yaml", &ok).unwrap();
+        validate("p.yaml", &cfg, d.path()).unwrap();
+        let e = cfg.identity.enroll.as_ref().unwrap();
+        assert_eq!(e.renew_at, 0.66);
+        assert_eq!(e.watch_wait.as_secs(), 30);
+        assert_eq!(e.trust_domain, "crank.local");
+        assert_eq!(e.server_name(), "control.crank-system.crank.local");
+        assert!(e.token_file.is_none());
+        let cases: &[(&str, &str, &str)] = &[
+            ("identity: {cert: a.crt, key: a.key, trust_bundle: bundle.pem, #}}\n", "identity.enroll", "not both"),
+            ("identity: {trust_bundle: bundle.pem}\n", "identity", "neither cert and key nor enroll"),
+            ("identity: {cert: a.crt, trust_bundle: bundle.pem}\n", "identity.key", "is missing"),
+            ("identity: {key: a.key, trust_bundle: bundle.pem}\n", "identity.cert", "is missing"),
+            ("identity: {trust_bundle: nope.pem, #}}\n", "identity.trust_bundle", "bootstrap bundle"),
+            ("identity: {trust_bundle: bundle.pem, #, renew_at: 0.95}}\n", "identity.enroll.renew_at", "0.1 to 0.9"),
+            ("identity: {trust_bundle: bundle.pem, #, renew_at: 0.05}}\n", "identity.enroll.renew_at", "out of range"),
+            ("identity: {trust_bundle: bundle.pem, #, watch_wait: 90s}}\n", "identity.enroll.watch_wait", "1s to 60s"),
+            ("identity: {trust_bundle: bundle.pem, #, watch_wait: 0s}}\n", "identity.enroll.watch_wait", "1s to 60s"),
+            ("identity: {trust_bundle: bundle.pem, #, colour: red}}\n", "identity.enroll.colour", "unknown field"),
+            ("identity: {trust_bundle: bundle.pem, enroll: {control_plane: nowhere, service: web, tenant: acme, state_dir: st}}\n", "identity.enroll.control_plane", "host:port"),
+            ("identity: {trust_bundle: bundle.pem, enroll: {control_plane: \"h:1\", service: Web, tenant: acme, state_dir: st}}\n", "identity.enroll.service", "DNS label"),
+            ("identity: {trust_bundle: bundle.pem, enroll: {control_plane: \"h:1\", tenant: acme, state_dir: st}}\n", "identity.enroll", "missing field `service`"),
+        ];
+        for (yaml, field, needle) in cases {
+            let text = format!("{}{admin}", yaml.replace('#', en));
+            let e = parse("p.yaml", &text)
+                .and_then(|c| validate("p.yaml", &c, d.path()).map(|_| c))
+                .expect_err(yaml);
+            assert_eq!(e.field, *field, "{yaml}: {e}");
+            assert!(e.message.contains(needle), "{yaml}: {e}");
         }
     }
 

@@ -61,7 +61,15 @@ pub enum Reason {
     IdempotencyStoreFull,
     /// The `Idempotency-Key` header is empty or longer than 255 bytes (400).
     IdempotencyKeyInvalid,
+    /// Inbound: the calling sidecar's certificate is on the deny list (403).
+    PeerCertRevoked,
+    /// Outbound: the peer sidecar's certificate is on the deny list; the
+    /// request was not sent (502). Same `x-crank-error` as [`Reason::PeerCertRevoked`].
+    UpstreamCertRevoked,
 }
+
+/// The error type `connected_to_upstream` raises for a revoked peer.
+pub const UPSTREAM_REVOKED: ErrorType = ErrorType::Custom("PeerCertRevoked");
 
 impl Reason {
     /// The value of the `x-crank-error` header.
@@ -94,6 +102,7 @@ impl Reason {
             Reason::IdempotencyReplayUnavailable => "idempotency-replay-unavailable",
             Reason::IdempotencyStoreFull => "idempotency-store-full",
             Reason::IdempotencyKeyInvalid => "idempotency-key-invalid",
+            Reason::PeerCertRevoked | Reason::UpstreamCertRevoked => "peer-cert-revoked",
         }
     }
 
@@ -103,7 +112,8 @@ impl Reason {
             Reason::ClientCertRequired
             | Reason::PeerIdentityInvalid
             | Reason::PolicyDenied
-            | Reason::PolicyError => 403,
+            | Reason::PolicyError
+            | Reason::PeerCertRevoked => 403,
             Reason::BadFraming | Reason::BadRequest | Reason::IdempotencyKeyInvalid => 400,
             Reason::RateLimited => 429,
             Reason::Overloaded
@@ -118,7 +128,8 @@ impl Reason {
             | Reason::TlsIdentityMismatch
             | Reason::UpstreamTlsFailed
             | Reason::UpstreamReset
-            | Reason::UpstreamProtocolError => 502,
+            | Reason::UpstreamProtocolError
+            | Reason::UpstreamCertRevoked => 502,
             Reason::ConnectTimeout | Reason::UpstreamTimeout => 504,
             Reason::ClientClosed => 499,
             Reason::Internal => 500,
@@ -155,6 +166,8 @@ impl Reason {
             Reason::IdempotencyReplayUnavailable => "the first request with this Idempotency-Key completed, but its response was too large to keep for replay; do not resend it, look up its result instead",
             Reason::IdempotencyStoreFull => "the sidecar holds as many running idempotent requests as it may; retry after the Retry-After seconds",
             Reason::IdempotencyKeyInvalid => "the Idempotency-Key header must be 1 to 255 bytes; send a unique key such as a UUID",
+            Reason::PeerCertRevoked => "the calling sidecar's certificate has been revoked by the mesh CA and this connection is closed; the caller's sidecar must renew (automatic with identity.enroll) or re-enroll with a new join token (`crankctl token create`), see `crankctl cert list`",
+            Reason::UpstreamCertRevoked => "the peer sidecar's certificate has been revoked by the mesh CA, so the request was not sent to it; the peer must renew or re-enroll (`crankctl cert list` shows its status)",
         }
     }
 }
@@ -167,6 +180,9 @@ pub fn classify(e: &Error) -> Reason {
 
 fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason {
     use ErrorType::*;
+    if *etype == UPSTREAM_REVOKED {
+        return Reason::UpstreamCertRevoked;
+    }
     let identity_problem = text.contains("NotValidForName") || text.contains("not valid for name");
     // Pingora's chunked-body errors are a custom type ("InvalidChunk").
     if *source == ErrorSource::Downstream
@@ -274,6 +290,7 @@ mod tests {
                 Reason::BadFraming,
             ),
             (InternalError, Internal, "", Reason::Internal),
+            (UPSTREAM_REVOKED, Upstream, "", Reason::UpstreamCertRevoked),
         ];
         for (t, s, text, want) in cases {
             assert_eq!(classify_parts(t, s, text), *want, "{t:?} {s:?} {text}");
@@ -310,9 +327,12 @@ mod tests {
             Reason::IdempotencyReplayUnavailable,
             Reason::IdempotencyStoreFull,
             Reason::IdempotencyKeyInvalid,
+            Reason::PeerCertRevoked,
+            Reason::UpstreamCertRevoked,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
-        assert_eq!(names.len(), all.len());
+        // peer-cert-revoked is the one reason both directions answer (403 / 502).
+        assert_eq!(names.len(), all.len() - 1);
         for r in all {
             assert!((400..600).contains(&r.status()));
             assert!(!r.advice().is_empty());

@@ -1,6 +1,6 @@
 //! Readiness, draining and in-flight request accounting.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use prometheus::IntGauge;
@@ -13,6 +13,9 @@ pub struct Health {
     inflight: AtomicUsize,
     inflight_gauge: IntGauge,
     ready_gauge: IntGauge,
+    /// The own certificate's expiry (Unix time) when it decides readiness
+    /// (enrolled identities); `i64::MAX` when it does not (static mode).
+    cert_not_after: AtomicI64,
 }
 
 impl Health {
@@ -23,12 +26,44 @@ impl Health {
             inflight: AtomicUsize::new(0),
             inflight_gauge,
             ready_gauge,
+            cert_not_after: AtomicI64::new(i64::MAX),
         }
     }
 
-    /// Ready once certs are loaded and the config is applied, until draining.
+    /// Ready once certs are loaded and the config is applied, until
+    /// draining, and while the own certificate (when tracked) is unexpired.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why /ready answers 503: `draining`, `cert-expired` or `starting`.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.is_draining() {
+            Some("draining")
+        } else if !self.ready.load(Ordering::Acquire) {
+            Some("starting")
+        } else if self.cert_expired(crate::enroll::unix_now()) {
+            Some("cert-expired")
+        } else {
+            None
+        }
+    }
+
+    /// Makes readiness depend on the own certificate's expiry (`Some`), or not.
+    pub fn set_cert_expiry(&self, not_after: Option<i64>) {
+        self.cert_not_after
+            .store(not_after.unwrap_or(i64::MAX), Ordering::Release);
+        self.refresh_gauge();
+    }
+
+    /// True when the tracked certificate has expired at `now`.
+    pub fn cert_expired(&self, now: i64) -> bool {
+        now >= self.cert_not_after.load(Ordering::Acquire)
+    }
+
+    /// Brings `crank_ready` up to date (expiry is a matter of time).
+    pub fn refresh_gauge(&self) {
+        self.ready_gauge.set(self.is_ready() as i64);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -152,5 +187,21 @@ mod tests {
         assert_eq!(m.ready.get(), 0);
         drop(g);
         assert_eq!(h.inflight(), 0);
+    }
+
+    #[test]
+    fn an_expired_enrolled_cert_makes_it_not_ready() {
+        let m = crate::metrics::Metrics::new();
+        let h = Health::new(m.inflight.clone(), m.ready.clone());
+        h.set_ready(true);
+        let now = crate::enroll::unix_now();
+        h.set_cert_expiry(Some(now - 1));
+        assert_eq!(h.not_ready_reason(), Some("cert-expired"));
+        assert_eq!(m.ready.get(), 0);
+        h.set_cert_expiry(Some(now + 3600));
+        assert!(h.is_ready());
+        assert_eq!(m.ready.get(), 1);
+        h.set_cert_expiry(None);
+        assert!(h.is_ready());
     }
 }

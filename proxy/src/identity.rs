@@ -12,11 +12,15 @@
 //! the route's expected identity.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use crank_api::identity::canonical_serial;
 use crank_api::proxy::IdentityConfig;
 use crank_certs::{identity_from_der, CertSummary, Identity};
 use pingora_core::listeners::tls::TlsSettings;
@@ -53,16 +57,54 @@ fn ierr(field: &'static str, message: impl Into<String>) -> IdentityError {
     }
 }
 
-/// The loaded identity material, swappable in place.
+/// The loaded identity material, swappable in place: the server cert (via
+/// [`MeshCertResolver`]), the client cert, the roots (inbound verifier and
+/// outbound bundle) and the deny list. A swap never touches open
+/// connections; new handshakes use the new material.
 pub struct WorkloadTls {
-    /// Our own identity, read from our certificate.
+    /// Our own identity, read from our certificate. A swap never changes it.
     pub identity: Identity,
-    /// Our leaf's validity, for logs and /config_dump.
-    pub summary: CertSummary,
+    summary: ArcSwap<CertSummary>,
+    roots: ArcSwap<Vec<CertSummary>>,
     resolver: Arc<MeshCertResolver>,
     verifier: Arc<MeshClientVerifier>,
     client_cert: ArcSwap<CertKey>,
     bundle: ArcSwap<Arc<[WrappedX509]>>,
+    deny: DenyList,
+    /// Goes up at every root or deny-list change; part of the outbound
+    /// connection pool key, so pooled connections made before a change are
+    /// not reused after it.
+    generation: AtomicU64,
+    /// Peers whose pooled connection was refused as revoked, with a count:
+    /// their pool key changes so that connection is never picked again.
+    retired: ArcSwap<HashMap<SocketAddr, u64>>,
+    metrics: Metrics,
+}
+
+/// Serials (canonical form) no peer may present any more. Shared by the
+/// inbound verifier, the request path and the outbound check.
+#[derive(Debug, Clone, Default)]
+pub struct DenyList(Arc<ArcSwap<HashSet<String>>>);
+
+impl DenyList {
+    /// True when `serial` (any form: colons, upper case) is denied.
+    pub fn contains(&self, serial: &str) -> bool {
+        let set = self.0.load();
+        !set.is_empty() && set.contains(&canonical_serial(serial))
+    }
+    pub fn len(&self) -> usize {
+        self.0.load().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.load().is_empty()
+    }
+    fn replace<I: IntoIterator<Item = S>, S: AsRef<str>>(&self, serials: I) {
+        let set = serials
+            .into_iter()
+            .map(|s| canonical_serial(s.as_ref()))
+            .collect();
+        self.0.store(Arc::new(set));
+    }
 }
 
 /// What the inbound handshake learned about the peer, attached to the connection.
@@ -79,15 +121,19 @@ pub struct PeerIdentity {
     pub service: String,
     pub tenant: String,
     pub trust_domain: String,
+    /// The serial of the certificate the peer presented (canonical form),
+    /// checked against the deny list on every request.
+    pub serial: String,
 }
 
-impl From<Identity> for PeerIdentity {
-    fn from(id: Identity) -> Self {
+impl PeerIdentity {
+    pub fn new(id: Identity, serial: &str) -> Self {
         PeerIdentity {
             spiffe_id: id.spiffe_id(),
             service: id.service,
             tenant: id.tenant,
             trust_domain: id.trust_domain,
+            serial: canonical_serial(serial),
         }
     }
 }
@@ -97,10 +143,30 @@ pub struct ConnAuth {
     pub auth: PeerAuth,
 }
 
-struct Material {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    roots: Vec<CertificateDer<'static>>,
+/// Certificate chain, key and roots, decoded.
+pub struct Material {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl Material {
+    /// Decodes PEM chain, key and bundle. `origin` names where they came
+    /// from in errors (a file, or "crank-control").
+    pub fn from_pem(
+        chain: &[u8],
+        key: &[u8],
+        bundle: &[u8],
+        origin: &str,
+    ) -> Result<Material, IdentityError> {
+        let chain = crank_certs::pem::certs_from_pem(chain)
+            .map_err(|e| ierr("cert", format!("{origin}: {e}")))?;
+        let key = crank_certs::pem::key_from_pem(key)
+            .map_err(|e| ierr("key", format!("{origin}: {e}")))?;
+        let roots = crank_certs::pem::certs_from_pem(bundle)
+            .map_err(|e| ierr("trust_bundle", format!("{origin}: {e}")))?;
+        Ok(Material { chain, key, roots })
+    }
 }
 
 fn read_material(cfg: &IdentityConfig, base: &Path) -> Result<Material, IdentityError> {
@@ -108,77 +174,217 @@ fn read_material(cfg: &IdentityConfig, base: &Path) -> Result<Material, Identity
         let p = crate::config::resolve(base, p);
         std::fs::read(&p).map_err(|e| ierr(field, format!("cannot read {}: {e}", p.display())))
     };
-    let chain = crank_certs::pem::certs_from_pem(&read("cert", &cfg.cert)?).map_err(|e| {
+    let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) else {
+        return Err(ierr(
+            "cert",
+            "static identity needs identity.cert and identity.key",
+        ));
+    };
+    let chain = crank_certs::pem::certs_from_pem(&read("cert", cert)?).map_err(|e| {
         ierr(
             "cert",
             format!(
                 "{}: {e}; use the PEM certificate written by `crankctl cert issue`",
-                cfg.cert.display()
+                cert.display()
             ),
         )
     })?;
-    let key = crank_certs::pem::key_from_pem(&read("key", &cfg.key)?).map_err(|e| {
+    let key = crank_certs::pem::key_from_pem(&read("key", key)?).map_err(|e| {
         ierr(
             "key",
             format!(
                 "{}: {e}; use the PEM key written by `crankctl cert issue`",
-                cfg.key.display()
+                key.display()
             ),
         )
     })?;
-    let roots = crank_certs::pem::certs_from_pem(&read("trust_bundle", &cfg.trust_bundle)?)
-        .map_err(|e| {
-            ierr(
-                "trust_bundle",
-                format!(
-                    "{}: {e}; point it at the CA's PEM bundle (bundle.pem from `crankctl ca init`)",
-                    cfg.trust_bundle.display()
-                ),
-            )
-        })?;
+    let roots = read_roots(cfg, base)?;
     Ok(Material { chain, key, roots })
 }
 
+/// The roots in `identity.trust_bundle`.
+pub fn read_roots(
+    cfg: &IdentityConfig,
+    base: &Path,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let p = crate::config::resolve(base, &cfg.trust_bundle);
+    let pem = std::fs::read(&p)
+        .map_err(|e| ierr("trust_bundle", format!("cannot read {}: {e}", p.display())))?;
+    crank_certs::pem::certs_from_pem(&pem).map_err(|e| {
+        ierr(
+            "trust_bundle",
+            format!(
+                "{}: {e}; point it at the CA's PEM bundle (bundle.pem from `crankctl ca init`)",
+                cfg.trust_bundle.display()
+            ),
+        )
+    })
+}
+
+/// Checks a chain: every certificate decodes (Pingora's CertKey panics on
+/// one that does not) and the leaf carries a Crank identity.
+pub fn check_chain(
+    chain: &[CertificateDer<'static>],
+) -> Result<(CertSummary, Identity), IdentityError> {
+    for (i, c) in chain.iter().enumerate().skip(1) {
+        CertSummary::from_der(c).map_err(|e| {
+            ierr(
+                "cert",
+                format!("certificate {i} of the chain: {e}; reissue the chain"),
+            )
+        })?;
+    }
+    let leaf = chain
+        .first()
+        .ok_or_else(|| ierr("cert", "the chain is empty"))?;
+    let summary = CertSummary::from_der(leaf).map_err(|e| ierr("cert", e.to_string()))?;
+    let identity = identity_from_der(leaf).map_err(|e| {
+        ierr(
+            "cert",
+            format!("{e}; issue the certificate with `crankctl cert issue`"),
+        )
+    })?;
+    Ok((summary, identity))
+}
+
+fn summaries(roots: &[CertificateDer<'static>]) -> Vec<CertSummary> {
+    roots
+        .iter()
+        .filter_map(|r| CertSummary::from_der(r).ok())
+        .collect()
+}
+
 impl WorkloadTls {
-    /// Loads and checks cert, key and bundle. Paths resolve against `base`.
+    /// Loads and checks cert, key and bundle (static mode). Paths resolve
+    /// against `base`.
     pub fn load(
         cfg: &IdentityConfig,
         base: &Path,
         metrics: &Metrics,
     ) -> Result<Self, IdentityError> {
-        let m = read_material(cfg, base)?;
-        // Every certificate must decode: Pingora's CertKey panics on one that does not.
-        for (i, c) in m.chain.iter().enumerate().skip(1) {
-            CertSummary::from_der(c).map_err(|e| {
-                ierr(
-                    "cert",
-                    format!("certificate {i} of the chain: {e}; reissue the chain"),
-                )
-            })?;
-        }
-        let summary =
-            CertSummary::from_der(&m.chain[0]).map_err(|e| ierr("cert", e.to_string()))?;
-        let identity = identity_from_der(&m.chain[0]).map_err(|e| {
-            ierr(
-                "cert",
-                format!("{e}; issue the certificate with `crankctl cert issue`"),
-            )
-        })?;
-        let certified = certified_key(&m)?;
+        Self::from_material(read_material(cfg, base)?, metrics)
+    }
+
+    /// Checks decoded material and builds the swappable TLS state.
+    pub fn from_material(m: Material, metrics: &Metrics) -> Result<Self, IdentityError> {
+        let (summary, identity) = check_chain(&m.chain)?;
+        let certified = certified_key(&m.chain, &m.key)?;
         let roots = root_store(&m.roots)?;
-        let verifier = MeshClientVerifier::new(roots, metrics.handshake_failures.clone())?;
+        let deny = DenyList::default();
+        let verifier =
+            MeshClientVerifier::new(roots, metrics.handshake_failures.clone(), deny.clone())?;
         let resolver = MeshCertResolver {
             current: ArcSwap::from_pointee(certified),
             failures: metrics.handshake_failures.clone(),
         };
-        Ok(WorkloadTls {
+        let tls = WorkloadTls {
             identity,
-            summary,
+            summary: ArcSwap::from_pointee(summary),
+            roots: ArcSwap::from_pointee(summaries(&m.roots)),
             resolver: Arc::new(resolver),
             verifier: Arc::new(verifier),
-            client_cert: ArcSwap::from_pointee(client_cert_key(&m)),
+            client_cert: ArcSwap::from_pointee(client_cert_key(&m.chain, &m.key)),
             bundle: ArcSwap::from_pointee(wrapped_roots(&m.roots).into()),
-        })
+            deny,
+            generation: AtomicU64::new(0),
+            retired: ArcSwap::from_pointee(HashMap::new()),
+            metrics: metrics.clone(),
+        };
+        tls.publish_expiry();
+        Ok(tls)
+    }
+
+    /// Swaps in a new certificate chain and key for the same identity. A
+    /// chain for another identity is refused and nothing changes.
+    pub fn swap_cert(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), IdentityError> {
+        let (summary, identity) = check_chain(&chain)?;
+        if identity != self.identity {
+            return Err(ierr(
+                "cert",
+                format!(
+                    "the new certificate is for {identity}, not this workload's {}; refusing to swap",
+                    self.identity
+                ),
+            ));
+        }
+        let certified = certified_key(&chain, &key)?;
+        self.resolver.current.store(Arc::new(certified));
+        self.client_cert
+            .store(Arc::new(client_cert_key(&chain, &key)));
+        self.summary.store(Arc::new(summary));
+        self.publish_expiry();
+        Ok(())
+    }
+
+    /// Swaps in a new set of roots: the inbound verifier and the outbound
+    /// bundle. Pooled outbound connections made under the old roots are
+    /// not reused.
+    pub fn swap_roots(&self, roots: &[CertificateDer<'static>]) -> Result<(), IdentityError> {
+        let store = root_store(roots)?;
+        self.verifier.swap_roots(store)?;
+        self.bundle.store(Arc::new(wrapped_roots(roots).into()));
+        self.roots.store(Arc::new(summaries(roots)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.publish_expiry();
+        Ok(())
+    }
+
+    /// Replaces the deny list. Pooled outbound connections are not reused
+    /// after a change, so each peer is checked again on a new connection.
+    pub fn set_deny_list<I: IntoIterator<Item = S>, S: AsRef<str>>(&self, serials: I) {
+        self.deny.replace(serials);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.metrics
+            .identity
+            .revoked_serials
+            .set(self.deny.len() as i64);
+    }
+
+    /// The deny list.
+    pub fn deny_list(&self) -> &DenyList {
+        &self.deny
+    }
+
+    /// True when a peer's certificate serial (any form) is revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.deny.contains(serial)
+    }
+
+    /// Our current leaf's subject, serial and validity.
+    pub fn summary(&self) -> Arc<CertSummary> {
+        self.summary.load_full()
+    }
+
+    /// The roots in use.
+    pub fn roots(&self) -> Arc<Vec<CertSummary>> {
+        self.roots.load_full()
+    }
+
+    /// The current root/deny-list generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The outbound pool key part (`HttpPeer::group_key`) for a peer: it
+    /// changes at every root or deny-list change and when a connection to
+    /// this peer was refused as revoked (an HTTP/2 connection goes back to
+    /// Pingora's pool even after an error; this leaves it unused).
+    pub fn pool_key(&self, addr: &SocketAddr) -> u64 {
+        let retired = self.retired.load().get(addr).copied().unwrap_or(0);
+        self.generation() ^ retired.rotate_left(32)
+    }
+
+    /// Stops reusing pooled connections to `addr` (see [`Self::pool_key`]).
+    pub fn retire_pooled(&self, addr: SocketAddr) {
+        self.retired.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            *m.entry(addr).or_insert(0) += 1;
+            m
+        });
     }
 
     /// Pingora TLS settings for the inbound listener: TLS 1.3, ALPN h2 then
@@ -203,15 +409,32 @@ impl WorkloadTls {
     pub fn bundle(&self) -> Arc<[WrappedX509]> {
         (*self.bundle.load_full()).clone()
     }
+
+    /// `crank_cert_expiry_timestamp_seconds`: our leaf and each root. The
+    /// vector is reset first, so retired roots and old leaves disappear.
+    fn publish_expiry(&self) {
+        let g = &self.metrics.identity.cert_expiry;
+        g.reset();
+        let leaf = self.summary.load();
+        g.with_label_values(&["leaf", &leaf.subject, &canonical_serial(&leaf.serial)])
+            .set(leaf.not_after);
+        for r in self.roots.load().iter() {
+            g.with_label_values(&["root", &r.subject, &canonical_serial(&r.serial)])
+                .set(r.not_after);
+        }
+    }
 }
 
-fn certified_key(m: &Material) -> Result<CertifiedKey, IdentityError> {
+pub(crate) fn certified_key(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<CertifiedKey, IdentityError> {
     let provider = rustls::crypto::ring::default_provider();
     let signer = provider
         .key_provider
-        .load_private_key(m.key.clone_key())
+        .load_private_key(key.clone_key())
         .map_err(|e| ierr("key", format!("unusable private key: {e}")))?;
-    let ck = CertifiedKey::new(m.chain.clone(), signer);
+    let ck = CertifiedKey::new(chain.to_vec(), signer);
     ck.keys_match()
         .map_err(|e| ierr("key", format!("the key does not match identity.cert ({e}); use the key issued with that certificate")))?;
     Ok(ck)
@@ -230,14 +453,14 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, I
     Ok(Arc::new(store))
 }
 
-fn client_cert_key(m: &Material) -> CertKey {
-    let key = match &m.key {
+fn client_cert_key(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -> CertKey {
+    let key = match key {
         PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
         PrivateKeyDer::Pkcs1(k) => k.secret_pkcs1_der().to_vec(),
         PrivateKeyDer::Sec1(k) => k.secret_sec1_der().to_vec(),
-        _ => m.key.secret_der().to_vec(),
+        _ => key.secret_der().to_vec(),
     };
-    CertKey::new(m.chain.iter().map(|c| c.to_vec()).collect(), key)
+    CertKey::new(chain.iter().map(|c| c.to_vec()).collect(), key)
 }
 
 fn wrapped_roots(roots: &[CertificateDer<'static>]) -> Box<[WrappedX509]> {
@@ -272,19 +495,54 @@ pub fn refusal_reason(e: &rustls::Error) -> &'static str {
 pub struct MeshClientVerifier {
     inner: ArcSwap<Arc<dyn ClientCertVerifier>>,
     failures: IntCounterVec,
+    deny: DenyList,
 }
 
 impl MeshClientVerifier {
-    fn new(roots: Arc<RootCertStore>, failures: IntCounterVec) -> Result<Self, IdentityError> {
-        let inner = WebPkiClientVerifier::builder(roots)
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| ierr("trust_bundle", format!("cannot build a verifier: {e}")))?;
+    /// A verifier for `roots` that also refuses leaves whose serial is in `deny`.
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        failures: IntCounterVec,
+        deny: DenyList,
+    ) -> Result<Self, IdentityError> {
         Ok(MeshClientVerifier {
-            inner: ArcSwap::from_pointee(inner),
+            inner: ArcSwap::from_pointee(webpki_verifier(roots)?),
             failures,
+            deny,
         })
     }
+
+    fn swap_roots(&self, roots: Arc<RootCertStore>) -> Result<(), IdentityError> {
+        self.inner.store(Arc::new(webpki_verifier(roots)?));
+        Ok(())
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if !self.deny.is_empty() {
+            if let Ok(s) = CertSummary::from_der(end_entity) {
+                if self.deny.contains(&s.serial) {
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+                }
+            }
+        }
+        self.inner
+            .load()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+}
+
+fn webpki_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    WebPkiClientVerifier::builder(roots)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| ierr("trust_bundle", format!("cannot build a verifier: {e}")))
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
@@ -304,10 +562,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let r = self
-            .inner
-            .load()
-            .verify_client_cert(end_entity, intermediates, now);
+        let r = self.verify(end_entity, intermediates, now);
         if let Err(e) = &r {
             let reason = refusal_reason(e);
             self.failures.with_label_values(&["inbound", reason]).inc();
@@ -393,8 +648,8 @@ impl TlsAccept for HandshakeCallbacks {
                 );
                 PeerAuth::Refused(Reason::ClientCertRequired)
             }
-            Some(der) => match identity_from_der(der) {
-                Ok(id) => PeerAuth::Verified(Arc::new(id.into())),
+            Some(der) => match peer_identity(der) {
+                Ok(id) => PeerAuth::Verified(Arc::new(id)),
                 Err(e) => {
                     self.failures
                         .with_label_values(&["inbound", "no-identity"])
@@ -406,6 +661,16 @@ impl TlsAccept for HandshakeCallbacks {
         };
         Some(Arc::new(ConnAuth { auth }))
     }
+}
+
+/// The identity and serial of a verified peer certificate.
+fn peer_identity(der: &[u8]) -> Result<PeerIdentity, crank_certs::ParseError> {
+    let summary = CertSummary::from_der(der)?;
+    let id = match summary.identity {
+        Some(id) => id,
+        None => identity_from_der(der)?,
+    };
+    Ok(PeerIdentity::new(id, &summary.serial))
 }
 
 /// Peeks at the first byte of each inbound connection: a TLS handshake
@@ -463,6 +728,139 @@ mod tests {
             CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
         ]));
         assert!(!offers_tls13(&[]));
+    }
+
+    use crank_certs::{Ca, LeafRequest};
+    use std::time::Duration;
+
+    fn id(svc: &str) -> Identity {
+        Identity::new(svc, "acme", "crank.local").unwrap()
+    }
+
+    fn leaf(ca: &Ca, who: &str) -> crank_certs::IssuedLeaf {
+        ca.issue(&LeafRequest::new(id(who), Duration::from_secs(3600)))
+            .unwrap()
+    }
+
+    fn material(l: &crank_certs::IssuedLeaf, root: &Ca) -> Material {
+        Material::from_pem(
+            l.cert_pem.as_bytes(),
+            l.key_pem.as_bytes(),
+            root.cert_pem().as_bytes(),
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn tls_for(root: &Ca, l: &crank_certs::IssuedLeaf, m: &Metrics) -> WorkloadTls {
+        WorkloadTls::from_material(material(l, root), m).unwrap()
+    }
+
+    #[test]
+    fn swap_keeps_the_identity_and_refuses_another() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let int = root
+            .generate_intermediate(Duration::from_secs(86_400))
+            .unwrap();
+        let m = Metrics::new();
+        let tls = tls_for(&root, &leaf(&int, "web"), &m);
+        let before = tls.summary().serial.clone();
+
+        let other = material(&leaf(&int, "api"), &root);
+        let e = tls.swap_cert(other.chain, other.key).unwrap_err();
+        assert!(e.to_string().contains("not this workload's"), "{e}");
+        assert_eq!(tls.summary().serial, before);
+
+        let next = material(&leaf(&int, "web"), &root);
+        tls.swap_cert(next.chain, next.key).unwrap();
+        let after = tls.summary();
+        assert_ne!(after.serial, before);
+        assert_eq!(tls.identity, id("web"));
+        // the client cert presented outbound is the new one
+        let presented = CertSummary::from_der(tls.client_cert().leaf().borrow_raw_cert()).unwrap();
+        assert_eq!(presented.serial, after.serial);
+        let text = String::from_utf8(m.render()).unwrap();
+        let leaf_lines: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("crank_cert_expiry_timestamp_seconds{cert=\"leaf\""))
+            .collect();
+        assert_eq!(leaf_lines.len(), 1, "{text}");
+        assert!(leaf_lines[0].contains(&canonical_serial(&after.serial)));
+    }
+
+    #[test]
+    fn swapping_roots_replaces_the_root_series_and_the_pool_key() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let root2 = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let m = Metrics::new();
+        let tls = tls_for(&root, &leaf(&root, "web"), &m);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let k0 = tls.pool_key(&addr);
+        let r2 = crank_certs::pem::certs_from_pem(root2.cert_pem().as_bytes()).unwrap();
+        tls.swap_roots(&r2).unwrap();
+        assert_ne!(tls.pool_key(&addr), k0);
+        let serial2 = canonical_serial(&CertSummary::from_der(&r2[0]).unwrap().serial);
+        let text = String::from_utf8(m.render()).unwrap();
+        let roots: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("crank_cert_expiry_timestamp_seconds{cert=\"root\""))
+            .collect();
+        assert_eq!(roots.len(), 1, "{text}");
+        assert!(roots[0].contains(&serial2), "{}", roots[0]);
+        assert_eq!(tls.bundle().len(), 1);
+        let k1 = tls.pool_key(&addr);
+        tls.retire_pooled(addr);
+        assert_ne!(tls.pool_key(&addr), k1);
+        assert_eq!(tls.pool_key(&"127.0.0.1:2".parse().unwrap()), k1);
+    }
+
+    #[test]
+    fn verifier_refuses_a_denied_serial_as_revoked() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let int = root
+            .generate_intermediate(Duration::from_secs(86_400))
+            .unwrap();
+        let m = Metrics::new();
+        let tls = tls_for(&root, &leaf(&int, "web"), &m);
+        let peer = material(&leaf(&int, "api"), &root);
+        let now = UnixTime::now();
+        let v = &tls.verifier;
+        assert!(v
+            .verify_client_cert(&peer.chain[0], &peer.chain[1..], now)
+            .is_ok());
+        // x509-parser's form: colon-separated hex
+        let raw = CertSummary::from_der(&peer.chain[0]).unwrap().serial;
+        assert!(raw.contains(':'));
+        tls.set_deny_list([raw.to_uppercase()]);
+        assert!(tls.is_revoked(&canonical_serial(&raw)));
+        assert!(tls.is_revoked(&raw));
+        let e = v
+            .verify_client_cert(&peer.chain[0], &peer.chain[1..], now)
+            .unwrap_err();
+        assert_eq!(refusal_reason(&e), "revoked");
+        assert_eq!(
+            m.handshake_failures
+                .with_label_values(&["inbound", "revoked"])
+                .get(),
+            1
+        );
+        assert_eq!(m.identity.revoked_serials.get(), 1);
+        // our own serial is not on the list
+        assert!(!tls.is_revoked(&tls.summary().serial));
+        tls.set_deny_list(Vec::<String>::new());
+        assert!(v
+            .verify_client_cert(&peer.chain[0], &peer.chain[1..], now)
+            .is_ok());
+    }
+
+    #[test]
+    fn peer_identity_keeps_the_canonical_serial() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let peer = material(&leaf(&root, "api"), &root);
+        let p = peer_identity(&peer.chain[0]).unwrap();
+        let raw = CertSummary::from_der(&peer.chain[0]).unwrap().serial;
+        assert_eq!(p.serial, raw.replace(':', "").trim_start_matches("00"));
+        assert_eq!(p.spiffe_id, "spiffe://crank.local/tenant/acme/svc/api");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod conn;
 pub mod drain;
+pub mod enroll;
 pub mod errors;
 pub mod framing;
 pub mod health;

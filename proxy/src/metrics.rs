@@ -46,6 +46,71 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Quotas, shedding, circuits, retries, idempotency, faults.
     pub resilience: ResilienceMetrics,
+    /// Certificates, renewals, trust bundle, deny list.
+    pub identity: IdentityMetrics,
+}
+
+/// The workload certificate and what the identity agent does with it.
+#[derive(Clone)]
+pub struct IdentityMetrics {
+    /// `crank_cert_expiry_timestamp_seconds{cert, subject, serial}`: `leaf`
+    /// (our own certificate) and one series per `root` of the bundle.
+    pub cert_expiry: IntGaugeVec,
+    /// `crank_cert_renewals_total{result}`: `success` or `failure`.
+    pub renewals: IntCounterVec,
+    /// `crank_trust_bundle_version`: the bundle version applied (0 in
+    /// static mode and before the first bundle from crank-control).
+    pub bundle_version: IntGauge,
+    /// `crank_cert_revoked_serials`: serials on the deny list.
+    pub revoked_serials: IntGauge,
+}
+
+impl IdentityMetrics {
+    fn new(registry: &Registry) -> Self {
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "crank_cert_expiry_timestamp_seconds",
+                "Expiry (Unix time) of this workload's certificate (cert=leaf) and of each trusted root (cert=root)",
+            ),
+            &["cert", "subject", "serial"],
+        )
+        .expect("static metric");
+        let renewals = IntCounterVec::new(
+            Opts::new(
+                "crank_cert_renewals_total",
+                "Certificate renewals with crank-control, by result (success, failure)",
+            ),
+            &["result"],
+        )
+        .expect("static metric");
+        for r in ["success", "failure"] {
+            renewals.with_label_values(&[r]);
+        }
+        let bundle_version = IntGauge::new(
+            "crank_trust_bundle_version",
+            "Version of the trust bundle applied (0: static or bootstrap bundle)",
+        )
+        .expect("static metric");
+        let revoked_serials = IntGauge::new(
+            "crank_cert_revoked_serials",
+            "Certificate serials on the revocation deny list",
+        )
+        .expect("static metric");
+        for c in [
+            Box::new(cert_expiry.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(renewals.clone()),
+            Box::new(bundle_version.clone()),
+            Box::new(revoked_serials.clone()),
+        ] {
+            registry.register(c).expect("unique metric names");
+        }
+        IdentityMetrics {
+            cert_expiry,
+            renewals,
+            bundle_version,
+            revoked_serials,
+        }
+    }
 }
 
 /// One counter or gauge per resilience decision (see
@@ -293,8 +358,10 @@ impl Metrics {
             registry.register(c).expect("unique metric names");
         }
         let resilience = ResilienceMetrics::new(&registry);
+        let identity = IdentityMetrics::new(&registry);
         Metrics {
             resilience,
+            identity,
             registry,
             requests,
             latency,

@@ -149,6 +149,13 @@ impl ProxyHttp for MeshProxy {
         }
         match self.direction {
             Direction::Inbound => match peer_auth(session) {
+                Ok(peer) if self.shared.tls.is_revoked(&peer.serial) => {
+                    let detail = format!("serial {}", peer.serial);
+                    ctx.peer = Some(peer);
+                    self.refuse(session, ctx, Reason::PeerCertRevoked, &detail)
+                        .await;
+                    return Ok(true);
+                }
                 Ok(peer) => ctx.peer = Some(peer),
                 Err(reason) => {
                     self.refuse(session, ctx, reason, "").await;
@@ -232,6 +239,9 @@ impl ProxyHttp for MeshProxy {
                 let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
                 peer.client_cert_key = Some(self.shared.tls.client_cert());
                 peer.options.ca = Some(self.shared.tls.bundle());
+                // Pingora's pool key covers the client cert but not the
+                // roots: a new root or deny-list generation starts a new pool.
+                peer.group_key = self.shared.tls.pool_key(&ep.address);
                 if session.is_upgrade_req() {
                     // WebSocket and other upgrades need HTTP/1.1 between sidecars.
                     peer.options.set_http_version(1, 1);
@@ -305,16 +315,21 @@ impl ProxyHttp for MeshProxy {
         Ok(())
     }
 
+    /// Outbound, new or pooled: refuses a peer whose certificate serial is
+    /// on the deny list before the request is sent on the connection.
     async fn connected_to_upstream(
         &self,
         _session: &mut Session,
         reused: bool,
         _peer: &HttpPeer,
         _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora_core::protocols::Digest>,
+        digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.fresh_upstream = !reused;
+        if self.direction == Direction::Outbound {
+            self.refuse_revoked_peer(digest, reused, ctx)?;
+        }
         Ok(())
     }
 
@@ -838,6 +853,40 @@ impl MeshProxy {
         }
     }
 
+    /// Outbound: an error when the peer's certificate (from the TLS digest
+    /// Pingora keeps per connection) is on the deny list. The connection's
+    /// pool key is retired so it is not picked again.
+    fn refuse_revoked_peer(
+        &self,
+        digest: Option<&pingora_core::protocols::Digest>,
+        reused: bool,
+        ctx: &Ctx,
+    ) -> Result<()> {
+        let serial = digest
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|s| s.serial_number.as_deref());
+        let Some(serial) = serial.filter(|s| self.shared.tls.is_revoked(s)) else {
+            return Ok(());
+        };
+        let serial = crank_api::identity::canonical_serial(serial);
+        tracing::warn!(upstream = ?ctx.upstream, serial, reused, "refused peer sidecar: its certificate is revoked");
+        if let Some(addr) = ctx.upstream {
+            self.shared.tls.retire_pooled(addr);
+        }
+        // Counted here, once per refused connection: the request may still
+        // succeed on another endpoint.
+        self.shared
+            .metrics
+            .handshake_failures
+            .with_label_values(&["outbound", "revoked"])
+            .inc();
+        Err(Error::explain(
+            crate::errors::UPSTREAM_REVOKED,
+            format!("the peer's certificate (serial {serial}) is revoked"),
+        )
+        .into_up())
+    }
+
     /// Refuses a request before it reaches any upstream.
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, reason: Reason, detail: &str) {
         tracing::warn!(
@@ -848,7 +897,10 @@ impl MeshProxy {
         );
         if matches!(
             reason,
-            Reason::BadFraming | Reason::ClientCertRequired | Reason::PeerIdentityInvalid
+            Reason::BadFraming
+                | Reason::ClientCertRequired
+                | Reason::PeerIdentityInvalid
+                | Reason::PeerCertRevoked
         ) {
             session.set_keepalive(None);
         }

@@ -29,8 +29,13 @@ use crate::state::Shared;
 pub fn check(path: &Path) -> anyhow::Result<crank_api::proxy::ProxyConfig> {
     let cfg = crate::config::load(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    WorkloadTls::load(&cfg.identity, base, &Metrics::new())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if cfg.identity.enroll.is_some() {
+        crate::enroll::check(&cfg.identity, base)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    } else {
+        WorkloadTls::load(&cfg.identity, base, &Metrics::new())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     if let Some(p) = &cfg.policy {
         Policies::load(p, base).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
@@ -50,9 +55,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let metrics = Metrics::new();
-    let tls = WorkloadTls::load(&cfg.identity, base, &metrics)
+    let (tls, agent) = load_identity(&cfg.identity, base, &metrics)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    warn_if_expired(&tls);
+    if agent.is_none() {
+        warn_if_expired(&tls);
+    }
     let policies = match &cfg.policy {
         Some(p) => Policies::start(p, base, &metrics)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
@@ -79,6 +86,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 
     let me = crank_policy::Workload::from(&tls.identity);
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
+    if agent.is_some() {
+        health.set_cert_expiry(Some(tls.summary().not_after));
+    }
     let shared = Arc::new(Shared {
         routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),
         tls: Arc::new(tls),
@@ -96,8 +106,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .and_then(|i| i.concurrency.as_ref())
             .map(crate::resilience::shed::Limiter::new),
         idempotency: crate::resilience::flow::idempotency_store(&cfg),
+        enrollment: agent.as_ref().map(|a| a.status.clone()),
         config: ArcSwap::from_pointee(cfg.clone()),
     });
+    if let Some(agent) = agent {
+        crate::enroll::spawn(agent, shared.clone())?;
+    }
     crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), None, &metrics);
     crate::resilience::flow::spawn_housekeeping(shared.clone())?;
     crate::reload::spawn(
@@ -226,13 +240,33 @@ fn check_bindable(cfg: &crank_api::proxy::ProxyConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The workload's TLS state: from files (static), or from the state
+/// directory or a fresh enrollment (`identity.enroll`), with the agent that
+/// keeps it fresh.
+fn load_identity(
+    cfg: &crank_api::proxy::IdentityConfig,
+    base: &Path,
+    metrics: &Metrics,
+) -> anyhow::Result<(WorkloadTls, Option<crate::enroll::AgentSeed>)> {
+    if cfg.enroll.is_none() {
+        return Ok((WorkloadTls::load(cfg, base, metrics)?, None));
+    }
+    let b = crate::enroll::bootstrap(cfg, base)?;
+    let tls = WorkloadTls::from_material(b.material, metrics)
+        .map_err(|e| anyhow::anyhow!("identity.enroll: the enrolled material: {e}"))?;
+    metrics
+        .identity
+        .bundle_version
+        .set(b.seed.bundle_version() as i64);
+    Ok((tls, Some(b.seed)))
+}
+
 fn warn_if_expired(tls: &WorkloadTls) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if tls.summary.not_after < now {
+    let now = crate::enroll::unix_now();
+    let summary = tls.summary();
+    if summary.not_after < now {
         tracing::error!(identity = %tls.identity, "this workload's certificate has expired; peers will refuse it. Issue a new one with `crankctl cert issue`");
-    } else if tls.summary.not_before > now {
+    } else if summary.not_before > now {
         tracing::error!(identity = %tls.identity, "this workload's certificate is not valid yet; check the clock");
     }
 }

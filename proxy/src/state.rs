@@ -30,6 +30,8 @@ pub struct Shared {
     pub inbound_limiter: Option<crate::resilience::shed::Limiter>,
     /// Responses kept for `Idempotency-Key` replay (inbound).
     pub idempotency: Option<Arc<dyn crate::resilience::idempotency::IdempotencyStore>>,
+    /// The identity agent's progress; `None` for a static identity.
+    pub enrollment: Option<Arc<crate::enroll::AgentStatus>>,
 }
 
 impl Shared {
@@ -48,20 +50,31 @@ impl Shared {
             }
         }
         if let Some(id) = v.get_mut("identity").and_then(|i| i.as_object_mut()) {
-            id.insert(
-                "key".into(),
-                serde_json::Value::String("(secret, not shown)".into()),
-            );
+            if id.contains_key("key") {
+                id.insert(
+                    "key".into(),
+                    serde_json::Value::String("(secret, not shown)".into()),
+                );
+            }
         }
         let t = &self.tls;
+        let leaf = t.summary();
+        let enrollment = match &self.enrollment {
+            Some(a) => a.to_json(),
+            None => serde_json::json!({"mode": "static"}),
+        };
         let dump = serde_json::json!({
             "config": v,
             "identity": {
                 "spiffe_id": t.identity.spiffe_id(),
                 "dns_name": t.identity.dns_name(),
-                "not_before": t.summary.not_before,
-                "not_after": t.summary.not_after,
-                "serial": t.summary.serial,
+                "not_before": leaf.not_before,
+                "not_after": leaf.not_after,
+                "serial": crank_api::identity::canonical_serial(&leaf.serial),
+                "bundle_version": self.metrics.identity.bundle_version.get(),
+                "roots": t.roots().iter().map(|r| serde_json::json!({"subject": r.subject, "serial": crank_api::identity::canonical_serial(&r.serial), "not_after": r.not_after})).collect::<Vec<_>>(),
+                "deny_list_size": t.deny_list().len(),
+                "enrollment": enrollment,
             },
             "routes": self.routes.load().names(),
             "policy": self.policy_dump(),

@@ -569,32 +569,50 @@ fn revocation_reaches_every_sidecar_and_applies_to_open_connections() {
     let app = EchoApp::start();
     let cp = ControlPlane::start(ControlOptions::default());
 
-    // A revoked caller: the server sidecar refuses it on the connection it already has.
+    // A revoked caller: the server sidecar refuses it on the connection it
+    // already has. The caller here is a TLS client holding the frontend
+    // sidecar's enrolled key and cert, so the connection stays the same one.
     let mesh = EnrolledMesh::start(&cp, app.addr, "");
     assert_eq!(get_via(mesh.port).0, 200);
+    let state = mesh.dir.path().join("client-state");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut conn = rt.block_on(MtlsConn::open(
+        mesh.inbound,
+        &state.join("cert.pem"),
+        &state.join("key.pem"),
+        &cp.bootstrap_bundle(),
+    ));
+    assert_eq!(rt.block_on(conn.get()).0, 200);
     let out = cp.ctl_ok(&["cert", "revoke", "frontend.demo.crank.local"]);
     assert!(out.contains(&serial_of(&mesh.client)), "{out}");
-    let mut last = String::new();
     wait_until(
-        "the revoked caller is refused",
+        "the server sidecar has the new deny list",
         Duration::from_secs(10),
-        || {
-            let (status, text) = get_via(mesh.port);
-            last = text;
-            status == 403
-        },
+        || metric(&mesh.server.metrics(), "crank_cert_revoked_serials") == Some(1.0),
     );
+    let (status, reason) = rt.block_on(conn.get());
     assert_eq!(
-        header(&last, "x-crank-error"),
-        Some("peer-cert-revoked"),
-        "{last}"
+        (status, reason.as_deref()),
+        (403, Some("peer-cert-revoked"))
     );
-    assert_eq!(
-        metric(&mesh.server.metrics(), "crank_cert_revoked_serials"),
-        Some(1.0)
+    // New connections with that cert fail the handshake; the sidecar's own calls fail too.
+    assert_ne!(get_via(mesh.port).0, 200);
+    let m = mesh.server.metrics();
+    assert!(
+        metric(
+            &m,
+            r#"crank_tls_handshake_failures_total{direction="inbound",reason="revoked"}"#
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{m}"
     );
 
     // A revoked server: the caller's sidecar refuses to send to it, on pooled connections too.
+    let mut last = String::new();
     let mesh2 = EnrolledMesh::start(&cp, app.addr, "");
     assert_eq!(get_via(mesh2.port).0, 200);
     cp.ctl_ok(&["cert", "revoke", &serial_of(&mesh2.server)]);
@@ -614,6 +632,64 @@ fn revocation_reaches_every_sidecar_and_applies_to_open_connections() {
     );
     let status = cp.status();
     assert_eq!(status["revoked_serials"], 2, "{status}");
+}
+
+/// One HTTP/1.1 keep-alive connection over mTLS straight to a sidecar's
+/// inbound listener.
+struct MtlsConn {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl MtlsConn {
+    async fn open(addr: std::net::SocketAddr, cert: &Path, key: &Path, bundle: &Path) -> MtlsConn {
+        let chain = crank_certs::pem::certs_from_pem(&std::fs::read(cert).unwrap()).unwrap();
+        let key = crank_certs::pem::key_from_pem(&std::fs::read(key).unwrap()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for r in crank_certs::pem::certs_from_pem(&std::fs::read(bundle).unwrap()).unwrap() {
+            roots.add(r).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("backend.demo.crank.local").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        MtlsConn { send }
+    }
+
+    /// GET on the same connection: (status, x-crank-error).
+    async fn get(&mut self) -> (u16, Option<String>) {
+        use http_body_util::BodyExt;
+        self.send
+            .ready()
+            .await
+            .expect("the connection is still open");
+        let req = hyper::Request::get("/hello")
+            .header("host", "backend")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = self.send.send_request(req).await.unwrap();
+        let reason = resp
+            .headers()
+            .get("x-crank-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        (status, reason)
+    }
 }
 
 // ---- hot swap keeps long-lived streams ----
@@ -761,9 +837,12 @@ async fn open_h2_streams_and_websockets_survive_a_certificate_swap() {
     assert_eq!(&next_data(&mut body).await[..], b"two");
     drop(tx);
     // And new requests use the new certs.
-    let (status, _) = tokio::task::spawn_blocking(move || get_via(ws_mesh.port))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    drop((cp, h2_mesh));
+    let url = format!("http://{}/stream", h2_mesh.port);
+    let (status, text) =
+        tokio::task::spawn_blocking(move || curl(&["--data-binary", "fresh", &url]))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("fresh"), "{text}");
+    drop((cp, ws_mesh, h2_mesh));
 }

@@ -198,15 +198,79 @@ fn default_decision_log_keep() -> u32 {
     3
 }
 
+/// This workload's identity: either a static certificate and key (`cert`
+/// and `key`, issued with `crankctl cert issue`), or `enroll`, where the
+/// proxy makes its own key, enrolls with crank-control using a join token,
+/// renews before expiry and follows trust bundle and revocation changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
-    /// PEM leaf certificate (chain after it, if any).
-    pub cert: PathBuf,
-    /// PEM private key. Never shown in /config_dump.
-    pub key: PathBuf,
+    /// PEM leaf certificate (chain after it, if any). Static mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key. Static mode only. Never shown in /config_dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
     /// PEM roots trusted for peers (may hold several during a rotation).
+    /// With `enroll`: the bootstrap bundle that verifies crank-control until
+    /// the first bundle arrives from it (then `state_dir/bundle.pem` is used).
     pub trust_bundle: PathBuf,
+    /// Get the certificate from crank-control instead of files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll: Option<EnrollConfig>,
+}
+
+/// Enrollment with crank-control (`identity.enroll`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// crank-control's workload API, `host:port` (TLS).
+    pub control_plane: String,
+    /// The name crank-control's certificate must prove. Default
+    /// `control.crank-system.<trust_domain>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// This workload's service (a DNS label).
+    pub service: String,
+    /// This workload's tenant (a DNS label).
+    pub tenant: String,
+    /// Default `crank.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// A file holding the one-time join token (`crankctl token create`).
+    /// Absent: the `CRANK_JOIN_TOKEN` environment variable. Needed only for
+    /// the first enrollment, or when the enrolled certificate has expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Where the key (`key.pem`, mode 0600), the chain (`cert.pem`), the
+    /// bundle (`bundle.pem`) and the instance id (`instance`) are kept.
+    pub state_dir: PathBuf,
+    /// Renew at this fraction of the certificate's lifetime (minus up to
+    /// 10% of the lifetime of random jitter). Default 0.66; 0.1 to 0.9.
+    #[serde(default = "default_renew_at")]
+    pub renew_at: f64,
+    /// How long one watch long-poll waits for a change. Default 30s; 1s to 60s.
+    #[serde(default = "default_watch_wait", with = "humantime_serde")]
+    pub watch_wait: Duration,
+}
+
+impl EnrollConfig {
+    /// `server_name`, or its default from the trust domain.
+    pub fn server_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| format!("control.crank-system.{}", self.trust_domain))
+    }
+}
+
+fn default_trust_domain() -> String {
+    crank_certs::DEFAULT_TRUST_DOMAIN.to_string()
+}
+fn default_renew_at() -> f64 {
+    0.66
+}
+fn default_watch_wait() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -270,8 +270,7 @@ impl Control {
         peer_certs: &Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Resp, Refusal> {
         let (id, peer_serial) = peer(self, peer_certs)?;
-        let q: HashMap<String, String> =
-            req.uri().query().map(|q| form_pairs(q)).unwrap_or_default();
+        let q: HashMap<String, String> = req.uri().query().map(form_pairs).unwrap_or_default();
         let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let instance = q.get("instance").cloned().unwrap_or_default();
         check_instance(&instance)?;

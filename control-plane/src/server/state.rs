@@ -360,9 +360,9 @@ impl CaState {
             })
             .collect();
         for (s, e) in entries {
-            if !self.revoked.contains_key(&s) {
-                added.push(s.clone());
-                self.revoked.insert(s, e);
+            if let std::collections::btree_map::Entry::Vacant(v) = self.revoked.entry(s.clone()) {
+                added.push(s);
+                v.insert(e);
             }
         }
         if !added.is_empty() {

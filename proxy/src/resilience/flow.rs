@@ -760,7 +760,7 @@ impl MeshProxy {
             Failure::Timeout
         } else if matches!(
             reason,
-            Reason::UpstreamTlsFailed | Reason::TlsIdentityMismatch
+            Reason::UpstreamTlsFailed | Reason::TlsIdentityMismatch | Reason::UpstreamCertRevoked
         ) {
             // Refused during the handshake (TLS 1.3 reports it on the
             // first read): the app never saw the request.

@@ -1,0 +1,317 @@
+//! The running agent: the renewal task and the watch task, sharing the
+//! current certificate, roots and versions.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crank_api::identity::{canonical_serial, IssueResponse, RenewRequest, WatchResponse};
+use crank_certs::Identity;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use super::client::{Client, ClientCert};
+use super::schedule::{self, Backoff};
+use super::{state, unix_now, AgentSeed, AgentStatus, ISSUE_TIMEOUT};
+use crate::identity::{check_chain, Material};
+use crate::state::Shared;
+
+/// What the agent presents and trusts now.
+struct Current {
+    cert: Arc<ClientCert>,
+    roots: Arc<Vec<CertificateDer<'static>>>,
+    not_before: i64,
+    not_after: i64,
+    serial: String,
+    bundle_version: u64,
+    revocations_version: Option<u64>,
+}
+
+pub(super) struct Agent {
+    shared: Arc<Shared>,
+    client: Client,
+    identity: Identity,
+    instance: String,
+    state_dir: PathBuf,
+    renew_at: f64,
+    watch_wait: Duration,
+    current: Mutex<Current>,
+    status: Arc<AgentStatus>,
+}
+
+impl Agent {
+    pub(super) fn new(seed: AgentSeed, shared: Arc<Shared>) -> Agent {
+        Agent {
+            shared,
+            client: seed.client,
+            identity: seed.identity,
+            instance: seed.instance,
+            state_dir: seed.state_dir,
+            renew_at: seed.renew_at,
+            watch_wait: seed.watch_wait,
+            current: Mutex::new(Current {
+                cert: Arc::new(seed.cert),
+                roots: Arc::new(seed.roots),
+                not_before: seed.not_before,
+                not_after: seed.not_after,
+                serial: seed.serial,
+                bundle_version: seed.bundle_version,
+                revocations_version: None,
+            }),
+            status: seed.status,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Current) -> T) -> T {
+        f(&mut self.current.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(super) async fn run(self) {
+        let (wake_tx, wake_rx) = mpsc::channel(1);
+        tokio::join!(self.renew_loop(wake_rx), self.watch_loop(wake_tx));
+    }
+
+    /// Sleeps until the renewal time (or a reissue request), then renews,
+    /// retrying with backoff while crank-control is away.
+    async fn renew_loop(&self, mut wake: mpsc::Receiver<()>) {
+        loop {
+            let (nb, na) = self.with(|c| (c.not_before, c.not_after));
+            let at = schedule::renewal_at(nb, na, self.renew_at, rand::random::<f64>());
+            self.status.update(|s| s.next_renewal_time = Some(at));
+            tokio::select! {
+                _ = tokio::time::sleep(schedule::until(at, unix_now())) => {}
+                Some(()) = wake.recv() => {
+                    let delay = Duration::from_millis(rand::random_range(0..2000));
+                    tracing::info!(delay = ?delay, "crank-control asked for a renewal (CA rotation)");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            let mut expired_logged = false;
+            loop {
+                match self.renew_once().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.shared
+                            .metrics
+                            .identity
+                            .renewals
+                            .with_label_values(&["failure"])
+                            .inc();
+                        let now = unix_now();
+                        let na = self.with(|c| c.not_after);
+                        let retry_in = schedule::renew_retry_delay(
+                            backoff.next(rand::random::<f64>()),
+                            now,
+                            na,
+                        );
+                        self.status.update(|s| {
+                            s.last_renewal_result = Some("failure");
+                            s.last_renewal_time = Some(now);
+                            s.last_renewal_error = Some(e.clone());
+                            s.next_renewal_time = Some(now + retry_in.as_secs() as i64);
+                        });
+                        tracing::warn!(error = %e, retry_in = ?retry_in, "renewal failed; serving with the current certificate");
+                        if now >= na && !expired_logged {
+                            expired_logged = true;
+                            tracing::error!(identity = %self.identity, not_after = na, reason = "cert-expired", "this workload's certificate has expired; /ready answers 503 until a renewal succeeds. Check that crank-control is reachable and that this identity is not revoked (`crankctl cert list`)");
+                        }
+                        tokio::time::sleep(retry_in).await;
+                    }
+                }
+            }
+            // A reissue request that came in while renewing is answered.
+            while wake.try_recv().is_ok() {}
+        }
+    }
+
+    /// One renewal: a new key and CSR, `POST /v1/identity/renew` with the
+    /// current certificate, then swap and save.
+    async fn renew_once(&self) -> Result<(), String> {
+        let (key_pem, csr) =
+            crank_certs::new_key_and_csr(&self.identity).map_err(|e| e.to_string())?;
+        let (cert, roots) = self.with(|c| (c.cert.clone(), c.roots.clone()));
+        let req = RenewRequest {
+            csr,
+            instance: self.instance.clone(),
+        };
+        let resp: IssueResponse = self
+            .client
+            .post_json(
+                &roots,
+                Some(&cert),
+                "/v1/identity/renew",
+                &req,
+                ISSUE_TIMEOUT,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.install(resp, &key_pem)
+    }
+
+    /// Swaps in a newly issued certificate (and its bundle when newer) and saves it.
+    fn install(&self, resp: IssueResponse, key_pem: &str) -> Result<(), String> {
+        let m = Material::from_pem(
+            resp.chain.as_bytes(),
+            key_pem.as_bytes(),
+            resp.bundle.pem.as_bytes(),
+            "crank-control's answer",
+        )
+        .map_err(|e| e.to_string())?;
+        let (summary, _) = check_chain(&m.chain).map_err(|e| e.to_string())?;
+        let Material { chain, key, roots } = m;
+        self.shared
+            .tls
+            .swap_cert(chain.clone(), key.clone_key())
+            .map_err(|e| e.to_string())?;
+        let serial = canonical_serial(&summary.serial);
+        self.with(|c| {
+            c.cert = Arc::new(ClientCert { chain, key });
+            c.not_before = summary.not_before;
+            c.not_after = summary.not_after;
+            c.serial = serial.clone();
+        });
+        self.shared.health.set_cert_expiry(Some(summary.not_after));
+        if let Err(e) = state::save_cert(&self.state_dir, key_pem, &resp.chain) {
+            tracing::error!(error = %e, state_dir = %self.state_dir.display(), "cannot save the renewed certificate; it serves until a restart");
+        }
+        if resp.bundle.version != self.with(|c| c.bundle_version) {
+            self.apply_bundle(resp.bundle.version, &resp.bundle.pem, roots)?;
+        }
+        let now = unix_now();
+        self.shared
+            .metrics
+            .identity
+            .renewals
+            .with_label_values(&["success"])
+            .inc();
+        self.status.update(|s| {
+            s.last_renewal_result = Some("success");
+            s.last_renewal_time = Some(now);
+            s.last_renewal_error = None;
+        });
+        tracing::info!(identity = %self.identity, serial = %serial, not_after = summary.not_after, "renewed certificate");
+        Ok(())
+    }
+
+    /// Swaps in a new trust bundle (inbound verifier, outbound roots, the
+    /// roots that verify crank-control) and saves it.
+    fn apply_bundle(
+        &self,
+        version: u64,
+        pem: &str,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<(), String> {
+        self.shared
+            .tls
+            .swap_roots(&roots)
+            .map_err(|e| format!("bundle version {version}: {e}"))?;
+        let count = roots.len();
+        self.with(|c| {
+            c.roots = Arc::new(roots);
+            c.bundle_version = version;
+        });
+        self.shared
+            .metrics
+            .identity
+            .bundle_version
+            .set(version as i64);
+        self.status.update(|s| s.bundle_version = version);
+        if let Err(e) = state::save_bundle(&self.state_dir, pem) {
+            tracing::error!(error = %e, state_dir = %self.state_dir.display(), "cannot save the trust bundle");
+        }
+        tracing::info!(version, roots = count, "applied trust bundle");
+        Ok(())
+    }
+
+    /// Long-polls crank-control for bundle, revocation and reissue changes.
+    async fn watch_loop(&self, wake: mpsc::Sender<()>) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            match self.watch_once().await {
+                Ok(renew) => {
+                    backoff.reset();
+                    self.status.update(|s| s.last_watch_error = None);
+                    if renew {
+                        let _ = wake.try_send(());
+                        // Let the renewal report its new serial before asking again.
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+                Err(e) => {
+                    let retry_in = backoff.next(rand::random::<f64>());
+                    tracing::warn!(error = %e, retry_in = ?retry_in, "identity watch failed; retrying");
+                    self.status.update(|s| s.last_watch_error = Some(e));
+                    tokio::time::sleep(retry_in).await;
+                }
+            }
+        }
+    }
+
+    /// One watch call and what it changes; `Ok(true)` when a renewal is asked for.
+    async fn watch_once(&self) -> Result<bool, String> {
+        let (cert, roots, serial, bv, rv) = self.with(|c| {
+            (
+                c.cert.clone(),
+                c.roots.clone(),
+                c.serial.clone(),
+                c.bundle_version,
+                c.revocations_version.unwrap_or(0),
+            )
+        });
+        let path = watch_path(&self.instance, &serial, bv, rv, self.watch_wait);
+        let w: WatchResponse = self
+            .client
+            .get_json(
+                &roots,
+                Some(&cert),
+                &path,
+                self.watch_wait + Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if w.bundle.version != bv {
+            let roots = crank_certs::pem::certs_from_pem(w.bundle.pem.as_bytes())
+                .map_err(|e| format!("bundle version {}: {e}", w.bundle.version))?;
+            self.apply_bundle(w.bundle.version, &w.bundle.pem, roots)?;
+        }
+        if self.with(|c| c.revocations_version) != Some(w.revocations.version) {
+            self.shared.tls.set_deny_list(&w.revocations.serials);
+            let count = self.shared.tls.deny_list().len();
+            self.with(|c| c.revocations_version = Some(w.revocations.version));
+            self.status
+                .update(|s| s.revocations_version = Some(w.revocations.version));
+            tracing::info!(
+                version = w.revocations.version,
+                count,
+                "revocations applied"
+            );
+        }
+        Ok(w.renew)
+    }
+}
+
+/// The watch request's path and query.
+pub fn watch_path(
+    instance: &str,
+    serial: &str,
+    bundle: u64,
+    revocations: u64,
+    wait: Duration,
+) -> String {
+    format!(
+        "/v1/identity/watch?instance={instance}&serial={serial}&bundle={bundle}&revocations={revocations}&wait={}",
+        wait.as_secs()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn watch_query_reports_what_we_have() {
+        assert_eq!(
+            super::watch_path("ab12", "1f00", 3, 7, std::time::Duration::from_secs(30)),
+            "/v1/identity/watch?instance=ab12&serial=1f00&bundle=3&revocations=7&wait=30"
+        );
+    }
+}
