@@ -166,8 +166,8 @@ impl Reason {
             Reason::IdempotencyReplayUnavailable => "the first request with this Idempotency-Key completed, but its response was too large to keep for replay; do not resend it, look up its result instead",
             Reason::IdempotencyStoreFull => "the sidecar holds as many running idempotent requests as it may; retry after the Retry-After seconds",
             Reason::IdempotencyKeyInvalid => "the Idempotency-Key header must be 1 to 255 bytes; send a unique key such as a UUID",
-            Reason::PeerCertRevoked => "the calling sidecar's certificate has been revoked by the mesh CA and this connection is closed; the caller's sidecar must renew (automatic with identity.enroll) or re-enroll with a new join token (`crankctl token create`), see `crankctl cert list`",
-            Reason::UpstreamCertRevoked => "the peer sidecar's certificate has been revoked by the mesh CA, so the request was not sent to it; the peer must renew or re-enroll (`crankctl cert list` shows its status)",
+            Reason::PeerCertRevoked => "the calling sidecar's certificate has been revoked by the mesh CA and this connection is closed; a revoked certificate cannot be renewed: fix the cause, then re-enroll the caller's sidecar with a new join token (`crankctl token create`); `crankctl cert list` shows the status",
+            Reason::UpstreamCertRevoked => "the peer sidecar's certificate has been revoked by the mesh CA, so the request was not sent to it; the peer must re-enroll with a new join token (`crankctl cert list` shows its status); other endpoints of the route still serve",
         }
     }
 }
