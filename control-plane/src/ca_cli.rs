@@ -196,6 +196,9 @@ fn print_status(s: &CaStatus) {
     };
     println!("trust domain:   {}", s.trust_domain);
     println!("rotation:       {what}");
+    if let Some(wait) = s.resync_wait_seconds {
+        println!("                paused {wait}s more: crank-control restarted and waits for every workload to report again");
+    }
     println!("trust bundle:   v{}", s.bundle_version);
     println!(
         "deny list:      v{} ({} serials)",

@@ -13,9 +13,10 @@ pub struct Health {
     inflight: AtomicUsize,
     inflight_gauge: IntGauge,
     ready_gauge: IntGauge,
-    /// The own certificate's expiry (Unix time) when it decides readiness
-    /// (enrolled identities); `i64::MAX` when it does not (static mode).
+    /// The own certificate's expiry (Unix time): past it, not ready.
     cert_not_after: AtomicI64,
+    /// crank-control refused the own certificate as revoked.
+    cert_revoked: AtomicBool,
 }
 
 impl Health {
@@ -27,6 +28,7 @@ impl Health {
             inflight_gauge,
             ready_gauge,
             cert_not_after: AtomicI64::new(i64::MAX),
+            cert_revoked: AtomicBool::new(false),
         }
     }
 
@@ -36,7 +38,7 @@ impl Health {
         self.not_ready_reason().is_none()
     }
 
-    /// Why /ready answers 503: `draining`, `cert-expired` or `starting`.
+    /// Why /ready answers 503: `draining`, `starting`, `cert-expired` or `cert-revoked`.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if self.is_draining() {
             Some("draining")
@@ -44,6 +46,8 @@ impl Health {
             Some("starting")
         } else if self.cert_expired(crate::enroll::unix_now()) {
             Some("cert-expired")
+        } else if self.cert_revoked.load(Ordering::Acquire) {
+            Some("cert-revoked")
         } else {
             None
         }
@@ -54,6 +58,14 @@ impl Health {
         self.cert_not_after
             .store(not_after.unwrap_or(i64::MAX), Ordering::Release);
         self.refresh_gauge();
+    }
+
+    /// Marks the own certificate revoked (until a restart with a new
+    /// identity); returns whether it already was.
+    pub fn set_cert_revoked(&self) -> bool {
+        let was = self.cert_revoked.swap(true, Ordering::AcqRel);
+        self.refresh_gauge();
+        was
     }
 
     /// True when the tracked certificate has expired at `now`.

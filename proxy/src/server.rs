@@ -86,9 +86,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 
     let me = crank_policy::Workload::from(&tls.identity);
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
-    if agent.is_some() {
-        health.set_cert_expiry(Some(tls.summary().not_after));
-    }
+    // Not ready once the own certificate has expired, static or enrolled:
+    // every peer refuses it then, so load balancers should stop sending here.
+    health.set_cert_expiry(Some(tls.summary().not_after));
     let shared = Arc::new(Shared {
         routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),
         tls: Arc::new(tls),
@@ -265,7 +265,7 @@ fn warn_if_expired(tls: &WorkloadTls) {
     let now = crate::enroll::unix_now();
     let summary = tls.summary();
     if summary.not_after < now {
-        tracing::error!(identity = %tls.identity, "this workload's certificate has expired; peers will refuse it. Issue a new one with `crankctl cert issue`");
+        tracing::error!(identity = %tls.identity, "this workload's certificate has expired; peers will refuse it and /ready answers 503 (cert-expired). Issue a new one with `crankctl cert issue`, or enroll with crank-control (identity.enroll) so it renews by itself");
     } else if summary.not_before > now {
         tracing::error!(identity = %tls.identity, "this workload's certificate is not valid yet; check the clock");
     }

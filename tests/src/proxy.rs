@@ -58,6 +58,17 @@ impl Proxy {
         yaml: &str,
         admin: SocketAddr,
     ) -> Result<Proxy, String> {
+        Proxy::try_start_until(dir, name, yaml, admin, "/ready")
+    }
+
+    /// Starts the proxy and waits until `probe` (`/ready` or `/live`) answers 200.
+    pub fn try_start_until(
+        dir: &Path,
+        name: &str,
+        yaml: &str,
+        admin: SocketAddr,
+        probe: &str,
+    ) -> Result<Proxy, String> {
         let config = dir.join(format!("{name}.yaml"));
         let log = dir.join(format!("{name}.log"));
         std::fs::write(&config, yaml).unwrap();
@@ -85,7 +96,7 @@ impl Proxy {
                     p.log_text()
                 ));
             }
-            if p.admin_get("/ready").0 == 200 {
+            if p.admin_get(probe).0 == 200 {
                 return Ok(p);
             }
             if start.elapsed() > Duration::from_secs(20) {

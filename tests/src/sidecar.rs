@@ -60,7 +60,8 @@ pub fn client_sidecar(
         leaf.key.display(),
         pki.bundle().display(),
     );
-    let proxy = Proxy::try_start(pki.path(), name, &yaml, admin)?;
+    // Live is enough: a sidecar with an expired cert is never ready.
+    let proxy = Proxy::try_start_until(pki.path(), name, &yaml, admin, "/live")?;
     Ok(Sidecar { proxy, listen })
 }
 

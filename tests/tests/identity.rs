@@ -598,6 +598,13 @@ fn revocation_reaches_every_sidecar_and_applies_to_open_connections() {
         (status, reason.as_deref()),
         (403, Some("peer-cert-revoked"))
     );
+    // The revoked sidecar learns it from crank-control and stops being ready.
+    wait_until(
+        "the revoked sidecar says cert-revoked",
+        Duration::from_secs(10),
+        || mesh.client.admin_get("/ready").1.contains("cert-revoked"),
+    );
+    assert_eq!(mesh.client.admin_get("/ready").0, 503);
     // New connections with that cert fail the handshake; the sidecar's own calls fail too.
     assert_ne!(get_via(mesh.port).0, 200);
     let m = mesh.server.metrics();

@@ -314,6 +314,11 @@ fn a_client_sidecar_with_an_expired_cert_gets_502_upstream_tls_failed() {
         server_sidecar(&pki, "server", &pki.leaf("backend", "demo"), app.addr, "5s").unwrap();
     let expired = expired_frontend_leaf(&pki);
     let client = client_sidecar(&pki, "client", &expired, server.listen, SERVER_DNS, "5s").unwrap();
+    // It runs, but says it is not ready, and why.
+    crank_tests::wait_until("/ready says cert-expired", Duration::from_secs(10), || {
+        client.proxy.admin_get("/ready").1.contains("cert-expired")
+    });
+    assert_eq!(client.proxy.admin_get("/ready").0, 503);
     let (status, out) = curl(&[&format!("http://{}/stale", client.listen)]);
     assert_eq!(
         status,

@@ -33,6 +33,10 @@ fn main() -> std::process::ExitCode {
         }
     };
     if args.check {
+        if let Err(e) = crank_control::server::check_ca(&cfg) {
+            eprintln!("crank-control: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
         println!("{}: ok", args.config.display());
         return std::process::ExitCode::SUCCESS;
     }

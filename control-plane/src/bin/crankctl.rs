@@ -3,6 +3,10 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // `crankctl cert list | head` ends quietly, like other Unix tools.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = crank_control::cli::Cli::parse();
     match crank_control::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

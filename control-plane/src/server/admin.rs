@@ -99,6 +99,10 @@ pub struct CaStatus {
     pub workloads: Vec<WorkloadRow>,
     pub history: Vec<String>,
     pub now: i64,
+    /// Seconds the rotation still waits after a control plane restart, so
+    /// every live workload reports again before it moves on.
+    #[serde(default)]
+    pub resync_wait_seconds: Option<u64>,
 }
 
 /// A `crankctl` connection to the admin socket.

@@ -479,6 +479,13 @@ impl Control {
             workloads,
             history: st.rotation.history.clone(),
             now: t,
+            resync_wait_seconds: (!idle && self.restarted)
+                .then(|| {
+                    super::RESYNC_GRACE
+                        .saturating_sub(self.started.elapsed())
+                        .as_secs()
+                })
+                .filter(|s| *s > 0),
         }
     }
 
@@ -564,7 +571,7 @@ impl Control {
                         st.rotate_root(root, &inter, now())
                     }
                 }
-                .map_err(|e| refusal(409, "bad-request", e.0))?;
+                .map_err(|e| refusal(409, "rotation-refused", e.0))?;
                 self.commit(&st);
                 tracing::warn!(kind = ?r.kind, phase = st.rotation.phase.as_str(), bundle_version = st.bundle_version, "CA rotation started");
                 drop(st);

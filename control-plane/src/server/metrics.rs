@@ -33,7 +33,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "crank_ca_requests_refused_total",
-                "Enroll, renew and watch requests refused, by reason code",
+                "Requests refused by the workload API (enroll, renew, watch) and the admin API, by reason code",
             ),
             &["reason"],
         )
@@ -54,7 +54,7 @@ impl Metrics {
         let workloads = IntGaugeVec::new(
             Opts::new(
                 "crank_ca_workloads",
-                "Workloads known to the CA by state (active, stale, lagging)",
+                "Workloads known to the CA: active (counted in rotations), stale (not seen within workloads.stale_after), lagging (holding back the current rotation phase)",
             ),
             &["state"],
         )
@@ -133,12 +133,16 @@ impl Metrics {
             .values()
             .filter(|r| st.is_active(r, stale, now))
             .count();
+        let quiet = reports
+            .values()
+            .filter(|r| now - r.last_seen > stale.as_secs() as i64)
+            .count();
         self.workloads
             .with_label_values(&["active"])
             .set(active as i64);
         self.workloads
             .with_label_values(&["stale"])
-            .set((reports.len() - active) as i64);
+            .set(quiet as i64);
         self.workloads
             .with_label_values(&["lagging"])
             .set(st.lagging(reports, stale, now).len() as i64);

@@ -205,6 +205,30 @@ fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     Ok(())
 }
 
+/// For `--check`: the CA material loads (state.json when it exists, else
+/// the seed intermediate with its root).
+pub fn check_ca(cfg: &ControlConfig) -> Result<()> {
+    let path = cfg.state_dir.join("state.json");
+    if path.exists() {
+        let st: CaState = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not a crank-control state file", path.display()))?;
+        st.signer()?;
+        return Ok(());
+    }
+    let dir = &cfg.ca.intermediate;
+    let inter = Ca::load(dir, &cfg.trust_domain).with_context(|| {
+        format!(
+            "ca.intermediate {}: make it with `crankctl ca intermediate --root ROOT_DIR --out {}`",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let root = std::fs::read_to_string(dir.join("bundle.pem"))
+        .with_context(|| format!("reading {}/bundle.pem (the root)", dir.display()))?;
+    CaState::seed(&inter, &root, now())?;
+    Ok(())
+}
+
 /// Runs crank-control until SIGTERM/SIGINT.
 pub async fn run(cfg: ControlConfig) -> Result<()> {
     let control = Control::open(cfg)?;

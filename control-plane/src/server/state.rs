@@ -437,10 +437,10 @@ impl CaState {
     fn require_idle(&self) -> Result<(), AdminError> {
         if self.rotation.phase != Phase::Idle {
             return Err(AdminError(format!(
-                "a {} rotation is in phase {}; wait for it to finish (`crankctl ca status`)",
+                "{} rotation is in phase {}; wait for it to finish (`crankctl ca status`)",
                 match self.rotation.kind {
-                    RotationKind::Root => "root",
-                    RotationKind::Intermediate => "intermediate",
+                    RotationKind::Root => "a root",
+                    RotationKind::Intermediate => "an intermediate",
                 },
                 self.rotation.phase.as_str()
             )));

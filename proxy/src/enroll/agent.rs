@@ -248,6 +248,15 @@ impl Agent {
         }
     }
 
+    /// crank-control says this workload's own certificate is revoked: not
+    /// ready from now on (peers refuse it anyway); say how to recover.
+    fn revoked(&self) {
+        if !self.shared.health.set_cert_revoked() {
+            let serial = self.with(|c| c.serial.clone());
+            tracing::error!(identity = %self.identity, serial = %serial, reason = "cert-revoked", state_dir = %self.state_dir.display(), "this workload's certificate is revoked; /ready answers 503 and peers refuse it. To recover: make a new join token (`crankctl token create`), put it in token_file, delete cert.pem and key.pem in state_dir, and restart the sidecar");
+        }
+    }
+
     /// One watch call and what it changes; `Ok(true)` when a renewal is asked for.
     async fn watch_once(&self) -> Result<bool, String> {
         let (cert, roots, serial, bv, rv) = self.with(|c| {
@@ -269,7 +278,14 @@ impl Agent {
                 self.watch_wait + Duration::from_secs(10),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                if let super::client::CallError::Refused { code, .. } = &e {
+                    if code == "cert-revoked" {
+                        self.revoked();
+                    }
+                }
+                e.to_string()
+            })?;
         if w.bundle.version != bv {
             let roots = crank_certs::pem::certs_from_pem(w.bundle.pem.as_bytes())
                 .map_err(|e| format!("bundle version {}: {e}", w.bundle.version))?;
