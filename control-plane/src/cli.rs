@@ -36,6 +36,21 @@ pub enum Command {
     /// One-time join tokens for enrollment.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The mesh config directory (routes, quotas, SLOs, policies).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check DIR as crank-control would (schemas, references between files,
+    /// Rego compile and tests), offline, for CI pipelines. Exits 1 listing
+    /// every problem with its file, line and field.
+    Validate {
+        dir: PathBuf,
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,6 +308,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Policy(cmd) => crate::policy_cli::run(cmd),
+        Command::Config(ConfigCommand::Validate { dir, output }) => config_validate(&dir, &output),
     }
 }
 
@@ -329,4 +345,43 @@ fn cert_issue(ca_dir: &Path, out: &Path, id: Identity, ttl: Duration) -> Result<
         humantime::format_duration(ttl)
     );
     Ok(())
+}
+
+fn config_validate(dir: &Path, output: &str) -> Result<()> {
+    let result = crate::configdir::load(dir);
+    match output {
+        "json" => {
+            let v = match &result {
+                Ok(s) => serde_json::json!({"ok": true, "hash": s.hash, "routes": s.routes.len(), "limits": s.quotas.limits.len(), "slos": s.slos.len(), "policy_files": s.policies.len()}),
+                Err(p) => serde_json::json!({"ok": false, "problems": p}),
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        "human" => match &result {
+            Ok(s) => println!(
+                "{}: ok (hash {}): {} routes, {} quota limits, {} SLOs, {} capabilities, {} policy files",
+                dir.display(),
+                &s.hash[..12],
+                s.routes.len(),
+                s.quotas.limits.len(),
+                s.slos.len(),
+                s.capabilities.capabilities.len(),
+                s.policies.len()
+            ),
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("{}: {p}", dir.display());
+                }
+            }
+        },
+        other => bail!("unknown --output {other:?}; use human or json"),
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(p) => bail!(
+            "{} problem(s) in {}; nothing was published",
+            p.len(),
+            dir.display()
+        ),
+    }
 }

@@ -7,6 +7,7 @@
 
 mod ca_cli;
 pub mod cli;
+pub mod configdir;
 pub mod inspect;
 mod policy_cli;
 pub mod server;

@@ -6,5 +6,6 @@
 //! documented default (see `docs/reference/proxy-config.md`).
 
 pub mod identity;
+pub mod mesh;
 pub mod proxy;
 pub mod resilience;

@@ -24,30 +24,8 @@ pub mod shed;
 
 use std::time::Duration;
 
-/// Parses a quota rate: `100/min`, `10/s`, `5000/h` (also `second`,
-/// `minute`, `hour`, `sec`, `m`). Returns (count, window).
-pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
-    let fix = "write it as N/s, N/min or N/h, for example 100/min";
-    let (n, unit) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?} has no '/'; {fix}"))?;
-    let n: u32 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{:?} is not a whole number; {fix}", n.trim()))?;
-    if n == 0 {
-        return Err(format!(
-            "{s:?} allows nothing; {fix} with N at least 1, or remove the limit"
-        ));
-    }
-    let per = match unit.trim() {
-        "s" | "sec" | "second" => Duration::from_secs(1),
-        "m" | "min" | "minute" => Duration::from_secs(60),
-        "h" | "hour" => Duration::from_secs(3600),
-        u => return Err(format!("unknown unit {u:?}; {fix}")),
-    };
-    Ok((n, per))
-}
+/// Parses a quota rate (shared with the control plane's `quotas.yaml`).
+pub use crank_api::resilience::parse_rate;
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {

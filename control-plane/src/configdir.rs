@@ -1,0 +1,603 @@
+//! The platform engineers' config directory, read and checked as a whole:
+//! `capabilities.yaml`, `routes/*.yaml`, `quotas.yaml`, `slo/*.yaml` and
+//! `policies/` (Rego with `policy.yaml` and `*_test.rego`). [`load`]
+//! returns one [`MeshSnapshot`] or every [`Problem`] found, each with its
+//! file, line, field and fix. `crank-control` publishes a snapshot as a new
+//! version; `crankctl config validate DIR` runs the same checks offline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crank_api::mesh::{CapabilitiesFile, MeshRoute, QuotasFile, RoutesFile, SloFile};
+use serde::{Deserialize, Serialize};
+
+/// One thing wrong with the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Relative to the directory (`routes/transcode.yaml`).
+    pub file: String,
+    pub line: Option<usize>,
+    /// The YAML path (`routes[0].backends[1].weight`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything a valid directory says, ready to publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshSnapshot {
+    /// SHA-256 over every file's relative path and bytes, hex.
+    pub hash: String,
+    pub capabilities: CapabilitiesFile,
+    /// Every route, ordered by name.
+    pub routes: Vec<MeshRoute>,
+    pub quotas: QuotasFile,
+    pub slos: Vec<SloFile>,
+    /// `policies/` file name → contents (every file the proxies need).
+    pub policies: BTreeMap<String, String>,
+}
+
+const KNOWN: &str =
+    "expected capabilities.yaml, quotas.yaml, routes/*.yaml, slo/*.yaml and policies/";
+
+/// Every file of the directory (relative path, bytes), sorted; what the
+/// content hash covers. Editor leftovers (`.swp`, `~`, dot files) are skipped.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.ends_with('~') || name.ends_with(".swp") {
+            continue;
+        }
+        let path = entry.path();
+        // Follows symlinks: `policies -> ../policies` is a common layout.
+        if std::fs::metadata(&path)?.is_dir() {
+            walk(root, &path, out)?;
+        } else {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            out.push((rel, std::fs::read(&path)?));
+        }
+    }
+    Ok(())
+}
+
+/// The content hash of a file list.
+pub fn hash(files: &[(String, Vec<u8>)]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (name, bytes) in files {
+        ctx.update(name.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(&(bytes.len() as u64).to_be_bytes());
+        ctx.update(bytes);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Reads and checks the whole directory.
+pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
+    let all = files(dir).map_err(|e| {
+        vec![problem(
+            ".",
+            None,
+            None,
+            format!("cannot read the directory {}: {e}", dir.display()),
+        )]
+    })?;
+    let mut p = Vec::new();
+    let mut caps = CapabilitiesFile::default();
+    let mut quotas = QuotasFile::default();
+    let mut routes: Vec<(String, MeshRoute)> = Vec::new();
+    let mut slos: Vec<(String, SloFile)> = Vec::new();
+    let mut policies = BTreeMap::new();
+    let mut seen_caps = false;
+    for (rel, bytes) in &all {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => {
+                p.push(problem(rel, None, None, "is not UTF-8 text".into()));
+                continue;
+            }
+        };
+        let parts: Vec<&str> = rel.split('/').collect();
+        match parts.as_slice() {
+            ["capabilities.yaml"] => {
+                seen_caps = true;
+                if let Some(c) = parse::<CapabilitiesFile>(rel, text, &mut p) {
+                    caps = c;
+                }
+            }
+            ["quotas.yaml"] => {
+                if let Some(q) = parse::<QuotasFile>(rel, text, &mut p) {
+                    quotas = q;
+                }
+            }
+            ["routes", f] if is_yaml(f) => {
+                if let Some(r) = parse::<RoutesFile>(rel, text, &mut p) {
+                    routes.extend(r.routes.into_iter().map(|r| (rel.clone(), r)));
+                }
+            }
+            ["slo", f] if is_yaml(f) => {
+                if let Some(s) = parse::<SloFile>(rel, text, &mut p) {
+                    slos.push((rel.clone(), s));
+                }
+            }
+            ["policies", f] => {
+                policies.insert(f.to_string(), text.to_string());
+            }
+            // Examples and other files below policies/ are the policy
+            // author's; only the top level is a policy set.
+            ["policies", ..] => {}
+            _ => p.push(problem(
+                rel,
+                None,
+                None,
+                format!("unknown file; {KNOWN} (a typo such as routes.yaml for routes/x.yaml?)"),
+            )),
+        }
+    }
+    if !seen_caps {
+        p.push(problem("capabilities.yaml", None, None, "missing; list every capability routes, quotas and SLOs may name (`capabilities: [{name: transcode:v1}]`)".into()));
+    }
+    let declared = check_capabilities(&caps, &mut p);
+    check_routes(&routes, &declared, &mut p);
+    check_quotas(&quotas, &declared, &mut p);
+    check_slos(&slos, &declared, &mut p);
+    if !policies.is_empty() {
+        check_policies(&dir.join("policies"), &mut p);
+    }
+    if !p.is_empty() {
+        return Err(p);
+    }
+    let mut routes: Vec<MeshRoute> = routes.into_iter().map(|(_, r)| r).collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(MeshSnapshot {
+        hash: hash(&all),
+        capabilities: caps,
+        routes,
+        quotas,
+        slos: slos.into_iter().map(|(_, s)| s).collect(),
+        policies,
+    })
+}
+
+fn is_yaml(f: &str) -> bool {
+    f.ends_with(".yaml") || f.ends_with(".yml")
+}
+
+fn problem(file: &str, line: Option<usize>, field: Option<String>, message: String) -> Problem {
+    Problem {
+        file: file.to_string(),
+        line,
+        field,
+        message,
+    }
+}
+
+/// Parses YAML into `T`, recording a problem with line and field on failure.
+fn parse<T: for<'de> Deserialize<'de>>(rel: &str, text: &str, p: &mut Vec<Problem>) -> Option<T> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.location().map(|l| l.line());
+            let mut msg = inner.to_string();
+            // serde_yaml appends " at line N column M"; the line is shown already.
+            if let Some(i) = msg.find(" at line ") {
+                msg.truncate(i);
+            }
+            // and may start with its own path (`routes[0]: unknown field`).
+            if let Some((head, rest)) = msg.split_once(": ") {
+                if !head.contains(' ') {
+                    msg = rest.to_string();
+                }
+            }
+            p.push(problem(
+                rel,
+                line,
+                (path != ".").then_some(path),
+                format!("{msg}; see docs/reference/mesh-config.md"),
+            ));
+            None
+        }
+    }
+}
+
+fn check_capabilities(caps: &CapabilitiesFile, p: &mut Vec<Problem>) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (i, c) in caps.capabilities.iter().enumerate() {
+        let field = Some(format!("capabilities[{i}].name"));
+        if c.name.is_empty() || c.name.contains(char::is_whitespace) || c.name == "*" {
+            p.push(problem(
+                "capabilities.yaml",
+                None,
+                field,
+                format!(
+                    "{:?} is not a capability name; use a word like transcode:v1",
+                    c.name
+                ),
+            ));
+        } else if !names.insert(c.name.clone()) {
+            p.push(problem(
+                "capabilities.yaml",
+                None,
+                field,
+                format!("{} is listed twice", c.name),
+            ));
+        }
+    }
+    names
+}
+
+fn check_routes(routes: &[(String, MeshRoute)], declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
+    let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut index: BTreeMap<&str, usize> = BTreeMap::new();
+    for (file, r) in routes {
+        let i = index.entry(file.as_str()).or_insert(0);
+        let at = |f: &str| Some(format!("routes[{i}]{f}"));
+        if r.name.is_empty() || r.name.contains(char::is_whitespace) {
+            p.push(problem(
+                file,
+                None,
+                at(".name"),
+                format!(
+                    "{:?} is not a route name; use a word like transcode",
+                    r.name
+                ),
+            ));
+        }
+        if let Some(other) = names.insert(&r.name, file) {
+            p.push(problem(
+                file,
+                None,
+                at(".name"),
+                format!(
+                    "route {} is also defined in {other}; route names are unique across routes/",
+                    r.name
+                ),
+            ));
+        }
+        if r.backends.is_empty() {
+            p.push(problem(
+                file,
+                None,
+                at(".backends"),
+                "no backends; add at least one `{capability: ..., weight: ...}`".into(),
+            ));
+        }
+        if !r.backends.is_empty() && r.backends.iter().all(|b| b.weight == 0) {
+            p.push(problem(
+                file,
+                None,
+                at(".backends"),
+                "every backend has weight 0, so the route sends nowhere; give one a weight above 0"
+                    .into(),
+            ));
+        }
+        for (j, b) in r.backends.iter().enumerate() {
+            let bf = at(&format!(".backends[{j}]"));
+            if !declared.contains(&b.capability) {
+                p.push(problem(file, None, bf.clone().map(|f| f + ".capability"), format!("capability {} is not in capabilities.yaml, so nobody serves it; declare it there or fix the name", b.capability)));
+            }
+            if b.weight > 10_000 {
+                p.push(problem(
+                    file,
+                    None,
+                    bf.clone().map(|f| f + ".weight"),
+                    format!(
+                        "{} is over 10000; weights are relative (90 and 10 make a 90/10 split)",
+                        b.weight
+                    ),
+                ));
+            }
+            for (k, v) in &b.selector {
+                if k.is_empty() || v.is_empty() {
+                    p.push(problem(
+                        file,
+                        None,
+                        bf.clone().map(|f| f + ".selector"),
+                        "label keys and values must not be empty".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(prefix) = &r.matches.path_prefix {
+            if !prefix.starts_with('/') {
+                p.push(problem(
+                    file,
+                    None,
+                    at(".match.path_prefix"),
+                    format!("{prefix:?} must start with /"),
+                ));
+            }
+        }
+        for h in &r.matches.hosts {
+            if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
+                p.push(problem(
+                    file,
+                    None,
+                    at(".match.hosts"),
+                    format!("{h:?} is not a host name"),
+                ));
+            }
+        }
+        if r.timeout.is_some_and(|t| t.is_zero()) {
+            p.push(problem(
+                file,
+                None,
+                at(".timeout"),
+                "is zero; remove it for no deadline".into(),
+            ));
+        }
+        if r.retry.attempts > 10 {
+            p.push(problem(
+                file,
+                None,
+                at(".retry.attempts"),
+                format!("{} is not 0 to 10", r.retry.attempts),
+            ));
+        }
+        *i += 1;
+    }
+}
+
+fn check_quotas(q: &QuotasFile, declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
+    let mut seen = BTreeSet::new();
+    for (i, l) in q.limits.iter().enumerate() {
+        let at = |f: &str| Some(format!("limits[{i}].{f}"));
+        if let Err(e) = crank_api::resilience::parse_rate(&l.rate) {
+            p.push(problem("quotas.yaml", None, at("rate"), e));
+        }
+        if l.capability != "*" && !declared.contains(&l.capability) {
+            p.push(problem("quotas.yaml", None, at("capability"), format!("capability {} is not in capabilities.yaml; declare it, or use * for every capability", l.capability)));
+        }
+        if l.tenant.is_empty() {
+            p.push(problem(
+                "quotas.yaml",
+                None,
+                at("tenant"),
+                "is empty; name a tenant or use *".into(),
+            ));
+        }
+        if !seen.insert((
+            l.tenant.clone(),
+            l.capability.clone(),
+            format!("{:?}", l.direction),
+        )) {
+            p.push(problem("quotas.yaml", None, at("tenant"), format!("a limit for tenant {} and capability {} is already above; the first one would always win", l.tenant, l.capability)));
+        }
+    }
+}
+
+fn percent(s: &str) -> Option<f64> {
+    let v: f64 = s.trim().strip_suffix('%')?.trim().parse().ok()?;
+    (v > 0.0 && v <= 100.0).then_some(v)
+}
+
+fn check_slos(slos: &[(String, SloFile)], declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (file, s) in slos {
+        if !declared.contains(&s.capability) {
+            p.push(problem(
+                file,
+                None,
+                Some("capability".into()),
+                format!("capability {} is not in capabilities.yaml", s.capability),
+            ));
+        }
+        if let Some(other) = seen.insert(&s.capability, file) {
+            p.push(problem(
+                file,
+                None,
+                Some("capability".into()),
+                format!("{} already has an SLO in {other}", s.capability),
+            ));
+        }
+        for (f, v) in [
+            ("slo.availability", &s.slo.availability),
+            ("slo.error_budget", &s.slo.error_budget),
+        ] {
+            if let Some(v) = v {
+                if percent(v).is_none() {
+                    p.push(problem(
+                        file,
+                        None,
+                        Some(f.into()),
+                        format!("{v:?} is not a percentage like 99.9%"),
+                    ));
+                }
+            }
+        }
+        if let (Some(a), Some(b)) = (
+            s.slo.availability.as_deref().and_then(percent),
+            s.slo.error_budget.as_deref().and_then(percent),
+        ) {
+            if ((100.0 - a) - b).abs() > 1e-6 {
+                p.push(problem(file, None, Some("slo.error_budget".into()), format!("{b}% does not match availability {a}% (the budget is 100% minus the availability: {:.4}%)", 100.0 - a)));
+            }
+        }
+        if let Some(l) = &s.slo.latency {
+            let order = [("p50", l.p50), ("p95", l.p95), ("p99", l.p99)];
+            let set: Vec<_> = order
+                .iter()
+                .filter_map(|(n, d)| d.map(|d| (*n, d)))
+                .collect();
+            for w in set.windows(2) {
+                if w[0].1 > w[1].1 {
+                    p.push(problem(
+                        file,
+                        None,
+                        Some(format!("slo.latency.{}", w[1].0)),
+                        format!(
+                            "is below {} ({:?} < {:?}); percentiles must not decrease",
+                            w[0].0, w[1].1, w[0].1
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn check_policies(dir: &PathBuf, p: &mut Vec<Problem>) {
+    if let Err(e) = crank_policy::PolicySet::load(dir) {
+        p.push(problem(
+            "policies/",
+            None,
+            None,
+            format!("does not compile: {e}"),
+        ));
+        return;
+    }
+    match crank_policy::testing::run_tests(dir, None) {
+        Ok(results) => {
+            for r in results {
+                match &r.outcome {
+                    crank_policy::testing::TestOutcome::Fail => p.push(problem(
+                        "policies/",
+                        None,
+                        Some(r.name.clone()),
+                        "test failed; run `crankctl policy test DIR/policies -v`".into(),
+                    )),
+                    crank_policy::testing::TestOutcome::Error(e) => p.push(problem(
+                        "policies/",
+                        None,
+                        Some(r.name.clone()),
+                        format!("test error: {e}"),
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => p.push(problem(
+            "policies/",
+            None,
+            None,
+            format!("tests cannot run: {e}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        d
+    }
+
+    const CAPS: (&str, &str) = (
+        "capabilities.yaml",
+        "capabilities:\n  - name: transcode:v1\n  - name: summarize:v2\n",
+    );
+    const ROUTE: (&str, &str) = ("routes/transcode.yaml", "routes:\n  - name: transcode\n    match: {hosts: [transcode], path_prefix: /v1}\n    backends:\n      - {capability: transcode:v1, selector: {pool: cpu}, weight: 90}\n      - {capability: transcode:v1, selector: {gpu: nvidia}, weight: 10}\n");
+
+    #[test]
+    fn a_valid_directory_loads_with_a_stable_hash() {
+        let d = dir(&[CAPS, ROUTE, ("quotas.yaml", "limits:\n  - {tenant: '*', capability: transcode:v1, rate: 100/s}\n"), ("slo/summarize.yaml", "capability: summarize:v2\nslo:\n  latency: {p50: 100ms, p95: 500ms, p99: 2000ms}\n  availability: 99.9%\n  error_budget: 0.1%\n  measurement_window: 30d\n")]);
+        let a = load(d.path()).unwrap();
+        assert_eq!(a.routes.len(), 1);
+        assert_eq!(a.routes[0].backends[1].weight, 10);
+        assert_eq!(a.slos[0].capability, "summarize:v2");
+        assert_eq!(load(d.path()).unwrap().hash, a.hash);
+        std::fs::write(
+            d.path().join("routes/transcode.yaml"),
+            ROUTE.1.replace("weight: 10", "weight: 20"),
+        )
+        .unwrap();
+        assert_ne!(load(d.path()).unwrap().hash, a.hash);
+    }
+
+    fn problems(files: &[(&str, &str)]) -> Vec<Problem> {
+        load(dir(files).path()).unwrap_err()
+    }
+
+    #[test]
+    fn every_problem_names_file_field_and_fix() {
+        let cases: &[(&[(&str, &str)], &str, Option<&str>, &str)] = &[
+            (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backendz: []\n")], "routes/a.yaml", None, "unknown field `backendz`"),
+            (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backends: [{capability: nope:v1}]\n")], "routes/a.yaml", Some("routes[0].backends[0].capability"), "nobody serves it"),
+            (&[CAPS, ROUTE, ("routes/b.yaml", "routes:\n  - name: transcode\n    backends: [{capability: transcode:v1}]\n")], "routes/transcode.yaml", Some("routes[0].name"), "also defined in routes/b.yaml"),
+            (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backends: [{capability: transcode:v1, weight: 0}]\n")], "routes/a.yaml", Some("routes[0].backends"), "weight 0"),
+            (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    match: {path_prefix: v1}\n    backends: [{capability: transcode:v1}]\n")], "routes/a.yaml", Some("routes[0].match.path_prefix"), "must start with /"),
+            (&[CAPS, ("quotas.yaml", "limits:\n  - {tenant: acme, capability: transcode:v1, rate: lots}\n")], "quotas.yaml", Some("limits[0].rate"), "N/s"),
+            (&[CAPS, ("quotas.yaml", "limits:\n  - {tenant: acme, capability: gone:v1, rate: 1/s}\n")], "quotas.yaml", Some("limits[0].capability"), "not in capabilities.yaml"),
+            (&[CAPS, ("slo/x.yaml", "capability: transcode:v1\nslo: {availability: 99.9%, error_budget: 1%}\n")], "slo/x.yaml", Some("slo.error_budget"), "does not match"),
+            (&[CAPS, ("slo/x.yaml", "capability: transcode:v1\nslo: {latency: {p50: 1s, p99: 10ms}}\n")], "slo/x.yaml", Some("slo.latency.p99"), "must not decrease"),
+            (&[CAPS, ("routes.yaml", "routes: []\n")], "routes.yaml", None, "unknown file"),
+            (&[ROUTE], "capabilities.yaml", None, "missing"),
+            (&[CAPS, ("policies/policy.yaml", "mode: enforce\n"), ("policies/a.rego", "package crank.authz\nallow if {\n")], "policies/", None, "does not compile"),
+        ];
+        for (files, file, field, msg) in cases {
+            let ps = problems(files);
+            let hit = ps
+                .iter()
+                .find(|p| p.file == *file && (field.is_none() || p.field.as_deref() == *field));
+            let hit = hit.unwrap_or_else(|| panic!("no problem for {file} {field:?} in {ps:?}"));
+            assert!(hit.to_string().contains(msg), "{hit} should say {msg:?}");
+        }
+    }
+
+    #[test]
+    fn yaml_errors_carry_the_line() {
+        let ps = problems(&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backends:\n      - {capability: transcode:v1, weight: lots}\n")]);
+        assert_eq!(ps[0].line, Some(4), "{ps:?}");
+        assert!(
+            ps[0]
+                .to_string()
+                .starts_with("routes/a.yaml:4: routes[0].backends[0].weight: "),
+            "{}",
+            ps[0]
+        );
+    }
+
+    #[test]
+    fn the_shipped_policies_pass_as_a_policies_dir() {
+        let d = dir(&[CAPS]);
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        std::fs::create_dir_all(d.path().join("policies")).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), d.path().join("policies").join(e.file_name())).unwrap();
+            }
+        }
+        let snap = load(d.path()).unwrap();
+        assert!(snap.policies.contains_key("policy.yaml"));
+    }
+}
