@@ -39,6 +39,22 @@ pub enum Command {
     /// The mesh config directory (routes, quotas, SLOs, policies).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The published config version and every proxy: identity, version
+    /// applied, last contact; stale ones flagged.
+    Status {
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
+    /// The effective routes with their live endpoints and weights.
+    Routes {
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
+    /// The registry: every live endpoint, its capabilities, labels and lease.
+    Endpoints {
+        #[arg(long, default_value = "human")]
+        output: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -309,6 +325,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Policy(cmd) => crate::policy_cli::run(cmd),
         Command::Config(ConfigCommand::Validate { dir, output }) => config_validate(&dir, &output),
+        Command::Status { output } => crate::mesh_cli::status(&client, &output),
+        Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
+        Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
     }
 }
 

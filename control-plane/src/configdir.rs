@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crank_api::mesh::{CapabilitiesFile, MeshRoute, QuotasFile, RoutesFile, SloFile};
 use serde::{Deserialize, Serialize};
@@ -468,7 +468,7 @@ fn check_slos(slos: &[(String, SloFile)], declared: &BTreeSet<String>, p: &mut V
     }
 }
 
-fn check_policies(dir: &PathBuf, p: &mut Vec<Problem>) {
+fn check_policies(dir: &Path, p: &mut Vec<Problem>) {
     if let Err(e) = crank_policy::PolicySet::load(dir) {
         p.push(problem(
             "policies/",
@@ -549,7 +549,8 @@ mod tests {
 
     #[test]
     fn every_problem_names_file_field_and_fix() {
-        let cases: &[(&[(&str, &str)], &str, Option<&str>, &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>, &'a str);
+        let cases: &[Case] = &[
             (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backendz: []\n")], "routes/a.yaml", None, "unknown field `backendz`"),
             (&[CAPS, ("routes/a.yaml", "routes:\n  - name: a\n    backends: [{capability: nope:v1}]\n")], "routes/a.yaml", Some("routes[0].backends[0].capability"), "nobody serves it"),
             (&[CAPS, ROUTE, ("routes/b.yaml", "routes:\n  - name: transcode\n    backends: [{capability: transcode:v1}]\n")], "routes/transcode.yaml", Some("routes[0].name"), "also defined in routes/b.yaml"),

@@ -9,5 +9,7 @@ mod ca_cli;
 pub mod cli;
 pub mod configdir;
 pub mod inspect;
+mod mesh_cli;
 mod policy_cli;
+pub mod registry;
 pub mod server;

@@ -62,6 +62,22 @@ pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
 /// Checks what types cannot: references between sections, unique names and
 /// addresses, identities, readable files. Relative paths resolve against `base`.
 pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), ConfigError> {
+    validate_with(file, cfg, base, false)
+}
+
+/// The same checks for a config whose routes came from crank-control
+/// (`mesh`): a route may have no endpoints yet (none registered; its
+/// requests get 503 until one is).
+pub fn validate_pushed(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), ConfigError> {
+    validate_with(file, cfg, base, true)
+}
+
+fn validate_with(
+    file: &str,
+    cfg: &ProxyConfig,
+    base: &Path,
+    pushed: bool,
+) -> Result<(), ConfigError> {
     let err = |field: String, message: String| ConfigError {
         file: file.to_string(),
         field,
@@ -92,7 +108,7 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
                 ),
             ));
         }
-        if r.endpoints.is_empty() {
+        if r.endpoints.is_empty() && !pushed {
             return Err(err(format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
         }
         for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
@@ -108,6 +124,12 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
                 return Err(err(
                     format!("routes[{i}].endpoints[{j}].identity"),
                     e.to_string(),
+                ));
+            }
+            if !(1..=1_000_000).contains(&ep.weight) {
+                return Err(err(
+                    format!("routes[{i}].endpoints[{j}].weight"),
+                    format!("weight {} is not 1 to 1000000; the weight is the endpoint's share of the route's traffic relative to the other endpoints (default 1), to take an endpoint out remove it from the list", ep.weight),
                 ));
             }
         }
@@ -195,6 +217,103 @@ pub fn validate(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(), Config
         validate_tracing(t).map_err(|(field, message)| err(field, message))?;
     }
     validate_resilience(cfg).map_err(|(field, message)| err(field, message))?;
+    if let Some(m) = &cfg.mesh {
+        validate_mesh(cfg, m, base).map_err(|(field, message)| err(field, message))?;
+    }
+    Ok(())
+}
+
+/// The `mesh` section: needs the enrolled identity; waits and leases in
+/// range; pushed policies land where the inbound policy set is read; a
+/// registration has an inbound listener and an address peers can dial.
+fn validate_mesh(
+    cfg: &ProxyConfig,
+    m: &crank_api::proxy::MeshConfig,
+    base: &Path,
+) -> Result<(), (String, String)> {
+    if cfg.identity.enroll.is_none() {
+        return Err(("mesh".into(), "needs identity.enroll: crank-control knows this proxy by its enrolled identity and serves it over mTLS; add identity.enroll, or remove mesh and keep routes in this file".into()));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&m.watch_wait) {
+        return Err((
+            "mesh.watch_wait".into(),
+            "is out of range; use 1s to 60s (default 30s)".into(),
+        ));
+    }
+    if m.state_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return Err(("mesh.state_dir".into(), "is empty; give a directory the proxy may write, or leave it out for identity.enroll.state_dir".into()));
+    }
+    if let Some(pd) = &m.policy_dir {
+        if pd.as_os_str().is_empty() {
+            return Err(("mesh.policy_dir".into(), "is empty; give the directory of policy.inbound.dir, or leave it out to ignore pushed policies".into()));
+        }
+        if let Some(inb) = cfg.policy.as_ref().and_then(|p| p.inbound.as_ref()) {
+            let (a, b) = (resolve(base, pd), resolve(base, &inb.dir));
+            let same =
+                a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+            if !same {
+                return Err((
+                    "mesh.policy_dir".into(),
+                    format!(
+                        "{} is not policy.inbound.dir ({}); pushed policies must be written where the inbound policy set is read: make them the same directory",
+                        a.display(),
+                        b.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let Some(r) = &m.register else {
+        return Ok(());
+    };
+    let Some(inb) = &cfg.inbound else {
+        return Err(("mesh.register".into(), "this proxy has no inbound listener for peers to reach; add `inbound`, or remove mesh.register (a client-only workload is not registered)".into()));
+    };
+    let addr = r.address.unwrap_or(inb.listen);
+    let field = if r.address.is_some() {
+        "mesh.register.address"
+    } else {
+        "mesh.register"
+    };
+    if addr.ip().is_unspecified() || addr.port() == 0 {
+        return Err((
+            field.into(),
+            format!("{addr} is not an address peers can dial; set mesh.register.address to this sidecar's reachable address, e.g. 10.0.0.7:{}", inb.listen.port()),
+        ));
+    }
+    if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&r.lease) {
+        return Err((
+            "mesh.register.lease".into(),
+            "is out of range; use 1s to 5m (default 10s)".into(),
+        ));
+    }
+    if r.capabilities.is_empty() && r.from_file.is_none() {
+        return Err(("mesh.register.capabilities".into(), "is empty; list the capabilities this workload serves (hello:v1), or set from_file to crank-shim's registration_file".into()));
+    }
+    if let Some(c) = r.capabilities.iter().find(|c| c.trim().is_empty()) {
+        return Err((
+            "mesh.register.capabilities".into(),
+            format!("{c:?} is empty; name each capability, e.g. hello:v1"),
+        ));
+    }
+    if r.labels.keys().any(|k| k.is_empty()) {
+        return Err((
+            "mesh.register.labels".into(),
+            "has an empty label name".into(),
+        ));
+    }
+    if r.from_file
+        .as_ref()
+        .is_some_and(|f| f.as_os_str().is_empty())
+    {
+        return Err((
+            "mesh.register.from_file".into(),
+            "is empty; give crank-shim's registration_file, or leave it out".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -579,6 +698,9 @@ mod tests {
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, concurrency: {max_concurrent: 0}}\n", "inbound.concurrency.max_concurrent", "refuses every request"),
             ("inbound: {listen: 127.0.0.1:1, app: 127.0.0.1:2, idempotency: {ttl: 0s}}\n", "inbound.idempotency", "enabled: false"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], timeout: 0s}]\n", "routes[0].timeout", "is zero"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local, weight: 0}]}]\n", "routes[0].endpoints[0].weight", "not 1 to 1000000"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}, {address: 127.0.0.1:2, identity: b.t.crank.local, weight: 1000001}]}]\n", "routes[0].endpoints[1].weight", "not 1 to 1000000"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local, labels: {pool: [a]}}]}]\n", "routes[0].endpoints[0].labels.pool", "invalid type"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {attempts: 50}}]\n", "routes[0].retry.attempts", "0 to 10"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {on: [teapot]}}]\n", "routes[0].retry.on[0]", "unknown variant"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {backoff_base: 1s, backoff_max: 10ms}}]\n", "routes[0].retry.backoff_base", "backoff_max"),
@@ -633,6 +755,123 @@ mod tests {
             assert_eq!(e.field, *field, "{yaml}: {e}");
             assert!(e.message.contains(needle), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn mesh_section_is_checked() {
+        let d = dir_with_certs();
+        std::fs::create_dir(d.path().join("pol")).unwrap();
+        let id = "identity: {trust_bundle: bundle.pem, enroll: {control_plane: \"127.0.0.1:8443\", service: web, tenant: acme, state_dir: st}}\nadmin: {listen: 127.0.0.1:9901}\n";
+        let inb = "inbound: {listen: 127.0.0.1:4143, app: 127.0.0.1:8080}\n";
+        let run = |text: String| {
+            parse("p.yaml", &text).and_then(|c| validate("p.yaml", &c, d.path()).map(|_| c))
+        };
+        let cfg = run(format!(
+            "{id}{inb}mesh: {{register: {{capabilities: [hello:v1]}}}}\n"
+        ))
+        .unwrap();
+        let m = cfg.mesh.as_ref().unwrap();
+        assert_eq!(m.watch_wait.as_secs(), 30);
+        assert_eq!(m.state_dir, None);
+        let r = m.register.as_ref().unwrap();
+        assert_eq!(r.lease.as_secs(), 10);
+        assert_eq!(r.address, None);
+        run(format!("{id}{inb}policy: {{inbound: {{dir: pol}}}}\nmesh: {{policy_dir: pol, watch_wait: 5s, state_dir: ms, register: {{address: \"10.0.0.7:4143\", from_file: shim.json, lease: 5m, labels: {{gpu: none}}}}}}\n")).unwrap();
+        run(format!("{id}mesh: {{}}\n")).unwrap();
+        let listen_any = "inbound: {listen: 0.0.0.0:4143, app: 127.0.0.1:8080}\n";
+        let cases: &[(String, &str, &str)] = &[
+            (
+                format!("{BASE}mesh: {{}}\n"),
+                "mesh",
+                "needs identity.enroll",
+            ),
+            (
+                format!("{id}mesh: {{watch_wait: 61s}}\n"),
+                "mesh.watch_wait",
+                "1s to 60s",
+            ),
+            (
+                format!("{id}mesh: {{watch_wait: 0s}}\n"),
+                "mesh.watch_wait",
+                "1s to 60s",
+            ),
+            (
+                format!("{id}mesh: {{colour: red}}\n"),
+                "mesh.colour",
+                "unknown field",
+            ),
+            (
+                format!("{id}mesh: {{state_dir: \"\"}}\n"),
+                "mesh.state_dir",
+                "is empty",
+            ),
+            (
+                format!(
+                    "{id}{inb}policy: {{inbound: {{dir: pol}}}}\nmesh: {{policy_dir: other}}\n"
+                ),
+                "mesh.policy_dir",
+                "policy.inbound.dir",
+            ),
+            (
+                format!("{id}mesh: {{register: {{capabilities: [a]}}}}\n"),
+                "mesh.register",
+                "no inbound listener",
+            ),
+            (
+                format!("{id}{listen_any}mesh: {{register: {{capabilities: [a]}}}}\n"),
+                "mesh.register",
+                "set mesh.register.address",
+            ),
+            (
+                format!(
+                    "{id}{inb}mesh: {{register: {{capabilities: [a], address: \"0.0.0.0:1\"}}}}\n"
+                ),
+                "mesh.register.address",
+                "peers can dial",
+            ),
+            (
+                format!("{id}{inb}mesh: {{register: {{capabilities: [a], lease: 500ms}}}}\n"),
+                "mesh.register.lease",
+                "1s to 5m",
+            ),
+            (
+                format!("{id}{inb}mesh: {{register: {{capabilities: [a], lease: 6m}}}}\n"),
+                "mesh.register.lease",
+                "1s to 5m",
+            ),
+            (
+                format!("{id}{inb}mesh: {{register: {{}}}}\n"),
+                "mesh.register.capabilities",
+                "from_file",
+            ),
+            (
+                format!("{id}{inb}mesh: {{register: {{capabilities: [\"\"]}}}}\n"),
+                "mesh.register.capabilities",
+                "is empty",
+            ),
+            (
+                format!("{id}{inb}mesh: {{register: {{capabilities: [a], ttl: 1s}}}}\n"),
+                "mesh.register.ttl",
+                "unknown field",
+            ),
+        ];
+        for (text, field, needle) in cases {
+            let e = run(text.clone()).expect_err(text);
+            assert_eq!(e.field, *field, "{text}: {e}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn pushed_routes_may_have_no_endpoints_yet() {
+        let d = dir_with_certs();
+        let cfg = parse(
+            "p.yaml",
+            &format!("{BASE}routes: [{{name: b, endpoints: []}}]\n"),
+        )
+        .unwrap();
+        assert!(validate("p.yaml", &cfg, d.path()).is_err());
+        validate_pushed("mesh", &cfg, d.path()).unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `docs/architecture.md` has the phase table and the ports.
 
 pub mod admin;
+pub mod balancer;
 pub mod config;
 pub mod conn;
 pub mod drain;
@@ -15,6 +16,7 @@ pub mod framing;
 pub mod health;
 pub mod identity;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod otlp;
 pub mod policy;

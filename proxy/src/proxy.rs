@@ -170,7 +170,8 @@ impl ProxyHttp for MeshProxy {
                     .map(|a| a.port());
                 let host = request_authority(session.req_header());
                 let table = self.shared.routes.load();
-                match table.select(port, host.as_deref()) {
+                let path = session.req_header().uri.path().to_string();
+                match table.select_path(port, host.as_deref(), &path) {
                     Ok(route) => ctx.route = Some(route),
                     Err(nr) => {
                         let detail = format!(
@@ -329,6 +330,7 @@ impl ProxyHttp for MeshProxy {
         ctx.fresh_upstream = !reused;
         if self.direction == Direction::Outbound {
             self.refuse_revoked_peer(digest, reused, ctx)?;
+            self.attempt_sent(ctx);
         }
         Ok(())
     }
@@ -344,7 +346,7 @@ impl ProxyHttp for MeshProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if self.direction == Direction::Outbound {
-            self.record_attempt(ctx, false);
+            self.record_attempt(ctx, false, false);
             if self.may_retry(session, ctx, crate::resilience::retry::Failure::Connect) {
                 let reason = refine(classify(&e), self.direction, true);
                 ctx.retried_because = Some(reason.as_str().into());

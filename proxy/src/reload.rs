@@ -25,6 +25,10 @@ use crate::state::Shared;
 #[derive(Default)]
 pub struct ReloadStatus {
     pub last_rejected: Mutex<Option<String>>,
+    /// Held while a change is checked against the running config and
+    /// applied (the file watcher and the mesh watch), so neither applies
+    /// a config made from a running one the other just replaced.
+    pub apply_lock: Mutex<()>,
 }
 
 /// The top-level fields of `new` that differ from `old` and cannot change
@@ -44,6 +48,7 @@ pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str>
     check("drain", old.drain == new.drain);
     check("access_log", old.access_log == new.access_log);
     check("policy", old.policy == new.policy);
+    check("mesh", old.mesh == new.mesh);
     let tracing_same = match (&old.tracing, &new.tracing) {
         (None, None) => true,
         (Some(a), Some(b)) => {
@@ -91,6 +96,7 @@ pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io:
                 continue;
             }
             last = now;
+            let _one_at_a_time = shared.reload.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
             match check_change(&path, &shared) {
                 Ok(new) if new == **shared.config.load() => {
                     tracing::debug!(file = %path.display(), "config file saved without a change");
@@ -123,7 +129,22 @@ fn check_change(path: &std::path::Path, shared: &Shared) -> Result<ProxyConfig, 
             fields.join(", ")
         ));
     }
-    Ok(new)
+    // Routes and quota limits from crank-control stay: the file's are the
+    // fallback for when nothing was ever received.
+    match shared.mesh.as_ref().and_then(|m| m.applied()) {
+        Some(u) => {
+            let new = crate::mesh::merge::overlay(new, Some(&u));
+            let file = path.display().to_string();
+            crate::config::validate_pushed(
+                &file,
+                &new,
+                path.parent().unwrap_or(std::path::Path::new(".")),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(new)
+        }
+        None => Ok(new),
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! and which endpoint (peer sidecar) serves it. Pure over plain data; the
 //! proxy phases only call [`RouteTable::select`] and [`Route::pick`].
 //!
-//! Each route carries its resilience state (outlier detection, retry
-//! budget, concurrency limit). A config reload keeps a route's state when
-//! its endpoints and those settings are unchanged, so changing a timeout or
-//! a fault drill does not forget which endpoints are ejected.
+//! Each route carries its resilience state (outlier detection, endpoint
+//! weights and latency estimates for the balancer, retry budget,
+//! concurrency limit). A config reload keeps a route's state when its
+//! endpoints (address, identity, weight) and those settings are unchanged,
+//! so changing a timeout, a fault drill or an endpoint's labels does not
+//! forget which endpoints are ejected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,7 +44,13 @@ pub struct RouteState {
 impl RouteState {
     fn new(cfg: &RouteConfig) -> Self {
         RouteState {
-            breakers: Endpoints::new(cfg.endpoints.len(), breaker_config(cfg)),
+            breakers: Endpoints::grouped(
+                &cfg.endpoints
+                    .iter()
+                    .map(|e| (e.weight, e.backend))
+                    .collect::<Vec<_>>(),
+                breaker_config(cfg),
+            ),
             budget: Budget::new(&cfg.retry),
             limiter: cfg.concurrency.as_ref().map(Limiter::new),
         }
@@ -59,9 +67,16 @@ fn breaker_config(cfg: &RouteConfig) -> BreakerConfig {
     }
 }
 
-/// Whether a reloaded route may keep the old route's state.
+/// Whether a reloaded route may keep the old route's state. Labels are
+/// informational and do not count.
 fn same_state(a: &RouteConfig, b: &RouteConfig) -> bool {
-    a.endpoints == b.endpoints
+    let key = |r: &RouteConfig| -> Vec<_> {
+        r.endpoints
+            .iter()
+            .map(|e| (e.address, e.identity.clone(), e.weight, e.backend))
+            .collect()
+    };
+    key(a) == key(b)
         && a.circuit == b.circuit
         && a.retry == b.retry
         && a.concurrency == b.concurrency
@@ -88,9 +103,10 @@ impl Route {
             .then_some(first)
     }
 
-    /// Round-robin over the endpoints that can take a request, skipping
-    /// ejected ones and, when another can take it, those in `tried`. None:
-    /// every endpoint is ejected (the circuit is open).
+    /// Power of two choices by weight and latency (see [`crate::balancer`])
+    /// over the endpoints that can take a request, skipping ejected ones
+    /// and, when another can take it, those in `tried`. None: every
+    /// endpoint is ejected (the circuit is open).
     pub fn pick(&self, tried: &[usize]) -> Option<(Pick, &Endpoint)> {
         let p = self.state.breakers.pick(tried)?;
         self.endpoints.get(p.index).map(|e| (p, e))
@@ -101,7 +117,8 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    by_host: HashMap<String, usize>,
+    /// Routes by host; several when they differ by `path_prefix`.
+    by_host: HashMap<String, Vec<usize>>,
     by_port: HashMap<u16, usize>,
 }
 
@@ -148,7 +165,10 @@ impl RouteTable {
                 state,
             }));
             for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
-                t.by_host.insert(normalize_host(h), idx);
+                let list = t.by_host.entry(normalize_host(h)).or_default();
+                if !list.contains(&idx) {
+                    list.push(idx);
+                }
             }
         }
         for p in &cfg.outbound.ports {
@@ -167,12 +187,34 @@ impl RouteTable {
         local_port: Option<u16>,
         host: Option<&str>,
     ) -> Result<Arc<Route>, NoRoute> {
+        self.select_path(local_port, host, "/")
+    }
+
+    /// As [`RouteTable::select`]; among the host's routes, the one with the
+    /// longest `path_prefix` that `path` starts with wins (no prefix: any path).
+    pub fn select_path(
+        &self,
+        local_port: Option<u16>,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Arc<Route>, NoRoute> {
         if let Some(idx) = local_port.and_then(|p| self.by_port.get(&p)) {
             return Ok(self.routes[*idx].clone());
         }
         let host = host.map(normalize_host);
-        match host.as_ref().and_then(|h| self.by_host.get(h)) {
-            Some(idx) => Ok(self.routes[*idx].clone()),
+        let best = host
+            .as_ref()
+            .and_then(|h| self.by_host.get(h))
+            .and_then(|list| {
+                list.iter()
+                    .filter_map(|i| {
+                        let prefix = self.routes[*i].cfg.path_prefix.as_deref().unwrap_or("");
+                        path.starts_with(prefix).then_some((prefix.len(), *i))
+                    })
+                    .max_by_key(|(len, i)| (*len, std::cmp::Reverse(*i)))
+            });
+        match best {
+            Some((_, idx)) => Ok(self.routes[idx].clone()),
             None => Err(NoRoute { host }),
         }
     }
@@ -228,6 +270,47 @@ routes:
     }
 
     #[test]
+    fn the_longest_matching_path_prefix_wins() {
+        let cfg: ProxyConfig = serde_yaml::from_str(
+            r#"
+identity: {cert: a, key: b, trust_bundle: c}
+admin: {listen: 127.0.0.1:9901}
+routes:
+  - name: api
+    hosts: [media]
+    endpoints: [{address: 127.0.0.1:7001, identity: api.media.crank.local}]
+  - name: transcode
+    hosts: [media]
+    path_prefix: /v1/transcode
+    endpoints: [{address: 127.0.0.1:7002, identity: transcoder.media.crank.local}]
+  - name: legacy
+    hosts: [old]
+    path_prefix: /legacy/
+    endpoints: [{address: 127.0.0.1:7003, identity: legacy.media.crank.local}]
+"#,
+        )
+        .unwrap();
+        let t = RouteTable::from_config(&cfg);
+        let pick = |host: &str, path: &str| {
+            t.select_path(None, Some(host), path)
+                .ok()
+                .map(|r| r.name.clone())
+        };
+        assert_eq!(
+            pick("media", "/v1/transcode/jobs").as_deref(),
+            Some("transcode")
+        );
+        assert_eq!(pick("media", "/v1/other").as_deref(), Some("api"));
+        assert_eq!(pick("media", "/").as_deref(), Some("api"));
+        assert_eq!(pick("old", "/legacy/x").as_deref(), Some("legacy"));
+        assert_eq!(
+            pick("old", "/new"),
+            None,
+            "no route of that host takes the path"
+        );
+    }
+
+    #[test]
     fn selection_table() {
         let t = table();
         let cases: &[(Option<u16>, Option<&str>, Option<&str>)] = &[
@@ -258,14 +341,13 @@ routes:
     }
 
     #[test]
-    fn round_robin_and_server_names() {
+    fn picks_spread_and_server_names() {
         let t = table();
         let r = t.select(Some(5001), None).unwrap();
-        let a = r.pick(&[]).unwrap().1.address.port();
-        let b = r.pick(&[]).unwrap().1.address.port();
-        let c = r.pick(&[]).unwrap().1.address.port();
-        assert_ne!(a, b);
-        assert_eq!(a, c);
+        let ports: std::collections::HashSet<u16> = (0..100)
+            .map(|_| r.pick(&[]).unwrap().1.address.port())
+            .collect();
+        assert_eq!(ports, [7001, 7002].into());
         assert_eq!(r.endpoints[1].server_name, "transcoder.media.crank.local");
         // A retry goes to the endpoint not tried yet.
         let (p, _) = r.pick(&[]).unwrap();
@@ -300,6 +382,48 @@ routes:
         };
         assert!(same("transcode:v1"), "a timeout change keeps the breakers");
         assert!(!same("backend"), "a new endpoint list starts afresh");
+        let relabel = |extra: &str| -> ProxyConfig {
+            serde_yaml::from_str(&format!(
+                "identity: {{cert: a, key: b, trust_bundle: c}}\n\
+                 admin: {{listen: 127.0.0.1:9901}}\n\
+                 routes: [{{name: backend, endpoints: [{{address: 127.0.0.1:7009, identity: backend.demo.crank.local{extra}}}]}}]\n"
+            ))
+            .unwrap()
+        };
+        let kept = |a: &RouteTable, b: &RouteTable| {
+            let state = |t: &RouteTable| t.select(None, Some("backend")).unwrap().state.clone();
+            Arc::ptr_eq(&state(a), &state(b))
+        };
+        let labelled = RouteTable::reloaded(&relabel(", labels: {pool: a}"), Some(&new));
+        assert!(kept(&new, &labelled), "labels are informational");
+        let weighted = RouteTable::reloaded(&relabel(", weight: 3"), Some(&labelled));
+        assert!(!kept(&labelled, &weighted), "a new weight starts afresh");
+    }
+
+    #[test]
+    fn weights_come_from_the_config() {
+        let cfg: ProxyConfig = serde_yaml::from_str(
+            r#"
+identity: {cert: a, key: b, trust_bundle: c}
+admin: {listen: 127.0.0.1:9901}
+routes:
+  - name: split
+    endpoints:
+      - {address: 127.0.0.1:7001, identity: a.t.crank.local, weight: 90, labels: {pool: stable}}
+      - {address: 127.0.0.1:7002, identity: a.t.crank.local, weight: 10, labels: {pool: canary}}
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.routes[0].endpoints[1].labels["pool"], "canary");
+        let t = RouteTable::from_config(&cfg);
+        let r = t.select(None, Some("split")).unwrap();
+        let mut counts = [0usize; 2];
+        for _ in 0..10_000 {
+            let (p, _) = r.pick(&[]).unwrap();
+            counts[p.index] += 1;
+            r.state.breakers.start(p.index).finish(true);
+        }
+        assert!((8700..=9300).contains(&counts[0]), "{counts:?}");
     }
 
     #[test]

@@ -89,6 +89,8 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     // Not ready once the own certificate has expired, static or enrolled:
     // every peer refuses it then, so load balancers should stop sending here.
     health.set_cert_expiry(Some(tls.summary().not_after));
+    let mesh = crate::mesh::Mesh::new(&cfg, base, &metrics.registry)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let shared = Arc::new(Shared {
         routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),
         tls: Arc::new(tls),
@@ -107,10 +109,16 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .map(crate::resilience::shed::Limiter::new),
         idempotency: crate::resilience::flow::idempotency_store(&cfg),
         enrollment: agent.as_ref().map(|a| a.status.clone()),
+        mesh: mesh.clone(),
         config: ArcSwap::from_pointee(cfg.clone()),
     });
     if let Some(agent) = agent {
         crate::enroll::spawn(agent, shared.clone())?;
+    }
+    if let Some(mesh) = &mesh {
+        // Before serving: the last good routes from crank-control, if any.
+        mesh.load_last_good(&shared);
+        crate::mesh::spawn(mesh.clone(), shared.clone())?;
     }
     crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), None, &metrics);
     crate::resilience::flow::spawn_housekeeping(shared.clone())?;
@@ -198,12 +206,16 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         admin = %cfg.admin.listen,
         "crank-proxy starting"
     );
-    server.run(RunArgs {
-        shutdown_signal: Box::new(DrainSignal {
-            health,
-            deadline: cfg.drain.deadline,
-        }),
-    });
+    let drain = DrainSignal {
+        health,
+        deadline: cfg.drain.deadline,
+    };
+    let shutdown_signal: Box<dyn pingora_core::server::ShutdownSignalWatch> =
+        match mesh.filter(|m| m.cfg.register.is_some()) {
+            Some(mesh) => Box::new(crate::mesh::register::DeregisterFirst { mesh, drain }),
+            None => Box::new(drain),
+        };
+    server.run(RunArgs { shutdown_signal });
     Ok(())
 }
 

@@ -32,6 +32,8 @@ pub struct Shared {
     pub idempotency: Option<Arc<dyn crate::resilience::idempotency::IdempotencyStore>>,
     /// The identity agent's progress; `None` for a static identity.
     pub enrollment: Option<Arc<crate::enroll::AgentStatus>>,
+    /// Config from crank-control and the registration; `None` without `mesh`.
+    pub mesh: Option<Arc<crate::mesh::Mesh>>,
 }
 
 impl Shared {
@@ -77,6 +79,7 @@ impl Shared {
                 "enrollment": enrollment,
             },
             "routes": self.routes.load().names(),
+            "mesh": self.mesh.as_ref().map(|m| m.to_json()),
             "policy": self.policy_dump(),
             "tracing": self.tracer.as_ref().map(|t| serde_json::json!({"sampling": t.ratio()})),
             "last_rejected_config_change": self.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()).clone(),

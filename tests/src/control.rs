@@ -22,6 +22,8 @@ pub struct ControlPlane {
 pub struct ControlOptions {
     pub leaf_ttl: &'static str,
     pub stale_after: &'static str,
+    /// YAML appended to control.yaml (`config_dir: mesh`, `registry: {lease: 2s}`).
+    pub extra: String,
 }
 
 impl Default for ControlOptions {
@@ -29,6 +31,7 @@ impl Default for ControlOptions {
         ControlOptions {
             leaf_ttl: "1h",
             stale_after: "10m",
+            extra: String::new(),
         }
     }
 }
@@ -51,8 +54,8 @@ impl ControlPlane {
             &config,
             format!(
                 "listen: {listen}\nstate_dir: state\nadmin_socket: state/admin.sock\nca: {{intermediate: ca/int1}}\n\
-                 certs: {{leaf_ttl: {}}}\nworkloads: {{stale_after: {}}}\n",
-                opts.leaf_ttl, opts.stale_after
+                 certs: {{leaf_ttl: {}}}\nworkloads: {{stale_after: {}}}\n{}",
+                opts.leaf_ttl, opts.stale_after, opts.extra
             ),
         )
         .unwrap();

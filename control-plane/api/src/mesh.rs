@@ -184,3 +184,47 @@ pub struct EndpointRegistration {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
+
+/// `GET /v1/mesh/watch?instance=I&seq=S&registry=R&wait=30` (mTLS with the
+/// enrolled identity). Answers as soon as the published config (`seq`) or
+/// the live endpoints (`registry`) differ from what the caller has, or
+/// after `wait` seconds (at most 60) with the current state. The query is
+/// also the caller's report of the version it applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshUpdate {
+    pub version: ConfigVersion,
+    /// The registry version the endpoints below were resolved from.
+    pub registry: u64,
+    /// The routes this proxy needs (a route's `clients`), with their live
+    /// endpoints, in the proxy's own route type.
+    pub routes: Vec<crate::proxy::RouteConfig>,
+    /// `quotas.yaml`'s limits.
+    pub quotas: Vec<crate::resilience::QuotaLimit>,
+    /// `policies/` files (name → contents); empty when the directory has none.
+    pub policies: BTreeMap<String, String>,
+}
+
+/// `POST /v1/registry/register` (mTLS): the caller's identity must be the
+/// registration's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub endpoint: EndpointRegistration,
+    /// How long the registration lives without a heartbeat. Default: the
+    /// control plane's `registry.lease` (10 s).
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub lease: String,
+    pub lease_seconds: u64,
+}
+
+/// `POST /v1/registry/heartbeat` and `POST /v1/registry/deregister`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub lease: String,
+}

@@ -47,6 +47,11 @@ pub struct ProxyConfig {
     /// Rate limits by tenant and capability (429 with `Retry-After`).
     #[serde(default)]
     pub quotas: QuotaConfig,
+    /// Routes, quotas and policies from crank-control, and this workload's
+    /// registration in its registry. Needs `identity.enroll`. Absent: the
+    /// routes and quotas of this file only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshConfig>,
 }
 
 /// Spans for each request, exported over OTLP.
@@ -263,6 +268,57 @@ impl EnrollConfig {
     }
 }
 
+/// Config distribution from crank-control (`mesh`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// How long one `GET /v1/mesh/watch` long-poll waits for a change.
+    /// Default 30s; 1s to 60s.
+    #[serde(default = "default_watch_wait", with = "humantime_serde")]
+    pub watch_wait: Duration,
+    /// Where the last applied update is kept (`mesh.json`), so a restart
+    /// serves it even while crank-control is away. Default:
+    /// `identity.enroll.state_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// Where pushed policy files are written. Must be `policy.inbound.dir`
+    /// when an inbound policy set is configured. Absent: pushed policies
+    /// are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_dir: Option<PathBuf>,
+    /// Register the local workload in crank-control's registry. Absent: not
+    /// registered (a client-only workload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register: Option<MeshRegisterConfig>,
+}
+
+/// This workload's endpoint in crank-control's registry (`mesh.register`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshRegisterConfig {
+    /// The address peers reach this sidecar on. Default: `inbound.listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// Capabilities served (`transcode:v1`).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Labels peers' route selectors match (`gpu: nvidia`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// crank-shim's `registration_file`: its capabilities are added and its
+    /// labels win. While the file is absent the workload is not registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<PathBuf>,
+    /// How long the registration lives without a heartbeat; heartbeats go
+    /// every lease/3. Default 10s; 1s to 5m.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_trust_domain() -> String {
     crank_certs::DEFAULT_TRUST_DOMAIN.to_string()
 }
@@ -335,6 +391,10 @@ pub struct RouteConfig {
     /// HTTP proxy listener. The route name always matches too.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Only requests whose path starts with this (`/v1/`) match by host.
+    /// Absent: any path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
     /// Peer sidecars serving this route.
     pub endpoints: Vec<EndpointConfig>,
     /// The capability this route reaches (`transcode:v1`). The outbound
@@ -370,6 +430,24 @@ pub struct EndpointConfig {
     pub address: SocketAddr,
     /// The identity the peer must prove, DNS or SPIFFE form.
     pub identity: String,
+    /// Share of the route's traffic, relative to its other endpoints
+    /// (1..=10000). Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Informational labels (pool, zone, version); shown in `/config_dump`,
+    /// not used to route. Default empty.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The weighted backend of a route pushed by crank-control that this
+    /// endpoint belongs to. Traffic is split between backends first (by
+    /// the sum of their endpoints' weights), then balanced within the
+    /// backend. Default 0: one backend.
+    #[serde(default)]
+    pub backend: u32,
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

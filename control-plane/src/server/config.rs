@@ -33,6 +33,35 @@ pub struct ControlConfig {
     pub tokens: TokenLimits,
     #[serde(default)]
     pub workloads: WorkloadSettings,
+    /// The mesh config directory (capabilities.yaml, routes/, quotas.yaml,
+    /// slo/, policies/), checked every half second and pushed to proxies.
+    /// Absent: crank-control is only the CA.
+    #[serde(default)]
+    pub config_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub registry: RegistrySettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Lease of a registration that asks for none: an endpoint whose
+    /// heartbeats stop leaves every route after this long (dead worker
+    /// detection).
+    #[serde(with = "humantime_serde", default = "default_lease")]
+    pub lease: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings {
+            lease: default_lease(),
+        }
+    }
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// The intermediate that signs, used only when `state_dir` holds no CA yet.
@@ -142,6 +171,11 @@ pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
             *p = base.join(&*p);
         }
     }
+    if let Some(p) = cfg.config_dir.as_mut() {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
     Ok(cfg)
 }
 
@@ -182,6 +216,13 @@ pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
         return Err(err(
             "tokens.default_ttl",
             "must be above zero and at most tokens.max_ttl".into(),
+        ));
+    }
+    if cfg.registry.lease < Duration::from_secs(1) || cfg.registry.lease > Duration::from_secs(300)
+    {
+        return Err(err(
+            "registry.lease",
+            "must be 1s to 5m (10s is the default)".into(),
         ));
     }
     if cfg.workloads.stale_after < Duration::from_secs(1) {

@@ -27,11 +27,11 @@ use super::admin::{
 use super::state::{Issued, Refusal, Report, RotationKind};
 use super::{now, Control};
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
 const MAX_BODY: usize = 64 * 1024;
 
-fn json<T: Serialize>(status: u16, body: &T) -> Resp {
+pub(super) fn json<T: Serialize>(status: u16, body: &T) -> Resp {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -63,7 +63,9 @@ impl Control {
     }
 }
 
-async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refusal> {
+pub(super) async fn body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Refusal> {
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
@@ -84,7 +86,7 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
     })
 }
 
-fn check_instance(instance: &str) -> Result<(), Refusal> {
+pub(super) fn check_instance(instance: &str) -> Result<(), Refusal> {
     if instance.is_empty()
         || instance.len() > 64
         || !instance
@@ -330,7 +332,7 @@ impl Control {
     }
 }
 
-fn form_pairs(q: &str) -> HashMap<String, String> {
+pub(super) fn form_pairs(q: &str) -> HashMap<String, String> {
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -348,6 +350,22 @@ async fn route_workload(
         (Method::POST, "/v1/identity/renew") => control.renew(req, &peer_certs).await,
         (Method::GET, "/v1/identity/watch") => control.watch(req, &peer_certs).await,
         (Method::GET, "/v1/identity/bundle") => Ok(json(200, &control.state().bundle())),
+        (Method::GET, "/v1/mesh/watch") => match peer(&control, &peer_certs) {
+            Ok((id, _)) => control.mesh_watch(req, id).await,
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/registry/register") => match peer(&control, &peer_certs) {
+            Ok((id, _)) => control.register(req, id).await,
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/registry/heartbeat") => match peer(&control, &peer_certs) {
+            Ok(_) => control.heartbeat(req).await,
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/registry/deregister") => match peer(&control, &peer_certs) {
+            Ok(_) => control.deregister(req).await,
+            Err(e) => Err(e),
+        },
         _ => Err(refusal(
             404,
             "not-found",
@@ -578,6 +596,9 @@ impl Control {
                 Ok(json(200, &self.status()))
             }
             (Method::GET, "/v1/admin/status") => Ok(json(200, &self.status())),
+            (Method::GET, "/v1/admin/mesh/status") => Ok(json(200, &self.mesh_status())),
+            (Method::GET, "/v1/admin/mesh/routes") => Ok(json(200, &self.mesh_routes())),
+            (Method::GET, "/v1/admin/mesh/endpoints") => Ok(json(200, &self.mesh_endpoints())),
             (Method::GET, "/metrics") => Ok(Response::builder()
                 .header("content-type", "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(self.metrics.encode())))

@@ -17,6 +17,7 @@ pub struct Metrics {
     phase: IntGaugeVec,
     workloads: IntGaugeVec,
     bundle_version: IntGaugeVec,
+    mesh: IntGaugeVec,
 }
 
 impl Metrics {
@@ -72,7 +73,12 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
         }
-        for g in [&expiry, &phase, &workloads, &bundle_version] {
+        let mesh = IntGaugeVec::new(
+            Opts::new("crank_mesh_config", "The published mesh config: seq (version number), published_at and rejected_at (unix seconds of the last refused change, 0 when the directory is valid)"),
+            &["what"],
+        )
+        .expect("valid metric");
+        for g in [&expiry, &phase, &workloads, &bundle_version, &mesh] {
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -85,7 +91,19 @@ impl Metrics {
             phase,
             workloads,
             bundle_version,
+            mesh,
         }
+    }
+
+    pub fn observe_mesh(&self, m: &super::mesh::MeshState) {
+        let seq = m.current.as_ref().map_or(0, |c| c.seq as i64);
+        self.mesh.with_label_values(&["seq"]).set(seq);
+        self.mesh
+            .with_label_values(&["published_at"])
+            .set(m.current.as_ref().map_or(0, |c| c.published_at));
+        self.mesh
+            .with_label_values(&["rejected_at"])
+            .set(m.last_error.as_ref().map_or(0, |e| e.0));
     }
 
     pub fn observe(&self, st: &CaState, tls: &ServerTls) {

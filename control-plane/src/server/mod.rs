@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 mod http;
+pub mod mesh;
 mod metrics;
 pub mod state;
 mod tls;
@@ -40,6 +41,13 @@ pub struct Control {
     started: std::time::Instant,
     /// The state existed before this start (a restart, not a first start).
     restarted: bool,
+    /// The published mesh config and what proxies report.
+    mesh: Mutex<mesh::MeshState>,
+    /// Live endpoints with leases (in memory: the embedded default).
+    registry: Arc<dyn crate::registry::Registry>,
+    /// A config was published before this start: proxies are waiting for
+    /// the registry to fill again (see `registry_grace_left`).
+    mesh_restarted: bool,
 }
 
 /// Longer than the longest watch (60 s): by then every live workload has
@@ -101,6 +109,7 @@ impl Control {
             tracing::info!(dir = %dir.display(), "seeded the CA from the intermediate");
             st
         };
+        let mesh_state = mesh::MeshState::open(&cfg.state_dir);
         let signer = state.signer()?;
         let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -113,7 +122,11 @@ impl Control {
             tls,
             started: std::time::Instant::now(),
             restarted,
+            mesh_restarted: mesh_state.current.is_some(),
+            mesh: Mutex::new(mesh_state),
+            registry: Arc::new(crate::registry::MemoryRegistry::new()),
         });
+        control.tick_mesh();
         {
             let st = control.state();
             control.save(&st)?;
@@ -170,6 +183,7 @@ impl Control {
     }
 
     fn tick(&self) {
+        self.tick_mesh();
         {
             let mut st = self.state();
             if st.prune(now()) {

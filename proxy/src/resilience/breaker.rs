@@ -1,5 +1,9 @@
 //! Per-endpoint circuit breaking (outlier detection) and endpoint choice for
-//! one outbound route.
+//! one outbound route. The choice among the endpoints that can take a
+//! request is [`crate::balancer::choose`] (power of two choices over a
+//! latency EWMA, with weights); this module keeps the state it needs: each
+//! endpoint's weight, latency estimate and requests in flight
+//! ([`Endpoints::start`]).
 //!
 //! Every endpoint of a route has its own small state machine:
 //!
@@ -28,13 +32,14 @@
 //!   is multiplied by a random factor in `[1, 1 + jitter]` so endpoints that
 //!   failed together are not probed together; `max_ejection` stays a hard
 //!   cap, also after jitter.
-//! * **HalfOpen**: the ejection ran out. The next pick that reaches the
-//!   endpoint gets it as a *probe* ([`Pick::probe`]); while the probe is out
+//! * **HalfOpen**: the ejection ran out. The next pick (that does not
+//!   exclude the endpoint) gets it as a *probe* ([`Pick::probe`]); while the probe is out
 //!   every other request skips the endpoint. A successful probe closes the
 //!   circuit; a failed one re-ejects with the next, longer backoff. A probe
 //!   that is never recorded (the request was cancelled) does not hold the
 //!   endpoint forever: once it has been out for `base_ejection`, the next
-//!   pick may send another probe.
+//!   pick may send another probe. A successful probe also resets the
+//!   endpoint's latency estimate, so it is back in rotation at once.
 //!
 //! The count of ejections in a row (what the doubling is based on) is
 //! forgotten once the endpoint has stayed Closed for `max_ejection` after
@@ -72,10 +77,12 @@
 //! as with Linkerd's failure accrual.
 
 use std::fmt;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::balancer::{self, Candidate, PeakEwma};
 
 /// Settings of the breaker for one route.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,15 +199,27 @@ struct Slot {
     streak: u32,
     /// When a successful probe last closed the circuit.
     closed_at: Option<Instant>,
+    /// Share of the traffic, relative to the route's other endpoints.
+    weight: u32,
+    /// The route's weighted backend this endpoint belongs to.
+    group: u32,
+    /// Latency estimate for the balancer.
+    ewma: PeakEwma,
+    /// Requests in flight ([`InFlight`] guards).
+    pending: u32,
 }
 
 impl Slot {
-    fn new() -> Self {
+    fn new(weight: u32, now: Instant) -> Self {
         Self {
             phase: Phase::Closed,
             failures: 0,
             streak: 0,
             closed_at: None,
+            weight,
+            group: 0,
+            ewma: PeakEwma::new(now),
+            pending: 0,
         }
     }
 
@@ -212,11 +231,9 @@ impl Slot {
 #[derive(Debug)]
 struct Table {
     slots: Vec<Slot>,
-    /// Where the next round-robin scan starts.
-    cursor: usize,
 }
 
-/// Breaker state for the n endpoints of one route.
+/// Breaker and balancer state for the n endpoints of one route.
 ///
 /// All methods take `&self`; share it between tasks behind an `Arc`. One
 /// mutex guards the whole route, held only for a scan of the endpoints.
@@ -226,12 +243,26 @@ pub struct Endpoints {
     /// Sanitised `cfg.jitter`.
     jitter: f64,
     max_ejected: usize,
-    table: Mutex<Table>,
+    table: Arc<Mutex<Table>>,
 }
 
 impl Endpoints {
-    /// Breaker state for `n` endpoints, all Closed.
+    /// Breaker state for `n` endpoints of weight 1, all Closed.
     pub fn new(n: usize, cfg: BreakerConfig) -> Self {
+        Self::weighted(&vec![1; n], cfg)
+    }
+
+    /// Breaker state for endpoints of the given weights (0 counts as 1),
+    /// all Closed.
+    pub fn weighted(weights: &[u32], cfg: BreakerConfig) -> Self {
+        let grouped: Vec<(u32, u32)> = weights.iter().map(|w| (*w, 0)).collect();
+        Self::grouped(&grouped, cfg)
+    }
+
+    /// Breaker state for endpoints of the given (weight, backend group).
+    pub fn grouped(weights: &[(u32, u32)], cfg: BreakerConfig) -> Self {
+        let n = weights.len();
+        let now = Instant::now();
         let pct = cfg.max_ejected_percent.min(100) as usize;
         let max_ejected = (n.saturating_mul(pct) / 100).max(1);
         let jitter = if cfg.jitter > 0.0 {
@@ -243,10 +274,16 @@ impl Endpoints {
             cfg,
             jitter,
             max_ejected,
-            table: Mutex::new(Table {
-                slots: vec![Slot::new(); n],
-                cursor: 0,
-            }),
+            table: Arc::new(Mutex::new(Table {
+                slots: weights
+                    .iter()
+                    .map(|(w, g)| {
+                        let mut s = Slot::new((*w).max(1), now);
+                        s.group = *g;
+                        s
+                    })
+                    .collect(),
+            })),
         }
     }
 
@@ -270,15 +307,17 @@ impl Endpoints {
         self.max_ejected
     }
 
-    /// Round robin over the endpoints that can take a request now, skipping
+    /// Chooses among the endpoints that can take a request now, skipping
     /// the indices in `exclude` (endpoints this request already tried)
     /// unless no other endpoint can take it.
     ///
-    /// Closed endpoints take any request. An Open endpoint whose ejection
-    /// has run out becomes HalfOpen and takes exactly one probe request at
-    /// a time (`Pick::probe == true`); other requests skip it. A probe that
-    /// has been out for `base_ejection` without being recorded counts as
-    /// lost, and another probe may be given.
+    /// An Open endpoint whose ejection has run out becomes HalfOpen and
+    /// takes exactly one probe request at a time (`Pick::probe == true`);
+    /// it goes before any other endpoint, and other requests skip it. A
+    /// probe that has been out for `base_ejection` without being recorded
+    /// counts as lost, and another probe may be given. Among the Closed
+    /// endpoints the balancer chooses ([`crate::balancer::choose`]: power of
+    /// two choices by weight and latency cost).
     ///
     /// `None`: no endpoint can take a request (all ejected or probing); the
     /// caller answers 503 `circuit-open`.
@@ -286,31 +325,58 @@ impl Endpoints {
         let now = Instant::now();
         let probe_timeout = self.cfg.base_ejection;
         let mut table = self.lock();
-        let n = table.slots.len();
-        if n == 0 {
-            return None;
-        }
-        let start = table.cursor % n;
+        let mut cands = Vec::with_capacity(table.slots.len());
         // First pass honours `exclude`; the second (only worth it when
         // something was excluded) lets a retry go back to a tried endpoint.
         for honour_exclude in [true, false] {
             if !honour_exclude && exclude.is_empty() {
                 break;
             }
-            for step in 0..n {
-                let index = (start + step) % n;
+            cands.clear();
+            for (index, slot) in table.slots.iter_mut().enumerate() {
                 if honour_exclude && exclude.contains(&index) {
                     continue;
                 }
-                if let Some(probe) = admit(&mut table.slots[index], now, probe_timeout) {
-                    // Continue after the chosen endpoint, so endpoints behind
-                    // an ejected one do not get its share too.
-                    table.cursor = (index + 1) % n;
-                    return Some(Pick { index, probe });
+                match admit(slot, now, probe_timeout) {
+                    Some(true) => return Some(Pick { index, probe: true }),
+                    Some(false) => cands.push(Candidate {
+                        index,
+                        weight: slot.weight,
+                        group: slot.group,
+                        cost: balancer::cost(slot.ewma.estimate(now), slot.pending),
+                    }),
+                    None => {}
                 }
+            }
+            if let Some(index) = balancer::choose(&cands, rand::random()) {
+                return Some(Pick {
+                    index,
+                    probe: false,
+                });
             }
         }
         None
+    }
+
+    /// Counts a request sent to endpoint `index` as in flight until the
+    /// guard is finished or dropped; its latency runs from now (or from
+    /// [`InFlight::sent`]).
+    pub fn start(&self, index: usize) -> InFlight {
+        if let Some(slot) = self.lock().slots.get_mut(index) {
+            slot.pending = slot.pending.saturating_add(1);
+        }
+        InFlight {
+            table: Arc::clone(&self.table),
+            index,
+            since: Instant::now(),
+        }
+    }
+
+    /// The latency estimate of endpoint `index` in seconds (for metrics);
+    /// `None` for an index out of range.
+    pub fn latency_estimate(&self, index: usize) -> Option<f64> {
+        let now = Instant::now();
+        self.lock().slots.get(index).map(|s| s.ewma.estimate(now))
     }
 
     /// The result of a request sent to `pick`: `success` is a response that
@@ -342,6 +408,7 @@ impl Endpoints {
                     slot.phase = Phase::Closed;
                     slot.failures = 0;
                     slot.closed_at = Some(now);
+                    slot.ewma = PeakEwma::new(now);
                     Some(Transition {
                         index,
                         from: CircuitState::HalfOpen,
@@ -445,6 +512,50 @@ impl Endpoints {
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A request in flight to one endpoint, from [`Endpoints::start`]: counted
+/// in the endpoint's cost until finished or dropped (a cancelled request
+/// stops counting without a sample).
+#[derive(Debug)]
+pub struct InFlight {
+    table: Arc<Mutex<Table>>,
+    index: usize,
+    since: Instant,
+}
+
+impl InFlight {
+    /// The request went out now (connection ready): its latency runs from
+    /// here, so connect and TLS handshake time does not count.
+    pub fn sent(&mut self) {
+        self.since = Instant::now();
+    }
+
+    /// The attempt's outcome for the balancer: `served` (response headers
+    /// arrived and the endpoint is not failing) feeds the latency since
+    /// [`InFlight::sent`] into the estimate; otherwise the estimate is
+    /// doubled. Returns the new estimate in seconds.
+    pub fn finish(self, served: bool) -> Option<f64> {
+        let now = Instant::now();
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = table.slots.get_mut(self.index)?;
+        if served {
+            slot.ewma
+                .observe(now.saturating_duration_since(self.since), now);
+        } else {
+            slot.ewma.penalize(now);
+        }
+        Some(slot.ewma.estimate(now))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = table.slots.get_mut(self.index) {
+            slot.pending = slot.pending.saturating_sub(1);
+        }
     }
 }
 
@@ -640,8 +751,8 @@ mod tests {
         );
         assert_eq!(eps.state(0), CircuitState::Closed);
         assert_eq!(eps.ejected(), 0);
-        let picked: Vec<Pick> = (0..4).map(|_| eps.pick(&[]).unwrap()).collect();
-        assert_eq!(picked.iter().filter(|p| p.index == 0).count(), 2);
+        let picked: Vec<Pick> = (0..100).map(|_| eps.pick(&[]).unwrap()).collect();
+        assert!(picked.iter().filter(|p| p.index == 0).count() > 20);
         assert!(picked.iter().all(|p| !p.probe));
         // The counter was reset: four failures do not eject again.
         assert_eq!(fail(&eps, 0, 4), None);
@@ -859,21 +970,96 @@ mod tests {
         assert_eq!(eps.pick(&[7]), Some(plain(0)));
     }
 
+    /// Picks `n` times, each request finishing at once; counts by index.
+    fn spread<const N: usize>(eps: &Endpoints, n: usize) -> [usize; N] {
+        let mut counts = [0; N];
+        for _ in 0..n {
+            let p = eps.pick(&[]).unwrap();
+            counts[p.index] += 1;
+            eps.start(p.index).finish(true);
+        }
+        counts
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn round_robin_spreads_evenly_over_healthy_endpoints() {
+    async fn healthy_endpoints_share_and_ejected_ones_get_nothing() {
         let eps = Endpoints::new(4, cfg());
-        let mut counts = [0; 4];
-        for _ in 0..400 {
-            counts[eps.pick(&[]).unwrap().index] += 1;
-        }
-        assert_eq!(counts, [100; 4]);
-        // Endpoint 1 ejected: the others share evenly, none takes its part.
+        let counts: [usize; 4] = spread(&eps, 4000);
+        assert!(
+            counts.iter().all(|c| (850..=1150).contains(c)),
+            "{counts:?}"
+        );
+        // Endpoint 1 ejected: the others share, it gets nothing.
         fail(&eps, 1, 5);
-        let mut counts = [0; 4];
-        for _ in 0..300 {
+        let counts: [usize; 4] = spread(&eps, 3000);
+        assert_eq!(counts[1], 0);
+        assert!(
+            counts.iter().all(|c| *c == 0 || (850..=1150).contains(c)),
+            "{counts:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weights_split_the_traffic() {
+        let eps = Endpoints::weighted(&[9, 1], cfg());
+        let counts: [usize; 2] = spread(&eps, 10_000);
+        assert!((8700..=9300).contains(&counts[0]), "{counts:?}");
+        // A weight of 0 counts as 1.
+        let eps = Endpoints::weighted(&[0, 1], cfg());
+        let counts: [usize; 2] = spread(&eps, 2000);
+        assert!(counts[0] > 800, "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_failing_and_busy_endpoints_get_less() {
+        let eps = Endpoints::new(2, cfg());
+        let mut slow = eps.start(1);
+        eps.start(0).finish(true);
+        advance(Duration::from_millis(200)).await;
+        slow.sent();
+        advance(Duration::from_millis(300)).await;
+        assert_eq!(slow.finish(true), Some(0.3));
+        let counts: [usize; 2] = spread(&eps, 1000);
+        assert!(counts[1] < 30, "{counts:?}");
+
+        // Failures double the estimate: chosen less before ejection.
+        let eps = Endpoints::new(2, cfg());
+        for _ in 0..4 {
+            eps.start(1).finish(false);
+        }
+        assert!((eps.latency_estimate(1).unwrap() - 0.16).abs() < 1e-12);
+        assert_eq!(eps.state(1), CircuitState::Closed);
+        let counts: [usize; 2] = spread(&eps, 1000);
+        assert!(counts[1] < 150, "{counts:?}");
+
+        // Requests in flight count; a dropped guard stops counting.
+        let eps = Endpoints::new(2, cfg());
+        let busy: Vec<InFlight> = (0..9).map(|_| eps.start(0)).collect();
+        let mut counts = [0; 2];
+        for _ in 0..1000 {
             counts[eps.pick(&[]).unwrap().index] += 1;
         }
-        assert_eq!(counts, [100, 0, 100, 100]);
+        assert!(counts[0] < 150, "{counts:?}");
+        drop(busy);
+        let counts: [usize; 2] = spread(&eps, 1000);
+        assert!(counts[0] > 350, "{counts:?}");
+        assert_eq!(eps.latency_estimate(5), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_probe_resets_the_latency_estimate() {
+        let eps = Endpoints::new(2, cfg());
+        for _ in 0..5 {
+            eps.start(0).finish(false);
+            eps.record(plain(0), false);
+        }
+        assert_eq!(eps.state(0), CircuitState::Open);
+        assert!(eps.latency_estimate(0).unwrap() > 0.3);
+        advance(Duration::from_secs(5)).await;
+        let probe = eps.pick(&[]).unwrap();
+        assert!(probe.probe);
+        eps.record(probe, true).unwrap();
+        assert_eq!(eps.latency_estimate(0), Some(0.01));
     }
 
     #[tokio::test(start_paused = true)]
@@ -928,7 +1114,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_picks_stay_even() {
+    fn concurrent_picks_spread_and_release() {
         let eps = Arc::new(Endpoints::new(4, BreakerConfig::default()));
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -938,7 +1124,9 @@ mod tests {
                     for _ in 0..1000 {
                         let p = eps.pick(&[]).unwrap();
                         counts[p.index] += 1;
+                        let flight = eps.start(p.index);
                         eps.record(p, true);
+                        flight.finish(true);
                     }
                     counts
                 })
@@ -950,6 +1138,11 @@ mod tests {
                 *sum += c;
             }
         }
-        assert_eq!(total, [2000; 4]);
+        // Real time: a thread preempted mid-request makes its endpoint
+        // look slow (peak EWMA) for a while, so only a loose spread holds.
+        assert_eq!(total.iter().sum::<usize>(), 8000);
+        assert!(total.iter().all(|c| *c > 500), "{total:?}");
+        // Every guard was dropped: nothing counts as in flight.
+        assert!(eps.lock().slots.iter().all(|s| s.pending == 0));
     }
 }

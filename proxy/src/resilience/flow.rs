@@ -4,9 +4,10 @@
 //!
 //! `request_filter`, after policy: quota → fault (outbound) → idempotency
 //! (inbound) → concurrency slot. `upstream_peer` (outbound): backoff on a
-//! retry → deadline → endpoint pick. Response and error phases: outlier
-//! detection records the attempt, and [`MeshProxy::may_retry`] decides a
-//! retry under the route's budget.
+//! retry → deadline → endpoint pick (balancer). Response and error phases:
+//! outlier detection and the balancer's latency estimate record the
+//! attempt, and [`MeshProxy::may_retry`] decides a retry under the route's
+//! budget.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
-use super::breaker::{CircuitState, Pick};
+use super::breaker::{CircuitState, InFlight, Pick};
 use super::idempotency::{self, Begin, Claim, Completed, IdempotencyStore, RequestHasher};
 use super::ratelimit::{Limit, Quotas, RateDecision};
 use super::retry::{self, Failure};
@@ -46,6 +47,9 @@ pub struct ResCtx {
     permit: Option<Permit>,
     /// The endpoint of the attempt in progress, until its outcome is known.
     pick: Option<Pick>,
+    /// The attempt in progress, counted in its endpoint's load until its
+    /// outcome is known (or the request ends).
+    in_flight: Option<InFlight>,
     /// Endpoints this request tried (a retry avoids them).
     tried: Vec<usize>,
     /// The route's request deadline.
@@ -625,7 +629,16 @@ impl MeshProxy {
         }
         ctx.res.tried.push(pick.index);
         ctx.res.pick = Some(pick);
+        ctx.res.in_flight = Some(route.state.breakers.start(pick.index));
         Ok(pick.index)
+    }
+
+    /// The connection to the endpoint is ready: the attempt's latency for
+    /// the balancer runs from here (connect and handshake do not count).
+    pub(crate) fn attempt_sent(&self, ctx: &mut Ctx) {
+        if let Some(f) = ctx.res.in_flight.as_mut() {
+            f.sent();
+        }
     }
 
     /// The read timeout of an attempt: the configured one, cut to what is
@@ -644,12 +657,22 @@ impl MeshProxy {
         ctx.res.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    /// Records the outcome of the attempt in progress for outlier detection.
-    pub(crate) fn record_attempt(&self, ctx: &mut Ctx, success: bool) {
+    /// Records the outcome of the attempt in progress: `healthy` for
+    /// outlier detection (not a 5xx, connect failure or reset), `served`
+    /// for the balancer (its latency counts; otherwise the endpoint's
+    /// estimate is doubled).
+    pub(crate) fn record_attempt(&self, ctx: &mut Ctx, healthy: bool, served: bool) {
+        let in_flight = ctx.res.in_flight.take();
         let (Some(route), Some(pick)) = (ctx.route.as_ref(), ctx.res.pick.take()) else {
             return;
         };
-        let Some(t) = route.state.breakers.record(pick, success) else {
+        let t = route.state.breakers.record(pick, healthy);
+        // After the breaker: a probe that closed the circuit has reset the
+        // estimate, and its own latency is the first sample.
+        if let Some(f) = in_flight {
+            f.finish(served);
+        }
+        let Some(t) = t else {
             return;
         };
         let addr = route.endpoints[t.index].address.to_string();
@@ -725,7 +748,10 @@ impl MeshProxy {
             .headers
             .get(crate::proxy::ERROR_HEADER)
             .is_some_and(|v| retry::is_shedding(v.as_bytes()));
-        self.record_attempt(ctx, shed_by_peer || !retry::is_failure_status(status));
+        // A shedding peer is healthy, but its quick 503 must not make it
+        // look fast to the balancer.
+        let failed = retry::is_failure_status(status);
+        self.record_attempt(ctx, shed_by_peer || !failed, !shed_by_peer && !failed);
         if status >= 500 && self.may_retry(session, ctx, Failure::Status(status)) {
             ctx.res.status_retry = true;
             let mut e = Error::explain(RETRY_STATUS, format!("upstream answered {status}"));
@@ -773,7 +799,7 @@ impl MeshProxy {
         // a reset) but never on the same endpoint.
         let refined = crate::proxy::refine(reason, Direction::Outbound, ctx.fresh_upstream);
         let elsewhere_only = failure == Failure::Connect || refined == Reason::UpstreamTlsFailed;
-        self.record_attempt(ctx, false);
+        self.record_attempt(ctx, false, false);
         let untried_left = ctx
             .route
             .as_ref()

@@ -1,0 +1,77 @@
+//! The endpoint registry: which endpoints are live, under which lease, and
+//! how a route's backends resolve to weighted endpoints.
+//!
+//! - [`Registry`] is the small interface the control plane talks to, so an
+//!   etcd-backed registry can replace the embedded one for HA later.
+//!   [`MemoryRegistry`] is the embedded default.
+//! - [`resolve`] is a pure function from a [`MeshRoute`](crank_api::mesh::MeshRoute)
+//!   and the live entries to weighted endpoints, tested as a table.
+//!
+//! Every operation that depends on time takes `now: Instant` explicitly:
+//! callers pass `Instant::now()`, tests pass `t0 + 30s` and never sleep.
+//!
+//! ## Leases
+//!
+//! An endpoint registers with a lease duration (1 s to 5 min) and gets a
+//! [`LeaseId`]. It renews the lease with [`Registry::heartbeat`] before the
+//! duration runs out; when the lease is unknown or has expired, the
+//! heartbeat fails with [`RegistryError::UnknownLease`] and the endpoint
+//! registers again. The address is the endpoint's key: registering an
+//! address that is already present replaces that endpoint (its old lease
+//! stops working).
+//!
+//! ## Versions
+//!
+//! A [`Snapshot`] carries a `version` that goes up whenever the set of
+//! registrations changes: a new address, a registration whose data changed,
+//! a deregistration, an expiry. A heartbeat, or registering the same data
+//! again, leaves it alone, so watchers that push config on a new version
+//! are not woken by renewals. Equal versions mean equal registrations; lease
+//! ids and timestamps may differ.
+
+mod memory;
+mod resolve;
+mod types;
+mod validate;
+
+use std::time::{Duration, Instant};
+
+use crank_api::mesh::EndpointRegistration;
+
+pub use memory::MemoryRegistry;
+pub use resolve::{matches, resolve, Resolved, WeightedEndpoint};
+pub use types::{Entry, LeaseId, RegistryError, Snapshot};
+pub use validate::{validate, MAX_LEASE, MIN_LEASE};
+
+/// The registry's operations. Implementations serialise them (each is
+/// atomic) and are shared as `Arc<dyn Registry>`.
+pub trait Registry: Send + Sync {
+    /// Adds the endpoint, or replaces the one at the same address (new
+    /// lease, new data). Fails with [`RegistryError::Invalid`] when the
+    /// registration or the lease duration is invalid (see [`validate`]).
+    fn register(
+        &self,
+        reg: EndpointRegistration,
+        lease: Duration,
+        now: Instant,
+    ) -> Result<LeaseId, RegistryError>;
+
+    /// Renews the lease for its full duration from `now`. Fails with
+    /// [`RegistryError::UnknownLease`] when the lease is unknown or has
+    /// expired; the caller then registers again.
+    fn heartbeat(&self, lease: &LeaseId, now: Instant) -> Result<(), RegistryError>;
+
+    /// Removes the endpoint at once. Fails with
+    /// [`RegistryError::UnknownLease`] when no endpoint holds the lease.
+    fn deregister(&self, lease: &LeaseId) -> Result<(), RegistryError>;
+
+    /// Removes the endpoints whose lease has run out by `now` and returns
+    /// them, together with any that an earlier call (such as
+    /// [`Registry::snapshot`]) found expired and removed: each expiry is
+    /// reported once. Call it periodically (every second or so) to log
+    /// expiries and wake watchers.
+    fn expire(&self, now: Instant) -> Vec<Entry>;
+
+    /// The live entries at `now`, sorted by address, and the version.
+    fn snapshot(&self, now: Instant) -> Snapshot;
+}

@@ -1,0 +1,449 @@
+//! Config distribution and the registry in crank-control: the config
+//! directory is checked every half second and a valid change is published
+//! as a new version (sequence number + content hash, kept in `mesh.json`
+//! so a restart serves the last good one even if the directory is broken);
+//! proxies long-poll `/v1/mesh/watch` and get only their routes, resolved
+//! against the live endpoints of the registry; workloads register with a
+//! lease that heartbeats renew.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crank_api::mesh::{ConfigVersion, MeshRoute, MeshUpdate};
+use crank_api::proxy::{EndpointConfig, RouteConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::configdir::{MeshSnapshot, Problem};
+use crate::registry::Entry;
+
+/// A published version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    pub seq: u64,
+    pub published_at: i64,
+    pub snapshot: MeshSnapshot,
+}
+
+/// What one proxy last reported on its watch.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyReport {
+    pub identity: String,
+    pub instance: String,
+    pub seq: u64,
+    pub endpoints_version: u64,
+    pub last_seen: i64,
+}
+
+/// The publisher's state.
+#[derive(Default)]
+pub struct MeshState {
+    pub current: Option<Arc<Published>>,
+    /// When the directory last failed validation, and why.
+    pub last_error: Option<(i64, Vec<Problem>)>,
+    /// Hash of the files last looked at (valid or not).
+    seen: Option<String>,
+    pub proxies: HashMap<String, ProxyReport>,
+}
+
+impl MeshState {
+    /// Loads the last published version from `mesh.json`, if any.
+    pub fn open(state_dir: &std::path::Path) -> MeshState {
+        let path = state_dir.join("mesh.json");
+        let current = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Published>(&b).ok())
+            .map(Arc::new);
+        if let Some(p) = &current {
+            tracing::info!(seq = p.seq, hash = %p.snapshot.hash, "loaded the last published mesh config");
+        }
+        MeshState {
+            current,
+            ..Default::default()
+        }
+    }
+
+    /// Checks `dir` again; returns the new version when one was published.
+    pub fn refresh(
+        &mut self,
+        dir: &std::path::Path,
+        state_dir: &std::path::Path,
+        now: i64,
+    ) -> Option<u64> {
+        let files = match crate::configdir::files(dir) {
+            Ok(f) => f,
+            Err(e) => {
+                if self.seen.as_deref() != Some("unreadable") {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot read the config directory; the last published version keeps serving");
+                    self.seen = Some("unreadable".into());
+                }
+                return None;
+            }
+        };
+        let hash = crate::configdir::hash(&files);
+        if self.seen.as_deref() == Some(hash.as_str()) {
+            return None;
+        }
+        self.seen = Some(hash.clone());
+        match crate::configdir::load(dir) {
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "config change rejected; the last published version keeps serving");
+                }
+                self.last_error = Some((now, problems));
+                None
+            }
+            Ok(snapshot) => {
+                self.last_error = None;
+                if self
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.snapshot.hash == snapshot.hash)
+                {
+                    return None;
+                }
+                let seq = self.current.as_ref().map_or(1, |c| c.seq + 1);
+                let published = Published {
+                    seq,
+                    published_at: now,
+                    snapshot,
+                };
+                if let Err(e) = super::write_atomic(
+                    &state_dir.join("mesh.json"),
+                    &serde_json::to_vec(&published).unwrap_or_default(),
+                    false,
+                ) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot save mesh.json; the new version serves from memory");
+                }
+                tracing::info!(seq, hash = %published.snapshot.hash, routes = published.snapshot.routes.len(), "published mesh config");
+                self.current = Some(Arc::new(published));
+                Some(seq)
+            }
+        }
+    }
+}
+
+/// The routes `client` (a service name) receives.
+pub fn routes_for<'a>(snap: &'a MeshSnapshot, client: &str) -> impl Iterator<Item = &'a MeshRoute> {
+    let client = client.to_string();
+    snap.routes
+        .iter()
+        .filter(move |r| r.clients.is_empty() || r.clients.contains(&client))
+}
+
+/// A mesh route in the proxy's own form, with its live endpoints.
+pub fn to_proxy_route(route: &MeshRoute, entries: &[Entry]) -> RouteConfig {
+    let resolved = crate::registry::resolve(route, entries);
+    RouteConfig {
+        name: route.name.clone(),
+        hosts: route.matches.hosts.clone(),
+        path_prefix: route.matches.path_prefix.clone(),
+        endpoints: resolved
+            .endpoints
+            .iter()
+            .map(|e| EndpointConfig {
+                address: e.address,
+                identity: e.identity.clone(),
+                weight: e.weight,
+                labels: e.labels.clone(),
+                backend: e.backend as u32,
+            })
+            .collect(),
+        capability: route.backends.first().map(|b| b.capability.clone()),
+        timeout: route.timeout,
+        idempotent: false,
+        retry: route.retry.clone(),
+        circuit: route.circuit.clone(),
+        concurrency: None,
+        fault: None,
+    }
+}
+
+/// The update one proxy gets, and its endpoints fingerprint.
+pub fn update_for(p: &Published, client: &str, entries: &[Entry]) -> MeshUpdate {
+    let routes: Vec<RouteConfig> = routes_for(&p.snapshot, client)
+        .map(|r| to_proxy_route(r, entries))
+        .collect();
+    let fingerprint = fingerprint(&routes);
+    MeshUpdate {
+        version: ConfigVersion {
+            seq: p.seq,
+            hash: p.snapshot.hash.clone(),
+        },
+        registry: fingerprint,
+        routes,
+        quotas: p.snapshot.quotas.limits.clone(),
+        policies: p.snapshot.policies.clone(),
+    }
+}
+
+/// A stable number for a proxy's resolved endpoints: the watch answers
+/// when it changes, so registry changes that do not touch a proxy's routes
+/// do not wake it.
+fn fingerprint(routes: &[RouteConfig]) -> u64 {
+    let bytes = serde_json::to_vec(routes).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b) >> 1 // fits JSON numbers exactly
+}
+
+/// Time as the registry sees it (monotonic).
+pub fn instant() -> Instant {
+    Instant::now()
+}
+
+/// Default lease when a registration names none.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// What `crankctl status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeshStatus {
+    pub config_dir: Option<String>,
+    pub version: Option<ConfigVersion>,
+    pub published_at: Option<i64>,
+    pub last_error: Option<(i64, Vec<Problem>)>,
+    pub proxies: Vec<ProxyRow>,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyRow {
+    pub identity: String,
+    pub instance: String,
+    pub seq: u64,
+    pub last_seen: i64,
+    /// Behind the published version, or not seen for 3 watch periods.
+    pub stale: bool,
+}
+
+/// `crankctl routes`: each route with its resolved endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteRow {
+    pub route: MeshRoute,
+    pub endpoints: Vec<EndpointConfig>,
+    /// Indexes of backends without any live endpoint.
+    pub empty_backends: Vec<usize>,
+}
+
+pub fn route_rows(p: &Published, entries: &[Entry]) -> Vec<RouteRow> {
+    p.snapshot
+        .routes
+        .iter()
+        .map(|r| {
+            let res = crate::registry::resolve(r, entries);
+            RouteRow {
+                route: r.clone(),
+                endpoints: to_proxy_route(r, entries).endpoints,
+                empty_backends: res.empty_backends,
+            }
+        })
+        .collect()
+}
+
+// ---- handlers (workload API and admin API) ----
+
+use super::http::{json, Resp};
+use super::state::Refusal;
+use super::{now, Control};
+use crank_api::mesh::{LeaseRequest, RegisterRequest, RegisterResponse};
+use crank_certs::Identity;
+use hyper::body::Incoming;
+use hyper::Request;
+
+fn refusal(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+fn registry_refusal(e: crate::registry::RegistryError) -> Refusal {
+    match e {
+        crate::registry::RegistryError::UnknownLease(_) => {
+            refusal(404, "unknown-lease", e.to_string())
+        }
+        other => refusal(400, "bad-registration", other.to_string()),
+    }
+}
+
+impl Control {
+    /// Checks the config directory and expires leases; wakes watchers on change.
+    pub(super) fn tick_mesh(&self) {
+        let mut changed = false;
+        if let Some(dir) = &self.cfg.config_dir {
+            let mut mesh = self.mesh();
+            changed |= mesh.refresh(dir, &self.cfg.state_dir, now()).is_some();
+            self.metrics.observe_mesh(&mesh);
+        }
+        let gone = self.registry.expire(instant());
+        for e in &gone {
+            tracing::warn!(address = %e.registration.address, identity = %e.registration.identity, "endpoint lease expired; it leaves every route");
+        }
+        changed |= !gone.is_empty();
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+    }
+
+    pub(super) fn mesh(&self) -> std::sync::MutexGuard<'_, MeshState> {
+        self.mesh.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) async fn mesh_watch(
+        &self,
+        req: Request<Incoming>,
+        id: Identity,
+    ) -> Result<Resp, Refusal> {
+        let q: HashMap<String, String> = req
+            .uri()
+            .query()
+            .map(super::http::form_pairs)
+            .unwrap_or_default();
+        let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let instance = q.get("instance").cloned().unwrap_or_default();
+        super::http::check_instance(&instance)?;
+        let (have_seq, have_eps) = (num("seq"), num("registry"));
+        let wait = Duration::from_secs(num("wait").min(60));
+        self.mesh().proxies.insert(
+            instance.clone(),
+            ProxyReport {
+                identity: id.dns_name(),
+                instance: instance.clone(),
+                seq: have_seq,
+                endpoints_version: have_eps,
+                last_seen: now(),
+            },
+        );
+        // After a restart the registry is empty until workloads register
+        // again (their next heartbeat learns the lease is gone): answering
+        // now would take every endpoint out of every route. Wait for them.
+        if let Some(left) = self.registry_grace_left() {
+            tokio::time::sleep(left).await;
+        }
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let current = self.mesh().current.clone();
+            let Some(published) = current else {
+                return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
+            };
+            let entries = self.registry.snapshot(instant()).entries;
+            let update = update_for(&published, &id.service, &entries);
+            if update.version.seq != have_seq
+                || update.registry != have_eps
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(json(200, &update));
+            }
+            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    pub(super) async fn register(
+        &self,
+        req: Request<Incoming>,
+        id: Identity,
+    ) -> Result<Resp, Refusal> {
+        let r: RegisterRequest = super::http::body(req).await?;
+        if r.endpoint.identity.parse::<Identity>().ok().as_ref() != Some(&id) {
+            return Err(refusal(403, "identity-mismatch", format!("a workload may register only its own identity; this client certificate is {}, the registration says {}", id.dns_name(), r.endpoint.identity)));
+        }
+        let lease = r
+            .lease_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(self.cfg.registry.lease);
+        let address = r.endpoint.address;
+        let caps = r.endpoint.capabilities.clone();
+        let id_lease = self
+            .registry
+            .register(r.endpoint, lease, instant())
+            .map_err(registry_refusal)?;
+        tracing::info!(%address, identity = %id.dns_name(), capabilities = ?caps, lease = ?lease, "endpoint registered");
+        self.changed.send_modify(|v| *v += 1);
+        Ok(json(
+            200,
+            &RegisterResponse {
+                lease: id_lease.as_str().to_string(),
+                lease_seconds: lease.as_secs(),
+            },
+        ))
+    }
+
+    pub(super) async fn heartbeat(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
+        let r: LeaseRequest = super::http::body(req).await?;
+        self.registry
+            .heartbeat(&crate::registry::LeaseId::new(r.lease), instant())
+            .map_err(registry_refusal)?;
+        Ok(json(200, &serde_json::json!({"ok": true})))
+    }
+
+    pub(super) async fn deregister(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
+        let r: LeaseRequest = super::http::body(req).await?;
+        self.registry
+            .deregister(&crate::registry::LeaseId::new(r.lease.clone()))
+            .map_err(registry_refusal)?;
+        tracing::info!(lease = %r.lease, "endpoint deregistered");
+        self.changed.send_modify(|v| *v += 1);
+        Ok(json(200, &serde_json::json!({"ok": true})))
+    }
+
+    /// Time left before the registry is trusted again after a restart
+    /// that found a published config: one heartbeat period (a third of the
+    /// lease) plus 2 s.
+    pub(super) fn registry_grace_left(&self) -> Option<Duration> {
+        if !self.mesh_restarted {
+            return None;
+        }
+        let grace = self.cfg.registry.lease / 3 + Duration::from_secs(2);
+        grace
+            .checked_sub(self.started.elapsed())
+            .filter(|d| !d.is_zero())
+    }
+
+    pub(super) fn mesh_status(&self) -> MeshStatus {
+        let mesh = self.mesh();
+        let t = now();
+        let seq = mesh.current.as_ref().map(|c| c.seq);
+        let mut proxies: Vec<ProxyRow> = mesh
+            .proxies
+            .values()
+            .map(|p| ProxyRow {
+                identity: p.identity.clone(),
+                instance: p.instance.clone(),
+                seq: p.seq,
+                last_seen: p.last_seen,
+                stale: Some(p.seq) != seq || t - p.last_seen > 90,
+            })
+            .collect();
+        proxies.sort_by(|a, b| (&a.identity, &a.instance).cmp(&(&b.identity, &b.instance)));
+        MeshStatus {
+            config_dir: self
+                .cfg
+                .config_dir
+                .as_ref()
+                .map(|d| d.display().to_string()),
+            version: mesh.current.as_ref().map(|c| ConfigVersion {
+                seq: c.seq,
+                hash: c.snapshot.hash.clone(),
+            }),
+            published_at: mesh.current.as_ref().map(|c| c.published_at),
+            last_error: mesh.last_error.clone(),
+            proxies,
+            now: t,
+        }
+    }
+
+    pub(super) fn mesh_routes(&self) -> Vec<RouteRow> {
+        let current = self.mesh().current.clone();
+        let entries = self.registry.snapshot(instant()).entries;
+        current
+            .map(|p| route_rows(&p, &entries))
+            .unwrap_or_default()
+    }
+
+    pub(super) fn mesh_endpoints(&self) -> crate::registry::Snapshot {
+        self.registry.snapshot(instant())
+    }
+}

@@ -1,0 +1,315 @@
+//! Config distribution end to end: a real `crank-control` with a config
+//! directory and the registry, enrolled sidecars that watch it and register
+//! their workloads. Edit → propagation, invalid edits refused with the last
+//! version kept, lease expiry, weighted splits, and static stability.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crank_tests::app::EchoApp;
+use crank_tests::control::{ControlOptions, ControlPlane};
+use crank_tests::load::Load;
+use crank_tests::proxy::{free_addr, Proxy};
+use crank_tests::{curl, wait_until};
+
+const CAPS: &str = "capabilities:\n  - name: hello:v1\n";
+
+fn route(backends: &str) -> String {
+    format!(
+        "routes:\n  - name: backend\n    match: {{hosts: [backend]}}\n    backends:\n{backends}"
+    )
+}
+
+fn write(cp: &ControlPlane, rel: &str, text: &str) {
+    let p = cp.path().join("mesh").join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    // Write then rename, as editors and git do.
+    let tmp = p.with_extension("tmp~");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+}
+
+fn control(lease: &str) -> ControlPlane {
+    let cp = ControlPlane::start(ControlOptions {
+        extra: format!("config_dir: mesh\nregistry: {{lease: {lease}}}\n"),
+        ..Default::default()
+    });
+    write(&cp, "capabilities.yaml", CAPS);
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: hello:v1}\n"),
+    );
+    cp
+}
+
+/// A server sidecar in front of `app` that registers `hello:v1` with `labels`.
+fn server(cp: &ControlPlane, dir: &Path, name: &str, app: SocketAddr, labels: &str) -> Proxy {
+    let (inbound, admin) = (free_addr(), free_addr());
+    let yaml = format!(
+        "{}inbound: {{listen: {inbound}, app: {app}}}\nmesh:\n  watch_wait: 2s\n  register:\n    capabilities: [hello:v1]\n    labels: {labels}\n    lease: 2s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir, name, "backend", "demo", "2s"),
+    );
+    Proxy::start(dir, name, &yaml, admin)
+}
+
+/// A client sidecar whose port is bound to route `backend`. Its file's own
+/// route points nowhere: only the pushed config makes requests work.
+fn client(cp: &ControlPlane, dir: &Path, name: &str) -> (Proxy, SocketAddr) {
+    let (port, admin) = (free_addr(), free_addr());
+    let yaml = format!(
+        "{}outbound:\n  ports: [{{listen: {port}, route: backend}}]\nroutes:\n  - name: backend\n    endpoints: [{{address: 127.0.0.1:1, identity: backend.demo.crank.local}}]\nmesh:\n  watch_wait: 2s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir, name, "frontend", "demo", "2s"),
+    );
+    (Proxy::start(dir, name, &yaml, admin), port)
+}
+
+fn seq_of(p: &Proxy) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&p.admin_get("/config_dump").1).unwrap_or_default();
+    v["mesh"]["seq"].as_u64().unwrap_or(0)
+}
+
+fn get(port: SocketAddr) -> u16 {
+    curl(&[&format!("http://{port}/hello")]).0
+}
+
+fn status(cp: &ControlPlane) -> serde_json::Value {
+    serde_json::from_str(&cp.ctl_ok(&["status", "--output", "json"])).unwrap()
+}
+
+#[test]
+fn an_edit_reaches_every_proxy_and_a_broken_edit_changes_nothing() {
+    let (app_a, app_b) = (EchoApp::start(), EchoApp::start());
+    let cp = control("10s");
+    let dir = tempfile::tempdir().unwrap();
+    let _a = server(&cp, dir.path(), "srv-a", app_a.addr, "{pool: a}");
+    let _b = server(&cp, dir.path(), "srv-b", app_b.addr, "{pool: b}");
+    let (c1, port1) = client(&cp, dir.path(), "client-1");
+    let (c2, port2) = client(&cp, dir.path(), "client-2");
+    wait_until("both endpoints registered", Duration::from_secs(10), || {
+        cp.ctl_ok(&["endpoints", "--output", "json"])
+            .matches("hello:v1")
+            .count()
+            == 2
+    });
+    wait_until("version 1 everywhere", Duration::from_secs(10), || {
+        seq_of(&c1) == 1 && seq_of(&c2) == 1
+    });
+    assert_eq!(get(port1), 200);
+
+    // Send everything to pool b: every proxy applies version 2 within a second or so.
+    let saved = Instant::now();
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: hello:v1, selector: {pool: b}}\n"),
+    );
+    wait_until("version 2 everywhere", Duration::from_secs(5), || {
+        seq_of(&c1) == 2 && seq_of(&c2) == 2
+    });
+    let took = saved.elapsed();
+    let before = app_b.count();
+    for _ in 0..20 {
+        assert_eq!(get(port1), 200);
+        assert_eq!(get(port2), 200);
+    }
+    assert_eq!(app_b.count() - before, 40, "every request went to pool b");
+    let s = status(&cp);
+    assert_eq!(s["version"]["seq"], 2, "{s}");
+    let proxies = s["proxies"].as_array().unwrap();
+    assert!(
+        proxies.len() >= 4 && proxies.iter().all(|p| p["seq"] == 2 && p["stale"] == false),
+        "{s}"
+    );
+    eprintln!("file save to both proxies applied: {took:?}");
+
+    // A broken edit (unknown field) is refused whole, with file and field.
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: hello:v1, selectr: {pool: a}}\n"),
+    );
+    wait_until("the refusal is reported", Duration::from_secs(5), || {
+        !status(&cp)["last_error"].is_null()
+    });
+    let text = cp.ctl_ok(&["status"]);
+    assert!(
+        text.contains("REJECTED")
+            && text.contains("routes/backend.yaml")
+            && text.contains("selectr"),
+        "{text}"
+    );
+    let offline = cp.ctl(&[
+        "config",
+        "validate",
+        cp.path().join("mesh").to_str().unwrap(),
+    ]);
+    assert!(
+        !offline.ok
+            && offline.stderr.contains("routes/backend.yaml:5")
+            && offline.stderr.contains("unknown field `selectr`"),
+        "{}",
+        offline.stderr
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        (seq_of(&c1), seq_of(&c2)),
+        (2, 2),
+        "the last good version keeps serving"
+    );
+    let before = app_b.count();
+    assert_eq!(get(port1), 200);
+    assert_eq!(app_b.count() - before, 1);
+
+    // A route pointing at an undeclared capability is refused too.
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: nope:v9}\n"),
+    );
+    wait_until(
+        "the second refusal is reported",
+        Duration::from_secs(5),
+        || cp.ctl_ok(&["status"]).contains("nope:v9"),
+    );
+    assert_eq!(status(&cp)["version"]["seq"], 2);
+}
+
+#[test]
+fn an_endpoint_leaves_every_route_when_its_lease_expires_or_it_deregisters() {
+    let app = EchoApp::start();
+    let cp = control("2s");
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = server(&cp, dir.path(), "srv-a", app.addr, "{pool: a}");
+    let (c, port) = client(&cp, dir.path(), "client");
+    wait_until("served", Duration::from_secs(10), || get(port) == 200);
+
+    // Killed without a word: its lease (2 s) runs out and it leaves the route.
+    a.signal(libc::SIGKILL);
+    let _ = a.wait_exit(Duration::from_secs(5));
+    let gone = Instant::now();
+    wait_until("the registry forgets it", Duration::from_secs(6), || {
+        cp.ctl_ok(&["endpoints", "--output", "json"])
+            .matches("hello:v1")
+            .count()
+            == 0
+    });
+    let after = gone.elapsed();
+    assert!(
+        after >= Duration::from_millis(500),
+        "a lease of 2 s does not expire at once ({after:?})"
+    );
+    wait_until(
+        "the client has no endpoint for the route",
+        Duration::from_secs(5),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&c.admin_get("/config_dump").1).unwrap_or_default();
+            v["config"]["routes"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.is_empty())
+        },
+    );
+    let routes = cp.ctl_ok(&["routes"]);
+    assert!(routes.contains("no live endpoint"), "{routes}");
+
+    // A graceful stop deregisters at once, before the lease would run out.
+    let b = server(&cp, dir.path(), "srv-b", app.addr, "{pool: b}");
+    wait_until("b registered", Duration::from_secs(10), || get(port) == 200);
+    b.signal(libc::SIGTERM);
+    let asked = Instant::now();
+    wait_until("b deregistered", Duration::from_secs(5), || {
+        cp.ctl_ok(&["endpoints", "--output", "json"])
+            .matches("hello:v1")
+            .count()
+            == 0
+    });
+    assert!(
+        asked.elapsed() < Duration::from_millis(1900),
+        "deregistered on shutdown, not by lease expiry: {:?}",
+        asked.elapsed()
+    );
+}
+
+#[test]
+fn weights_split_traffic_within_tolerance() {
+    let (app_a, app_b) = (EchoApp::start(), EchoApp::start());
+    let cp = control("10s");
+    write(&cp, "routes/backend.yaml", &route("      - {capability: hello:v1, selector: {pool: a}, weight: 80}\n      - {capability: hello:v1, selector: {pool: b}, weight: 20}\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let _a = server(&cp, dir.path(), "srv-a", app_a.addr, "{pool: a}");
+    let _b = server(&cp, dir.path(), "srv-b", app_b.addr, "{pool: b}");
+    let (c, port) = client(&cp, dir.path(), "client");
+    wait_until(
+        "both endpoints in the client's route",
+        Duration::from_secs(10),
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&c.admin_get("/config_dump").1).unwrap_or_default();
+            v["config"]["routes"][0]["endpoints"]
+                .as_array()
+                .is_some_and(|e| e.len() == 2)
+        },
+    );
+    let (a0, b0) = (app_a.count(), app_b.count());
+    let load = Load::start(port, 4);
+    load.wait_for(2000);
+    let (ok, failed, failures) = load.stop();
+    assert_eq!(failed, 0, "{failures:?}");
+    let (a, b) = ((app_a.count() - a0) as f64, (app_b.count() - b0) as f64);
+    let share = a / (a + b);
+    assert!(
+        (0.75..=0.85).contains(&share),
+        "80/20 route split {a}/{b} ({share:.3}) of {ok}"
+    );
+}
+
+#[test]
+fn proxies_keep_serving_without_the_control_plane_and_resync_when_it_returns() {
+    let app = EchoApp::start();
+    let mut cp = control("10s");
+    let dir = tempfile::tempdir().unwrap();
+    let _a = server(&cp, dir.path(), "srv-a", app.addr, "{pool: a}");
+    let (c, port) = client(&cp, dir.path(), "client");
+    wait_until("served", Duration::from_secs(10), || get(port) == 200);
+    let load = Load::start(port, 2);
+    load.wait_for(500);
+
+    // The control plane dies under load: not one request fails.
+    cp.kill();
+    load.wait_for(load.ok() + 2000);
+    let (ok, failed, failures) = load.stop();
+    assert_eq!(
+        failed, 0,
+        "failed requests while crank-control was down: {failures:?}"
+    );
+    assert!(ok >= 2500, "{ok}");
+
+    // A proxy restarted while it is away serves from its last good config on disk.
+    let config = c.config.clone();
+    let admin = c.admin;
+    drop(c);
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    let c = Proxy::start(dir.path(), "client", &yaml, admin);
+    for _ in 0..20 {
+        assert_eq!(get(port), 200, "served from the last good config on disk");
+    }
+    let v: serde_json::Value = serde_json::from_str(&c.admin_get("/config_dump").1).unwrap();
+    assert_eq!(v["mesh"]["source"], "disk", "{}", v["mesh"]);
+
+    // It comes back: no manual step, and a route change applies.
+    cp.spawn();
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: hello:v1, selector: {pool: a}, weight: 50}\n"),
+    );
+    wait_until(
+        "the change reaches the restarted client",
+        Duration::from_secs(15),
+        || seq_of(&c) == 2,
+    );
+    assert_eq!(get(port), 200);
+}
