@@ -160,11 +160,11 @@ pub fn to_proxy_route(route: &MeshRoute, entries: &[Entry]) -> RouteConfig {
 }
 
 /// The update one proxy gets, and its endpoints fingerprint.
-pub fn update_for(p: &Published, client: &str, entries: &[Entry]) -> MeshUpdate {
-    let routes: Vec<RouteConfig> = routes_for(&p.snapshot, client)
-        .map(|r| to_proxy_route(r, entries))
-        .collect();
-    let fingerprint = fingerprint(&routes);
+pub fn update_for(p: &Published, client: &Identity, entries: &[Entry]) -> MeshUpdate {
+    let mine: Vec<&MeshRoute> = routes_for(&p.snapshot, &client.service).collect();
+    let routes: Vec<RouteConfig> = mine.iter().map(|r| to_proxy_route(r, entries)).collect();
+    let quotas = quotas_for(&p.snapshot, &mine, client, entries);
+    let fingerprint = fingerprint(&routes, &quotas);
     MeshUpdate {
         version: ConfigVersion {
             seq: p.seq,
@@ -172,16 +172,49 @@ pub fn update_for(p: &Published, client: &str, entries: &[Entry]) -> MeshUpdate 
         },
         registry: fingerprint,
         routes,
-        quotas: p.snapshot.quotas.limits.clone(),
+        quotas,
         policies: p.snapshot.policies.clone(),
     }
+}
+
+/// The limits a proxy enforces: outbound ones for the capabilities its
+/// routes reach, inbound ones for the capabilities its workload registered,
+/// and every `*` limit.
+pub fn quotas_for(
+    snap: &MeshSnapshot,
+    routes: &[&MeshRoute],
+    client: &Identity,
+    entries: &[Entry],
+) -> Vec<crank_api::resilience::QuotaLimit> {
+    use crank_api::resilience::QuotaDirection as D;
+    let me = client.dns_name();
+    let outbound: Vec<&str> = routes
+        .iter()
+        .flat_map(|r| r.backends.iter().map(|b| b.capability.as_str()))
+        .collect();
+    let inbound: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.registration.identity == me)
+        .flat_map(|e| e.registration.capabilities.iter().map(String::as_str))
+        .collect();
+    snap.quotas
+        .limits
+        .iter()
+        .filter(|l| {
+            let c = l.capability.as_str();
+            c == "*"
+                || (matches!(l.direction, D::Inbound | D::Both) && inbound.contains(&c))
+                || (matches!(l.direction, D::Outbound | D::Both) && outbound.contains(&c))
+        })
+        .cloned()
+        .collect()
 }
 
 /// A stable number for a proxy's resolved endpoints: the watch answers
 /// when it changes, so registry changes that do not touch a proxy's routes
 /// do not wake it.
-fn fingerprint(routes: &[RouteConfig]) -> u64 {
-    let bytes = serde_json::to_vec(routes).unwrap_or_default();
+fn fingerprint(routes: &[RouteConfig], quotas: &[crank_api::resilience::QuotaLimit]) -> u64 {
+    let bytes = serde_json::to_vec(&(routes, quotas)).unwrap_or_default();
     let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
     let mut b = [0u8; 8];
     b.copy_from_slice(&d.as_ref()[..8]);
@@ -330,7 +363,7 @@ impl Control {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
             };
             let entries = self.registry.snapshot(instant()).entries;
-            let update = update_for(&published, &id.service, &entries);
+            let update = update_for(&published, &id, &entries);
             if update.version.seq != have_seq
                 || update.registry != have_eps
                 || tokio::time::Instant::now() >= deadline
@@ -445,5 +478,137 @@ impl Control {
 
     pub(super) fn mesh_endpoints(&self) -> crate::registry::Snapshot {
         self.registry.snapshot(instant())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn dir_with(route_yaml: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("routes")).unwrap();
+        std::fs::write(
+            d.path().join("capabilities.yaml"),
+            "capabilities: [{name: hello:v1}, {name: other:v1}]\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("routes/r.yaml"), route_yaml).unwrap();
+        std::fs::write(
+            d.path().join("quotas.yaml"),
+            "limits:\n  - {tenant: '*', capability: hello:v1, rate: 10/s, direction: outbound}\n  - {tenant: '*', capability: hello:v1, rate: 5/s}\n  - {tenant: '*', capability: other:v1, rate: 1/s}\n  - {tenant: acme, capability: '*', rate: 100/s}\n",
+        )
+        .unwrap();
+        d
+    }
+
+    const ROUTES: &str = "routes:\n  - name: hello\n    backends:\n      - {capability: hello:v1, selector: {pool: a}, weight: 90}\n      - {capability: hello:v1, selector: {pool: b}, weight: 10}\n    clients: [frontend]\n  - name: other\n    backends: [{capability: other:v1}]\n";
+
+    fn entry(port: u16, identity: &str, cap: &str, pool: &str) -> Entry {
+        let now = std::time::SystemTime::now();
+        Entry {
+            lease: crate::registry::LeaseId::new(format!("l{port}")),
+            registration: crank_api::mesh::EndpointRegistration {
+                address: format!("127.0.0.1:{port}").parse().unwrap(),
+                identity: identity.into(),
+                capabilities: vec![cap.into()],
+                labels: BTreeMap::from([("pool".to_string(), pool.to_string())]),
+            },
+            registered_at: now,
+            last_heartbeat: now,
+            expires_in: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn publishes_valid_versions_and_keeps_the_last_good_one() {
+        let d = dir_with(ROUTES);
+        let state = tempfile::tempdir().unwrap();
+        let mut m = MeshState::open(state.path());
+        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 1), Some(1));
+        assert_eq!(
+            m.refresh(&d.path().to_path_buf(), state.path(), 2),
+            None,
+            "nothing changed"
+        );
+        std::fs::write(
+            d.path().join("routes/r.yaml"),
+            "routes: [{name: x, backendz: []}]\n",
+        )
+        .unwrap();
+        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 3), None);
+        assert!(m.last_error.is_some());
+        assert_eq!(
+            m.current.as_ref().unwrap().seq,
+            1,
+            "the last good version stays"
+        );
+        std::fs::write(
+            d.path().join("routes/r.yaml"),
+            ROUTES.replace("weight: 10", "weight: 20"),
+        )
+        .unwrap();
+        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 4), Some(2));
+        assert!(m.last_error.is_none());
+        // A restart serves mesh.json until the directory says otherwise.
+        let again = MeshState::open(state.path());
+        assert_eq!(again.current.as_ref().unwrap().seq, 2);
+    }
+
+    #[test]
+    fn each_proxy_gets_its_routes_endpoints_and_quotas() {
+        let d = dir_with(ROUTES);
+        let snap = crate::configdir::load(d.path()).unwrap();
+        let p = Published {
+            seq: 7,
+            published_at: 0,
+            snapshot: snap,
+        };
+        let entries = vec![
+            entry(1, "hello.demo.crank.local", "hello:v1", "a"),
+            entry(2, "hello.demo.crank.local", "hello:v1", "b"),
+            entry(3, "other.demo.crank.local", "other:v1", "a"),
+        ];
+        let frontend = Identity::new("frontend", "demo", "crank.local").unwrap();
+        let u = update_for(&p, &frontend, &entries);
+        let names: Vec<&str> = u.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["hello", "other"]);
+        let hello = &u.routes[0];
+        let w: Vec<(u16, u32, u32)> = hello
+            .endpoints
+            .iter()
+            .map(|e| (e.address.port(), e.weight, e.backend))
+            .collect();
+        assert_eq!(w, [(1, 9, 0), (2, 1, 1)], "90/10 by backend");
+        // Outbound limits for what it calls, `*` limits; not inbound ones.
+        let caps: Vec<(&str, String)> = u
+            .quotas
+            .iter()
+            .map(|l| (l.capability.as_str(), format!("{:?}", l.direction)))
+            .collect();
+        assert_eq!(
+            caps,
+            [("hello:v1", "Outbound".into()), ("*", "Inbound".into())]
+        );
+        // A proxy not among the route's clients does not get it; the
+        // workload registered as hello gets hello's inbound limit.
+        let hello_id = Identity::new("hello", "demo", "crank.local").unwrap();
+        let u = update_for(&p, &hello_id, &entries);
+        assert_eq!(
+            u.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["other"]
+        );
+        assert!(u
+            .quotas
+            .iter()
+            .any(|l| l.capability == "hello:v1" && l.rate == "5/s"));
+        // The fingerprint follows the endpoints.
+        let fewer = update_for(&p, &frontend, &entries[..1]);
+        assert_ne!(fewer.registry, update_for(&p, &frontend, &entries).registry);
+        assert_eq!(
+            update_for(&p, &frontend, &entries).registry,
+            update_for(&p, &frontend, &entries).registry
+        );
     }
 }
