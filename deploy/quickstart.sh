@@ -138,6 +138,8 @@ state_dir: control
 admin_socket: control/admin.sock
 ca:
   intermediate: ca/int1
+# Routes, quotas, SLOs and policies from files, pushed to the sidecars.
+config_dir: $(yq "$ROOT/deploy/mesh-config")
 EOF
 }
 
@@ -184,6 +186,12 @@ policy:
     dir: $(yq "$ROOT/policies")
   decision_log:
     path: $(yq "$STATE/backend-decisions.log")
+# Register this workload (capability hello:v1) in crank-control's registry;
+# the frontend's route to it comes from deploy/mesh-config/routes/hello.yaml.
+mesh:
+  register:
+    capabilities: [hello:v1]
+    labels: {pool: demo}
 EOF
         common_yaml "$BACKEND_ADMIN"
     } >"$STATE/backend-proxy.yaml"
@@ -205,6 +213,9 @@ routes:
     endpoints:
       - address: $LO:$BACKEND_INBOUND
         identity: backend.demo.crank.local
+# Routes, quotas and policies pushed by crank-control replace the ones
+# above (they stay as the fallback until the first update arrives).
+mesh: {}
 EOF
         common_yaml "$FRONTEND_ADMIN"
     } >"$STATE/frontend-proxy.yaml"
@@ -293,15 +304,32 @@ check() {
     echo "OK: $what reached the backend"
 }
 
+# wait_pushed: true once the frontend sidecar applied a config from crank-control
+# and the backend is registered (up to 15 s).
+wait_pushed() {
+    local deadline=$((SECONDS + 15))
+    until qcurl -fsS "http://$LO:$FRONTEND_ADMIN/config_dump" 2>/dev/null | grep -q '"source": "pushed"' &&
+        "$BIN/crankctl" endpoints 2>/dev/null | grep -q 'hello:v1'; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
 sample_requests() {
     log "sample request: frontend app -> HTTP_PROXY (frontend sidecar) -> mTLS -> backend sidecar -> backend app"
     echo "\$ curl -s http://$LO:$FRONTEND_APP/"
     local failed=0
+    if ! wait_pushed; then
+        echo "FAIL: the frontend sidecar did not get its routes from crank-control within 15 s; see ${STATE#"$ROOT"/}/frontend-proxy.log and control.log" >&2
+        return 1
+    fi
     check "the frontend (GET /)" --noproxy '*' "http://$LO:$FRONTEND_APP/" || failed=1
     if [[ $ONESHOT == 1 ]]; then
         log "also checking the local upstream port and the HTTP proxy listener"
         check "the local upstream port" --noproxy '*' "http://$LO:$FRONTEND_BACKEND_PORT/hello" || failed=1
         check "the HTTP proxy listener" -x "http://$LO:$FRONTEND_HTTP_PROXY" "http://backend/hello" || failed=1
+        echo "OK: the frontend sidecar runs the routes crank-control pushed (deploy/mesh-config):"
+        "$BIN/crankctl" routes | sed 's/^/    /'
         if grep -q '"result":"allow"' "$STATE/backend-decisions.log" 2>/dev/null; then
             echo "OK: the backend sidecar's policy allowed them (decision log ${STATE#"$ROOT"/}/backend-decisions.log)"
         else

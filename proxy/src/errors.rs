@@ -47,6 +47,9 @@ pub enum Reason {
     QueueTimeout,
     /// Every endpoint of the route is ejected by outlier detection (503).
     CircuitOpen,
+    /// The route has no endpoint at all: nothing registered serves its
+    /// capabilities right now (503).
+    NoEndpoints,
     /// The route's request deadline passed (504).
     RequestTimeout,
     /// The route's fault injection aborted this request (configured status).
@@ -95,6 +98,7 @@ impl Reason {
             Reason::Overloaded => "overloaded",
             Reason::QueueTimeout => "queue-timeout",
             Reason::CircuitOpen => "circuit-open",
+            Reason::NoEndpoints => "no-endpoints",
             Reason::RequestTimeout => "request-timeout",
             Reason::FaultInjected => "fault-injected",
             Reason::IdempotencyKeyInUse => "idempotency-key-in-use",
@@ -119,6 +123,7 @@ impl Reason {
             Reason::Overloaded
             | Reason::QueueTimeout
             | Reason::CircuitOpen
+            | Reason::NoEndpoints
             | Reason::IdempotencyStoreFull
             | Reason::FaultInjected => 503,
             Reason::RequestTimeout => 504,
@@ -159,6 +164,7 @@ impl Reason {
             Reason::Overloaded => "the upstream is at its concurrency limit and its wait queue is full; retry after the Retry-After seconds, preferably elsewhere",
             Reason::QueueTimeout => "the request waited for a free slot at the upstream's concurrency limit and timed out; retry after the Retry-After seconds",
             Reason::CircuitOpen => "every endpoint of this route failed repeatedly and is ejected; retry after the Retry-After seconds, and check the endpoints' health",
+            Reason::NoEndpoints => "no live endpoint serves this route: no worker with its capability and labels is registered right now; `crankctl routes` shows the route's backends and `crankctl endpoints` the registry",
             Reason::RequestTimeout => "the route's request timeout passed before the upstream answered (retries included); the upstream may be slow or stuck",
             Reason::FaultInjected => "this response was injected by the route's fault configuration (a chaos drill); it is not a real failure",
             Reason::IdempotencyKeyInUse => "a request with this Idempotency-Key is still running; retry after the Retry-After seconds to get its result",
@@ -320,6 +326,7 @@ mod tests {
             Reason::Overloaded,
             Reason::QueueTimeout,
             Reason::CircuitOpen,
+            Reason::NoEndpoints,
             Reason::RequestTimeout,
             Reason::FaultInjected,
             Reason::IdempotencyKeyInUse,

@@ -37,6 +37,7 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// Custom error types the resilience steps raise from `upstream_peer`.
 const CIRCUIT_OPEN: ErrorType = ErrorType::Custom("circuit-open");
+const NO_ENDPOINTS: ErrorType = ErrorType::Custom("no-endpoints");
 const DEADLINE: ErrorType = ErrorType::Custom("request-timeout");
 const RETRY_STATUS: ErrorType = ErrorType::Custom("retry-on-status");
 
@@ -603,6 +604,12 @@ impl MeshProxy {
             }
             _ => &ctx.res.tried,
         };
+        if route.endpoints.is_empty() {
+            return Err(Error::explain(
+                NO_ENDPOINTS,
+                format!("route {} has no endpoints", route.name),
+            ));
+        }
         let Some((pick, _)) = route.pick(exclude) else {
             return Err(Error::explain(
                 CIRCUIT_OPEN,
@@ -817,6 +824,7 @@ impl MeshProxy {
     pub(crate) fn resilience_reason(&self, e: &Error, ctx: &Ctx) -> Option<Reason> {
         match e.etype() {
             t if *t == CIRCUIT_OPEN => Some(Reason::CircuitOpen),
+            t if *t == NO_ENDPOINTS => Some(Reason::NoEndpoints),
             t if *t == DEADLINE => Some(Reason::RequestTimeout),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout
                 if self.deadline_passed(ctx) =>
@@ -834,6 +842,7 @@ impl MeshProxy {
                 .route
                 .as_ref()
                 .map(|r| retry_after_secs(r.cfg.circuit.base_ejection)),
+            Reason::NoEndpoints => Some(5),
             _ => None,
         }
     }
