@@ -526,9 +526,9 @@ mod tests {
         let d = dir_with(ROUTES);
         let state = tempfile::tempdir().unwrap();
         let mut m = MeshState::open(state.path());
-        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 1), Some(1));
+        assert_eq!(m.refresh(d.path(), state.path(), 1), Some(1));
         assert_eq!(
-            m.refresh(&d.path().to_path_buf(), state.path(), 2),
+            m.refresh(d.path(), state.path(), 2),
             None,
             "nothing changed"
         );
@@ -537,7 +537,7 @@ mod tests {
             "routes: [{name: x, backendz: []}]\n",
         )
         .unwrap();
-        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 3), None);
+        assert_eq!(m.refresh(d.path(), state.path(), 3), None);
         assert!(m.last_error.is_some());
         assert_eq!(
             m.current.as_ref().unwrap().seq,
@@ -549,7 +549,7 @@ mod tests {
             ROUTES.replace("weight: 10", "weight: 20"),
         )
         .unwrap();
-        assert_eq!(m.refresh(&d.path().to_path_buf(), state.path(), 4), Some(2));
+        assert_eq!(m.refresh(d.path(), state.path(), 4), Some(2));
         assert!(m.last_error.is_none());
         // A restart serves mesh.json until the directory says otherwise.
         let again = MeshState::open(state.path());

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Config distribution benchmark (issue #4): N simulated watching proxies
+# against one real crank-control; see tests/src/bin/mesh-watch-bench.rs.
+#
+#   bash benches/mesh-watch.sh                 # N = 100, 1000, 2000 (+5000 with 16+ GiB free)
+#   WATCHERS=100,1000 UPDATES=10 bash benches/mesh-watch.sh
+#
+# Knobs: WATCHERS (comma list), UPDATES [20] (config edits per N),
+# BENCH_NO_BUILD=1 (use the release binaries already in target/release).
+# Output: a markdown table and a JSON summary on stdout, also written to
+# benches/out/mesh-watch.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+  cargo build --release -p crank-control --bins
+  cargo build --release -p crank-tests --bin mesh-watch-bench
+fi
+
+# Every watcher holds one socket in the bench and one in crank-control,
+# which inherits this limit (the bench also raises its soft limit to the hard one).
+ulimit -n "$(ulimit -Hn)" || true
+echo "open files limit: $(ulimit -n)"
+
+if [[ -z "${WATCHERS:-}" ]]; then
+  WATCHERS=100,1000,2000
+  free_gib=$(awk '/MemAvailable/ {print int($2 / 1048576)}' /proc/meminfo)
+  if (( free_gib >= 16 && $(ulimit -n) >= 12000 )); then WATCHERS+=,5000; fi
+fi
+
+mkdir -p benches/out
+echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+CRANK_BIN_DIR="$PWD/target/release" target/release/mesh-watch-bench \
+  --watchers "$WATCHERS" --updates "${UPDATES:-20}" | tee benches/out/mesh-watch.txt
