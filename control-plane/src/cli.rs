@@ -398,7 +398,7 @@ fn config_validate(dir: &Path, output: &str) -> Result<()> {
     match result {
         Ok(_) => Ok(()),
         Err(p) => bail!(
-            "{} problem(s) in {}; nothing was published",
+            "{} problem(s) in {}; fix them and validate again (crank-control refuses such a change and keeps serving the last good version)",
             p.len(),
             dir.display()
         ),

@@ -313,3 +313,94 @@ fn proxies_keep_serving_without_the_control_plane_and_resync_when_it_returns() {
     );
     assert_eq!(get(port), 200);
 }
+
+#[test]
+fn a_worker_shim_joins_through_its_sidecar_and_leaves_when_it_stops() {
+    let cp = control("10s");
+    write(
+        &cp,
+        "capabilities.yaml",
+        "capabilities:\n  - name: hello:v1\n  - name: thumbnail:v1\n",
+    );
+    write(
+        &cp,
+        "routes/thumbs.yaml",
+        "routes:\n  - name: thumbs\n    backends: [{capability: thumbnail:v1, selector: {gpu: none}}]\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin, upstream) = (free_addr(), free_addr(), free_addr());
+    let reg = dir.path().join("registration.json");
+    let shim_yaml = format!(
+        "mode: serve\nlisten: {listen}\nadmin_listen: {admin}\ncapability: thumbnail:v1\nlabels: {{pool: thumbs}}\n\
+         registration_file: {}\nserve:\n  command: [{}, --listen, '{upstream}', --name, thumbs]\n  upstream: {upstream}\n  health_interval: 100ms\n  drain_timeout: 5s\n",
+        reg.display(),
+        crank_tests::bin("crank-demo-backend").display(),
+    );
+    let mut shim = crank_tests::Shim::start(dir.path(), "shim", &shim_yaml, listen, admin);
+
+    // The worker's sidecar registers what the shim detected and declared.
+    let (inbound, sadmin) = (free_addr(), free_addr());
+    let server_yaml = format!(
+        "{}inbound: {{listen: {inbound}, app: {listen}}}\nmesh:\n  watch_wait: 2s\n  register:\n    from_file: {}\n    lease: 3s\nadmin: {{listen: {sadmin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "thumbs-sidecar", "thumbs", "media", "2s"),
+        reg.display(),
+    );
+    let _server = Proxy::start(dir.path(), "thumbs-sidecar", &server_yaml, sadmin);
+    let (port, cadmin) = (free_addr(), free_addr());
+    let client_yaml = format!(
+        "{}outbound:\n  ports: [{{listen: {port}, route: thumbs}}]\nroutes:\n  - name: thumbs\n    endpoints: [{{address: 127.0.0.1:1, identity: thumbs.media.crank.local}}]\nmesh:\n  watch_wait: 2s\nadmin: {{listen: {cadmin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "caller", "frontend", "demo", "2s"),
+    );
+    let _client = Proxy::start(dir.path(), "caller", &client_yaml, cadmin);
+
+    wait_until(
+        "the shim's capability is registered",
+        Duration::from_secs(10),
+        || cp.ctl_ok(&["endpoints"]).contains("thumbnail:v1"),
+    );
+    let endpoints = cp.ctl_ok(&["endpoints", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&endpoints).unwrap();
+    let e = &v["entries"][0]["registration"];
+    assert_eq!(e["identity"], "thumbs.media.crank.local", "{v}");
+    assert_eq!(
+        e["address"],
+        inbound.to_string(),
+        "peers reach the sidecar, not the shim"
+    );
+    assert_eq!(
+        e["labels"]["gpu"], "none",
+        "the shim's detected labels: {v}"
+    );
+    assert_eq!(
+        e["labels"]["pool"], "thumbs",
+        "and its configured ones: {v}"
+    );
+    wait_until(
+        "the caller reaches the worker",
+        Duration::from_secs(10),
+        || get(port) == 200,
+    );
+    let (_, out) = curl(&["-d", "x", &format!("http://{port}/echo")]);
+    assert!(out.contains("\"service\": \"thumbs\""), "{out}");
+
+    // The shim stops: it deregisters first, its sidecar follows at once.
+    shim.signal(libc::SIGTERM);
+    let asked = Instant::now();
+    wait_until("the endpoint leaves", Duration::from_secs(5), || {
+        !cp.ctl_ok(&["endpoints"]).contains("thumbnail:v1")
+    });
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "before the 3 s lease could expire: {:?}",
+        asked.elapsed()
+    );
+    let _ = shim.wait_exit(Duration::from_secs(10));
+    wait_until(
+        "the caller is told there is no endpoint",
+        Duration::from_secs(5),
+        || {
+            let (status, text) = curl(&[&format!("http://{port}/echo")]);
+            status == 503 && crank_tests::header(&text, "x-crank-error") == Some("no-endpoints")
+        },
+    );
+}

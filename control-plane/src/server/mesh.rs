@@ -310,6 +310,9 @@ impl Control {
             changed |= mesh.refresh(dir, &self.cfg.state_dir, now()).is_some();
             self.metrics.observe_mesh(&mesh);
         }
+        // Proxies gone for longer than workloads.stale_after leave `crankctl status`.
+        let forget = now() - self.cfg.workloads.stale_after.as_secs() as i64;
+        self.mesh().proxies.retain(|_, p| p.last_seen >= forget);
         let gone = self.registry.expire(instant());
         for e in &gone {
             tracing::warn!(address = %e.registration.address, identity = %e.registration.identity, "endpoint lease expired; it leaves every route");
