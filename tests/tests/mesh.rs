@@ -404,3 +404,75 @@ fn a_worker_shim_joins_through_its_sidecar_and_leaves_when_it_stops() {
         },
     );
 }
+
+#[test]
+fn pushed_quotas_and_policies_take_effect_on_the_proxies() {
+    let app = EchoApp::start();
+    let cp = control("10s");
+    let dir = tempfile::tempdir().unwrap();
+    // The worker's sidecar enforces the policy set in `policies`, which
+    // crank-control keeps up to date (mesh.policy_dir). It starts with a
+    // set that denies nothing.
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("policy.yaml"), "mode: enforce\n").unwrap();
+    std::fs::write(
+        policies.join("open.rego"),
+        "package crank.authz\n\nallow := true\n\ndeny contains \"never\" if {\n\tfalse\n}\n",
+    )
+    .unwrap();
+    let (inbound, sadmin) = (free_addr(), free_addr());
+    let server_yaml = format!(
+        "{}inbound: {{listen: {inbound}, app: {}}}\npolicy:\n  inbound: {{dir: {}}}\n  reload_interval: 100ms\nmesh:\n  watch_wait: 2s\n  policy_dir: {}\n  register:\n    capabilities: [hello:v1]\n    labels: {{pool: a}}\nadmin: {{listen: {sadmin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "srv", "backend", "demo", "2s"),
+        app.addr,
+        policies.display(),
+        policies.display(),
+    );
+    let server = Proxy::start(dir.path(), "srv", &server_yaml, sadmin);
+    let (_c, port) = client(&cp, dir.path(), "client");
+    wait_until("served", Duration::from_secs(10), || get(port) == 200);
+    assert_eq!(curl(&[&format!("http://{port}/forbidden")]).0, 200);
+
+    // One edit: an outbound quota for the caller's tenant, and a policy
+    // that closes /forbidden.
+    write(&cp, "quotas.yaml", "limits:\n  - {tenant: demo, capability: hello:v1, rate: 3/min, burst: 3, direction: outbound}\n");
+    write(&cp, "policies/policy.yaml", "mode: enforce\n");
+    // The pushed set replaces the local one file by file (same name).
+    write(&cp, "policies/open.rego", "package crank.authz\n\nallow := true\n\ndeny contains \"the /forbidden path is closed\" if {\n\tinput.request.path == \"/forbidden\"\n}\n");
+    write(&cp, "policies/closed_test.rego", "package crank.authz_test\n\nimport data.crank.authz\n\ntest_forbidden_is_denied if {\n\tcount(authz.deny) > 0 with input as {\"request\": {\"path\": \"/forbidden\"}}\n}\n");
+    let arrived = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_to_string(policies.join("open.rego")).is_ok_and(|t| t.contains("/forbidden"))
+    });
+    assert!(
+        arrived,
+        "the policy did not reach the worker's sidecar:\n{}\n{}",
+        cp.ctl_ok(&["status"]),
+        server.log_text()
+    );
+    let mut last = String::new();
+    wait_until(
+        "the new policy denies /forbidden",
+        Duration::from_secs(10),
+        || {
+            let (status, text) = curl(&[&format!("http://{port}/forbidden")]);
+            last = text;
+            status == 403
+        },
+    );
+    assert!(last.contains("the /forbidden path is closed"), "{last}");
+    assert!(
+        !policies.join("open.rego").exists()
+            || std::fs::read_to_string(policies.join("open.rego")).is_ok()
+    );
+    // The quota: 3 requests pass (some were used above), then 429.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(get(port));
+    }
+    assert!(
+        statuses.contains(&429),
+        "the pushed quota limits the caller: {statuses:?}"
+    );
+}

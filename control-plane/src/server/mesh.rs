@@ -221,6 +221,20 @@ fn fingerprint(routes: &[RouteConfig], quotas: &[crank_api::resilience::QuotaLim
     u64::from_be_bytes(b) >> 1 // fits JSON numbers exactly
 }
 
+/// Updates already computed for the current (config seq, registry version).
+#[derive(Default)]
+pub struct UpdateCache {
+    key: (u64, u64),
+    by_identity: HashMap<String, Arc<CachedUpdate>>,
+}
+
+/// One identity's serialized [`MeshUpdate`].
+pub struct CachedUpdate {
+    seq: u64,
+    fingerprint: u64,
+    body: bytes::Bytes,
+}
+
 /// Time as the registry sees it (monotonic).
 pub fn instant() -> Instant {
     Instant::now()
@@ -365,13 +379,16 @@ impl Control {
             let Some(published) = current else {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
             };
-            let entries = self.registry.snapshot(instant()).entries;
-            let update = update_for(&published, &id, &entries);
-            if update.version.seq != have_seq
-                || update.registry != have_eps
+            let update = self.cached_update(&published, &id);
+            if update.seq != have_seq
+                || update.fingerprint != have_eps
                 || tokio::time::Instant::now() >= deadline
             {
-                return Ok(json(200, &update));
+                return Ok(hyper::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(update.body.clone()))
+                    .expect("a valid response"));
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
         }
@@ -423,6 +440,31 @@ impl Control {
         tracing::info!(lease = %r.lease, "endpoint deregistered");
         self.changed.send_modify(|v| *v += 1);
         Ok(json(200, &serde_json::json!({"ok": true})))
+    }
+
+    /// This identity's update for the published version and the registry
+    /// as it is now, computed once and shared by every watcher with that
+    /// identity (replicas of a service) until either changes.
+    fn cached_update(&self, published: &Published, id: &Identity) -> Arc<CachedUpdate> {
+        let snap = self.registry.snapshot(instant());
+        let key = (published.seq, snap.version);
+        let mut cache = self.update_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.key != key {
+            cache.key = key;
+            cache.by_identity.clear();
+        }
+        cache
+            .by_identity
+            .entry(id.dns_name())
+            .or_insert_with(|| {
+                let u = update_for(published, id, &snap.entries);
+                Arc::new(CachedUpdate {
+                    seq: u.version.seq,
+                    fingerprint: u.registry,
+                    body: bytes::Bytes::from(serde_json::to_vec(&u).unwrap_or_default()),
+                })
+            })
+            .clone()
     }
 
     /// Time left before the registry is trusted again after a restart

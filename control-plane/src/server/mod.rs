@@ -48,6 +48,7 @@ pub struct Control {
     /// A config was published before this start: proxies are waiting for
     /// the registry to fill again (see `registry_grace_left`).
     mesh_restarted: bool,
+    update_cache: Mutex<mesh::UpdateCache>,
 }
 
 /// Longer than the longest watch (60 s): by then every live workload has
@@ -124,6 +125,7 @@ impl Control {
             restarted,
             mesh_restarted: mesh_state.current.is_some(),
             mesh: Mutex::new(mesh_state),
+            update_cache: Mutex::default(),
             registry: Arc::new(crate::registry::MemoryRegistry::new()),
         });
         control.tick_mesh();
