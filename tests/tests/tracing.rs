@@ -554,7 +554,8 @@ fn a_retry_to_the_next_endpoint_is_its_own_client_span() {
     let app = EchoApp::start();
     let rx = OtlpReceiver::start();
     let mesh = traced_mesh(&app, &rx, 1.0);
-    // A second client sidecar whose route lists a dead endpoint first.
+    // A second client sidecar whose route has a dead endpoint that the
+    // balancer picks first (all but certainly: weight 1000000 against 1).
     let leaf = mesh.pki.leaf("frontend", "demo");
     let (port, admin) = (
         crank_tests::proxy::free_addr(),
@@ -564,7 +565,7 @@ fn a_retry_to_the_next_endpoint_is_its_own_client_span() {
     let yaml = format!(
         "identity: {{cert: {}, key: {}, trust_bundle: {}}}\n\
          outbound:\n  ports: [{{listen: {port}, route: backend}}]\n\
-         routes:\n  - name: backend\n    endpoints:\n      - {{address: {dead}, identity: backend.demo.crank.local}}\n      - {{address: {}, identity: backend.demo.crank.local}}\n\
+         routes:\n  - name: backend\n    endpoints:\n      - {{address: {dead}, identity: backend.demo.crank.local, weight: 1000000}}\n      - {{address: {}, identity: backend.demo.crank.local}}\n\
          admin: {{listen: {admin}}}\n{}",
         leaf.cert.display(),
         leaf.key.display(),
