@@ -272,12 +272,10 @@ impl Control {
         peer_certs: &Option<Vec<CertificateDer<'static>>>,
     ) -> Result<Resp, Refusal> {
         let (id, peer_serial) = peer(self, peer_certs)?;
-        let q: HashMap<String, String> = req.uri().query().map(form_pairs).unwrap_or_default();
-        let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let instance = q.get("instance").cloned().unwrap_or_default();
-        check_instance(&instance)?;
-        let (have_bundle, have_revs) = (num("bundle"), num("revocations"));
-        let wait = Duration::from_secs(num("wait").clamp(0, 60));
+        let q = PollQuery::parse(&req)?;
+        let instance = q.instance.clone();
+        let (have_bundle, have_revs) = (q.num("bundle"), q.num("revocations"));
+        let wait = q.wait();
         let serial = {
             let st = self.state();
             match q.get("serial").map(|s| canonical_serial(s)) {
@@ -332,7 +330,7 @@ impl Control {
     }
 }
 
-pub(super) fn form_pairs(q: &str) -> HashMap<String, String> {
+fn form_pairs(q: &str) -> HashMap<String, String> {
     q.split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -350,29 +348,59 @@ async fn route_workload(
         (Method::POST, "/v1/identity/renew") => control.renew(req, &peer_certs).await,
         (Method::GET, "/v1/identity/watch") => control.watch(req, &peer_certs).await,
         (Method::GET, "/v1/identity/bundle") => Ok(json(200, &control.state().bundle())),
-        (Method::GET, "/v1/mesh/watch") => match peer(&control, &peer_certs) {
-            Ok((id, _)) => control.mesh_watch(req, id).await,
-            Err(e) => Err(e),
-        },
-        (Method::POST, "/v1/registry/register") => match peer(&control, &peer_certs) {
-            Ok((id, _)) => control.register(req, id).await,
-            Err(e) => Err(e),
-        },
-        (Method::POST, "/v1/registry/heartbeat") => match peer(&control, &peer_certs) {
-            Ok(_) => control.heartbeat(req).await,
-            Err(e) => Err(e),
-        },
-        (Method::POST, "/v1/registry/deregister") => match peer(&control, &peer_certs) {
-            Ok(_) => control.deregister(req).await,
-            Err(e) => Err(e),
-        },
-        _ => Err(refusal(
-            404,
-            "not-found",
-            format!("no such API: {path}; see docs/reference/control-api.md"),
-        )),
+        // The mesh and registry calls need the caller's verified identity.
+        (method, p) if p.starts_with("/v1/mesh/") || p.starts_with("/v1/registry/") => {
+            match peer(&control, &peer_certs) {
+                Err(e) => Err(e),
+                Ok((id, _)) => match (method, p) {
+                    (Method::GET, "/v1/mesh/watch") => control.mesh_watch(req, id).await,
+                    (Method::POST, "/v1/registry/register") => control.register(req, id).await,
+                    (Method::POST, "/v1/registry/heartbeat") => control.heartbeat(req).await,
+                    (Method::POST, "/v1/registry/deregister") => control.deregister(req).await,
+                    _ => Err(not_found(&path)),
+                },
+            }
+        }
+        _ => Err(not_found(&path)),
     };
     Ok(r.unwrap_or_else(|e| control.refused(e, &path)))
+}
+
+fn not_found(path: &str) -> Refusal {
+    refusal(
+        404,
+        "not-found",
+        format!("no such API: {path}; see docs/reference/control-api.md"),
+    )
+}
+
+/// The query of a long poll: the caller's instance, the versions it has,
+/// and how long to wait (seconds, at most 60).
+pub(super) struct PollQuery {
+    pub instance: String,
+    q: HashMap<String, String>,
+}
+
+impl PollQuery {
+    pub(super) fn parse(req: &Request<Incoming>) -> Result<PollQuery, Refusal> {
+        let q: HashMap<String, String> = req.uri().query().map(form_pairs).unwrap_or_default();
+        let instance = q.get("instance").cloned().unwrap_or_default();
+        check_instance(&instance)?;
+        Ok(PollQuery { instance, q })
+    }
+
+    /// A number from the query; 0 when absent or not a number.
+    pub(super) fn num(&self, key: &str) -> u64 {
+        self.q.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
+    pub(super) fn get(&self, key: &str) -> Option<&String> {
+        self.q.get(key)
+    }
+
+    pub(super) fn wait(&self) -> Duration {
+        Duration::from_secs(self.num("wait").min(60))
+    }
 }
 
 /// Accepts TLS connections for the workload API.

@@ -346,16 +346,10 @@ impl Control {
         req: Request<Incoming>,
         id: Identity,
     ) -> Result<Resp, Refusal> {
-        let q: HashMap<String, String> = req
-            .uri()
-            .query()
-            .map(super::http::form_pairs)
-            .unwrap_or_default();
-        let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let instance = q.get("instance").cloned().unwrap_or_default();
-        super::http::check_instance(&instance)?;
-        let (have_seq, have_eps) = (num("seq"), num("registry"));
-        let wait = Duration::from_secs(num("wait").min(60));
+        let q = super::http::PollQuery::parse(&req)?;
+        let instance = q.instance.clone();
+        let (have_seq, have_eps) = (q.num("seq"), q.num("registry"));
+        let wait = q.wait();
         self.mesh().proxies.insert(
             instance.clone(),
             ProxyReport {
