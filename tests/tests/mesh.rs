@@ -175,6 +175,42 @@ fn an_edit_reaches_every_proxy_and_a_broken_edit_changes_nothing() {
         || cp.ctl_ok(&["status"]).contains("nope:v9"),
     );
     assert_eq!(status(&cp)["version"]["seq"], 2);
+
+    // A valid directory that a proxy cannot run (its port's route is gone):
+    // the proxy refuses version 3 whole, keeps serving version 2, and
+    // `crankctl status` flags it as stale while the others move on.
+    write(
+        &cp,
+        "routes/backend.yaml",
+        "routes:\n  - name: renamed\n    backends: [{capability: hello:v1}]\n",
+    );
+    wait_until("version 3 published", Duration::from_secs(5), || {
+        status(&cp)["version"]["seq"] == 3
+    });
+    wait_until(
+        "the clients are flagged stale",
+        Duration::from_secs(10),
+        || {
+            let s = status(&cp);
+            let rows = s["proxies"].as_array().cloned().unwrap_or_default();
+            let stale: Vec<_> = rows.iter().filter(|p| p["stale"] == true).collect();
+            stale.len() == 2
+                && stale
+                    .iter()
+                    .all(|p| p["identity"] == "frontend.demo.crank.local" && p["seq"] == 2)
+        },
+    );
+    assert!(cp.ctl_ok(&["status"]).contains("STALE"));
+    assert_eq!((seq_of(&c1), seq_of(&c2)), (2, 2));
+    let before = app_b.count();
+    assert_eq!(get(port1), 200, "the refused version changed nothing");
+    assert_eq!(app_b.count() - before, 1);
+    let v: serde_json::Value = serde_json::from_str(&c1.admin_get("/config_dump").1).unwrap();
+    assert!(
+        v["mesh"]["last_rejected"].to_string().contains("backend"),
+        "{}",
+        v["mesh"]
+    );
 }
 
 #[test]
