@@ -1,7 +1,9 @@
-//! W3C Trace Context (Level 1, with Level 2's random trace-id flag):
-//! parsing and validating `traceparent` and `tracestate`, and the header
-//! values to forward. Pure functions over header values, tested with one
-//! table per rule of the recommendation.
+//! W3C Trace Context (Level 2: the random trace-id flag and the current
+//! `tracestate` key grammar): parsing and validating `traceparent` and
+//! `tracestate`, and the header values to forward. Pure functions over header
+//! values, tested with one table per rule of the recommendation and one
+//! mirroring the `tracestate` cases of the W3C test suite
+//! (`w3c/trace-context`, `test/test.py`).
 //!
 //! The spans and their export (issue #7) build on this; today the proxy uses
 //! it to link policy decisions to traces.
@@ -125,9 +127,12 @@ pub const MIN_PROPAGATED_LEN: usize = 512;
 /// are one comma-separated list, in order) and validates it. Returns the
 /// value to forward, or `None` when it is empty or invalid: an invalid
 /// `tracestate` is dropped whole and never affects `traceparent`.
+///
+/// A key that appears twice is kept as sent: only the sender must keep keys
+/// unique (Level 2, §3.3.1.3), receivers MAY discard duplicates, and the
+/// member is not ours to delete, so the proxy forwards both.
 pub fn combine_tracestate<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<String> {
     let mut members: Vec<&str> = Vec::new();
-    let mut keys: Vec<&str> = Vec::new();
     for v in values {
         let v = std::str::from_utf8(v).ok()?;
         for m in v.split(',') {
@@ -136,10 +141,9 @@ pub fn combine_tracestate<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Opt
                 continue; // empty members are allowed and dropped
             }
             let (key, value) = m.split_once('=')?;
-            if !valid_key(key) || !valid_value(value) || keys.contains(&key) {
+            if !valid_key(key) || !valid_value(value) {
                 return None;
             }
-            keys.push(key);
             members.push(m);
         }
     }
@@ -174,30 +178,20 @@ pub fn truncate_tracestate(value: &str, limit: usize) -> String {
     members.join(",")
 }
 
-/// `key = simple-key / multi-tenant-key` (§3.3.1.3.1).
+/// `key = ( lcalpha / DIGIT ) 0*255( keychar )` with `keychar = lcalpha /
+/// DIGIT / "_" / "-" / "*" / "/" / "@"` (Level 2, §3.3.1.3.1): up to 256
+/// characters, `@` anywhere but first. Level 1's `tenant@system` split with
+/// its 241/14 limits is gone.
 fn valid_key(key: &str) -> bool {
-    fn tail_ok(s: &str) -> bool {
-        s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/')
+    let b = key.as_bytes();
+    !b.is_empty()
+        && b.len() <= 256
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..].iter().all(|&c| {
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || matches!(c, b'_' | b'-' | b'*' | b'/' | b'@')
         })
-    }
-    match key.split_once('@') {
-        None => {
-            let b = key.as_bytes();
-            !b.is_empty() && b.len() <= 256 && b[0].is_ascii_lowercase() && tail_ok(&key[1..])
-        }
-        Some((tenant, system)) => {
-            let (t, s) = (tenant.as_bytes(), system.as_bytes());
-            !t.is_empty()
-                && t.len() <= 241
-                && (t[0].is_ascii_lowercase() || t[0].is_ascii_digit())
-                && tail_ok(&tenant[1..])
-                && !s.is_empty()
-                && s.len() <= 14
-                && s[0].is_ascii_lowercase()
-                && tail_ok(&system[1..])
-        }
-    }
 }
 
 /// `value = 0*255(chr) nblk-chr`, printable ASCII without `,` and `=`, not
@@ -344,23 +338,118 @@ mod tests {
             (vec!["k/ey_*-1=va lue"], Some("k/ey_*-1=va lue")),
             (vec![""], None),
             (vec!["Upper=1"], None),
-            (vec!["1abc=1"], None),
-            (vec!["a=1,a=2"], None),
-            (vec!["a=1", "a=2"], None),
+            (vec!["1abc=1"], Some("1abc=1")),
+            // duplicated keys are forwarded as sent (Level 2)
+            (vec!["a=1,a=2"], Some("a=1,a=2")),
+            (vec!["a=1", "a=2"], Some("a=1,a=2")),
+            (vec!["-a=1"], None),
             (vec!["a"], None),
             (vec!["a="], None),
             (vec!["a=b=c"], None),
             // whitespace around a member is OWS, not part of the value
             (vec!["a=trailing \t"], Some("a=trailing")),
             (vec!["a=\u{7f}"], None),
-            (vec!["t@=1"], None),
+            // `@` may appear anywhere in a key but first (Level 2)
+            (vec!["t@=1"], Some("t@=1")),
             (vec!["@s=1"], None),
-            (vec!["t@systemtoolong12=1"], None),
-            (vec!["t@systemtoolong1=1"], Some("t@systemtoolong1=1")),
+            (vec!["t@systemtoolong12=1"], Some("t@systemtoolong12=1")),
+            (vec!["t@s@u=1"], Some("t@s@u=1")),
         ];
         for (headers, want) in cases {
             let got = combine_tracestate(headers.iter().map(|h| h.as_bytes()));
             assert_eq!(got.as_deref(), want, "{headers:?}");
+        }
+    }
+
+    /// The `tracestate` cases of the W3C suite (`w3c/trace-context`,
+    /// `test/test.py`, STRICT_LEVEL 2), one row per request it sends:
+    /// (headers, members that must be forwarded, or `None` for "discarded").
+    #[test]
+    fn tracestate_w3c_suite() {
+        let key_without_vendor = "abcdefghijklmnopqrstuvwxyz0123456789_-*/";
+        let key_with_vendor = format!("{key_without_vendor}@a-z0-9_-*/");
+        let value: String = (0x20u8..=0x7e)
+            .filter(|c| !matches!(c, b',' | b'='))
+            .map(char::from)
+            .collect();
+        let all_chars = format!("{key_without_vendor}={value}");
+        let all_chars_vendor = format!("{key_with_vendor}={value}");
+        let key256 = format!("{}=1", "z".repeat(256));
+        let key257 = format!("{}=1", "z".repeat(257));
+        let tenant241 = format!("{}@{}=1", "t".repeat(241), "v".repeat(14));
+        let tenant242 = format!("{}@v=1", "t".repeat(242));
+        let system15 = format!("t@{}=1", "v".repeat(15));
+        let bars = |n: usize| {
+            (1..=n)
+                .map(|i| format!("bar{i:02}={i:02}"))
+                .collect::<Vec<_>>()
+        };
+        let (b32, b33) = (bars(32), bars(33));
+        let cases: Vec<(Vec<&str>, Option<Vec<&str>>)> = vec![
+            // test_tracestate_included_traceparent_included
+            (vec!["foo=1,bar=2"], Some(vec!["foo=1", "bar=2"])),
+            // test_tracestate_empty_header
+            (vec![""], None),
+            (vec!["foo=1", ""], Some(vec!["foo=1"])),
+            (vec!["", "foo=1"], Some(vec!["foo=1"])),
+            // test_tracestate_multiple_headers_different_keys
+            (
+                vec!["foo=1,bar=2", "rojo=1,congo=2", "baz=3"],
+                Some(vec!["foo=1", "bar=2", "rojo=1", "congo=2", "baz=3"]),
+            ),
+            // test_tracestate_duplicated_keys: kept as-is or one dropped
+            (vec!["foo=1,foo=1"], Some(vec!["foo=1", "foo=1"])),
+            (vec!["foo=1,foo=2"], Some(vec!["foo=1", "foo=2"])),
+            (vec!["foo=1", "foo=1"], Some(vec!["foo=1", "foo=1"])),
+            (vec!["foo=1", "foo=2"], Some(vec!["foo=1", "foo=2"])),
+            // test_tracestate_all_allowed_characters
+            (vec![&all_chars], Some(vec![&all_chars])),
+            (vec![&all_chars_vendor], Some(vec![&all_chars_vendor])),
+            // test_tracestate_ows_handling
+            (
+                vec!["foo=1 \t , \t bar=2, \t baz=3"],
+                Some(vec!["foo=1", "bar=2", "baz=3"]),
+            ),
+            (
+                vec!["foo=1\t \t,\t \tbar=2,\t \tbaz=3"],
+                Some(vec!["foo=1", "bar=2", "baz=3"]),
+            ),
+            (vec![" foo=1"], Some(vec!["foo=1"])),
+            (vec!["\tfoo=1"], Some(vec!["foo=1"])),
+            (vec!["foo=1 "], Some(vec!["foo=1"])),
+            (vec!["foo=1\t"], Some(vec!["foo=1"])),
+            (vec!["\t foo=1 \t"], Some(vec!["foo=1"])),
+            // test_tracestate_key_illegal_characters
+            (vec!["foo =1"], None),
+            (vec!["FOO=1"], None),
+            (vec!["foo.bar=1"], None),
+            // test_tracestate_key_illegal_vendor_format
+            (vec!["foo@=1,bar=2"], Some(vec!["foo@=1", "bar=2"])),
+            (vec!["@foo=1,bar=2"], None),
+            (vec!["foo@@bar=1,bar=2"], Some(vec!["foo@@bar=1", "bar=2"])),
+            (
+                vec!["foo@bar@baz=1,bar=2"],
+                Some(vec!["foo@bar@baz=1", "bar=2"]),
+            ),
+            // test_tracestate_member_count_limit
+            (
+                b32.iter().map(String::as_str).collect(),
+                Some(b32.iter().map(String::as_str).collect()),
+            ),
+            (b33.iter().map(String::as_str).collect(), None),
+            // test_tracestate_key_length_limit
+            (vec!["foo=1", &key256], Some(vec!["foo=1", &key256])),
+            (vec!["foo=1", &key257], None),
+            (vec!["foo=1", &tenant241], Some(vec!["foo=1", &tenant241])),
+            (vec!["foo=1", &tenant242], Some(vec!["foo=1", &tenant242])),
+            (vec!["foo=1", &system15], Some(vec!["foo=1", &system15])),
+            // test_tracestate_value_illegal_characters
+            (vec!["foo=bar=baz"], None),
+            (vec!["foo=,bar=3"], None),
+        ];
+        for (headers, want) in cases {
+            let got = combine_tracestate(headers.iter().map(|h| h.as_bytes()));
+            assert_eq!(got, want.map(|m| m.join(",")), "{headers:?}");
         }
     }
 
