@@ -53,36 +53,75 @@ pub struct MeshSnapshot {
 const KNOWN: &str =
     "expected capabilities.yaml, quotas.yaml, routes/*.yaml, slo/*.yaml and policies/";
 
+/// A file of the directory that cannot be read: its path relative to the
+/// directory (`.` for the directory itself) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadError {
+    pub file: String,
+    pub message: String,
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file, self.message)
+    }
+}
+
 /// Every file of the directory (relative path, bytes), sorted; what the
 /// content hash covers. Editor leftovers (`.swp`, `~`, dot files) are skipped.
-pub fn files(dir: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+pub fn files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, ReadError> {
     let mut out = Vec::new();
     walk(dir, dir, &mut out)?;
     out.sort();
     Ok(out)
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> Result<(), ReadError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| read_error(root, dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| read_error(root, dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || name.ends_with('~') || name.ends_with(".swp") {
             continue;
         }
         let path = entry.path();
         // Follows symlinks: `policies -> ../policies` is a common layout.
-        if std::fs::metadata(&path)?.is_dir() {
+        let meta = std::fs::metadata(&path).map_err(|e| read_error(root, &path, e))?;
+        if meta.is_dir() {
             walk(root, &path, out)?;
         } else {
-            let rel = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
-            out.push((rel, std::fs::read(&path)?));
+            let bytes = std::fs::read(&path).map_err(|e| read_error(root, &path, e))?;
+            out.push((relative(root, &path), bytes));
         }
     }
     Ok(())
+}
+
+/// `path` relative to `root`; `.` for `root` itself.
+fn relative(root: &Path, path: &Path) -> String {
+    match path.strip_prefix(root) {
+        Ok(r) if r.as_os_str().is_empty() => ".".into(),
+        Ok(r) => r.to_string_lossy().into_owned(),
+        Err(_) => path.to_string_lossy().into_owned(),
+    }
+}
+
+/// Names the entry that failed; a symlink whose target is missing (a
+/// copied directory whose `policies -> ../../policies` now points nowhere)
+/// is reported as such, against the link.
+fn read_error(root: &Path, path: &Path, e: std::io::Error) -> ReadError {
+    let file = relative(root, path);
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let message = match std::fs::read_link(path) {
+        Ok(target) if is_link && e.kind() == std::io::ErrorKind::NotFound => format!(
+            "is a symbolic link to {}, which does not exist (a relative link resolves from {}); copy what it points to as well, or replace the link with the files",
+            target.display(),
+            path.parent().unwrap_or(root).display(),
+        ),
+        _ if file == "." => format!("cannot read the directory {}: {e}", root.display()),
+        _ => format!("cannot read it: {e}"),
+    };
+    ReadError { file, message }
 }
 
 /// The content hash of a file list.
@@ -103,14 +142,7 @@ pub fn hash(files: &[(String, Vec<u8>)]) -> String {
 
 /// Reads and checks the whole directory.
 pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
-    let all = files(dir).map_err(|e| {
-        vec![problem(
-            ".",
-            None,
-            None,
-            format!("cannot read the directory {}: {e}", dir.display()),
-        )]
-    })?;
+    let all = files(dir).map_err(|e| vec![problem(&e.file, None, None, e.message)])?;
     let mut p = Vec::new();
     let mut caps = CapabilitiesFile::default();
     let mut quotas = QuotasFile::default();
@@ -584,6 +616,40 @@ mod tests {
                 .starts_with("routes/a.yaml:4: routes[0].backends[0].weight: "),
             "{}",
             ps[0]
+        );
+    }
+
+    #[test]
+    fn a_dangling_symlink_is_reported_against_the_link() {
+        // `deploy/mesh-config` copied somewhere else: its `policies ->
+        // ../../policies` points nowhere.
+        let d = dir(&[CAPS, ROUTE]);
+        std::os::unix::fs::symlink("../../policies", d.path().join("policies")).unwrap();
+        let ps = load(d.path()).unwrap_err();
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert_eq!(ps[0].file, "policies", "{ps:?}");
+        let text = ps[0].to_string();
+        assert!(
+            text.starts_with(
+                "policies: is a symbolic link to ../../policies, which does not exist"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("copy what it points to"), "{text}");
+
+        // Deeper down too, with the path from the directory.
+        let d = dir(&[CAPS, ROUTE]);
+        std::os::unix::fs::symlink("gone.yaml", d.path().join("routes/b.yaml")).unwrap();
+        let ps = load(d.path()).unwrap_err();
+        assert_eq!(ps[0].file, "routes/b.yaml", "{ps:?}");
+        assert!(ps[0].message.contains("gone.yaml"), "{ps:?}");
+
+        // The directory itself missing is still about the directory.
+        let ps = load(&d.path().join("nope")).unwrap_err();
+        assert_eq!(ps[0].file, ".", "{ps:?}");
+        assert!(
+            ps[0].message.starts_with("cannot read the directory"),
+            "{ps:?}"
         );
     }
 
