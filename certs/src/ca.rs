@@ -90,13 +90,17 @@ pub struct IssuedLeaf {
 
 impl Ca {
     /// Makes a new self-signed root CA for `trust_domain`, valid for `ttl`.
+    /// Its subject names its key (a key id): every root has its own, so a
+    /// verifier holding several roots never picks one by a shared name and
+    /// fails on its signature.
     pub fn generate(trust_domain: &str, ttl: Duration) -> Result<Ca, CaError> {
+        let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Crank Mesh");
         dn.push(
             DnType::CommonName,
-            format!("Crank Mesh root CA ({trust_domain})"),
+            format!("Crank Mesh root CA ({trust_domain}) {}", key_id(&key)),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
@@ -108,7 +112,6 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + ttl;
-        let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Ca {
             cert_pem: cert.pem(),
@@ -119,14 +122,16 @@ impl Ca {
     }
 
     /// Makes an intermediate CA signed by this root, valid for `ttl` (capped
-    /// at the root's own expiry). Its subject carries the time it was made,
-    /// so several generations are told apart in `crankctl ca status`.
+    /// at the root's own expiry). Its subject carries the time it was made
+    /// and its key id, so several generations are told apart in `crankctl ca
+    /// status` and no two intermediates share a name.
     pub fn generate_intermediate(&self, ttl: Duration) -> Result<Ca, CaError> {
         if self.intermediate {
             return Err(CaError::Invalid(
                 "an intermediate can only be signed by a root; pass the root's directory (made by `crankctl ca init`)".into(),
             ));
         }
+        let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let now = OffsetDateTime::now_utc();
         let mut dn = DistinguishedName::new();
@@ -137,7 +142,7 @@ impl Ca {
                 "Crank Mesh intermediate CA ({}) {} {}",
                 self.trust_domain,
                 stamp(now),
-                random_hex(3)
+                key_id(&key)
             ),
         );
         params.distinguished_name = dn;
@@ -158,7 +163,6 @@ impl Ca {
         let wanted = now + ttl;
         params.not_after =
             wanted.min(OffsetDateTime::from_unix_timestamp(root_end).unwrap_or(wanted));
-        let key = KeyPair::generate()?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Ca {
@@ -400,6 +404,14 @@ pub fn random_hex(n: usize) -> String {
     hex(&b)
 }
 
+/// A short id of a CA key for its subject name: the first 8 bytes of the
+/// SHA-256 of its public key, lower-case hex. The same key always gives the
+/// same id.
+fn key_id(key: &KeyPair) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+    hex(&digest.as_ref()[..8])
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -567,6 +579,32 @@ mod tests {
             inter.sign_csr("not a csr", &web, Duration::from_secs(600)),
             Err(SignCsrError::Csr(CsrError::Malformed(_)))
         ));
+    }
+
+    fn subject(pem: &str) -> String {
+        CertSummary::from_der(&crate::pem::certs_from_pem(pem.as_bytes()).unwrap()[0])
+            .unwrap()
+            .subject
+    }
+
+    #[test]
+    fn every_root_and_intermediate_has_its_own_subject() {
+        let a = Ca::generate("crank.local", Duration::from_secs(3600)).unwrap();
+        let b = Ca::generate("crank.local", Duration::from_secs(3600)).unwrap();
+        let (sa, sb) = (subject(a.cert_pem()), subject(b.cert_pem()));
+        assert_ne!(sa, sb, "two roots of one trust domain");
+        // The name says which key: stable for a key, and it survives a reload.
+        assert!(sa.contains(&key_id(&a.key)), "{sa}");
+        assert!(sa.contains("Crank Mesh root CA (crank.local) "), "{sa}");
+        let again = Ca::from_pem(a.cert_pem(), &a.key_pem(), "crank.local").unwrap();
+        assert_eq!(key_id(&again.key), key_id(&a.key));
+        let (ia, ib) = (
+            a.generate_intermediate(Duration::from_secs(60)).unwrap(),
+            a.generate_intermediate(Duration::from_secs(60)).unwrap(),
+        );
+        let (sia, sib) = (subject(ia.cert_pem()), subject(ib.cert_pem()));
+        assert_ne!(sia, sib, "two intermediates made in the same second");
+        assert!(sia.contains(&key_id(&ia.key)), "{sia}");
     }
 
     #[test]
