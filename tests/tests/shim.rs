@@ -843,6 +843,99 @@ fn config_check_names_the_field_and_the_shipped_example_is_valid() {
 }
 
 #[test]
+fn a_program_that_is_not_on_path_is_refused_by_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin, upstream) = (free_addr(), free_addr(), free_addr());
+    let work = dir.path().join("work");
+    let configs = [
+        (
+            "exec.command",
+            format!(
+                "mode: exec\nlisten: {listen}\nadmin_listen: {admin}\ncapability: transcode:h264\n\
+                 exec:\n  work_dir: {}\n  command: [ffmpge, -i, \"{{input}}\", \"{{output}}\"]\n\
+                 \x20 env: {{PATH: /usr/local/bin:/usr/bin:/bin}}\n",
+                work.display()
+            ),
+            "\"/usr/local/bin:/usr/bin:/bin\"",
+        ),
+        (
+            "serve.command",
+            format!(
+                "mode: serve\nlisten: {listen}\nadmin_listen: {admin}\ncapability: thumbnail:v1\n\
+                 serve:\n  command: [ffmpge, --listen, '{upstream}']\n  upstream: {upstream}\n"
+            ),
+            "PATH",
+        ),
+    ];
+    for (field, yaml, searched) in configs {
+        let cfg = dir.path().join("missing.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        for check in [true, false] {
+            let mut cmd = Command::new(crank_tests::bin("crank-shim"));
+            cmd.arg("--config").arg(&cfg);
+            if check {
+                cmd.arg("--check");
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "check={check}: {err}");
+            for piece in [
+                field,
+                "\"ffmpge\"",
+                "not found on the PATH",
+                searched,
+                "absolute path",
+            ] {
+                assert!(err.contains(piece), "check={check}, {piece}: {err}");
+            }
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).contains("valid"),
+                "check={check}"
+            );
+        }
+    }
+    assert!(!work.exists(), "refused before anything was set up");
+
+    // A relative program path is the config directory's, and must run.
+    let tool = dir.path().join("tool.sh");
+    std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+    let cfg = dir.path().join("relative.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mode: exec\nlisten: {listen}\ncapability: transcode:h264\n\
+             exec:\n  work_dir: {}\n  command: [./tool.sh, \"{{output}}\"]\n",
+            work.display()
+        ),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(crank_tests::bin("crank-shim"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is not executable") && err.contains("chmod +x"),
+        "{err}"
+    );
+    let mut perms = std::fs::metadata(&tool).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&tool, perms).unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn energy_from_rapl_counters_is_attributed_to_the_job_that_ran() {
     // A powercap tree like the kernel's, whose counter the test advances
     // while the job runs: 5 J of CPU package energy during the job.

@@ -309,8 +309,36 @@ pub fn load(path: &Path) -> Result<ShimConfig, ConfigError> {
     })?;
     let mut cfg = parse(&file, &text)?;
     validate(&file, &cfg)?;
-    resolve_paths(&mut cfg, path.parent().unwrap_or(Path::new(".")));
+    let base = path.parent().unwrap_or(Path::new("."));
+    resolve_paths(&mut cfg, base);
+    resolve_program(&file, &mut cfg, base)?;
     Ok(cfg)
+}
+
+/// Refuses a `command` whose program would not run (see [`crate::program`]),
+/// so that `--check` and the start fail instead of every job. A relative
+/// path becomes the absolute one that was checked.
+pub fn resolve_program(file: &str, cfg: &mut ShimConfig, base: &Path) -> Result<(), ConfigError> {
+    let (section, command, env) = match (cfg.exec.as_mut(), cfg.serve.as_mut()) {
+        (Some(e), _) => ("exec", &mut e.command, &e.env),
+        (None, Some(s)) => ("serve", &mut s.command, &s.env),
+        (None, None) => return Ok(()),
+    };
+    let Some(program) = command.first_mut() else {
+        return Ok(());
+    };
+    let env_field = format!("{section}.env");
+    let path_env = crate::program::child_path(env);
+    let resolved = crate::program::resolve(program, base, path_env.as_deref(), &env_field)
+        .map_err(|message| ConfigError {
+            file: file.to_string(),
+            field: format!("{section}.command"),
+            message,
+        })?;
+    if program.contains('/') && !Path::new(program.as_str()).is_absolute() {
+        *program = resolved.display().to_string();
+    }
+    Ok(())
 }
 
 /// Relative paths in the config are relative to the config file's
@@ -610,6 +638,44 @@ exec:
             PathBuf::from("/etc/crank/work/jobs.redb")
         );
         assert_eq!(cfg.host.powercap_root, PathBuf::from("/sys/class/powercap"));
+    }
+
+    #[test]
+    fn a_program_that_would_not_run_is_refused_at_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg_path = tmp.path().join("shim.yaml");
+        let load_with = |program: &str, extra: &str| {
+            let text = GOOD.replace("[ffmpeg,", &format!("[{program},"));
+            std::fs::write(&cfg_path, format!("{text}{extra}")).unwrap();
+            load(&cfg_path)
+        };
+        let e = load_with("no-such-tool-xyz", "  env: {PATH: /nowhere:/either}\n").unwrap_err();
+        assert_eq!(e.field, "exec.command", "{e}");
+        assert!(e.file.ends_with("shim.yaml"), "{e}");
+        for piece in [
+            "\"no-such-tool-xyz\"",
+            "\"/nowhere:/either\"",
+            "exec.env.PATH",
+        ] {
+            assert!(e.message.contains(piece), "{piece}: {e}");
+        }
+        let e = load_with("./tool.sh", "").unwrap_err();
+        assert!(e.message.contains("does not exist"), "{e}");
+
+        // A relative path is the config directory's, and runs as absolute.
+        let tool = tmp.path().join("tool.sh");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let cfg = load_with("./tool.sh", "").unwrap();
+        assert_eq!(
+            cfg.exec.unwrap().command[0],
+            tmp.path().join("./tool.sh").display().to_string()
+        );
+        // A bare name is found on the PATH the tool gets (exec.env.PATH).
+        let dir = tmp.path().display();
+        let cfg = load_with("tool.sh", &format!("  env: {{PATH: {dir}}}\n")).unwrap();
+        assert_eq!(cfg.exec.unwrap().command[0], "tool.sh");
     }
 
     #[test]

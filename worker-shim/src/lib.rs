@@ -19,6 +19,7 @@ pub mod exec;
 pub mod host;
 pub mod jobs;
 pub mod metrics;
+pub mod program;
 pub mod registration;
 pub mod run;
 pub mod serve;
