@@ -31,6 +31,17 @@ pub struct ReloadStatus {
     pub apply_lock: Mutex<()>,
 }
 
+impl ReloadStatus {
+    /// Forgets the last refused change once the file is good again;
+    /// returns it so the caller can log that it cleared.
+    pub fn clear_rejected(&self) -> Option<String> {
+        self.last_rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
 /// The top-level fields of `new` that differ from `old` and cannot change
 /// while running.
 pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str> {
@@ -99,13 +110,21 @@ pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io:
             let _one_at_a_time = shared.reload.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
             match check_change(&path, &shared) {
                 Ok(new) if new == **shared.config.load() => {
-                    tracing::debug!(file = %path.display(), "config file saved without a change");
+                    // A refused change reverted: the file is good again.
+                    if let Some(was) = shared.reload.clear_rejected() {
+                        tracing::info!(file = %path.display(), refused_before = %was, "config file is back to the running config; the earlier refusal is cleared from /config_dump");
+                    } else {
+                        tracing::debug!(file = %path.display(), "config file saved without a change");
+                    }
                 }
                 Ok(new) => {
                     apply(&shared, new);
                     shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
-                    *shared.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    tracing::info!(file = %path.display(), "config change applied");
+                    if let Some(was) = shared.reload.clear_rejected() {
+                        tracing::info!(file = %path.display(), refused_before = %was, "config change applied; the earlier refusal is cleared from /config_dump");
+                    } else {
+                        tracing::info!(file = %path.display(), "config change applied");
+                    }
                 }
                 Err(msg) => {
                     shared.metrics.config_reloads.with_label_values(&["rejected"]).inc();

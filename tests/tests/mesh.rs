@@ -211,6 +211,65 @@ fn an_edit_reaches_every_proxy_and_a_broken_edit_changes_nothing() {
         "{}",
         v["mesh"]
     );
+
+    // Reverted: version 4 applies everywhere and the refusal is gone from
+    // /config_dump (crank-control cleared its own already), with a log line.
+    write(
+        &cp,
+        "routes/backend.yaml",
+        &route("      - {capability: hello:v1, selector: {pool: b}}\n"),
+    );
+    // (A proxy that refused a version asks again with a backoff, up to 30 s.)
+    wait_until("version 4 everywhere", Duration::from_secs(35), || {
+        seq_of(&c1) == 4 && seq_of(&c2) == 4
+    });
+    assert!(status(&cp)["last_error"].is_null());
+    for c in [&c1, &c2] {
+        let v: serde_json::Value = serde_json::from_str(&c.admin_get("/config_dump").1).unwrap();
+        assert!(v["mesh"]["last_rejected"].is_null(), "{}", v["mesh"]);
+        assert!(
+            c.log_text()
+                .contains("a good mesh config applied; the earlier refusal is cleared"),
+            "{}",
+            c.log_text()
+        );
+    }
+    assert_eq!(get(port1), 200);
+}
+
+#[test]
+fn a_reverted_config_file_clears_the_refusal() {
+    let app = EchoApp::start();
+    let cp = control("10s");
+    let dir = tempfile::tempdir().unwrap();
+    let _s = server(&cp, dir.path(), "srv", app.addr, "{pool: a}");
+    let (c, port) = client(&cp, dir.path(), "client");
+    wait_until("served", Duration::from_secs(10), || get(port) == 200);
+    let rejected = |p: &Proxy| {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.admin_get("/config_dump").1).unwrap_or_default();
+        v["last_rejected_config_change"].clone()
+    };
+    assert!(rejected(&c).is_null());
+
+    // A change that needs a restart is refused and shown ...
+    let good = std::fs::read_to_string(&c.config).unwrap();
+    std::fs::write(&c.config, good.replace("threads: 1", "threads: 2")).unwrap();
+    wait_until("the refusal is shown", Duration::from_secs(10), || {
+        rejected(&c).to_string().contains("threads")
+    });
+    // ... until the file is put back: the running config fits it again.
+    std::fs::write(&c.config, &good).unwrap();
+    wait_until("the refusal is cleared", Duration::from_secs(10), || {
+        rejected(&c).is_null()
+    });
+    assert!(
+        c.log_text()
+            .contains("config file is back to the running config; the earlier refusal is cleared"),
+        "{}",
+        c.log_text()
+    );
+    assert_eq!(get(port), 200);
 }
 
 #[test]

@@ -177,6 +177,17 @@ impl Mesh {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
+    /// Forgets the last refused update once a good one applied (like
+    /// crank-control, which clears its own refusal when the directory is
+    /// valid again); returns it so the caller can log that it cleared.
+    pub(crate) fn clear_rejected(&self) -> Option<String> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_rejected
+            .take()
+    }
+
     /// A copy of the status.
     pub fn status(&self) -> MeshStatus {
         self.status
