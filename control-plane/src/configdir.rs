@@ -518,7 +518,10 @@ fn check_policies(dir: &Path, p: &mut Vec<Problem>) {
                         "policies/",
                         None,
                         Some(r.name.clone()),
-                        "test failed; run `crankctl policy test DIR/policies -v`".into(),
+                        format!(
+                            "test failed; run `crankctl policy test {} -v` to see why",
+                            dir.display()
+                        ),
                     )),
                     crank_policy::testing::TestOutcome::Error(e) => p.push(problem(
                         "policies/",
@@ -604,6 +607,29 @@ mod tests {
             let hit = hit.unwrap_or_else(|| panic!("no problem for {file} {field:?} in {ps:?}"));
             assert!(hit.to_string().contains(msg), "{hit} should say {msg:?}");
         }
+    }
+
+    #[test]
+    fn a_failing_policy_test_names_the_command_with_the_real_path() {
+        let d = dir(&[
+            CAPS,
+            ("policies/policy.yaml", "mode: enforce\n"),
+            ("policies/a.rego", "package crank.authz\nallow := false\n"),
+            (
+                "policies/a_test.rego",
+                "package crank.authz_test\nimport data.crank.authz\ntest_allows if authz.allow\n",
+            ),
+        ]);
+        let ps = load(d.path()).unwrap_err();
+        let want = format!(
+            "crankctl policy test {} -v",
+            d.path().join("policies").display()
+        );
+        assert!(
+            ps.iter().any(|p| p.message.contains(&want)),
+            "{want}: {ps:?}"
+        );
+        assert!(!ps.iter().any(|p| p.message.contains("DIR/")), "{ps:?}");
     }
 
     #[test]

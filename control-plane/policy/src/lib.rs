@@ -7,6 +7,7 @@
 //! policy test|eval` and the control plane's validation use the same code.
 
 pub mod bundle;
+pub mod diagnostics;
 pub mod input;
 pub mod manifest;
 pub mod set;

@@ -384,7 +384,7 @@ pub(crate) fn new_engine_with(bundle: &Bundle, with_tests: bool) -> Result<Engin
             )
             .map_err(|e| PolicyError::Compile {
                 file: file.name.clone(),
-                message: e.to_string(),
+                message: crate::diagnostics::point_at_the_gap(&e.to_string(), &file.text),
             })?;
     }
     engine
@@ -691,8 +691,10 @@ allow if count([x | some x in numbers.range(1, 3000000); x % 7 == 0]) > 0
         )])
         .unwrap_err()
         .to_string();
-        assert!(e.contains("authz.rego"), "{e}");
-        assert!(e.contains(":3") || e.contains(":4"), "{e}");
+        // The mistake is the dangling `==` on line 3, not the `}` on line 4.
+        assert!(e.contains("authz.rego:3:12\n"), "{e}");
+        assert!(e.contains("3 |  input.x =="), "{e}");
+        assert!(!e.contains(":4:"), "{e}");
     }
 
     #[test]

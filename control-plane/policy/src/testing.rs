@@ -83,7 +83,7 @@ fn test_rules(bundle: &Bundle, name: &str, text: &str) -> Result<Vec<(String, bo
         )
         .map_err(|e| PolicyError::Compile {
             file: name.to_string(),
-            message: e.to_string(),
+            message: crate::diagnostics::point_at_the_gap(&e.to_string(), text),
         })?;
     let mut out: Vec<(String, bool)> = Vec::new();
     for module in parser.get_modules().iter() {
