@@ -69,6 +69,17 @@ pub enum Reason {
     /// Outbound: the peer sidecar's certificate is on the deny list; the
     /// request was not sent (502). Same `x-crank-error` as [`Reason::PeerCertRevoked`].
     UpstreamCertRevoked,
+    /// The request's header list is larger than `limits.max_request_header_bytes` (431).
+    RequestHeaderTooLarge,
+    /// Outbound: the peer sidecar refused this one request as malformed
+    /// (HTTP/2 `PROTOCOL_ERROR` on its stream); not retried, and not held
+    /// against the endpoint (400).
+    PeerRefusedRequest,
+    /// Outbound: this sidecar's own certificate is revoked, so every peer
+    /// would refuse it; the request was not sent (503).
+    OwnCertRevoked,
+    /// Outbound: this sidecar's own certificate has expired (503).
+    OwnCertExpired,
 }
 
 /// The error type `connected_to_upstream` raises for a revoked peer.
@@ -107,6 +118,10 @@ impl Reason {
             Reason::IdempotencyStoreFull => "idempotency-store-full",
             Reason::IdempotencyKeyInvalid => "idempotency-key-invalid",
             Reason::PeerCertRevoked | Reason::UpstreamCertRevoked => "peer-cert-revoked",
+            Reason::RequestHeaderTooLarge => "request-header-too-large",
+            Reason::PeerRefusedRequest => "peer-refused-request",
+            Reason::OwnCertRevoked => "own-cert-revoked",
+            Reason::OwnCertExpired => "own-cert-expired",
         }
     }
 
@@ -118,7 +133,12 @@ impl Reason {
             | Reason::PolicyDenied
             | Reason::PolicyError
             | Reason::PeerCertRevoked => 403,
-            Reason::BadFraming | Reason::BadRequest | Reason::IdempotencyKeyInvalid => 400,
+            Reason::BadFraming
+            | Reason::BadRequest
+            | Reason::IdempotencyKeyInvalid
+            | Reason::PeerRefusedRequest => 400,
+            Reason::RequestHeaderTooLarge => 431,
+            Reason::OwnCertRevoked | Reason::OwnCertExpired => 503,
             Reason::RateLimited => 429,
             Reason::Overloaded
             | Reason::QueueTimeout
@@ -174,6 +194,10 @@ impl Reason {
             Reason::IdempotencyKeyInvalid => "the Idempotency-Key header must be 1 to 255 bytes; send a unique key such as a UUID",
             Reason::PeerCertRevoked => "the calling sidecar's certificate has been revoked by the mesh CA and this connection is closed; a revoked certificate cannot be renewed: fix the cause, then re-enroll the caller's sidecar with a new join token (`crankctl token create`); `crankctl cert list` shows the status",
             Reason::UpstreamCertRevoked => "the peer sidecar's certificate has been revoked by the mesh CA, so the request was not sent to it; the peer must re-enroll with a new join token (`crankctl cert list` shows its status); other endpoints of the route still serve",
+            Reason::RequestHeaderTooLarge => "the request's headers are larger than this mesh accepts (limits.max_request_header_bytes, counted as HTTP/2 counts them: name + value + 32 bytes per field); send fewer or smaller headers",
+            Reason::PeerRefusedRequest => "the peer sidecar refused this request as malformed for HTTP/2 (invalid or oversized headers); it was not retried and the endpoint is healthy; fix the request",
+            Reason::OwnCertRevoked => "this sidecar's own certificate has been revoked, so every peer would refuse it; the request was not sent. Its /ready says cert-revoked: put a new join token (`crankctl token create`) in identity.enroll.token_file and it re-enrolls",
+            Reason::OwnCertExpired => "this sidecar's own certificate has expired, so every peer would refuse it; the request was not sent. Check that it can reach crank-control to renew (its log and /ready say why), or re-enroll it with a new join token",
         }
     }
 }
@@ -336,6 +360,10 @@ mod tests {
             Reason::IdempotencyKeyInvalid,
             Reason::PeerCertRevoked,
             Reason::UpstreamCertRevoked,
+            Reason::RequestHeaderTooLarge,
+            Reason::PeerRefusedRequest,
+            Reason::OwnCertRevoked,
+            Reason::OwnCertExpired,
         ];
         let names: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         // peer-cert-revoked is the one reason both directions answer (403 / 502).

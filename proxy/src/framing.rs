@@ -13,6 +13,10 @@
 pub enum FramingError {
     ContentLengthWithTransferEncoding,
     ConflictingContentLength,
+    /// `Content-Length: 5, 5`: RFC 9110 lets a recipient collapse a list of
+    /// equal values, but HTTP/2 forbids it, so the peer sidecar would reset
+    /// the request: refused here, at the edge.
+    ContentLengthList,
     ObsFold,
 }
 
@@ -24,6 +28,9 @@ impl FramingError {
             }
             FramingError::ConflictingContentLength => {
                 "Content-Length is repeated with different values"
+            }
+            FramingError::ContentLengthList => {
+                "Content-Length is a comma-separated list; send it once with a single value"
             }
             FramingError::ObsFold => {
                 "a header line is folded (obs-fold), which RFC 9112 forbids in requests"
@@ -55,6 +62,7 @@ pub fn check_raw_header(raw: &[u8]) -> Result<(), FramingError> {
         let value = trim(&line[colon + 1..]);
         if name.eq_ignore_ascii_case(b"content-length") {
             has_cl = true;
+            let is_list = value.contains(&b',');
             for part in value.split(|b| *b == b',').map(trim) {
                 match content_length {
                     Some(prev) if prev != part => {
@@ -62,6 +70,9 @@ pub fn check_raw_header(raw: &[u8]) -> Result<(), FramingError> {
                     }
                     _ => content_length = Some(part),
                 }
+            }
+            if is_list {
+                return Err(FramingError::ContentLengthList);
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             has_te = true;
@@ -83,6 +94,25 @@ fn trim(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &b[start..end]
+}
+
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113
+/// §6.5.2): name + value + 32 bytes per field, the pseudo-headers
+/// (`:method`, `:scheme`, `:authority`, `:path`) included. The edge limit
+/// (`limits.max_request_header_bytes`) is checked with this count so that
+/// what one sidecar accepts from an HTTP/1 or HTTP/2 client also fits the
+/// next sidecar's HTTP/2 server.
+pub fn header_list_size(req: &pingora_http::RequestHeader) -> usize {
+    const FIELD: usize = 32;
+    let pseudo = (":method".len() + req.method.as_str().len() + FIELD)
+        + (":scheme".len() + "https".len() + FIELD)
+        + (":path".len() + req.raw_path().len() + FIELD)
+        + (":authority".len() + req.uri.authority().map_or(0, |a| a.as_str().len()) + FIELD);
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + FIELD)
+        .sum::<usize>()
+        + pseudo
 }
 
 #[cfg(test)]
@@ -122,6 +152,10 @@ mod tests {
                 "POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
                 Err(ConflictingContentLength),
             ),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+                Err(ContentLengthList),
+            ),
             ("GET / HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", Err(ObsFold)),
             ("GET / HTTP/1.1\nHost: a\n\tfolded\n\n", Err(ObsFold)),
             // body bytes after the blank line are not headers
@@ -133,5 +167,17 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(check_raw_header(raw.as_bytes()), *want, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn header_list_size_counts_like_http2() {
+        let mut r = pingora_http::RequestHeader::build("GET", b"/abc", None).unwrap();
+        let base = header_list_size(&r);
+        // :method GET, :scheme https, :path /abc, :authority (empty)
+        assert_eq!(base, (7 + 3 + 32) + (7 + 5 + 32) + (5 + 4 + 32) + (10 + 32));
+        r.append_header("x-a", "12345").unwrap();
+        assert_eq!(header_list_size(&r), base + 3 + 5 + 32);
+        r.append_header("x-a", "1").unwrap();
+        assert_eq!(header_list_size(&r), base + 3 + 5 + 32 + 3 + 1 + 32);
     }
 }

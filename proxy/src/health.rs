@@ -1,7 +1,7 @@
 //! Readiness, draining and in-flight request accounting.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 
@@ -17,6 +17,8 @@ pub struct Health {
     cert_not_after: AtomicI64,
     /// crank-control refused the own certificate as revoked.
     cert_revoked: AtomicBool,
+    /// How to recover from `cert-revoked` or `cert-expired`, shown by /ready.
+    cert_hint: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -29,6 +31,7 @@ impl Health {
             ready_gauge,
             cert_not_after: AtomicI64::new(i64::MAX),
             cert_revoked: AtomicBool::new(false),
+            cert_hint: Mutex::new(None),
         }
     }
 
@@ -60,12 +63,48 @@ impl Health {
         self.refresh_gauge();
     }
 
-    /// Marks the own certificate revoked (until a restart with a new
-    /// identity); returns whether it already was.
+    /// Marks the own certificate revoked (until the workload enrolls again);
+    /// returns whether it already was.
     pub fn set_cert_revoked(&self) -> bool {
         let was = self.cert_revoked.swap(true, Ordering::AcqRel);
         self.refresh_gauge();
         was
+    }
+
+    /// The revoked certificate was replaced by a new enrollment.
+    pub fn clear_cert_revoked(&self) {
+        self.cert_revoked.store(false, Ordering::Release);
+        self.refresh_gauge();
+    }
+
+    /// What /ready adds to `cert-revoked` and `cert-expired`: how to recover.
+    pub fn set_cert_hint(&self, hint: Option<String>) {
+        *self.cert_hint.lock().unwrap_or_else(|e| e.into_inner()) = hint;
+    }
+
+    /// The recovery hint for a not-ready `reason`, when there is one.
+    pub fn hint_for(&self, reason: &str) -> Option<String> {
+        match reason {
+            "cert-revoked" | "cert-expired" => self
+                .cert_hint
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            _ => None,
+        }
+    }
+
+    /// Why this sidecar's own certificate cannot be used for outbound
+    /// mTLS (`cert-revoked`, `cert-expired`), if it cannot: peers refuse
+    /// it, so the local cause is the answer, not the peer.
+    pub fn own_cert_problem(&self, now: i64) -> Option<&'static str> {
+        if self.cert_revoked.load(Ordering::Acquire) {
+            Some("cert-revoked")
+        } else if self.cert_expired(now) {
+            Some("cert-expired")
+        } else {
+            None
+        }
     }
 
     /// True when the tracked certificate has expired at `now`.
@@ -215,5 +254,25 @@ mod tests {
         assert_eq!(m.ready.get(), 1);
         h.set_cert_expiry(None);
         assert!(h.is_ready());
+    }
+
+    #[test]
+    fn a_revoked_cert_is_not_ready_until_cleared_and_says_how_to_recover() {
+        let m = crate::metrics::Metrics::new();
+        let h = Health::new(m.inflight.clone(), m.ready.clone());
+        h.set_ready(true);
+        h.set_cert_hint(Some("put a new token in t".into()));
+        assert_eq!(
+            h.hint_for("cert-revoked").as_deref(),
+            Some("put a new token in t")
+        );
+        assert_eq!(h.hint_for("draining"), None);
+        assert!(!h.set_cert_revoked());
+        assert!(h.set_cert_revoked(), "already revoked");
+        assert_eq!(h.not_ready_reason(), Some("cert-revoked"));
+        assert_eq!(m.ready.get(), 0);
+        h.clear_cert_revoked();
+        assert!(h.is_ready());
+        assert_eq!(m.ready.get(), 1);
     }
 }

@@ -20,6 +20,12 @@ pub struct Metrics {
     pub open_connections: IntGaugeVec,
     /// `crank_proxy_errors_total{direction, reason}`: responses the proxy made itself.
     pub proxy_errors: IntCounterVec,
+    /// `crank_connections_refused_total{direction, reason}`: connections
+    /// closed at accept (`limit`: the listener's connection cap).
+    pub connections_refused: IntCounterVec,
+    /// `crank_request_head_timeouts_total{direction}`: connections closed
+    /// because a request head was not complete in time.
+    pub request_head_timeouts: IntCounterVec,
     /// `crank_inflight_requests`.
     pub inflight: IntGauge,
     /// `crank_ready` (1 when /ready answers 200).
@@ -263,6 +269,22 @@ impl Metrics {
             &["direction", "reason"],
         )
         .expect("static metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "crank_connections_refused_total",
+                "Downstream connections closed at accept, by direction and reason (limit: the listener's connection cap)",
+            ),
+            &["direction", "reason"],
+        )
+        .expect("static metric");
+        let request_head_timeouts = IntCounterVec::new(
+            Opts::new(
+                "crank_request_head_timeouts_total",
+                "Downstream connections closed because a request head was not complete within limits.request_head_timeout",
+            ),
+            &["direction"],
+        )
+        .expect("static metric");
         let inflight =
             IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
         let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
@@ -347,6 +369,8 @@ impl Metrics {
             Box::new(handshake_failures.clone()),
             Box::new(open_connections.clone()),
             Box::new(proxy_errors.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(request_head_timeouts.clone()),
             Box::new(inflight.clone()),
             Box::new(ready.clone()),
             Box::new(policy_decisions.clone()),
@@ -368,6 +392,8 @@ impl Metrics {
             handshake_failures,
             open_connections,
             proxy_errors,
+            connections_refused,
+            request_head_timeouts,
             inflight,
             ready,
             policy_decisions,

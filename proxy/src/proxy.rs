@@ -38,6 +38,12 @@ pub const DECISION_HEADER: &str = "x-crank-decision-id";
 /// Header carrying the trace id on responses the proxy makes itself, so an
 /// error a caller sees leads to its trace and log lines.
 pub const TRACE_ID_HEADER: &str = "x-crank-trace-id";
+/// Header saying which side of which sidecar made a response:
+/// `outbound` (the caller's own sidecar) or `inbound` (the peer's sidecar,
+/// in front of the app). Next to [`ERROR_SIDECAR_HEADER`].
+pub const ERROR_ORIGIN_HEADER: &str = "x-crank-error-origin";
+/// Header carrying the SPIFFE identity of the sidecar that made a response.
+pub const ERROR_SIDECAR_HEADER: &str = "x-crank-error-sidecar";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -135,6 +141,10 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        crate::conn::head_received(session);
+        // Pipelined HTTP/1.1 requests are served in order (RFC 9112 §9.3.2)
+        // instead of dropped after the first response.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         let headers = &session.req_header().headers;
         match &self.shared.tracer {
             Some(t) => ctx.hop = Some(t.begin(headers)),
@@ -146,6 +156,11 @@ impl ProxyHttp for MeshProxy {
                     .await;
                 return Ok(true);
             }
+        }
+        let max_header_bytes = self.shared.config.load().limits.max_request_header_bytes;
+        if let Some((reason, detail)) = edge_refusal(session.req_header(), max_header_bytes) {
+            self.refuse(session, ctx, reason, &detail).await;
+            return Ok(true);
         }
         match self.direction {
             Direction::Inbound => match peer_auth(session) {
@@ -174,14 +189,36 @@ impl ProxyHttp for MeshProxy {
                 match table.select_path(port, host.as_deref(), &path) {
                     Ok(route) => ctx.route = Some(route),
                     Err(nr) => {
-                        let detail = format!(
+                        let mut detail = format!(
                             "host {:?}; known routes: {}",
                             nr.host.unwrap_or_default(),
                             table.names().join(", ")
                         );
+                        if self.shared.mesh.is_some() {
+                            // The route may exist and leave this service
+                            // out: crank-control sends a proxy only the
+                            // routes whose `clients` name its service.
+                            let svc = &self.shared.me.service;
+                            detail.push_str(&format!("; crank-control sends this sidecar only the routes whose clients list is empty or names service {svc:?}: if the route exists, add {svc:?} to its clients (`crankctl routes` lists them)"));
+                        }
                         self.refuse(session, ctx, Reason::NoRoute, &detail).await;
                         return Ok(true);
                     }
+                }
+                // A revoked or expired own certificate is refused by every
+                // peer: answer with the local cause, not a peer's refusal.
+                if let Some(problem) = self
+                    .shared
+                    .health
+                    .own_cert_problem(crate::enroll::unix_now())
+                {
+                    let reason = match problem {
+                        "cert-revoked" => Reason::OwnCertRevoked,
+                        _ => Reason::OwnCertExpired,
+                    };
+                    let detail = format!("identity {}", self.shared.me.spiffe_id);
+                    self.refuse(session, ctx, reason, &detail).await;
+                    return Ok(true);
                 }
             }
         }
@@ -305,7 +342,7 @@ impl ProxyHttp for MeshProxy {
         if self.direction == Direction::Outbound {
             self.on_upstream_status(session, ctx, resp)?;
         }
-        if self.direction == Direction::Outbound && ctx.hop.is_some() {
+        if self.direction == Direction::Outbound {
             ctx.peer_error = resp
                 .headers
                 .get(ERROR_HEADER)
@@ -402,6 +439,10 @@ impl ProxyHttp for MeshProxy {
                 .inc();
         }
         tracing::warn!(direction = self.direction.as_str(), reason = reason.as_str(), error = %e, "request failed");
+        // Pingora does not reuse a downstream connection after a failed
+        // proxy attempt: say so in the response (`Connection: close`) so
+        // the client does not send its next request into a closing socket.
+        session.set_keepalive(None);
         let code = if session.response_written().is_none() && reason != Reason::ClientClosed {
             let detail = upstream_detail(ctx);
             match self.retry_after_for(reason, ctx) {
@@ -467,6 +508,7 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        crate::conn::request_done(session);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.finish_idempotency(ctx, e.is_none() && status > 0);
         if let (Some(t), Some(hop)) = (&self.shared.tracer, &ctx.hop) {
@@ -500,6 +542,7 @@ impl ProxyHttp for MeshProxy {
                 peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
                 crank_error = ctx.reason.map(|r| r.as_str()),
                 answered_by = answered_by(ctx),
+                error_origin = error_origin(ctx, self.direction),
                 retries = ctx.res.retries,
                 policy = ctx.policy.as_ref().map(|p| p.1),
                 decision_id = ctx.policy.as_ref().map(|p| p.0.as_str()),
@@ -720,6 +763,9 @@ impl MeshProxy {
             (None, None, _) => "upstream".to_string(),
         };
         a.push(Kv::new("crank.answered_by", answered_by));
+        if let Some(origin) = error_origin(ctx, self.direction) {
+            a.push(Kv::new("crank.error.origin", origin));
+        }
         // Semantic conventions: a server span fails on 5xx, a client span
         // on 4xx too; a request that got no response fails either way.
         let error_floor = match kind {
@@ -900,6 +946,8 @@ impl MeshProxy {
         if matches!(
             reason,
             Reason::BadFraming
+                | Reason::BadRequest
+                | Reason::RequestHeaderTooLarge
                 | Reason::ClientCertRequired
                 | Reason::PeerIdentityInvalid
                 | Reason::PeerCertRevoked
@@ -967,10 +1015,12 @@ impl MeshProxy {
             .with_label_values(&[self.direction.as_str(), reason.as_str()])
             .inc();
         let status = ctx.res.status_override.unwrap_or(reason.status());
-        let Ok(mut resp) = ResponseHeader::build(status, Some(4 + extra.len())) else {
+        let Ok(mut resp) = ResponseHeader::build(status, Some(6 + extra.len())) else {
             return;
         };
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
+        let _ = resp.insert_header(ERROR_ORIGIN_HEADER, self.direction.as_str());
+        let _ = resp.insert_header(ERROR_SIDECAR_HEADER, self.shared.me.spiffe_id.as_str());
         if let Some(id) = ctx.trace_id() {
             let _ = resp.insert_header(TRACE_ID_HEADER, id);
         }
@@ -1114,6 +1164,39 @@ fn answered_by(ctx: &Ctx) -> &'static str {
     }
 }
 
+/// Which sidecar made the response, for the access log and span: this one
+/// (`outbound` or `inbound`), the peer's (`peer`), or none (the app).
+fn error_origin(ctx: &Ctx, dir: Direction) -> Option<&'static str> {
+    match (ctx.reason, &ctx.peer_error) {
+        (Some(_), _) => Some(dir.as_str()),
+        (None, Some(_)) => Some("peer"),
+        (None, None) => None,
+    }
+}
+
+/// A request refused at the edge, before routing: a header list larger
+/// than the peer sidecar's HTTP/2 server takes (431), or an HTTP/1.1
+/// request without `Host` (400, RFC 9112 §3.2).
+pub fn edge_refusal(req: &RequestHeader, max_header_bytes: usize) -> Option<(Reason, String)> {
+    let size = framing::header_list_size(req);
+    if size > max_header_bytes {
+        return Some((
+            Reason::RequestHeaderTooLarge,
+            format!("{size} bytes of headers; the limit is {max_header_bytes}"),
+        ));
+    }
+    if req.version == http::Version::HTTP_11
+        && !req.headers.contains_key(http::header::HOST)
+        && split_absolute(req.raw_path()).is_none()
+    {
+        return Some((
+            Reason::BadRequest,
+            "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)".to_string(),
+        ));
+    }
+    None
+}
+
 fn upstream_detail(ctx: &Ctx) -> String {
     match (&ctx.route, ctx.upstream) {
         (Some(r), Some(a)) => format!("route {}, endpoint {a}", r.name),
@@ -1153,6 +1236,30 @@ mod tests {
             refine(Reason::UpstreamTimeout, Outbound, true),
             Reason::UpstreamTimeout
         );
+    }
+
+    #[test]
+    fn edge_refusals() {
+        let mut ok = req("/x", None);
+        ok.insert_header("host", "backend").unwrap();
+        assert_eq!(edge_refusal(&ok, 60 * 1024), None);
+        // HTTP/1.0 needs no Host; absolute form carries the authority.
+        let mut old = req("/x", None);
+        old.set_version(http::Version::HTTP_10);
+        assert_eq!(edge_refusal(&old, 60 * 1024), None);
+        assert_eq!(
+            edge_refusal(&req("http://backend/x", None), 60 * 1024),
+            None
+        );
+        let (reason, detail) = edge_refusal(&req("/x", None), 60 * 1024).unwrap();
+        assert_eq!(reason, Reason::BadRequest);
+        assert!(detail.contains("Host"), "{detail}");
+        let mut big = ok.clone();
+        big.insert_header("x-big", "a".repeat(70 * 1024)).unwrap();
+        let (reason, detail) = edge_refusal(&big, 60 * 1024).unwrap();
+        assert_eq!(reason, Reason::RequestHeaderTooLarge);
+        assert_eq!(reason.status(), 431);
+        assert!(detail.contains("61440"), "{detail}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use pingora_core::services::listening::Service;
 use pingora_core::services::ServiceWithDependents;
 use pingora_proxy::HttpProxy;
 
-use crate::conn::Counted;
+use crate::conn::{Listener, ListenerLimits};
 use crate::drain::DrainSignal;
 use crate::health::Health;
 use crate::identity::{PlaintextGuard, WorkloadTls};
@@ -144,6 +144,23 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
+    crate::conn::raise_nofile_limit();
+    let all_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    crate::conn::spawn_trimmer(all_open.clone())?;
+    let limits = |direction: &'static str, max_connections: usize| ListenerLimits {
+        direction,
+        max_connections,
+        head_timeout: cfg.limits.request_head_timeout,
+        refused: metrics
+            .connections_refused
+            .with_label_values(&[direction, "limit"]),
+        head_timeouts: metrics
+            .request_head_timeouts
+            .with_label_values(&[direction]),
+        open_gauge: metrics.open_connections.with_label_values(&[direction]),
+        all_open: all_open.clone(),
+        identity: Arc::from(shared.me.spiffe_id.as_str()),
+    };
     let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
     if let Some(inb) = &cfg.inbound {
         let mut proxy = HttpProxy::new(
@@ -155,9 +172,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             conf.clone(),
         );
         proxy.handle_init_modules();
-        proxy.h2_options = Some(h2_options());
-        let gauge = metrics.open_connections.with_label_values(&["inbound"]);
-        let mut svc = Service::new("crank inbound".into(), Counted::new(proxy, gauge));
+        proxy.h2_options = Some(h2_options(&cfg.limits));
+        let listener = Listener::new(proxy, limits("inbound", cfg.limits.inbound_max_connections));
+        let mut svc = Service::new("crank inbound".into(), listener);
         let settings = shared.tls.server_settings(&metrics);
         svc.add_tls_with_settings(&inb.listen.to_string(), None, settings);
         svc.endpoints()
@@ -180,9 +197,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let mut opts = HttpServerOptions::default();
         opts.h2c = true;
         proxy.server_options = Some(opts);
-        proxy.h2_options = Some(h2_options());
-        let gauge = metrics.open_connections.with_label_values(&["outbound"]);
-        let mut svc = Service::new("crank outbound".into(), Counted::new(proxy, gauge));
+        proxy.h2_options = Some(h2_options(&cfg.limits));
+        let listener = Listener::new(
+            proxy,
+            limits("outbound", cfg.limits.outbound_max_connections),
+        );
+        let mut svc = Service::new("crank outbound".into(), listener);
         for addr in out
             .http_proxy
             .iter()
@@ -223,10 +243,19 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 /// 64 KiB makes every 64 KiB of an upload wait a round trip for a window
 /// update; 1 MiB per stream and 4 MiB per connection keep uploads streaming
 /// while bounding what one connection can make the proxy buffer.
-fn h2_options() -> pingora_core::protocols::http::v2::server::H2Options {
+///
+/// The header list a downstream h2 connection may send is the edge limit
+/// (`limits.max_request_header_bytes`, checked for every request) plus the
+/// headroom for what a calling sidecar adds, so whatever one sidecar
+/// accepts at its edge, the next one's inbound side accepts too.
+fn h2_options(
+    limits: &crank_api::proxy::LimitsConfig,
+) -> pingora_core::protocols::http::v2::server::H2Options {
     let mut o = pingora_core::protocols::http::v2::server::default_h2_options();
     o.initial_window_size(1 << 20);
     o.initial_connection_window_size(4 << 20);
+    let list = limits.max_request_header_bytes + crank_api::proxy::SIDECAR_HEADER_HEADROOM;
+    o.max_header_list_size(u32::try_from(list).unwrap_or(u32::MAX));
     o
 }
 

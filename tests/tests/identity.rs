@@ -475,8 +475,29 @@ fn revocation_reaches_every_sidecar_and_applies_to_open_connections() {
         || mesh.client.admin_get("/ready").1.contains("cert-revoked"),
     );
     assert_eq!(mesh.client.admin_get("/ready").0, 503);
-    // New connections with that cert fail the handshake; the sidecar's own calls fail too.
-    assert_ne!(get_via(mesh.port).0, 200);
+    // The revoked sidecar's own calls are answered by it, with the local
+    // cause: no request is sent, and no healthy peer is blamed.
+    let (status, text) = get_via(mesh.port);
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(
+        header(&text, "x-crank-error"),
+        Some("own-cert-revoked"),
+        "{text}"
+    );
+    assert_eq!(
+        header(&text, "x-crank-error-origin"),
+        Some("outbound"),
+        "{text}"
+    );
+    // New connections with that cert fail the handshake.
+    let _ = curl(&[
+        "-sk",
+        "--cert",
+        state.join("cert.pem").to_str().unwrap(),
+        "--key",
+        state.join("key.pem").to_str().unwrap(),
+        &format!("https://{}/", mesh.inbound),
+    ]);
     let m = mesh.server.metrics();
     assert!(
         metric(

@@ -52,6 +52,66 @@ pub struct ProxyConfig {
     /// routes and quotas of this file only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshConfig>,
+    /// What one client may hold of a sidecar: connections per listener, the
+    /// time to send a request head, the size of the head.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Limits that keep slow or hostile clients from exhausting a sidecar, and
+/// keep what the outbound side accepts within what the peer's inbound side
+/// accepts (so a request is refused at the edge, never by the peer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections on the outbound listeners (HTTP proxy and ports
+    /// together). A connection past it is closed at once and counted in
+    /// `crank_connections_refused_total`. Default 4096: a held
+    /// HTTP/1 connection costs about 100 KiB (measured with 1,400 slow
+    /// clients), so the cap also bounds memory.
+    #[serde(default = "default_max_connections")]
+    pub outbound_max_connections: usize,
+    /// Open connections on the inbound mTLS listener. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub inbound_max_connections: usize,
+    /// An HTTP/1 request head must be complete this long after the
+    /// connection opened (first request) or after its first byte (later
+    /// requests on a kept-alive connection); otherwise the connection is
+    /// closed. Default 10s.
+    #[serde(default = "default_head_timeout", with = "humantime_serde")]
+    pub request_head_timeout: Duration,
+    /// Largest request header list, counted as HTTP/2 counts it (name +
+    /// value + 32 bytes per field, pseudo-headers included). Larger
+    /// requests get 431. Default 61440 (60 KiB); the inbound HTTP/2 server
+    /// accepts this plus 4 KiB for the headers the calling sidecar adds.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_request_header_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            outbound_max_connections: default_max_connections(),
+            inbound_max_connections: default_max_connections(),
+            request_head_timeout: default_head_timeout(),
+            max_request_header_bytes: default_max_header_bytes(),
+        }
+    }
+}
+
+/// What the inbound HTTP/2 server accepts beyond
+/// [`LimitsConfig::max_request_header_bytes`]: room for the headers a
+/// calling sidecar adds (`traceparent`, `x-crank-capability`, ...).
+pub const SIDECAR_HEADER_HEADROOM: usize = 4096;
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_head_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_header_bytes() -> usize {
+    60 * 1024
 }
 
 /// Spans for each request, exported over OTLP.

@@ -184,12 +184,20 @@ pub struct CircuitConfig {
     /// First ejection; doubles with each ejection in a row. Default 5s.
     #[serde(default = "default_base_ejection", with = "humantime_serde")]
     pub base_ejection: Duration,
-    /// Ejection cap. Default 300s.
+    /// Ejection cap. Default 60s.
     #[serde(default = "default_max_ejection", with = "humantime_serde")]
     pub max_ejection: Duration,
     /// Most endpoints ejected at once, in percent (at least one). Default 50.
     #[serde(default = "default_max_ejected")]
     pub max_ejected_percent: u32,
+    /// Response statuses that count as an endpoint failure. Default 502,
+    /// 503 and 504: statuses that say something about the endpoint's
+    /// health. A 500 or 501 from an app is about the request, not the
+    /// endpoint (a method it does not implement, a bug one input hits),
+    /// and one caller must not be able to eject a healthy endpoint with
+    /// it. Connect failures and resets always count.
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
 }
 
 impl Default for CircuitConfig {
@@ -199,6 +207,7 @@ impl Default for CircuitConfig {
             base_ejection: default_base_ejection(),
             max_ejection: default_max_ejection(),
             max_ejected_percent: default_max_ejected(),
+            failure_statuses: default_failure_statuses(),
         }
     }
 }
@@ -326,7 +335,10 @@ fn default_base_ejection() -> Duration {
     Duration::from_secs(5)
 }
 fn default_max_ejection() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_secs(60)
+}
+fn default_failure_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
 }
 fn default_max_ejected() -> u32 {
     50

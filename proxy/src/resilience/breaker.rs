@@ -42,11 +42,18 @@
 //!   endpoint's latency estimate, so it is back in rotation at once.
 //!
 //! The count of ejections in a row (what the doubling is based on) is
-//! forgotten once the endpoint has stayed Closed for `max_ejection` after
-//! the probe that closed it. This is checked lazily, on the next result
-//! recorded for the endpoint, so an endpoint that fails again soon after
-//! coming back is ejected for longer, and one that was healthy for a long
-//! time starts over at `base_ejection`.
+//! forgotten on sustained success: [`STREAK_RESET_SUCCESSES`] successes in a
+//! row after the probe that closed the circuit, or staying Closed for
+//! `max_ejection` (checked lazily, on the next result recorded). So an
+//! endpoint that fails again right after coming back is ejected for longer,
+//! and one that served well in between starts over at `base_ejection`: two
+//! short crashes minutes apart each cost one short ejection, not a
+//! compounding one.
+//!
+//! A result that says nothing about the endpoint's health (the peer refused
+//! one malformed request) is recorded with [`Endpoints::release`]: it
+//! neither counts as a failure nor resets the failure counter, and a probe
+//! released this way is handed out again on the next pick.
 //!
 //! Results of requests that were picked before an endpoint was ejected and
 //! complete while it is Open or probing are ignored: only the probe decides
@@ -62,7 +69,8 @@
 //! |-------------------------|-------|-----------------------------|-------------------------|
 //! | failures in a row       | 5     | `consecutive_5xx` 5         | 7                       |
 //! | first ejection          | 5s    | `base_ejection_time` 30s    | backoff min 1s          |
-//! | longest ejection        | 300s  | `max_ejection_time` 300s    | backoff max 60s         |
+//! | longest ejection        | 60s   | `max_ejection_time` 300s    | backoff max 60s         |
+//! | failure statuses        | 502-4 | 5xx (`consecutive_5xx`)     | 5xx                     |
 //! | jitter                  | 0.25  | none                        | 0.5                     |
 //! | share ejected at most   | 50%   | `max_ejection_percent` 10%  | no limit                |
 //!
@@ -71,7 +79,9 @@
 //! is higher than Envoy's 10% because mesh routes usually have few
 //! endpoints (10% of 4 would round down to the one-endpoint minimum), and
 //! the first ejection is shorter than Envoy's 30s so that a worker that
-//! recovers quickly is back in rotation within seconds, closer to Linkerd.
+//! recovers quickly is back in rotation within seconds, closer to Linkerd;
+//! the cap is Linkerd's 60s, not Envoy's 300s, so a flapping endpoint is
+//! never out for minutes after it is healthy again.
 //! Unlike Envoy, which sends ordinary traffic to an endpoint again once its
 //! ejection has run out, the return goes through a single probe request,
 //! as with Linkerd's failure accrual.
@@ -107,12 +117,17 @@ impl Default for BreakerConfig {
         Self {
             consecutive_failures: 5,
             base_ejection: Duration::from_secs(5),
-            max_ejection: Duration::from_secs(300),
+            max_ejection: Duration::from_secs(60),
             max_ejected_percent: 50,
             jitter: 0.25,
         }
     }
 }
+
+/// Successes in a row, after a probe closed the circuit, that make the
+/// breaker forget the ejection streak (the next ejection is `base_ejection`
+/// again).
+pub const STREAK_RESET_SUCCESSES: u32 = 10;
 
 /// The state of one endpoint's circuit, as reported for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +214,9 @@ struct Slot {
     streak: u32,
     /// When a successful probe last closed the circuit.
     closed_at: Option<Instant>,
+    /// Successes in a row since the circuit last closed (while a streak is
+    /// remembered).
+    successes: u32,
     /// Share of the traffic, relative to the route's other endpoints.
     weight: u32,
     /// The route's weighted backend this endpoint belongs to.
@@ -216,6 +234,7 @@ impl Slot {
             failures: 0,
             streak: 0,
             closed_at: None,
+            successes: 0,
             weight,
             group: 0,
             ewma: PeakEwma::new(now),
@@ -434,8 +453,17 @@ impl Endpoints {
                 }
                 if success {
                     slot.failures = 0;
+                    if slot.streak > 0 {
+                        slot.successes = slot.successes.saturating_add(1);
+                        if slot.successes >= STREAK_RESET_SUCCESSES {
+                            slot.streak = 0;
+                            slot.successes = 0;
+                            slot.closed_at = None;
+                        }
+                    }
                     return None;
                 }
+                slot.successes = 0;
                 slot.failures = slot.failures.saturating_add(1);
                 let threshold = self.cfg.consecutive_failures;
                 if threshold == 0 || slot.failures < threshold || ejected >= self.max_ejected {
@@ -450,6 +478,25 @@ impl Endpoints {
                 })
             }
             Phase::Open { .. } | Phase::Probing { .. } => None,
+        }
+    }
+
+    /// The request sent to `pick` ended in a way that says nothing about
+    /// the endpoint (the peer refused that one request as malformed, say):
+    /// no failure is counted and the failure counter is kept. A probe
+    /// released this way does not hold the endpoint: the next pick may
+    /// send another.
+    pub fn release(&self, pick: Pick) {
+        let mut table = self.lock();
+        if let Some(slot) = table.slots.get_mut(pick.index) {
+            if pick.probe {
+                if let Phase::Probing { .. } = slot.phase {
+                    slot.phase = Phase::Open {
+                        since: Instant::now(),
+                        len: Duration::ZERO,
+                    };
+                }
+            }
         }
     }
 
@@ -484,6 +531,7 @@ impl Endpoints {
     fn eject(&self, slot: &mut Slot, now: Instant) -> Duration {
         slot.streak = slot.streak.saturating_add(1);
         slot.failures = 0;
+        slot.successes = 0;
         slot.closed_at = None;
         let len = self.ejection_len(slot.streak);
         slot.phase = Phase::Open { since: now, len };
@@ -643,7 +691,7 @@ mod tests {
         let d = BreakerConfig::default();
         assert_eq!(d.consecutive_failures, 5);
         assert_eq!(d.base_ejection, Duration::from_secs(5));
-        assert_eq!(d.max_ejection, Duration::from_secs(300));
+        assert_eq!(d.max_ejection, Duration::from_secs(60));
         assert_eq!(d.max_ejected_percent, 50);
         assert_eq!(d.jitter, 0.25);
         let all = [
@@ -856,6 +904,63 @@ mod tests {
         // Closed for max_ejection: back to the base length.
         advance(secs(60)).await;
         assert_eq!(fail(&eps, 0, 5), opened(0, CircuitState::Closed, secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sustained_success_forgets_the_streak() {
+        // The drill: a backend crashes twice, minutes apart, and serves well
+        // in between. The second crash must cost a base ejection, not a
+        // doubled one that keeps the route failing after it is healthy.
+        let eps = Endpoints::new(1, cfg());
+        let secs = Duration::from_secs;
+        assert_eq!(fail(&eps, 0, 5), opened(0, CircuitState::Closed, secs(5)));
+        advance(secs(5)).await;
+        let probe = eps.pick(&[]).unwrap();
+        eps.record(probe, true).unwrap();
+        // Nine successes are not yet sustained: a crash now doubles.
+        for _ in 0..STREAK_RESET_SUCCESSES - 1 {
+            assert_eq!(eps.record(plain(0), true), None);
+        }
+        assert_eq!(fail(&eps, 0, 5), opened(0, CircuitState::Closed, secs(10)));
+        advance(secs(10)).await;
+        let probe = eps.pick(&[]).unwrap();
+        eps.record(probe, true).unwrap();
+        // A failure in between starts the count of successes over.
+        for _ in 0..STREAK_RESET_SUCCESSES - 1 {
+            eps.record(plain(0), true);
+        }
+        eps.record(plain(0), false);
+        for _ in 0..STREAK_RESET_SUCCESSES {
+            eps.record(plain(0), true);
+        }
+        // Sustained success: the next crash is a base ejection again.
+        assert_eq!(fail(&eps, 0, 5), opened(0, CircuitState::Closed, secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_results_neither_count_nor_reset() {
+        let eps = Endpoints::new(2, cfg());
+        fail(&eps, 0, 4);
+        // A request-specific refusal in between: not a failure, and not a
+        // success that would hide the four failures before it.
+        for _ in 0..100 {
+            eps.release(plain(0));
+        }
+        assert_eq!(eps.state(0), CircuitState::Closed);
+        assert_eq!(
+            eps.record(plain(0), false),
+            opened(0, CircuitState::Closed, Duration::from_secs(5))
+        );
+        // A released probe does not hold the endpoint: the next pick probes.
+        advance(Duration::from_secs(5)).await;
+        let probe = pick_until(&eps, 0).unwrap();
+        assert!(probe.probe);
+        assert!(pick_until(&eps, 0).is_none(), "one probe at a time");
+        eps.release(probe);
+        let again = pick_until(&eps, 0).unwrap();
+        assert!(again.probe);
+        eps.record(again, true).unwrap();
+        assert_eq!(eps.state(0), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::breaker::{CircuitState, InFlight, Pick};
 use super::idempotency::{self, Begin, Claim, Completed, IdempotencyStore, RequestHasher};
 use super::ratelimit::{Limit, Quotas, RateDecision};
-use super::retry::{self, Failure};
+use super::retry::{self, Failure, PeerRefusal};
 use super::shed::{Permit, Shed};
 use super::{fault, retry_after_secs};
 use crate::errors::Reason;
@@ -71,6 +71,9 @@ pub struct ResCtx {
     pub status_override: Option<u16>,
     /// Who answered when it was neither the upstream nor an error reason.
     pub answered_by: Option<&'static str>,
+    /// The peer sidecar refused the request as malformed: answered as
+    /// `peer-refused-request`.
+    peer_refused: bool,
 }
 
 /// The first request with an `Idempotency-Key`: its claim, request hash and
@@ -697,6 +700,17 @@ impl MeshProxy {
         }
     }
 
+    /// Ends the attempt in progress without a verdict on the endpoint: the
+    /// failure was about this request (see [`Endpoints::release`]).
+    ///
+    /// [`Endpoints::release`]: crate::resilience::breaker::Endpoints::release
+    pub(crate) fn release_attempt(&self, ctx: &mut Ctx) {
+        ctx.res.in_flight.take();
+        if let (Some(route), Some(pick)) = (ctx.route.as_ref(), ctx.res.pick.take()) {
+            route.state.breakers.release(pick);
+        }
+    }
+
     /// Whether to retry the outbound attempt that failed with `failure`:
     /// the route's policy covers it, attempts and the deadline are left,
     /// the request can be resent, and the budget has a retry.
@@ -757,7 +771,10 @@ impl MeshProxy {
             .is_some_and(|v| retry::is_shedding(v.as_bytes()));
         // A shedding peer is healthy, but its quick 503 must not make it
         // look fast to the balancer.
-        let failed = retry::is_failure_status(status);
+        let failed = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.cfg.circuit.failure_statuses.contains(&status));
         self.record_attempt(ctx, shed_by_peer || !failed, !shed_by_peer && !failed);
         if status >= 500 && self.may_retry(session, ctx, Failure::Status(status)) {
             ctx.res.status_retry = true;
@@ -780,6 +797,32 @@ impl MeshProxy {
             || session.response_written().is_some()
         {
             return false;
+        }
+        match retry::peer_refusal(e) {
+            Some(PeerRefusal::Malformed) => {
+                // About this request, not the endpoint: one caller's bad
+                // requests must not eject a healthy endpoint for everyone,
+                // and resending it elsewhere would only be refused again.
+                self.release_attempt(ctx);
+                ctx.res.peer_refused = true;
+                tracing::info!(upstream = ?ctx.upstream, error = %e, "the peer sidecar refused the request as malformed; not retried, not counted against the endpoint");
+                e.set_retry(false);
+                return true;
+            }
+            Some(PeerRefusal::Refused) => {
+                // REFUSED_STREAM: the peer processed nothing (RFC 9113
+                // §8.7), so any method may go elsewhere; a busy peer is not
+                // an unhealthy one.
+                self.release_attempt(ctx);
+                let retry = self.may_retry(session, ctx, Failure::Connect);
+                if retry {
+                    ctx.res.connect_retry = true;
+                    ctx.retried_because = Some("refused-stream".into());
+                }
+                e.set_retry(retry);
+                return true;
+            }
+            None => {}
         }
         let timeout = matches!(
             e.etype(),
@@ -822,6 +865,9 @@ impl MeshProxy {
 
     /// The reason for a failed request when resilience made it fail.
     pub(crate) fn resilience_reason(&self, e: &Error, ctx: &Ctx) -> Option<Reason> {
+        if ctx.res.peer_refused {
+            return Some(Reason::PeerRefusedRequest);
+        }
         match e.etype() {
             t if *t == CIRCUIT_OPEN => Some(Reason::CircuitOpen),
             t if *t == NO_ENDPOINTS => Some(Reason::NoEndpoints),

@@ -65,9 +65,51 @@ pub fn covers(cfg: &RetryConfig, safe: bool, failure: Failure) -> bool {
     }
 }
 
-/// Whether a response status counts against an endpoint's health.
-pub fn is_failure_status(status: u16) -> bool {
-    status >= 500
+/// An upstream failure that is about one request, not about the endpoint:
+/// never counted against the endpoint's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRefusal {
+    /// The peer reset the request's stream with `PROTOCOL_ERROR` (a header
+    /// list or value HTTP/2 does not allow), or the local HTTP/2 client
+    /// would not send it: the same request fails everywhere, so it is not
+    /// retried either.
+    Malformed,
+    /// The peer reset the stream with `REFUSED_STREAM`: it processed
+    /// nothing (too many streams, an oversized header block), so the
+    /// request may go elsewhere.
+    Refused,
+}
+
+/// What an HTTP/2 error on one stream says, from its parts (see
+/// [`peer_refusal`]): `reset` and `remote` as `h2::Error` reports them, and
+/// whether it was an I/O error or a GOAWAY (connection-level: the endpoint's
+/// business).
+pub fn classify_h2(
+    reset: bool,
+    remote: bool,
+    io: bool,
+    go_away: bool,
+    reason: Option<h2::Reason>,
+) -> Option<PeerRefusal> {
+    match (reset, remote, io, go_away, reason) {
+        (true, true, _, _, Some(h2::Reason::PROTOCOL_ERROR)) => Some(PeerRefusal::Malformed),
+        (true, true, _, _, Some(h2::Reason::REFUSED_STREAM)) => Some(PeerRefusal::Refused),
+        // A local user error: the h2 client refused to encode the request.
+        (false, false, false, false, None) => Some(PeerRefusal::Malformed),
+        _ => None,
+    }
+}
+
+/// The [`PeerRefusal`] an upstream error carries, if it is one.
+pub fn peer_refusal(e: &pingora_error::Error) -> Option<PeerRefusal> {
+    let h2e = e.root_cause().downcast_ref::<h2::Error>()?;
+    classify_h2(
+        h2e.is_reset(),
+        h2e.is_remote(),
+        h2e.is_io(),
+        h2e.is_go_away(),
+        h2e.reason(),
+    )
 }
 
 /// Whether a peer's `x-crank-error` says it shed the request: the sidecar's
@@ -217,5 +259,39 @@ mod tests {
         // The window passes: the floor comes back even without requests.
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(b.withdraw(), "the floor refills over time");
+    }
+
+    #[test]
+    fn request_specific_h2_refusals() {
+        use h2::Reason as R;
+        let cases = [
+            // (reset, remote, io, go_away, reason) -> refusal
+            (
+                (true, true, false, false, Some(R::PROTOCOL_ERROR)),
+                Some(PeerRefusal::Malformed),
+            ),
+            (
+                (true, true, false, false, Some(R::REFUSED_STREAM)),
+                Some(PeerRefusal::Refused),
+            ),
+            (
+                (false, false, false, false, None),
+                Some(PeerRefusal::Malformed),
+            ),
+            // The endpoint's business: its connection broke or went away,
+            // or it cancelled the stream itself.
+            ((true, true, false, false, Some(R::INTERNAL_ERROR)), None),
+            ((true, true, false, false, Some(R::CANCEL)), None),
+            ((false, true, false, true, Some(R::PROTOCOL_ERROR)), None),
+            ((false, false, true, false, None), None),
+            ((true, false, false, false, Some(R::PROTOCOL_ERROR)), None),
+        ];
+        for ((reset, remote, io, go_away, reason), want) in cases {
+            assert_eq!(
+                classify_h2(reset, remote, io, go_away, reason),
+                want,
+                "{reset} {remote} {io} {go_away} {reason:?}"
+            );
+        }
     }
 }
