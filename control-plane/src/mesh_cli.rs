@@ -122,7 +122,12 @@ pub fn endpoints(client: &AdminClient, output: &str) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("registry version {}", s.version);
+    // The registry's own change counter; a proxy's endpoints fingerprint
+    // (its /config_dump) is a different number.
+    println!(
+        "registry version {} (counts registration changes since crank-control started)",
+        s.version
+    );
     println!(
         "{:<22} {:<36} {:<28} {:<24} EXPIRES IN",
         "ADDRESS", "IDENTITY", "CAPABILITIES", "LABELS"

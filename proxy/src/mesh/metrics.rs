@@ -8,9 +8,11 @@ pub struct MeshMetrics {
     pub updates: IntCounterVec,
     /// `crank_mesh_config_seq`: the applied config's sequence number.
     pub seq: IntGauge,
-    /// `crank_mesh_registry_version`: the registry version of the applied
-    /// routes' endpoints.
-    pub registry_version: IntGauge,
+    /// `crank_mesh_registry_version` (name kept for dashboards): the
+    /// fingerprint of the endpoints the applied routes were resolved with,
+    /// `endpoints_fingerprint` in `/config_dump`. Not the registry's own
+    /// version (`crankctl endpoints`).
+    pub endpoints_fingerprint: IntGauge,
     /// `crank_mesh_registered`: 1 while this workload holds a lease.
     pub registered: IntGauge,
 }
@@ -30,9 +32,9 @@ impl MeshMetrics {
             "Sequence number of the applied mesh config (0: none)",
         )
         .expect("static metric");
-        let registry_version = IntGauge::new(
+        let endpoints_fingerprint = IntGauge::new(
             "crank_mesh_registry_version",
-            "Registry version the applied routes' endpoints were resolved from",
+            "Fingerprint of the endpoints the applied routes were resolved with (changes when this proxy's endpoints change; not crankctl endpoints' registry version)",
         )
         .expect("static metric");
         let registered = IntGauge::new(
@@ -46,7 +48,7 @@ impl MeshMetrics {
         for c in [
             Box::new(updates.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(seq.clone()),
-            Box::new(registry_version.clone()),
+            Box::new(endpoints_fingerprint.clone()),
             Box::new(registered.clone()),
         ] {
             // Registered once per registry; a second Mesh on the same
@@ -56,7 +58,7 @@ impl MeshMetrics {
         MeshMetrics {
             updates,
             seq,
-            registry_version,
+            endpoints_fingerprint,
             registered,
         }
     }

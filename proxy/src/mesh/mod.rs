@@ -61,7 +61,10 @@ pub struct MeshStatus {
     pub source: Source,
     pub seq: Option<u64>,
     pub hash: Option<String>,
-    pub registry_version: Option<u64>,
+    /// crank-control's fingerprint of the endpoints (and quotas) this
+    /// proxy's routes were resolved with (the watch's `registry`); not the
+    /// registry's own version that `crankctl endpoints` shows.
+    pub endpoints_fingerprint: Option<u64>,
     pub routes: usize,
     pub last_update_time: Option<i64>,
     pub last_error: Option<String>,
@@ -129,7 +132,7 @@ impl Mesh {
             source: Source::File,
             seq: None,
             hash: None,
-            registry_version: None,
+            endpoints_fingerprint: None,
             routes: cfg.routes.len(),
             last_update_time: None,
             last_error: None,
@@ -219,7 +222,7 @@ impl Mesh {
         };
         match self.apply(shared, update, Source::Disk) {
             Ok(u) => {
-                tracing::info!(seq = u.version.seq, hash = %u.version.hash, registry = u.registry, routes = u.routes.len(), file = %path.display(), "loaded last good mesh config")
+                tracing::info!(seq = u.version.seq, hash = %u.version.hash, endpoints_fingerprint = u.registry, routes = u.routes.len(), file = %path.display(), "loaded last good mesh config")
             }
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "the last good mesh config no longer fits this proxy's config; serving the config file's routes and quotas until crank-control answers")
@@ -279,12 +282,14 @@ impl Mesh {
             tracing::error!(error = %e, "mesh config applied, but not kept on disk");
         }
         self.metrics.seq.set(update.version.seq as i64);
-        self.metrics.registry_version.set(update.registry as i64);
+        self.metrics
+            .endpoints_fingerprint
+            .set(update.registry as i64);
         self.update_status(|s| {
             s.source = source;
             s.seq = Some(update.version.seq);
             s.hash = Some(update.version.hash.clone());
-            s.registry_version = Some(update.registry);
+            s.endpoints_fingerprint = Some(update.registry);
             s.routes = update.routes.len();
             s.last_update_time = Some(crate::enroll::unix_now());
             s.last_error = errors.into_iter().next();

@@ -93,7 +93,7 @@ async fn once(mesh: &Mesh, shared: &Shared, refused: &mut Option<Version>) -> Re
         Ok(u) => {
             *refused = None;
             mesh.metrics.updates.with_label_values(&["applied"]).inc();
-            tracing::info!(seq = u.version.seq, hash = %u.version.hash, registry = u.registry, routes = u.routes.len(), quotas = u.quotas.len(), policies = u.policies.len(), "applied mesh config");
+            tracing::info!(seq = u.version.seq, hash = %u.version.hash, endpoints_fingerprint = u.registry, routes = u.routes.len(), quotas = u.quotas.len(), policies = u.policies.len(), "applied mesh config");
             if let Some(was) = mesh.clear_rejected() {
                 tracing::info!(seq = u.version.seq, refused_before = %was, "a good mesh config applied; the earlier refusal is cleared from /config_dump");
             }
