@@ -3,10 +3,15 @@
 # starts crank-control (the mesh CA), and runs a frontend and a backend demo
 # app, each behind its own crank-proxy sidecar that enrolls with a one-time
 # join token and renews its certificate by itself; mTLS between the sidecars.
+# With --with-shim it also runs the worker shim example (deploy/shim/
+# transcode.yaml: ffmpeg as capability transcode:v1) behind its own sidecar,
+# and a caller sidecar for tenant acme that may use it.
 # Ctrl-C stops everything.
 #
 #   bash deploy/quickstart.sh                 # run until Ctrl-C
-#   QS_ONESHOT=1 bash deploy/quickstart.sh    # check one request end to end, stop, exit 0/1
+#   bash deploy/quickstart.sh --with-shim     # also the ffmpeg worker (installs ffmpeg)
+#   QS_ONESHOT=1 bash deploy/quickstart.sh    # check end to end, run every printed
+#                                             # 'try next' line, stop, exit 0/1
 #   QS_BASE_PORT=28000 bash deploy/quickstart.sh   # move every port (default 18000)
 #   QS_PROFILE=debug bash deploy/quickstart.sh      # use debug builds (the test suite does)
 #
@@ -25,13 +30,23 @@ esac
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE
 BASE=${QS_BASE_PORT:-18000}
 ONESHOT=${QS_ONESHOT:-0}
+WITH_SHIM=${QS_WITH_SHIM:-0}
 READY_TIMEOUT=30
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'quickstart: error: %s\n' "$*" >&2; exit 1; }
 
-[[ $BASE =~ ^[0-9]+$ ]] && ((BASE >= 1024 && BASE + 902 <= 65535)) ||
-    die "QS_BASE_PORT=$BASE must be a number from 1024 to 64633 (every port is BASE + 80..902)"
+usage() { sed -n '2,/^# Ports, state/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+for arg in "$@"; do
+    case "$arg" in
+        --with-shim) WITH_SHIM=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) die "unknown argument $arg; try --with-shim or --help" ;;
+    esac
+done
+
+[[ $BASE =~ ^[0-9]+$ ]] && ((BASE >= 1024 && BASE + 904 <= 65535)) ||
+    die "QS_BASE_PORT=$BASE must be a number from 1024 to 64631 (every port is BASE + 70..904)"
 
 LO=127.0.0.1
 BACKEND_APP=$((BASE + 80))
@@ -45,7 +60,19 @@ FRONTEND_INBOUND=$((BASE + 444))
 CONTROL=$((BASE + 445))
 ALL_PORTS=("$BACKEND_APP" "$BACKEND_INBOUND" "$BACKEND_ADMIN" "$FRONTEND_APP"
     "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND" "$CONTROL")
-# crankctl finds crank-control's admin socket here.
+# --with-shim: crank-shim (deploy/shim/transcode.yaml, its ports moved here),
+# its sidecar (transcoder.media), and a caller sidecar (web.acme).
+SHIM_LISTEN=$((BASE + 70))
+SHIM_ADMIN=$((BASE + 71))
+TRANSCODER_INBOUND=$((BASE + 446))
+TRANSCODER_ADMIN=$((BASE + 903))
+WEB_HTTP_PROXY=$((BASE + 141))
+WEB_ADMIN=$((BASE + 904))
+if [[ $WITH_SHIM == 1 ]]; then
+    ALL_PORTS+=("$SHIM_LISTEN" "$SHIM_ADMIN" "$TRANSCODER_INBOUND" "$TRANSCODER_ADMIN" "$WEB_HTTP_PROXY" "$WEB_ADMIN")
+fi
+# crankctl finds crank-control's admin socket here (the printed commands
+# spell it out with --control instead).
 export CRANK_CONTROL=$STATE/control/admin.sock
 
 # Our own calls go straight to loopback, whatever proxy the user's shell sets.
@@ -79,6 +106,8 @@ trap 'exit 143' TERM
 
 install_system_packages() {
     local pkgs=(cmake pkg-config build-essential curl ca-certificates) missing=() p
+    # The shim example runs ffmpeg.
+    [[ $WITH_SHIM == 1 ]] && pkgs+=(ffmpeg)
     if ! command -v dpkg >/dev/null; then
         log "not a Debian system: make sure ${pkgs[*]} (or their equivalents) are installed"
         return
@@ -113,7 +142,7 @@ build() {
             die "installing Rust failed; install it yourself (https://rustup.rs) and rerun"
         PATH=$HOME/.cargo/bin:$PATH
     fi
-    log "building ($PROFILE): crank-proxy, crank-control, crankctl, the demo apps"
+    log "building ($PROFILE): crank-proxy, crank-control, crankctl, crank-shim, the demo apps"
     (cd "$ROOT" && cargo build "${PROFILE_FLAG[@]}" --workspace --bins)
 }
 
@@ -128,7 +157,7 @@ check_ports_free() {
 
 make_ca() {
     log "making a root CA (kept offline in real life) and an intermediate in ${CA#"$ROOT"/}"
-    rm -rf "$STATE/control" "$STATE"/*-identity "$CA"
+    rm -rf "$STATE/control" "$STATE"/*-identity "$CA" "$STATE/shim"
     mkdir -p "$STATE"
     "$BIN/crankctl" ca init --dir "$CA/root"
     "$BIN/crankctl" ca intermediate --root "$CA/root" --out "$CA/int1"
@@ -146,16 +175,18 @@ EOF
 # A YAML single-quoted scalar.
 yq() { local s=${1//\'/\'\'}; printf "'%s'" "$s"; }
 
-# identity_yaml SERVICE: the sidecar enrolls as SERVICE.demo with a fresh one-time token.
+# identity_yaml SERVICE [TENANT]: the sidecar enrolls as SERVICE.TENANT (default
+# tenant demo) with a fresh one-time token.
 identity_yaml() {
-    "$BIN/crankctl" token create --service "$1" --tenant demo 2>/dev/null >"$STATE/$1.token"
+    local tenant=${2:-demo}
+    "$BIN/crankctl" token create --service "$1" --tenant "$tenant" 2>/dev/null >"$STATE/$1.token"
     cat <<EOF
 identity:
   trust_bundle: $(yq "$CA/root/bundle.pem")
   enroll:
     control_plane: $LO:$CONTROL
     service: $1
-    tenant: demo
+    tenant: $tenant
     token_file: $(yq "$STATE/$1.token")
     state_dir: $(yq "$STATE/$1-identity")
 EOF
@@ -219,6 +250,56 @@ mesh: {}
 EOF
         common_yaml "$FRONTEND_ADMIN"
     } >"$STATE/frontend-proxy.yaml"
+    if [[ $WITH_SHIM == 1 ]]; then write_shim_configs; fi
+}
+
+# The shipped shim example as it is, with its ports and paths moved into this
+# run; the transcoder's sidecar; the web.acme caller's sidecar; a sample clip.
+write_shim_configs() {
+    local src=$ROOT/deploy/shim/transcode.yaml dst=$STATE/transcode-shim.yaml key
+    mkdir -p "$STATE/shim/work"
+    sed -e "s|^listen: .*|listen: $LO:$SHIM_LISTEN|" \
+        -e "s|^admin_listen: .*|admin_listen: $LO:$SHIM_ADMIN|" \
+        -e "s|^registration_file: .*|registration_file: $(yq "$STATE/shim/registration.json")|" \
+        -e "s|^  work_dir: .*|  work_dir: $(yq "$STATE/shim/work")|" "$src" >"$dst"
+    for key in "listen: $LO:$SHIM_LISTEN" "admin_listen: $LO:$SHIM_ADMIN" "registration_file: '" "  work_dir: '"; do
+        grep -q "^$key" "$dst" || die "deploy/shim/transcode.yaml has no '${key%%:*}:' line to move into ${STATE#"$ROOT"/}"
+    done
+    {
+        identity_yaml transcoder media
+        cat <<EOF
+inbound:
+  listen: $LO:$TRANSCODER_INBOUND
+  app: $LO:$SHIM_LISTEN
+# The shipped policies: only tenants with role media (policies/data.yaml) may
+# call transcode:v1, so web.acme may and frontend.demo may not.
+policy:
+  inbound:
+    dir: $(yq "$ROOT/policies")
+  decision_log:
+    path: $(yq "$STATE/transcoder-decisions.log")
+# Register what crank-shim writes (capability transcode:v1 and its labels,
+# gpu=none without an NVIDIA GPU): deploy/mesh-config/routes/transcode.yaml
+# routes there.
+mesh:
+  register:
+    from_file: $(yq "$STATE/shim/registration.json")
+EOF
+        common_yaml "$TRANSCODER_ADMIN"
+    } >"$STATE/transcoder-proxy.yaml"
+    {
+        identity_yaml web acme
+        cat <<EOF
+# A caller of tenant acme (role media): send requests through this proxy.
+outbound:
+  http_proxy: $LO:$WEB_HTTP_PROXY
+mesh: {}
+EOF
+        common_yaml "$WEB_ADMIN"
+    } >"$STATE/web-proxy.yaml"
+    ffmpeg -hide_banner -loglevel error -f lavfi -i testsrc=duration=2:size=320x240:rate=25 \
+        -f lavfi -i sine=frequency=440:duration=2 -c:v mpeg4 -c:a pcm_s16le -y "$STATE/clip.mkv" ||
+        die "ffmpeg could not make the sample clip ${STATE#"$ROOT"/}/clip.mkv"
 }
 
 # start NAME COMMAND...: runs COMMAND in the background, logging to .quickstart/NAME.log.
@@ -256,6 +337,12 @@ start_all() {
     start frontend env HTTP_PROXY="$proxy" http_proxy="$proxy" NO_PROXY= no_proxy= \
         "$BIN/crank-demo-frontend" --listen "$LO:$FRONTEND_APP" --name frontend \
         --backend-url http://backend/hello
+    if [[ $WITH_SHIM == 1 ]]; then
+        log "starting crank-shim (ffmpeg as transcode:v1), its sidecar and the web.acme caller's sidecar"
+        start transcode-shim "$BIN/crank-shim" --config "$STATE/transcode-shim.yaml"
+        start transcoder-proxy "$BIN/crank-proxy" --config "$STATE/transcoder-proxy.yaml"
+        start web-proxy "$BIN/crank-proxy" --config "$STATE/web-proxy.yaml"
+    fi
 }
 
 # wait_ready INDEX URL: polls URL until 200, failing if process INDEX exits or time runs out.
@@ -280,6 +367,11 @@ wait_all_ready() {
     wait_ready 2 "http://$LO:$BACKEND_ADMIN/ready"
     wait_ready 3 "http://$LO:$FRONTEND_ADMIN/ready"
     wait_ready 4 "http://$LO:$FRONTEND_APP/healthz"
+    if [[ $WITH_SHIM == 1 ]]; then
+        wait_ready 5 "http://$LO:$SHIM_ADMIN/ready"
+        wait_ready 6 "http://$LO:$TRANSCODER_ADMIN/ready"
+        wait_ready 7 "http://$LO:$WEB_ADMIN/ready"
+    fi
 }
 
 # check WHAT CURL_ARGS...: one request that must answer 200 with the backend's
@@ -315,6 +407,52 @@ wait_pushed() {
     done
 }
 
+# via_web ARGS...: curl through the web.acme caller's sidecar.
+via_web() { curl --max-time 15 -sS -x "http://$LO:$WEB_HTTP_PROXY" "$@"; }
+
+# check_shim: web.acme submits the sample clip to the transcoder through the
+# mesh (route, quota and policy from deploy/mesh-config), the job succeeds and
+# its output downloads; frontend.demo is refused by the shipped policy.
+check_shim() {
+    log "shim example: web.acme sidecar -> mTLS -> transcoder sidecar (policy) -> crank-shim -> ffmpeg"
+    local deadline=$((SECONDS + 20)) out id state=
+    until via_web -f -o /dev/null http://transcode/v1/schema 2>/dev/null; do
+        if ((SECONDS >= deadline)); then
+            echo "FAIL: web.acme cannot reach http://transcode/v1/schema within 20 s; see ${STATE#"$ROOT"/}/web-proxy.log, transcoder-proxy.log, transcode-shim.log" >&2
+            return 1
+        fi
+        sleep 0.3
+    done
+    out=$(via_web --data-binary "@$STATE/clip.mkv" 'http://transcode/v1/jobs?height=144&preset=ultrafast') || true
+    id=$(sed -n 's/^ *"id": *"\([^"]*\)".*/\1/p' <<<"$out" | head -n 1)
+    if [[ -z $id ]]; then
+        echo "FAIL: the job submission was not accepted: $out" >&2
+        return 1
+    fi
+    deadline=$((SECONDS + 60))
+    while ((SECONDS < deadline)); do
+        state=$(via_web "http://transcode/v1/jobs/$id" | sed -n 's/^  "state": *"\([^"]*\)".*/\1/p')
+        [[ $state == succeeded || $state == failed || $state == timed_out || $state == canceled ]] && break
+        sleep 1
+    done
+    if [[ $state != succeeded ]]; then
+        echo "FAIL: job $id ended $state (or did not end in 60 s); see ${STATE#"$ROOT"/}/transcode-shim.log" >&2
+        return 1
+    fi
+    via_web -f -o "$STATE/out.mp4" "http://transcode/v1/jobs/$id/output" && [[ -s $STATE/out.mp4 ]] || {
+        echo "FAIL: the output of job $id did not download" >&2
+        return 1
+    }
+    echo "OK: job $id transcoded ${STATE#"$ROOT"/}/clip.mkv to ${STATE#"$ROOT"/}/out.mp4 ($(wc -c <"$STATE/out.mp4") bytes)"
+    out=$(curl --max-time 15 -sS -i -x "http://$LO:$FRONTEND_HTTP_PROXY" http://transcode/v1/schema) || true
+    if grep -q '^HTTP/[0-9.]* 403' <<<"$out" && grep -q 'needs role' <<<"$out"; then
+        echo "OK: frontend.demo is refused by the shipped policy (tenant demo has no role media)"
+    else
+        echo "FAIL: frontend.demo should get 403 from the transcoder's policy, got: $out" >&2
+        return 1
+    fi
+}
+
 sample_requests() {
     log "sample request: frontend app -> HTTP_PROXY (frontend sidecar) -> mTLS -> backend sidecar -> backend app"
     echo "\$ curl -s http://$LO:$FRONTEND_APP/"
@@ -337,26 +475,72 @@ sample_requests() {
             failed=1
         fi
     fi
+    if [[ $WITH_SHIM == 1 ]]; then
+        check_shim || failed=1
+    fi
     return "$failed"
+}
+
+# q PATH: PATH relative to the repository root when inside it, quoted for a shell.
+q() { printf '%q' "${1#"$ROOT"/}"; }
+
+# next_steps: the 'try next' lines. Each is a whole command that works on its
+# own, pasted into a fresh shell in the repository root (ports, socket and
+# paths spelled out); one-shot mode runs every one of them.
+next_steps() {
+    local ctl
+    ctl="$(q "$BIN/crankctl") --control $(q "$STATE/control/admin.sock")"
+    step() { printf '  %-60s # %s\n' "$1" "$2"; }
+    step "curl http://$LO:$FRONTEND_APP/" "the frontend app; it calls the backend via its sidecar"
+    step "curl http://$LO:$FRONTEND_BACKEND_PORT/" "the backend through the sidecar's local upstream port"
+    step "curl -x http://$LO:$FRONTEND_HTTP_PROXY http://backend/" "the backend through the sidecar's HTTP proxy"
+    step "curl http://$LO:$FRONTEND_ADMIN/metrics" "frontend sidecar admin: /metrics /config_dump /ready /live"
+    step "curl http://$LO:$FRONTEND_ADMIN/config_dump" "the config the frontend sidecar runs"
+    step "curl http://$LO:$BACKEND_ADMIN/ready" "backend sidecar admin, same endpoints"
+    step "tail -n 5 $(q "$STATE/backend-decisions.log")" "the backend sidecar's policy decisions (policies/)"
+    step "$ctl ca status" "the CA: roots, intermediates, every workload"
+    step "$ctl cert list" "every issued certificate and its expiry"
+    step "$ctl status" "the published mesh config (deploy/mesh-config) and every sidecar"
+    step "$ctl routes" "the routes with their live endpoints"
+    step "$ctl endpoints" "the registry: who serves which capability"
+    if [[ $WITH_SHIM == 1 ]]; then
+        step "curl -x http://$LO:$WEB_HTTP_PROXY http://transcode/v1/schema" "the transcoder's parameters, as tenant acme"
+        step "curl -x http://$LO:$WEB_HTTP_PROXY --data-binary @$(q "$STATE/clip.mkv") 'http://transcode/v1/jobs?height=144&preset=ultrafast'" "submit a transcode job"
+        step "curl -x http://$LO:$WEB_HTTP_PROXY http://transcode/v1/jobs" "the jobs; then GET /v1/jobs/ID and /v1/jobs/ID/output"
+        step "curl http://$LO:$SHIM_ADMIN/v1/registration" "what crank-shim registers (capability transcode:v1, labels)"
+        step "tail -n 5 $(q "$STATE/transcoder-decisions.log")" "the transcoder sidecar's policy decisions"
+    fi
 }
 
 print_next_steps() {
     local s=${STATE#"$ROOT"/}
-    try() { printf '  %-52s # %s\n' "$1" "$2"; }
     echo
-    echo "Crank Mesh quickstart is running. Try next:"
-    try "curl http://$LO:$FRONTEND_APP/" "the frontend app; it calls the backend via its sidecar"
-    try "curl http://$LO:$FRONTEND_BACKEND_PORT/" "the backend through the sidecar's local upstream port"
-    try "curl -x http://$LO:$FRONTEND_HTTP_PROXY http://backend/" "the backend through the sidecar's HTTP proxy"
-    try "curl http://$LO:$FRONTEND_ADMIN/metrics" "frontend sidecar admin: /metrics /config_dump /ready /live"
-    try "curl http://$LO:$FRONTEND_ADMIN/config_dump" "the config the frontend sidecar runs"
-    try "curl http://$LO:$BACKEND_ADMIN/ready" "backend sidecar admin, same endpoints"
-    try "tail -f $s/backend-decisions.log" "the backend sidecar's policy decisions (policies/)"
-    try "target/$PROFILE/crankctl ca status" "the CA: roots, intermediates, every workload (CRANK_CONTROL=$s/control/admin.sock)"
-    try "target/$PROFILE/crankctl cert list" "every issued certificate and its expiry"
-    echo "Logs:    $s/control.log $s/backend.log $s/backend-proxy.log $s/frontend.log $s/frontend-proxy.log"
-    echo "Configs: $s/control.yaml $s/frontend-proxy.yaml $s/backend-proxy.yaml; CA in $s/ca/, enrolled keys in $s/*-identity/"
-    echo "Press Ctrl-C to stop."
+    echo "Crank Mesh quickstart is running. Try next, from $ROOT:"
+    next_steps
+    echo "Logs:    $s/*.log (one per process)"
+    echo "Configs: $s/control.yaml $s/*-proxy.yaml; CA in $s/ca/, enrolled keys in $s/*-identity/"
+}
+
+# run_next_steps: runs each 'try next' line as printed, alone, in a fresh
+# shell (no inherited environment) in the repository root. curl gets -f, so
+# an HTTP error fails the line too.
+run_next_steps() {
+    log "running every 'try next' line as printed, each in a fresh shell in $ROOT"
+    local line out failed=0
+    while IFS= read -r line; do
+        line=${line#  }
+        printf '$ %s\n' "$line"
+        if out=$(cd "$ROOT" && env -i PATH="$PATH" HOME="$HOME" bash --norc --noprofile -c \
+            "curl() { command curl -f -sS --max-time 15 \"\$@\"; }; $line" 2>&1); then
+            printf '%s\n' "$out" | head -n 3 | cut -c1-100 | sed 's/^/    /'
+        else
+            printf '%s\n' "$out" | tail -n 10 | sed 's/^/    /' >&2
+            echo "FAIL: this 'try next' line does not work as printed: $line" >&2
+            failed=1
+        fi
+    done < <(next_steps)
+    ((failed == 0)) && echo "OK: every 'try next' line works as printed"
+    return "$failed"
 }
 
 # Returns when a child exits on its own, naming it.
@@ -382,11 +566,14 @@ main() {
     wait_all_ready
     if [[ $ONESHOT == 1 ]]; then
         sample_requests || die "the end-to-end check failed; logs are in ${STATE#"$ROOT"/}/"
+        print_next_steps
+        run_next_steps || die "a printed 'try next' line failed; logs are in ${STATE#"$ROOT"/}/"
         log "end-to-end check passed"
         exit 0
     fi
     sample_requests || echo "warning: the sample request failed; the logs in ${STATE#"$ROOT"/}/ say why" >&2
     print_next_steps
+    echo "Press Ctrl-C to stop."
     while true; do watch_children; done
 }
 

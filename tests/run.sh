@@ -36,5 +36,7 @@ fi
 cargo build --workspace --bins
 cargo test --workspace "$@"
 
-# The README's quickstart, end to end, with the debug binaries just built.
-QS_ONESHOT=1 QS_PROFILE=debug bash deploy/quickstart.sh
+# The README's quickstart, end to end, with the debug binaries just built,
+# with the worker shim example in it; one-shot mode also runs every 'try
+# next' line it prints.
+QS_ONESHOT=1 QS_PROFILE=debug bash deploy/quickstart.sh --with-shim
