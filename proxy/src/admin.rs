@@ -25,11 +25,15 @@ pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             shared.health.refresh_gauge();
             match shared.health.not_ready_reason() {
                 None => (200, "text/plain", b"ready\n".to_vec()),
-                Some(why) => (
-                    503,
-                    "text/plain",
-                    format!("not ready: {why}\n").into_bytes(),
-                ),
+                Some(why) => {
+                    let hint = shared.health.hint_for(why);
+                    let hint = hint.map(|h| format!("; {h}")).unwrap_or_default();
+                    (
+                        503,
+                        "text/plain",
+                        format!("not ready: {why}{hint}\n").into_bytes(),
+                    )
+                }
             }
         }
         "/metrics" => {

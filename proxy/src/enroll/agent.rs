@@ -1,16 +1,19 @@
-//! The running agent: the renewal task and the watch task, sharing the
-//! current certificate, roots and versions.
+//! The running agent: the renewal task, the watch task and the recovery
+//! task (enrolling again with a new token after a revocation or expiry),
+//! sharing the current certificate, roots and versions.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crank_api::identity::{canonical_serial, IssueResponse, RenewRequest, WatchResponse};
+use crank_api::proxy::IdentityConfig;
 use crank_certs::Identity;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
-use super::client::{Client, ClientCert};
+use super::client::{CallError, Client, ClientCert};
+use super::recover::{self, TokenVerdict};
 use super::schedule::{self, Backoff};
 use super::{state, unix_now, AgentSeed, AgentStatus, ISSUE_TIMEOUT};
 use crate::identity::{check_chain, Material};
@@ -25,7 +28,12 @@ struct Current {
     serial: String,
     bundle_version: u64,
     revocations_version: Option<u64>,
+    /// crank-control refused this certificate as revoked.
+    revoked: bool,
 }
+
+/// How often a stuck (revoked or expired) agent looks for a new token.
+const TOKEN_POLL: Duration = Duration::from_secs(2);
 
 pub(super) struct Agent {
     shared: Arc<Shared>,
@@ -37,6 +45,12 @@ pub(super) struct Agent {
     watch_wait: Duration,
     current: Mutex<Current>,
     status: Arc<AgentStatus>,
+    /// Where the token and the bootstrap bundle are.
+    cfg: IdentityConfig,
+    base: PathBuf,
+    /// Woken when a new enrollment replaced the certificate, so that the
+    /// renewal and watch retries use it at once.
+    reenrolled: Notify,
 }
 
 impl Agent {
@@ -57,9 +71,20 @@ impl Agent {
                 serial: seed.serial,
                 bundle_version: seed.bundle_version,
                 revocations_version: None,
+                revoked: false,
             }),
             status: seed.status,
+            cfg: seed.cfg,
+            base: seed.base,
+            reenrolled: Notify::new(),
         }
+    }
+
+    fn enroll_cfg(&self) -> &crank_api::proxy::EnrollConfig {
+        self.cfg
+            .enroll
+            .as_ref()
+            .expect("the agent runs in enroll mode only")
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Current) -> T) -> T {
@@ -67,8 +92,14 @@ impl Agent {
     }
 
     pub(super) async fn run(self) {
+        let hint = super::recovery_hint(self.enroll_cfg(), &self.base);
+        self.shared.health.set_cert_hint(Some(hint));
         let (wake_tx, wake_rx) = mpsc::channel(1);
-        tokio::join!(self.renew_loop(wake_rx), self.watch_loop(wake_tx));
+        tokio::join!(
+            self.renew_loop(wake_rx),
+            self.watch_loop(wake_tx),
+            self.recover_loop()
+        );
     }
 
     /// Sleeps until the renewal time (or a reissue request), then renews,
@@ -80,6 +111,8 @@ impl Agent {
             self.status.update(|s| s.next_renewal_time = Some(at));
             tokio::select! {
                 _ = tokio::time::sleep(schedule::until(at, unix_now())) => {}
+                // A new enrollment: schedule from the new certificate.
+                _ = self.reenrolled.notified() => continue,
                 Some(()) = wake.recv() => {
                     let delay = Duration::from_millis(rand::random_range(0..2000));
                     tracing::info!(delay = ?delay, "crank-control asked for a renewal (CA rotation)");
@@ -88,7 +121,11 @@ impl Agent {
             }
             let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
             let mut expired_logged = false;
+            let serial = self.with(|c| c.serial.clone());
             loop {
+                if self.with(|c| c.serial != serial) {
+                    break; // enrolled again meanwhile
+                }
                 match self.renew_once().await {
                     Ok(()) => break,
                     Err(e) => {
@@ -114,9 +151,13 @@ impl Agent {
                         tracing::warn!(error = %e, retry_in = ?retry_in, "renewal failed; serving with the current certificate");
                         if now >= na && !expired_logged {
                             expired_logged = true;
-                            tracing::error!(identity = %self.identity, not_after = na, reason = "cert-expired", "this workload's certificate has expired; /ready answers 503 until a renewal succeeds. Check that crank-control is reachable and that this identity is not revoked (`crankctl cert list`)");
+                            let hint = super::recovery_hint(self.enroll_cfg(), &self.base);
+                            tracing::error!(identity = %self.identity, not_after = na, reason = "cert-expired", "this workload's certificate has expired; /ready answers 503 until a renewal succeeds. Check that crank-control is reachable and that this identity is not revoked (`crankctl cert list`); if it cannot renew, {hint}");
                         }
-                        tokio::time::sleep(retry_in).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry_in) => {}
+                            _ = self.reenrolled.notified() => {}
+                        }
                     }
                 }
             }
@@ -130,7 +171,8 @@ impl Agent {
     async fn renew_once(&self) -> Result<(), String> {
         let (key_pem, csr) =
             crank_certs::new_key_and_csr(&self.identity).map_err(|e| e.to_string())?;
-        let (cert, roots) = self.with(|c| (c.cert.clone(), c.roots.clone()));
+        let (cert, roots, serial) =
+            self.with(|c| (c.cert.clone(), c.roots.clone(), c.serial.clone()));
         let req = RenewRequest {
             csr,
             instance: self.instance.clone(),
@@ -145,12 +187,41 @@ impl Agent {
                 ISSUE_TIMEOUT,
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.refused(e, &serial))?;
         self.install(resp, &key_pem)
     }
 
-    /// Swaps in a newly issued certificate (and its bundle when newer) and saves it.
+    /// Notes a revocation of `serial` (the certificate the call presented)
+    /// in a refusal; the error as text.
+    fn refused(&self, e: CallError, serial: &str) -> String {
+        if matches!(&e, CallError::Refused { code, .. } if code == "cert-revoked") {
+            self.revoked(serial);
+        }
+        e.to_string()
+    }
+
+    /// Swaps in a renewed certificate and counts the renewal.
     fn install(&self, resp: IssueResponse, key_pem: &str) -> Result<(), String> {
+        let (serial, not_after) = self.swap_in(resp, key_pem)?;
+        let now = unix_now();
+        self.shared
+            .metrics
+            .identity
+            .renewals
+            .with_label_values(&["success"])
+            .inc();
+        self.status.update(|s| {
+            s.last_renewal_result = Some("success");
+            s.last_renewal_time = Some(now);
+            s.last_renewal_error = None;
+        });
+        tracing::info!(identity = %self.identity, serial = %serial, not_after, "renewed certificate");
+        Ok(())
+    }
+
+    /// Swaps in a newly issued certificate (and its bundle when newer) and
+    /// saves it; returns its serial and expiry.
+    fn swap_in(&self, resp: IssueResponse, key_pem: &str) -> Result<(String, i64), String> {
         let m = Material::from_pem(
             resp.chain.as_bytes(),
             key_pem.as_bytes(),
@@ -178,20 +249,7 @@ impl Agent {
         if resp.bundle.version != self.with(|c| c.bundle_version) {
             self.apply_bundle(resp.bundle.version, &resp.bundle.pem, roots)?;
         }
-        let now = unix_now();
-        self.shared
-            .metrics
-            .identity
-            .renewals
-            .with_label_values(&["success"])
-            .inc();
-        self.status.update(|s| {
-            s.last_renewal_result = Some("success");
-            s.last_renewal_time = Some(now);
-            s.last_renewal_error = None;
-        });
-        tracing::info!(identity = %self.identity, serial = %serial, not_after = summary.not_after, "renewed certificate");
-        Ok(())
+        Ok((serial, summary.not_after))
     }
 
     /// Swaps in a new trust bundle (inbound verifier, outbound roots, the
@@ -242,19 +300,105 @@ impl Agent {
                     let retry_in = backoff.next(rand::random::<f64>());
                     tracing::warn!(error = %e, retry_in = ?retry_in, "identity watch failed; retrying");
                     self.status.update(|s| s.last_watch_error = Some(e));
-                    tokio::time::sleep(retry_in).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry_in) => {}
+                        _ = self.reenrolled.notified() => backoff.reset(),
+                    }
                 }
             }
         }
     }
 
     /// crank-control says this workload's own certificate is revoked: not
-    /// ready from now on (peers refuse it anyway); say how to recover.
-    fn revoked(&self) {
-        if !self.shared.health.set_cert_revoked() {
-            let serial = self.with(|c| c.serial.clone());
-            tracing::error!(identity = %self.identity, serial = %serial, reason = "cert-revoked", state_dir = %self.state_dir.display(), "this workload's certificate is revoked; /ready answers 503 and peers refuse it. To recover: make a new join token (`crankctl token create`), put it in token_file, delete cert.pem and key.pem in state_dir, and restart the sidecar");
+    /// ready until it enrolls again (peers refuse it anyway); say how.
+    fn revoked(&self, serial: &str) {
+        // A call made with a certificate replaced since then says nothing
+        // about the current one.
+        let current = self.with(|c| {
+            let current = c.serial == serial;
+            c.revoked |= current;
+            current
+        });
+        if current && !self.shared.health.set_cert_revoked() {
+            let hint = super::recovery_hint(self.enroll_cfg(), &self.base);
+            tracing::error!(identity = %self.identity, serial = %serial, reason = "cert-revoked", state_dir = %self.state_dir.display(), "this workload's certificate is revoked; /ready answers 503 and peers refuse it. To recover once the cause is fixed: {hint}");
         }
+    }
+
+    /// While the certificate is revoked or expired, looks for a join token
+    /// not used yet and enrolls again with it.
+    async fn recover_loop(&self) {
+        let mut refused: Option<String> = None;
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(TOKEN_POLL).await;
+            let (revoked, not_after) = self.with(|c| (c.revoked, c.not_after));
+            let Some(why) = recover::stuck_reason(revoked, not_after, unix_now()) else {
+                continue;
+            };
+            // An unreadable or empty file is retried: it may be half written.
+            let Ok(Some(token)) = super::read_token(self.enroll_cfg(), &self.base) else {
+                continue;
+            };
+            let digest = recover::token_digest(&token);
+            let used = state::token_used(&self.state_dir);
+            if recover::judge_token(&digest, used.as_deref(), refused.as_deref())
+                != TokenVerdict::Fresh
+            {
+                continue;
+            }
+            tracing::info!(identity = %self.identity, reason = why, "a new join token is at hand; enrolling again");
+            match self.reenroll(token, &digest).await {
+                Ok(()) => {
+                    backoff.reset();
+                    refused = None;
+                }
+                Err(e) => {
+                    self.status
+                        .update(|s| s.last_enrollment_error = Some(e.to_string()));
+                    if e.is_refusal() {
+                        tracing::error!(identity = %self.identity, error = %e, "enrolling again was refused; {}", super::refusal_hint(&e));
+                        refused = Some(digest);
+                    } else {
+                        let retry_in = backoff.next(rand::random::<f64>());
+                        tracing::warn!(identity = %self.identity, error = %e, retry_in = ?retry_in, "enrolling again failed; retrying");
+                        tokio::time::sleep(retry_in).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One enrollment with `token` (crank-control verified against the
+    /// bootstrap and the current roots); the result replaces the revoked or
+    /// expired certificate in place, like a renewal.
+    async fn reenroll(&self, token: String, digest: &str) -> Result<(), CallError> {
+        let current = self.with(|c| c.roots.clone());
+        let bootstrap = crate::identity::read_roots(&self.cfg, &self.base).unwrap_or_default();
+        let roots = recover::union_roots(bootstrap, current.to_vec());
+        let bad = |e: super::EnrollError| CallError::BadAnswer(e.0);
+        let (key_pem, req) =
+            super::enroll_request(&self.identity, token, &self.instance).map_err(bad)?;
+        let resp: IssueResponse = self
+            .client
+            .post_json(&roots, None, "/v1/identity/enroll", &req, ISSUE_TIMEOUT)
+            .await?;
+        super::check_answer(&resp, &key_pem, &self.identity).map_err(bad)?;
+        let (serial, not_after) = self.swap_in(resp, &key_pem).map_err(CallError::BadAnswer)?;
+        if let Err(e) = state::save_token_used(&self.state_dir, digest) {
+            tracing::error!(error = %e, state_dir = %self.state_dir.display(), "cannot record the join token as used");
+        }
+        self.with(|c| c.revoked = false);
+        self.shared.health.clear_cert_revoked();
+        let now = unix_now();
+        self.status.update(|s| {
+            s.source = "re-enrolled".into();
+            s.last_enrollment_time = Some(now);
+            s.last_enrollment_error = None;
+        });
+        self.reenrolled.notify_waiters();
+        tracing::info!(identity = %self.identity, serial = %serial, not_after, "enrolled again with a new join token; the new certificate serves now");
+        Ok(())
     }
 
     /// One watch call and what it changes; `Ok(true)` when a renewal is asked for.
@@ -278,14 +422,7 @@ impl Agent {
                 self.watch_wait + Duration::from_secs(10),
             )
             .await
-            .map_err(|e| {
-                if let super::client::CallError::Refused { code, .. } = &e {
-                    if code == "cert-revoked" {
-                        self.revoked();
-                    }
-                }
-                e.to_string()
-            })?;
+            .map_err(|e| self.refused(e, &serial))?;
         if w.bundle.version != bv {
             let roots = crank_certs::pem::certs_from_pem(w.bundle.pem.as_bytes())
                 .map_err(|e| format!("bundle version {}: {e}", w.bundle.version))?;

@@ -5,15 +5,19 @@
 //!   material in `state_dir` when it is valid for the configured identity;
 //!   otherwise enroll with the join token (a new P-256 key and CSR made
 //!   here, `POST /v1/identity/enroll`), verifying crank-control against the
-//!   bootstrap bundle, and save the result.
+//!   bootstrap bundle and the roots saved in `state_dir/bundle.pem`, and
+//!   save the result.
 //! - While running ([`spawn`], its own thread and runtime): renew at
 //!   `renew_at` of the lifetime minus jitter (`POST /v1/identity/renew`,
 //!   mTLS with the current certificate), and long-poll
 //!   `GET /v1/identity/watch` for new trust bundles, the revocation deny
 //!   list and reissue requests. Every change is swapped into
-//!   [`crate::identity::WorkloadTls`] in place and saved.
+//!   [`crate::identity::WorkloadTls`] in place and saved. A revoked or
+//!   expired certificate is replaced by enrolling again, by itself, once
+//!   `token_file` holds a join token not used yet ([`recover`]).
 
 pub mod client;
+pub mod recover;
 pub mod schedule;
 pub mod state;
 
@@ -29,6 +33,7 @@ use rustls::pki_types::CertificateDer;
 use crate::identity::{check_chain, read_roots, Material};
 use crate::state::Shared;
 use client::{CallError, Client, ClientCert};
+use crank_certs::CertSummary;
 use schedule::Backoff;
 use state::StateCheck;
 
@@ -74,6 +79,9 @@ pub struct AgentSeed {
     not_after: i64,
     serial: String,
     bundle_version: u64,
+    /// Where the token and the bootstrap bundle are, to enroll again.
+    cfg: IdentityConfig,
+    base: PathBuf,
     /// Shown in `/config_dump`.
     pub status: Arc<AgentStatus>,
 }
@@ -87,7 +95,8 @@ pub struct AgentStatus {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 struct StatusInner {
     instance: String,
-    /// `loaded` (from state_dir) or `enrolled` (at this start).
+    /// `loaded` (from state_dir), `enrolled` (at this start) or
+    /// `re-enrolled` (with a new token, after a revocation or expiry).
     source: String,
     last_renewal_result: Option<&'static str>,
     last_renewal_time: Option<i64>,
@@ -96,6 +105,8 @@ struct StatusInner {
     bundle_version: u64,
     revocations_version: Option<u64>,
     last_watch_error: Option<String>,
+    last_enrollment_time: Option<i64>,
+    last_enrollment_error: Option<String>,
 }
 
 impl AgentStatus {
@@ -139,11 +150,77 @@ fn no_token(e: &EnrollConfig, base: &Path, why: &str) -> EnrollError {
         }
     };
     eerr(format!(
-        "no usable certificate in {} ({why}) and no join token to enroll with; create one with `crankctl token create --service {} --tenant {}` and {place}",
+        "no usable certificate in {} ({why}) and no unused join token to enroll with; create one with `crankctl token create --service {} --tenant {}` and {place}",
         crate::config::resolve(base, &e.state_dir).display(),
         e.service,
         e.tenant
     ))
+}
+
+/// How a revoked or expired sidecar gets a certificate again (for /ready and the logs).
+pub fn recovery_hint(e: &EnrollConfig, base: &Path) -> String {
+    let make = format!(
+        "make a new join token with `crankctl token create --service {} --tenant {}`",
+        e.service, e.tenant
+    );
+    match &e.token_file {
+        Some(f) => format!(
+            "{make} and write it to {}: the sidecar enrolls again by itself",
+            crate::config::resolve(base, f).display()
+        ),
+        None => format!(
+            "{make}, set CRANK_JOIN_TOKEN to it and restart the sidecar (with identity.enroll.token_file it would enroll again without a restart)"
+        ),
+    }
+}
+
+/// The roots that verify crank-control when enrolling: the bootstrap
+/// `trust_bundle` and the current roots saved in `state_dir/bundle.pem`
+/// (after a root rotation the bootstrap root may be gone).
+fn control_roots(
+    cfg: &IdentityConfig,
+    base: &Path,
+    dir: &Path,
+) -> Result<Vec<CertificateDer<'static>>, EnrollError> {
+    let bootstrap = read_roots(cfg, base).map_err(|err| eerr(err.to_string()))?;
+    Ok(recover::union_roots(bootstrap, state::saved_roots(dir)))
+}
+
+/// A new key (PEM, kept here) and the enroll request carrying its CSR.
+fn enroll_request(
+    identity: &Identity,
+    token: String,
+    instance: &str,
+) -> Result<(String, EnrollRequest), EnrollError> {
+    let (key_pem, csr) = crank_certs::new_key_and_csr(identity)
+        .map_err(|err| eerr(format!("cannot make a key and CSR: {err}")))?;
+    let req = EnrollRequest {
+        token,
+        csr,
+        instance: instance.to_string(),
+    };
+    Ok((key_pem, req))
+}
+
+/// Checks crank-control's answer to an enrollment: usable with `key_pem`,
+/// for `identity`.
+fn check_answer(
+    resp: &IssueResponse,
+    key_pem: &str,
+    identity: &Identity,
+) -> Result<CertSummary, EnrollError> {
+    let m = Material::from_pem(
+        resp.chain.as_bytes(),
+        key_pem.as_bytes(),
+        resp.bundle.pem.as_bytes(),
+        "crank-control's answer",
+    )
+    .map_err(|err| eerr(err.to_string()))?;
+    let (summary, got) = check_chain(&m.chain).map_err(|err| eerr(err.to_string()))?;
+    if got != *identity {
+        return Err(eerr(format!("crank-control issued a certificate for {got}, not {identity}; check the token's service and tenant")));
+    }
+    Ok(summary)
 }
 
 fn enroll_cfg(cfg: &IdentityConfig) -> Result<&EnrollConfig, EnrollError> {
@@ -206,33 +283,26 @@ pub fn bootstrap(cfg: &IdentityConfig, base: &Path) -> Result<Bootstrapped, Enro
         other => {
             let why = other.why();
             let token = read_token(e, base)?.ok_or_else(|| no_token(e, base, &why))?;
+            let digest = recover::token_digest(&token);
+            if state::token_used(&dir).as_deref() == Some(digest.as_str()) {
+                return Err(no_token(
+                    e,
+                    base,
+                    &format!("{why}; the token at hand was used by its last enrollment"),
+                ));
+            }
             tracing::info!(identity = %identity, reason = %why, control_plane = %e.control_plane, "enrolling with crank-control");
-            let roots = read_roots(cfg, base).map_err(|err| eerr(err.to_string()))?;
-            let (key_pem, csr) = crank_certs::new_key_and_csr(&identity)
-                .map_err(|err| eerr(format!("cannot make a key and CSR: {err}")))?;
-            let req = EnrollRequest {
-                token,
-                csr,
-                instance: instance.clone(),
-            };
+            let roots = control_roots(cfg, base, &dir)?;
+            let (key_pem, req) = enroll_request(&identity, token, &instance)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|err| eerr(format!("cannot start a runtime: {err}")))?;
             let resp = rt.block_on(enroll_with_retry(&client, &roots, &req, STARTUP_RETRY))?;
-            let m = Material::from_pem(
-                resp.chain.as_bytes(),
-                key_pem.as_bytes(),
-                resp.bundle.pem.as_bytes(),
-                "crank-control's answer",
-            )
-            .map_err(|err| eerr(err.to_string()))?;
-            let (summary, got) = check_chain(&m.chain).map_err(|err| eerr(err.to_string()))?;
-            if got != identity {
-                return Err(eerr(format!("crank-control issued a certificate for {got}, not {identity}; check the token's service and tenant")));
-            }
+            let summary = check_answer(&resp, &key_pem, &identity)?;
             state::save_cert(&dir, &key_pem, &resp.chain)
                 .and_then(|_| state::save_bundle(&dir, &resp.bundle.pem))
+                .and_then(|_| state::save_token_used(&dir, &digest))
                 .map_err(|err| eerr(format!("cannot save to {}: {err}", dir.display())))?;
             tracing::info!(identity = %identity, serial = %canonical_serial(&summary.serial), not_after = summary.not_after, bundle_version = resp.bundle.version, state_dir = %dir.display(), "enrolled");
             (
@@ -273,6 +343,8 @@ pub fn bootstrap(cfg: &IdentityConfig, base: &Path) -> Result<Bootstrapped, Enro
         not_after: summary.not_after,
         serial: canonical_serial(&summary.serial),
         bundle_version,
+        cfg: cfg.clone(),
+        base: base.to_path_buf(),
         status,
     };
     Ok(Bootstrapped { material, seed })
@@ -303,7 +375,7 @@ pub async fn enroll_with_retry(
         let delay = backoff.next(rand::random::<f64>());
         if start.elapsed() + delay > budget {
             return Err(eerr(format!(
-                "gave up after {:?}: {err}; check identity.enroll.control_plane and server_name, that crank-control runs, and that identity.trust_bundle holds its CA",
+                "gave up after {:?}: {err}; check identity.enroll.control_plane and server_name, that crank-control runs, and that identity.trust_bundle (or state_dir/bundle.pem) holds its current root: after a root rotation, give new workloads the new root's bundle.pem",
                 start.elapsed()
             )));
         }
@@ -312,7 +384,7 @@ pub async fn enroll_with_retry(
     }
 }
 
-fn refusal_hint(e: &CallError) -> &'static str {
+pub(crate) fn refusal_hint(e: &CallError) -> &'static str {
     match e {
         CallError::Refused { code, .. } => match code.as_str() {
             "token-unknown" | "token-reused" | "token-expired" => {

@@ -1,6 +1,7 @@
 //! The identity agent's state directory: `key.pem` (0600), `cert.pem`
-//! (leaf then intermediate), `bundle.pem` and `instance`. Each file is
-//! written whole to a temporary file and renamed into place.
+//! (leaf then intermediate), `bundle.pem`, `instance` and `token.used` (the
+//! SHA-256 of the join token of the last enrollment, never the token). Each
+//! file is written whole to a temporary file and renamed into place.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -14,6 +15,7 @@ pub const KEY: &str = "key.pem";
 pub const CERT: &str = "cert.pem";
 pub const BUNDLE: &str = "bundle.pem";
 pub const INSTANCE: &str = "instance";
+pub const TOKEN_USED: &str = "token.used";
 
 /// Material found in the state directory, ready to serve.
 #[derive(Debug)]
@@ -117,6 +119,28 @@ pub fn save_cert(dir: &Path, key_pem: &str, chain_pem: &str) -> std::io::Result<
 pub fn save_bundle(dir: &Path, pem: &str) -> std::io::Result<()> {
     let tmp = write_temp(dir, BUNDLE, pem, false)?;
     std::fs::rename(tmp, dir.join(BUNDLE))
+}
+
+/// The roots saved in `bundle.pem` (the current ones, followed through
+/// rotations); none when the file is absent or unreadable.
+pub fn saved_roots(dir: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    std::fs::read(dir.join(BUNDLE))
+        .ok()
+        .and_then(|pem| crank_certs::pem::certs_from_pem(&pem).ok())
+        .unwrap_or_default()
+}
+
+/// The digest of the join token the last enrollment used, if recorded.
+pub fn token_used(dir: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(dir.join(TOKEN_USED)).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Records the digest of the join token an enrollment just used.
+pub fn save_token_used(dir: &Path, digest: &str) -> std::io::Result<()> {
+    let tmp = write_temp(dir, TOKEN_USED, &format!("{digest}\n"), false)?;
+    std::fs::rename(tmp, dir.join(TOKEN_USED))
 }
 
 /// This instance's id: read from `instance`, or made once and kept there.
@@ -234,6 +258,20 @@ mod tests {
             check_state(d.path(), &id("web"), now()),
             StateCheck::Missing
         ));
+    }
+
+    #[test]
+    fn token_digest_and_saved_roots_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(token_used(d.path()), None);
+        assert!(saved_roots(d.path()).is_empty());
+        save_token_used(d.path(), "ab12").unwrap();
+        assert_eq!(token_used(d.path()).as_deref(), Some("ab12"));
+        let ca = Ca::generate("crank.local", Duration::from_secs(60)).unwrap();
+        save_bundle(d.path(), ca.cert_pem()).unwrap();
+        assert_eq!(saved_roots(d.path()).len(), 1);
+        std::fs::write(d.path().join(BUNDLE), "garbage").unwrap();
+        assert!(saved_roots(d.path()).is_empty());
     }
 
     #[test]

@@ -241,3 +241,66 @@ fn no_state_and_no_token_says_what_to_do() {
     let e = check(&cfg, d.path()).unwrap_err().to_string();
     assert!(e.contains("crankctl token create"), "{e}");
 }
+
+#[test]
+fn enrolling_again_trusts_the_current_roots_saved_in_state_dir() {
+    // crank-control moved to a new root (a root rotation the sidecar
+    // followed); the configured bootstrap bundle still holds the old one.
+    let old = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+    let new = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+    let int = Arc::new(
+        new.generate_intermediate(Duration::from_secs(86_400))
+            .unwrap(),
+    );
+    let web = Identity::new("web", "acme", "crank.local").unwrap();
+    let fake = fake_control(
+        &int,
+        Answer::Sign(int.clone(), web, new.cert_pem().to_string()),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), fake.addr, &old);
+    let state = d.path().join("state");
+
+    let der = |ca: &Ca| crank_certs::pem::certs_from_pem(ca.cert_pem().as_bytes()).unwrap();
+    state::ensure_dir(&state).unwrap();
+    assert_eq!(control_roots(&cfg, d.path(), &state).unwrap(), der(&old));
+
+    // With the current roots saved, enrollment trusts crank-control.
+    state::save_bundle(&state, new.cert_pem()).unwrap();
+    let both = [der(&old), der(&new)].concat();
+    assert_eq!(control_roots(&cfg, d.path(), &state).unwrap(), both);
+    let b = bootstrap(&cfg, d.path()).unwrap();
+    assert_eq!(b.seed.status.to_json()["source"], "enrolled");
+    assert_eq!(fake.seen.lock().unwrap().len(), 1);
+    assert_eq!(
+        state::token_used(&state),
+        Some(recover::token_digest("tok-123"))
+    );
+
+    // The same token is not sent again: it was used.
+    std::fs::remove_file(state.join("cert.pem")).unwrap();
+    let e = bootstrap(&cfg, d.path()).err().unwrap().to_string();
+    assert!(e.contains("used by its last enrollment"), "{e}");
+    assert!(e.contains("crankctl token create"), "{e}");
+    assert_eq!(fake.seen.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn the_recovery_hint_names_the_token_file() {
+    let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = config(d.path(), "127.0.0.1:1".parse().unwrap(), &root);
+    let e = cfg.enroll.as_mut().unwrap();
+    let hint = recovery_hint(e, d.path());
+    assert!(
+        hint.contains(&d.path().join("web.token").display().to_string()),
+        "{hint}"
+    );
+    assert!(hint.contains("enrolls again by itself"), "{hint}");
+    e.token_file = None;
+    let hint = recovery_hint(e, d.path());
+    assert!(
+        hint.contains("CRANK_JOIN_TOKEN") && hint.contains("restart"),
+        "{hint}"
+    );
+}
