@@ -819,7 +819,7 @@ impl VerifyFailure {
                         .to_string(),
                 ),
                 CertificateError::BadSignature => Some(
-                    "the chain names a CA in BUNDLE but was not signed by it: a different CA with the same name (made again by `crankctl ca init`?); use the bundle of the CA that issued this chain"
+                    "the chain names a CA in BUNDLE but was not signed by it: a different CA with the same name (roots made by `crankctl ca init` before roots were named after their keys all share one name); use the bundle of the CA that issued this chain"
                         .to_string(),
                 ),
                 CertificateError::NotValidForName
@@ -1320,12 +1320,13 @@ mod tests {
         );
         assert!(human.contains("hint: the chain does not lead"), "{human}");
 
-        // A root of the same name but another key (a re-made CA).
+        // A re-made CA (another key) has another name too: it is not taken
+        // for the issuer (that failed as BadSignature when roots shared a name).
         o.ca = Some(twin);
         let v = connect_report(&o).unwrap().verified.unwrap();
         assert!(!v.ok);
-        assert!(v.error.unwrap().contains("BadSignature"));
-        assert!(v.hint.unwrap().contains("same name"));
+        assert!(v.error.unwrap().contains("UnknownIssuer"));
+        assert!(v.hint.unwrap().contains("does not lead"));
 
         // The right root, but verified for the IP: the name does not match.
         let mut o = opts(addr);
