@@ -12,51 +12,185 @@ use std::time::Duration;
 use crank_api::proxy::ProxyConfig;
 use crank_certs::Identity;
 
-/// A config error: which file, which field, what is wrong and how to fix it.
+/// A refused config: which file, and every problem in it, each with its
+/// field, what is wrong (with the bad value) and how to fix it. `field` and
+/// `message` are the first problem; `more` holds the others, so that one
+/// round of edits can fix them all. Shown one problem a line, each
+/// `FILE: FIELD: MESSAGE`, after a `FILE: N problems:` line when there are
+/// several.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: {field}: {message}")]
 pub struct ConfigError {
     pub file: String,
     pub field: String,
     pub message: String,
+    /// The problems after the first, `(field, message)`, in file order.
+    pub more: Vec<(String, String)>,
+}
+
+impl ConfigError {
+    fn one(file: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            field: field.into(),
+            message: message.into(),
+            more: Vec::new(),
+        }
+    }
+
+    /// `Ok` when there is no problem; otherwise all of them.
+    fn from_problems(file: &str, problems: Vec<(String, String)>) -> Result<(), Self> {
+        let mut it = problems.into_iter();
+        match it.next() {
+            None => Ok(()),
+            Some((field, message)) => Err(ConfigError {
+                more: it.collect(),
+                ..ConfigError::one(file, field, message)
+            }),
+        }
+    }
+
+    /// Every problem, `(field, message)`, the first included.
+    pub fn problems(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.field.as_str(), self.message.as_str()))
+            .chain(self.more.iter().map(|(f, m)| (f.as_str(), m.as_str())))
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.more.is_empty() {
+            writeln!(f, "{}: {} problems:", self.file, self.more.len() + 1)?;
+        }
+        for (i, (field, message)) in self.problems().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {field}: {message}", self.file)?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads, parses and validates a proxy config file.
 pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        field: "(file)".into(),
-        message: format!("cannot read the config file: {e}; check the --config path"),
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::one(
+            &file,
+            "(file)",
+            format!("cannot read the config file: {e}; check the --config path"),
+        )
     })?;
     let cfg = parse(&file, &text)?;
     validate(&file, &cfg, path.parent().unwrap_or(Path::new(".")))?;
     Ok(cfg)
 }
 
-/// Parses YAML text; errors carry the field path and the line.
+/// Parses YAML text. An error names the field once (serde_yaml's own
+/// copy of the path is dropped), the line, the value found there and the fix.
 pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
     let de = serde_yaml::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
+        let field = if field == "." || field.is_empty() {
+            "(top level)".to_string()
+        } else {
+            field
+        };
         let inner = e.into_inner();
-        let mut message = inner.to_string();
-        if message.contains("unknown field") {
-            message
-                .push_str("; remove it or fix its spelling (see docs/reference/proxy-config.md)");
-        } else if message.contains("missing field") {
-            message.push_str("; add it (see docs/reference/proxy-config.md)");
-        }
-        ConfigError {
-            file: file.to_string(),
-            field: if field == "." || field.is_empty() {
-                "(top level)".into()
-            } else {
-                field
-            },
-            message,
-        }
+        let location = inner.location();
+        let message = yaml_message(&inner.to_string(), &field);
+        let value = location.as_ref().and_then(|l| value_at(text, l.index()));
+        ConfigError::one(
+            file,
+            field,
+            parse_message(&message, value, location.map(|l| l.line())),
+        )
     })
+}
+
+/// serde_yaml's message without its copy of the field path (`inbound.listen:
+/// invalid …`) and its ` at line N column M` tail (the line is added back).
+fn yaml_message(raw: &str, field: &str) -> String {
+    let mut msg = raw.to_string();
+    if let Some(i) = msg.find(" at line ") {
+        msg.truncate(i);
+    }
+    if let Some(rest) = msg.strip_prefix(&format!("{field}: ")) {
+        msg = rest.to_string();
+    }
+    msg
+}
+
+/// `what is wrong: found VALUE (line N); the fix`.
+fn parse_message(msg: &str, value: Option<String>, line: Option<usize>) -> String {
+    let mut out = msg.to_string();
+    // Unknown or missing keys and bad enum variants already say what was
+    // found; type and syntax errors do not.
+    let names_it = msg.contains("unknown field") || msg.contains("unknown variant");
+    match (
+        value.filter(|_| !names_it && !msg.contains("missing field")),
+        line,
+    ) {
+        (Some(v), Some(l)) => out.push_str(&format!(": found {v} (line {l})")),
+        (None, Some(l)) => out.push_str(&format!(" (line {l})")),
+        (Some(v), None) => out.push_str(&format!(": found {v}")),
+        (None, None) => {}
+    }
+    out.push_str("; ");
+    out.push_str(parse_fix(msg));
+    out
+}
+
+/// How to fix a parse error, by its kind.
+fn parse_fix(msg: &str) -> &'static str {
+    const FIXES: &[(&str, &str)] = &[
+        (
+            "unknown field",
+            "remove it or fix its spelling (see docs/reference/proxy-config.md)",
+        ),
+        (
+            "missing field",
+            "add it (see docs/reference/proxy-config.md)",
+        ),
+        (
+            "unknown variant",
+            "use one of the values listed (see docs/reference/proxy-config.md)",
+        ),
+        (
+            "socket address",
+            "write ip:port, e.g. 127.0.0.1:4143 (a host name is not allowed)",
+        ),
+        ("duration", "write a duration such as 250ms, 10s or 5m"),
+        (
+            "invalid type",
+            "give a value of the type named (see docs/reference/proxy-config.md)",
+        ),
+    ];
+    FIXES.iter().find(|(kind, _)| msg.contains(kind)).map_or(
+        "fix the value (see docs/reference/proxy-config.md)",
+        |(_, fix)| fix,
+    )
+}
+
+/// The YAML scalar (or the start of the node) at byte `index` of `text`, as
+/// written, quoted for the message; `None` past the end or when empty.
+fn value_at(text: &str, index: usize) -> Option<String> {
+    let rest = text.get(index..)?;
+    let raw = match rest.chars().next()? {
+        q @ ('"' | '\'') => {
+            let end = rest[1..].find(q).map_or(rest.len(), |e| e + 2);
+            &rest[..end]
+        }
+        _ => {
+            let end = rest.find([',', '}', ']', '\n', '\r']).unwrap_or(rest.len());
+            let v = &rest[..end];
+            v.split(" #").next().unwrap_or(v)
+        }
+    };
+    let raw = raw.trim();
+    let raw: String = raw.chars().take(80).collect();
+    (!raw.is_empty()).then(|| format!("`{raw}`"))
 }
 
 /// Checks what types cannot: references between sections, unique names and
@@ -72,35 +206,50 @@ pub fn validate_pushed(file: &str, cfg: &ProxyConfig, base: &Path) -> Result<(),
     validate_with(file, cfg, base, true)
 }
 
+/// Every problem of a config, `(field, message)`, in the order of the file.
+type Problems = Vec<(String, String)>;
+
 fn validate_with(
     file: &str,
     cfg: &ProxyConfig,
     base: &Path,
     pushed: bool,
 ) -> Result<(), ConfigError> {
-    let err = |field: String, message: String| ConfigError {
-        file: file.to_string(),
-        field,
-        message,
-    };
-    validate_identity(&cfg.identity, base).map_err(|(f, m)| err(f, m))?;
+    let mut p = Problems::new();
+    validate_identity(&cfg.identity, base, &mut p);
     if cfg.threads == 0 || cfg.threads > 64 {
-        return Err(err(
+        p.push((
             "threads".into(),
             format!("{} is out of range; use 1 to 64", cfg.threads),
         ));
     }
+    let names = validate_routes(cfg, pushed, &mut p);
+    validate_listeners(cfg, &names, &mut p);
+    if let Some(policy) = &cfg.policy {
+        validate_policy(cfg, policy, base, &mut p);
+    }
+    if let Some(t) = &cfg.tracing {
+        validate_tracing(t, &mut p);
+    }
+    validate_resilience(cfg, &mut p);
+    if let Some(m) = &cfg.mesh {
+        validate_mesh(cfg, m, base, &mut p);
+    }
+    ConfigError::from_problems(file, p)
+}
+
+/// Route names (returned, for the ports that name them), hosts, endpoints.
+fn validate_routes<'a>(cfg: &'a ProxyConfig, pushed: bool, p: &mut Problems) -> HashSet<&'a str> {
     let mut names = HashSet::new();
     let mut hosts: HashMap<String, &str> = HashMap::new();
     for (i, r) in cfg.routes.iter().enumerate() {
         if r.name.is_empty() {
-            return Err(err(
+            p.push((
                 format!("routes[{i}].name"),
                 "is empty; name the route after its capability or service".into(),
             ));
-        }
-        if !names.insert(r.name.as_str()) {
-            return Err(err(
+        } else if !names.insert(r.name.as_str()) {
+            p.push((
                 format!("routes[{i}].name"),
                 format!(
                     "route {:?} is defined twice; give each route a unique name",
@@ -109,53 +258,57 @@ fn validate_with(
             ));
         }
         if r.endpoints.is_empty() && !pushed {
-            return Err(err(format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
+            p.push((format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
         }
         for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
             let h = h.to_ascii_lowercase();
             if let Some(other) = hosts.insert(h.clone(), &r.name) {
                 if other != r.name {
-                    return Err(err(format!("routes[{i}].hosts"), format!("host {h:?} already selects route {other:?}; a host may select one route only")));
+                    p.push((format!("routes[{i}].hosts"), format!("host {h:?} already selects route {other:?}; a host may select one route only")));
                 }
             }
         }
         for (j, ep) in r.endpoints.iter().enumerate() {
             if let Err(e) = ep.identity.parse::<Identity>() {
-                return Err(err(
+                p.push((
                     format!("routes[{i}].endpoints[{j}].identity"),
                     e.to_string(),
                 ));
             }
             if !(1..=1_000_000).contains(&ep.weight) {
-                return Err(err(
+                p.push((
                     format!("routes[{i}].endpoints[{j}].weight"),
                     format!("weight {} is not 1 to 1000000; the weight is the endpoint's share of the route's traffic relative to the other endpoints (default 1), to take an endpoint out remove it from the list", ep.weight),
                 ));
             }
         }
     }
+    names
+}
+
+/// Each listener on its own address; outbound ports name defined routes.
+fn validate_listeners(cfg: &ProxyConfig, names: &HashSet<&str>, p: &mut Problems) {
     let mut listens: HashMap<SocketAddr, String> = HashMap::new();
-    let mut claim = |addr: SocketAddr, field: String| -> Result<(), ConfigError> {
+    let mut claim = |addr: SocketAddr, field: String, p: &mut Problems| {
         if let Some(prev) = listens.insert(addr, field.clone()) {
-            return Err(err(
+            p.push((
                 field,
                 format!("{addr} is already used by {prev}; give each listener its own port"),
             ));
         }
-        Ok(())
     };
-    claim(cfg.admin.listen, "admin.listen".into())?;
+    claim(cfg.admin.listen, "admin.listen".into(), p);
     if let Some(inb) = &cfg.inbound {
-        claim(inb.listen, "inbound.listen".into())?;
+        claim(inb.listen, "inbound.listen".into(), p);
     }
-    if let Some(p) = cfg.outbound.http_proxy {
-        claim(p, "outbound.http_proxy".into())?;
+    if let Some(addr) = cfg.outbound.http_proxy {
+        claim(addr, "outbound.http_proxy".into(), p);
     }
     for (i, port) in cfg.outbound.ports.iter().enumerate() {
-        claim(port.listen, format!("outbound.ports[{i}].listen"))?;
+        claim(port.listen, format!("outbound.ports[{i}].listen"), p);
         if !names.contains(port.route.as_str()) {
             let known: Vec<_> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
-            return Err(err(
+            p.push((
                 format!("outbound.ports[{i}].route"),
                 format!(
                     "route {:?} is not defined; define it under `routes` or use one of {known:?}",
@@ -164,63 +317,63 @@ fn validate_with(
             ));
         }
     }
-    if let Some(p) = &cfg.policy {
-        if p.inbound.is_none() && p.outbound.is_none() {
-            return Err(err(
-                "policy".into(),
-                "names no policy set; add policy.inbound.dir or policy.outbound.dir, or remove policy".into(),
-            ));
-        }
-        if p.inbound.is_some() && cfg.inbound.is_none() {
-            return Err(err(
-                "policy.inbound".into(),
-                "this proxy has no inbound listener to check; add `inbound` or move the set to policy.outbound".into(),
-            ));
-        }
-        if p.outbound.is_some()
-            && cfg.outbound.http_proxy.is_none()
-            && cfg.outbound.ports.is_empty()
-        {
-            return Err(err(
-                "policy.outbound".into(),
-                "this proxy has no outbound listener to check; add outbound.http_proxy or outbound.ports, or remove it".into(),
-            ));
-        }
-        for (field, src) in [
-            ("policy.inbound.dir", &p.inbound),
-            ("policy.outbound.dir", &p.outbound),
-        ] {
-            if let Some(src) = src {
-                let d = resolve(base, &src.dir);
-                if !d.is_dir() {
-                    return Err(err(
-                        field.into(),
-                        format!(
-                            "{} is not a directory; point it at a directory of .rego files",
-                            d.display()
-                        ),
-                    ));
-                }
+}
+
+/// The policy section: a set to check, a listener for it, real directories.
+fn validate_policy(
+    cfg: &ProxyConfig,
+    policy: &crank_api::proxy::PolicyConfig,
+    base: &Path,
+    p: &mut Problems,
+) {
+    if policy.inbound.is_none() && policy.outbound.is_none() {
+        p.push((
+            "policy".into(),
+            "names no policy set; add policy.inbound.dir or policy.outbound.dir, or remove policy"
+                .into(),
+        ));
+    }
+    if policy.inbound.is_some() && cfg.inbound.is_none() {
+        p.push((
+            "policy.inbound".into(),
+            "this proxy has no inbound listener to check; add `inbound` or move the set to policy.outbound".into(),
+        ));
+    }
+    if policy.outbound.is_some()
+        && cfg.outbound.http_proxy.is_none()
+        && cfg.outbound.ports.is_empty()
+    {
+        p.push((
+            "policy.outbound".into(),
+            "this proxy has no outbound listener to check; add outbound.http_proxy or outbound.ports, or remove it".into(),
+        ));
+    }
+    for (field, src) in [
+        ("policy.inbound.dir", &policy.inbound),
+        ("policy.outbound.dir", &policy.outbound),
+    ] {
+        if let Some(src) = src {
+            let d = resolve(base, &src.dir);
+            if !d.is_dir() {
+                p.push((
+                    field.into(),
+                    format!(
+                        "{} is not a directory; point it at a directory of .rego files",
+                        d.display()
+                    ),
+                ));
             }
         }
-        if p.decision_log.max_bytes < 4096 {
-            return Err(err(
-                "policy.decision_log.max_bytes".into(),
-                format!(
-                    "{} is too small; use at least 4096",
-                    p.decision_log.max_bytes
-                ),
-            ));
-        }
     }
-    if let Some(t) = &cfg.tracing {
-        validate_tracing(t).map_err(|(field, message)| err(field, message))?;
+    if policy.decision_log.max_bytes < 4096 {
+        p.push((
+            "policy.decision_log.max_bytes".into(),
+            format!(
+                "{} is too small; use at least 4096",
+                policy.decision_log.max_bytes
+            ),
+        ));
     }
-    validate_resilience(cfg).map_err(|(field, message)| err(field, message))?;
-    if let Some(m) = &cfg.mesh {
-        validate_mesh(cfg, m, base).map_err(|(field, message)| err(field, message))?;
-    }
-    Ok(())
 }
 
 /// The `mesh` section: needs the enrolled identity; waits and leases in
@@ -230,12 +383,13 @@ fn validate_mesh(
     cfg: &ProxyConfig,
     m: &crank_api::proxy::MeshConfig,
     base: &Path,
-) -> Result<(), (String, String)> {
+    p: &mut Problems,
+) {
     if cfg.identity.enroll.is_none() {
-        return Err(("mesh".into(), "needs identity.enroll: crank-control knows this proxy by its enrolled identity and serves it over mTLS; add identity.enroll, or remove mesh and keep routes in this file".into()));
+        p.push(("mesh".into(), "needs identity.enroll: crank-control knows this proxy by its enrolled identity and serves it over mTLS; add identity.enroll, or remove mesh and keep routes in this file".into()));
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&m.watch_wait) {
-        return Err((
+        p.push((
             "mesh.watch_wait".into(),
             "is out of range; use 1s to 60s (default 30s)".into(),
         ));
@@ -244,18 +398,18 @@ fn validate_mesh(
         .as_ref()
         .is_some_and(|d| d.as_os_str().is_empty())
     {
-        return Err(("mesh.state_dir".into(), "is empty; give a directory the proxy may write, or leave it out for identity.enroll.state_dir".into()));
+        p.push(("mesh.state_dir".into(), "is empty; give a directory the proxy may write, or leave it out for identity.enroll.state_dir".into()));
     }
     if let Some(pd) = &m.policy_dir {
         if pd.as_os_str().is_empty() {
-            return Err(("mesh.policy_dir".into(), "is empty; give the directory of policy.inbound.dir, or leave it out to ignore pushed policies".into()));
+            p.push(("mesh.policy_dir".into(), "is empty; give the directory of policy.inbound.dir, or leave it out to ignore pushed policies".into()));
         }
         if let Some(inb) = cfg.policy.as_ref().and_then(|p| p.inbound.as_ref()) {
             let (a, b) = (resolve(base, pd), resolve(base, &inb.dir));
             let same =
                 a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
             if !same {
-                return Err((
+                p.push((
                     "mesh.policy_dir".into(),
                     format!(
                         "{} is not policy.inbound.dir ({}); pushed policies must be written where the inbound policy set is read: make them the same directory",
@@ -267,10 +421,11 @@ fn validate_mesh(
         }
     }
     let Some(r) = &m.register else {
-        return Ok(());
+        return;
     };
     let Some(inb) = &cfg.inbound else {
-        return Err(("mesh.register".into(), "this proxy has no inbound listener for peers to reach; add `inbound`, or remove mesh.register (a client-only workload is not registered)".into()));
+        p.push(("mesh.register".into(), "this proxy has no inbound listener for peers to reach; add `inbound`, or remove mesh.register (a client-only workload is not registered)".into()));
+        return;
     };
     let addr = r.address.unwrap_or(inb.listen);
     let field = if r.address.is_some() {
@@ -279,28 +434,28 @@ fn validate_mesh(
         "mesh.register"
     };
     if addr.ip().is_unspecified() || addr.port() == 0 {
-        return Err((
+        p.push((
             field.into(),
             format!("{addr} is not an address peers can dial; set mesh.register.address to this sidecar's reachable address, e.g. 10.0.0.7:{}", inb.listen.port()),
         ));
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&r.lease) {
-        return Err((
+        p.push((
             "mesh.register.lease".into(),
             "is out of range; use 1s to 5m (default 10s)".into(),
         ));
     }
     if r.capabilities.is_empty() && r.from_file.is_none() {
-        return Err(("mesh.register.capabilities".into(), "is empty; list the capabilities this workload serves (hello:v1), or set from_file to crank-shim's registration_file".into()));
+        p.push(("mesh.register.capabilities".into(), "is empty; list the capabilities this workload serves (hello:v1), or set from_file to crank-shim's registration_file".into()));
     }
     if let Some(c) = r.capabilities.iter().find(|c| c.trim().is_empty()) {
-        return Err((
+        p.push((
             "mesh.register.capabilities".into(),
             format!("{c:?} is empty; name each capability, e.g. hello:v1"),
         ));
     }
     if r.labels.keys().any(|k| k.is_empty()) {
-        return Err((
+        p.push((
             "mesh.register.labels".into(),
             "has an empty label name".into(),
         ));
@@ -309,27 +464,28 @@ fn validate_mesh(
         .as_ref()
         .is_some_and(|f| f.as_os_str().is_empty())
     {
-        return Err((
+        p.push((
             "mesh.register.from_file".into(),
             "is empty; give crank-shim's registration_file, or leave it out".into(),
         ));
     }
-    Ok(())
 }
 
 /// Quotas, concurrency limits, retries, circuits, faults, idempotency:
 /// numbers in range, rates that parse.
-fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
+fn validate_resilience(cfg: &ProxyConfig, p: &mut Problems) {
     use crank_api::proxy::ConcurrencyConfig;
     let q = &cfg.quotas;
     for (i, l) in q.limits.iter().enumerate() {
         let f = format!("quotas.limits[{i}]");
-        crate::resilience::parse_rate(&l.rate).map_err(|m| (format!("{f}.rate"), m))?;
+        if let Err(m) = crate::resilience::parse_rate(&l.rate) {
+            p.push((format!("{f}.rate"), m));
+        }
         if l.burst == Some(0) {
-            return Err((format!("{f}.burst"), "is 0, which lets nothing pass; use at least 1, or leave it out to equal the rate's count".into()));
+            p.push((format!("{f}.burst"), "is 0, which lets nothing pass; use at least 1, or leave it out to equal the rate's count".into()));
         }
         if l.tenant.is_empty() || l.capability.is_empty() {
-            return Err((
+            p.push((
                 f,
                 "tenant and capability must be set; use \"*\" to match any".into(),
             ));
@@ -337,62 +493,61 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
     }
     if let Some(h) = &q.tenant_header {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-            return Err((
+            p.push((
                 "quotas.tenant_header".into(),
                 format!("{h:?} is not a valid header name; use a token such as x-tenant"),
             ));
         }
     }
     if q.max_keys == 0 {
-        return Err((
+        p.push((
             "quotas.max_keys".into(),
             "is 0; use at least 1 (default 100000)".into(),
         ));
     }
-    let conc = |f: String, c: &ConcurrencyConfig| -> Result<(), (String, String)> {
+    let conc = |f: String, c: &ConcurrencyConfig, p: &mut Problems| {
         if c.max_concurrent == 0 {
-            return Err((
+            p.push((
                 format!("{f}.max_concurrent"),
                 "is 0, which refuses every request; use at least 1, or remove the section".into(),
             ));
         }
         if c.queue_timeout.is_zero() && c.max_queue > 0 {
-            return Err((format!("{f}.queue_timeout"), "is zero while max_queue lets requests wait; give a wait such as 1s, or set max_queue to 0".into()));
+            p.push((format!("{f}.queue_timeout"), "is zero while max_queue lets requests wait; give a wait such as 1s, or set max_queue to 0".into()));
         }
-        Ok(())
     };
     if let Some(inb) = &cfg.inbound {
         if let Some(c) = &inb.concurrency {
-            conc("inbound.concurrency".into(), c)?;
+            conc("inbound.concurrency".into(), c, p);
         }
         let id = &inb.idempotency;
         if id.enabled && id.max_response_bytes > id.max_total_bytes {
-            return Err(("inbound.idempotency.max_response_bytes".into(), "is larger than max_total_bytes, so such a response could never be kept; lower it or raise max_total_bytes".into()));
+            p.push(("inbound.idempotency.max_response_bytes".into(), "is larger than max_total_bytes, so such a response could never be kept; lower it or raise max_total_bytes".into()));
         }
         if id.enabled && (id.ttl.is_zero() || id.max_entries == 0 || id.max_total_bytes == 0) {
-            return Err(("inbound.idempotency".into(), "ttl, max_entries and max_total_bytes must be above zero; set enabled: false to turn replay off".into()));
+            p.push(("inbound.idempotency".into(), "ttl, max_entries and max_total_bytes must be above zero; set enabled: false to turn replay off".into()));
         }
     }
     for (i, r) in cfg.routes.iter().enumerate() {
         let f = format!("routes[{i}]");
         if let Some(c) = &r.concurrency {
-            conc(format!("{f}.concurrency"), c)?;
+            conc(format!("{f}.concurrency"), c, p);
         }
         if r.timeout.is_some_and(|t| t.is_zero()) {
-            return Err((
+            p.push((
                 format!("{f}.timeout"),
                 "is zero; give a deadline such as 10s, or leave it out".into(),
             ));
         }
         let rt = &r.retry;
         if rt.attempts > 10 {
-            return Err((
+            p.push((
                 format!("{f}.retry.attempts"),
                 format!("{} is too many; use 0 to 10", rt.attempts),
             ));
         }
         if !(0.0..=10.0).contains(&rt.budget_ratio) {
-            return Err((
+            p.push((
                 format!("{f}.retry.budget_ratio"),
                 format!(
                     "{} is out of range; use a share such as 0.2 (0.0 to 10.0)",
@@ -401,20 +556,20 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
             ));
         }
         if rt.backoff_base > rt.backoff_max {
-            return Err((
+            p.push((
                 format!("{f}.retry.backoff_base"),
                 "is longer than backoff_max; make backoff_max at least backoff_base".into(),
             ));
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&rt.budget_window) {
-            return Err((
+            p.push((
                 format!("{f}.retry.budget_window"),
                 "is out of range; use 1s to 60s".into(),
             ));
         }
         let c = &r.circuit;
         if c.max_ejected_percent > 100 {
-            return Err((
+            p.push((
                 format!("{f}.circuit.max_ejected_percent"),
                 format!("{} is over 100", c.max_ejected_percent),
             ));
@@ -422,7 +577,7 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
         if c.consecutive_failures > 0
             && (c.base_ejection.is_zero() || c.base_ejection > c.max_ejection)
         {
-            return Err((
+            p.push((
                 format!("{f}.circuit.base_ejection"),
                 "must be above zero and at most max_ejection".into(),
             ));
@@ -430,7 +585,7 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
         if let Some(fault) = &r.fault {
             if let Some(d) = &fault.delay {
                 if !(0.0..=100.0).contains(&d.percent) {
-                    return Err((
+                    p.push((
                         format!("{f}.fault.delay.percent"),
                         format!("{} is out of range; use 0 to 100", d.percent),
                     ));
@@ -438,13 +593,13 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
             }
             if let Some(a) = &fault.abort {
                 if !(0.0..=100.0).contains(&a.percent) {
-                    return Err((
+                    p.push((
                         format!("{f}.fault.abort.percent"),
                         format!("{} is out of range; use 0 to 100", a.percent),
                     ));
                 }
                 if !(400..=599).contains(&a.status) {
-                    return Err((
+                    p.push((
                         format!("{f}.fault.abort.status"),
                         format!("{} is not an error status; use 400 to 599", a.status),
                     ));
@@ -452,52 +607,48 @@ fn validate_resilience(cfg: &ProxyConfig) -> Result<(), (String, String)> {
             }
         }
     }
-    Ok(())
 }
 
 /// The identity section: exactly one of a static certificate (`cert` and
 /// `key`) or `enroll`, readable files, enrollment settings in range.
-fn validate_identity(
-    id: &crank_api::proxy::IdentityConfig,
-    base: &Path,
-) -> Result<(), (String, String)> {
-    let readable = |field: &str, path: &Path, fix: &str| -> Result<(), (String, String)> {
-        let p = resolve(base, path);
-        std::fs::metadata(&p).map(|_| ()).map_err(|e| {
-            (
+fn validate_identity(id: &crank_api::proxy::IdentityConfig, base: &Path, p: &mut Problems) {
+    let readable = |field: &str, path: &Path, fix: &str, p: &mut Problems| {
+        let full = resolve(base, path);
+        if let Err(e) = std::fs::metadata(&full) {
+            p.push((
                 field.to_string(),
-                format!("cannot read {}: {e}; {fix}", p.display()),
-            )
-        })
+                format!("cannot read {}: {e}; {fix}", full.display()),
+            ));
+        }
     };
     let issue = "make it with `crankctl cert issue` or fix the path";
     match (&id.cert, &id.key, &id.enroll) {
         (Some(_), Some(_), Some(_)) | (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
-            Err(("identity.enroll".into(), "is set together with identity.cert/identity.key; use cert and key for a static certificate, or enroll to get one from crank-control, not both".into()))
+            p.push(("identity.enroll".into(), "is set together with identity.cert/identity.key; use cert and key for a static certificate, or enroll to get one from crank-control, not both".into()))
         }
-        (None, None, None) => Err(("identity".into(), "has neither cert and key nor enroll; set identity.cert and identity.key (from `crankctl cert issue`), or identity.enroll to get a certificate from crank-control".into())),
-        (Some(_), None, None) => Err(("identity.key".into(), "is missing while identity.cert is set; add the key issued with that certificate".into())),
-        (None, Some(_), None) => Err(("identity.cert".into(), "is missing while identity.key is set; add the certificate issued with that key".into())),
+        (None, None, None) => p.push(("identity".into(), "has neither cert and key nor enroll; set identity.cert and identity.key (from `crankctl cert issue`), or identity.enroll to get a certificate from crank-control".into())),
+        (Some(_), None, None) => p.push(("identity.key".into(), "is missing while identity.cert is set; add the key issued with that certificate".into())),
+        (None, Some(_), None) => p.push(("identity.cert".into(), "is missing while identity.key is set; add the certificate issued with that key".into())),
         (Some(cert), Some(key), None) => {
-            readable("identity.cert", cert, issue)?;
-            readable("identity.key", key, issue)?;
-            readable("identity.trust_bundle", &id.trust_bundle, issue)
+            readable("identity.cert", cert, issue, p);
+            readable("identity.key", key, issue, p);
+            readable("identity.trust_bundle", &id.trust_bundle, issue, p);
         }
         (None, None, Some(e)) => {
-            readable("identity.trust_bundle", &id.trust_bundle, "with identity.enroll it is the bootstrap bundle that verifies crank-control; copy the CA's bundle.pem (from `crankctl ca init`) there")?;
-            validate_enroll(e)
+            readable("identity.trust_bundle", &id.trust_bundle, "with identity.enroll it is the bootstrap bundle that verifies crank-control; copy the CA's bundle.pem (from `crankctl ca init`) there", p);
+            validate_enroll(e, p);
         }
     }
 }
 
-fn validate_enroll(e: &crank_api::proxy::EnrollConfig) -> Result<(), (String, String)> {
+fn validate_enroll(e: &crank_api::proxy::EnrollConfig, p: &mut Problems) {
     let f = |name: &str| format!("identity.enroll.{name}");
     let port_ok = e
         .control_plane
         .rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
     if !port_ok {
-        return Err((
+        p.push((
             f("control_plane"),
             format!(
                 "{:?} is not host:port; give crank-control's workload API address, e.g. 127.0.0.1:8443",
@@ -506,14 +657,14 @@ fn validate_enroll(e: &crank_api::proxy::EnrollConfig) -> Result<(), (String, St
         ));
     }
     if let Err(err) = Identity::new(&e.service, &e.tenant, &e.trust_domain) {
-        return Err((
+        p.push((
             f("service"),
             format!("service, tenant and trust_domain do not make an identity: {err}"),
         ));
     }
     if let Some(n) = &e.server_name {
         if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
-            return Err((
+            p.push((
                 f("server_name"),
                 format!(
                     "{n:?} is not a DNS name; leave it out for control.crank-system.<trust_domain>"
@@ -522,7 +673,7 @@ fn validate_enroll(e: &crank_api::proxy::EnrollConfig) -> Result<(), (String, St
         }
     }
     if !(0.1..=0.9).contains(&e.renew_at) {
-        return Err((
+        p.push((
             f("renew_at"),
             format!(
                 "{} is out of range; use a fraction of the certificate's lifetime from 0.1 to 0.9 (default 0.66)",
@@ -531,25 +682,24 @@ fn validate_enroll(e: &crank_api::proxy::EnrollConfig) -> Result<(), (String, St
         ));
     }
     if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&e.watch_wait) {
-        return Err((
+        p.push((
             f("watch_wait"),
             "is out of range; use 1s to 60s (default 30s)".into(),
         ));
     }
     if e.state_dir.as_os_str().is_empty() {
-        return Err((
+        p.push((
             f("state_dir"),
             "is empty; give a directory the proxy may write, e.g. /var/lib/crank/<service>".into(),
         ));
     }
-    Ok(())
 }
 
 /// The tracing section: numbers in range, an endpoint that is an http(s)
 /// URL, headers that can be sent.
-fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, String)> {
+fn validate_tracing(t: &crank_api::proxy::TracingConfig, p: &mut Problems) {
     if !(0.0..=1.0).contains(&t.sampling) {
-        return Err((
+        p.push((
             "tracing.sampling".into(),
             format!(
                 "{} is out of range; use a share from 0.0 (no new traces) to 1.0 (all)",
@@ -558,7 +708,7 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
         ));
     }
     if !(1..=1 << 20).contains(&t.max_queue_size) {
-        return Err((
+        p.push((
             "tracing.max_queue_size".into(),
             format!(
                 "{} is out of range; use 1 to 1048576 spans",
@@ -567,7 +717,7 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
         ));
     }
     if t.max_export_batch_size == 0 || t.max_export_batch_size > t.max_queue_size {
-        return Err((
+        p.push((
             "tracing.max_export_batch_size".into(),
             format!(
                 "{} is out of range; use 1 to max_queue_size ({})",
@@ -576,7 +726,7 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
         ));
     }
     if t.scheduled_delay.is_zero() {
-        return Err((
+        p.push((
             "tracing.scheduled_delay".into(),
             "is zero; use a duration such as 1s".into(),
         ));
@@ -588,7 +738,7 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
             .filter(|u| u.scheme_str() == Some("http"))
             .filter(|u| u.authority().is_some());
         if ok.is_none() {
-            return Err((
+            p.push((
                 "tracing.otlp.endpoint".into(),
                 format!(
                     "{ep:?} is not a plain http:// URL; use the collector's OTLP/HTTP traces URL (http://jaeger:4318/v1/traces) or gRPC address (http://jaeger:4317). For TLS to a remote collector, run an OpenTelemetry Collector on loopback"
@@ -598,7 +748,7 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
     }
     for k in t.resource.keys() {
         if k == "service.name" || k.starts_with("crank.") {
-            return Err((
+            p.push((
                 format!("tracing.resource.{k}"),
                 "is set by the proxy; use tracing.service_name for the service name, and leave crank.* attributes to the proxy".into(),
             ));
@@ -608,13 +758,12 @@ fn validate_tracing(t: &crank_api::proxy::TracingConfig) -> Result<(), (String, 
         if http::HeaderName::from_bytes(k.as_bytes()).is_err()
             || http::HeaderValue::from_str(v).is_err()
         {
-            return Err((
+            p.push((
                 format!("tracing.otlp.headers.{k}"),
                 "is not a valid HTTP header name and value; use a token name and a printable ASCII value".into(),
             ));
         }
     }
-    Ok(())
 }
 
 /// Resolves a config path relative to the config file's directory.
@@ -715,6 +864,84 @@ mod tests {
             assert_eq!(e.field, *field, "{extra}: {e}");
             assert!(e.message.contains(needle), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_once_the_value_and_the_fix() {
+        // (extra YAML, field, pieces the message must hold)
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "inbound: {listen: nope, app: 127.0.0.1:2}\n",
+                "inbound.listen",
+                &["invalid socket address", "found `nope` (line 3)", "ip:port"],
+            ),
+            (
+                "inbound:\n  listen: \"localhost:80\"\n  app: 127.0.0.1:2\n",
+                "inbound.listen",
+                &[
+                    "found `\"localhost:80\"` (line 4)",
+                    "a host name is not allowed",
+                ],
+            ),
+            (
+                "drain: {deadline: soon} # later\n",
+                "drain.deadline",
+                &["found `soon` (line 3)", "250ms"],
+            ),
+            (
+                "threads: many\n",
+                "threads",
+                &["invalid type", "found `many`"],
+            ),
+            (
+                "bogus: 1\n",
+                "bogus",
+                &["unknown field `bogus`", "(line 3)", "remove it"],
+            ),
+        ];
+        for (extra, field, pieces) in cases {
+            let e = check(extra).expect_err(extra);
+            assert_eq!(e.field, *field, "{extra}: {e}");
+            for piece in *pieces {
+                assert!(e.message.contains(piece), "{extra}: {piece}: {e}");
+            }
+            let shown = e.to_string();
+            assert_eq!(
+                shown.matches(&format!("{field}: ")).count(),
+                1,
+                "the field once: {shown}"
+            );
+            assert!(shown.starts_with(&format!("p.yaml: {field}: ")), "{shown}");
+            assert!(!shown.contains(" at line "), "{shown}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let e = check(
+            "threads: 0\n\
+             inbound: {listen: 127.0.0.1:9901, app: 127.0.0.1:2}\n\
+             routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: nope, weight: 0}]}]\n\
+             tracing: {sampling: 1.5}\n",
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = e.problems().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            [
+                "threads",
+                "routes[0].endpoints[0].identity",
+                "routes[0].endpoints[0].weight",
+                "inbound.listen",
+                "tracing.sampling",
+            ],
+            "{e}"
+        );
+        let shown = e.to_string();
+        assert!(shown.starts_with("p.yaml: 5 problems:\n"), "{shown}");
+        assert_eq!(shown.lines().count(), 6, "{shown}");
+        assert!(shown.lines().all(|l| l.starts_with("p.yaml: ")), "{shown}");
+        assert!(shown.contains("\"nope\""), "{shown}");
     }
 
     #[test]

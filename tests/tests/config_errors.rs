@@ -168,6 +168,89 @@ fn config_mistakes_exit_2_naming_file_field_and_fix() {
     }
 }
 
+#[test]
+fn a_bad_value_is_shown_with_its_field_once_and_the_fix() {
+    let s = Setup::new();
+    let (id, admin) = (s.identity(), s.admin());
+    let file = s.write(
+        "bad-listen",
+        &format!("{id}{admin}inbound:\n  listen: localhost:4143\n  app: 127.0.0.1:8080\n"),
+    );
+    for extra in [&[][..], &["--check"][..]] {
+        let o = crank_proxy(&file, extra);
+        let needles = [
+            "found `localhost:4143` (line 4)",
+            "ip:port",
+            "127.0.0.1:4143",
+        ];
+        assert_refused(&format!("{extra:?}"), &o, &file, "inbound.listen", &needles);
+        assert_eq!(
+            o.stderr.matches("inbound.listen").count(),
+            1,
+            "the field is named once: {}",
+            o.stderr
+        );
+        assert!(!o.stderr.contains(" at line "), "{}", o.stderr);
+    }
+}
+
+#[test]
+fn every_problem_of_a_refused_config_is_listed() {
+    let s = Setup::new();
+    let (id, admin) = (s.identity(), s.admin());
+    let file = s.write(
+        "many",
+        &format!(
+            "{id}{admin}threads: 0\n\
+             routes: [{{name: backend, endpoints: [{{address: 127.0.0.1:1, identity: backend, weight: 0}}]}}]\n\
+             tracing: {{sampling: 1.5}}\n"
+        ),
+    );
+    let o = crank_proxy(&file, &["--check"]);
+    assert_eq!(o.code, Some(2), "{o:?}");
+    let want = [
+        ("threads", "use 1 to 64"),
+        ("routes[0].endpoints[0].identity", "\"backend\""),
+        ("routes[0].endpoints[0].weight", "weight 0"),
+        ("tracing.sampling", "1.5 is out of range"),
+    ];
+    for (field, needle) in want {
+        let line = format!("{}: {field}: ", file.display());
+        let hit = o.stderr.lines().find(|l| l.contains(&line));
+        assert!(
+            hit.is_some_and(|l| l.contains(needle)),
+            "{field}: {needle}: {}",
+            o.stderr
+        );
+    }
+}
+
+#[test]
+fn a_policy_compile_error_points_at_the_line_of_the_mistake() {
+    let s = Setup::new();
+    let pol = s.pki.path().join("pol");
+    std::fs::create_dir(&pol).unwrap();
+    // The dangling `==` is on line 3; the parser only notices at line 4.
+    std::fs::write(
+        pol.join("authz.rego"),
+        "package crank.authz\nallow if {\n  input.x ==\n}\n",
+    )
+    .unwrap();
+    let (id, admin) = (s.identity(), s.admin());
+    let file = s.write(
+        "bad-policy",
+        &format!(
+            "{id}{admin}inbound: {{listen: {}, app: 127.0.0.1:8080}}\npolicy: {{inbound: {{dir: pol}}}}\n",
+            free_addr()
+        ),
+    );
+    let o = crank_proxy(&file, &["--check"]);
+    assert_eq!(o.code, Some(2), "{o:?}");
+    assert!(o.stderr.contains("authz.rego:3:13"), "{}", o.stderr);
+    assert!(o.stderr.contains("3 |   input.x =="), "{}", o.stderr);
+    assert!(!o.stderr.contains("authz.rego:4:"), "{}", o.stderr);
+}
+
 /// Configs whose YAML is fine but whose identity material is unusable:
 /// (name, yaml, field, needles), written next to the certificates.
 fn unusable_identity_cases(
