@@ -486,6 +486,48 @@ pub fn refusal_reason(e: &rustls::Error) -> &'static str {
     }
 }
 
+/// What a `tls-identity-mismatch` was: `expected <spiffe id>, presented
+/// <spiffe id>[, <spiffe id>…]`, read from the handshake error's text.
+///
+/// Outbound, Pingora's rustls verifier checks the peer's DNS SAN against the
+/// endpoint's `<svc>.<tenant>.<trust-domain>`; its error says `certificate
+/// not valid for name "…"; certificate is only valid for DnsName("…") or
+/// UniformResourceIdentifier("spiffe://…")`. `expected` is the endpoint's
+/// SPIFFE ID when the caller knows it (else the name in the error, as a
+/// SPIFFE ID); the presented identities are the certificate's SPIFFE URIs
+/// (else its DNS names, as SPIFFE IDs when they are Crank names). `None`
+/// when the text is not a name mismatch.
+pub fn mismatch_detail(error_text: &str, expected: Option<&str>) -> Option<String> {
+    let (_, rest) = error_text.split_once("not valid for name \"")?;
+    let (name, presented_text) = rest.split_once('"')?;
+    let as_spiffe = |dns: &str| {
+        Identity::from_dns(dns)
+            .map(|id| id.spiffe_id())
+            .unwrap_or_else(|_| dns.to_string())
+    };
+    let expected = expected.map_or_else(|| as_spiffe(name), str::to_string);
+    let quoted = |kind: &str| -> Vec<String> {
+        presented_text
+            .split(&format!("{kind}(\""))
+            .skip(1)
+            .filter_map(|s| s.split_once('"').map(|(v, _)| v.to_string()))
+            .collect()
+    };
+    let mut presented: Vec<String> = quoted("UniformResourceIdentifier")
+        .into_iter()
+        .filter(|u| u.starts_with("spiffe://"))
+        .collect();
+    if presented.is_empty() {
+        presented = quoted("DnsName").iter().map(|d| as_spiffe(d)).collect();
+    }
+    let presented = if presented.is_empty() {
+        "no identity".to_string()
+    } else {
+        presented.join(", ")
+    };
+    Some(format!("expected {expected}, presented {presented}"))
+}
+
 /// Verifies client certificates against the trust bundle and counts refusals.
 /// Authentication is requested, not forced at the TLS layer: a peer without a
 /// certificate completes the handshake and is then refused on every request
@@ -861,6 +903,67 @@ mod tests {
         let raw = CertSummary::from_der(&peer.chain[0]).unwrap().serial;
         assert_eq!(p.serial, raw.replace(':', "").trim_start_matches("00"));
         assert_eq!(p.spiffe_id, "spiffe://crank.local/tenant/acme/svc/api");
+    }
+
+    #[test]
+    fn a_name_mismatch_names_the_expected_and_the_presented_identity() {
+        use rustls::client::danger::ServerCertVerifier;
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let peer = material(&leaf(&root, "backend"), &root);
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            root_store(&peer.roots).unwrap(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        // What the outbound handshake meets when the route expects payments.
+        let name = rustls::pki_types::ServerName::try_from("payments.acme.crank.local").unwrap();
+        let e = verifier
+            .verify_server_cert(
+                &peer.chain[0],
+                &peer.chain[1..],
+                &name,
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        // Pingora wraps it: "TLSHandshakeFailure context: … cause: <rustls>".
+        let text = format!("TLSHandshakeFailure context: tls stream error cause: {e}");
+        let want = "expected spiffe://crank.local/tenant/acme/svc/payments, \
+                    presented spiffe://crank.local/tenant/acme/svc/backend";
+        assert_eq!(
+            mismatch_detail(&text, None).as_deref(),
+            Some(want),
+            "{text}"
+        );
+        assert_eq!(
+            mismatch_detail(&text, Some("spiffe://crank.local/tenant/acme/svc/payments"))
+                .as_deref(),
+            Some(want)
+        );
+
+        // (error text, detail)
+        let cases = [
+            (
+                r#"certificate not valid for name "a.t.td"; certificate is only valid for DnsName("b.t.td")"#,
+                Some("expected spiffe://td/tenant/t/svc/a, presented spiffe://td/tenant/t/svc/b"),
+            ),
+            (
+                r#"certificate not valid for name "a.t.td"; certificate is only valid for DnsName("x") or DnsName("c.t.td")"#,
+                Some(
+                    "expected spiffe://td/tenant/t/svc/a, presented x, spiffe://td/tenant/t/svc/c",
+                ),
+            ),
+            (
+                r#"certificate not valid for name "a.t.td"; certificate is not valid for any names (according to its subjectAltName extension)"#,
+                Some("expected spiffe://td/tenant/t/svc/a, presented no identity"),
+            ),
+            ("invalid peer certificate: UnknownIssuer", None),
+            ("invalid peer certificate: NotValidForName", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(mismatch_detail(text, None).as_deref(), want, "{text}");
+        }
     }
 
     #[test]
