@@ -60,6 +60,9 @@ pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str>
     check("access_log", old.access_log == new.access_log);
     check("policy", old.policy == new.policy);
     check("mesh", old.mesh == new.mesh);
+    // The listeners take their caps and head deadline, and the h2 server
+    // its header list size, when they start.
+    check("limits", old.limits == new.limits);
     let tracing_same = match (&old.tracing, &new.tracing) {
         (None, None) => true,
         (Some(a), Some(b)) => {
@@ -203,5 +206,9 @@ mod tests {
         let mut moved = old.clone();
         moved.admin.listen = "127.0.0.1:9902".parse().unwrap();
         assert_eq!(restart_fields(&old, &moved), vec!["admin"]);
+        assert_eq!(
+            restart_fields(&old, &cfg("limits: {request_head_timeout: 3s}\n")),
+            vec!["limits"]
+        );
     }
 }

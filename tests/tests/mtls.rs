@@ -307,7 +307,7 @@ fn a_peer_cert_from_another_ca_gets_502_upstream_tls_failed() {
 }
 
 #[test]
-fn a_client_sidecar_with_an_expired_cert_gets_502_upstream_tls_failed() {
+fn a_client_sidecar_with_an_expired_cert_answers_own_cert_expired_and_peers_refuse_it() {
     let app = EchoApp::start();
     let pki = Pki::new();
     let server =
@@ -319,14 +319,41 @@ fn a_client_sidecar_with_an_expired_cert_gets_502_upstream_tls_failed() {
         client.proxy.admin_get("/ready").1.contains("cert-expired")
     });
     assert_eq!(client.proxy.admin_get("/ready").0, 503);
+    // Its own calls are answered by it with the local cause: every peer
+    // would refuse the certificate, so no healthy peer is blamed.
     let (status, out) = curl(&[&format!("http://{}/stale", client.listen)]);
     assert_eq!(
         status,
-        502,
+        503,
         "{out}\nclient log:\n{}",
         settled_log(&client.proxy)
     );
-    // The server sidecar refused the certificate, and nothing reached the app.
+    assert_eq!(
+        header(&out, "x-crank-error"),
+        Some("own-cert-expired"),
+        "{out}"
+    );
+    assert_eq!(
+        header(&out, "x-crank-error-origin"),
+        Some("outbound"),
+        "{out}"
+    );
+    assert_eq!(
+        failures(&client.proxy, "outbound", "tls-failed"),
+        0.0,
+        "nothing was sent: {}",
+        client.proxy.metrics()
+    );
+    // A client that does present the expired certificate is refused by the
+    // server sidecar, and nothing reaches the app.
+    let _ = curl(&[
+        "-sk",
+        "--cert",
+        expired.cert.to_str().unwrap(),
+        "--key",
+        expired.key.to_str().unwrap(),
+        &format!("https://{}/stale", server.listen),
+    ]);
     assert_eq!(
         failures(&server.proxy, "inbound", "expired"),
         1.0,
@@ -334,19 +361,7 @@ fn a_client_sidecar_with_an_expired_cert_gets_502_upstream_tls_failed() {
         server.proxy.metrics()
     );
     assert_eq!(app.count(), 0);
-    assert_eq!(
-        header(&out, "x-crank-error"),
-        Some("upstream-tls-failed"),
-        "{out}\nclient log:\n{}",
-        settled_log(&client.proxy)
-    );
-    assert_eq!(
-        failures(&client.proxy, "outbound", "tls-failed"),
-        1.0,
-        "{}",
-        client.proxy.metrics()
-    );
-    wait_for_logged_reason(&client.proxy, "upstream-tls-failed");
+    wait_for_logged_reason(&client.proxy, "own-cert-expired");
 }
 
 #[test]

@@ -306,9 +306,9 @@ fn with_every_endpoint_ejected_the_circuit_is_open_and_fails_fast() {
         1,
         "    retry: {attempts: 0}\n    circuit: {consecutive_failures: 2, base_ejection: 30s}\n",
     );
-    pool.apps[0].fail_with(500);
-    assert_eq!(pool.get("/a").0, 500);
-    assert_eq!(pool.get("/b").0, 500);
+    pool.apps[0].fail_with(502);
+    assert_eq!(pool.get("/a").0, 502);
+    assert_eq!(pool.get("/b").0, 502);
     let (status, out) = pool.get("/c");
     assert_eq!(status, 503, "{out}");
     assert_eq!(header(&out, "x-crank-error"), Some("circuit-open"));

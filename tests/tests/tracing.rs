@@ -165,9 +165,12 @@ fn one_trace_across_two_sidecars_with_links_and_attributes() {
         v["fields"]["span_id"].as_str(),
         Some(server.span_id_hex().as_str())
     );
-    assert_eq!(
-        metric(&mesh.client.metrics(), "crank_spans_exported_total"),
-        Some(1.0)
+    // Counted when the collector's answer to the batch is back, which can
+    // be a moment after the collector has the span.
+    wait_until(
+        "the client counts its exported span",
+        Duration::from_secs(5),
+        || metric(&mesh.client.metrics(), "crank_spans_exported_total") == Some(1.0),
     );
 }
 
