@@ -203,6 +203,48 @@ fn a_request_without_traceparent_gets_a_trace_that_starts_at_its_sidecar() {
     assert_eq!(parent, server.span_id_hex());
 }
 
+/// The W3C suite's (test/test.py) Level 2 `tracestate` cases, through a
+/// sidecar pair: (headers, what the app gets).
+#[test]
+fn tracestate_follows_the_current_w3c_suite_end_to_end() {
+    let app = EchoApp::start();
+    let rx = OtlpReceiver::start();
+    let mesh = traced_mesh(&app, &rx, 1.0);
+    let key256 = format!("{}=1", "z".repeat(256));
+    let key257 = format!("{}=1", "z".repeat(257));
+    let with_256 = format!("foo=1,{key256}");
+    let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
+        // duplicated keys are kept as sent
+        (vec!["foo=1,foo=2"], Some("foo=1,foo=2")),
+        (vec!["foo=1", "foo=1"], Some("foo=1,foo=1")),
+        // `@` anywhere but first
+        (vec!["foo@=1,bar=2"], Some("foo@=1,bar=2")),
+        (vec!["foo@bar@baz=1,bar=2"], Some("foo@bar@baz=1,bar=2")),
+        (vec!["@foo=1,bar=2"], None),
+        // a 256-character key is kept, a 257-character one drops the header
+        (vec!["foo=1", &key256], Some(&with_256)),
+        (vec!["foo=1", &key257], None),
+        // an upper-case key is still invalid
+        (vec!["foo=1,FOO=1"], None),
+    ];
+    for (headers, want) in cases {
+        let url = mesh.port_url("/ts");
+        let tp = format!("traceparent: {TP}");
+        let values: Vec<String> = headers.iter().map(|h| format!("tracestate: {h}")).collect();
+        let mut args: Vec<&str> = vec!["-H", &tp];
+        for v in &values {
+            args.extend(["-H", v.as_str()]);
+        }
+        args.push(&url);
+        let (status, out) = curl(&args);
+        assert_eq!(status, 200, "{headers:?}: {out}");
+        let seen = app.last().unwrap();
+        assert_eq!(seen.header("tracestate"), want, "{headers:?}");
+        let (_, trace, _, _) = fields(seen.header("traceparent").unwrap());
+        assert_eq!(trace, TRACE, "{headers:?}: traceparent still used");
+    }
+}
+
 #[test]
 fn invalid_trace_context_is_replaced_never_forwarded() {
     let app = EchoApp::start();
