@@ -232,6 +232,7 @@ fn validate_with(
         validate_tracing(t, &mut p);
     }
     validate_resilience(cfg, &mut p);
+    validate_limits(&cfg.limits, &mut p);
     if let Some(m) = &cfg.mesh {
         validate_mesh(cfg, m, base, &mut p);
     }
@@ -467,6 +468,40 @@ fn validate_mesh(
         p.push((
             "mesh.register.from_file".into(),
             "is empty; give crank-shim's registration_file, or leave it out".into(),
+        ));
+    }
+}
+
+/// The listeners' connection caps, the head deadline, the header limit.
+fn validate_limits(l: &crank_api::proxy::LimitsConfig, p: &mut Problems) {
+    for (field, n) in [
+        (
+            "limits.outbound_max_connections",
+            l.outbound_max_connections,
+        ),
+        ("limits.inbound_max_connections", l.inbound_max_connections),
+    ] {
+        if n == 0 {
+            p.push((
+                field.into(),
+                "is 0, which refuses every connection; use at least 1 (default 4096)".into(),
+            ));
+        }
+    }
+    if l.request_head_timeout.is_zero() {
+        p.push((
+            "limits.request_head_timeout".into(),
+            "is zero, which closes every connection before its request; use a duration such as 10s"
+                .into(),
+        ));
+    }
+    if !(1024..=1 << 20).contains(&l.max_request_header_bytes) {
+        p.push((
+            "limits.max_request_header_bytes".into(),
+            format!(
+                "{} is out of range; use 1024 to 1048576 (Pingora reads at most 1 MiB of request head; default 61440)",
+                l.max_request_header_bytes
+            ),
         ));
     }
 }
@@ -819,6 +854,10 @@ mod tests {
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}]}, {name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}]}]\n", "routes[1].name", "defined twice"),
             ("inbound: {listen: 127.0.0.1:9901, app: 127.0.0.1:2}\n", "inbound.listen", "already used by admin.listen"),
             ("threads: 0\n", "threads", "use 1 to 64"),
+            ("limits: {outbound_max_connections: 0}\n", "limits.outbound_max_connections", "refuses every connection"),
+            ("limits: {request_head_timeout: 0s}\n", "limits.request_head_timeout", "is zero"),
+            ("limits: {max_request_header_bytes: 10}\n", "limits.max_request_header_bytes", "1024 to 1048576"),
+            ("limits: {max_connections: 5}\n", "limits.max_connections", "unknown field"),
             ("drain: {deadline: soon}\n", "drain.deadline", "soon"),
             ("policy: {}\n", "policy", "names no policy set"),
             ("policy: {inbound: {dir: .}}\n", "policy.inbound", "no inbound listener"),

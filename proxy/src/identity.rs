@@ -720,6 +720,8 @@ fn peer_identity(der: &[u8]) -> Result<PeerIdentity, crank_certs::ParseError> {
 /// 400 saying the port needs mTLS, and the connection is closed.
 pub struct PlaintextGuard {
     pub failures: IntCounterVec,
+    /// This sidecar's SPIFFE identity, for `x-crank-error-sidecar`.
+    pub identity: String,
 }
 
 #[async_trait]
@@ -745,9 +747,10 @@ impl PreTlsProcess for PlaintextGuard {
             reason = "plaintext",
             "refused inbound connection: plaintext on the mTLS port"
         );
-        let body = "this port accepts mutual TLS from mesh sidecars only; send the request through your local crank-proxy\n";
+        let body = "mtls-required: this port accepts mutual TLS from mesh sidecars only; send the request through your local crank-proxy\n";
         let resp = format!(
-            "HTTP/1.1 400 Bad Request\r\nx-crank-error: mtls-required\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 400 Bad Request\r\nx-crank-error: mtls-required\r\nx-crank-error-origin: inbound\r\nx-crank-error-sidecar: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            self.identity,
             body.len()
         );
         let _ = stream.write_all(resp.as_bytes()).await;

@@ -444,7 +444,21 @@ impl ProxyHttp for MeshProxy {
         // the client does not send its next request into a closing socket.
         session.set_keepalive(None);
         let code = if session.response_written().is_none() && reason != Reason::ClientClosed {
-            let detail = upstream_detail(ctx);
+            let mut detail = upstream_detail(ctx);
+            if reason == Reason::TlsIdentityMismatch {
+                // Name both identities: what the route expects and what
+                // the peer's certificate presented.
+                let text = e.to_string();
+                if let Some(m) =
+                    crate::identity::mismatch_detail(&text, ctx.endpoint_identity.as_deref())
+                {
+                    detail = if detail.is_empty() {
+                        m
+                    } else {
+                        format!("{detail}; {m}")
+                    };
+                }
+            }
             match self.retry_after_for(reason, ctx) {
                 Some(secs) => {
                     let ra = secs.to_string();

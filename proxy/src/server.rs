@@ -180,6 +180,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         svc.endpoints()
             .set_pre_tls_callback(Arc::new(PlaintextGuard {
                 failures: metrics.handshake_failures.clone(),
+                identity: shared.me.spiffe_id.clone(),
             }));
         services.push(Box::new(svc));
     }

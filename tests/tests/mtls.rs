@@ -105,6 +105,15 @@ fn plaintext_on_the_mtls_port_gets_400_mtls_required() {
         out.contains("mutual TLS"),
         "the body says what the port needs: {out}"
     );
+    assert_eq!(
+        header(&out, "x-crank-error-origin"),
+        Some("inbound"),
+        "{out}"
+    );
+    assert!(
+        header(&out, "x-crank-error-sidecar").is_some_and(|s| s.ends_with("/svc/backend")),
+        "{out}"
+    );
     assert_eq!(failures(&mesh.server, "inbound", "plaintext"), 1.0);
     assert_eq!(
         app.count(),
@@ -250,6 +259,10 @@ fn a_peer_not_proving_the_routes_identity_gets_502_identity_mismatch() {
         "{out}"
     );
     assert!(out.contains("identity"), "the body explains: {out}");
+    assert!(
+        out.contains("expected spiffe://crank.local/tenant/demo/svc/payments, presented spiffe://crank.local/tenant/demo/svc/backend"),
+        "the body names both identities: {out}"
+    );
     assert_eq!(
         failures(&mesh.client, "outbound", "identity-mismatch"),
         1.0,

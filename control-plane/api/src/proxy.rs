@@ -303,12 +303,16 @@ pub struct EnrollConfig {
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
     /// A file holding the one-time join token (`crankctl token create`).
-    /// Absent: the `CRANK_JOIN_TOKEN` environment variable. Needed only for
-    /// the first enrollment, or when the enrolled certificate has expired.
+    /// Absent: the `CRANK_JOIN_TOKEN` environment variable. Needed for the
+    /// first enrollment; while the certificate is revoked or expired the
+    /// sidecar reads it every 2 s and enrolls again by itself with a token
+    /// it has not used yet (`state_dir/token.used` remembers the last one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
     /// Where the key (`key.pem`, mode 0600), the chain (`cert.pem`), the
-    /// bundle (`bundle.pem`) and the instance id (`instance`) are kept.
+    /// bundle (`bundle.pem`), the instance id (`instance`) and the digest of
+    /// the last join token used (`token.used`) are kept. Enrollment trusts
+    /// crank-control through `trust_bundle` plus the roots in `bundle.pem`.
     pub state_dir: PathBuf,
     /// Renew at this fraction of the certificate's lifetime (minus up to
     /// 10% of the lifetime of random jitter). Default 0.66; 0.1 to 0.9.
