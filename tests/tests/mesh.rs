@@ -571,3 +571,32 @@ fn pushed_quotas_and_policies_take_effect_on_the_proxies() {
         "the pushed quota limits the caller: {statuses:?}"
     );
 }
+
+#[test]
+fn a_route_whose_clients_leave_this_service_out_says_so() {
+    let app = EchoApp::start();
+    let cp = control("10s");
+    write(
+        &cp,
+        "routes/backend.yaml",
+        "routes:\n  - name: backend\n    match: {hosts: [backend]}\n    clients: [billing]\n    backends:\n      - {capability: hello:v1}\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let _srv = server(&cp, dir.path(), "srv", app.addr, "{pool: a}");
+    let (proxy, admin) = (free_addr(), free_addr());
+    let yaml = format!(
+        "{}outbound: {{http_proxy: {proxy}}}\nmesh:\n  watch_wait: 2s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "caller", "frontend", "demo", "2s"),
+    );
+    let caller = Proxy::start(dir.path(), "caller", &yaml, admin);
+    wait_until("version 1 applied", Duration::from_secs(10), || {
+        seq_of(&caller) == 1
+    });
+    let (status, out) = curl(&["-x", &format!("http://{proxy}"), "http://backend/hello"]);
+    assert_eq!(status, 404, "{out}");
+    assert_eq!(crank_tests::header(&out, "x-crank-error"), Some("no-route"));
+    assert!(
+        out.contains("clients") && out.contains("\"frontend\""),
+        "the answer names the clients filter and this service: {out}"
+    );
+}
