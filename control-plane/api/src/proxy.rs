@@ -67,7 +67,7 @@ pub struct LimitsConfig {
     /// Open connections on the outbound listeners (HTTP proxy and ports
     /// together). A connection past it is closed at once and counted in
     /// `crank_connections_refused_total`. Default 4096: a held
-    /// HTTP/1 connection costs about 100 KiB (measured with 1,400 slow
+    /// HTTP/1 connection costs about 50 KiB (measured with 2,000 slow
     /// clients), so the cap also bounds memory.
     #[serde(default = "default_max_connections")]
     pub outbound_max_connections: usize,
