@@ -39,6 +39,10 @@ pub enum Command {
     /// The mesh config directory (routes, quotas, SLOs, policies).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// SLOs of the mesh config directory: Prometheus rules, and a CI gate
+    /// on load-test results.
+    #[command(subcommand)]
+    Slo(SloCommand),
     /// The published config version and every proxy: identity, version
     /// applied, last contact; stale ones flagged.
     Status {
@@ -65,6 +69,30 @@ pub enum ConfigCommand {
     Validate {
         dir: PathBuf,
         #[arg(long, default_value = "human")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SloCommand {
+    /// Write Prometheus recording rules and multiwindow, multi-burn-rate
+    /// alerts (SRE workbook) for every SLO in DIR; check them with
+    /// `promtool check rules`.
+    Rules {
+        dir: PathBuf,
+        /// Write the rules here instead of stdout.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
+    /// Compare measured results (JSON: per capability p50/p90/p95/p99 in ms,
+    /// error rate, request count) with the SLOs in DIR. Exits 1 when an
+    /// objective is broken or the results cannot tell.
+    Check {
+        dir: PathBuf,
+        #[arg(long)]
+        results: PathBuf,
+        /// human or json
+        #[arg(short, long, default_value = "human")]
         output: String,
     },
 }
@@ -325,6 +353,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Policy(cmd) => crate::policy_cli::run(cmd),
         Command::Config(ConfigCommand::Validate { dir, output }) => config_validate(&dir, &output),
+        Command::Slo(SloCommand::Rules { dir, out }) => crate::slo_cli::rules(&dir, out.as_ref()),
+        Command::Slo(SloCommand::Check {
+            dir,
+            results,
+            output,
+        }) => crate::slo_cli::check(&dir, &results, &output),
         Command::Status { output } => crate::mesh_cli::status(&client, &output),
         Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
         Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),

@@ -430,7 +430,8 @@ fn check_quotas(q: &QuotasFile, declared: &BTreeSet<String>, p: &mut Vec<Problem
     }
 }
 
-fn percent(s: &str) -> Option<f64> {
+/// `99.9%` → 99.9; `None` unless it is `N%` in (0, 100].
+pub(crate) fn percent(s: &str) -> Option<f64> {
     let v: f64 = s.trim().strip_suffix('%')?.trim().parse().ok()?;
     (v > 0.0 && v <= 100.0).then_some(v)
 }

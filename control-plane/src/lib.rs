@@ -13,3 +13,5 @@ mod mesh_cli;
 mod policy_cli;
 pub mod registry;
 pub mod server;
+pub mod slo;
+mod slo_cli;
