@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 # cmake/pkg-config/build-essential: Pingora's build; protobuf-compiler: the
 # gRPC test service; curl: the tests' HTTP client; ffmpeg (and ffprobe):
-# the worker shim's transcode tests.
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg)
+# the worker shim's transcode tests; prometheus (for promtool): the SLO
+# rules tests (`promtool check rules`, `promtool test rules`).
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
