@@ -293,7 +293,7 @@ fn alert(s: &CapabilitySlo, m: &Measured, severity: &str, notes: &mut Vec<String
         ));
         let consumed = b.rate * b.long_hours * 3600.0 / s.window.as_secs_f64();
         described.push(format!(
-            "{}x over {} and {} ({} of the {} budget in {})",
+            "{}x the budget over {} and {} ({} of the {} budget in {})",
             num(b.rate),
             b.long,
             b.short,
@@ -316,7 +316,7 @@ fn alert(s: &CapabilitySlo, m: &Measured, severity: &str, notes: &mut Vec<String
         (
             "description".to_string(),
             format!(
-                "{} {} (budget {} over {}): bad requests above {} on routes {}. See docs/guides/platform-engineer.md#slos-rules-and-the-ci-gate",
+                "{} {} (budget {} over {}): burning faster than {}, on routes {}. See docs/guides/platform-engineer.md#slos-rules-and-the-ci-gate",
                 s.capability,
                 m.what,
                 format_percent(budget),
