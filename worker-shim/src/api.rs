@@ -3,7 +3,9 @@
 //! - The job API (`exec` mode) on `listen`, reached through the sidecar:
 //!   `POST /v1/jobs`, `GET /v1/jobs`, `GET /v1/jobs/{id}`,
 //!   `GET /v1/jobs/{id}/output`, `POST /v1/jobs/{id}/cancel`,
-//!   `DELETE /v1/jobs/{id}`, `GET /v1/schema`, `GET /v1/host`.
+//!   `DELETE /v1/jobs/{id}`, `GET /v1/schema`, `GET /v1/host`,
+//!   `GET /v1/openapi.json` (the table [`JOB_ROUTES`]; the document is
+//!   `worker-shim/openapi.json`).
 //! - The admin listener: `/live`, `/ready`, `/metrics`, `/v1/host`,
 //!   `/v1/registration`.
 //!
@@ -181,6 +183,60 @@ pub fn admin(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
     })
 }
 
+/// The job API's OpenAPI 3.1 document, served verbatim at
+/// `GET /v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// A route of the job API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobRoute {
+    Submit,
+    List,
+    Get,
+    Output,
+    Cancel,
+    Delete,
+    Schema,
+    Host,
+    OpenApi,
+}
+
+/// Every route of the job API: method, path (OpenAPI template) and route.
+/// The router matches requests against this table, and a test checks it
+/// against `worker-shim/openapi.json` both ways.
+pub const JOB_ROUTES: &[(&str, &str, JobRoute)] = &[
+    ("POST", "/v1/jobs", JobRoute::Submit),
+    ("GET", "/v1/jobs", JobRoute::List),
+    ("GET", "/v1/jobs/{id}", JobRoute::Get),
+    ("GET", "/v1/jobs/{id}/output", JobRoute::Output),
+    ("POST", "/v1/jobs/{id}/cancel", JobRoute::Cancel),
+    ("DELETE", "/v1/jobs/{id}", JobRoute::Delete),
+    ("GET", "/v1/schema", JobRoute::Schema),
+    ("GET", "/v1/host", JobRoute::Host),
+    ("GET", "/v1/openapi.json", JobRoute::OpenApi),
+];
+
+/// The route for `method` and `path`, with the `{id}` segment (empty when
+/// the route has none). Leading and trailing slashes are ignored.
+pub fn job_route<'p>(method: &str, path: &'p str) -> Option<(JobRoute, &'p str)> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    JOB_ROUTES.iter().find_map(|(m, template, route)| {
+        let tsegs: Vec<&str> = template.trim_matches('/').split('/').collect();
+        if *m != method || tsegs.len() != segs.len() {
+            return None;
+        }
+        let mut id = "";
+        for (t, s) in tsegs.iter().zip(&segs) {
+            if *t == "{id}" {
+                id = s;
+            } else if t != s {
+                return None;
+            }
+        }
+        Some((*route, id))
+    })
+}
+
 /// The job API's routes.
 pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
     Box::pin(async move {
@@ -188,19 +244,16 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
             return refusal(&Refusal::new(404, "not-found", "no job API in serve mode"));
         };
         let path = req.uri().path().to_string();
-        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
-        let res = match (&method, segs.as_slice()) {
-            (&Method::POST, ["v1", "jobs"]) => submit(&m, req).await,
-            (&Method::GET, ["v1", "jobs"]) => list(&m, &req),
-            (&Method::GET, ["v1", "jobs", id]) => m
+        let res = match job_route(method.as_str(), &path) {
+            Some((JobRoute::Submit, _)) => submit(&m, req).await,
+            Some((JobRoute::List, _)) => list(&m, &req),
+            Some((JobRoute::Get, id)) => m
                 .get(id)
                 .map(|r| json(StatusCode::OK, &r))
                 .ok_or_else(|| not_found(id)),
-            (&Method::GET, ["v1", "jobs", id, "output"]) => {
-                output(&m, id, &shared.output_content_type).await
-            }
-            (&Method::POST, ["v1", "jobs", id, "cancel"]) => {
+            Some((JobRoute::Output, id)) => output(&m, id, &shared.output_content_type).await,
+            Some((JobRoute::Cancel, id)) => {
                 let by = client_id(&req);
                 m.cancel(id, by.as_deref()).map(|r| {
                     let status = if r.state == JobState::Running {
@@ -211,10 +264,10 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
                     json(status, &r)
                 })
             }
-            (&Method::DELETE, ["v1", "jobs", id]) => {
-                m.delete(id).map(|()| full(StatusCode::NO_CONTENT, "text/plain", ""))
-            }
-            (&Method::GET, ["v1", "schema"]) => Ok(json(
+            Some((JobRoute::Delete, id)) => m
+                .delete(id)
+                .map(|()| full(StatusCode::NO_CONTENT, "text/plain", "")),
+            Some((JobRoute::Schema, _)) => Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({
                     "capability": m.settings.capability,
@@ -224,8 +277,9 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
                     "params": m.settings.schema.describe(),
                 }),
             )),
-            (&Method::GET, ["v1", "host"]) => Ok(json(StatusCode::OK, &shared.host)),
-            _ => Err(Refusal::new(
+            Some((JobRoute::Host, _)) => Ok(json(StatusCode::OK, &shared.host)),
+            Some((JobRoute::OpenApi, _)) => Ok(full(StatusCode::OK, "application/json", OPENAPI)),
+            None => Err(Refusal::new(
                 404,
                 "not-found",
                 format!(
@@ -569,5 +623,94 @@ impl Limited {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn job_routes_match_paths_and_capture_the_id() {
+        let cases = [
+            ("POST", "/v1/jobs", Some((JobRoute::Submit, ""))),
+            ("GET", "/v1/jobs/", Some((JobRoute::List, ""))),
+            ("GET", "/v1/jobs/j-1", Some((JobRoute::Get, "j-1"))),
+            ("DELETE", "/v1/jobs/j-1", Some((JobRoute::Delete, "j-1"))),
+            (
+                "GET",
+                "/v1/jobs/j-1/output",
+                Some((JobRoute::Output, "j-1")),
+            ),
+            (
+                "POST",
+                "/v1/jobs/j-1/cancel",
+                Some((JobRoute::Cancel, "j-1")),
+            ),
+            ("GET", "/v1/openapi.json", Some((JobRoute::OpenApi, ""))),
+            ("GET", "/v1/jobs/j-1/cancel", None),
+            ("PUT", "/v1/jobs", None),
+            ("GET", "/v1/jobs/j-1/output/x", None),
+            ("GET", "/v2/schema", None),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(job_route(method, path), want, "{method} {path}");
+        }
+    }
+
+    /// The document lists exactly the routes the router handles.
+    #[test]
+    fn openapi_document_lists_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().unwrap().keys() {
+                if method != "parameters" {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        let routed: BTreeSet<(String, String)> = JOB_ROUTES
+            .iter()
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(
+            routed.difference(&documented).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "routes missing from worker-shim/openapi.json"
+        );
+        assert_eq!(
+            documented.difference(&routed).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "worker-shim/openapi.json documents routes the router does not handle"
+        );
+    }
+
+    /// Every error answer documented has the error body and `x-crank-error`.
+    #[test]
+    fn openapi_error_answers_have_the_error_shape() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let Some(responses) = op["responses"].as_object() else {
+                    continue;
+                };
+                for (status, r) in responses {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let schema = &r["content"]["application/json"]["schema"]["$ref"];
+                        assert_eq!(
+                            schema, "#/components/schemas/Error",
+                            "{method} {path} {status}"
+                        );
+                        assert!(
+                            r["headers"]["x-crank-error"].is_object(),
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
