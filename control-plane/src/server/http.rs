@@ -1,7 +1,8 @@
 //! HTTP for crank-control: the workload identity API over TLS (enroll,
-//! renew, watch), the admin API over the Unix socket, and `/metrics`. Each
-//! handler parses, calls [`super::state::CaState`], commits, and answers
-//! JSON; every refusal is `{"error": code, "message": ...}`, counted in
+//! renew, watch; its routes are [`super::routes`]), the admin API over
+//! the Unix socket, and `/metrics`. Each handler parses, calls
+//! [`super::state::CaState`], commits, and answers JSON; every refusal is
+//! `{"error": code, "message": ...}`, counted in
 //! `crank_ca_requests_refused_total{reason}` and logged.
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use super::admin::{
     CaEntry, CaStatus, CertRow, RevokeRequest, RevokeResponse, RotateRequest, TokenRequest,
     TokenResponse, WorkloadRow,
 };
+use super::routes::{workload_route, WorkloadRoute, OPENAPI};
 use super::state::{Issued, Refusal, Report, RotationKind};
 use super::{now, Control};
 
@@ -343,25 +345,34 @@ async fn route_workload(
     req: Request<Incoming>,
 ) -> Result<Resp, std::convert::Infallible> {
     let path = req.uri().path().to_string();
-    let r = match (req.method().clone(), path.as_str()) {
-        (Method::POST, "/v1/identity/enroll") => control.enroll(req).await,
-        (Method::POST, "/v1/identity/renew") => control.renew(req, &peer_certs).await,
-        (Method::GET, "/v1/identity/watch") => control.watch(req, &peer_certs).await,
-        (Method::GET, "/v1/identity/bundle") => Ok(json(200, &control.state().bundle())),
+    let who = || peer(&control, &peer_certs).map(|(id, _)| id);
+    let r = match workload_route(req.method().as_str(), &path) {
+        Some(WorkloadRoute::Enroll) => control.enroll(req).await,
+        Some(WorkloadRoute::Renew) => control.renew(req, &peer_certs).await,
+        Some(WorkloadRoute::IdentityWatch) => control.watch(req, &peer_certs).await,
+        Some(WorkloadRoute::Bundle) => Ok(json(200, &control.state().bundle())),
+        Some(WorkloadRoute::OpenApi) => Ok(Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
+            .expect("a valid response")),
         // The mesh and registry calls need the caller's verified identity.
-        (method, p) if p.starts_with("/v1/mesh/") || p.starts_with("/v1/registry/") => {
-            match peer(&control, &peer_certs) {
-                Err(e) => Err(e),
-                Ok((id, _)) => match (method, p) {
-                    (Method::GET, "/v1/mesh/watch") => control.mesh_watch(req, id).await,
-                    (Method::POST, "/v1/registry/register") => control.register(req, id).await,
-                    (Method::POST, "/v1/registry/heartbeat") => control.heartbeat(req).await,
-                    (Method::POST, "/v1/registry/deregister") => control.deregister(req).await,
-                    _ => Err(not_found(&path)),
-                },
-            }
-        }
-        _ => Err(not_found(&path)),
+        Some(WorkloadRoute::MeshWatch) => match who() {
+            Ok(id) => control.mesh_watch(req, id).await,
+            Err(e) => Err(e),
+        },
+        Some(WorkloadRoute::Register) => match who() {
+            Ok(id) => control.register(req, id).await,
+            Err(e) => Err(e),
+        },
+        Some(WorkloadRoute::Heartbeat) => match who() {
+            Ok(_) => control.heartbeat(req).await,
+            Err(e) => Err(e),
+        },
+        Some(WorkloadRoute::Deregister) => match who() {
+            Ok(_) => control.deregister(req).await,
+            Err(e) => Err(e),
+        },
+        None => Err(not_found(&path)),
     };
     Ok(r.unwrap_or_else(|e| control.refused(e, &path)))
 }

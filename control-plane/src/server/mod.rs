@@ -13,6 +13,7 @@ pub mod config;
 mod http;
 pub mod mesh;
 mod metrics;
+pub mod routes;
 pub mod state;
 mod tls;
 
