@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 # cmake/pkg-config/build-essential: Pingora's build; protobuf-compiler: the
 # gRPC test service; curl: the tests' HTTP client; ffmpeg (and ffprobe):
 # the worker shim's transcode tests; prometheus (for promtool): the SLO
-# rules tests (`promtool check rules`, `promtool test rules`).
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus)
+# rules tests (`promtool check rules`, `promtool test rules`); python3-venv:
+# the venv for schemathesis (below).
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -32,6 +33,15 @@ if ! command -v cargo >/dev/null; then
   echo "tests/run.sh: cargo not found: installing Rust with rustup into ~/.cargo"
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path
   PATH=$HOME/.cargo/bin:$PATH
+fi
+
+# schemathesis (PyPI), for tests/tests/openapi.rs: checks the running
+# servers against their OpenAPI documents. A private venv in target/py,
+# made only when missing.
+if [ ! -x target/py/bin/schemathesis ]; then
+  echo "tests/run.sh: installing schemathesis into target/py"
+  python3 -m venv target/py
+  target/py/bin/pip install -q schemathesis
 fi
 
 cargo build --workspace --bins
