@@ -17,9 +17,9 @@ fn load(dir: &Path) -> Result<Vec<CapabilitySlo>> {
                 eprintln!("{}: {p}", dir.display());
             }
             bail!(
-                "{} problem(s) in {}; `crankctl config validate {0}` lists them too",
+                "{} problem(s) in {dir}; fix them (`crankctl config validate {dir}` lists them too)",
                 problems.len(),
-                dir.display()
+                dir = dir.display()
             )
         }
     }

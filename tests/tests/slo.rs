@@ -211,6 +211,72 @@ fn slo_rules_pass_promtool_and_fire_only_when_the_budget_burns() {
     );
 }
 
+/// Route names with regex characters, two routes for one capability, a
+/// threshold between buckets and a capability without a route: still
+/// rules promtool accepts, and notes for what cannot be measured exactly.
+#[test]
+fn slo_rules_for_awkward_names_and_thresholds_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mc = dir.path().join("mc");
+    std::fs::create_dir_all(mc.join("routes")).unwrap();
+    std::fs::create_dir_all(mc.join("slo")).unwrap();
+    let write = |p: &str, t: &str| std::fs::write(mc.join(p), t).unwrap();
+    write(
+        "capabilities.yaml",
+        "capabilities: [{name: hello:v1}, {name: lonely:v1}]\n",
+    );
+    write(
+        "routes/r.yaml",
+        "routes:\n  - name: hello.v1+canary\n    backends: [{capability: hello:v1}]\n  - name: hello\n    backends: [{capability: hello:v1}]\n",
+    );
+    write(
+        "slo/hello.yaml",
+        "capability: hello:v1\nslo:\n  latency: {p95: 300ms}\n  error_budget: 1%\n  measurement_window: 7d\n",
+    );
+    write(
+        "slo/lonely.yaml",
+        "capability: lonely:v1\nslo: {availability: 99%}\n",
+    );
+    let out = crankctl(&["slo", "rules", mc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("latency p95 300ms is not a bucket boundary; measured with le=\"0.5\""),
+        "{}",
+        text(&out)
+    );
+    assert!(stderr.contains("lonely:v1: no route"), "{}", text(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        yaml.contains("# hello:v1: latency p95 300ms is not a bucket boundary"),
+        "{yaml}"
+    );
+    // Regex-escaped for `=~`, then the backslashes escaped for PromQL.
+    assert!(
+        yaml.contains(r#"route=~"hello|hello\\.v1\\+canary""#),
+        "{yaml}"
+    );
+    std::fs::write(dir.path().join("rules.yaml"), &yaml).unwrap();
+    let check = promtool(dir.path(), &["check", "rules", "rules.yaml"]);
+    assert!(check.status.success(), "{}", text(&check));
+    // The escaped name matches that route only: a 25% error ratio, not
+    // the `helloXv1+canary` route's errors that an unescaped `.` would take.
+    let sel = |route: &str, class: &str| {
+        format!(
+            r#"crank_requests_total{{direction="outbound",route="{route}",status_class="{class}"}}"#
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yaml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n      - {{series: '{}', values: '0+30x20'}}\n      - {{series: '{}', values: '0+10x20'}}\n      - {{series: '{}', values: '0+1000x20'}}\n    promql_expr_test:\n      - expr: crank:slo_errors:ratio_rate5m{{slo=\"availability\"}}\n        eval_time: 10m\n        exp_samples:\n          - {{labels: 'crank:slo_errors:ratio_rate5m{{capability=\"hello:v1\",slo=\"availability\"}}', value: 0.25}}\n",
+        sel("hello.v1+canary", "2xx"),
+        sel("hello.v1+canary", "5xx"),
+        sel("helloXv1+canary", "5xx"),
+    );
+    std::fs::write(dir.path().join("test.yaml"), test).unwrap();
+    let test = promtool(dir.path(), &["test", "rules", "test.yaml"]);
+    assert!(test.status.success(), "{}", text(&test));
+}
+
 fn results(dir: &Path, name: &str, json: serde_json::Value) -> String {
     let p = dir.join(name);
     std::fs::write(&p, json.to_string()).unwrap();
