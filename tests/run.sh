@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 
 # cmake/pkg-config/build-essential: Pingora's build; protobuf-compiler: the
 # gRPC test service; curl: the tests' HTTP client; ffmpeg (and ffprobe):
-# the worker shim's transcode tests; prometheus (for promtool): the SLO
-# rules tests (`promtool check rules`, `promtool test rules`); python3-venv:
+# the worker shim's transcode tests; prometheus (promtool and the server):
+# the SLO rules tests (`promtool check rules`, `promtool test rules`) and
+# tests/tests/deploy_observability.rs (`promtool check config`, a real
+# Prometheus scraping sidecars); python3-venv:
 # the venv for schemathesis (below).
 packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv)
 missing=()

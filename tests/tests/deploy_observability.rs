@@ -534,6 +534,22 @@ fn scrape_config_and_dashboard_queries_pass_promtool() {
         ]
     );
 
+    // The shim's alert rules are the ones docs/guides/sre.md shows.
+    let guide = std::fs::read_to_string(repo().join("docs/guides/sre.md")).unwrap();
+    let at = guide
+        .find("  - name: crank-shim\n")
+        .expect("the shim alerts in sre.md");
+    let start = guide[..at].rfind("```yaml\n").unwrap() + "```yaml\n".len();
+    let end = at + guide[at..].find("```").unwrap();
+    let shown: serde_yaml::Value = serde_yaml::from_str(&guide[start..end]).unwrap();
+    let shipped: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("shim-alerts.yml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        shipped, shown,
+        "shim-alerts.yml and docs/guides/sre.md differ"
+    );
+
     // Every dashboard expression, with its variables filled in, is valid
     // PromQL: as recording rules, `promtool check rules` parses each.
     let tmp = tempfile::tempdir().unwrap();
