@@ -8,7 +8,7 @@
 //! file_sd target file, scrapes a running sidecar pair and answers a
 //! dashboard query with data.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -36,7 +36,10 @@ fn dashboard_exprs(d: &Value) -> Vec<(String, String)> {
     for p in d["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap_or_default();
-            out.push((format!("panel {:?}", p["title"]), expr.to_string()));
+            out.push((
+                format!("panel {:?}", p["title"].as_str().unwrap_or_default()),
+                expr.to_string(),
+            ));
         }
     }
     for v in d["templating"]["list"].as_array().unwrap() {
@@ -44,7 +47,10 @@ fn dashboard_exprs(d: &Value) -> Vec<(String, String)> {
             continue;
         }
         let q = v["query"]["query"].as_str().unwrap_or_default();
-        out.push((format!("variable {}", v["name"]), variable_selector(q)));
+        out.push((
+            format!("variable ${}", v["name"].as_str().unwrap_or_default()),
+            variable_selector(q),
+        ));
     }
     out
 }
@@ -98,23 +104,44 @@ const KEYWORDS: &[&str] = &[
     "group",
 ];
 
-/// Metric names a PromQL expression selects: identifiers outside label
-/// matchers, ranges, strings and grouping clauses that are not functions,
-/// keywords, numbers or Grafana variables.
-fn metric_names(expr: &str) -> BTreeSet<String> {
+/// Metric name → the label names it has (or that a query uses on it).
+type Labels = BTreeMap<String, BTreeSet<String>>;
+
+/// What a PromQL expression reads: each metric it selects, with the labels
+/// its matchers name, and the labels of its `by`/`without`/`on`/...
+/// clauses.
+#[derive(Default)]
+struct Query {
+    metrics: Labels,
+    grouping: BTreeSet<String>,
+}
+
+/// Reads identifiers outside strings and ranges: those not functions,
+/// keywords, numbers or Grafana variables are metric names; a `{...}` right
+/// after one holds its matchers.
+fn parse_query(expr: &str) -> Query {
     let chars: Vec<char> = expr.chars().collect();
-    let mut names = BTreeSet::new();
+    let mut q = Query::default();
     let mut i = 0;
-    let mut skip_group = false;
+    let mut group_next = false;
     while i < chars.len() {
         let c = chars[i];
         match c {
             '"' | '\'' | '`' => i = skip_quoted(&chars, i),
             '{' => i = skip_until(&chars, i, '}'),
             '[' => i = skip_until(&chars, i, ']'),
-            '(' if skip_group => {
-                skip_group = false;
-                i = skip_until(&chars, i, ')');
+            '(' if group_next => {
+                group_next = false;
+                let end = skip_until(&chars, i, ')');
+                let inside: String = chars[i + 1..end - 1].iter().collect();
+                q.grouping.extend(
+                    inside
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+                i = end;
             }
             c if c.is_ascii_digit() || c == '.' => {
                 while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
@@ -129,24 +156,56 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
                     i += 1;
                 }
                 let word: String = chars[start..i].iter().collect();
-                let next = chars[i..].iter().find(|c| !c.is_whitespace());
+                let next_at = i + chars[i..].iter().take_while(|c| c.is_whitespace()).count();
+                let next = chars.get(next_at);
                 let lower = word.to_ascii_lowercase();
                 if matches!(
                     lower.as_str(),
                     "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
                 ) {
-                    skip_group = true;
+                    group_next = true;
                 } else if !(word.starts_with('$')
                     || next == Some(&'(')
                     || KEYWORDS.contains(&lower.as_str()))
                 {
-                    names.insert(word);
+                    let labels = q.metrics.entry(word).or_default();
+                    if next == Some(&'{') {
+                        let end = skip_until(&chars, next_at, '}');
+                        labels.extend(matcher_labels(&chars[next_at + 1..end - 1]));
+                        i = end;
+                    }
                 }
             }
             _ => i += 1,
         }
     }
-    names
+    q
+}
+
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    parse_query(expr).metrics.into_keys().collect()
+}
+
+/// The label names of `a="x", b=~"y"` (matchers, or a sample's labels).
+fn matcher_labels(chars: &[char]) -> BTreeSet<String> {
+    let mut labels = BTreeSet::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_ascii_alphabetic() || chars[i] == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            labels.insert(chars[start..i].iter().collect());
+            while i < chars.len() && !matches!(chars[i], '"' | '\'' | '`') {
+                i += 1;
+            }
+            i = skip_quoted(chars, i);
+        } else {
+            i += 1;
+        }
+    }
+    labels
 }
 
 fn skip_quoted(chars: &[char], start: usize) -> usize {
@@ -196,48 +255,74 @@ fn metric_names_are_found_in_promql_as_prometheus_reads_it() {
         let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
         assert_eq!(metric_names(expr), want, "{expr}");
     }
+    let q = parse_query(
+        r#"sum by (le, route) (rate(crank_x_bucket{a="b,c=d", d =~ "$route"}[5m])) / on(instance) crank_y"#,
+    );
+    let labels = |v: &[&str]| {
+        v.iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<String>>()
+    };
+    assert_eq!(q.metrics["crank_x_bucket"], labels(&["a", "d"]));
+    assert_eq!(q.metrics["crank_y"], labels(&[]));
+    assert_eq!(q.grouping, labels(&["le", "route", "instance"]));
     assert_eq!(
         variable_selector(r#"label_values(crank_requests_total{direction=~"$direction"}, route)"#),
         r#"crank_requests_total{direction=~"$direction"}"#
     );
 }
 
-/// Metric names in Prometheus text: every sample's name, and the
-/// `_bucket`/`_sum`/`_count` names of each declared histogram.
-fn scraped_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
+/// Metric names in Prometheus text with the labels of their samples, and
+/// the `_bucket`/`_sum`/`_count` names of each declared histogram.
+fn scraped_labels(text: &str) -> Labels {
+    let mut known = Labels::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let mut it = rest.split_whitespace();
             if let (Some(name), Some(kind)) = (it.next(), it.next()) {
-                names.extend(series_names(name, kind));
+                add_series(&mut known, name, kind, BTreeSet::new());
             }
         } else if !line.starts_with('#') && !line.trim().is_empty() {
             let end = line.find(['{', ' ']).unwrap_or(line.len());
-            names.insert(line[..end].to_string());
+            let chars: Vec<char> = line[end..].chars().collect();
+            let labels = if chars.first() == Some(&'{') {
+                let close = skip_until(&chars, 0, '}').min(chars.len() + 1);
+                matcher_labels(&chars[1..close - 1])
+            } else {
+                BTreeSet::new()
+            };
+            known
+                .entry(line[..end].to_string())
+                .or_default()
+                .extend(labels);
         }
     }
-    names
+    known
 }
 
-fn series_names(name: &str, kind: &str) -> Vec<String> {
+/// Adds a metric (a histogram as its three series, `le` on the buckets).
+fn add_series(known: &mut Labels, name: &str, kind: &str, labels: BTreeSet<String>) {
     if kind == "histogram" {
-        ["_bucket", "_sum", "_count"]
-            .iter()
-            .map(|s| format!("{name}{s}"))
-            .collect()
+        for suffix in ["_bucket", "_sum", "_count"] {
+            let entry = known.entry(format!("{name}{suffix}")).or_default();
+            entry.extend(labels.iter().cloned());
+            if suffix == "_bucket" {
+                entry.insert("le".into());
+            }
+        }
     } else {
-        vec![name.to_string()]
+        known.entry(name.to_string()).or_default().extend(labels);
     }
 }
 
-/// Metric names from the tables of a reference page (`| \`crank_x\` | type |`).
-fn documented_names(doc: &str) -> BTreeSet<String> {
+/// Metrics from the tables of a reference page
+/// (`| \`crank_x\` | type | \`label\` (values), ... | meaning |`).
+fn documented_labels(doc: &str) -> Labels {
     let text = std::fs::read_to_string(repo().join(doc)).unwrap();
-    let mut names = BTreeSet::new();
+    let mut known = Labels::new();
     for line in text.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        if cells.len() < 3 {
+        if cells.len() < 4 {
             continue;
         }
         if let Some(name) = cells[1]
@@ -245,16 +330,43 @@ fn documented_names(doc: &str) -> BTreeSet<String> {
             .and_then(|c| c.strip_suffix('`'))
             .filter(|n| n.starts_with("crank_"))
         {
-            names.extend(series_names(name, cells[2]));
+            add_series(&mut known, name, cells[2], top_level_code(cells[3]));
         }
     }
-    names
+    known
+}
+
+/// The `code` words of a labels cell outside parentheses: the label names,
+/// not their values.
+fn top_level_code(cell: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let (mut depth, mut code, mut word) = (0, false, String::new());
+    for c in cell.chars() {
+        match c {
+            '`' if depth == 0 && code => {
+                out.insert(std::mem::take(&mut word));
+                code = false;
+            }
+            '`' if depth == 0 => code = true,
+            '(' if !code => depth += 1,
+            ')' if !code => depth -= 1,
+            c if code => word.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn merge(into: &mut Labels, from: Labels) {
+    for (name, labels) in from {
+        into.entry(name).or_default().extend(labels);
+    }
 }
 
 /// What a sidecar pair (the server with the shipped policies, after a
 /// request and a proxy-made 4xx/5xx), crank-control (metrics_listen) and an
 /// exec-mode crank-shim serve at /metrics.
-fn names_from_running_binaries() -> BTreeSet<String> {
+fn names_from_running_binaries() -> Labels {
     let app = EchoApp::start();
     let opts = MeshOptions {
         server_extra: format!(
@@ -269,23 +381,23 @@ fn names_from_running_binaries() -> BTreeSet<String> {
     let proxy = format!("http://{}", mesh.http_proxy);
     let (status, out) = curl(&["-x", &proxy, "http://no-such-route/"]);
     assert!(status >= 400, "a request for no route: {out}");
-    let mut names = scraped_names(&mesh.client.metrics());
-    names.extend(scraped_names(&mesh.server.metrics()));
+    let mut names = scraped_labels(&mesh.client.metrics());
+    merge(&mut names, scraped_labels(&mesh.server.metrics()));
     for name in [
         "crank_requests_total",
         "crank_proxy_errors_total",
         "crank_policy_decisions_total",
     ] {
-        assert!(names.contains(name), "{name}: {names:?}");
+        assert!(names.contains_key(name), "{name}: {names:?}");
     }
-    names.extend(control_plane_names());
-    names.extend(shim_names());
+    merge(&mut names, control_plane_names());
+    merge(&mut names, shim_names());
     names
 }
 
 /// crank-control (with a config directory) on its metrics_listen, and an
 /// enrolled sidecar pair that watches its mesh config, after a request.
-fn control_plane_names() -> BTreeSet<String> {
+fn control_plane_names() -> Labels {
     let metrics = free_addr();
     let cp = ControlPlane::start(ControlOptions {
         extra: format!("metrics_listen: {metrics}\nconfig_dir: mesh\n"),
@@ -297,21 +409,21 @@ fn control_plane_names() -> BTreeSet<String> {
     assert_eq!(curl(&[&url]).0, 200, "a request through enrolled sidecars");
     let (status, text) = plain_get(metrics, "/metrics");
     assert_eq!(status, 200, "crank-control metrics_listen: {text}");
-    let mut names = scraped_names(&text);
-    names.extend(scraped_names(&mesh.client.metrics()));
-    names.extend(scraped_names(&mesh.server.metrics()));
+    let mut names = scraped_labels(&text);
+    merge(&mut names, scraped_labels(&mesh.client.metrics()));
+    merge(&mut names, scraped_labels(&mesh.server.metrics()));
     for name in [
         "crank_ca_workloads",
         "crank_ca_certs_issued_total",
         "crank_cert_renewals_total",
     ] {
-        assert!(names.contains(name), "{name}: {names:?}");
+        assert!(names.contains_key(name), "{name}: {names:?}");
     }
     names
 }
 
 /// An exec-mode crank-shim after one job ran.
-fn shim_names() -> BTreeSet<String> {
+fn shim_names() -> Labels {
     let dir = tempfile::tempdir().unwrap();
     let (listen, admin) = (free_addr(), free_addr());
     let yaml = format!(
@@ -336,41 +448,62 @@ fn shim_names() -> BTreeSet<String> {
         text = shim.metrics();
         text.contains("crank_jobs_finished_total{")
     });
-    let names = scraped_names(&text);
-    assert!(names.contains("crank_job_run_seconds_bucket"), "{text}");
+    let names = scraped_labels(&text);
+    assert!(names.contains_key("crank_job_run_seconds_bucket"), "{text}");
     names
 }
 
+/// Labels every series has from its scrape target (Prometheus's `job` and
+/// `instance`, and the `service` label of deploy/prometheus's targets).
+const TARGET_LABELS: &[&str] = &["job", "instance", "service", "__name__"];
+
 #[test]
-fn dashboard_queries_name_only_metrics_the_binaries_export() {
+fn dashboard_queries_name_only_metrics_and_labels_the_binaries_export() {
     let d = dashboard();
     let exported = names_from_running_binaries();
-    let mut documented = documented_names("docs/reference/metrics.md");
-    documented.extend(documented_names("docs/reference/control-api.md"));
+    let mut known = exported.clone();
+    merge(&mut known, documented_labels("docs/reference/metrics.md"));
+    merge(
+        &mut known,
+        documented_labels("docs/reference/control-api.md"),
+    );
     // Prometheus's own per-target series.
-    let builtin: BTreeSet<String> = ["up", "scrape_duration_seconds", "scrape_samples_scraped"]
-        .map(String::from)
-        .into();
+    known.insert("up".into(), BTreeSet::new());
 
     let mut unknown = Vec::new();
     let mut docs_only = BTreeSet::new();
     let mut used = BTreeSet::new();
     for (place, expr) in dashboard_exprs(&d) {
-        let names = metric_names(&expr);
-        assert!(!names.is_empty(), "{place}: no metric in {expr:?}");
-        for name in names {
-            if !(exported.contains(&name) || documented.contains(&name) || builtin.contains(&name))
-            {
-                unknown.push(format!("{name} ({place})"));
-            } else if !exported.contains(&name) && !builtin.contains(&name) {
+        let q = parse_query(&expr);
+        assert!(!q.metrics.is_empty(), "{place}: no metric in {expr:?}");
+        let mut of_expr: BTreeSet<&str> = TARGET_LABELS.iter().copied().collect();
+        for (name, matchers) in &q.metrics {
+            used.insert(name.clone());
+            let Some(labels) = known.get(name) else {
+                unknown.push(format!("metric {name} ({place})"));
+                continue;
+            };
+            if !exported.contains_key(name) && name != "up" {
                 docs_only.insert(name.clone());
             }
-            used.insert(name);
+            of_expr.extend(labels.iter().map(String::as_str));
+            for l in matchers {
+                if !labels.contains(l) && !TARGET_LABELS.contains(&l.as_str()) {
+                    unknown.push(format!("label {l} of {name} ({place}); it has {labels:?}"));
+                }
+            }
+        }
+        for l in &q.grouping {
+            if !of_expr.contains(l.as_str()) {
+                unknown.push(format!(
+                    "grouping label {l} ({place}): none of its metrics has it"
+                ));
+            }
         }
     }
     assert!(
         unknown.is_empty(),
-        "the dashboard queries metrics that no binary exports and docs/reference does not document:\n  {}",
+        "the dashboard queries what no binary exports and docs/reference does not document:\n  {}",
         unknown.join("\n  ")
     );
     eprintln!("dashboard metrics known from docs/reference only (they appear on first use): {docs_only:?}");
