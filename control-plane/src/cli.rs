@@ -59,6 +59,63 @@ pub enum Command {
         #[arg(long, default_value = "human")]
         output: String,
     },
+    /// One health report of the mesh: control plane, proxies on the
+    /// published config and policy revision, certificate expiry, rotation,
+    /// clock skew, endpoint leases; each problem with its fix. Exits 0 when
+    /// nothing failed, 1 on any FAIL, 2 when crank-control cannot be reached.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// human or json
+    #[arg(short, long, default_value = "human")]
+    pub output: String,
+    /// Exit 1 on warnings too.
+    #[arg(long)]
+    pub strict: bool,
+    /// Warn when a workload certificate has less than this fraction of its
+    /// life left (proxies renew at 2/3 of it by default).
+    #[arg(long, default_value_t = 0.2)]
+    pub leaf_warn_fraction: f64,
+    /// Warn when a root or intermediate in use expires within this.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub ca_warn: Duration,
+    /// Fail when a root or intermediate in use expires within this.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub ca_fail: Duration,
+    /// Warn when a rotation stays in one phase longer than this.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub rotation_stuck: Duration,
+    /// Warn when crank-control's clock differs from this host's by more.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub skew_warn: Duration,
+    /// Fail when crank-control's clock differs from this host's by more.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub skew_fail: Duration,
+}
+
+impl CheckArgs {
+    pub fn options(&self) -> Result<crate::check::Options> {
+        if !(0.0..1.0).contains(&self.leaf_warn_fraction) {
+            bail!(
+                "--leaf-warn-fraction {} must be from 0 to below 1 (0.2 is the default)",
+                self.leaf_warn_fraction
+            );
+        }
+        Ok(crate::check::Options {
+            thresholds: crate::check::Thresholds {
+                leaf_warn_fraction: self.leaf_warn_fraction,
+                ca_warn: self.ca_warn,
+                ca_fail: self.ca_fail,
+                rotation_stuck: self.rotation_stuck,
+                skew_warn: self.skew_warn,
+                skew_fail: self.skew_fail,
+            },
+            strict: self.strict,
+            json: crate::check::is_json(&self.output)?,
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,11 +319,21 @@ pub enum CertCommand {
     Revoke { target: String },
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs one command; the exit code is 0 unless `crankctl check` says otherwise.
+pub fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    if let Command::Check(args) = &cli.command {
+        let code = crate::check::run(&cli.control, &args.options()?)?;
+        return Ok(std::process::ExitCode::from(code));
+    }
+    run_command(cli).map(|()| std::process::ExitCode::SUCCESS)
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     use crate::ca_cli;
     use crate::server::admin::AdminClient;
     let client = AdminClient::new(&cli.control);
     match cli.command {
+        Command::Check(_) => unreachable!("handled in run"),
         Command::Ca(CaCommand::Intermediate {
             root,
             out,

@@ -6,6 +6,7 @@
 //! registry build on this crate in later issues.
 
 mod ca_cli;
+pub mod check;
 pub mod cli;
 pub mod configdir;
 pub mod inspect;

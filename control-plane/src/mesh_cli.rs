@@ -63,7 +63,7 @@ pub fn status(client: &AdminClient, output: &str) -> Result<()> {
     }
     let stale = s.proxies.iter().filter(|p| p.stale).count();
     if stale > 0 {
-        println!("\n{stale} proxy(ies) behind the published version or not seen for 90 s");
+        println!("\n{stale} proxy(ies) behind the published version or silent (not seen for 3 watch periods); `crankctl check` says what to do");
     }
     Ok(())
 }

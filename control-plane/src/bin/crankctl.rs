@@ -9,7 +9,7 @@ fn main() -> std::process::ExitCode {
     }
     let cli = crank_control::cli::Cli::parse();
     match crank_control::cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("crankctl: error: {e:#}");
             std::process::ExitCode::FAILURE

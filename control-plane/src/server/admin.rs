@@ -73,6 +73,8 @@ pub struct WorkloadRow {
     pub instance: String,
     pub serial: String,
     pub issuer: Option<String>,
+    #[serde(default)]
+    pub not_before: Option<i64>,
     pub not_after: Option<i64>,
     pub bundle_version: u64,
     pub last_seen: i64,
@@ -103,6 +105,10 @@ pub struct CaStatus {
     /// every live workload reports again before it moves on.
     #[serde(default)]
     pub resync_wait_seconds: Option<u64>,
+    /// `workloads.stale_after` in seconds: a workload not seen for this
+    /// long no longer counts.
+    #[serde(default)]
+    pub stale_after_seconds: Option<u64>,
 }
 
 /// A `crankctl` connection to the admin socket.

@@ -482,6 +482,7 @@ impl Control {
                     instance: r.instance.clone(),
                     serial: r.serial.clone(),
                     issuer: issued.map(|i| i.issuer.clone()),
+                    not_before: issued.map(|i| i.not_before),
                     not_after: issued.map(|i| i.not_after),
                     bundle_version: r.bundle_version,
                     last_seen: r.last_seen,
@@ -543,6 +544,7 @@ impl Control {
                         .as_secs()
                 })
                 .filter(|s| *s > 0),
+            stale_after_seconds: Some(stale.as_secs()),
         }
     }
 

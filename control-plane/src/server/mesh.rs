@@ -33,6 +33,9 @@ pub struct ProxyReport {
     pub seq: u64,
     pub endpoints_version: u64,
     pub last_seen: i64,
+    /// The long-poll wait it asked for (seconds): it calls again at least
+    /// this often while it runs.
+    pub wait: u64,
 }
 
 /// The publisher's state.
@@ -44,6 +47,43 @@ pub struct MeshState {
     /// Hash of the files last looked at (valid or not).
     seen: Option<String>,
     pub proxies: HashMap<String, ProxyReport>,
+    /// seq -> (hash, policy revision) of the versions published since the
+    /// start (and the one loaded from `mesh.json`), the last
+    /// [`HISTORY_LEN`]: what a proxy reporting an older seq runs.
+    pub history: std::collections::BTreeMap<u64, (String, String)>,
+}
+
+/// How many published versions [`MeshState::history`] remembers.
+pub const HISTORY_LEN: usize = 32;
+
+/// The revision of a version's policy files: SHA-256 over each name and
+/// contents, first 12 hex digits (what `crankctl check` compares).
+pub fn policy_revision(policies: &std::collections::BTreeMap<String, String>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (name, text) in policies {
+        for part in [name.as_bytes(), &[0], text.as_bytes(), &[0]] {
+            ctx.update(part);
+        }
+    }
+    ctx.finish().as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl MeshState {
+    fn remember(&mut self, p: &Published) {
+        self.history.insert(
+            p.seq,
+            (
+                p.snapshot.hash.clone(),
+                policy_revision(&p.snapshot.policies),
+            ),
+        );
+        while self.history.len() > HISTORY_LEN {
+            self.history.pop_first();
+        }
+    }
 }
 
 impl MeshState {
@@ -57,10 +97,12 @@ impl MeshState {
         if let Some(p) = &current {
             tracing::info!(seq = p.seq, hash = %p.snapshot.hash, "loaded the last published mesh config");
         }
-        MeshState {
-            current,
-            ..Default::default()
+        let mut state = MeshState::default();
+        if let Some(p) = &current {
+            state.remember(p);
         }
+        state.current = current;
+        state
     }
 
     /// Checks `dir` again; returns the new version when one was published.
@@ -116,6 +158,7 @@ impl MeshState {
                     tracing::error!(error = %format!("{e:#}"), "cannot save mesh.json; the new version serves from memory");
                 }
                 tracing::info!(seq, hash = %published.snapshot.hash, routes = published.snapshot.routes.len(), "published mesh config");
+                self.remember(&published);
                 self.current = Some(Arc::new(published));
                 Some(seq)
             }
@@ -250,6 +293,9 @@ pub struct MeshStatus {
     pub version: Option<ConfigVersion>,
     pub published_at: Option<i64>,
     pub last_error: Option<(i64, Vec<Problem>)>,
+    /// The published version's [`policy_revision`].
+    #[serde(default)]
+    pub policy_revision: Option<String>,
     pub proxies: Vec<ProxyRow>,
     pub now: i64,
 }
@@ -260,8 +306,24 @@ pub struct ProxyRow {
     pub instance: String,
     pub seq: u64,
     pub last_seen: i64,
-    /// Behind the published version, or not seen for 3 watch periods.
+    /// Behind the published version, or silent.
     pub stale: bool,
+    /// Not seen for 3 of its watch periods (90 s when it named none).
+    #[serde(default)]
+    pub silent: bool,
+    /// Hash and policy revision of the version it runs, while crank-control
+    /// remembers that version.
+    #[serde(default)]
+    pub hash: Option<String>,
+    #[serde(default)]
+    pub policy_revision: Option<String>,
+}
+
+/// A proxy is silent when not seen for 3 of its watch periods (it calls
+/// again as each long-poll ends), at least 5 s; 90 s if it named no wait.
+pub fn is_silent(last_seen: i64, wait: u64, now: i64) -> bool {
+    let limit = if wait == 0 { 90 } else { (3 * wait).max(5) };
+    now - last_seen > limit as i64
 }
 
 /// `crankctl routes`: each route with its resolved endpoints.
@@ -358,6 +420,7 @@ impl Control {
                 seq: have_seq,
                 endpoints_version: have_eps,
                 last_seen: now(),
+                wait: wait.as_secs(),
             },
         );
         // After a restart the registry is empty until workloads register
@@ -481,12 +544,19 @@ impl Control {
         let mut proxies: Vec<ProxyRow> = mesh
             .proxies
             .values()
-            .map(|p| ProxyRow {
-                identity: p.identity.clone(),
-                instance: p.instance.clone(),
-                seq: p.seq,
-                last_seen: p.last_seen,
-                stale: Some(p.seq) != seq || t - p.last_seen > 90,
+            .map(|p| {
+                let silent = is_silent(p.last_seen, p.wait, t);
+                let known = mesh.history.get(&p.seq);
+                ProxyRow {
+                    identity: p.identity.clone(),
+                    instance: p.instance.clone(),
+                    seq: p.seq,
+                    last_seen: p.last_seen,
+                    stale: Some(p.seq) != seq || silent,
+                    silent,
+                    hash: known.map(|k| k.0.clone()),
+                    policy_revision: known.map(|k| k.1.clone()),
+                }
             })
             .collect();
         proxies.sort_by(|a, b| (&a.identity, &a.instance).cmp(&(&b.identity, &b.instance)));
@@ -502,6 +572,10 @@ impl Control {
             }),
             published_at: mesh.current.as_ref().map(|c| c.published_at),
             last_error: mesh.last_error.clone(),
+            policy_revision: mesh
+                .current
+                .as_ref()
+                .map(|c| policy_revision(&c.snapshot.policies)),
             proxies,
             now: t,
         }
