@@ -59,6 +59,51 @@ pub enum Command {
         #[arg(long, default_value = "human")]
         output: String,
     },
+    /// Stream requests as sidecars finish them (method, path, status,
+    /// latency, identities, trace id, x-crank-error; no headers or bodies).
+    Tap {
+        /// A sidecar's admin address (admin.listen); repeat for several.
+        #[arg(long = "proxy", required = true)]
+        proxies: Vec<String>,
+        #[arg(long)]
+        capability: Option<String>,
+        #[arg(long)]
+        route: Option<String>,
+        /// `inbound` or `outbound`.
+        #[arg(long)]
+        direction: Option<String>,
+        #[arg(long)]
+        method: Option<String>,
+        /// Only paths starting with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// A class (`5xx`) or a status (`429`).
+        #[arg(long)]
+        status: Option<String>,
+        /// Most events a second from each sidecar (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        max_rps: u32,
+        /// Stop after this many events (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        #[arg(short = 'o', long, default_value = "human")]
+        output: String,
+    },
+    /// Live request rate, success rate and latency per route, summed across
+    /// sidecars, refreshed in place.
+    Top {
+        /// A sidecar's admin address (admin.listen); repeat for several.
+        #[arg(long = "proxy", required = true)]
+        proxies: Vec<String>,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Tables to show (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+        /// `human`, `wide` or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
+        output: String,
+    },
     /// One health report of the mesh: control plane, proxies on the
     /// published config and policy revision, certificate expiry, rotation,
     /// clock skew, endpoint leases; each problem with its fix. Exits 0 when
@@ -429,6 +474,48 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Status { output } => crate::mesh_cli::status(&client, &output),
         Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
         Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
+        Command::Tap {
+            proxies,
+            capability,
+            route,
+            direction,
+            method,
+            path,
+            status,
+            max_rps,
+            limit,
+            output,
+        } => {
+            let mut query: Vec<(String, String)> = [
+                ("capability", capability),
+                ("route", route),
+                ("direction", direction),
+                ("method", method),
+                ("path", path),
+                ("status", status),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+            .collect();
+            query.push(("max_rps".into(), max_rps.to_string()));
+            crate::tap_cli::tap(&crate::tap_cli::TapArgs {
+                proxies,
+                query,
+                output,
+                limit,
+            })
+        }
+        Command::Top {
+            proxies,
+            interval,
+            iterations,
+            output,
+        } => crate::tap_cli::top(&crate::tap_cli::TopArgs {
+            proxies,
+            interval,
+            iterations,
+            output,
+        }),
     }
 }
 

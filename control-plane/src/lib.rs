@@ -16,3 +16,4 @@ pub mod registry;
 pub mod server;
 pub mod slo;
 mod slo_cli;
+pub mod tap_cli;

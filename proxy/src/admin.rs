@@ -1,4 +1,5 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, `/config_dump`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config_dump`, and
+//! `/tap` (live traffic as JSON lines, see [`crate::tap`]).
 //!
 //! It runs on its own thread and Tokio runtime (hyper), outside Pingora's
 //! services, because Pingora closes every service's listener the moment a
@@ -11,8 +12,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 
 use crate::state::Shared;
@@ -44,7 +45,7 @@ pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
         _ => (
             404,
             "text/plain",
-            b"unknown admin path; try /live, /ready, /metrics or /config_dump\n".to_vec(),
+            b"unknown admin path; try /live, /ready, /metrics, /config_dump or /tap\n".to_vec(),
         ),
     };
     Response::builder()
@@ -79,7 +80,10 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> 
                     let shared = shared.clone();
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                            let resp = respond(&shared, req.uri().path());
+                            let resp = match req.uri().path() {
+                                "/tap" => tap(&shared, req.uri().query().unwrap_or("")),
+                                path => respond(&shared, path).map(|b| b.boxed()),
+                            };
                             async move { Ok::<_, Infallible>(resp) }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -90,4 +94,66 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> 
             })
         })?;
     Ok(())
+}
+
+type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `GET /tap?status=5xx&capability=...`: finished requests as JSON lines,
+/// until the client goes away or `limit` events were sent. A client that
+/// reads slowly loses events (`crank_tap_events_dropped_total`); requests
+/// never wait for it.
+fn tap(shared: &Arc<Shared>, query: &str) -> Response<AdminBody> {
+    let filter = match crate::tap::TapFilter::parse(query) {
+        Ok(f) => f,
+        Err(e) => {
+            return Response::builder()
+                .status(400)
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from(format!("{e}\n"))).boxed())
+                .expect("static response parts")
+        }
+    };
+    let mut sub = shared.tap.subscribe(filter);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let limit = sub.limit();
+        let mut sent = 0u64;
+        loop {
+            let ev = tokio::select! {
+                ev = sub.next() => ev,
+                _ = tx.closed() => None,
+            };
+            let Some(ev) = ev else { break };
+            let mut line = serde_json::to_vec(&*ev).unwrap_or_default();
+            line.push(b'\n');
+            if tx.send(Bytes::from(line)).await.is_err() {
+                break;
+            }
+            sent += 1;
+            if limit > 0 && sent >= limit {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/x-ndjson")
+        .header("cache-control", "no-store")
+        .body(ChannelBody(rx).boxed())
+        .expect("static response parts")
+}
+
+/// A response body fed by a channel: one data frame per message.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
 }

@@ -488,6 +488,13 @@ fn validate_limits(l: &crank_api::proxy::LimitsConfig, p: &mut Problems) {
             ));
         }
     }
+    if l.idle_timeout.is_zero() {
+        p.push((
+            "limits.idle_timeout".into(),
+            "is zero, which closes every kept-alive connection at once; use a duration such as 60s"
+                .into(),
+        ));
+    }
     if l.request_head_timeout.is_zero() {
         p.push((
             "limits.request_head_timeout".into(),
@@ -608,6 +615,14 @@ fn validate_resilience(cfg: &ProxyConfig, p: &mut Problems) {
                 format!("{f}.circuit.max_ejected_percent"),
                 format!("{} is over 100", c.max_ejected_percent),
             ));
+        }
+        for (j, st) in c.failure_statuses.iter().enumerate() {
+            if !(500..=599).contains(st) {
+                p.push((
+                    format!("{f}.circuit.failure_statuses[{j}]"),
+                    format!("{st} is not a 5xx status; list server errors that say an endpoint is unhealthy, such as 502, 503, 504 (or 500)"),
+                ));
+            }
         }
         if c.consecutive_failures > 0
             && (c.base_ejection.is_zero() || c.base_ejection > c.max_ejection)
@@ -893,6 +908,8 @@ mod tests {
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {on: [teapot]}}]\n", "routes[0].retry.on[0]", "unknown variant"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], retry: {backoff_base: 1s, backoff_max: 10ms}}]\n", "routes[0].retry.backoff_base", "backoff_max"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], circuit: {max_ejected_percent: 150}}]\n", "routes[0].circuit.max_ejected_percent", "over 100"),
+            ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], circuit: {failure_statuses: [502, 200]}}]\n", "routes[0].circuit.failure_statuses[1]", "not a 5xx"),
+            ("limits: {idle_timeout: 0s}\n", "limits.idle_timeout", "is zero"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {abort: {percent: 101, status: 503}}}]\n", "routes[0].fault.abort.percent", "0 to 100"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {abort: {percent: 1, status: 200}}}]\n", "routes[0].fault.abort.status", "400 to 599"),
             ("routes: [{name: b, endpoints: [{address: 127.0.0.1:1, identity: b.t.crank.local}], fault: {delay: {percent: -1, duration: 1s}}}]\n", "routes[0].fault.delay.percent", "0 to 100"),

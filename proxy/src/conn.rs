@@ -7,7 +7,9 @@
 //!   one past the cap is closed at once and counted in
 //!   `crank_connections_refused_total{direction, reason="limit"}`;
 //! * counts open connections for `crank_open_connections`, one guard over
-//!   the connection's whole life (it runs the keep-alive loop itself);
+//!   the connection's whole life (Pingora runs the HTTP/1 keep-alive loop
+//!   inside the app's `process_new`); an inbound connection counts from the
+//!   end of its TLS handshake;
 //! * wraps the stream in a [`Guarded`] (every HTTP/1 connection, plaintext
 //!   or TLS), which
 //!   - gives each request head a deadline (`limits.request_head_timeout`):
@@ -29,9 +31,13 @@
 //!     through `request/respond`. It is recognised by being written while a
 //!     head is still awaited, which only Pingora's parser does.
 //!
-//! HTTP/2 connections (ALPN `h2`, or the h2c preface) are not guarded: h2
-//! has its own flow control and settings, and its streams never reach
-//! [`head_received`].
+//!   - closes a kept-alive HTTP/1 connection idle for `limits.idle_timeout`
+//!     between requests (Pingora keeps HTTP/1.1 connections open for ever).
+//!
+//! HTTP/2 connections (ALPN `h2`, or the h2c preface) are guarded only
+//! until the preface and the first SETTINGS frame header are in (the head
+//! deadline); after that `h2_idle_timeout` (`limits.idle_timeout`) closes a
+//! connection without streams. Their streams never reach [`head_received`].
 //!
 //! [`spawn_trimmer`] returns freed heap to the kernel after many
 //! connections closed: glibc keeps freed memory in its arenas, so RSS stayed
@@ -60,6 +66,8 @@ use tokio::time::{Instant, Sleep};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The header of the SETTINGS frame that must follow it.
+const H2_FRAME_HEADER: usize = 9;
 
 /// What a listener enforces on its connections.
 #[derive(Debug, Clone)]
@@ -68,6 +76,9 @@ pub struct ListenerLimits {
     pub direction: &'static str,
     pub max_connections: usize,
     pub head_timeout: Duration,
+    /// How long a kept-alive HTTP/1 connection may sit idle between
+    /// requests (`limits.idle_timeout`).
+    pub idle_timeout: Duration,
     /// `crank_connections_refused_total{direction, reason="limit"}`.
     pub refused: IntCounter,
     /// `crank_request_head_timeouts_total{direction}`.
@@ -151,15 +162,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let _open = self.admit()?;
-        let stream: Stream = if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            stream
-        } else {
-            Box::new(Guarded::new(stream, &self.limits))
-        };
-        let mut next = self.inner.process_new(stream, shutdown).await;
-        while let Some(stream) = next {
-            next = self.inner.process_new(stream, shutdown).await;
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let mut guarded = Guarded::new(stream, &self.limits);
+        if h2 {
+            // The preface and the first SETTINGS frame header must arrive
+            // within the head deadline: an h2 connection that goes quiet
+            // before them would otherwise hold a slot for ever.
+            guarded.expect_h2(H2_PREFACE.len() + H2_FRAME_HEADER);
         }
+        // Pingora runs the HTTP/1 keep-alive loop inside process_new and
+        // hands nothing back; the slot is freed when it returns.
+        self.inner.process_new(Box::new(guarded), shutdown).await;
         None
     }
 
@@ -186,10 +199,8 @@ pub fn head_received(session: &pingora_proxy::Session) {
 /// from its first byte.
 pub fn request_done(session: &pingora_proxy::Session) {
     if let Some(g) = guard_of(session) {
-        if !g.h2 {
-            g.restart.store(true, Ordering::Release);
-            g.armed.store(true, Ordering::Release);
-        }
+        g.restart.store(true, Ordering::Release);
+        g.armed.store(true, Ordering::Release);
     }
 }
 
@@ -206,13 +217,20 @@ pub struct Guarded {
     restart: AtomicBool,
     /// The head clock runs (set at accept, and at the first byte of a head).
     clock_running: bool,
+    /// Between requests: the idle clock runs until the next head's first
+    /// byte.
+    idle: bool,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+    idle_timeout: Duration,
     timeouts: IntCounter,
     direction: &'static str,
     identity: Arc<str>,
-    /// The connection speaks h2c (the sniff saw the preface).
+    /// The connection speaks h2 (ALPN, or the sniff saw the h2c preface).
     h2: bool,
+    /// h2: bytes still to read before the handshake is in (the preface and
+    /// the SETTINGS frame header); the deadline holds until then.
+    h2_pending: usize,
     /// Pingora's parse-error response, replaced by ours while it is written.
     rewrite: Option<Rewrite>,
 }
@@ -242,17 +260,34 @@ impl Guarded {
             armed: AtomicBool::new(true),
             restart: AtomicBool::new(false),
             clock_running: true,
+            idle: false,
             deadline: Box::pin(tokio::time::sleep(limits.head_timeout)),
             timeout: limits.head_timeout,
+            idle_timeout: limits.idle_timeout,
             timeouts: limits.head_timeouts.clone(),
             direction: limits.direction,
             identity: limits.identity.clone(),
             h2: false,
+            h2_pending: 0,
             rewrite: None,
         }
     }
 
+    /// The connection speaks h2: the deadline holds until `bytes` more
+    /// bytes (the rest of the handshake) have been read.
+    fn expect_h2(&mut self, bytes: usize) {
+        self.h2 = true;
+        self.h2_pending = bytes;
+        self.armed.store(bytes > 0, Ordering::Release);
+    }
+
     fn timed_out(&self) -> io::Error {
+        if self.idle {
+            // An idle kept-alive connection: closed quietly, as Pingora's
+            // own keep-alive timeout would.
+            tracing::debug!(direction = self.direction, timeout = ?self.idle_timeout, "closed an idle kept-alive connection (limits.idle_timeout)");
+            return io::Error::new(io::ErrorKind::TimedOut, "idle between requests");
+        }
         self.timeouts.inc();
         tracing::info!(
             direction = self.direction,
@@ -356,15 +391,27 @@ impl AsyncRead for Guarded {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         if this.restart.swap(false, Ordering::AcqRel) {
-            this.clock_running = false;
+            // Between requests: the idle clock runs until the next byte.
+            this.clock_running = true;
+            this.idle = true;
+            let at = Instant::now() + this.idle_timeout;
+            this.deadline.as_mut().reset(at);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before && !this.clock_running {
-                    this.clock_running = true;
+                let n = buf.filled().len() - before;
+                if n > 0 && this.idle {
+                    // The next head's first byte: its own deadline starts.
+                    this.idle = false;
                     let at = Instant::now() + this.timeout;
                     this.deadline.as_mut().reset(at);
+                }
+                if this.h2 && n > 0 {
+                    this.h2_pending = this.h2_pending.saturating_sub(n);
+                    if this.h2_pending == 0 {
+                        this.armed.store(false, Ordering::Release);
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
@@ -405,9 +452,10 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let first = bufs.iter().find(|b| !b.is_empty());
-        if this.rewrite.is_some() || first.is_some_and(|b| this.is_parser_error(b).is_some()) {
-            let first = first.map_or(&[][..], |b| &b[..]);
+        let Some(first) = bufs.iter().find(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        if this.rewrite.is_some() || this.is_parser_error(first).is_some() {
             return Pin::new(this).poll_write(cx, first);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
@@ -451,8 +499,8 @@ impl Peek for Guarded {
         buf[..n].copy_from_slice(&self.prefix[..n]);
         buf[n..].fill(0);
         if n == H2_PREFACE.len() && buf == H2_PREFACE {
-            self.h2 = true;
-            self.armed.store(false, Ordering::Release);
+            // The preface is in the buffer; the SETTINGS header must follow.
+            self.expect_h2(H2_FRAME_HEADER);
         }
         Ok(true)
     }
@@ -624,6 +672,7 @@ mod tests {
             direction: "outbound",
             max_connections: 2,
             head_timeout: timeout,
+            idle_timeout: Duration::from_secs(60),
             refused: IntCounter::new("r", "r").unwrap(),
             head_timeouts: IntCounter::new("t", "t").unwrap(),
             open_gauge: IntGauge::new("g", "g").unwrap(),
@@ -667,7 +716,29 @@ mod tests {
         assert!(g.try_peek(&mut buf).await.unwrap());
         assert_eq!(&buf[..], H2_PREFACE);
         assert!(g.h2);
+        // Still guarded until the SETTINGS frame header is in.
+        assert!(g.armed.load(Ordering::Acquire));
+        client
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 33];
+        tokio::io::AsyncReadExt::read_exact(&mut g, &mut got)
+            .await
+            .unwrap();
         assert!(!g.armed.load(Ordering::Acquire));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_h2_handshake_is_cut_at_the_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut g, mut client, _) = pair(Duration::from_secs(10)).await;
+        g.expect_h2(33);
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        let mut buf = vec![0u8; 64];
+        assert_eq!(g.read(&mut buf).await.unwrap(), 10);
+        let cut = tokio::time::timeout(Duration::from_secs(30), g.read(&mut buf)).await;
+        assert_eq!(cut.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test(start_paused = true)]
@@ -707,19 +778,24 @@ mod tests {
             slow.is_err(),
             "the read waits for the body, past the head deadline"
         );
-        // request_done: an idle kept-alive connection is not cut by it.
+        // request_done: an idle kept-alive connection gets the idle
+        // timeout (60s), not the head deadline (10s).
         g.restart.store(true, Ordering::Release);
         g.armed.store(true, Ordering::Release);
         let idle = tokio::time::timeout(Duration::from_secs(30), g.read(&mut buf)).await;
-        assert!(
-            idle.is_err(),
-            "idle between requests: the head clock is not running"
-        );
-        // Its first byte starts the clock.
+        assert!(idle.is_err(), "idle for 30s: still open");
+        // Its first byte starts the head clock.
         client.write_all(b"G").await.unwrap();
         assert!(g.read(&mut buf).await.unwrap() > 0);
         let cut = tokio::time::timeout(Duration::from_secs(30), g.read(&mut buf)).await;
         assert_eq!(cut.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(lim.head_timeouts.get(), 1);
+        // An idle connection is closed after the idle timeout, and not
+        // counted as a slow head.
+        g.restart.store(true, Ordering::Release);
+        g.armed.store(true, Ordering::Release);
+        let closed = tokio::time::timeout(Duration::from_secs(90), g.read(&mut buf)).await;
+        assert_eq!(closed.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert_eq!(lim.head_timeouts.get(), 1);
     }
 }

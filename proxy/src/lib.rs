@@ -27,4 +27,5 @@ pub mod routing;
 pub mod server;
 pub mod spans;
 pub mod state;
+pub mod tap;
 pub mod tracecontext;

@@ -26,6 +26,9 @@ pub struct Metrics {
     /// `crank_request_head_timeouts_total{direction}`: connections closed
     /// because a request head was not complete in time.
     pub request_head_timeouts: IntCounterVec,
+    /// `crank_tap_events_dropped_total`: events a tap client lost (it fell
+    /// behind, or past its `max_rps`).
+    pub tap_dropped: IntCounter,
     /// `crank_inflight_requests`.
     pub inflight: IntGauge,
     /// `crank_ready` (1 when /ready answers 200).
@@ -285,6 +288,11 @@ impl Metrics {
             &["direction"],
         )
         .expect("static metric");
+        let tap_dropped = IntCounter::new(
+            "crank_tap_events_dropped_total",
+            "Tap events a tap client lost: it fell behind, or went past its max_rps",
+        )
+        .expect("static metric");
         let inflight =
             IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
         let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
@@ -371,6 +379,7 @@ impl Metrics {
             Box::new(proxy_errors.clone()),
             Box::new(connections_refused.clone()),
             Box::new(request_head_timeouts.clone()),
+            Box::new(tap_dropped.clone()),
             Box::new(inflight.clone()),
             Box::new(ready.clone()),
             Box::new(policy_decisions.clone()),
@@ -394,6 +403,7 @@ impl Metrics {
             proxy_errors,
             connections_refused,
             request_head_timeouts,
+            tap_dropped,
             inflight,
             ready,
             policy_decisions,

@@ -140,8 +140,15 @@ impl ProxyHttp for MeshProxy {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    /// The first phase after the head is parsed: the head deadline stops
+    /// here, so nothing a later phase writes is taken for Pingora's own
+    /// parse-error answer.
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
         crate::conn::head_received(session);
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         // Pipelined HTTP/1.1 requests are served in order (RFC 9112 §9.3.2)
         // instead of dropped after the first response.
         session.as_downstream_mut().set_pipelining_enabled(true);
@@ -157,7 +164,13 @@ impl ProxyHttp for MeshProxy {
                 return Ok(true);
             }
         }
-        let max_header_bytes = self.shared.config.load().limits.max_request_header_bytes;
+        // Inbound takes what a calling sidecar's edge let through plus what
+        // that sidecar added (traceparent, x-crank-capability, ...).
+        let max_header_bytes = self.shared.config.load().limits.max_request_header_bytes
+            + match self.direction {
+                Direction::Inbound => crank_api::proxy::SIDECAR_HEADER_HEADROOM,
+                Direction::Outbound => 0,
+            };
         if let Some((reason, detail)) = edge_refusal(session.req_header(), max_header_bytes) {
             self.refuse(session, ctx, reason, &detail).await;
             return Ok(true);
@@ -522,7 +535,13 @@ impl ProxyHttp for MeshProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        crate::conn::request_done(session);
+        if session.is_body_done() {
+            crate::conn::request_done(session);
+        } else {
+            // Pingora would drain the unread request body before reusing
+            // the connection, with no deadline: close it instead.
+            session.set_keepalive(None);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.finish_idempotency(ctx, e.is_none() && status > 0);
         if let (Some(t), Some(hop)) = (&self.shared.tracer, &ctx.hop) {
@@ -534,6 +553,11 @@ impl ProxyHttp for MeshProxy {
         let dir = self.direction.as_str();
         let route = ctx.route_label(self.direction).to_string();
         let elapsed = ctx.start.elapsed();
+        if self.shared.tap.active() {
+            self.shared
+                .tap
+                .publish(self.tap_event(session, ctx, status, elapsed));
+        }
         let m = &self.shared.metrics;
         m.requests
             .with_label_values(&[dir, &route, status_class(status)])
@@ -804,6 +828,56 @@ impl MeshProxy {
             attributes: a,
             error,
             end: std::time::SystemTime::now(),
+        }
+    }
+
+    /// The event `crankctl tap` sees for this request: no header values, no
+    /// body, no query string.
+    fn tap_event(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        status: u16,
+        elapsed: Duration,
+    ) -> crate::tap::TapEvent {
+        let req = session.req_header();
+        let path = match split_absolute(req.raw_path()) {
+            Some((_, _, pq)) => pq.split('?').next().unwrap_or("").to_string(),
+            None => req.uri.path().to_string(),
+        };
+        let me = Some(self.shared.me.spiffe_id.clone());
+        let (capability, source, destination) = match self.direction {
+            Direction::Inbound => (
+                self.inbound_capability(req),
+                ctx.peer.as_ref().map(|p| p.spiffe_id.clone()),
+                me,
+            ),
+            Direction::Outbound => (
+                ctx.route.as_ref().and_then(|r| r.capability.clone()),
+                me,
+                ctx.endpoint_identity.clone(),
+            ),
+        };
+        let crank_error = match (ctx.reason, &ctx.peer_error) {
+            (Some(r), _) => Some(r.as_str().to_string()),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        crate::tap::TapEvent {
+            ts_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            direction: self.direction.as_str(),
+            route: ctx.route_label(self.direction).to_string(),
+            capability,
+            method: req.method.as_str().to_string(),
+            path: if path.is_empty() { "/".into() } else { path },
+            status,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            source,
+            destination,
+            trace_id: ctx.trace_id(),
+            crank_error,
         }
     }
 

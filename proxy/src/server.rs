@@ -111,6 +111,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         enrollment: agent.as_ref().map(|a| a.status.clone()),
         mesh: mesh.clone(),
         config: ArcSwap::from_pointee(cfg.clone()),
+        tap: Arc::new(crate::tap::Tap::new(metrics.tap_dropped.clone())),
     });
     if let Some(agent) = agent {
         crate::enroll::spawn(agent, shared.clone())?;
@@ -151,6 +152,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         direction,
         max_connections,
         head_timeout: cfg.limits.request_head_timeout,
+        idle_timeout: cfg.limits.idle_timeout,
         refused: metrics
             .connections_refused
             .with_label_values(&[direction, "limit"]),
@@ -173,6 +175,9 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         );
         proxy.handle_init_modules();
         proxy.h2_options = Some(h2_options(&cfg.limits));
+        let mut opts = HttpServerOptions::default();
+        opts.h2_idle_timeout = Some(cfg.limits.idle_timeout);
+        proxy.server_options = Some(opts);
         let listener = Listener::new(proxy, limits("inbound", cfg.limits.inbound_max_connections));
         let mut svc = Service::new("crank inbound".into(), listener);
         let settings = shared.tls.server_settings(&metrics);
@@ -197,6 +202,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         proxy.handle_init_modules();
         let mut opts = HttpServerOptions::default();
         opts.h2c = true;
+        opts.h2_idle_timeout = Some(cfg.limits.idle_timeout);
         proxy.server_options = Some(opts);
         proxy.h2_options = Some(h2_options(&cfg.limits));
         let listener = Listener::new(

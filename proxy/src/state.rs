@@ -34,6 +34,8 @@ pub struct Shared {
     pub enrollment: Option<Arc<crate::enroll::AgentStatus>>,
     /// Config from crank-control and the registration; `None` without `mesh`.
     pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    /// Live traffic for `GET /tap` on the admin port.
+    pub tap: Arc<crate::tap::Tap>,
 }
 
 impl Shared {

@@ -80,6 +80,12 @@ pub struct LimitsConfig {
     /// closed. Default 10s.
     #[serde(default = "default_head_timeout", with = "humantime_serde")]
     pub request_head_timeout: Duration,
+    /// A kept-alive downstream connection with no request in progress
+    /// (HTTP/1 between requests, HTTP/2 without streams) is closed after
+    /// this long, so idle connections cannot hold the connection cap.
+    /// Default 60s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Largest request header list, counted as HTTP/2 counts it (name +
     /// value + 32 bytes per field, pseudo-headers included). Larger
     /// requests get 431. Default 61440 (60 KiB); the inbound HTTP/2 server
@@ -94,6 +100,7 @@ impl Default for LimitsConfig {
             outbound_max_connections: default_max_connections(),
             inbound_max_connections: default_max_connections(),
             request_head_timeout: default_head_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_request_header_bytes: default_max_header_bytes(),
         }
     }
@@ -109,6 +116,9 @@ fn default_max_connections() -> usize {
 }
 fn default_head_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_header_bytes() -> usize {
     60 * 1024

@@ -775,7 +775,13 @@ impl MeshProxy {
             .route
             .as_ref()
             .is_some_and(|r| r.cfg.circuit.failure_statuses.contains(&status));
-        self.record_attempt(ctx, shed_by_peer || !failed, !shed_by_peer && !failed);
+        // A quick 500 that does not count against the endpoint must still
+        // not make it look fast to the balancer.
+        self.record_attempt(
+            ctx,
+            shed_by_peer || !failed,
+            !shed_by_peer && !failed && status < 500,
+        );
         if status >= 500 && self.may_retry(session, ctx, Failure::Status(status)) {
             ctx.res.status_retry = true;
             let mut e = Error::explain(RETRY_STATUS, format!("upstream answered {status}"));

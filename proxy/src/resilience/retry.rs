@@ -74,9 +74,9 @@ pub enum PeerRefusal {
     /// would not send it: the same request fails everywhere, so it is not
     /// retried either.
     Malformed,
-    /// The peer reset the stream with `REFUSED_STREAM`: it processed
-    /// nothing (too many streams, an oversized header block), so the
-    /// request may go elsewhere.
+    /// The peer reset the stream with `REFUSED_STREAM` (too many streams,
+    /// an oversized header block), or the local HTTP/2 client failed before
+    /// sending: nothing was processed, so the request may go elsewhere.
     Refused,
 }
 
@@ -94,8 +94,9 @@ pub fn classify_h2(
     match (reset, remote, io, go_away, reason) {
         (true, true, _, _, Some(h2::Reason::PROTOCOL_ERROR)) => Some(PeerRefusal::Malformed),
         (true, true, _, _, Some(h2::Reason::REFUSED_STREAM)) => Some(PeerRefusal::Refused),
-        // A local user error: the h2 client refused to encode the request.
-        (false, false, false, false, None) => Some(PeerRefusal::Malformed),
+        // A local error of the h2 client (a stream id overflow on a long
+        // pooled connection, say): not the peer's doing, nothing was sent.
+        (false, false, false, false, None) => Some(PeerRefusal::Refused),
         _ => None,
     }
 }
@@ -276,7 +277,7 @@ mod tests {
             ),
             (
                 (false, false, false, false, None),
-                Some(PeerRefusal::Malformed),
+                Some(PeerRefusal::Refused),
             ),
             // The endpoint's business: its connection broke or went away,
             // or it cancelled the stream itself.
