@@ -89,15 +89,7 @@ fn stream_tap(
     query: &str,
     mut each: impl FnMut(serde_json::Value) -> bool,
 ) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
-        format!("cannot connect to the sidecar admin port {addr}; is admin.listen right?")
-    })?;
-    write!(
-        s,
-        "GET /tap?{query} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut r = BufReader::new(s);
-    let (status, headers) = read_head(&mut r)?;
+    let (status, headers, mut r) = admin_get(addr, &format!("/tap?{query}"), None)?;
     if status != 200 {
         let mut body = String::new();
         let _ = r.take(4096).read_to_string(&mut body);
@@ -129,6 +121,26 @@ fn stream_tap(
             }
         }
     }
+}
+
+/// `GET path` on a sidecar's admin port (one request, then the connection
+/// closes): the status, the lower-cased header block, and the body to read.
+fn admin_get(
+    addr: SocketAddr,
+    path: &str,
+    read_timeout: Option<Duration>,
+) -> Result<(u16, String, BufReader<TcpStream>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| {
+        format!("cannot connect to the sidecar admin port {addr}; is admin.listen right?")
+    })?;
+    s.set_read_timeout(read_timeout)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    Ok((status, headers, r))
 }
 
 /// Status and lower-cased header block of an HTTP/1.1 response.
@@ -278,15 +290,7 @@ pub fn top(args: &TopArgs) -> Result<()> {
 }
 
 fn get_metrics(addr: SocketAddr) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to the sidecar admin port {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut r = BufReader::new(s);
-    let (status, _) = read_head(&mut r)?;
+    let (status, _, mut r) = admin_get(addr, "/metrics", Some(Duration::from_secs(10)))?;
     if status != 200 {
         bail!("{addr}/metrics answered {status}");
     }

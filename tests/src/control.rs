@@ -83,6 +83,16 @@ impl ControlPlane {
         self.dir.path()
     }
 
+    /// Writes `text` to `rel` in the mesh config directory (`mesh/`), then
+    /// renames it into place, as editors and git do.
+    pub fn write_mesh_file(&self, rel: &str, text: &str) {
+        let p = self.path().join("mesh").join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let tmp = p.with_extension("tmp~");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
     /// The root bundle a new workload starts from (`ca/root/bundle.pem`).
     pub fn bootstrap_bundle(&self) -> PathBuf {
         self.path().join("ca/root/bundle.pem")

@@ -165,3 +165,28 @@ where
     });
     (addr_rx.recv().unwrap(), tx)
 }
+
+/// Runs Debian's `promtool` (from the prometheus package that tests/run.sh
+/// installs) in `dir`; panics with how to install it when it cannot run.
+pub fn promtool(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    match std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "promtool cannot run ({e}): it comes with Debian's prometheus package, which tests/run.sh installs; run `bash tests/run.sh` (or `apt-get install prometheus`)"
+        ),
+    }
+}
+
+/// A finished command's status, stdout and stderr, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

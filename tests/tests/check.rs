@@ -83,11 +83,7 @@ fn finding<'a>(
 }
 
 fn write(cp: &ControlPlane, rel: &str, text: &str) {
-    let p = cp.path().join("mesh").join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    let tmp = p.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &p).unwrap();
+    cp.write_mesh_file(rel, text);
 }
 
 const ROUTE: &str =

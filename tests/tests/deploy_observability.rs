@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crank_tests::control::{ControlOptions, ControlPlane, EnrolledMesh};
@@ -586,23 +586,7 @@ fn dashboard_is_a_grafana_dashboard_with_a_prometheus_datasource_variable() {
     }
 }
 
-fn promtool(dir: &Path, args: &[&str]) -> Output {
-    match Command::new("promtool").args(args).current_dir(dir).output() {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "promtool cannot run ({e}): it comes with Debian's prometheus package, which tests/run.sh installs; run `bash tests/run.sh` (or `apt-get install prometheus`)"
-        ),
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crank_tests::{output_text as text, promtool};
 
 /// A dashboard expression as Prometheus gets it after Grafana fills in the
 /// variables ("All" is `.*`).

@@ -22,12 +22,7 @@ fn route(backends: &str) -> String {
 }
 
 fn write(cp: &ControlPlane, rel: &str, text: &str) {
-    let p = cp.path().join("mesh").join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    // Write then rename, as editors and git do.
-    let tmp = p.with_extension("tmp~");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, &p).unwrap();
+    cp.write_mesh_file(rel, text);
 }
 
 fn control(lease: &str) -> ControlPlane {

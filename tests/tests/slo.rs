@@ -21,23 +21,7 @@ fn crankctl(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn promtool(dir: &Path, args: &[&str]) -> Output {
-    match Command::new("promtool").args(args).current_dir(dir).output() {
-        Ok(o) => o,
-        Err(e) => panic!(
-            "promtool cannot run ({e}): it comes with Debian's prometheus package, which tests/run.sh installs; run `bash tests/run.sh` (or `apt-get install prometheus`)"
-        ),
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crank_tests::{output_text as text, promtool};
 
 /// One value per minute: `per_min[i]` added during minute i, from 0.
 fn counter(per_min: impl IntoIterator<Item = u64>) -> String {
