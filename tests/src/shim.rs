@@ -119,3 +119,25 @@ impl Drop for Shim {
         }
     }
 }
+
+/// Polls a job with `fetch` (its JSON record) until it succeeds, and
+/// returns the record; fails at once if it fails, times out or is
+/// cancelled, and after 60 s.
+pub fn wait_for_job_success(
+    what: &str,
+    mut fetch: impl FnMut() -> serde_json::Value,
+) -> serde_json::Value {
+    let mut done = serde_json::Value::Null;
+    crate::wait_until(what, Duration::from_secs(60), || {
+        done = fetch();
+        assert!(
+            !matches!(
+                done["state"].as_str(),
+                Some("failed" | "timed_out" | "canceled")
+            ),
+            "{done:#}"
+        );
+        done["state"] == "succeeded"
+    });
+    done
+}

@@ -220,22 +220,9 @@ fn ffmpeg_transcode_through_a_sidecar_pair_with_progress_and_ffprobe_checked_out
     );
 
     // Follow it through the sidecar until it succeeds.
-    let mut done = Value::Null;
-    wait_until(
-        "the transcode job to succeed",
-        Duration::from_secs(60),
-        || {
-            done = get_json(&mesh.port_url(&format!("/v1/jobs/{id}")));
-            assert!(
-                !matches!(
-                    done["state"].as_str(),
-                    Some("failed" | "timed_out" | "canceled")
-                ),
-                "{done:#}"
-            );
-            done["state"] == "succeeded"
-        },
-    );
+    let done = crank_tests::shim::wait_for_job_success("the transcode job to succeed", || {
+        get_json(&mesh.port_url(&format!("/v1/jobs/{id}")))
+    });
     assert_eq!(done["progress"]["percent"], 100.0, "{done:#}");
     let processed = done["progress"]["processed_seconds"].as_f64().unwrap();
     assert!(
