@@ -395,6 +395,13 @@ fn validate_mesh(
             "is out of range; use 1s to 60s (default 30s)".into(),
         ));
     }
+    let every = m.report_interval;
+    if !every.is_zero() && !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&every) {
+        p.push((
+            "mesh.report_interval".into(),
+            "is out of range; use 1s to 10m (default 10s), or 0s to send no traffic reports".into(),
+        ));
+    }
     if m.state_dir
         .as_ref()
         .is_some_and(|d| d.as_os_str().is_empty())
@@ -1055,12 +1062,14 @@ mod tests {
         .unwrap();
         let m = cfg.mesh.as_ref().unwrap();
         assert_eq!(m.watch_wait.as_secs(), 30);
+        assert_eq!(m.report_interval.as_secs(), 10);
         assert_eq!(m.state_dir, None);
         let r = m.register.as_ref().unwrap();
         assert_eq!(r.lease.as_secs(), 10);
         assert_eq!(r.address, None);
         run(format!("{id}{inb}policy: {{inbound: {{dir: pol}}}}\nmesh: {{policy_dir: pol, watch_wait: 5s, state_dir: ms, register: {{address: \"10.0.0.7:4143\", from_file: shim.json, lease: 5m, labels: {{gpu: none}}}}}}\n")).unwrap();
         run(format!("{id}mesh: {{}}\n")).unwrap();
+        run(format!("{id}mesh: {{report_interval: 0s}}\n")).unwrap();
         let listen_any = "inbound: {listen: 0.0.0.0:4143, app: 127.0.0.1:8080}\n";
         let cases: &[(String, &str, &str)] = &[
             (
@@ -1072,6 +1081,16 @@ mod tests {
                 format!("{id}mesh: {{watch_wait: 61s}}\n"),
                 "mesh.watch_wait",
                 "1s to 60s",
+            ),
+            (
+                format!("{id}mesh: {{report_interval: 500ms}}\n"),
+                "mesh.report_interval",
+                "1s to 10m",
+            ),
+            (
+                format!("{id}mesh: {{report_interval: 11m}}\n"),
+                "mesh.report_interval",
+                "1s to 10m",
             ),
             (
                 format!("{id}mesh: {{watch_wait: 0s}}\n"),

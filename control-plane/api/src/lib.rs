@@ -8,4 +8,5 @@
 pub mod identity;
 pub mod mesh;
 pub mod proxy;
+pub mod report;
 pub mod resilience;

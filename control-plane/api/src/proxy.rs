@@ -364,6 +364,12 @@ pub struct MeshConfig {
     /// registered (a client-only workload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub register: Option<MeshRegisterConfig>,
+    /// How often this proxy pushes its traffic report (request counts,
+    /// latency histogram, recent policy denials and shed requests) to
+    /// crank-control for its dashboard. Default 10s; `0s` turns it off;
+    /// otherwise 1s to 10m.
+    #[serde(default = "default_report_interval", with = "humantime_serde")]
+    pub report_interval: Duration,
 }
 
 /// This workload's endpoint in crank-control's registry (`mesh.register`).
@@ -401,6 +407,10 @@ fn default_renew_at() -> f64 {
 }
 fn default_watch_wait() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_report_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

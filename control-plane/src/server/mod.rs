@@ -16,6 +16,7 @@ mod metrics;
 pub mod routes;
 pub mod state;
 mod tls;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
