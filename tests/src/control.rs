@@ -15,6 +15,8 @@ pub struct ControlPlane {
     pub listen: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// `dashboard_listen`, when [`ControlOptions::dashboard`] is set.
+    pub dashboard: Option<SocketAddr>,
 }
 
 /// Knobs for the control plane's config.
@@ -24,6 +26,8 @@ pub struct ControlOptions {
     pub stale_after: &'static str,
     /// YAML appended to control.yaml (`config_dir: mesh`, `registry: {lease: 2s}`).
     pub extra: String,
+    /// Serve the web dashboard on a free loopback port (`dashboard_listen`).
+    pub dashboard: bool,
 }
 
 impl Default for ControlOptions {
@@ -32,6 +36,7 @@ impl Default for ControlOptions {
             leaf_ttl: "1h",
             stale_after: "10m",
             extra: String::new(),
+            dashboard: false,
         }
     }
 }
@@ -50,11 +55,15 @@ impl ControlPlane {
         let listen = free_addr();
         let config = dir.path().join("control.yaml");
         let log = dir.path().join("control.log");
+        let dashboard = opts.dashboard.then(free_addr);
+        let dashboard_yaml = dashboard
+            .map(|a| format!("dashboard_listen: {a}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 "listen: {listen}\nstate_dir: state\nadmin_socket: state/admin.sock\nca: {{intermediate: ca/int1}}\n\
-                 certs: {{leaf_ttl: {}}}\nworkloads: {{stale_after: {}}}\n{}",
+                 certs: {{leaf_ttl: {}}}\nworkloads: {{stale_after: {}}}\n{dashboard_yaml}{}",
                 opts.leaf_ttl, opts.stale_after, opts.extra
             ),
         )
@@ -65,6 +74,7 @@ impl ControlPlane {
             listen,
             config,
             log,
+            dashboard,
         };
         cp.ctl_ok(&["ca", "init", "--dir", "ca/root"]);
         cp.ctl_ok(&[
@@ -81,6 +91,19 @@ impl ControlPlane {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The dashboard's address; panics when it was not asked for.
+    pub fn dashboard_addr(&self) -> SocketAddr {
+        self.dashboard
+            .expect("start the control plane with ControlOptions { dashboard: true, .. }")
+    }
+
+    /// `GET /api/state` on the dashboard, parsed.
+    pub fn dashboard_state(&self) -> serde_json::Value {
+        let (status, body) = crate::plain_get(self.dashboard_addr(), "/api/state");
+        assert_eq!(status, 200, "dashboard /api/state: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/state: {e}: {body}"))
     }
 
     /// Writes `text` to `rel` in the mesh config directory (`mesh/`), then

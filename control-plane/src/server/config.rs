@@ -23,6 +23,10 @@ pub struct ControlConfig {
     /// Prometheus `/metrics` (plain HTTP). Absent: metrics only on the admin socket.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The web dashboard (plain HTTP, read-only, no authentication: keep it
+    /// on loopback or a trusted network). Absent: no dashboard.
+    #[serde(default)]
+    pub dashboard_listen: Option<SocketAddr>,
     /// `state.json` (CA generations, tokens (hashed), inventory, deny list,
     /// rotation) and `bundle.pem` (the current roots) live here.
     pub state_dir: PathBuf,
@@ -228,7 +232,27 @@ pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
     if cfg.workloads.stale_after < Duration::from_secs(1) {
         return Err(err("workloads.stale_after", "is under 1s".into()));
     }
+    check_listeners(&cfg).map_err(|(field, m)| err(field, m))?;
     Ok(cfg)
+}
+
+/// The TCP listeners must not share an address (the second bind would fail).
+fn check_listeners(cfg: &ControlConfig) -> Result<(), (&'static str, String)> {
+    let mut seen = vec![("listen", cfg.listen)];
+    for (field, addr) in [
+        ("metrics_listen", cfg.metrics_listen),
+        ("dashboard_listen", cfg.dashboard_listen),
+    ] {
+        let Some(addr) = addr else { continue };
+        if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr && addr.port() != 0) {
+            return Err((
+                field,
+                format!("{addr} is also {other}; give each listener its own port"),
+            ));
+        }
+        seen.push((field, addr));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -245,6 +269,13 @@ mod tests {
         assert_eq!(c.certs.max_leaf_ttl, Duration::from_secs(7 * 86400));
         assert_eq!(c.tokens.default_ttl, Duration::from_secs(3600));
         assert_eq!(c.workloads.stale_after, Duration::from_secs(600));
+        assert_eq!(c.dashboard_listen, None);
+        let c = parse(
+            "c.yaml",
+            &format!("{BASE}dashboard_listen: 127.0.0.1:9480\n"),
+        )
+        .unwrap();
+        assert_eq!(c.dashboard_listen, Some("127.0.0.1:9480".parse().unwrap()));
     }
 
     #[test]
@@ -259,6 +290,21 @@ mod tests {
                 "max_ttl",
             ),
             ("trust_domain: Not_Valid\n", "trust_domain", "trust domain"),
+            (
+                "dashboard_listen: 127.0.0.1:8443\n",
+                "dashboard_listen",
+                "also listen",
+            ),
+            (
+                "metrics_listen: 127.0.0.1:9470\ndashboard_listen: 127.0.0.1:9470\n",
+                "dashboard_listen",
+                "also metrics_listen",
+            ),
+            (
+                "dashboard_listen: localhost\n",
+                "dashboard_listen",
+                "socket address",
+            ),
         ];
         for (extra, field, msg) in cases {
             let e = parse("c.yaml", &format!("{BASE}{extra}")).unwrap_err();
