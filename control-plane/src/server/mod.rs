@@ -4,12 +4,14 @@
 //! every change is saved to `state.json` and wakes the watchers.
 //!
 //! Ports and tasks: `listen` (TLS, workload API), `admin_socket` (HTTP/1.1
-//! over a Unix socket), optional `metrics_listen`, and one ticker task that
+//! over a Unix socket), optional `metrics_listen` and `dashboard_listen`
+//! (the web dashboard, [`dashboard`]), and one ticker task that
 //! moves rotations on, prunes expired entries and renews the server's own
 //! certificate.
 
 pub mod admin;
 pub mod config;
+mod dashboard;
 mod http;
 pub mod mesh;
 mod metrics;
@@ -264,6 +266,16 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             .await
             .with_context(|| format!("metrics_listen {addr}: cannot bind"))?;
         tasks.spawn(http::serve_metrics(control.clone(), l));
+    }
+    if let Some(addr) = cfg.dashboard_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("dashboard_listen {addr}: cannot bind"))?;
+        tracing::info!(dashboard = %format!("http://{addr}/"), "dashboard serving");
+        let c = control.clone();
+        tasks.spawn(dashboard::serve_dashboard(l, move || {
+            serde_json::to_vec(&c.dashboard_state())
+        }));
     }
     let ticker = control.clone();
     tasks.spawn(async move {
