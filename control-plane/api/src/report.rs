@@ -141,7 +141,9 @@ impl TrafficReport {
                 return bad(format!("a refusal's path is longer than {MAX_PATH} bytes"));
             }
             if e.source.as_ref().is_some_and(|s| s.len() > MAX_LABEL) {
-                return bad(format!("a refusal's source is longer than {MAX_LABEL} bytes"));
+                return bad(format!(
+                    "a refusal's source is longer than {MAX_LABEL} bytes"
+                ));
             }
         }
         Ok(())

@@ -372,6 +372,10 @@ async fn route_workload(
             Ok(_) => control.deregister(req).await,
             Err(e) => Err(e),
         },
+        Some(WorkloadRoute::MeshReport) => match who() {
+            Ok(id) => control.mesh_report(req, id).await,
+            Err(e) => Err(e),
+        },
         None => Err(not_found(&path)),
     };
     Ok(r.unwrap_or_else(|e| control.refused(e, &path)))

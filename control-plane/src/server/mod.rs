@@ -53,6 +53,8 @@ pub struct Control {
     /// the registry to fill again (see `registry_grace_left`).
     mesh_restarted: bool,
     update_cache: Mutex<mesh::UpdateCache>,
+    /// The proxies' traffic reports, for the dashboard.
+    traffic: Mutex<traffic::store::TrafficStore>,
 }
 
 /// Longer than the longest watch (60 s): by then every live workload has
@@ -130,6 +132,7 @@ impl Control {
             mesh_restarted: mesh_state.current.is_some(),
             mesh: Mutex::new(mesh_state),
             update_cache: Mutex::default(),
+            traffic: Mutex::default(),
             registry: Arc::new(crate::registry::MemoryRegistry::new()),
         });
         control.tick_mesh();

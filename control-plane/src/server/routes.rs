@@ -17,6 +17,7 @@ pub enum WorkloadRoute {
     Register,
     Heartbeat,
     Deregister,
+    MeshReport,
     OpenApi,
 }
 
@@ -51,6 +52,7 @@ pub const WORKLOAD_ROUTES: &[(&str, &str, WorkloadRoute, bool)] = &[
         WorkloadRoute::Deregister,
         true,
     ),
+    ("POST", "/v1/mesh/report", WorkloadRoute::MeshReport, true),
     ("GET", "/v1/openapi.json", WorkloadRoute::OpenApi, false),
 ];
 
@@ -78,6 +80,8 @@ mod tests {
             ("GET", "/v1/identity/enroll", None),
             ("GET", "/v1/mesh/watch", Some(WorkloadRoute::MeshWatch)),
             ("GET", "/v1/mesh/watch/", None),
+            ("POST", "/v1/mesh/report", Some(WorkloadRoute::MeshReport)),
+            ("GET", "/v1/mesh/report", None),
             ("POST", "/v1/registry/nope", None),
             ("GET", "/v1/openapi.json", Some(WorkloadRoute::OpenApi)),
         ];

@@ -1,10 +1,24 @@
 //! What the dashboard shows: [`DashboardState`], built by
 //! [`Control::dashboard_state`] from the CA state, the published mesh
-//! config, the registry and the proxies' traffic reports
-//! (`POST /v1/mesh/report`).
+//! config, the registry and the proxies' traffic reports, which arrive on
+//! `POST /v1/mesh/report` ([`Control::mesh_report`]) and are kept in
+//! memory ([`store`]). The rows are pure functions of those ([`aggregate`]).
 
+pub mod aggregate;
+pub mod store;
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use crank_api::report::TrafficReport;
+use crank_certs::Identity;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::Request;
 use serde::{Deserialize, Serialize};
 
+use super::http::{json, Resp};
+use super::state::Refusal;
 use super::{now, Control};
 
 /// The whole dashboard, as `GET /api/state` serves it.
@@ -133,39 +147,132 @@ pub struct RefusalInfo {
 /// The most refusals the dashboard shows.
 pub const MAX_REFUSALS: usize = 50;
 
+/// Largest report body crank-control reads (256 KiB).
+pub const MAX_REPORT_BODY: usize = 256 * 1024;
+
+fn refusal(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Reads and checks a report body.
+async fn report_body(req: Request<Incoming>) -> Result<TrafficReport, Refusal> {
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_REPORT_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            refusal(
+                400,
+                "bad-request",
+                format!("cannot read the report ({e}); a report is JSON under 256 KiB"),
+            )
+        })?
+        .to_bytes();
+    let r: TrafficReport = serde_json::from_slice(&bytes).map_err(|e| {
+        refusal(
+            400,
+            "bad-request",
+            format!("the body is not a traffic report: {e}"),
+        )
+    })?;
+    super::http::check_instance(&r.instance)?;
+    r.validate()
+        .map_err(|e| refusal(400, "bad-request", format!("the traffic report: {e}")))?;
+    Ok(r)
+}
+
 impl Control {
+    fn traffic(&self) -> std::sync::MutexGuard<'_, store::TrafficStore> {
+        self.traffic.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `POST /v1/mesh/report`: keeps a proxy's traffic report under the
+    /// identity of its client certificate.
+    pub(super) async fn mesh_report(
+        &self,
+        req: Request<Incoming>,
+        id: Identity,
+    ) -> Result<Resp, Refusal> {
+        let r = report_body(req).await?;
+        let refusals = r.refusals.len();
+        self.traffic()
+            .record(&id.dns_name(), r, now_ms())
+            .map_err(|e| refusal(503, "report-store-full", e.to_string()))?;
+        Ok(json(
+            200,
+            &serde_json::json!({"ok": true, "refusals": refusals}),
+        ))
+    }
+
     /// The dashboard's state now.
     pub fn dashboard_state(&self) -> DashboardState {
-        let t = now();
+        let (t, t_ms) = (now(), now_ms());
         let status = self.mesh_status();
-        let routes = self
-            .mesh_routes()
-            .into_iter()
-            .map(|r| RouteInfo {
-                name: r.route.name.clone(),
-                capability: r.route.backends.first().map(|b| b.capability.clone()),
-                endpoints: r
-                    .endpoints
-                    .iter()
-                    .map(|e| EndpointInfo {
-                        address: e.address.to_string(),
-                        identity: e.identity.clone(),
-                        live: true,
-                    })
-                    .collect(),
+        let published = self.mesh().current.clone();
+        let entries = self.registry.snapshot(super::mesh::instant()).entries;
+        let route_rows = published
+            .as_ref()
+            .map(|p| super::mesh::route_rows(p, &entries))
+            .unwrap_or_default();
+        let capability_of: HashMap<String, String> = route_rows
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.route.name.clone(),
+                    r.route.backends.first()?.capability.clone(),
+                ))
             })
             .collect();
-        let trust_domain = self.cfg.trust_domain.clone();
+        let objectives = published
+            .as_ref()
+            .map(|p| crate::slo::objectives(&p.snapshot))
+            .unwrap_or_default();
+        let certs = aggregate::certs(&self.state(), t);
+        let mut traffic = self.traffic();
+        traffic.prune(t_ms);
+        let instances: Vec<&store::InstanceReports> = traffic.instances().collect();
         DashboardState {
             generated_at: t,
-            trust_domain,
+            trust_domain: self.cfg.trust_domain.clone(),
             config: ConfigInfo {
                 seq: status.version.as_ref().map(|v| v.seq),
                 hash: status.version.map(|v| v.hash),
                 policy_revision: status.policy_revision,
             },
-            routes,
-            ..Default::default()
+            workloads: aggregate::workloads(&instances, &entries, t_ms),
+            edges: aggregate::edges(&instances, &capability_of, t_ms),
+            certs,
+            routes: route_rows.iter().map(route_info).collect(),
+            slos: aggregate::slos(&objectives, &instances),
+            refusals: traffic.refusals().to_vec(),
         }
+    }
+}
+
+/// A route with its resolved endpoints: every one has a live lease (the
+/// registry drops expired ones before resolving).
+fn route_info(r: &super::mesh::RouteRow) -> RouteInfo {
+    RouteInfo {
+        name: r.route.name.clone(),
+        capability: r.route.backends.first().map(|b| b.capability.clone()),
+        endpoints: r
+            .endpoints
+            .iter()
+            .map(|e| EndpointInfo {
+                address: e.address.to_string(),
+                identity: e.identity.clone(),
+                live: true,
+            })
+            .collect(),
     }
 }
