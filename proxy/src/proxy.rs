@@ -1045,6 +1045,37 @@ impl MeshProxy {
         self.respond(session, ctx, reason, detail).await;
     }
 
+    /// Keeps a policy denial or a shed request for the next traffic report
+    /// to crank-control (only with `mesh`; never waits).
+    fn note_refusal(&self, session: &Session, ctx: &Ctx, reason: Reason, status: u16) {
+        let Some(mesh) = &self.shared.mesh else {
+            return;
+        };
+        if !crate::mesh::report::is_reported(reason) {
+            return;
+        }
+        let source = match self.direction {
+            Direction::Inbound => ctx
+                .peer
+                .as_ref()
+                .map(|p| format!("{}.{}.{}", p.service, p.tenant, p.trust_domain)),
+            Direction::Outbound => {
+                let me = &self.shared.me;
+                Some(format!("{}.{}.{}", me.service, me.tenant, me.trust_domain))
+            }
+        };
+        let req = session.req_header();
+        mesh.refusals.push(crate::mesh::report::event(
+            self.direction.as_str(),
+            status,
+            reason,
+            ctx.route_label(self.direction),
+            req.method.as_str(),
+            req.uri.path(),
+            source,
+        ));
+    }
+
     /// Writes the proxy's own response: status, `x-crank-error`, and a body
     /// saying what happened and what to do.
     pub(crate) async fn respond(
@@ -1103,6 +1134,7 @@ impl MeshProxy {
             .with_label_values(&[self.direction.as_str(), reason.as_str()])
             .inc();
         let status = ctx.res.status_override.unwrap_or(reason.status());
+        self.note_refusal(session, ctx, reason, status);
         let Ok(mut resp) = ResponseHeader::build(status, Some(6 + extra.len())) else {
             return;
         };

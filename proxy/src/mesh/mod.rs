@@ -9,7 +9,8 @@
 //! - While running ([`spawn`], its own thread and runtime): [`watch`]
 //!   long-polls `GET /v1/mesh/watch` and applies each new version whole
 //!   ([`merge`] then [`crate::reload::apply`]), or refuses it whole;
-//!   [`register`] keeps this workload's lease in the registry alive.
+//!   [`register`] keeps this workload's lease in the registry alive;
+//!   [`report`] posts this proxy's traffic to crank-control's dashboard.
 //! - On SIGTERM ([`register::DeregisterFirst`]): the registration is
 //!   removed before the drain starts, so peers stop sending here.
 //!
@@ -20,6 +21,7 @@
 pub mod merge;
 pub mod metrics;
 pub mod register;
+pub mod report;
 pub mod store;
 pub mod watch;
 
@@ -96,6 +98,8 @@ pub struct Mesh {
     stop_rx: Mutex<Option<mpsc::Receiver<oneshot::Sender<()>>>>,
     /// Pushed policies without a `policy_dir` were logged once.
     policies_ignored: AtomicBool,
+    /// Policy denials and shed requests for the next traffic report.
+    pub refusals: report::RefusalRing,
 }
 
 impl Mesh {
@@ -157,6 +161,7 @@ impl Mesh {
             stop: Mutex::new(Some(stop_tx)),
             stop_rx: Mutex::new(Some(stop_rx)),
             policies_ignored: AtomicBool::new(false),
+            refusals: report::RefusalRing::default(),
         })))
     }
 
@@ -353,7 +358,7 @@ pub fn spawn(mesh: Arc<Mesh>, shared: Arc<Shared>) -> std::io::Result<()> {
                         register::run(&mesh, &shared, r, stop).await;
                     }
                 };
-                tokio::join!(watch::run(&mesh, &shared), reg);
+                tokio::join!(watch::run(&mesh, &shared), reg, report::run(&mesh, &shared));
             })
         })?;
     Ok(())

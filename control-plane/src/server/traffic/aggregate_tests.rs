@@ -233,6 +233,17 @@ fn slos_count_the_outbound_requests_of_their_routes() {
     );
 }
 
+/// identity, service, tenant, capabilities, endpoints, proxies, last report
+type Row<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Vec<String>,
+    usize,
+    usize,
+    Option<i64>,
+);
+
 #[test]
 fn workloads_join_the_registry_and_the_reports() {
     let now = std::time::SystemTime::now();
@@ -266,7 +277,7 @@ fn workloads_join_the_registry_and_the_reports() {
         None,
     );
     let got = workloads(&[&live, &silent], &entries, 10_000);
-    let rows: Vec<(&str, &str, &str, Vec<String>, usize, usize, Option<i64>)> = got
+    let rows: Vec<Row> = got
         .iter()
         .map(|w| {
             (

@@ -119,7 +119,7 @@ impl TrafficStore {
                 source: e.source,
             }));
         // Stable: events of one report with the same time keep their order.
-        self.refusals.sort_by(|a, b| b.at_ms.cmp(&a.at_ms));
+        self.refusals.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
         self.refusals.truncate(MAX_REFUSALS);
     }
 

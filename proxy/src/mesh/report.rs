@@ -1,0 +1,304 @@
+//! Traffic reports to crank-control (`mesh.report_interval`): every period
+//! this proxy posts the cumulative values of `crank_requests_total` and
+//! `crank_request_duration_seconds` and the refusals since its last
+//! accepted report to `POST /v1/mesh/report`, over the same mTLS client as
+//! the watch. crank-control's dashboard turns them into rates. A failed
+//! post is logged at debug and its refusals go with the next one; nothing
+//! here touches a request.
+//!
+//! The refusals come from [`RefusalRing`], which the one place the proxy
+//! writes its own responses ([`crate::proxy`]'s `respond_with`) fills with
+//! policy denials and shed or limited requests ([`is_reported`]).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crank_api::report::{
+    clip_path, LatencyHistogram, RefusalEvent, RequestCount, TrafficReport, MAX_LATENCY_SERIES,
+    MAX_REFUSALS, MAX_REQUEST_SERIES,
+};
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+
+use super::{credentials, Mesh};
+use crate::errors::Reason;
+use crate::metrics::Metrics;
+use crate::state::Shared;
+
+/// Deadline of one report post.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The refusals the dashboard shows: policy denials (and a policy that
+/// could not be evaluated) and requests shed or limited by a quota, the
+/// concurrency limit, its queue or an open circuit.
+pub fn is_reported(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::PolicyDenied
+            | Reason::PolicyError
+            | Reason::RateLimited
+            | Reason::Overloaded
+            | Reason::QueueTimeout
+            | Reason::CircuitOpen
+    )
+}
+
+/// The newest refusals not reported yet, at most [`MAX_REFUSALS`]. Writers
+/// never wait: when the lock is taken (the report task draining it), the
+/// refusal is left out.
+#[derive(Debug, Default)]
+pub struct RefusalRing {
+    q: Mutex<VecDeque<RefusalEvent>>,
+}
+
+impl RefusalRing {
+    pub fn push(&self, e: RefusalEvent) {
+        if let Ok(mut q) = self.q.try_lock() {
+            if q.len() >= MAX_REFUSALS {
+                q.pop_front();
+            }
+            q.push_back(e);
+        }
+    }
+
+    /// Takes every refusal, oldest first.
+    pub fn drain(&self) -> Vec<RefusalEvent> {
+        let mut q = self.q.lock().unwrap_or_else(|e| e.into_inner());
+        q.drain(..).collect()
+    }
+}
+
+/// A refusal as the report carries it, stamped now.
+pub fn event(
+    direction: &str,
+    status: u16,
+    reason: Reason,
+    route: &str,
+    method: &str,
+    path: &str,
+    source: Option<String>,
+) -> RefusalEvent {
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    RefusalEvent {
+        at_ms,
+        direction: direction.to_string(),
+        status,
+        reason: reason.as_str().to_string(),
+        route: route.to_string(),
+        method: method.to_string(),
+        path: clip_path(path),
+        source,
+    }
+}
+
+fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> &'a str {
+    m.get_label()
+        .iter()
+        .find(|l| l.name() == name)
+        .map_or("", |l| l.value())
+}
+
+/// `crank_requests_total`'s series, at most [`MAX_REQUEST_SERIES`].
+pub fn request_counts(families: &[MetricFamily]) -> Vec<RequestCount> {
+    let mut out: Vec<RequestCount> = families
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| RequestCount {
+            direction: label(m, "direction").to_string(),
+            route: label(m, "route").to_string(),
+            status_class: label(m, "status_class").to_string(),
+            count: m.get_counter().get_value() as u64,
+        })
+        .collect();
+    out.truncate(MAX_REQUEST_SERIES);
+    out
+}
+
+/// `crank_request_duration_seconds`'s series (finite buckets), at most
+/// [`MAX_LATENCY_SERIES`].
+pub fn latency_histograms(families: &[MetricFamily]) -> Vec<LatencyHistogram> {
+    let mut out: Vec<LatencyHistogram> = families
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| {
+            let h = m.get_histogram();
+            let finite = h
+                .get_bucket()
+                .iter()
+                .filter(|b| b.upper_bound().is_finite());
+            LatencyHistogram {
+                direction: label(m, "direction").to_string(),
+                route: label(m, "route").to_string(),
+                bounds: finite.clone().map(|b| b.upper_bound()).collect(),
+                counts: finite.map(|b| b.cumulative_count()).collect(),
+                count: h.get_sample_count(),
+                sum: h.get_sample_sum(),
+            }
+        })
+        .collect();
+    out.truncate(MAX_LATENCY_SERIES);
+    out
+}
+
+/// The report of this instance now, with `refusals`.
+pub fn build(
+    metrics: &Metrics,
+    instance: &str,
+    every: Duration,
+    refusals: Vec<RefusalEvent>,
+) -> TrafficReport {
+    TrafficReport {
+        instance: instance.to_string(),
+        interval_ms: every.as_millis() as u64,
+        requests: request_counts(&metrics.requests.collect()),
+        latency: latency_histograms(&metrics.latency.collect()),
+        refusals,
+    }
+}
+
+/// Adds the newly drained refusals to the ones not yet accepted, keeping
+/// the newest [`MAX_REFUSALS`].
+pub fn pending(mut held: Vec<RefusalEvent>, new: Vec<RefusalEvent>) -> Vec<RefusalEvent> {
+    held.extend(new);
+    let extra = held.len().saturating_sub(MAX_REFUSALS);
+    held.drain(..extra);
+    held
+}
+
+/// Posts a report every `mesh.report_interval` until the process exits;
+/// returns at once when it is `0s`.
+pub async fn run(mesh: &Mesh, shared: &Shared) {
+    let every = mesh.cfg.report_interval;
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = Vec::new();
+    loop {
+        tick.tick().await;
+        held = pending(held, mesh.refusals.drain());
+        let report = build(&shared.metrics, &mesh.instance, every, held.clone());
+        match post(mesh, shared, &report).await {
+            Ok(()) => held.clear(),
+            Err(e) => {
+                tracing::debug!(error = %e, refusals = held.len(), "traffic report not accepted; the next one carries its refusals")
+            }
+        }
+    }
+}
+
+async fn post(mesh: &Mesh, shared: &Shared, report: &TrafficReport) -> Result<(), String> {
+    let (cert, roots) = credentials(&shared.tls)?;
+    let _: serde_json::Value = mesh
+        .client
+        .post_json(&roots, Some(&cert), "/v1/mesh/report", report, CALL_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(at_ms: u64) -> RefusalEvent {
+        RefusalEvent {
+            at_ms,
+            direction: "inbound".into(),
+            status: 403,
+            reason: "policy-denied".into(),
+            route: "app".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            source: None,
+        }
+    }
+
+    #[test]
+    fn reported_refusals_are_denials_and_shedding() {
+        let cases = [
+            (Reason::PolicyDenied, true),
+            (Reason::PolicyError, true),
+            (Reason::RateLimited, true),
+            (Reason::Overloaded, true),
+            (Reason::QueueTimeout, true),
+            (Reason::CircuitOpen, true),
+            (Reason::NoRoute, false),
+            (Reason::UpstreamConnectFailed, false),
+            (Reason::RequestTimeout, false),
+            (Reason::FaultInjected, false),
+        ];
+        for (reason, want) in cases {
+            assert_eq!(is_reported(reason), want, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_and_drains_oldest_first() {
+        let ring = RefusalRing::default();
+        for t in 0..(MAX_REFUSALS as u64 + 5) {
+            ring.push(ev(t));
+        }
+        let got = ring.drain();
+        assert_eq!(got.len(), MAX_REFUSALS);
+        assert_eq!((got[0].at_ms, got.last().unwrap().at_ms), (5, 54));
+        assert!(ring.drain().is_empty());
+    }
+
+    #[test]
+    fn unaccepted_refusals_wait_for_the_next_report() {
+        let held = pending(vec![ev(1), ev(2)], vec![ev(3)]);
+        assert_eq!(held.iter().map(|e| e.at_ms).collect::<Vec<_>>(), [1, 2, 3]);
+        let many = pending(held, (10..60).map(ev).collect());
+        assert_eq!(many.len(), MAX_REFUSALS);
+        assert_eq!(many[0].at_ms, 10, "the oldest go first");
+    }
+
+    #[test]
+    fn the_report_carries_the_metrics_cumulative_values() {
+        let m = Metrics::new();
+        m.requests
+            .with_label_values(&["outbound", "hello", "2xx"])
+            .inc_by(7);
+        m.requests
+            .with_label_values(&["outbound", "hello", "5xx"])
+            .inc_by(2);
+        let h = m.latency.with_label_values(&["outbound", "hello"]);
+        h.observe(0.003);
+        h.observe(0.2);
+        let r = build(&m, "ab12", Duration::from_secs(10), vec![ev(1)]);
+        assert_eq!((r.instance.as_str(), r.interval_ms), ("ab12", 10_000));
+        let mut counts: Vec<(String, u64)> = r
+            .requests
+            .iter()
+            .map(|c| {
+                (
+                    format!("{} {} {}", c.direction, c.route, c.status_class),
+                    c.count,
+                )
+            })
+            .collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            [
+                ("outbound hello 2xx".to_string(), 7),
+                ("outbound hello 5xx".to_string(), 2)
+            ]
+        );
+        let l = &r.latency[0];
+        assert_eq!(
+            (l.count, l.bounds.len(), l.counts.len()),
+            (2, l.bounds.len(), l.bounds.len())
+        );
+        let at = |b: f64| l.counts[l.bounds.iter().position(|x| *x == b).unwrap()];
+        assert_eq!((at(0.001), at(0.005), at(0.1), at(0.25)), (0, 1, 1, 2));
+        l.validate().unwrap();
+        r.validate().unwrap();
+        assert_eq!(r.refusals.len(), 1);
+    }
+}
