@@ -5,7 +5,7 @@
 
 const POLL_MS = 2000;
 const SVG_NS = "http://www.w3.org/2000/svg";
-const GRAPH = { nodeW: 230, nodeH: 54, colW: 380, rowH: 96 };
+const GRAPH = { nodeW: 230, nodeH: 54, colW: 420, rowH: 96 };
 
 let updates = 0;
 let lastOk = null;
@@ -202,7 +202,7 @@ function drawLink(l, a, b) {
 
 function arrowDefs() {
   return svg("defs", {}, ["ok", "warn", "bad", "idle"].map((h) =>
-    svg("marker", { id: "arrow-" + h, class: "arrow " + h, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" },
+    svg("marker", { id: "arrow-" + h, class: "arrow " + h, viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 9, markerHeight: 9, markerUnits: "userSpaceOnUse", orient: "auto" },
       svg("path", { d: "M0,0 L10,5 L0,10 z" }))));
 }
 
@@ -230,8 +230,8 @@ function renderCerts(state) {
     el("td", {}, c.kind),
     el("td", { class: "subject" }, c.subject),
     el("td", { class: "mono" }, clip(c.serial, 16)),
-    el("td", {}, dateTime(c.not_after)),
-    el("td", { class: "expires-in", "data-seconds-left": c.seconds_left }, expiresIn(c.seconds_left)),
+    el("td", { class: "nowrap" }, dateTime(c.not_after)),
+    el("td", { class: "expires-in nowrap", "data-seconds-left": c.seconds_left }, expiresIn(c.seconds_left)),
     el("td", {}, badge(c.status, kinds[c.status] || "idle"))));
   return table(["Kind", "Subject", "Serial", "Expires", "Expires in", "Status"], rows, "No certificates.");
 }
@@ -255,17 +255,35 @@ function renderSlos(state) {
       el("td", { class: "mono" }, s.capability),
       el("td", {}, percent(s.availability, 2)),
       el("td", {}, percent(s.sli, 2)),
-      el("td", { class: "budget" }, bar, el("span", {}, s.budget_left === null ? "no requests" : percent(s.budget_left, 0) + " left")),
+      el("td", { class: "budget" }, bar, el("span", { class: s.budget_left !== null && s.budget_left < 0 ? "overspent" : null }, budgetText(s))),
       el("td", { class: "num" }, s.requests + " / " + s.errors));
   });
   return table(["Capability", "Target", "SLI", "Error budget", "Requests / errors"], rows, "No SLOs defined.");
 }
 
+function budgetText(s) {
+  if (s.budget_left === null) return s.availability === null ? "no target" : "no requests";
+  return s.budget_left < 0 ? "overspent" : percent(s.budget_left, 0) + " left";
+}
+
+// Runs of the same refusal (same reason, request, caller and sidecar)
+// become one row with a count; the newest time is shown.
+function groupRefusals(refusals) {
+  const key = (r) => [r.status, r.reason, r.route, r.method, r.path, r.source, r.proxy].join("\u0000");
+  const groups = [];
+  for (const r of refusals) {
+    const last = groups[groups.length - 1];
+    if (last && key(last.r) === key(r)) last.count += 1;
+    else groups.push({ r, count: 1 });
+  }
+  return groups;
+}
+
 function renderRefusals(state) {
   const now = Date.now();
-  const rows = state.refusals.map((r) => el("tr", { class: "refusal", "data-reason": r.reason, "data-status": r.status },
-    el("td", { title: new Date(r.at_ms).toISOString() }, clock(new Date(r.at_ms)), el("span", { class: "muted" }, " " + duration((now - r.at_ms) / 1000) + " ago")),
-    el("td", {}, badge(String(r.status), r.status >= 500 ? "bad" : "warn")),
+  const rows = groupRefusals(state.refusals).map(({ r, count }) => el("tr", { class: "refusal", "data-reason": r.reason, "data-status": r.status, "data-count": count },
+    el("td", { class: "when", title: new Date(r.at_ms).toISOString() }, clock(new Date(r.at_ms)), el("span", { class: "muted" }, " " + duration((now - r.at_ms) / 1000) + " ago")),
+    el("td", {}, badge(String(r.status), r.status >= 500 ? "bad" : "warn"), count > 1 ? el("span", { class: "count" }, " ×" + count) : null),
     el("td", { class: "reason mono" }, r.reason),
     el("td", {}, r.route || "–"),
     el("td", { class: "mono request" }, r.method + " " + r.path),
@@ -292,7 +310,7 @@ function renderSummary(state) {
     ["Config", c.seq === null || c.seq === undefined ? "none published" : "#" + c.seq + (c.hash ? " (" + c.hash.slice(0, 12) + ")" : "")],
     ["Policy", c.policy_revision || "–"],
     ["Workloads", state.workloads.length],
-    ["Refusals", state.refusals.length],
+    ["Recent refusals", state.refusals.length],
   ];
   return items.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v)));
 }
@@ -318,6 +336,7 @@ function render(state) {
 function showError(message) {
   const banner = document.getElementById("error");
   banner.hidden = message === null;
+  document.getElementById("last-updated").classList.toggle("stale", message !== null);
   banner.textContent = message === null ? "" : message +
     "; retrying every " + POLL_MS / 1000 + " s." + (lastOk ? " What you see is from " + clock(lastOk) + "." : "");
 }

@@ -1,5 +1,5 @@
 //! The web dashboard on `dashboard_listen`: plain HTTP/1, read-only. It
-//! serves the page (`index.html`, `app.js`, `style.css`, embedded in the
+//! serves the page (`index.html`, `app.js`, `style.css`, `favicon.svg`, embedded in the
 //! binary from `control-plane/dashboard/`, so nothing is read at runtime and
 //! nothing is fetched from the internet) and `GET /api/state`, the JSON of
 //! [`super::Control::dashboard_state`], which the page polls every 2 s.
@@ -22,6 +22,7 @@ use super::http::Resp;
 const INDEX_HTML: &str = include_str!("../../dashboard/index.html");
 const APP_JS: &str = include_str!("../../dashboard/app.js");
 const STYLE_CSS: &str = include_str!("../../dashboard/style.css");
+const FAVICON_SVG: &str = include_str!("../../dashboard/favicon.svg");
 
 /// Only this origin, for everything; no plugins, no framing, no forms.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -37,6 +38,7 @@ pub enum Asset {
     Page,
     Script,
     Style,
+    Icon,
     State,
 }
 
@@ -46,6 +48,7 @@ pub fn asset(path: &str) -> Option<Asset> {
         "/" | "/index.html" => Some(Asset::Page),
         "/app.js" => Some(Asset::Script),
         "/style.css" => Some(Asset::Style),
+        "/favicon.svg" => Some(Asset::Icon),
         "/api/state" => Some(Asset::State),
         _ => None,
     }
@@ -87,7 +90,7 @@ pub fn respond(
     let Some(asset) = asset(path) else {
         return text(
             StatusCode::NOT_FOUND,
-            "not found: the dashboard serves /, /app.js, /style.css and /api/state\n",
+            "not found: the dashboard serves /, /app.js, /style.css, /favicon.svg and /api/state\n",
         );
     };
     if method != Method::GET && method != Method::HEAD {
@@ -103,6 +106,7 @@ pub fn respond(
         Asset::Page => file("text/html; charset=utf-8", INDEX_HTML),
         Asset::Script => file("text/javascript; charset=utf-8", APP_JS),
         Asset::Style => file("text/css; charset=utf-8", STYLE_CSS),
+        Asset::Icon => file("image/svg+xml", FAVICON_SVG),
         Asset::State => match state() {
             Ok(body) => base(StatusCode::OK)
                 .header("content-type", "application/json")
@@ -169,6 +173,7 @@ mod tests {
 
     #[test]
     fn answers_by_method_and_path() {
+        const TEXT: &str = "text/plain; charset=utf-8";
         let cases = [
             (Method::GET, "/", 200, "text/html; charset=utf-8"),
             (Method::GET, "/index.html", 200, "text/html; charset=utf-8"),
@@ -179,17 +184,14 @@ mod tests {
                 "text/javascript; charset=utf-8",
             ),
             (Method::GET, "/style.css", 200, "text/css; charset=utf-8"),
+            (Method::GET, "/favicon.svg", 200, "image/svg+xml"),
+            (Method::GET, "/favicon.ico", 404, TEXT),
             (Method::GET, "/api/state", 200, "application/json"),
-            (Method::POST, "/api/state", 405, "text/plain; charset=utf-8"),
-            (Method::DELETE, "/", 405, "text/plain; charset=utf-8"),
-            (Method::GET, "/api/other", 404, "text/plain; charset=utf-8"),
-            (
-                Method::GET,
-                "/../Cargo.toml",
-                404,
-                "text/plain; charset=utf-8",
-            ),
-            (Method::POST, "/nope", 404, "text/plain; charset=utf-8"),
+            (Method::POST, "/api/state", 405, TEXT),
+            (Method::DELETE, "/", 405, TEXT),
+            (Method::GET, "/api/other", 404, TEXT),
+            (Method::GET, "/../Cargo.toml", 404, TEXT),
+            (Method::POST, "/nope", 404, TEXT),
         ];
         for (method, path, status, ctype) in cases {
             let r = respond(&method, path, fixture);
@@ -215,7 +217,11 @@ mod tests {
     #[test]
     fn the_page_loads_only_its_own_assets() {
         assert!(CSP.contains("script-src 'self'") && !CSP.contains("unsafe"));
-        for tag in ["<script src=\"app.js\"", "href=\"style.css\""] {
+        for tag in [
+            "<script src=\"app.js\"",
+            "href=\"style.css\"",
+            "href=\"favicon.svg\"",
+        ] {
             assert!(INDEX_HTML.contains(tag), "index.html lacks {tag}");
         }
         // Nothing from elsewhere: the only absolute URL is the SVG namespace.
