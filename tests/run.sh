@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 # the SLO rules tests (`promtool check rules`, `promtool test rules`) and
 # tests/tests/deploy_observability.rs (`promtool check config`, a real
 # Prometheus scraping sidecars); python3-venv:
-# the venv for schemathesis (below).
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv)
+# the venv for schemathesis (below); chromium: the dashboard's browser
+# test (tests/tests/dashboard.rs, headless).
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -44,6 +45,22 @@ if [ ! -x target/py/bin/schemathesis ]; then
   echo "tests/run.sh: installing schemathesis into target/py"
   python3 -m venv target/py
   target/py/bin/pip install -q schemathesis
+fi
+
+# Node.js with npm (whichever is installed; Debian's npm when there is
+# none), and playwright-core from tests/browser/package-lock.json, for the
+# dashboard's browser test. It drives the Chromium above and downloads no
+# browser.
+if ! command -v npm >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "tests/run.sh: installing npm (and Node.js) from Debian"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends npm
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "tests/run.sh: installing playwright-core into tests/browser/node_modules"
+  npm ci --prefix tests/browser --no-audit --no-fund
 fi
 
 cargo build --workspace --bins
