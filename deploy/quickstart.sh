@@ -58,8 +58,9 @@ FRONTEND_BACKEND_PORT=$((BASE + 501))
 FRONTEND_ADMIN=$((BASE + 902))
 FRONTEND_INBOUND=$((BASE + 444))
 CONTROL=$((BASE + 445))
+DASHBOARD=$((BASE + 480))
 ALL_PORTS=("$BACKEND_APP" "$BACKEND_INBOUND" "$BACKEND_ADMIN" "$FRONTEND_APP"
-    "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND" "$CONTROL")
+    "$FRONTEND_HTTP_PROXY" "$FRONTEND_BACKEND_PORT" "$FRONTEND_ADMIN" "$FRONTEND_INBOUND" "$CONTROL" "$DASHBOARD")
 # --with-shim: crank-shim (deploy/shim/transcode.yaml, its ports moved here),
 # its sidecar (transcoder.media), and a caller sidecar (web.acme).
 SHIM_LISTEN=$((BASE + 70))
@@ -165,6 +166,8 @@ make_ca() {
 listen: $LO:$CONTROL
 state_dir: control
 admin_socket: control/admin.sock
+# The web dashboard (read-only, no login: loopback only).
+dashboard_listen: $LO:$DASHBOARD
 ca:
   intermediate: ca/int1
 # Routes, quotas, SLOs and policies from files, pushed to the sidecars.
@@ -220,6 +223,7 @@ policy:
 # Register this workload (capability hello:v1) in crank-control's registry;
 # the frontend's route to it comes from deploy/mesh-config/routes/hello.yaml.
 mesh:
+  report_interval: 2s    # traffic reports for the dashboard (default 10s)
   register:
     capabilities: [hello:v1]
     labels: {pool: demo}
@@ -246,7 +250,8 @@ routes:
         identity: backend.demo.crank.local
 # Routes, quotas and policies pushed by crank-control replace the ones
 # above (they stay as the fallback until the first update arrives).
-mesh: {}
+mesh:
+  report_interval: 2s    # traffic reports for the dashboard (default 10s)
 EOF
         common_yaml "$FRONTEND_ADMIN"
     } >"$STATE/frontend-proxy.yaml"
@@ -282,6 +287,7 @@ policy:
 # gpu=none without an NVIDIA GPU): deploy/mesh-config/routes/transcode.yaml
 # routes there.
 mesh:
+  report_interval: 2s
   register:
     from_file: $(yq "$STATE/shim/registration.json")
 EOF
@@ -293,7 +299,8 @@ EOF
 # A caller of tenant acme (role media): send requests through this proxy.
 outbound:
   http_proxy: $LO:$WEB_HTTP_PROXY
-mesh: {}
+mesh:
+  report_interval: 2s
 EOF
         common_yaml "$WEB_ADMIN"
     } >"$STATE/web-proxy.yaml"
@@ -323,7 +330,7 @@ start_control() {
         ((SECONDS < deadline)) || die "crank-control did not answer within ${READY_TIMEOUT}s; see ${STATE#"$ROOT"/}/control.log"
         sleep 0.2
     done
-    log "crank-control ready (crankctl ca status answers)"
+    log "crank-control ready (crankctl ca status answers); dashboard: http://$LO:$DASHBOARD/"
 }
 
 start_all() {
@@ -396,6 +403,22 @@ check() {
     echo "OK: $what reached the backend"
 }
 
+# check_dashboard: the dashboard's /api/state answers JSON naming both
+# workloads and their certificates (the sidecars report every 2 s; up to 15 s).
+check_dashboard() {
+    local url=http://$LO:$DASHBOARD/api/state state="" deadline=$((SECONDS + 15))
+    while ((SECONDS < deadline)); do
+        if state=$(qcurl -fsS "$url" 2>&1) && grep -q '"identity":"frontend.demo.crank.local"' <<<"$state" &&
+            grep -q '"identity":"backend.demo.crank.local"' <<<"$state" && grep -q '"kind":"leaf"' <<<"$state"; then
+            echo "OK: the dashboard at http://$LO:$DASHBOARD/ shows both workloads and their certificates"
+            return 0
+        fi
+        sleep 0.5
+    done
+    echo "FAIL: the dashboard's state ($url) does not show both workloads and their certificates within 15 s: ${state:0:300}; see ${STATE#"$ROOT"/}/control.log" >&2
+    return 1
+}
+
 # wait_pushed: true once the frontend sidecar applied a config from crank-control
 # and the backend is registered (up to 15 s).
 wait_pushed() {
@@ -466,6 +489,7 @@ sample_requests() {
         log "also checking the local upstream port and the HTTP proxy listener"
         check "the local upstream port" --noproxy '*' "http://$LO:$FRONTEND_BACKEND_PORT/hello" || failed=1
         check "the HTTP proxy listener" -x "http://$LO:$FRONTEND_HTTP_PROXY" "http://backend/hello" || failed=1
+        check_dashboard || failed=1
         echo "OK: the frontend sidecar runs the routes crank-control pushed (deploy/mesh-config):"
         "$BIN/crankctl" routes | sed 's/^/    /'
         if grep -q '"result":"allow"' "$STATE/backend-decisions.log" 2>/dev/null; then
@@ -503,6 +527,7 @@ next_steps() {
     step "$ctl status" "the published mesh config (deploy/mesh-config) and every sidecar"
     step "$ctl routes" "the routes with their live endpoints"
     step "$ctl endpoints" "the registry: who serves which capability"
+    step "curl http://$LO:$DASHBOARD/api/state" "what the dashboard shows, as JSON"
     if [[ $WITH_SHIM == 1 ]]; then
         step "curl -x http://$LO:$WEB_HTTP_PROXY http://transcode/v1/schema" "the transcoder's parameters, as tenant acme"
         step "curl -x http://$LO:$WEB_HTTP_PROXY --data-binary @$(q "$STATE/clip.mkv") 'http://transcode/v1/jobs?height=144&preset=ultrafast'" "submit a transcode job"
@@ -515,7 +540,9 @@ next_steps() {
 print_next_steps() {
     local s=${STATE#"$ROOT"/}
     echo
-    echo "Crank Mesh quickstart is running. Try next, from $ROOT:"
+    echo "Crank Mesh quickstart is running."
+    echo "Dashboard: http://$LO:$DASHBOARD/ (open it in a browser: the mesh live, certificates, routes, SLOs, refusals)"
+    echo "Try next, from $ROOT:"
     next_steps
     echo "Logs:    $s/*.log (one per process)"
     echo "Configs: $s/control.yaml $s/*-proxy.yaml; CA in $s/ca/, enrolled keys in $s/*-identity/"
