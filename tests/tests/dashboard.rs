@@ -251,6 +251,21 @@ fn the_dashboard_shows_the_mesh_and_a_new_denial_live_in_a_browser() {
         shot.display()
     );
 
+    check_picture(&done);
+    check_refusal(&done);
+    check_certs(&done, &cp.dashboard_state());
+    let png = std::fs::read(&shot).expect("the screenshot was saved");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    drop((srv, cli));
+}
+
+/// A live page (no reload, no errors) that draws both workloads and the
+/// call between them with its rate and success.
+fn check_picture(done: &serde_json::Value) {
     assert_eq!(
         done["problems"],
         serde_json::json!([]),
@@ -280,16 +295,6 @@ fn the_dashboard_shows_the_mesh_and_a_new_denial_live_in_a_browser() {
         label.contains(" rps · ") && label.ends_with("% ok"),
         "{label}"
     );
-
-    check_refusal(&done);
-    check_certs(&done, &cp.dashboard_state());
-    let png = std::fs::read(&shot).expect("the screenshot was saved");
-    assert!(
-        png.starts_with(b"\x89PNG") && png.len() > 20_000,
-        "{} bytes",
-        png.len()
-    );
-    drop((srv, cli));
 }
 
 /// The provoked denial: its reason, status, request and who called.
