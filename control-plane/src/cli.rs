@@ -46,17 +46,20 @@ pub enum Command {
     /// The published config version and every proxy: identity, version
     /// applied, last contact; stale ones flagged.
     Status {
-        #[arg(long, default_value = "human")]
+        /// `human`, `wide` (more columns) or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// The effective routes with their live endpoints and weights.
     Routes {
-        #[arg(long, default_value = "human")]
+        /// `human`, `wide` (more columns) or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// The registry: every live endpoint, its capabilities, labels and lease.
     Endpoints {
-        #[arg(long, default_value = "human")]
+        /// `human`, `wide` (more columns) or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// Stream requests as sidecars finish them (method, path, status,
@@ -86,6 +89,7 @@ pub enum Command {
         /// Stop after this many events (0: until interrupted).
         #[arg(long, default_value_t = 0)]
         limit: u64,
+        /// `human`, `wide` (adds the capability and the sidecar) or `json`.
         #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
@@ -170,7 +174,7 @@ pub enum ConfigCommand {
     /// every problem with its file, line and field.
     Validate {
         dir: PathBuf,
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
 }
@@ -224,7 +228,7 @@ pub enum RotateCommand {
         trust_domain: String,
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// Stage the root in --new-root (made by `crankctl ca init`): added to every
@@ -237,7 +241,7 @@ pub enum RotateCommand {
         /// Lifetime of the intermediate signed under the new root.
         #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
 }
@@ -305,7 +309,7 @@ pub enum CaCommand {
     Rotate(RotateCommand),
     /// Where a rotation stands: roots, intermediates, every workload and who lags.
     Status {
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
 }
@@ -350,12 +354,12 @@ pub enum CertCommand {
         #[arg(long, requires = "cert")]
         key: Option<PathBuf>,
         /// human or json
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// The inventory of issued leaves (serial, identity, status, expiry, requester).
     List {
-        #[arg(long, default_value = "human")]
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
     /// Revoke one leaf by serial, or every unexpired leaf of an identity

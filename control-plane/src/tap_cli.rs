@@ -27,11 +27,9 @@ pub fn tap(args: &TapArgs) -> Result<()> {
     if args.proxies.is_empty() {
         bail!("name at least one sidecar admin address with --proxy HOST:PORT (its admin.listen)");
     }
-    let json = match args.output.as_str() {
-        "json" => true,
-        "human" => false,
-        o => bail!("--output {o}: use human or json"),
-    };
+    if !matches!(args.output.as_str(), "human" | "wide" | "json") {
+        bail!("--output {}: use human, wide or json", args.output);
+    }
     let query = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(args.query.iter())
         .finish();
@@ -54,14 +52,16 @@ pub fn tap(args: &TapArgs) -> Result<()> {
             Ok(m) => m,
             Err(e) => bail!("tap {e}"),
         };
-        let line = if json {
-            let mut ev = ev;
-            if let Some(o) = ev.as_object_mut() {
-                o.insert("proxy".into(), proxy.into());
+        let line = match args.output.as_str() {
+            "json" => {
+                let mut ev = ev;
+                if let Some(o) = ev.as_object_mut() {
+                    o.insert("proxy".into(), proxy.into());
+                }
+                ev.to_string()
             }
-            ev.to_string()
-        } else {
-            human_line(&ev)
+            "wide" => wide_line(&ev, &proxy),
+            _ => human_line(&ev),
         };
         if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
             return Ok(()); // a closed pipe (`| head`)
@@ -74,7 +74,7 @@ pub fn tap(args: &TapArgs) -> Result<()> {
     Ok(())
 }
 
-fn resolve(proxy: &str) -> Result<SocketAddr> {
+pub(crate) fn resolve(proxy: &str) -> Result<SocketAddr> {
     proxy
         .to_socket_addrs()
         .with_context(|| format!("--proxy {proxy}: not a HOST:PORT"))?
@@ -198,6 +198,13 @@ fn human_line(ev: &serde_json::Value) -> String {
     .to_string()
 }
 
+/// `-o wide`: the human line, then the capability and the sidecar that
+/// reported it (`--proxy` as given).
+fn wide_line(ev: &serde_json::Value, proxy: &str) -> String {
+    let capability = ev.get("capability").and_then(|v| v.as_str()).unwrap_or("-");
+    format!("{} capability={capability} proxy={proxy}", human_line(ev))
+}
+
 /// What `crankctl top` shows.
 #[derive(Debug, Clone)]
 pub struct TopArgs {
@@ -289,7 +296,7 @@ pub fn top(args: &TopArgs) -> Result<()> {
     }
 }
 
-fn get_metrics(addr: SocketAddr) -> Result<String> {
+pub(crate) fn get_metrics(addr: SocketAddr) -> Result<String> {
     let (status, _, mut r) = admin_get(addr, "/metrics", Some(Duration::from_secs(10)))?;
     if status != 200 {
         bail!("{addr}/metrics answered {status}");
@@ -350,7 +357,7 @@ pub fn parse_metrics(text: &str) -> Scrape {
     out
 }
 
-fn merge(total: &mut Scrape, one: Scrape) {
+pub(crate) fn merge(total: &mut Scrape, one: Scrape) {
     for (k, c) in one {
         let t = total.entry(k).or_default();
         t.requests += c.requests;
@@ -525,5 +532,19 @@ crank_requests_total{direction="inbound",route="app",status_class="2xx"} 7
             human_line(&ev),
             "01:02:03.004 outbound backend GET /x 503 2.2ms spiffe://a -> spiffe://b trace=ab x-crank-error=circuit-open"
         );
+    }
+
+    #[test]
+    fn wide_tap_lines_add_the_capability_and_the_sidecar() {
+        let ev = serde_json::json!({"ts_ms": 1000u64, "direction": "inbound", "route": "r",
+            "capability": "hello:v1", "method": "GET", "path": "/", "status": 200, "latency_ms": 1.0});
+        let line = wide_line(&ev, "127.0.0.1:9901");
+        assert!(line.starts_with(&human_line(&ev)), "{line}");
+        assert!(
+            line.ends_with(" capability=hello:v1 proxy=127.0.0.1:9901"),
+            "{line}"
+        );
+        let no_cap = serde_json::json!({"ts_ms": 0u64, "status": 0});
+        assert!(wide_line(&no_cap, "p").ends_with(" capability=- proxy=p"));
     }
 }

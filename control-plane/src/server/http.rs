@@ -644,6 +644,7 @@ impl Control {
             (Method::GET, "/v1/admin/mesh/status") => Ok(json(200, &self.mesh_status())),
             (Method::GET, "/v1/admin/mesh/routes") => Ok(json(200, &self.mesh_routes())),
             (Method::GET, "/v1/admin/mesh/endpoints") => Ok(json(200, &self.mesh_endpoints())),
+            (Method::GET, "/v1/admin/openapi.json") => Ok(super::routes::admin_openapi()),
             (Method::GET, "/metrics") => Ok(Response::builder()
                 .header("content-type", "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(self.metrics.encode())))

@@ -157,3 +157,121 @@ mod tests {
         assert_eq!(error["required"], serde_json::json!(["error", "message"]));
     }
 }
+
+// ---- The admin API (on the Unix socket) ----
+//
+// `admin()` in [`super::http`] dispatches on `(Method::X, "/path")` match
+// arms; the test below reads those arms from the source and checks them,
+// both ways, against `control-plane/openapi-admin.json`.
+
+/// The admin API's OpenAPI document.
+pub const ADMIN_OPENAPI: &str = include_str!("../../openapi-admin.json");
+
+/// `GET /v1/admin/openapi.json` on the admin socket: [`ADMIN_OPENAPI`], verbatim.
+pub(super) fn admin_openapi() -> super::http::Resp {
+    http::Response::builder()
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            ADMIN_OPENAPI.as_bytes(),
+        )))
+        .expect("a valid response")
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::ADMIN_OPENAPI;
+    use std::collections::BTreeSet;
+
+    /// The `(METHOD, path)` arms of `admin()` in http.rs.
+    fn admin_arms(src: &str) -> BTreeSet<(String, String)> {
+        let start = src
+            .find("async fn admin(")
+            .expect("http.rs has `async fn admin(`");
+        let end = src[start..]
+            .find("\n    }\n}")
+            .map_or(src.len(), |e| start + e);
+        let mut arms = BTreeSet::new();
+        for piece in src[start..end].split("(Method::").skip(1) {
+            let Some((method, rest)) = piece.split_once(',') else {
+                continue;
+            };
+            let Some(path) = rest.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let path = path.split('"').next().unwrap_or_default();
+            arms.insert((method.trim().to_string(), path.to_string()));
+        }
+        arms
+    }
+
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: serde_json::Value =
+            serde_json::from_str(ADMIN_OPENAPI).expect("control-plane/openapi-admin.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("a path item").keys() {
+                out.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_arm_reader_finds_method_and_path() {
+        let src = "fn x() {}\n    async fn admin(&self) {\n        match (m, p) {\n            \
+                   (Method::POST, \"/v1/admin/a\") => 1,\n            (Method::GET, \"/b\") => {\n            }\n    }\n}\n\
+                   fn after() { (Method::PUT, \"/not-admin\") }";
+        let want: BTreeSet<_> = [("GET", "/b"), ("POST", "/v1/admin/a")]
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(admin_arms(src), want);
+    }
+
+    /// The document lists exactly the routes `admin()` handles.
+    #[test]
+    fn admin_openapi_document_lists_exactly_the_admin_routes() {
+        let routed = admin_arms(include_str!("http.rs"));
+        assert!(
+            routed.contains(&("GET".into(), "/v1/admin/openapi.json".into())),
+            "admin() serves its document: {routed:?}"
+        );
+        let documented = documented();
+        let missing: Vec<_> = routed.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "admin routes missing from control-plane/openapi-admin.json (add them there): {missing:?}"
+        );
+        let extra: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            extra.is_empty(),
+            "control-plane/openapi-admin.json documents routes admin() in http.rs does not handle: {extra:?}"
+        );
+    }
+
+    /// Every documented error answer has the `{error, message}` body, and
+    /// the document says how the API is protected.
+    #[test]
+    fn admin_openapi_errors_and_access_are_documented() {
+        let doc: serde_json::Value = serde_json::from_str(ADMIN_OPENAPI).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                assert!(op["operationId"].is_string(), "{method} {path}");
+                for (status, r) in op["responses"].as_object().unwrap() {
+                    if !status.starts_with('2') {
+                        assert_eq!(
+                            r["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/Error",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
+        let error = &doc["components"]["schemas"]["Error"];
+        assert_eq!(error["required"], serde_json::json!(["error", "message"]));
+        let about = doc["info"]["description"].as_str().unwrap();
+        assert!(about.contains("Unix socket") && about.contains("file permissions"));
+    }
+}
