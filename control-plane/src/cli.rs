@@ -191,14 +191,46 @@ pub enum SloCommand {
         out: Option<PathBuf>,
     },
     /// Compare measured results (JSON: per capability p50/p90/p95/p99 in ms,
-    /// error rate, request count) with the SLOs in DIR. Exits 1 when an
-    /// objective is broken or the results cannot tell.
+    /// error rate, request count), or what Prometheus measured over
+    /// --range, with the SLOs in DIR. Exits 1 when an objective is broken
+    /// or the results cannot tell.
     Check {
         dir: PathBuf,
-        #[arg(long)]
-        results: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "prometheus",
+            conflicts_with = "prometheus"
+        )]
+        results: Option<PathBuf>,
+        /// A Prometheus that scrapes the sidecars (http://HOST:PORT).
+        #[arg(long, requires = "range")]
+        prometheus: Option<String>,
+        /// With --prometheus: how far back to measure (`1h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        range: Option<Duration>,
         /// human or json
         #[arg(short, long, default_value = "human")]
+        output: String,
+    },
+    /// Per capability: the SLI over the window, the error budget left and
+    /// the burn rates, from Prometheus or straight from the sidecars.
+    /// Exits 0 however the budget stands, unless --fail-on-burn.
+    Status {
+        dir: PathBuf,
+        /// A Prometheus that scrapes the sidecars (http://HOST:PORT).
+        #[arg(long, conflicts_with = "proxies")]
+        prometheus: Option<String>,
+        /// Without Prometheus: a sidecar's admin address; repeat for several.
+        #[arg(long = "proxy")]
+        proxies: Vec<String>,
+        /// With --proxy: time between the two scrapes the burn rate comes from.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Exit 1 when an objective burns at page speed or has spent its budget.
+        #[arg(long)]
+        fail_on_burn: bool,
+        /// `human`, `wide` or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
         output: String,
     },
 }
@@ -473,8 +505,36 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Slo(SloCommand::Check {
             dir,
             results,
+            prometheus,
+            range,
             output,
-        }) => crate::slo_cli::check(&dir, &results, &output),
+        }) => {
+            let measured = match (&results, &prometheus, range) {
+                (Some(r), _, _) => crate::slo_cli::Measured::Results(r),
+                (None, Some(url), Some(range)) => {
+                    crate::slo_cli::Measured::Prometheus { url, range }
+                }
+                _ => bail!("give --results FILE, or --prometheus URL --range 1h"),
+            };
+            crate::slo_cli::check(&dir, measured, &output)
+        }
+        Command::Slo(SloCommand::Status {
+            dir,
+            prometheus,
+            proxies,
+            interval,
+            fail_on_burn,
+            output,
+        }) => crate::slo_cli::status(
+            &dir,
+            &crate::slo_cli::StatusArgs {
+                prometheus,
+                proxies,
+                interval,
+                output,
+                fail_on_burn,
+            },
+        ),
         Command::Status { output } => crate::mesh_cli::status(&client, &output),
         Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
         Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),

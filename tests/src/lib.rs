@@ -9,6 +9,7 @@ pub mod flaky;
 pub mod load;
 pub mod otlp;
 pub mod pki;
+pub mod prometheus;
 pub mod proxy;
 pub mod raw_http;
 pub mod shim;

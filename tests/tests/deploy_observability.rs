@@ -9,12 +9,11 @@
 //! dashboard query with data.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crank_tests::control::{ControlOptions, ControlPlane, EnrolledMesh};
+use crank_tests::prometheus::Prometheus;
 use crank_tests::proxy::free_addr;
 use crank_tests::{curl, plain_get, wait_until, EchoApp, Mesh, MeshOptions, Shim};
 use serde_json::Value;
@@ -685,71 +684,6 @@ fn scrape_config_and_dashboard_queries_pass_promtool() {
         "dashboard PromQL:\n{}",
         text(&check)
     );
-}
-
-/// A `prometheus` server on a loopback port with its own data directory,
-/// killed on drop.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(dir: tempfile::TempDir) -> Prometheus {
-        let addr = free_addr();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("prometheus cannot run ({e}): Debian's prometheus package has it; run `bash tests/run.sh`")
-            });
-        let mut p = Prometheus {
-            child,
-            addr,
-            _dir: dir,
-        };
-        wait_until("prometheus /-/ready", Duration::from_secs(15), || {
-            if let Some(st) = p.child.try_wait().unwrap() {
-                panic!("prometheus exited with {st}:\n{}", p.log());
-            }
-            plain_get(p.addr, "/-/ready").0 == 200
-        });
-        p
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// The `data.result` of an instant query.
-    fn query(&self, q: &str) -> Vec<Value> {
-        let out = Command::new("curl")
-            .args(["-s", "--max-time", "5", "-G", "--data-urlencode"])
-            .arg(format!("query={q}"))
-            .arg(format!("http://{}/api/v1/query", self.addr))
-            .output()
-            .expect("curl is installed (tests/run.sh installs it)");
-        let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        assert_ne!(body["status"], "error", "query {q}: {body}");
-        body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The shipped prometheus.yml, made to run in `dir`: scrape every second,

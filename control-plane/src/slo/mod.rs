@@ -6,7 +6,9 @@
 //! them; [`check`] compares a load test's results with them (a CI gate).
 
 pub mod check;
+pub mod prom;
 pub mod rules;
+pub mod status;
 
 use std::time::Duration;
 
@@ -17,8 +19,9 @@ use crate::configdir::{percent, MeshSnapshot};
 
 /// The upper bounds of `crank_request_duration_seconds`, in seconds; the
 /// same list as `proxy/src/metrics.rs` (a test below reads that file).
-pub const DURATION_BUCKETS: [f64; 15] = [
+pub const DURATION_BUCKETS: [f64; 18] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
 ];
 
 /// Without `measurement_window` an SLO is measured over 30 days, the window
@@ -155,8 +158,10 @@ mod tests {
             (ms(300), Some(0.5)),
             (ms(1), Some(0.001)),
             (Duration::from_micros(100), Some(0.0005)),
-            (ms(30_001), None),
-            (ms(120_000), None),
+            (ms(30_001), Some(60.0)),
+            (ms(120_000), Some(120.0)),
+            (ms(300_000), Some(300.0)),
+            (ms(300_001), None),
         ] {
             assert_eq!(nearest_bucket(threshold), want, "{threshold:?}");
         }
@@ -180,7 +185,11 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            [("p50", Some(5.0)), ("p95", Some(30.0)), ("p99", None)]
+            [
+                ("p50", Some(5.0)),
+                ("p95", Some(30.0)),
+                ("p99", Some(120.0))
+            ]
         );
     }
 

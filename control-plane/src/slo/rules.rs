@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{format_percent, CapabilitySlo, LatencyObjective};
+use super::{format_percent, CapabilitySlo, LatencyObjective, DURATION_BUCKETS};
 
 /// One row of the workbook's table.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -161,16 +161,7 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
         ));
         return (None, notes);
     }
-    let sel = format!(
-        "direction=\"outbound\",route=~\"{}\"",
-        promql_string(
-            &s.routes
-                .iter()
-                .map(|r| regex_escape(r))
-                .collect::<Vec<_>>()
-                .join("|")
-        )
-    );
+    let sel = selector(s);
     let mut measured = Vec::new();
     if let Some(a) = s.availability {
         let sel = sel.clone();
@@ -178,19 +169,18 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
             slo: "availability".into(),
             what: format!("availability {}", format_percent(a)),
             target: a,
-            errors: Box::new(move |w| {
-                format!(
-                    "(sum(rate(crank_requests_total{{{sel},status_class=~\"5xx|error\"}}[{w}])) or vector(0))\n/\nsum(rate(crank_requests_total{{{sel}}}[{w}]))"
-                )
-            }),
+            errors: Box::new(move |w| availability_errors(&sel, w)),
         });
     }
     for l in &s.latency {
         let Some(bucket) = l.bucket else {
             notes.push(format!(
-                "{cap}: latency {} {}: above the largest crank_request_duration_seconds bucket (30s), so the metrics cannot tell slower requests from faster ones; no rules for it",
+                "{cap}: latency {} {}: above the largest crank_request_duration_seconds bucket ({}), so the metrics cannot tell slower requests from faster ones; no rules for it",
                 l.name,
-                humantime::format_duration(l.threshold)
+                humantime::format_duration(l.threshold),
+                humantime::format_duration(std::time::Duration::from_secs_f64(
+                    DURATION_BUCKETS[DURATION_BUCKETS.len() - 1]
+                )),
             ));
             continue;
         };
@@ -198,7 +188,6 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
             notes.push(inexact_note(cap, l, bucket));
         }
         let sel = sel.clone();
-        let le = bucket.to_string();
         measured.push(Measured {
             slo: format!("latency-{}", l.name),
             what: format!(
@@ -208,11 +197,7 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
                 humantime::format_duration(l.threshold)
             ),
             target: l.quantile,
-            errors: Box::new(move |w| {
-                format!(
-                    "1 - (\nsum(rate(crank_request_duration_seconds_bucket{{{sel},le=\"{le}\"}}[{w}]))\n/\nsum(rate(crank_request_duration_seconds_count{{{sel}}}[{w}]))\n)"
-                )
-            }),
+            errors: Box::new(move |w| latency_errors(&sel, bucket, w)),
         });
     }
     let mut rules = Vec::new();
@@ -239,6 +224,37 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
         rules,
     };
     (Some(group), notes)
+}
+
+/// The series selector of an SLO's requests: outbound, on the routes
+/// whose first backend is its capability.
+pub fn selector(s: &CapabilitySlo) -> String {
+    format!(
+        "direction=\"outbound\",route=~\"{}\"",
+        promql_string(
+            &s.routes
+                .iter()
+                .map(|r| regex_escape(r))
+                .collect::<Vec<_>>()
+                .join("|")
+        )
+    )
+}
+
+/// PromQL: the share of requests matching `sel` that failed (5xx or no
+/// response) over the range `w`.
+pub fn availability_errors(sel: &str, w: &str) -> String {
+    format!(
+        "(sum(rate(crank_requests_total{{{sel},status_class=~\"5xx|error\"}}[{w}])) or vector(0))\n/\nsum(rate(crank_requests_total{{{sel}}}[{w}]))"
+    )
+}
+
+/// PromQL: the share of requests matching `sel` slower than the bucket
+/// `le` (seconds) over the range `w`.
+pub fn latency_errors(sel: &str, le: f64, w: &str) -> String {
+    format!(
+        "1 - (\nsum(rate(crank_request_duration_seconds_bucket{{{sel},le=\"{le}\"}}[{w}]))\n/\nsum(rate(crank_request_duration_seconds_count{{{sel}}}[{w}]))\n)"
+    )
 }
 
 fn inexact_note(cap: &str, l: &LatencyObjective, bucket: f64) -> String {
@@ -420,7 +436,8 @@ mod tests {
         for (ms, le, note) in [
             (5000, Some("5"), None),
             (300, Some("0.5"), Some("not a bucket boundary")),
-            (120_000, None, Some("above the largest")),
+            (120_000, Some("120"), None),
+            (300_001, None, Some("above the largest")),
         ] {
             let f = generate(&[slo(None, &[("p99", 0.99, ms)])], "mc");
             match note {
