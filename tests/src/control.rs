@@ -101,9 +101,10 @@ impl ControlPlane {
 
     /// `GET /api/state` on the dashboard, parsed.
     pub fn dashboard_state(&self) -> serde_json::Value {
-        let (status, body) = crate::plain_get(self.dashboard_addr(), "/api/state");
-        assert_eq!(status, 200, "dashboard /api/state: {body}");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/api/state: {e}: {body}"))
+        let (status, out) = crate::curl(&[&format!("http://{}/api/state", self.dashboard_addr())]);
+        let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert_eq!(status, 200, "dashboard /api/state: {out}");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/api/state: {e}: {out}"))
     }
 
     /// Writes `text` to `rel` in the mesh config directory (`mesh/`), then

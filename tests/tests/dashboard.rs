@@ -389,4 +389,8 @@ fn the_dashboard_serves_its_own_assets_only_with_a_strict_policy() {
         404
     );
     assert_eq!(curl(&[&format!("{base}/nope")]).0, 404);
+    // A page served from elsewhere that rebinds its name to 127.0.0.1.
+    let (status, out) = curl(&["-H", "Host: rebind.example", &format!("{base}/api/state")]);
+    assert_eq!(status, 421, "{out}");
+    assert!(!out.contains("trust_domain"), "{out}");
 }

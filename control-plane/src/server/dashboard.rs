@@ -7,7 +7,9 @@
 //! Every answer carries a Content-Security-Policy that allows only this
 //! origin (no inline script, no external anything) and `nosniff`; the state
 //! is `no-store`. It has no authentication: bind it to loopback or a network
-//! you trust (docs/reference/control-config.md).
+//! you trust (docs/reference/control-config.md). On a loopback address it
+//! answers only requests whose `Host` is loopback too, so that a web page
+//! elsewhere cannot read it through DNS rebinding.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +126,41 @@ pub fn respond(
     }
 }
 
+/// Whether a request with `host` (the `Host` header) may be answered on
+/// `listen`. On loopback only loopback names: `localhost`, `*.localhost`,
+/// `127.0.0.0/8`, `[::1]` (a DNS-rebinding page has its own name there).
+/// Elsewhere any: the operator chose who can reach it.
+pub fn host_allowed(listen: std::net::SocketAddr, host: Option<&str>) -> bool {
+    if !listen.ip().is_loopback() {
+        return true;
+    }
+    let Some(host) = host else {
+        // Browsers always send Host; a client without one is no web page.
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn misdirected() -> Resp {
+    text(
+        StatusCode::MISDIRECTED_REQUEST,
+        "this dashboard listens on loopback and answers only requests for a loopback name: \
+         open it as http://127.0.0.1:PORT/ or http://localhost:PORT/\n",
+    )
+}
+
 /// Serves the dashboard on `listener` until the task is dropped. `state`
 /// makes the JSON of `/api/state`.
 pub async fn serve_dashboard<F>(listener: tokio::net::TcpListener, state: F) -> Result<()>
@@ -131,6 +168,7 @@ where
     F: Fn() -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
 {
     let state = Arc::new(state);
+    let listen = listener.local_addr()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = slots.clone().acquire_owned().await?;
@@ -149,7 +187,12 @@ where
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let state = state.clone();
                     async move {
-                        let resp = respond(req.method(), req.uri().path(), || state());
+                        let host = req.headers().get(http::header::HOST);
+                        let resp = if host_allowed(listen, host.and_then(|h| h.to_str().ok())) {
+                            respond(req.method(), req.uri().path(), || state())
+                        } else {
+                            misdirected()
+                        };
                         Ok::<_, std::convert::Infallible>(resp)
                     }
                 });
@@ -203,6 +246,31 @@ mod tests {
                 assert_eq!(r.headers()["allow"], "GET, HEAD");
             }
         }
+    }
+
+    #[test]
+    fn on_loopback_only_loopback_hosts_are_answered() {
+        let lo: std::net::SocketAddr = "127.0.0.1:9480".parse().unwrap();
+        let cases = [
+            (Some("127.0.0.1:9480"), true),
+            (Some("127.0.0.2"), true),
+            (Some("localhost:9480"), true),
+            (Some("LOCALHOST"), true),
+            (Some("dash.localhost:9480"), true),
+            (Some("[::1]:9480"), true),
+            (None, true),
+            (Some("attacker.example:9480"), false),
+            (Some("127.0.0.1.attacker.example"), false),
+            (Some("10.0.0.7:9480"), false),
+            (Some("[::1"), false),
+            (Some(""), false),
+        ];
+        for (host, ok) in cases {
+            assert_eq!(host_allowed(lo, host), ok, "{host:?}");
+        }
+        let public: std::net::SocketAddr = "10.0.0.7:9480".parse().unwrap();
+        assert!(host_allowed(public, Some("dashboard.example")));
+        assert_eq!(misdirected().status(), StatusCode::MISDIRECTED_REQUEST);
     }
 
     #[test]
