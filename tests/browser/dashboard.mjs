@@ -16,9 +16,12 @@ import { dirname } from "node:path";
 
 // Without the background-networking flags Chromium tries to reach Google
 // services, and on a closed network those attempts are refused noisily.
+// --no-sandbox: CI runs as root; --disable-dev-shm-usage: containers often
+// have a small /dev/shm.
 const ARGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  "--disable-dev-shm-usage",
 ];
 
 function parseArgs(argv) {
