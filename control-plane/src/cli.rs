@@ -206,7 +206,7 @@ pub enum SloCommand {
         #[arg(long, requires = "range")]
         prometheus: Option<String>,
         /// With --prometheus: how far back to measure (`1h`).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, requires = "prometheus", value_parser = humantime::parse_duration)]
         range: Option<Duration>,
         /// human or json
         #[arg(short, long, default_value = "human")]

@@ -76,6 +76,12 @@ pub fn check(dir: &Path, measured: Measured, output: &str) -> Result<()> {
         Measured::Prometheus { url, range } => {
             let prom = Prometheus::new(url)?;
             let r = status::results_from_prometheus(&slos, &prom, range)?;
+            if r.capabilities.is_empty() {
+                bail!(
+                    "no SLO in {} has a route whose first backend is its capability, so Prometheus has nothing to measure (add a route for it)",
+                    dir.display()
+                );
+            }
             let source = format!(
                 "Prometheus at {url} over the last {}",
                 humantime::format_duration(range)

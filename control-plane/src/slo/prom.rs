@@ -199,6 +199,49 @@ mod tests {
         assert!(msg.contains(&url) && msg.contains("--proxy"), "{msg}");
     }
 
+    /// A server that answers one request with `response`, then closes.
+    fn answer_once(response: &'static str) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(response.as_bytes());
+        });
+        url
+    }
+
+    #[test]
+    fn slo_prometheus_answers_are_read() {
+        let url = answer_once(
+            "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"vector\",\"result\":[{\"metric\":{\"route\":\"a\"},\"value\":[1,\"0.25\"]},{\"metric\":{},\"value\":[1,\"NaN\"]}]}}",
+        );
+        let got = Prometheus::new(&url).unwrap().query("x").unwrap();
+        assert_eq!(got.len(), 1, "NaN (no requests) is left out: {got:?}");
+        assert_eq!((got[0].0["route"].as_str(), got[0].1), (Some("a"), 0.25));
+
+        let url = answer_once(
+            "HTTP/1.0 400 Bad Request\r\n\r\n{\"status\":\"error\",\"errorType\":\"bad_data\",\"error\":\"parse error\"}",
+        );
+        let e = Prometheus::new(&url).unwrap().scalar("sum(").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&url)
+                && msg.contains("(400): bad_data: parse error")
+                && msg.contains("query: sum("),
+            "{msg}"
+        );
+
+        let url = answer_once("HTTP/1.0 404 Not Found\r\n\r\n404 page not found");
+        let e = Prometheus::new(&url).unwrap().scalar("up").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is --prometheus the Prometheus server's address"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn slo_promql_ranges() {
         let s = Duration::from_secs;

@@ -102,12 +102,11 @@ pub fn judge(
     burns: &[(String, Option<f64>)],
 ) -> ObjectiveStatus {
     let budget = 1.0 - o.target;
-    let burn = |e: f64| {
-        if budget > 0.0 {
-            e / budget
-        } else {
-            f64::INFINITY
-        }
+    // No budget (a 100% target) burns infinitely fast on the first error.
+    let burn = |e: f64| match (e > 0.0, budget > 0.0) {
+        (false, _) => 0.0,
+        (true, true) => e / budget,
+        (true, false) => f64::INFINITY,
     };
     let burn_rates: BTreeMap<String, Option<f64>> = burns
         .iter()
@@ -490,6 +489,12 @@ mod tests {
             );
             assert!((s.sli.unwrap() - (1.0 - w)).abs() < 1e-12);
         }
+        let strict = Objective {
+            target: 1.0,
+            ..availability()
+        };
+        let s = judge(&strict, Some(0.0), &burns(&[("5m", 0.0)]));
+        assert_eq!((s.budget_left, s.burn_rates["5m"]), (Some(1.0), Some(0.0)));
         let none = judge(&availability(), None, &[("5m".into(), None)]);
         assert_eq!((none.sli, none.budget_left, none.page), (None, None, false));
     }
