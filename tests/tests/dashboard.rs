@@ -204,6 +204,19 @@ fn the_dashboard_shows_the_mesh_and_a_new_denial_live_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
     let srv = server(&cp, dir.path(), app.addr);
     let (cli, port) = client(&cp, dir.path());
+    // Calls start once the route and its endpoint reached the caller, so
+    // that the picture is not of the fallback route failing.
+    wait_until(
+        "the caller runs the pushed route",
+        Duration::from_secs(20),
+        || {
+            let live = cp.dashboard_state()["routes"][0]["endpoints"][0]["live"] == true;
+            live && cli
+                .admin_get("/config_dump")
+                .1
+                .contains("\"source\": \"pushed\"")
+        },
+    );
     wait_until("a request goes through", Duration::from_secs(20), || {
         curl(&[&format!("http://{port}/hello")]).0 == 200
     });
