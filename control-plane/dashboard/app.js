@@ -190,7 +190,7 @@ function drawLink(l, a, b) {
   const e = l.edge;
   const h = health(e.success_rate);
   const width = 1.5 + Math.min(4, Math.log10(1 + e.rps) * 1.5);
-  const label = rate(e.rps) + " rps · " + (e.success_rate === null ? "no requests" : percent(e.success_rate, 1) + " ok");
+  const label = e.success_rate === null ? "no requests lately" : rate(e.rps) + " rps · " + percent(e.success_rate, 1) + " ok";
   const tip = [e.source + " → " + e.destination, "route " + e.route, label,
     "p99 " + (e.p99_ms === null ? "–" : e.p99_ms.toFixed(1) + " ms"),
     e.requests + " requests, " + e.errors + " errors since start"].join("\n");
