@@ -20,6 +20,11 @@ pub const MAX_BUCKETS: usize = 32;
 pub const MAX_LABEL: usize = 256;
 /// Longest request path kept (bytes); longer ones are cut.
 pub const MAX_PATH: usize = 512;
+/// The range of a report interval other than 0 (ms): 1 s to 10 min.
+pub const INTERVAL_MS: std::ops::RangeInclusive<u64> = 1_000..=600_000;
+/// The latest refusal time taken (Unix ms): 9999-12-31T23:59:59.999Z,
+/// within what a JavaScript `Date` can show.
+pub const MAX_AT_MS: u64 = 253_402_300_799_999;
 
 /// One proxy instance's report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -110,6 +115,12 @@ impl TrafficReport {
     /// the field and the limit.
     pub fn validate(&self) -> Result<(), ReportError> {
         let bad = |m: String| Err(ReportError(m));
+        if self.interval_ms != 0 && !INTERVAL_MS.contains(&self.interval_ms) {
+            return bad(format!(
+                "interval_ms is {}; it must be 0 (not said) or 1000 to 600000 (mesh.report_interval 1s to 10m)",
+                self.interval_ms
+            ));
+        }
         if self.requests.len() > MAX_REQUEST_SERIES {
             return bad(format!(
                 "requests has {} series; at most {MAX_REQUEST_SERIES}",
@@ -137,6 +148,12 @@ impl TrafficReport {
         }
         for e in &self.refusals {
             check_labels(&[&e.direction, &e.reason, &e.route, &e.method])?;
+            if e.at_ms > MAX_AT_MS {
+                return bad(format!(
+                    "a refusal's at_ms is {}, after the year 9999; it is Unix milliseconds",
+                    e.at_ms
+                ));
+            }
             if e.path.len() > MAX_PATH {
                 return bad(format!("a refusal's path is longer than {MAX_PATH} bytes"));
             }
@@ -248,6 +265,44 @@ mod tests {
             ..ev
         }];
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn intervals_and_refusal_times_must_be_sane() {
+        let with = |interval_ms, at_ms| TrafficReport {
+            instance: "ab12".into(),
+            interval_ms,
+            refusals: vec![RefusalEvent {
+                at_ms,
+                direction: "inbound".into(),
+                status: 429,
+                reason: "rate-limited".into(),
+                route: "app".into(),
+                method: "GET".into(),
+                path: "/".into(),
+                source: None,
+            }],
+            ..Default::default()
+        };
+        let now = 1_780_000_000_000;
+        let cases = [
+            (0, now, true),
+            (1_000, now, true),
+            (600_000, MAX_AT_MS, true),
+            (999, now, false),
+            (600_001, now, false),
+            (u64::MAX, now, false),
+            (10_000, MAX_AT_MS + 1, false),
+            (10_000, u64::MAX, false),
+        ];
+        for (interval, at, ok) in cases {
+            let got = with(interval, at).validate();
+            assert_eq!(got.is_ok(), ok, "{interval} {at}: {got:?}");
+        }
+        let e = with(u64::MAX, now).validate().unwrap_err();
+        assert!(e.0.contains("interval_ms") && e.0.contains("600000"), "{e}");
+        let e = with(0, u64::MAX).validate().unwrap_err();
+        assert!(e.0.contains("at_ms"), "{e}");
     }
 
     #[test]
