@@ -32,7 +32,7 @@ use crate::host::{HostInfo, HostProbe};
 use crate::jobs::manager::{Manager, NewJob, Refusal};
 use crate::jobs::model::{JobState, Priority};
 use crate::metrics::GpuMetrics;
-use crate::registration::Registration;
+use crate::registration::ShimRegistration;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -81,7 +81,7 @@ pub fn refusal(r: &Refusal) -> Response<Body> {
 pub struct Shared {
     pub host: HostInfo,
     pub probe: Arc<HostProbe>,
-    pub registration: Registration,
+    pub registration: ShimRegistration,
     pub registry: prometheus::Registry,
     pub gpu_metrics: GpuMetrics,
     pub ready: watch::Receiver<bool>,

@@ -1,35 +1,20 @@
 //! Registering the worker's endpoint, capabilities and labels.
 //!
-//! The control plane's registry (with leases renewed by heartbeats) is issue
-//! 4. Until it lands the shim runs standalone behind its sidecar and
-//! publishes its registration locally: in a file that an operator or a
-//! deploy script can read, and at `GET /v1/registration`. The trait is the
-//! seam where the control-plane client goes.
+//! The shim holds no certificate: it publishes its registration locally, in
+//! a file ([`FileRegistrar`]) that the worker's sidecar reads
+//! (`mesh.register.from_file`) and registers in crank-control's registry,
+//! and at `GET /v1/registration`. The file's type,
+//! [`ShimRegistration`], lives in crank-api, shared with the sidecar that
+//! reads it.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
-
-/// What the shim announces about its worker.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Registration {
-    /// `serve` or `exec`.
-    pub mode: &'static str,
-    /// The address the sidecar reaches the shim on.
-    pub address: String,
-    /// The mesh identity, when configured (`spiffe://…` or `service.tenant`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
-    pub capabilities: Vec<String>,
-    /// Labels from config plus the ones detected on the host (`gpu=nvidia`).
-    pub labels: BTreeMap<String, String>,
-}
+pub use crank_api::registration::ShimRegistration;
 
 /// Where registrations go.
 #[async_trait::async_trait]
 pub trait Registrar: Send + Sync {
-    async fn register(&self, reg: &Registration) -> anyhow::Result<()>;
+    async fn register(&self, reg: &ShimRegistration) -> anyhow::Result<()>;
     /// Called first on a graceful shutdown, before in-flight work drains.
     async fn deregister(&self) -> anyhow::Result<()>;
 }
@@ -42,7 +27,7 @@ pub struct FileRegistrar {
 
 #[async_trait::async_trait]
 impl Registrar for FileRegistrar {
-    async fn register(&self, reg: &Registration) -> anyhow::Result<()> {
+    async fn register(&self, reg: &ShimRegistration) -> anyhow::Result<()> {
         let body = serde_json::to_vec_pretty(reg)?;
         if let Some(dir) = self.path.parent() {
             tokio::fs::create_dir_all(dir).await?;
@@ -67,10 +52,51 @@ pub struct NoRegistrar;
 
 #[async_trait::async_trait]
 impl Registrar for NoRegistrar {
-    async fn register(&self, _reg: &Registration) -> anyhow::Result<()> {
+    async fn register(&self, _reg: &ShimRegistration) -> anyhow::Result<()> {
         Ok(())
     }
     async fn deregister(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file the sidecar reads: written whole, then removed on
+    /// deregistration (twice is fine).
+    #[tokio::test]
+    async fn file_registrar_writes_the_shared_type_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/registration.json");
+        let r = FileRegistrar { path: path.clone() };
+        let reg = ShimRegistration {
+            mode: "exec".into(),
+            address: "127.0.0.1:9000".into(),
+            identity: None,
+            capabilities: vec!["transcode".into()],
+            labels: [("gpu".to_string(), "none".to_string())].into(),
+        };
+        r.register(&reg).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("identity"),
+            "absent identity is left out: {text}"
+        );
+        let read: ShimRegistration = serde_json::from_str(&text).unwrap();
+        assert_eq!(read, reg);
+        r.deregister().await.unwrap();
+        assert!(!path.exists());
+        r.deregister().await.unwrap();
+    }
+
+    /// A sidecar reads files with fields missing or added (another version).
+    #[test]
+    fn the_reader_is_lenient() {
+        let read: ShimRegistration =
+            serde_json::from_str(r#"{"capabilities":["a"],"new":1}"#).unwrap();
+        assert_eq!(read.capabilities, ["a"]);
+        assert_eq!(read.mode, "");
     }
 }

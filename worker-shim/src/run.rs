@@ -20,7 +20,7 @@ use crate::jobs::manager::{ExecSettings, Manager};
 use crate::jobs::queue::Devices;
 use crate::jobs::store::RedbStore;
 use crate::metrics::{GpuMetrics, JobMetrics};
-use crate::registration::{FileRegistrar, NoRegistrar, Registrar, Registration};
+use crate::registration::{FileRegistrar, NoRegistrar, Registrar, ShimRegistration};
 
 /// Labels announced for this worker: what the host detection found, then
 /// the config's labels, which may add but not contradict detected ones
@@ -68,11 +68,12 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
     for w in ignored {
         tracing::warn!("{w}");
     }
-    let registration = Registration {
+    let registration = ShimRegistration {
         mode: match cfg.mode {
             Mode::Serve => "serve",
             Mode::Exec => "exec",
-        },
+        }
+        .to_string(),
         address: cfg.listen.to_string(),
         identity: cfg.identity.clone(),
         capabilities: vec![cfg.capability.clone()],

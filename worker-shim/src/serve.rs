@@ -47,7 +47,7 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::registration::{Registrar, Registration};
+use crate::registration::{Registrar, ShimRegistration};
 
 /// A worker that stayed healthy this long before it stopped restarts after
 /// the initial backoff again.
@@ -334,7 +334,7 @@ pub async fn run(
     cfg: ServeConfig,
     listener: TcpListener,
     registrar: Arc<dyn Registrar>,
-    registration: Registration,
+    registration: ShimRegistration,
     metrics: ServeMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready_tx: watch::Sender<bool>,
@@ -592,7 +592,7 @@ fn describe(status: Option<&ExitStatus>) -> String {
 async fn supervise(
     shared: Arc<Shared>,
     registrar: Arc<dyn Registrar>,
-    registration: Registration,
+    registration: ShimRegistration,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let cfg = &shared.cfg;
@@ -697,7 +697,7 @@ async fn watch_worker(
     child: &mut Child,
     stop: &mut watch::Receiver<bool>,
     registrar: &dyn Registrar,
-    registration: &Registration,
+    registration: &ShimRegistration,
     registered: &mut bool,
 ) -> (Outcome, Duration) {
     let cfg = &shared.cfg;
@@ -766,7 +766,7 @@ async fn watch_worker(
     }
 }
 
-async fn register(registrar: &dyn Registrar, registration: &Registration) -> bool {
+async fn register(registrar: &dyn Registrar, registration: &ShimRegistration) -> bool {
     match tokio::time::timeout(REGISTRAR_TIMEOUT, registrar.register(registration)).await {
         Ok(Ok(())) => {
             tracing::info!(address = %registration.address, "registered");
@@ -1091,7 +1091,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Registrar for TestRegistrar {
-        async fn register(&self, reg: &Registration) -> anyhow::Result<()> {
+        async fn register(&self, reg: &ShimRegistration) -> anyhow::Result<()> {
             self.events
                 .lock()
                 .unwrap()
@@ -1143,12 +1143,10 @@ mod tests {
         let (ready_tx, ready) = watch::channel(false);
         let metrics = ServeMetrics::new(&Registry::new());
         let (stop, stop_rx) = oneshot::channel::<()>();
-        let registration = Registration {
-            mode: "serve",
+        let registration = ShimRegistration {
+            mode: "serve".into(),
             address: addr.to_string(),
-            identity: None,
-            capabilities: Vec::new(),
-            labels: BTreeMap::new(),
+            ..ShimRegistration::default()
         };
         let task = tokio::spawn(run(
             cfg,

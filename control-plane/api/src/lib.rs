@@ -8,5 +8,6 @@
 pub mod identity;
 pub mod mesh;
 pub mod proxy;
+pub mod registration;
 pub mod report;
 pub mod resilience;
