@@ -372,8 +372,8 @@ async fn route_workload(
             Ok(_) => control.deregister(req).await,
             Err(e) => Err(e),
         },
-        Some(WorkloadRoute::MeshReport) => match who() {
-            Ok(id) => control.mesh_report(req, id).await,
+        Some(WorkloadRoute::MeshReport) => match peer(&control, &peer_certs) {
+            Ok((id, serial)) => control.mesh_report(req, id, &serial).await,
             Err(e) => Err(e),
         },
         None => Err(not_found(&path)),

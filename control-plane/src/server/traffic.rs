@@ -191,23 +191,48 @@ async fn report_body(req: Request<Incoming>) -> Result<TrafficReport, Refusal> {
     Ok(r)
 }
 
+/// A report's instance against the one its certificate was issued to
+/// (`None` when crank-control did not issue it: any instance is taken).
+fn instance_of_cert(issued_to: Option<&str>, reported: &str, serial: &str) -> Result<(), Refusal> {
+    match issued_to {
+        Some(issued) if issued != reported => Err(refusal(
+            403,
+            "instance-mismatch",
+            format!(
+                "the report is for instance {reported:?} but certificate {serial} was issued to instance {issued:?}; a proxy reports as the instance it enrolled as"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl Control {
     fn traffic(&self) -> std::sync::MutexGuard<'_, store::TrafficStore> {
         self.traffic.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `POST /v1/mesh/report`: keeps a proxy's traffic report under the
-    /// identity of its client certificate.
+    /// identity of its client certificate. When crank-control issued that
+    /// certificate (`serial` is in its inventory), the report's instance
+    /// must be the one it was issued to.
     pub(super) async fn mesh_report(
         &self,
         req: Request<Incoming>,
         id: Identity,
+        serial: &str,
     ) -> Result<Resp, Refusal> {
         let r = report_body(req).await?;
+        let issued_to = self.state().issued(serial).map(|i| i.instance.clone());
+        instance_of_cert(issued_to.as_deref(), &r.instance, serial)?;
         let refusals = r.refusals.len();
         self.traffic()
             .record(&id.dns_name(), r, now_ms())
-            .map_err(|e| refusal(503, "report-store-full", e.to_string()))?;
+            .map_err(|e| match e {
+                store::StoreFull::PerIdentity { .. } => {
+                    refusal(429, "too-many-instances", e.to_string())
+                }
+                _ => refusal(503, "report-store-full", e.to_string()),
+            })?;
         Ok(json(
             200,
             &serde_json::json!({"ok": true, "refusals": refusals}),
@@ -274,5 +299,26 @@ fn route_info(r: &super::mesh::RouteRow) -> RouteInfo {
                 live: true,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_names_the_instance_its_certificate_was_issued_to() {
+        assert!(instance_of_cert(Some("ab12"), "ab12", "0a").is_ok());
+        assert!(
+            instance_of_cert(None, "made-up", "0a").is_ok(),
+            "not issued here"
+        );
+        let e = instance_of_cert(Some("ab12"), "made-up", "0a").unwrap_err();
+        assert_eq!((e.status, e.code), (403, "instance-mismatch"));
+        assert!(
+            e.message.contains("ab12") && e.message.contains("made-up"),
+            "{}",
+            e.message
+        );
     }
 }
