@@ -17,8 +17,10 @@ use crate::slo::CapabilitySlo;
 /// A CA certificate is `expiring` with less than this left (30 days).
 pub const CA_EXPIRING_SECS: i64 = 30 * 24 * 3600;
 
+/// A failed request, as the Prometheus rules and `crankctl slo status`
+/// count it: a 5xx, or no response at all (`error`).
 fn is_error(status_class: &str) -> bool {
-    status_class == "5xx"
+    matches!(status_class, "5xx" | "error")
 }
 
 /// `later - earlier` of a cumulative counter; `later` when it went down.
@@ -80,8 +82,10 @@ impl EdgeSum {
         match &mut self.hist {
             None => self.hist = Some((last.bounds.clone(), counts, count)),
             Some((b, c, n)) if *b == last.bounds => {
-                c.iter_mut().zip(counts).for_each(|(a, d)| *a += d);
-                *n += count;
+                c.iter_mut()
+                    .zip(counts)
+                    .for_each(|(a, d)| *a = a.saturating_add(d));
+                *n = n.saturating_add(count);
             }
             // Another bucket layout (a different proxy version): left out.
             Some(_) => {}
@@ -123,8 +127,8 @@ fn fold_instance(sums: &mut BTreeMap<String, EdgeSum>, r: &InstanceReports, now_
         }
         let s = sums.entry(c.route.clone()).or_default();
         let err = is_error(&c.status_class);
-        s.requests += c.count;
-        s.errors += if err { c.count } else { 0 };
+        s.requests = s.requests.saturating_add(c.count);
+        s.errors = s.errors.saturating_add(if err { c.count } else { 0 });
         if let Some(secs) = secs.filter(|s| *s > 0.0) {
             let key = (
                 c.direction.as_str(),
@@ -133,8 +137,8 @@ fn fold_instance(sums: &mut BTreeMap<String, EdgeSum>, r: &InstanceReports, now_
             );
             let d = delta(c.count, before.get(&key).copied().unwrap_or(0));
             s.rps += d as f64 / secs;
-            s.window_requests += d;
-            s.window_errors += if err { d } else { 0 };
+            s.window_requests = s.window_requests.saturating_add(d);
+            s.window_errors = s.window_errors.saturating_add(if err { d } else { 0 });
         }
     }
     let Some(prev) = prev else { return };
@@ -206,12 +210,10 @@ pub fn slos(objectives: &[CapabilitySlo], instances: &[&InstanceReports]) -> Vec
                 .flat_map(|r| &r.last.report.requests)
                 .filter(|c| c.direction == "outbound" && o.routes.contains(&c.route))
             {
-                requests += c.count;
-                errors += if is_error(&c.status_class) {
-                    c.count
-                } else {
-                    0
-                };
+                requests = c.count.saturating_add(requests);
+                if is_error(&c.status_class) {
+                    errors = c.count.saturating_add(errors);
+                }
             }
             let sli = (requests > 0).then(|| 1.0 - errors as f64 / requests as f64);
             SloInfo {

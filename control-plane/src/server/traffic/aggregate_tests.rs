@@ -396,3 +396,68 @@ fn certs_say_how_long_they_have_left() {
         .collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn failed_requests_are_5xx_and_no_response() {
+    let cases = [
+        ("2xx", false),
+        ("3xx", false),
+        ("4xx", false),
+        ("5xx", true),
+        ("error", true),
+        ("other", false),
+    ];
+    for (class, want) in cases {
+        assert_eq!(is_error(class), want, "{class}");
+    }
+    let c = |class: &str, count| RequestCount {
+        direction: "outbound".into(),
+        route: "hello".into(),
+        status_class: class.into(),
+        count,
+    };
+    let r = inst(
+        "a.t.crank.local",
+        "a",
+        (2_000, report(vec![c("2xx", 18), c("error", 2)], vec![])),
+        Some((1_000, report(vec![c("2xx", 9), c("error", 1)], vec![]))),
+    );
+    let e = &edges(&[&r], &HashMap::new(), 2_000)[0];
+    assert_eq!((e.requests, e.errors), (20, 2));
+    assert!((e.success_rate.unwrap() - 0.9).abs() < 1e-9, "{e:?}");
+}
+
+#[test]
+fn huge_counts_saturate_instead_of_overflowing() {
+    let big = |id: &str| {
+        inst(
+            id,
+            "a",
+            (
+                2_000,
+                report(
+                    series("hello", u64::MAX, u64::MAX),
+                    vec![hist("hello", [u64::MAX; 3], u64::MAX)],
+                ),
+            ),
+            Some((
+                1_000,
+                report(series("hello", 0, 0), vec![hist("hello", [0; 3], 0)]),
+            )),
+        )
+    };
+    let (a, b) = (big("a.t.crank.local"), big("a.t.crank.local"));
+    let mut b = b;
+    b.instance = "b".into();
+    let e = &edges(&[&a, &b], &HashMap::new(), 2_000)[0];
+    assert_eq!((e.requests, e.errors), (u64::MAX, u64::MAX));
+    let o = CapabilitySlo {
+        capability: "hello:v1".into(),
+        routes: vec!["hello".into()],
+        availability: Some(0.9),
+        latency: vec![],
+        window: std::time::Duration::from_secs(3600),
+    };
+    let got = slos(&[o], &[&a, &b]);
+    assert_eq!((got[0].requests, got[0].errors), (u64::MAX, u64::MAX));
+}
