@@ -1,12 +1,19 @@
 //! A small client for Prometheus' HTTP API (`GET /api/v1/query`), enough
 //! for `crankctl slo status --prometheus` and `crankctl slo check
 //! --prometheus`: plain `http://` only, one HTTP/1.0 request per query (the
-//! server closes the connection, so no chunked bodies), and every failure
-//! said with the URL and what to do about it.
+//! server closes the connection, so no chunked bodies), every address the
+//! host resolves to tried in turn, [`QUERY_DEADLINE`] for a whole query and
+//! at most [`MAX_ANSWER`] read, and every failure said with the URL and
+//! what to do about it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The longest a query may take, connecting and reading included.
+pub const QUERY_DEADLINE: Duration = Duration::from_secs(60);
+/// The largest answer read (16 MiB); the queries are sums, far smaller.
+pub const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// Why a query got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +31,8 @@ pub enum PromError {
     },
     #[error("{0} did not answer like Prometheus' /api/v1/query ({1}); is --prometheus the Prometheus server's address?")]
     NotPrometheus(String, String),
+    #[error("Prometheus at {0} did not answer a query within {1}s (a busy server, or a long window); try again, or check the server's load")]
+    Slow(String, u64),
 }
 
 /// The Prometheus server at a `http://HOST:PORT[/PREFIX]` URL.
@@ -31,8 +40,11 @@ pub enum PromError {
 pub struct Prometheus {
     url: String,
     host: String,
-    addr: SocketAddr,
+    /// Every address the host resolves to, tried in turn.
+    addrs: Vec<SocketAddr>,
     prefix: String,
+    /// For a whole query ([`QUERY_DEADLINE`]).
+    deadline: Duration,
 }
 
 impl Prometheus {
@@ -60,16 +72,19 @@ impl Prometheus {
         } else {
             format!("{host}:80")
         };
-        let addr = with_port
+        let addrs: Vec<SocketAddr> = with_port
             .to_socket_addrs()
             .map_err(|e| bad(&format!("{host} does not resolve ({e})")))?
-            .next()
-            .ok_or_else(|| bad(&format!("{host} resolves to no address")))?;
+            .collect();
+        if addrs.is_empty() {
+            return Err(bad(&format!("{host} resolves to no address")));
+        }
         Ok(Prometheus {
             url: url.trim_end_matches('/').to_string(),
             host: host.to_string(),
-            addr,
+            addrs,
             prefix,
+            deadline: QUERY_DEADLINE,
         })
     }
 
@@ -125,21 +140,68 @@ impl Prometheus {
         Ok(self.query(promql)?.first().map(|(_, v)| *v))
     }
 
+    /// A connection to the first address that takes one (`localhost` may
+    /// resolve to ::1 first while Prometheus listens on 127.0.0.1 only).
+    fn connect(&self, deadline: Instant) -> Result<TcpStream, PromError> {
+        let mut tried = Vec::new();
+        for a in &self.addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(a, left.min(Duration::from_secs(5))) {
+                Ok(s) => return Ok(s),
+                Err(e) => tried.push(format!("{a}: {e}")),
+            }
+        }
+        Err(PromError::Unreachable(self.url.clone(), tried.join("; ")))
+    }
+
+    /// The whole answer, read by the deadline and at most [`MAX_ANSWER`].
+    fn read_answer(&self, s: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, PromError> {
+        let slow = || PromError::Slow(self.url.clone(), self.deadline.as_secs());
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(slow());
+            }
+            s.set_read_timeout(Some(left))
+                .map_err(|e| PromError::Unreachable(self.url.clone(), e.to_string()))?;
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(raw),
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(slow())
+                }
+                Err(e) => return Err(PromError::Unreachable(self.url.clone(), e.to_string())),
+            }
+            if raw.len() > MAX_ANSWER {
+                return Err(PromError::NotPrometheus(
+                    self.url.clone(),
+                    format!("an answer larger than {} MiB", MAX_ANSWER >> 20),
+                ));
+            }
+        }
+    }
+
     fn get(&self, path: &str) -> Result<(u16, String), PromError> {
-        let unreachable =
-            |e: std::io::Error| PromError::Unreachable(self.url.clone(), e.to_string());
-        let mut s =
-            TcpStream::connect_timeout(&self.addr, Duration::from_secs(5)).map_err(unreachable)?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(unreachable)?;
+        let deadline = Instant::now() + self.deadline;
+        let mut s = self.connect(deadline)?;
         write!(
             s,
             "GET {path} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: crankctl\r\n\r\n",
             self.host
         )
-        .map_err(unreachable)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).map_err(unreachable)?;
+        .map_err(|e| PromError::Unreachable(self.url.clone(), e.to_string()))?;
+        let raw = self.read_answer(&mut s, deadline)?;
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let status = head
@@ -177,10 +239,13 @@ mod tests {
     fn slo_prometheus_urls() {
         let p = Prometheus::new("http://127.0.0.1:9090/").unwrap();
         assert_eq!((p.url(), p.prefix.as_str()), ("http://127.0.0.1:9090", ""));
-        assert_eq!(p.addr.port(), 9090);
+        assert_eq!(p.addrs[0].port(), 9090);
         let p = Prometheus::new("127.0.0.1:9091/prom").unwrap();
-        assert_eq!((p.addr.port(), p.prefix.as_str()), (9091, "/prom"));
-        assert_eq!(Prometheus::new("http://127.0.0.1").unwrap().addr.port(), 80);
+        assert_eq!((p.addrs[0].port(), p.prefix.as_str()), (9091, "/prom"));
+        assert_eq!(
+            Prometheus::new("http://127.0.0.1").unwrap().addrs[0].port(),
+            80
+        );
         let e = Prometheus::new("https://127.0.0.1:9090").unwrap_err();
         assert!(e.to_string().contains("plain http://"), "{e}");
     }
@@ -240,6 +305,65 @@ mod tests {
                 .contains("is --prometheus the Prometheus server's address"),
             "{e}"
         );
+    }
+
+    fn closed_port() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[test]
+    fn slo_prometheus_tries_every_address() {
+        // As `localhost` resolving to ::1 (nothing there) before 127.0.0.1.
+        let url = answer_once(
+            "HTTP/1.0 200 OK\r\n\r\n{\"status\":\"success\",\"data\":{\"resultType\":\"vector\",\"result\":[{\"metric\":{},\"value\":[1,\"3\"]}]}}",
+        );
+        let mut p = Prometheus::new(&url).unwrap();
+        p.addrs.insert(0, closed_port());
+        assert_eq!(p.scalar("x").unwrap(), Some(3.0));
+        // None answers: each address is named.
+        let mut p = Prometheus::new(&url).unwrap();
+        p.addrs = vec![closed_port(), closed_port()];
+        let msg = p.scalar("x").unwrap_err().to_string();
+        assert!(msg.contains(&p.addrs[1].to_string()), "{msg}");
+    }
+
+    #[test]
+    fn slo_prometheus_queries_have_a_deadline_and_a_size_cap() {
+        // Accepts, reads the request, then says nothing for longer than
+        // the deadline.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = rx.recv();
+        });
+        let mut p = Prometheus::new(&url).unwrap();
+        p.deadline = Duration::from_millis(300);
+        let started = Instant::now();
+        let e = p.scalar("up").unwrap_err();
+        assert!(matches!(e, PromError::Slow(..)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(tx);
+
+        // An endless answer is cut at MAX_ANSWER.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+            let chunk = vec![b' '; 1 << 20];
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let e = Prometheus::new(&url).unwrap().scalar("up").unwrap_err();
+        assert!(e.to_string().contains("larger than 16 MiB"), "{e}");
     }
 
     #[test]
