@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{format_percent, CapabilitySlo};
+use super::{format_percent, CapabilitySlo, DURATION_BUCKETS};
 
 /// The `--results` file.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -30,6 +30,11 @@ pub struct Measured {
     /// Percentile (`p50`, `p90`, `p95`, `p99`, `p99.9`) → milliseconds.
     #[serde(default)]
     pub latency_ms: BTreeMap<String, f64>,
+    /// Percentiles that Prometheus puts in the `+Inf` bucket: above the
+    /// largest finite bucket, so their value is unknown (not in a results
+    /// file; `slo check --prometheus` fills it).
+    #[serde(skip)]
+    pub above_buckets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -174,6 +179,10 @@ fn check_one(slo: &CapabilitySlo, m: &Measured) -> Vec<Verdict> {
             format!("{} <= {}", l.name, humantime::format_duration(l.threshold)),
         );
         let limit = l.threshold.as_secs_f64() * 1000.0;
+        if m.above_buckets.contains(&l.name) {
+            out.push(above_buckets(v, limit));
+            continue;
+        }
         let (status, measured) = latency(l.quantile, limit, &m.latency_ms);
         v.status = status;
         v.measured = measured.0;
@@ -184,6 +193,24 @@ fn check_one(slo: &CapabilitySlo, m: &Measured) -> Vec<Verdict> {
         out.push(v);
     }
     out
+}
+
+/// A percentile above the largest bucket: slower than any bucket shows,
+/// so broken when the limit is within the buckets, else not measured.
+fn above_buckets(mut v: Verdict, limit: f64) -> Verdict {
+    let top = DURATION_BUCKETS[DURATION_BUCKETS.len() - 1] * 1000.0;
+    let name = v.objective.trim_start_matches("latency.").to_string();
+    v.measured = format!(
+        "{name} above the largest bucket ({}): the latency is too high for the histogram to measure",
+        ms(top)
+    );
+    if limit <= top {
+        v.status = Status::Broken;
+        v.over_by = (top > limit).then(|| format!("more than +{}", ms(top - limit)));
+    } else {
+        v.status = Status::NotMeasured;
+    }
+    v
 }
 
 /// Judges "quantile q within `limit` ms" from the measured percentiles:
@@ -269,6 +296,7 @@ mod tests {
                     requests: 1000,
                     error_rate,
                     latency_ms: lat.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    above_buckets: Vec::new(),
                 },
             )]),
         }
@@ -279,6 +307,35 @@ mod tests {
     }
 
     use Status::*;
+
+    #[test]
+    fn a_percentile_above_the_largest_bucket_is_broken_not_met() {
+        // histogram_quantile says 300000 ms (the top bound) for a p99 in
+        // `+Inf`; slo check --prometheus marks it instead of taking it.
+        let mut r = measured(Some(0.0), &[("p50", 100.0), ("p95", 200.0)]);
+        let m = r.capabilities.get_mut("transcode:v1").unwrap();
+        m.above_buckets.push("p99".into());
+        let v = check(&[transcode()], &r).unwrap();
+        let p99 = v.iter().find(|v| v.objective == "latency.p99").unwrap();
+        assert_eq!(p99.status, Broken, "{p99:?}");
+        assert!(
+            p99.measured.contains("p99 above the largest bucket (5m)"),
+            "{p99:?}"
+        );
+        assert!(
+            p99.over_by
+                .as_deref()
+                .is_some_and(|o| o.contains("more than +3m")),
+            "{p99:?}"
+        );
+        // A threshold above the buckets: unknown either way.
+        let mut beyond = transcode();
+        beyond.latency[2].threshold = Duration::from_secs(600);
+        beyond.latency[2].bucket = None;
+        let v = check(&[beyond], &r).unwrap();
+        let p99 = v.iter().find(|v| v.objective == "latency.p99").unwrap();
+        assert_eq!(p99.status, NotMeasured, "{p99:?}");
+    }
 
     #[test]
     fn slo_check_table() {

@@ -18,8 +18,11 @@ use serde::Serialize;
 use super::check::{Measured, Results};
 use super::prom::{range, PromError, Prometheus};
 use super::rules::{availability_errors, latency_errors, selector, BURN_WINDOWS};
-use super::{format_percent, CapabilitySlo};
+use super::{format_percent, CapabilitySlo, DURATION_BUCKETS};
 use crate::tap_cli::{get_metrics, merge, parse_metrics, RouteCounters, Scrape};
+
+/// The largest finite bucket of `crank_request_duration_seconds`.
+const TOP_BUCKET: f64 = DURATION_BUCKETS[DURATION_BUCKETS.len() - 1];
 
 /// The windows `--prometheus` reports a burn rate over: the page alerts'.
 pub const PROMETHEUS_BURN_WINDOWS: [&str; 4] = ["5m", "30m", "1h", "6h"];
@@ -92,6 +95,11 @@ pub struct ObjectiveStatus {
     /// The page alert's condition holds: 1h and 5m above 14.4x, or 6h and
     /// 30m above 6x (from the sidecars: the last interval above 14.4x).
     pub page: bool,
+    /// The window's budget is spent (`budget_left` at or below 0). A 100%
+    /// target has no budget: its first error exhausts it, and its
+    /// `budget_left` and burn rates are then infinite, which JSON writes as
+    /// `null` (`null` alone means no requests).
+    pub exhausted: bool,
 }
 
 /// Judges one objective from its error ratio over the window and over each
@@ -135,6 +143,7 @@ pub fn judge(
         budget_left: window_errors.map(|e| 1.0 - burn(e)),
         burn_rates,
         page,
+        exhausted: window_errors.is_some_and(|e| burn(e) >= 1.0),
     }
 }
 
@@ -144,8 +153,7 @@ impl Report {
         let mut out = Vec::new();
         for c in &self.capabilities {
             for o in &c.objectives {
-                let spent = o.budget_left.is_some_and(|b| b <= 0.0);
-                if o.page || spent {
+                if o.page || o.exhausted {
                     out.push(format!("{} {}", c.capability, o.objective));
                 }
             }
@@ -282,20 +290,27 @@ pub fn results_from_prometheus(
                 "sum(increase(crank_requests_total{{{sel}}}[{w}]))"
             ))?
             .unwrap_or(0.0);
-        let mut latency_ms = BTreeMap::new();
+        let (mut latency_ms, mut above_buckets) = (BTreeMap::new(), Vec::new());
         for l in &s.latency {
             let q = format!(
                 "histogram_quantile({}, sum by (le) (rate(crank_request_duration_seconds_bucket{{{sel}}}[{w}])))",
                 l.quantile
             );
-            if let Some(v) = prom.scalar(&q)?.filter(|v| v.is_finite()) {
-                latency_ms.insert(l.name.clone(), v * 1000.0);
+            match prom.scalar(&q)?.filter(|v| !v.is_nan()) {
+                // In the `+Inf` bucket histogram_quantile answers the
+                // largest finite bound: the real value is unknown, above it.
+                Some(v) if v >= TOP_BUCKET => above_buckets.push(l.name.clone()),
+                Some(v) => {
+                    latency_ms.insert(l.name.clone(), v * 1000.0);
+                }
+                None => {}
             }
         }
         let m = Measured {
             requests: requests.round() as u64,
             error_rate: prom.scalar(&availability_errors(&sel, &w))?,
             latency_ms,
+            above_buckets,
         };
         capabilities.insert(s.capability.clone(), m);
     }
@@ -356,8 +371,14 @@ pub fn error_ratio(c: &RouteCounters, bucket: Option<f64>) -> Option<f64> {
 
 /// The human table (`wide`: more columns).
 pub fn table(r: &Report, wide: bool) -> String {
-    let pct = |v: Option<f64>| v.map_or("-".to_string(), format_percent);
-    let x = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}x"));
+    let pct = |v: Option<f64>| match v {
+        Some(v) if v.is_infinite() => "exhausted".to_string(),
+        v => v.map_or("-".to_string(), format_percent),
+    };
+    let x = |v: Option<f64>| match v {
+        Some(v) if v.is_infinite() => "inf".to_string(),
+        v => v.map_or("-".to_string(), |v| format!("{v:.1}x")),
+    };
     let windows: Vec<String> = r
         .capabilities
         .iter()
@@ -497,6 +518,36 @@ mod tests {
         assert_eq!((s.budget_left, s.burn_rates["5m"]), (Some(1.0), Some(0.0)));
         let none = judge(&availability(), None, &[("5m".into(), None)]);
         assert_eq!((none.sli, none.budget_left, none.page), (None, None, false));
+        assert!(!none.exhausted && !s.exhausted);
+    }
+
+    #[test]
+    fn a_100_percent_target_with_an_error_says_exhausted() {
+        let strict = Objective {
+            target: 1.0,
+            ..availability()
+        };
+        let s = judge(&strict, Some(0.001), &burns(&[("5m", 0.01), ("1h", 0.0)]));
+        assert!(s.exhausted, "{s:?}");
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["exhausted"], true, "{v}");
+        assert_eq!(v["burn_rates"]["1h"], 0.0, "{v}");
+        let spent = judge(&availability(), Some(0.002), &burns(&[("5m", 0.0)]));
+        assert!(spent.exhausted && spent.budget_left.unwrap() < 0.0);
+        let r = Report {
+            source: "sidecars".into(),
+            capabilities: vec![CapabilityStatus {
+                capability: "pay:v1".into(),
+                routes: vec!["pay".into()],
+                window: "30d".into(),
+                requests: Some(1000.0),
+                objectives: vec![s],
+                note: None,
+            }],
+        };
+        let t = table(&r, false);
+        assert!(t.contains("exhausted") && t.contains("inf"), "{t}");
+        assert_eq!(r.burning(), ["pay:v1 availability"]);
     }
 
     const METRICS: &str = r#"crank_requests_total{direction="outbound",route="backend",status_class="2xx"} 90
