@@ -7,9 +7,10 @@
 //! Every answer carries a Content-Security-Policy that allows only this
 //! origin (no inline script, no external anything) and `nosniff`; the state
 //! is `no-store`. It has no authentication: bind it to loopback or a network
-//! you trust (docs/reference/control-config.md). On a loopback address it
-//! answers only requests whose `Host` is loopback too, so that a web page
-//! elsewhere cannot read it through DNS rebinding.
+//! you trust (docs/reference/control-config.md). On a connection to a
+//! loopback address (a loopback listener, or `0.0.0.0` reached through
+//! loopback) it answers only requests whose `Host` is loopback too, so that
+//! a web page elsewhere cannot read it through DNS rebinding.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,17 +127,21 @@ pub fn respond(
     }
 }
 
-/// Whether a request with `host` (the `Host` header) may be answered on
-/// `listen`. On loopback only loopback names: `localhost`, `*.localhost`,
-/// `127.0.0.0/8`, `[::1]` (a DNS-rebinding page has its own name there).
-/// Elsewhere any: the operator chose who can reach it.
-pub fn host_allowed(listen: std::net::SocketAddr, host: Option<&str>) -> bool {
-    if !listen.ip().is_loopback() {
+/// Whether a request with `host` (the `Host` header's bytes) may be
+/// answered on a connection to `local` (its local address). On loopback
+/// only loopback names: `localhost`, `*.localhost`, `127.0.0.0/8`, `[::1]`
+/// (a DNS-rebinding page has its own name there), and never a Host that
+/// is not UTF-8. Elsewhere any: the operator chose who can reach it.
+pub fn host_allowed(local: std::net::SocketAddr, host: Option<&[u8]>) -> bool {
+    if !local.ip().to_canonical().is_loopback() {
         return true;
     }
     let Some(host) = host else {
         // Browsers always send Host; a client without one is no web page.
         return true;
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
     };
     let name = match host.strip_prefix('[') {
         Some(v6) => match v6.split_once(']') {
@@ -168,7 +173,6 @@ where
     F: Fn() -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
 {
     let state = Arc::new(state);
-    let listen = listener.local_addr()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let slot = slots.clone().acquire_owned().await?;
@@ -181,6 +185,11 @@ where
                 continue;
             }
         };
+        // Per connection: a 0.0.0.0 listener reached through loopback is
+        // as open to DNS rebinding as a loopback one.
+        let Ok(local) = tcp.local_addr() else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc =
@@ -188,7 +197,7 @@ where
                     let state = state.clone();
                     async move {
                         let host = req.headers().get(http::header::HOST);
-                        let resp = if host_allowed(listen, host.and_then(|h| h.to_str().ok())) {
+                        let resp = if host_allowed(local, host.map(|h| h.as_bytes())) {
                             respond(req.method(), req.uri().path(), || state())
                         } else {
                             misdirected()
@@ -265,11 +274,28 @@ mod tests {
             (Some("[::1"), false),
             (Some(""), false),
         ];
-        for (host, ok) in cases {
-            assert_eq!(host_allowed(lo, host), ok, "{host:?}");
+        // A connection to a 0.0.0.0 or [::] listener through loopback has a
+        // loopback local address (IPv4-mapped on a dual-stack socket).
+        let any_via_lo = [
+            lo,
+            "[::1]:9480".parse().unwrap(),
+            "[::ffff:127.0.0.1]:9480".parse().unwrap(),
+        ];
+        for local in any_via_lo {
+            for (host, ok) in cases {
+                assert_eq!(
+                    host_allowed(local, host.map(str::as_bytes)),
+                    ok,
+                    "{local} {host:?}"
+                );
+            }
+            assert!(
+                !host_allowed(local, Some(b"localhost\xff")),
+                "a Host that is not UTF-8"
+            );
         }
         let public: std::net::SocketAddr = "10.0.0.7:9480".parse().unwrap();
-        assert!(host_allowed(public, Some("dashboard.example")));
+        assert!(host_allowed(public, Some(b"dashboard.example")));
         assert_eq!(misdirected().status(), StatusCode::MISDIRECTED_REQUEST);
     }
 
