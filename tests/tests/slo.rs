@@ -38,8 +38,14 @@ fn counter(per_min: impl IntoIterator<Item = u64>) -> String {
 /// Input series for `route="transcode"` (outbound): `ok`/`bad` requests
 /// (2xx/5xx) per minute, and `fast` of them within 5s (the rest take
 /// between 30s and 2m); every minute is given by `minute(i)` for i in
-/// 0..minutes.
+/// 0..minutes. The buckets' `le` as Prometheus 2 stores them (`le="5"`).
 fn series(minutes: usize, minute: impl Fn(usize) -> (u64, u64, u64)) -> Value {
+    series_le(minutes, "", minute)
+}
+
+/// [`series`] with `suffix` after each whole-number `le`: `".0"` is how
+/// Prometheus 3 stores them (`le="5.0"`).
+fn series_le(minutes: usize, suffix: &str, minute: impl Fn(usize) -> (u64, u64, u64)) -> Value {
     let sel = r#"direction="outbound",route="transcode""#;
     let m: Vec<_> = (0..minutes).map(minute).collect();
     let one = |name: String, values: String| {
@@ -58,15 +64,15 @@ fn series(minutes: usize, minute: impl Fn(usize) -> (u64, u64, u64)) -> Value {
             counter(m.iter().map(|x| x.1)),
         ),
         one(
-            format!("crank_request_duration_seconds_bucket{{{sel},le=\"5\"}}"),
+            format!("crank_request_duration_seconds_bucket{{{sel},le=\"5{suffix}\"}}"),
             counter(m.iter().map(|x| x.2)),
         ),
         one(
-            format!("crank_request_duration_seconds_bucket{{{sel},le=\"30\"}}"),
+            format!("crank_request_duration_seconds_bucket{{{sel},le=\"30{suffix}\"}}"),
             counter(m.iter().map(|x| x.2)),
         ),
         one(
-            format!("crank_request_duration_seconds_bucket{{{sel},le=\"120\"}}"),
+            format!("crank_request_duration_seconds_bucket{{{sel},le=\"120{suffix}\"}}"),
             counter(m.iter().map(|x| x.0 + x.1)),
         ),
         one(
@@ -151,8 +157,16 @@ fn slo_rules_pass_promtool_and_fire_only_when_the_budget_burns() {
         .as_sequence()
         .unwrap()
         .iter()
-        .any(|r| r["expr"].as_str().unwrap_or("").contains("le=\"120\""));
-    assert!(measures_2m, "the p99 of 2m is measured with le=\"120\"");
+        .any(|r| {
+            r["expr"]
+                .as_str()
+                .unwrap_or("")
+                .contains(r#"le=~"120(\\.0)?""#)
+        });
+    assert!(
+        measures_2m,
+        "the p99 of 2m is measured with le=\"120\" or le=\"120.0\" (Prometheus 3)"
+    );
     let page = expected(&rules, "availability", "page");
     let ticket = expected(&rules, "availability", "ticket");
 
@@ -183,22 +197,27 @@ fn slo_rules_pass_promtool_and_fire_only_when_the_budget_burns() {
     // No errors, but every request between 30s and 2m: the p95 (30s) page
     // and ticket fire, and the p50's only alert, the 1x ticket (a 50%
     // budget cannot burn faster than 2x); the p99 (2m) holds.
-    let slow = test_case(
-        series(30, |_| (100, 0, 0)),
-        vec![at(
-            "20m",
-            vec![
-                expected(&rules, "latency-p50", "ticket"),
-                expected(&rules, "latency-p95", "page"),
-                expected(&rules, "latency-p95", "ticket"),
-            ],
-        )],
-    );
+    let slow_alerts = vec![at(
+        "20m",
+        vec![
+            expected(&rules, "latency-p50", "ticket"),
+            expected(&rules, "latency-p95", "page"),
+            expected(&rules, "latency-p95", "ticket"),
+        ],
+    )];
+    let slow = test_case(series(30, |_| (100, 0, 0)), slow_alerts.clone());
+    // The same with the buckets as Prometheus 3 stores them (`le="5.0"`):
+    // the same alerts. If the rules matched only `le="5"`, the latency
+    // ratios would be empty and nothing would fire.
+    let slow_prom3 = test_case(series_le(30, ".0", |_| (100, 0, 0)), slow_alerts);
 
     let mut file = serde_yaml::Mapping::new();
     file.insert("rule_files".into(), vec![Value::from("rules.yaml")].into());
     file.insert("evaluation_interval".into(), "1m".into());
-    file.insert("tests".into(), Value::Sequence(vec![burn, healthy, slow]));
+    file.insert(
+        "tests".into(),
+        Value::Sequence(vec![burn, healthy, slow, slow_prom3]),
+    );
     std::fs::write(
         dir.path().join("test.yaml"),
         serde_yaml::to_string(&file).unwrap(),

@@ -252,9 +252,19 @@ pub fn availability_errors(sel: &str, w: &str) -> String {
 /// PromQL: the share of requests matching `sel` slower than the bucket
 /// `le` (seconds) over the range `w`.
 pub fn latency_errors(sel: &str, le: f64, w: &str) -> String {
+    let le = le_matcher(le);
     format!(
-        "1 - (\nsum(rate(crank_request_duration_seconds_bucket{{{sel},le=\"{le}\"}}[{w}]))\n/\nsum(rate(crank_request_duration_seconds_count{{{sel}}}[{w}]))\n)"
+        "1 - (\nsum(rate(crank_request_duration_seconds_bucket{{{sel},{le}}}[{w}]))\n/\nsum(rate(crank_request_duration_seconds_count{{{sel}}}[{w}]))\n)"
     )
+}
+
+/// The label matcher of the bucket `le` (seconds), in both forms a
+/// Prometheus stores it: `le="120"` (2.x) and `le="120.0"` (3.x normalizes
+/// whole numbers to float form on ingestion), so `le=~"120(\\.0)?"`.
+pub fn le_matcher(le: f64) -> String {
+    let text = le.to_string();
+    let whole = if text.contains('.') { "" } else { "(\\\\.0)?" };
+    format!("le=~\"{}{whole}\"", text.replace('.', "\\\\."))
 }
 
 fn inexact_note(cap: &str, l: &LatencyObjective, bucket: f64) -> String {
@@ -434,9 +444,9 @@ mod tests {
     fn slo_rules_latency_bucket_notes() {
         // (threshold ms, expected le, note contains)
         for (ms, le, note) in [
-            (5000, Some("5"), None),
-            (300, Some("0.5"), Some("not a bucket boundary")),
-            (120_000, Some("120"), None),
+            (5000, Some(r"5(\\.0)?"), None),
+            (300, Some(r"0\\.5"), Some("not a bucket boundary")),
+            (120_000, Some(r"120(\\.0)?"), None),
             (300_001, None, Some("above the largest")),
         ] {
             let f = generate(&[slo(None, &[("p99", 0.99, ms)])], "mc");
@@ -451,11 +461,18 @@ mod tests {
                 Some(le) => {
                     let v = parse(&f);
                     let expr = v["groups"][0]["rules"][0]["expr"].as_str().unwrap();
-                    assert!(expr.contains(&format!("le=\"{le}\"")), "{ms}: {expr}");
+                    assert!(expr.contains(&format!("le=~\"{le}\"")), "{ms}: {expr}");
                 }
                 None => assert_eq!(f.recording_rules, 0),
             }
         }
+    }
+
+    #[test]
+    fn le_matchers_take_both_prometheus_forms() {
+        assert_eq!(le_matcher(120.0), r#"le=~"120(\\.0)?""#);
+        assert_eq!(le_matcher(0.5), r#"le=~"0\\.5""#);
+        assert_eq!(le_matcher(0.005), r#"le=~"0\\.005""#);
     }
 
     #[test]
