@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 use crate::host::GpuStats;
-use crate::jobs::model::{JobRecord, JobState, Priority};
+use crate::job::{JobRecord, JobState, Priority};
 
 #[derive(Clone)]
 pub struct JobMetrics {

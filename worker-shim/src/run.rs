@@ -166,7 +166,7 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
             let main = {
                 let s = shared.clone();
                 // Downloads in flight get a few seconds to finish.
-                tokio::spawn(api::serve(
+                tokio::spawn(crate::listener::serve(
                     listener,
                     move |req| api::jobs(s.clone(), req),
                     close_rx.clone(),
@@ -237,7 +237,7 @@ pub async fn run(cfg: ShimConfig) -> anyhow::Result<()> {
 
 fn spawn_admin(listener: Option<TcpListener>, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
     if let Some(l) = listener {
-        tokio::spawn(api::serve(
+        tokio::spawn(crate::listener::serve(
             l,
             move |req| api::admin(shared.clone(), req),
             stop,

@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::model::{Failure, FailureClass};
+use crate::job::{Failure, FailureClass};
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

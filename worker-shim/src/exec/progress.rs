@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::model::Progress;
+use crate::job::Progress;
 
 /// How a tool reports progress (config: `progress: ffmpeg`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::jobs::model::{Energy, JobEnergy};
+use crate::job::{Energy, JobEnergy};
 
 /// A cumulative energy reading in joules that only goes up; an
 /// implementation that wraps (RAPL) handles the wrap itself.

@@ -17,9 +17,6 @@ use rand::Rng;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Notify;
 
-use super::model::{
-    now_ms, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState, Priority, Progress,
-};
 use super::queue::{Devices, Need, PriorityQueue};
 use super::store::{JobStore, StoreError};
 use crate::config::ExecConfig;
@@ -28,6 +25,9 @@ use crate::exec::params::ParamSchema;
 use crate::exec::progress::{FfmpegProgress, ProgressKind};
 use crate::exec::template::{CommandTemplate, Reserved};
 use crate::host::energy::EnergyAccountant;
+use crate::job::{
+    now_ms, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState, Priority, Progress,
+};
 use crate::metrics::JobMetrics;
 
 /// Lines of the tool's standard error kept with the job.
@@ -531,7 +531,7 @@ impl Manager {
             output_bytes: None,
             history: Vec::new(),
         };
-        rec.history.push(super::model::Event {
+        rec.history.push(crate::job::Event {
             at_ms: now,
             state: JobState::Queued,
             note: Some("submitted".into()),

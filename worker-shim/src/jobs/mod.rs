@@ -1,8 +1,7 @@
-//! Jobs in `exec` mode: the record and its state machine ([`model`]), the
-//! priority queue and device slots ([`queue`]), the store ([`store`]) and
-//! the manager that runs them ([`manager`]).
+//! Running jobs in `exec` mode: the priority queue and device slots
+//! ([`queue`]), the store ([`store`]) and the manager that runs them
+//! ([`manager`]). The job record itself is [`crate::job`].
 
 pub mod manager;
-pub mod model;
 pub mod queue;
 pub mod store;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::model::Priority;
+use crate::job::Priority;
 
 /// Queued job ids, by priority class, each class in submission order.
 #[derive(Debug, Default)]

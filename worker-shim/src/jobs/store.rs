@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::model::JobRecord;
+use crate::job::JobRecord;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 

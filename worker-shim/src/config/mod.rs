@@ -2,6 +2,8 @@
 //! error names the file, the field and the fix. See
 //! `docs/reference/shim-config.md`.
 
+mod serve;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,11 +11,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use self::serve::ServeConfig;
+
 use crate::exec::classify::FailureRule;
 use crate::exec::params::ParamSpec;
 use crate::exec::progress::ProgressKind;
-use crate::jobs::model::FailureClass;
-use crate::serve::ServeConfig;
+use crate::job::FailureClass;
 
 /// A config error: which file, which field, what is wrong and how to fix it.
 #[derive(Debug, thiserror::Error)]
