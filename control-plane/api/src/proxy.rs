@@ -399,8 +399,13 @@ fn default_lease() -> Duration {
     Duration::from_secs(10)
 }
 
+/// The trust domain when a config names none. The same value as
+/// `crank_certs::DEFAULT_TRUST_DOMAIN` (a test in crank-control checks it):
+/// a copy, so that this crate needs nothing but serde.
+pub const DEFAULT_TRUST_DOMAIN: &str = "crank.local";
+
 fn default_trust_domain() -> String {
-    crank_certs::DEFAULT_TRUST_DOMAIN.to_string()
+    DEFAULT_TRUST_DOMAIN.to_string()
 }
 fn default_renew_at() -> f64 {
     0.66
