@@ -366,9 +366,9 @@ pub fn parser_error_response(status: u16, direction: &str, identity: &str) -> Ve
     let body = format!("{reason}: {advice}\n");
     format!(
         "HTTP/1.1 {line}\r\n{}: {reason}\r\n{}: {direction}\r\n{}: {identity}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        crate::proxy::ERROR_HEADER,
-        crate::proxy::ERROR_ORIGIN_HEADER,
-        crate::proxy::ERROR_SIDECAR_HEADER,
+        crate::headers::ERROR_HEADER,
+        crate::headers::ERROR_ORIGIN_HEADER,
+        crate::headers::ERROR_SIDECAR_HEADER,
         body.len()
     )
     .into_bytes()

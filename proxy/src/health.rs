@@ -47,7 +47,7 @@ impl Health {
             Some("draining")
         } else if !self.ready.load(Ordering::Acquire) {
             Some("starting")
-        } else if self.cert_expired(crate::enroll::unix_now()) {
+        } else if self.cert_expired(crate::clock::unix_now()) {
             Some("cert-expired")
         } else if self.cert_revoked.load(Ordering::Acquire) {
             Some("cert-revoked")
@@ -245,7 +245,7 @@ mod tests {
         let m = crate::metrics::Metrics::new();
         let h = Health::new(m.inflight.clone(), m.ready.clone());
         h.set_ready(true);
-        let now = crate::enroll::unix_now();
+        let now = crate::clock::unix_now();
         h.set_cert_expiry(Some(now - 1));
         assert_eq!(h.not_ready_reason(), Some("cert-expired"));
         assert_eq!(m.ready.get(), 0);

@@ -1,18 +1,29 @@
 //! crank-proxy: the Crank Mesh sidecar, built on Pingora.
 //!
-//! One [`proxy::MeshProxy`] (`ProxyHttp`) serves both directions: inbound
-//! (peer sidecar → local app, mTLS) and outbound (local app → mesh). Each
-//! concern lives in its own module; [`server::run`] wires them together.
-//! `docs/architecture.md` has the phase table and the ports.
+//! One [`request::MeshProxy`] (`ProxyHttp`) serves both directions: inbound
+//! (peer sidecar → local app, mTLS) and outbound (local app → mesh). The
+//! modules form layers, each using only those below it:
+//!
+//! 1. leaves: [`config`], [`errors`], [`metrics`], [`direction`], [`clock`],
+//!    [`headers`], and the mechanisms ([`resilience`], [`routing`],
+//!    [`identity`], [`policy`], [`spans`], [`health`], [`conn`], ...);
+//! 2. [`runtime`]: the handles every request stage reads;
+//! 3. [`request`]: the Pingora phases and their stages;
+//! 4. [`app`]: wiring, the background tasks and the writers ([`app::run`]).
+//!
+//! `docs/architecture.md` has the module graph, the phase table and the ports.
 
-pub mod admin;
+pub mod app;
 pub mod balancer;
+pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod direction;
 pub mod drain;
 pub mod enroll;
 pub mod errors;
 pub mod framing;
+pub mod headers;
 pub mod health;
 pub mod identity;
 pub mod logging;
@@ -20,12 +31,10 @@ pub mod mesh;
 pub mod metrics;
 pub mod otlp;
 pub mod policy;
-pub mod proxy;
-pub mod reload;
+pub mod request;
 pub mod resilience;
 pub mod routing;
-pub mod server;
+pub mod runtime;
 pub mod spans;
-pub mod state;
 pub mod tap;
 pub mod tracecontext;

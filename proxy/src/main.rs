@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     crank_proxy::logging::init();
     if args.check {
-        return match crank_proxy::server::check(&args.config) {
+        return match crank_proxy::app::check(&args.config) {
             Ok(_) => {
                 println!("{}: ok", args.config.display());
                 std::process::ExitCode::SUCCESS
@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    match crank_proxy::server::run(&args.config) {
+    match crank_proxy::app::run(&args.config) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crank-proxy: {e:#}");

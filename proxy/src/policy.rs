@@ -15,8 +15,8 @@ use crank_api::proxy::{DecisionLogConfig, PolicyConfig};
 use crank_policy::input::{self, RequestFacts};
 use crank_policy::{Bundle, Decision, PolicySet};
 
+use crate::direction::Direction;
 use crate::metrics::Metrics;
-use crate::proxy::Direction;
 
 /// Lines queued for the decision log writer before new ones are dropped
 /// (and counted): the request path never waits on the disk.

@@ -243,6 +243,41 @@ pub fn normalize_host(h: &str) -> String {
     without_port.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Sets `crank_circuit_state` for every endpoint of a new route table,
+/// and drops the series of endpoints the previous table had and this one
+/// does not (a removed endpoint must not keep an alert firing).
+pub fn init_circuit_gauges(
+    table: &RouteTable,
+    prev: Option<&RouteTable>,
+    m: &crate::metrics::Metrics,
+) {
+    let key = |r: &Route, e: &Endpoint| (r.name.clone(), e.address.to_string());
+    let now: std::collections::HashSet<_> = table
+        .routes()
+        .iter()
+        .flat_map(|r| r.endpoints.iter().map(move |e| key(r, e)))
+        .collect();
+    for r in prev.map(|p| p.routes()).unwrap_or_default() {
+        for e in &r.endpoints {
+            let k = key(r, e);
+            if !now.contains(&k) {
+                let _ = m
+                    .resilience
+                    .circuit_state
+                    .remove_label_values(&[&k.0, &k.1]);
+            }
+        }
+    }
+    for r in table.routes() {
+        for (i, e) in r.endpoints.iter().enumerate() {
+            m.resilience
+                .circuit_state
+                .with_label_values(&[r.name.as_str(), &e.address.to_string()])
+                .set(r.state.breakers.state(i).gauge());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

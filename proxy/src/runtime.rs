@@ -1,4 +1,8 @@
-//! The state every phase reads: config, routes, identity, metrics, health.
+//! The runtime every request stage reads: config, routes, identity,
+//! metrics, health, policies, tracer, quotas and the other per-process
+//! handles. It holds leaf types only (nothing here knows the tasks that
+//! write it); the writers (config reload, the mesh watch, the identity
+//! agent) live in [`crate::app`] and get the handles they change.
 
 use std::sync::Arc;
 
@@ -9,9 +13,13 @@ use crate::health::Health;
 use crate::identity::WorkloadTls;
 use crate::metrics::Metrics;
 use crate::policy::Policies;
+use crate::resilience::idempotency::IdempotencyStore;
+use crate::resilience::quota::QuotaSet;
+use crate::resilience::shed::Limiter;
 use crate::routing::RouteTable;
+use crate::tap::Tap;
 
-pub struct Shared {
+pub struct Runtime {
     pub config: ArcSwap<ProxyConfig>,
     pub routes: ArcSwap<RouteTable>,
     pub tls: Arc<WorkloadTls>,
@@ -23,99 +31,93 @@ pub struct Shared {
     pub me: crank_policy::Workload,
     /// Spans and trace context; `None` when the config has no `tracing`.
     pub tracer: Option<crate::spans::Tracer>,
-    pub reload: crate::reload::ReloadStatus,
-    /// Quotas of each direction; replaced when the config file changes.
-    pub quotas: ArcSwap<crate::resilience::flow::QuotaSet>,
+    /// Quotas of each direction; replaced when the config changes.
+    pub quotas: Arc<ArcSwap<QuotaSet>>,
     /// The concurrency limit in front of the local app (inbound).
-    pub inbound_limiter: Option<crate::resilience::shed::Limiter>,
+    pub inbound_limiter: Option<Limiter>,
     /// Responses kept for `Idempotency-Key` replay (inbound).
-    pub idempotency: Option<Arc<dyn crate::resilience::idempotency::IdempotencyStore>>,
-    /// The identity agent's progress; `None` for a static identity.
-    pub enrollment: Option<Arc<crate::enroll::AgentStatus>>,
-    /// Config from crank-control and the registration; `None` without `mesh`.
-    pub mesh: Option<Arc<crate::mesh::Mesh>>,
+    pub idempotency: Option<Arc<dyn IdempotencyStore>>,
+    /// Routes come from crank-control (`mesh`), which sends only the
+    /// routes whose `clients` name this service.
+    pub pushed_routes: bool,
+    /// Policy denials and shed requests for the next traffic report to
+    /// crank-control; `None` without `mesh`.
+    pub refusals: Option<Arc<crate::mesh::report::RefusalRing>>,
     /// Live traffic for `GET /tap` on the admin port.
-    pub tap: Arc<crate::tap::Tap>,
+    pub tap: Arc<Tap>,
 }
 
-impl Shared {
-    /// The effective config as JSON, with the key path left out, plus what
-    /// was learned at load time (own identity, certificate validity).
-    pub fn config_dump(&self) -> Vec<u8> {
-        let cfg = self.config.load();
-        let mut v = serde_json::to_value(&**cfg).unwrap_or_default();
-        // Export headers often carry an API key: show the names only.
-        if let Some(h) = v
-            .pointer_mut("/tracing/otlp/headers")
-            .and_then(|h| h.as_object_mut())
-        {
-            for val in h.values_mut() {
-                *val = serde_json::Value::String("(secret, not shown)".into());
-            }
+impl Runtime {
+    /// The runtime for a validated config and a loaded identity; the
+    /// optional parts (policies, tracer, mesh refusals) are set by the
+    /// caller. The app and the tests build it the same way.
+    pub fn new(cfg: &ProxyConfig, tls: WorkloadTls, metrics: Metrics, health: Arc<Health>) -> Self {
+        Runtime {
+            routes: ArcSwap::from_pointee(RouteTable::from_config(cfg)),
+            me: crank_policy::Workload::from(&tls.identity),
+            tls: Arc::new(tls),
+            tap: Arc::new(Tap::new(metrics.tap_dropped.clone())),
+            metrics,
+            health,
+            access_log: cfg.access_log,
+            policies: Policies::none(),
+            tracer: None,
+            quotas: Arc::new(ArcSwap::from_pointee(QuotaSet::from_config(&cfg.quotas))),
+            inbound_limiter: cfg
+                .inbound
+                .as_ref()
+                .and_then(|i| i.concurrency.as_ref())
+                .map(Limiter::new),
+            idempotency: crate::resilience::idempotency::store_for(cfg),
+            pushed_routes: cfg.mesh.is_some(),
+            refusals: None,
+            config: ArcSwap::from_pointee(cfg.clone()),
         }
-        if let Some(id) = v.get_mut("identity").and_then(|i| i.as_object_mut()) {
-            if id.contains_key("key") {
-                id.insert(
-                    "key".into(),
-                    serde_json::Value::String("(secret, not shown)".into()),
-                );
-            }
-        }
-        let t = &self.tls;
-        let leaf = t.summary();
-        let enrollment = match &self.enrollment {
-            Some(a) => a.to_json(),
-            None => serde_json::json!({"mode": "static"}),
-        };
-        let dump = serde_json::json!({
-            "config": v,
-            "identity": {
-                "spiffe_id": t.identity.spiffe_id(),
-                "dns_name": t.identity.dns_name(),
-                "not_before": leaf.not_before,
-                "not_after": leaf.not_after,
-                "serial": crank_api::identity::canonical_serial(&leaf.serial),
-                "bundle_version": self.metrics.identity.bundle_version.get(),
-                "roots": t.roots().iter().map(|r| serde_json::json!({"subject": r.subject, "serial": crank_api::identity::canonical_serial(&r.serial), "not_after": r.not_after})).collect::<Vec<_>>(),
-                "deny_list_size": t.deny_list().len(),
-                "enrollment": enrollment,
-            },
-            "routes": self.routes.load().names(),
-            "mesh": self.mesh.as_ref().map(|m| m.to_json()),
-            "policy": self.policy_dump(),
-            "tracing": self.tracer.as_ref().map(|t| serde_json::json!({"sampling": t.ratio()})),
-            "last_rejected_config_change": self.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-            "ready": self.health.is_ready(),
-        });
-        serde_json::to_vec_pretty(&dump).unwrap_or_default()
     }
 
-    /// Each direction's running policy revision, and the last rejected change.
-    fn policy_dump(&self) -> serde_json::Value {
-        let mut out = serde_json::Map::new();
-        for h in self
-            .policies
-            .inbound
-            .iter()
-            .chain(self.policies.outbound.iter())
-        {
-            let set = h.current();
-            out.insert(
-                h.direction.as_str().into(),
-                serde_json::json!({
-                    "dir": h.dir.display().to_string(),
-                    "revision": set.revision(),
-                    "mode": set.manifest().mode.as_str(),
-                    "failure_mode": format!("{:?}", set.manifest().failure_mode).to_lowercase(),
-                    "input": format!("{:?}", set.manifest().input).to_lowercase(),
-                    "entrypoints": {"allow": set.entrypoints().allow, "deny": set.entrypoints().deny},
-                    "files": set.files(),
-                    "engine": set.engine(),
-                    "vm_fallback": set.vm_fallback(),
-                    "last_rejected_change": h.last_error(),
-                }),
-            );
-        }
-        serde_json::Value::Object(out)
+    /// A runtime for unit tests: `cfg` with a fresh identity
+    /// (`web.acme.crank.local`) from a throw-away CA.
+    #[cfg(test)]
+    pub fn for_tests(cfg: &ProxyConfig) -> Self {
+        use crank_certs::{Ca, Identity, LeafRequest};
+        use std::time::Duration;
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let int = root
+            .generate_intermediate(Duration::from_secs(86_400))
+            .unwrap();
+        let who = Identity::new("web", "acme", "crank.local").unwrap();
+        let leaf = int
+            .issue(&LeafRequest::new(who, Duration::from_secs(3600)))
+            .unwrap();
+        let m = crate::identity::Material::from_pem(
+            leaf.cert_pem.as_bytes(),
+            leaf.key_pem.as_bytes(),
+            root.cert_pem().as_bytes(),
+            "test",
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        let tls = WorkloadTls::from_material(m, &metrics).unwrap();
+        let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
+        Runtime::new(cfg, tls, metrics, health)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_runtime_serves_the_configs_routes_and_its_own_identity() {
+        let cfg = crate::config::parse(
+            "p.yaml",
+            "identity: {cert: a, key: b, trust_bundle: c}\nadmin: {listen: 127.0.0.1:1}\noutbound: {ports: [{listen: 127.0.0.1:2, route: back}]}\nroutes: [{name: back, endpoints: [{address: 127.0.0.1:3, identity: back.acme.crank.local}]}]\n",
+        )
+        .unwrap();
+        let rt = Runtime::for_tests(&cfg);
+        assert_eq!(rt.routes.load().names(), vec!["back"]);
+        assert_eq!(rt.me.service, "web");
+        assert!(!rt.pushed_routes);
+        assert!(rt.refusals.is_none());
     }
 }

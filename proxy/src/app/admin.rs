@@ -16,18 +16,31 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::state::Shared;
+use crate::enroll::AgentStatus;
+use crate::mesh::Mesh;
+use crate::runtime::Runtime;
 
-/// Answers one admin request. Pure over the shared state.
-pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
+use super::reload::Reloader;
+
+/// What the admin endpoints read: the runtime, the reloader's last refusal,
+/// the identity agent's and the mesh part's status.
+pub struct AdminState {
+    pub rt: Arc<Runtime>,
+    pub reloader: Arc<Reloader>,
+    pub enrollment: Option<Arc<AgentStatus>>,
+    pub mesh: Option<Arc<Mesh>>,
+}
+
+/// Answers one admin request. Pure over the admin state.
+pub fn respond(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
     let (status, ctype, body): (u16, &str, Vec<u8>) = match path {
         "/live" => (200, "text/plain", b"live\n".to_vec()),
         "/ready" => {
-            shared.health.refresh_gauge();
-            match shared.health.not_ready_reason() {
+            state.rt.health.refresh_gauge();
+            match state.rt.health.not_ready_reason() {
                 None => (200, "text/plain", b"ready\n".to_vec()),
                 Some(why) => {
-                    let hint = shared.health.hint_for(why);
+                    let hint = state.rt.health.hint_for(why);
                     let hint = hint.map(|h| format!("; {h}")).unwrap_or_default();
                     (
                         503,
@@ -38,10 +51,10 @@ pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" => {
-            shared.health.refresh_gauge();
-            (200, "text/plain; version=0.0.4", shared.metrics.render())
+            state.rt.health.refresh_gauge();
+            (200, "text/plain; version=0.0.4", state.rt.metrics.render())
         }
-        "/config_dump" => (200, "application/json", shared.config_dump()),
+        "/config_dump" => (200, "application/json", super::dump::config_dump(state)),
         _ => (
             404,
             "text/plain",
@@ -57,7 +70,7 @@ pub fn respond(shared: &Shared, path: &str) -> Response<Full<Bytes>> {
 
 /// Serves the admin endpoints on `listener` from a dedicated thread until
 /// the process exits.
-pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,12 +90,12 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> 
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let shared = shared.clone();
+                    let state = state.clone();
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                             let resp = match req.uri().path() {
-                                "/tap" => tap(&shared, req.uri().query().unwrap_or("")),
-                                path => respond(&shared, path).map(|b| b.boxed()),
+                                "/tap" => tap(&state.rt, req.uri().query().unwrap_or("")),
+                                path => respond(&state, path).map(|b| b.boxed()),
                             };
                             async move { Ok::<_, Infallible>(resp) }
                         });
@@ -102,7 +115,7 @@ type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// until the client goes away or `limit` events were sent. A client that
 /// reads slowly loses events (`crank_tap_events_dropped_total`); requests
 /// never wait for it.
-fn tap(shared: &Arc<Shared>, query: &str) -> Response<AdminBody> {
+fn tap(rt: &Runtime, query: &str) -> Response<AdminBody> {
     let filter = match crate::tap::TapFilter::parse(query) {
         Ok(f) => f,
         Err(e) => {
@@ -113,7 +126,7 @@ fn tap(shared: &Arc<Shared>, query: &str) -> Response<AdminBody> {
                 .expect("static response parts")
         }
     };
-    let mut sub = shared.tap.subscribe(filter);
+    let mut sub = rt.tap.subscribe(filter);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         let limit = sub.limit();

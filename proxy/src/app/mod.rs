@@ -1,11 +1,17 @@
-//! Wiring: turns a validated config into Pingora services (inbound mTLS,
-//! outbound HTTP proxy and local ports, admin) and runs them until SIGTERM
-//! has drained the proxy.
+//! The app: wiring, background tasks and the writers. Turns a validated
+//! config into a [`Runtime`], the Pingora services (inbound mTLS, outbound
+//! HTTP proxy and local ports) and the admin listener, starts the tasks
+//! (identity agent, mesh watch, config watch, housekeeping), each with the
+//! handles it uses, and runs until SIGTERM has drained the proxy.
+
+pub mod admin;
+pub mod dump;
+pub mod housekeeping;
+pub mod reload;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
@@ -14,14 +20,14 @@ use pingora_core::services::ServiceWithDependents;
 use pingora_proxy::HttpProxy;
 
 use crate::conn::{Listener, ListenerLimits};
+use crate::direction::Direction;
 use crate::drain::DrainSignal;
 use crate::health::Health;
 use crate::identity::{PlaintextGuard, WorkloadTls};
 use crate::metrics::Metrics;
 use crate::policy::Policies;
-use crate::proxy::{Direction, MeshProxy};
-use crate::routing::RouteTable;
-use crate::state::Shared;
+use crate::request::MeshProxy;
+use crate::runtime::Runtime;
 
 /// Everything a start checks before listening: the config, then the
 /// identity material (key matches cert, cert carries a Crank identity,
@@ -84,48 +90,47 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         None => None,
     };
 
-    let me = crank_policy::Workload::from(&tls.identity);
     let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));
     // Not ready once the own certificate has expired, static or enrolled:
     // every peer refuses it then, so load balancers should stop sending here.
     health.set_cert_expiry(Some(tls.summary().not_after));
     let mesh = crate::mesh::Mesh::new(&cfg, base, &metrics.registry)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let shared = Arc::new(Shared {
-        routes: ArcSwap::from_pointee(RouteTable::from_config(&cfg)),
-        tls: Arc::new(tls),
-        metrics: metrics.clone(),
-        health: health.clone(),
-        access_log: cfg.access_log,
-        policies,
-        me,
-        tracer,
-        reload: Default::default(),
-        quotas: ArcSwap::from_pointee(crate::resilience::flow::QuotaSet::from_config(&cfg.quotas)),
-        inbound_limiter: cfg
-            .inbound
-            .as_ref()
-            .and_then(|i| i.concurrency.as_ref())
-            .map(crate::resilience::shed::Limiter::new),
-        idempotency: crate::resilience::flow::idempotency_store(&cfg),
-        enrollment: agent.as_ref().map(|a| a.status.clone()),
-        mesh: mesh.clone(),
-        config: ArcSwap::from_pointee(cfg.clone()),
-        tap: Arc::new(crate::tap::Tap::new(metrics.tap_dropped.clone())),
-    });
+    let mut rt = Runtime::new(&cfg, tls, metrics.clone(), health.clone());
+    rt.policies = policies;
+    rt.tracer = tracer;
+    rt.refusals = mesh.as_ref().map(|m| m.refusals.clone());
+    let rt = Arc::new(rt);
+    let reloader = Arc::new(reload::Reloader::new(rt.clone(), mesh.clone()));
+    let enrollment = agent.as_ref().map(|a| a.status.clone());
     if let Some(agent) = agent {
-        crate::enroll::spawn(agent, shared.clone())?;
+        let handles = crate::enroll::AgentHandles {
+            tls: rt.tls.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        crate::enroll::spawn(agent, handles)?;
     }
     if let Some(mesh) = &mesh {
         // Before serving: the last good routes from crank-control, if any.
-        mesh.load_last_good(&shared);
-        crate::mesh::spawn(mesh.clone(), shared.clone())?;
+        mesh.load_last_good(&*reloader);
+        let handles = crate::mesh::Handles {
+            tls: rt.tls.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            writer: reloader.clone(),
+        };
+        crate::mesh::spawn(mesh.clone(), handles)?;
     }
-    crate::resilience::flow::init_circuit_gauges(&shared.routes.load(), None, &metrics);
-    crate::resilience::flow::spawn_housekeeping(shared.clone())?;
-    crate::reload::spawn(
+    crate::routing::init_circuit_gauges(&rt.routes.load(), None, &metrics);
+    housekeeping::spawn(
+        rt.quotas.clone(),
+        rt.idempotency.clone(),
+        metrics.resilience.idempotency_keys.clone(),
+    )?;
+    reload::spawn(
         path.to_path_buf(),
-        shared.clone(),
+        reloader.clone(),
         std::time::Duration::from_secs(1),
     )?;
 
@@ -161,14 +166,14 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             .with_label_values(&[direction]),
         open_gauge: metrics.open_connections.with_label_values(&[direction]),
         all_open: all_open.clone(),
-        identity: Arc::from(shared.me.spiffe_id.as_str()),
+        identity: Arc::from(rt.me.spiffe_id.as_str()),
     };
     let mut services: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
     if let Some(inb) = &cfg.inbound {
         let mut proxy = HttpProxy::new(
             MeshProxy {
                 direction: Direction::Inbound,
-                shared: shared.clone(),
+                rt: rt.clone(),
                 app: Some((inb.app, inb.app_protocol)),
             },
             conf.clone(),
@@ -180,12 +185,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         proxy.server_options = Some(opts);
         let listener = Listener::new(proxy, limits("inbound", cfg.limits.inbound_max_connections));
         let mut svc = Service::new("crank inbound".into(), listener);
-        let settings = shared.tls.server_settings(&metrics);
+        let settings = rt.tls.server_settings(&metrics);
         svc.add_tls_with_settings(&inb.listen.to_string(), None, settings);
         svc.endpoints()
             .set_pre_tls_callback(Arc::new(PlaintextGuard {
                 failures: metrics.handshake_failures.clone(),
-                identity: shared.me.spiffe_id.clone(),
+                identity: rt.me.spiffe_id.clone(),
             }));
         services.push(Box::new(svc));
     }
@@ -194,7 +199,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         let mut proxy = HttpProxy::new(
             MeshProxy {
                 direction: Direction::Outbound,
-                shared: shared.clone(),
+                rt: rt.clone(),
                 app: None,
             },
             conf.clone(),
@@ -224,7 +229,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     }
     server.add_services(services);
 
-    crate::admin::spawn(admin_listener, shared.clone())?;
+    let admin = admin::AdminState {
+        rt: rt.clone(),
+        reloader,
+        enrollment,
+        mesh: mesh.clone(),
+    };
+    admin::spawn(admin_listener, Arc::new(admin))?;
     let mut ports: Vec<u16> = cfg.inbound.iter().map(|i| i.listen.port()).collect();
     ports.extend(cfg.outbound.http_proxy.map(|a| a.port()));
     ports.extend(cfg.outbound.ports.iter().map(|p| p.listen.port()));
@@ -322,7 +333,7 @@ fn load_identity(
 }
 
 fn warn_if_expired(tls: &WorkloadTls) {
-    let now = crate::enroll::unix_now();
+    let now = crate::clock::unix_now();
     let summary = tls.summary();
     if summary.not_after < now {
         tracing::error!(identity = %tls.identity, "this workload's certificate has expired; peers will refuse it and /ready answers 503 (cert-expired). Issue a new one with `crankctl cert issue`, or enroll with crank-control (identity.enroll) so it renews by itself");

@@ -12,33 +12,77 @@
 //! tracing exporter, threads) is refused with the list of fields that need
 //! a restart, so the running proxy never half-applies a config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crank_api::proxy::ProxyConfig;
 
+use crate::mesh::{ConfigWriter, Mesh};
+use crate::resilience::quota::QuotaSet;
 use crate::routing::RouteTable;
-use crate::state::Shared;
+use crate::runtime::Runtime;
 
-/// The last refused change, for `/config_dump`.
-#[derive(Default)]
-pub struct ReloadStatus {
-    pub last_rejected: Mutex<Option<String>>,
-    /// Held while a change is checked against the running config and
-    /// applied (the file watcher and the mesh watch), so neither applies
-    /// a config made from a running one the other just replaced.
-    pub apply_lock: Mutex<()>,
+/// The one writer of the runtime's live fields. The config file watch and
+/// the mesh watch both apply through it, one at a time, so neither applies
+/// a config made from a running one the other just replaced.
+pub struct Reloader {
+    rt: Arc<Runtime>,
+    /// Where pushed routes and quotas come from (they win over the file's).
+    mesh: Option<Arc<Mesh>>,
+    apply_lock: Mutex<()>,
+    /// The last refused change, for `/config_dump`.
+    last_rejected: Mutex<Option<String>>,
 }
 
-impl ReloadStatus {
+impl Reloader {
+    pub fn new(rt: Arc<Runtime>, mesh: Option<Arc<Mesh>>) -> Self {
+        Reloader {
+            rt,
+            mesh,
+            apply_lock: Mutex::new(()),
+            last_rejected: Mutex::new(None),
+        }
+    }
+
+    /// The last refused change, for `/config_dump`.
+    pub fn last_rejected(&self) -> Option<String> {
+        self.last_rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Forgets the last refused change once the file is good again;
     /// returns it so the caller can log that it cleared.
-    pub fn clear_rejected(&self) -> Option<String> {
+    fn clear_rejected(&self) -> Option<String> {
         self.last_rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    fn set_rejected(&self, msg: String) {
+        *self.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    }
+}
+
+impl ConfigWriter for Reloader {
+    fn running(&self) -> Arc<ProxyConfig> {
+        self.rt.config.load_full()
+    }
+
+    fn change(
+        &self,
+        change: &mut dyn FnMut(&ProxyConfig) -> Result<ProxyConfig, String>,
+    ) -> Result<(), String> {
+        let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let running = self.rt.config.load();
+        let new = change(&running)?;
+        if new != **running {
+            apply(&self.rt, new);
+        }
+        Ok(())
     }
 }
 
@@ -77,27 +121,24 @@ pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str>
 }
 
 /// Applies a validated config whose restart fields equal the running one's.
-pub fn apply(shared: &Shared, new: ProxyConfig) {
-    if let (Some(tracer), Some(t)) = (&shared.tracer, &new.tracing) {
+fn apply(rt: &Runtime, new: ProxyConfig) {
+    if let (Some(tracer), Some(t)) = (&rt.tracer, &new.tracing) {
         tracer.set_ratio(t.sampling);
-        shared.metrics.sampling_ratio.set(t.sampling);
+        rt.metrics.sampling_ratio.set(t.sampling);
     }
-    let prev = shared.routes.load();
+    let prev = rt.routes.load();
     let routes = RouteTable::reloaded(&new, Some(&prev));
-    crate::resilience::flow::init_circuit_gauges(&routes, Some(&prev), &shared.metrics);
-    shared.routes.store(Arc::new(routes));
-    if new.quotas != shared.config.load().quotas {
-        shared
-            .quotas
-            .store(Arc::new(crate::resilience::flow::QuotaSet::from_config(
-                &new.quotas,
-            )));
+    crate::routing::init_circuit_gauges(&routes, Some(&prev), &rt.metrics);
+    rt.routes.store(Arc::new(routes));
+    if new.quotas != rt.config.load().quotas {
+        rt.quotas
+            .store(Arc::new(QuotaSet::from_config(&new.quotas)));
     }
-    shared.config.store(Arc::new(new));
+    rt.config.store(Arc::new(new));
 }
 
 /// Checks the file every `interval` and applies or refuses a change.
-pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io::Result<()> {
+pub fn spawn(path: PathBuf, reloader: Arc<Reloader>, interval: Duration) -> std::io::Result<()> {
     let mut last = std::fs::read(&path).unwrap_or_default();
     std::thread::Builder::new()
         .name("crank-config-watch".into())
@@ -106,66 +147,73 @@ pub fn spawn(path: PathBuf, shared: Arc<Shared>, interval: Duration) -> std::io:
             let Ok(now) = std::fs::read(&path) else {
                 continue; // mid-rename, or removed: keep serving, check again
             };
-            if now == last {
-                continue;
-            }
-            last = now;
-            let _one_at_a_time = shared.reload.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-            match check_change(&path, &shared) {
-                Ok(new) if new == **shared.config.load() => {
-                    // A refused change reverted: the file is good again.
-                    if let Some(was) = shared.reload.clear_rejected() {
-                        tracing::info!(file = %path.display(), refused_before = %was, "config file is back to the running config; the earlier refusal is cleared from /config_dump");
-                    } else {
-                        tracing::debug!(file = %path.display(), "config file saved without a change");
-                    }
-                }
-                Ok(new) => {
-                    apply(&shared, new);
-                    shared.metrics.config_reloads.with_label_values(&["applied"]).inc();
-                    if let Some(was) = shared.reload.clear_rejected() {
-                        tracing::info!(file = %path.display(), refused_before = %was, "config change applied; the earlier refusal is cleared from /config_dump");
-                    } else {
-                        tracing::info!(file = %path.display(), "config change applied");
-                    }
-                }
-                Err(msg) => {
-                    shared.metrics.config_reloads.with_label_values(&["rejected"]).inc();
-                    tracing::error!(file = %path.display(), error = %msg, "config change refused; the running config keeps serving");
-                    *shared.reload.last_rejected.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(msg);
-                }
+            if now != last {
+                last = now;
+                reloader.file_changed(&path);
             }
         })?;
     Ok(())
 }
 
-fn check_change(path: &std::path::Path, shared: &Shared) -> Result<ProxyConfig, String> {
-    let new = crate::config::load(path).map_err(|e| e.to_string())?;
-    let old = shared.config.load();
-    let fields = restart_fields(&old, &new);
-    if !fields.is_empty() {
-        return Err(format!(
-            "{}: changes {} which need a restart; restart the proxy to apply them (only tracing.sampling, routes, quotas and timeouts apply live)",
-            path.display(),
-            fields.join(", ")
-        ));
-    }
-    // Routes and quota limits from crank-control stay: the file's are the
-    // fallback for when nothing was ever received.
-    match shared.mesh.as_ref().and_then(|m| m.applied()) {
-        Some(u) => {
-            let new = crate::mesh::merge::overlay(new, Some(&u));
-            let file = path.display().to_string();
-            crate::config::validate_pushed(
-                &file,
-                &new,
-                path.parent().unwrap_or(std::path::Path::new(".")),
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(new)
+impl Reloader {
+    /// The config file changed: check it whole, then apply, or refuse and
+    /// keep serving the running config.
+    fn file_changed(&self, path: &Path) {
+        let _one_at_a_time = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let reloads = &self.rt.metrics.config_reloads;
+        match self.check_change(path) {
+            Ok(new) if new == **self.rt.config.load() => {
+                // A refused change reverted: the file is good again.
+                if let Some(was) = self.clear_rejected() {
+                    tracing::info!(file = %path.display(), refused_before = %was, "config file is back to the running config; the earlier refusal is cleared from /config_dump");
+                } else {
+                    tracing::debug!(file = %path.display(), "config file saved without a change");
+                }
+            }
+            Ok(new) => {
+                apply(&self.rt, new);
+                reloads.with_label_values(&["applied"]).inc();
+                if let Some(was) = self.clear_rejected() {
+                    tracing::info!(file = %path.display(), refused_before = %was, "config change applied; the earlier refusal is cleared from /config_dump");
+                } else {
+                    tracing::info!(file = %path.display(), "config change applied");
+                }
+            }
+            Err(msg) => {
+                reloads.with_label_values(&["rejected"]).inc();
+                tracing::error!(file = %path.display(), error = %msg, "config change refused; the running config keeps serving");
+                self.set_rejected(msg);
+            }
         }
-        None => Ok(new),
+    }
+
+    fn check_change(&self, path: &Path) -> Result<ProxyConfig, String> {
+        let new = crate::config::load(path).map_err(|e| e.to_string())?;
+        let old = self.rt.config.load();
+        let fields = restart_fields(&old, &new);
+        if !fields.is_empty() {
+            return Err(format!(
+                "{}: changes {} which need a restart; restart the proxy to apply them (only tracing.sampling, routes, quotas and timeouts apply live)",
+                path.display(),
+                fields.join(", ")
+            ));
+        }
+        // Routes and quota limits from crank-control stay: the file's are the
+        // fallback for when nothing was ever received.
+        match self.mesh.as_ref().and_then(|m| m.applied()) {
+            Some(u) => {
+                let new = crate::mesh::merge::overlay(new, Some(&u));
+                let file = path.display().to_string();
+                crate::config::validate_pushed(
+                    &file,
+                    &new,
+                    path.parent().unwrap_or(Path::new(".")),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(new)
+            }
+            None => Ok(new),
+        }
     }
 }
 

@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, Notify};
 use super::client::{CallError, Client, ClientCert};
 use super::recover::{self, TokenVerdict};
 use super::schedule::{self, Backoff};
-use super::{state, unix_now, AgentSeed, AgentStatus, ISSUE_TIMEOUT};
+use super::{state, AgentHandles, AgentSeed, AgentStatus, ISSUE_TIMEOUT};
+use crate::clock::unix_now;
 use crate::identity::{check_chain, Material};
-use crate::state::Shared;
 
 /// What the agent presents and trusts now.
 struct Current {
@@ -36,7 +36,7 @@ struct Current {
 const TOKEN_POLL: Duration = Duration::from_secs(2);
 
 pub(super) struct Agent {
-    shared: Arc<Shared>,
+    handles: AgentHandles,
     client: Client,
     identity: Identity,
     instance: String,
@@ -54,9 +54,9 @@ pub(super) struct Agent {
 }
 
 impl Agent {
-    pub(super) fn new(seed: AgentSeed, shared: Arc<Shared>) -> Agent {
+    pub(super) fn new(seed: AgentSeed, handles: AgentHandles) -> Agent {
         Agent {
-            shared,
+            handles,
             client: seed.client,
             identity: seed.identity,
             instance: seed.instance,
@@ -93,7 +93,7 @@ impl Agent {
 
     pub(super) async fn run(self) {
         let hint = super::recovery_hint(self.enroll_cfg(), &self.base);
-        self.shared.health.set_cert_hint(Some(hint));
+        self.handles.health.set_cert_hint(Some(hint));
         let (wake_tx, wake_rx) = mpsc::channel(1);
         tokio::join!(
             self.renew_loop(wake_rx),
@@ -129,7 +129,7 @@ impl Agent {
                 match self.renew_once().await {
                     Ok(()) => break,
                     Err(e) => {
-                        self.shared
+                        self.handles
                             .metrics
                             .identity
                             .renewals
@@ -204,7 +204,7 @@ impl Agent {
     fn install(&self, resp: IssueResponse, key_pem: &str) -> Result<(), String> {
         let (serial, not_after) = self.swap_in(resp, key_pem)?;
         let now = unix_now();
-        self.shared
+        self.handles
             .metrics
             .identity
             .renewals
@@ -231,7 +231,7 @@ impl Agent {
         .map_err(|e| e.to_string())?;
         let (summary, _) = check_chain(&m.chain).map_err(|e| e.to_string())?;
         let Material { chain, key, roots } = m;
-        self.shared
+        self.handles
             .tls
             .swap_cert(chain.clone(), key.clone_key())
             .map_err(|e| e.to_string())?;
@@ -242,7 +242,7 @@ impl Agent {
             c.not_after = summary.not_after;
             c.serial = serial.clone();
         });
-        self.shared.health.set_cert_expiry(Some(summary.not_after));
+        self.handles.health.set_cert_expiry(Some(summary.not_after));
         if let Err(e) = state::save_cert(&self.state_dir, key_pem, &resp.chain) {
             tracing::error!(error = %e, state_dir = %self.state_dir.display(), "cannot save the renewed certificate; it serves until a restart");
         }
@@ -260,7 +260,7 @@ impl Agent {
         pem: &str,
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<(), String> {
-        self.shared
+        self.handles
             .tls
             .swap_roots(&roots)
             .map_err(|e| format!("bundle version {version}: {e}"))?;
@@ -269,7 +269,7 @@ impl Agent {
             c.roots = Arc::new(roots);
             c.bundle_version = version;
         });
-        self.shared
+        self.handles
             .metrics
             .identity
             .bundle_version
@@ -319,7 +319,7 @@ impl Agent {
             c.revoked |= current;
             current
         });
-        if current && !self.shared.health.set_cert_revoked() {
+        if current && !self.handles.health.set_cert_revoked() {
             let hint = super::recovery_hint(self.enroll_cfg(), &self.base);
             tracing::error!(identity = %self.identity, serial = %serial, reason = "cert-revoked", state_dir = %self.state_dir.display(), "this workload's certificate is revoked; /ready answers 503 and peers refuse it. To recover once the cause is fixed: {hint}");
         }
@@ -389,7 +389,7 @@ impl Agent {
             tracing::error!(error = %e, state_dir = %self.state_dir.display(), "cannot record the join token as used");
         }
         self.with(|c| c.revoked = false);
-        self.shared.health.clear_cert_revoked();
+        self.handles.health.clear_cert_revoked();
         let now = unix_now();
         self.status.update(|s| {
             s.source = "re-enrolled".into();
@@ -429,8 +429,8 @@ impl Agent {
             self.apply_bundle(w.bundle.version, &w.bundle.pem, roots)?;
         }
         if self.with(|c| c.revocations_version) != Some(w.revocations.version) {
-            self.shared.tls.set_deny_list(&w.revocations.serials);
-            let count = self.shared.tls.deny_list().len();
+            self.handles.tls.set_deny_list(&w.revocations.serials);
+            let count = self.handles.tls.deny_list().len();
             self.with(|c| c.revocations_version = Some(w.revocations.version));
             self.status
                 .update(|s| s.revocations_version = Some(w.revocations.version));

@@ -30,8 +30,10 @@ use crank_api::proxy::{EnrollConfig, IdentityConfig};
 use crank_certs::Identity;
 use rustls::pki_types::CertificateDer;
 
-use crate::identity::{check_chain, read_roots, Material};
-use crate::state::Shared;
+use crate::clock::unix_now;
+use crate::health::Health;
+use crate::identity::{check_chain, read_roots, Material, WorkloadTls};
+use crate::metrics::Metrics;
 use client::{CallError, Client, ClientCert};
 use crank_certs::CertSummary;
 use schedule::Backoff;
@@ -49,13 +51,6 @@ pub struct EnrollError(pub String);
 
 fn eerr(m: impl Into<String>) -> EnrollError {
     EnrollError(m.into())
-}
-
-/// Unix time now, in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// What [`bootstrap`] hands over: the material to serve, and what the
@@ -399,15 +394,23 @@ pub(crate) fn refusal_hint(e: &CallError) -> &'static str {
     }
 }
 
+/// What the identity agent changes: the workload's TLS material,
+/// readiness (expiry, revocation) and the identity metrics.
+pub struct AgentHandles {
+    pub tls: Arc<WorkloadTls>,
+    pub health: Arc<Health>,
+    pub metrics: Metrics,
+}
+
 /// Runs the agent (renewal and watch) on its own thread and runtime.
-pub fn spawn(seed: AgentSeed, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn spawn(seed: AgentSeed, handles: AgentHandles) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     std::thread::Builder::new()
         .name("crank-identity".into())
         .spawn(move || {
-            let agent = Agent::new(seed, shared);
+            let agent = Agent::new(seed, handles);
             rt.block_on(agent.run());
         })?;
     Ok(())

@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(new.inbound, running.inbound);
         assert_eq!(new.outbound, running.outbound);
         assert_eq!(new.admin, running.admin);
-        assert!(crate::reload::restart_fields(&running, &new).is_empty());
+        assert!(crate::app::reload::restart_fields(&running, &new).is_empty());
     }
 
     #[test]

@@ -35,8 +35,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::enroll::client::{Client, ClientCert};
+use crate::health::Health;
 use crate::identity::WorkloadTls;
-use crate::state::Shared;
+use crate::metrics::Metrics;
 use metrics::MeshMetrics;
 
 /// Why the mesh part could not be set up (at start only; while running,
@@ -79,6 +80,29 @@ pub struct MeshStatus {
     pub policy_dir: Option<String>,
 }
 
+/// The one writer of the running config's live fields (implemented by
+/// the app's reloader): the mesh watch and the config file watch apply
+/// through it, one at a time.
+pub trait ConfigWriter: Send + Sync {
+    /// The running config.
+    fn running(&self) -> Arc<ProxyConfig>;
+    /// Under the writers' lock: `change` makes the config to run from the
+    /// running one, or says why not; a config that differs is applied.
+    fn change(
+        &self,
+        change: &mut dyn FnMut(&ProxyConfig) -> Result<ProxyConfig, String>,
+    ) -> Result<(), String>;
+}
+
+/// What the mesh tasks use of the running proxy: its identity (to call
+/// crank-control), readiness, metrics and the config writer.
+pub struct Handles {
+    pub tls: Arc<WorkloadTls>,
+    pub health: Arc<Health>,
+    pub metrics: Metrics,
+    pub writer: Arc<dyn ConfigWriter>,
+}
+
 /// The mesh part: settings, the applied update and its status.
 pub struct Mesh {
     pub cfg: MeshConfig,
@@ -99,7 +123,7 @@ pub struct Mesh {
     /// Pushed policies without a `policy_dir` were logged once.
     policies_ignored: AtomicBool,
     /// Policy denials and shed requests for the next traffic report.
-    pub refusals: report::RefusalRing,
+    pub refusals: Arc<report::RefusalRing>,
 }
 
 impl Mesh {
@@ -161,7 +185,7 @@ impl Mesh {
             stop: Mutex::new(Some(stop_tx)),
             stop_rx: Mutex::new(Some(stop_rx)),
             policies_ignored: AtomicBool::new(false),
-            refusals: report::RefusalRing::default(),
+            refusals: Default::default(),
         })))
     }
 
@@ -212,7 +236,7 @@ impl Mesh {
     /// Applies `state_dir/mesh.json` when it exists and still fits this
     /// config (static stability across restarts). Never fails the start:
     /// an unusable file is logged and the file config serves.
-    pub fn load_last_good(&self, shared: &Shared) {
+    pub fn load_last_good(&self, writer: &dyn ConfigWriter) {
         let path = store::state_file(&self.state_dir);
         let update = match store::load(&self.state_dir) {
             Ok(Some(u)) => u,
@@ -225,7 +249,7 @@ impl Mesh {
                 return;
             }
         };
-        match self.apply(shared, update, Source::Disk) {
+        match self.apply(writer, update, Source::Disk) {
             Ok(u) => {
                 tracing::info!(seq = u.version.seq, hash = %u.version.hash, endpoints_fingerprint = u.registry, routes = u.routes.len(), file = %path.display(), "loaded last good mesh config")
             }
@@ -239,27 +263,20 @@ impl Mesh {
     /// or changes nothing and says why.
     pub fn apply(
         &self,
-        shared: &Shared,
+        writer: &dyn ConfigWriter,
         update: MeshUpdate,
         source: Source,
     ) -> Result<Arc<MeshUpdate>, String> {
         let update = Arc::new(update);
-        let before = {
-            let _one_at_a_time = shared
-                .reload
-                .apply_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let running = shared.config.load();
-            let new = merge::merged(&running, &update)?;
+        let mut before = None;
+        writer.change(&mut |running| {
+            let new = merge::merged(running, &update)?;
             merge::check_policy_names(&update.policies)?;
             crate::config::validate_pushed(&merge::origin(&update), &new, &self.base)
                 .map_err(|e| e.to_string())?;
-            if new != **running {
-                crate::reload::apply(shared, new);
-            }
-            self.set_applied(update.clone())
-        };
+            before = self.set_applied(update.clone());
+            Ok(new)
+        })?;
         let mut errors = Vec::new();
         match &self.policy_dir {
             Some(dir) => {
@@ -296,7 +313,7 @@ impl Mesh {
             s.hash = Some(update.version.hash.clone());
             s.endpoints_fingerprint = Some(update.registry);
             s.routes = update.routes.len();
-            s.last_update_time = Some(crate::enroll::unix_now());
+            s.last_update_time = Some(crate::clock::unix_now());
             s.last_error = errors.into_iter().next();
         });
         Ok(update)
@@ -340,7 +357,7 @@ pub fn credentials(
 }
 
 /// Runs the watch and the registration on their own thread and runtime.
-pub fn spawn(mesh: Arc<Mesh>, shared: Arc<Shared>) -> std::io::Result<()> {
+pub fn spawn(mesh: Arc<Mesh>, handles: Handles) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -355,10 +372,14 @@ pub fn spawn(mesh: Arc<Mesh>, shared: Arc<Shared>) -> std::io::Result<()> {
             rt.block_on(async {
                 let reg = async {
                     if let (Some(r), Some(stop)) = (&mesh.cfg.register, stop_rx) {
-                        register::run(&mesh, &shared, r, stop).await;
+                        register::run(&mesh, &handles, r, stop).await;
                     }
                 };
-                tokio::join!(watch::run(&mesh, &shared), reg, report::run(&mesh, &shared));
+                tokio::join!(
+                    watch::run(&mesh, &handles),
+                    reg,
+                    report::run(&mesh, &handles)
+                );
             })
         })?;
     Ok(())

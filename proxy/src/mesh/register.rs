@@ -4,7 +4,6 @@
 //! proxy was cut off), follow crank-shim's registration file, and
 //! deregister before a drain.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,25 +16,20 @@ use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::Handles;
 use super::{credentials, Mesh};
 use crate::enroll::client::CallError;
 use crate::enroll::schedule::Backoff;
-use crate::state::Shared;
 
 /// Deadline of one registry call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often `from_file` is read again.
 const FILE_CHECK: Duration = Duration::from_secs(1);
 
-/// The parts of crank-shim's `registration_file` used here (its `address`
-/// is where the sidecar reaches the shim, not where peers reach the sidecar).
-#[derive(Debug, Default, PartialEq, serde::Deserialize)]
-pub struct ShimFile {
-    #[serde(default)]
-    pub capabilities: Vec<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
+/// crank-shim's `registration_file`, as crank-api defines it for both sides.
+/// Only its capabilities and labels are used here (its `address` is where
+/// the sidecar reaches the shim, not where peers reach the sidecar).
+pub use crank_api::registration::ShimRegistration as ShimFile;
 
 /// Parses crank-shim's registration file.
 pub fn parse_shim_file(bytes: &[u8]) -> Result<ShimFile, String> {
@@ -94,7 +88,7 @@ struct Lease {
 
 struct Registrar<'a> {
     mesh: &'a Mesh,
-    shared: &'a Shared,
+    handles: &'a Handles,
     lease_seconds: u64,
     lease: Option<Lease>,
     next: Instant,
@@ -103,7 +97,7 @@ struct Registrar<'a> {
 
 impl Registrar<'_> {
     async fn post(&self, path: &str, body: Vec<u8>) -> Result<bytes::Bytes, CallError> {
-        let (cert, roots) = credentials(&self.shared.tls).map_err(CallError::BadAnswer)?;
+        let (cert, roots) = credentials(&self.handles.tls).map_err(CallError::BadAnswer)?;
         self.mesh
             .client
             .call(
@@ -231,25 +225,25 @@ impl Registrar<'_> {
 /// Runs until a stop request (SIGTERM), which deregisters and is answered.
 pub async fn run(
     mesh: &Mesh,
-    shared: &Shared,
+    handles: &Handles,
     r: &MeshRegisterConfig,
     mut stop: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     // Register only once the listeners are up: peers are told to come here.
-    while shared.health.not_ready_reason() == Some("starting") {
+    while handles.health.not_ready_reason() == Some("starting") {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             Some(ack) = stop.recv() => { let _ = ack.send(()); return; }
         }
     }
-    let Some(addr) = address(&shared.config.load(), r) else {
+    let Some(addr) = address(&handles.writer.running(), r) else {
         tracing::error!("mesh.register: no address (set mesh.register.address or inbound.listen); not registering");
         return;
     };
-    let identity = shared.tls.identity.dns_name();
+    let identity = handles.tls.identity.dns_name();
     let mut reg = Registrar {
         mesh,
-        shared,
+        handles,
         lease_seconds: r.lease.as_secs().max(1),
         lease: None,
         next: Instant::now(),

@@ -7,7 +7,7 @@
 //! here touches a request.
 //!
 //! The refusals come from [`RefusalRing`], which the one place the proxy
-//! writes its own responses ([`crate::proxy`]'s `respond_with`) fills with
+//! writes its own responses (`crate::request::respond`) fills with
 //! policy denials and shed or limited requests ([`is_reported`]).
 
 use std::collections::VecDeque;
@@ -21,10 +21,10 @@ use crank_api::report::{
 use prometheus::core::Collector;
 use prometheus::proto::MetricFamily;
 
+use super::Handles;
 use super::{credentials, Mesh};
 use crate::errors::Reason;
 use crate::metrics::Metrics;
-use crate::state::Shared;
 
 /// Deadline of one report post.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +170,7 @@ pub fn pending(mut held: Vec<RefusalEvent>, new: Vec<RefusalEvent>) -> Vec<Refus
 
 /// Posts a report every `mesh.report_interval` until the process exits;
 /// returns at once when it is `0s`.
-pub async fn run(mesh: &Mesh, shared: &Shared) {
+pub async fn run(mesh: &Mesh, handles: &Handles) {
     let every = mesh.cfg.report_interval;
     if every.is_zero() {
         return;
@@ -181,8 +181,8 @@ pub async fn run(mesh: &Mesh, shared: &Shared) {
     loop {
         tick.tick().await;
         held = pending(held, mesh.refusals.drain());
-        let report = build(&shared.metrics, &mesh.instance, every, held.clone());
-        match post(mesh, shared, &report).await {
+        let report = build(&handles.metrics, &mesh.instance, every, held.clone());
+        match post(mesh, handles, &report).await {
             Ok(()) => held.clear(),
             Err(e) => {
                 tracing::debug!(error = %e, refusals = held.len(), "traffic report not accepted; the next one carries its refusals")
@@ -191,8 +191,8 @@ pub async fn run(mesh: &Mesh, shared: &Shared) {
     }
 }
 
-async fn post(mesh: &Mesh, shared: &Shared, report: &TrafficReport) -> Result<(), String> {
-    let (cert, roots) = credentials(&shared.tls)?;
+async fn post(mesh: &Mesh, handles: &Handles, report: &TrafficReport) -> Result<(), String> {
+    let (cert, roots) = credentials(&handles.tls)?;
     let _: serde_json::Value = mesh
         .client
         .post_json(&roots, Some(&cert), "/v1/mesh/report", report, CALL_TIMEOUT)

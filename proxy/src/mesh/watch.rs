@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use crank_api::mesh::MeshUpdate;
 
+use super::Handles;
 use super::{credentials, merge, Mesh, Source};
 use crate::enroll::schedule::Backoff;
-use crate::state::Shared;
 
 /// The watch request's path and query: what this proxy has applied.
 pub fn watch_path(instance: &str, seq: u64, registry: u64, wait: Duration) -> String {
@@ -48,11 +48,11 @@ pub fn verdict(u: &MeshUpdate, applied: Option<&Version>, refused: Option<&Versi
 }
 
 /// Runs until the process exits.
-pub async fn run(mesh: &Mesh, shared: &Shared) {
+pub async fn run(mesh: &Mesh, handles: &Handles) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let mut refused: Option<Version> = None;
     loop {
-        match once(mesh, shared, &mut refused).await {
+        match once(mesh, handles, &mut refused).await {
             Ok(true) => backoff.reset(),
             // Refused: crank-control answers at once while this proxy
             // reports an older seq, so wait before asking again.
@@ -68,8 +68,12 @@ pub async fn run(mesh: &Mesh, shared: &Shared) {
 }
 
 /// One watch call; `Ok(false)` when the answer was a refused version.
-async fn once(mesh: &Mesh, shared: &Shared, refused: &mut Option<Version>) -> Result<bool, String> {
-    let (cert, roots) = credentials(&shared.tls)?;
+async fn once(
+    mesh: &Mesh,
+    handles: &Handles,
+    refused: &mut Option<Version>,
+) -> Result<bool, String> {
+    let (cert, roots) = credentials(&handles.tls)?;
     let applied = mesh.applied().map(|u| version_of(&u));
     let (seq, registry) = applied.as_ref().map_or((0, 0), |v| (v.0, v.2));
     let wait = mesh.cfg.watch_wait;
@@ -89,7 +93,7 @@ async fn once(mesh: &Mesh, shared: &Shared, refused: &mut Option<Version>) -> Re
     }
     let v = version_of(&u);
     let origin = merge::origin(&u);
-    match mesh.apply(shared, u, Source::Pushed) {
+    match mesh.apply(&*handles.writer, u, Source::Pushed) {
         Ok(u) => {
             *refused = None;
             mesh.metrics.updates.with_label_values(&["applied"]).inc();

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod resilience;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use crank_api::proxy::AppProtocol;
@@ -21,50 +23,15 @@ use crate::identity::{ConnAuth, PeerAuth, PeerIdentity};
 use crate::metrics::status_class;
 use crate::policy::{new_decision_id, PolicyHandle};
 use crate::routing::Route;
+use crate::runtime::Runtime;
 use crate::spans::{Hop, SpanEnd};
-use crate::state::Shared;
 
-/// Header carrying the verified caller identity to the app (inbound) —
-/// always set by the inbound sidecar, never trusted from the network.
-pub const CLIENT_ID_HEADER: &str = "x-crank-client-id";
-/// Header naming why the proxy answered by itself.
-pub const ERROR_HEADER: &str = "x-crank-error";
-/// Header carrying the capability a route reaches, from the caller's
-/// outbound sidecar to the peer's inbound sidecar (policy input). The
-/// outbound sidecar always replaces what the app sent.
-pub const CAPABILITY_HEADER: &str = "x-crank-capability";
-/// Header naming the policy decision behind a 403.
-pub const DECISION_HEADER: &str = "x-crank-decision-id";
-/// Header carrying the trace id on responses the proxy makes itself, so an
-/// error a caller sees leads to its trace and log lines.
-pub const TRACE_ID_HEADER: &str = "x-crank-trace-id";
-/// Header saying which side of which sidecar made a response:
-/// `outbound` (the caller's own sidecar) or `inbound` (the peer's sidecar,
-/// in front of the app). Next to [`ERROR_SIDECAR_HEADER`].
-pub const ERROR_ORIGIN_HEADER: &str = "x-crank-error-origin";
-/// Header carrying the SPIFFE identity of the sidecar that made a response.
-pub const ERROR_SIDECAR_HEADER: &str = "x-crank-error-sidecar";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Peer sidecar → local app, over mTLS.
-    Inbound,
-    /// Local app → mesh.
-    Outbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
-        }
-    }
-}
+pub use crate::direction::Direction;
+pub use crate::headers::*;
 
 pub struct MeshProxy {
     pub direction: Direction,
-    pub shared: Arc<Shared>,
+    pub rt: Arc<Runtime>,
     /// Inbound only: the app and how to speak to it.
     pub app: Option<(SocketAddr, AppProtocol)>,
 }
@@ -94,7 +61,7 @@ pub struct Ctx {
     /// itself (its policy denied the request, say).
     pub(crate) peer_error: Option<String>,
     /// Quota, concurrency slot, retries, deadline, idempotency.
-    pub(crate) res: crate::resilience::flow::ResCtx,
+    pub(crate) res: resilience::ResCtx,
     _inflight: InflightGuard,
 }
 
@@ -136,7 +103,7 @@ impl ProxyHttp for MeshProxy {
             endpoint_identity: None,
             peer_error: None,
             res: Default::default(),
-            _inflight: self.shared.health.track(),
+            _inflight: self.rt.health.track(),
         }
     }
 
@@ -153,7 +120,7 @@ impl ProxyHttp for MeshProxy {
         // instead of dropped after the first response.
         session.as_downstream_mut().set_pipelining_enabled(true);
         let headers = &session.req_header().headers;
-        match &self.shared.tracer {
+        match &self.rt.tracer {
             Some(t) => ctx.hop = Some(t.begin(headers)),
             None => ctx.incoming_trace_id = crate::spans::incoming_trace_id(headers),
         }
@@ -166,7 +133,7 @@ impl ProxyHttp for MeshProxy {
         }
         // Inbound takes what a calling sidecar's edge let through plus what
         // that sidecar added (traceparent, x-crank-capability, ...).
-        let max_header_bytes = self.shared.config.load().limits.max_request_header_bytes
+        let max_header_bytes = self.rt.config.load().limits.max_request_header_bytes
             + match self.direction {
                 Direction::Inbound => crank_api::proxy::SIDECAR_HEADER_HEADROOM,
                 Direction::Outbound => 0,
@@ -177,7 +144,7 @@ impl ProxyHttp for MeshProxy {
         }
         match self.direction {
             Direction::Inbound => match peer_auth(session) {
-                Ok(peer) if self.shared.tls.is_revoked(&peer.serial) => {
+                Ok(peer) if self.rt.tls.is_revoked(&peer.serial) => {
                     let detail = format!("serial {}", peer.serial);
                     ctx.peer = Some(peer);
                     self.refuse(session, ctx, Reason::PeerCertRevoked, &detail)
@@ -197,7 +164,7 @@ impl ProxyHttp for MeshProxy {
                     .and_then(|a| a.as_inet())
                     .map(|a| a.port());
                 let host = request_authority(session.req_header());
-                let table = self.shared.routes.load();
+                let table = self.rt.routes.load();
                 let path = session.req_header().uri.path().to_string();
                 match table.select_path(port, host.as_deref(), &path) {
                     Ok(route) => ctx.route = Some(route),
@@ -207,11 +174,11 @@ impl ProxyHttp for MeshProxy {
                             nr.host.unwrap_or_default(),
                             table.names().join(", ")
                         );
-                        if self.shared.mesh.is_some() {
+                        if self.rt.pushed_routes {
                             // The route may exist and leave this service
                             // out: crank-control sends a proxy only the
                             // routes whose `clients` name its service.
-                            let svc = &self.shared.me.service;
+                            let svc = &self.rt.me.service;
                             detail.push_str(&format!("; crank-control sends this sidecar only the routes whose clients list is empty or names service {svc:?}: if the route exists, add {svc:?} to its clients (`crankctl routes` lists them)"));
                         }
                         self.refuse(session, ctx, Reason::NoRoute, &detail).await;
@@ -220,22 +187,18 @@ impl ProxyHttp for MeshProxy {
                 }
                 // A revoked or expired own certificate is refused by every
                 // peer: answer with the local cause, not a peer's refusal.
-                if let Some(problem) = self
-                    .shared
-                    .health
-                    .own_cert_problem(crate::enroll::unix_now())
-                {
+                if let Some(problem) = self.rt.health.own_cert_problem(crate::clock::unix_now()) {
                     let reason = match problem {
                         "cert-revoked" => Reason::OwnCertRevoked,
                         _ => Reason::OwnCertExpired,
                     };
-                    let detail = format!("identity {}", self.shared.me.spiffe_id);
+                    let detail = format!("identity {}", self.rt.me.spiffe_id);
                     self.refuse(session, ctx, reason, &detail).await;
                     return Ok(true);
                 }
             }
         }
-        if let Some(handle) = self.shared.policies.for_direction(self.direction) {
+        if let Some(handle) = self.rt.policies.for_direction(self.direction) {
             if !self.check_policy(session, ctx, handle).await {
                 return Ok(true);
             }
@@ -250,7 +213,7 @@ impl ProxyHttp for MeshProxy {
         ctx.attempts += 1;
         if self.direction == Direction::Outbound {
             // Each upstream attempt is its own client span.
-            if let Some(t) = &self.shared.tracer {
+            if let Some(t) = &self.rt.tracer {
                 let retried = ctx
                     .hop
                     .as_ref()
@@ -264,7 +227,7 @@ impl ProxyHttp for MeshProxy {
                 }
             }
         }
-        let timeouts = self.shared.config.load().timeouts.clone();
+        let timeouts = self.rt.config.load().timeouts.clone();
         let mut peer = match self.direction {
             Direction::Inbound => {
                 let (addr, proto) = self.app.ok_or_else(|| {
@@ -288,11 +251,11 @@ impl ProxyHttp for MeshProxy {
                 let ep = &route.endpoints[idx];
                 ctx.endpoint_identity = Some(ep.identity.spiffe_id());
                 let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
-                peer.client_cert_key = Some(self.shared.tls.client_cert());
-                peer.options.ca = Some(self.shared.tls.bundle());
+                peer.client_cert_key = Some(self.rt.tls.client_cert());
+                peer.options.ca = Some(self.rt.tls.bundle());
                 // Pingora's pool key covers the client cert but not the
                 // roots: a new root or deny-list generation starts a new pool.
-                peer.group_key = self.shared.tls.pool_key(&ep.address);
+                peer.group_key = self.rt.tls.pool_key(&ep.address);
                 if session.is_upgrade_req() {
                     // WebSocket and other upgrades need HTTP/1.1 between sidecars.
                     peer.options.set_http_version(1, 1);
@@ -445,7 +408,7 @@ impl ProxyHttp for MeshProxy {
             self.count_shed(ctx, "circuit-open");
         }
         if let Some(tls_reason) = outbound_handshake_reason(reason) {
-            self.shared
+            self.rt
                 .metrics
                 .handshake_failures
                 .with_label_values(&["outbound", tls_reason])
@@ -544,7 +507,7 @@ impl ProxyHttp for MeshProxy {
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         self.finish_idempotency(ctx, e.is_none() && status > 0);
-        if let (Some(t), Some(hop)) = (&self.shared.tracer, &ctx.hop) {
+        if let (Some(t), Some(hop)) = (&self.rt.tracer, &ctx.hop) {
             if t.records(hop) {
                 let err = e.map(|e| e.etype().as_str());
                 t.finish(hop, self.span_end(session, ctx, status, err));
@@ -553,19 +516,19 @@ impl ProxyHttp for MeshProxy {
         let dir = self.direction.as_str();
         let route = ctx.route_label(self.direction).to_string();
         let elapsed = ctx.start.elapsed();
-        if self.shared.tap.active() {
-            self.shared
+        if self.rt.tap.active() {
+            self.rt
                 .tap
                 .publish(self.tap_event(session, ctx, status, elapsed));
         }
-        let m = &self.shared.metrics;
+        let m = &self.rt.metrics;
         m.requests
             .with_label_values(&[dir, &route, status_class(status)])
             .inc();
         m.latency
             .with_label_values(&[dir, &route])
             .observe(elapsed.as_secs_f64());
-        if self.shared.access_log {
+        if self.rt.access_log {
             let req = session.req_header();
             tracing::info!(
                 target: "crank::access",
@@ -605,13 +568,10 @@ impl MeshProxy {
         let set = handle.current();
         let facts = self.request_facts(session, ctx, set.manifest());
         let trace_id = ctx.trace_id();
-        let d = self.shared.policies.check(
-            handle,
-            &set,
-            &facts,
-            trace_id.as_deref(),
-            &self.shared.metrics,
-        );
+        let d = self
+            .rt
+            .policies
+            .check(handle, &set, &facts, trace_id.as_deref(), &self.rt.metrics);
         let label = match (d.outcome, d.permitted) {
             (crank_policy::Outcome::Allow, _) => "allow",
             (crank_policy::Outcome::Deny, false) => "deny",
@@ -775,7 +735,7 @@ impl MeshProxy {
             Direction::Outbound => (
                 ctx.route.as_ref().and_then(|r| r.capability.clone()),
                 ctx.endpoint_identity.clone(),
-                Some(self.shared.me.tenant.clone()),
+                Some(self.rt.me.tenant.clone()),
             ),
         };
         if let Some(c) = capability {
@@ -845,7 +805,7 @@ impl MeshProxy {
             Some((_, _, pq)) => pq.split('?').next().unwrap_or("").to_string(),
             None => req.uri.path().to_string(),
         };
-        let me = Some(self.shared.me.spiffe_id.clone());
+        let me = Some(self.rt.me.spiffe_id.clone());
         let (capability, source, destination) = match self.direction {
             Direction::Inbound => (
                 self.inbound_capability(req),
@@ -884,7 +844,7 @@ impl MeshProxy {
     /// The capability an inbound request is for (see [`inbound_capability`]).
     pub(crate) fn inbound_capability(&self, req: &RequestHeader) -> Option<String> {
         inbound_capability(
-            self.shared
+            self.rt
                 .config
                 .load()
                 .inbound
@@ -904,7 +864,7 @@ impl MeshProxy {
         manifest: &crank_policy::Manifest,
     ) -> crank_policy::RequestFacts {
         let req = session.req_header();
-        let me = self.shared.me.clone();
+        let me = self.rt.me.clone();
         // Copy only the headers the input or the decision log can show.
         let all_headers = manifest.input == crank_policy::InputShape::Envoy
             || manifest.headers.iter().any(|h| h == "*");
@@ -1001,17 +961,17 @@ impl MeshProxy {
         let serial = digest
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|s| s.serial_number.as_deref());
-        let Some(serial) = serial.filter(|s| self.shared.tls.is_revoked(s)) else {
+        let Some(serial) = serial.filter(|s| self.rt.tls.is_revoked(s)) else {
             return Ok(());
         };
         let serial = crank_api::identity::canonical_serial(serial);
         tracing::warn!(upstream = ?ctx.upstream, serial, reused, "refused peer sidecar: its certificate is revoked");
         if let Some(addr) = ctx.upstream {
-            self.shared.tls.retire_pooled(addr);
+            self.rt.tls.retire_pooled(addr);
         }
         // Counted here, once per refused connection: the request may still
         // succeed on another endpoint.
-        self.shared
+        self.rt
             .metrics
             .handshake_failures
             .with_label_values(&["outbound", "revoked"])
@@ -1048,7 +1008,7 @@ impl MeshProxy {
     /// Keeps a policy denial or a shed request for the next traffic report
     /// to crank-control (only with `mesh`; never waits).
     fn note_refusal(&self, session: &Session, ctx: &Ctx, reason: Reason, status: u16) {
-        let Some(mesh) = &self.shared.mesh else {
+        let Some(refusals) = &self.rt.refusals else {
             return;
         };
         if !crate::mesh::report::is_reported(reason) {
@@ -1060,12 +1020,12 @@ impl MeshProxy {
                 .as_ref()
                 .map(|p| format!("{}.{}.{}", p.service, p.tenant, p.trust_domain)),
             Direction::Outbound => {
-                let me = &self.shared.me;
+                let me = &self.rt.me;
                 Some(format!("{}.{}.{}", me.service, me.tenant, me.trust_domain))
             }
         };
         let req = session.req_header();
-        mesh.refusals.push(crate::mesh::report::event(
+        refusals.push(crate::mesh::report::event(
             self.direction.as_str(),
             status,
             reason,
@@ -1128,7 +1088,7 @@ impl MeshProxy {
         extra: &[(&'static str, &str)],
     ) {
         ctx.reason = Some(reason);
-        self.shared
+        self.rt
             .metrics
             .proxy_errors
             .with_label_values(&[self.direction.as_str(), reason.as_str()])
@@ -1140,7 +1100,7 @@ impl MeshProxy {
         };
         let _ = resp.insert_header(ERROR_HEADER, reason.as_str());
         let _ = resp.insert_header(ERROR_ORIGIN_HEADER, self.direction.as_str());
-        let _ = resp.insert_header(ERROR_SIDECAR_HEADER, self.shared.me.spiffe_id.as_str());
+        let _ = resp.insert_header(ERROR_SIDECAR_HEADER, self.rt.me.spiffe_id.as_str());
         if let Some(id) = ctx.trace_id() {
             let _ = resp.insert_header(TRACE_ID_HEADER, id);
         }

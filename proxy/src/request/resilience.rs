@@ -14,22 +14,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use crank_api::proxy::{InFlightMode, ProxyConfig, QuotaConfig, QuotaDirection};
+use crank_api::proxy::InFlightMode;
 use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
-use super::breaker::{CircuitState, InFlight, Pick};
-use super::idempotency::{self, Begin, Claim, Completed, IdempotencyStore, RequestHasher};
-use super::ratelimit::{Limit, Quotas, RateDecision};
-use super::retry::{self, Failure, PeerRefusal};
-use super::shed::{Permit, Shed};
-use super::{fault, retry_after_secs};
+use super::{Ctx, MeshProxy};
+use crate::direction::Direction;
 use crate::errors::Reason;
-use crate::metrics::Metrics;
-use crate::proxy::{Ctx, Direction, MeshProxy};
-use crate::routing::{Route, RouteTable};
+use crate::resilience::breaker::{CircuitState, InFlight, Pick};
+use crate::resilience::idempotency::{self, Begin, Claim, Completed, RequestHasher};
+use crate::resilience::ratelimit::{Quotas, RateDecision};
+use crate::resilience::retry::{self, Failure, PeerRefusal};
+use crate::resilience::shed::{Permit, Shed};
+use crate::resilience::{fault, retry_after_secs};
+use crate::routing::Route;
 
 /// The header naming the key of an idempotent request.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -88,119 +88,6 @@ struct IdemCtx {
     too_large: bool,
 }
 
-/// The quota limits of each direction, rebuilt when the config changes.
-pub struct QuotaSet {
-    pub inbound: Quotas,
-    pub outbound: Quotas,
-    pub tenant_header: Option<http::HeaderName>,
-    pub headers: crank_api::proxy::RateLimitHeaders,
-}
-
-impl QuotaSet {
-    /// From a validated config.
-    pub fn from_config(q: &QuotaConfig) -> Self {
-        let mut inbound = Vec::new();
-        let mut outbound = Vec::new();
-        for l in &q.limits {
-            let Ok((count, per)) = super::parse_rate(&l.rate) else {
-                continue; // validated before
-            };
-            let limit = Limit {
-                name: l
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}/{}", l.tenant, l.capability)),
-                tenant: l.tenant.clone(),
-                capability: l.capability.clone(),
-                count,
-                per,
-                burst: l.burst.unwrap_or(count),
-            };
-            if matches!(l.direction, QuotaDirection::Outbound | QuotaDirection::Both) {
-                outbound.push(limit.clone());
-            }
-            if matches!(l.direction, QuotaDirection::Inbound | QuotaDirection::Both) {
-                inbound.push(limit);
-            }
-        }
-        QuotaSet {
-            inbound: Quotas::new(inbound, q.max_keys),
-            outbound: Quotas::new(outbound, q.max_keys),
-            tenant_header: q
-                .tenant_header
-                .as_deref()
-                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
-            headers: q.response_headers,
-        }
-    }
-}
-
-/// The inbound idempotency store, when enabled.
-pub fn idempotency_store(cfg: &ProxyConfig) -> Option<Arc<dyn IdempotencyStore>> {
-    let c = &cfg.inbound.as_ref()?.idempotency;
-    c.enabled.then(|| {
-        Arc::new(idempotency::MemoryStore::new(idempotency::StoreLimits {
-            ttl: c.ttl,
-            max_entries: c.max_entries,
-            max_total_bytes: c.max_total_bytes,
-            max_response_bytes: c.max_response_bytes,
-        })) as Arc<dyn IdempotencyStore>
-    })
-}
-
-/// Sets `crank_circuit_state` for every endpoint of a new route table,
-/// and drops the series of endpoints the previous table had and this one
-/// does not (a removed endpoint must not keep an alert firing).
-pub fn init_circuit_gauges(table: &RouteTable, prev: Option<&RouteTable>, m: &Metrics) {
-    let key = |r: &Route, e: &crate::routing::Endpoint| (r.name.clone(), e.address.to_string());
-    let now: std::collections::HashSet<_> = table
-        .routes()
-        .iter()
-        .flat_map(|r| r.endpoints.iter().map(move |e| key(r, e)))
-        .collect();
-    for r in prev.map(|p| p.routes()).unwrap_or_default() {
-        for e in &r.endpoints {
-            let k = key(r, e);
-            if !now.contains(&k) {
-                let _ = m
-                    .resilience
-                    .circuit_state
-                    .remove_label_values(&[&k.0, &k.1]);
-            }
-        }
-    }
-    for r in table.routes() {
-        for (i, e) in r.endpoints.iter().enumerate() {
-            m.resilience
-                .circuit_state
-                .with_label_values(&[r.name.as_str(), &e.address.to_string()])
-                .set(r.state.breakers.state(i).gauge());
-        }
-    }
-}
-
-/// Drops idle quota buckets and expired idempotency entries every 10 s.
-pub fn spawn_housekeeping(shared: Arc<crate::state::Shared>) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("crank-resilience".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(10));
-            let q = shared.quotas.load();
-            q.inbound.evict_idle();
-            q.outbound.evict_idle();
-            if let Some(store) = &shared.idempotency {
-                store.sweep();
-                let s = store.stats();
-                shared
-                    .metrics
-                    .resilience
-                    .idempotency_keys
-                    .set(s.entries as i64);
-            }
-        })?;
-    Ok(())
-}
-
 impl MeshProxy {
     /// The resilience checks before a request goes upstream. Returns false
     /// when the request was answered here.
@@ -229,7 +116,7 @@ impl MeshProxy {
     }
 
     async fn check_quota(&self, session: &mut Session, ctx: &mut Ctx) -> bool {
-        let quotas = self.shared.quotas.load();
+        let quotas = self.rt.quotas.load();
         let mut from_header = false;
         let (q, tenant, capability): (&Quotas, Cow<str>, Cow<str>) = match self.direction {
             Direction::Inbound => {
@@ -256,7 +143,7 @@ impl MeshProxy {
                         .and_then(|v| v.to_str().ok())
                 });
                 from_header = header.is_some();
-                let tenant = header.unwrap_or(self.shared.me.tenant.as_str());
+                let tenant = header.unwrap_or(self.rt.me.tenant.as_str());
                 let cap = ctx
                     .route
                     .as_ref()
@@ -284,7 +171,7 @@ impl MeshProxy {
         } else {
             &tenant
         };
-        self.shared
+        self.rt
             .metrics
             .resilience
             .ratelimited
@@ -322,7 +209,7 @@ impl MeshProxy {
         cfg: &crank_api::proxy::FaultConfig,
     ) -> bool {
         let f = fault::roll(cfg);
-        let m = &self.shared.metrics.resilience.faults;
+        let m = &self.rt.metrics.resilience.faults;
         if let Some(d) = f.delay {
             m.with_label_values(&[route.name.as_str(), "delay"]).inc();
             tokio::time::sleep(d).await;
@@ -341,7 +228,7 @@ impl MeshProxy {
     async fn take_slot(&self, session: &mut Session, ctx: &mut Ctx) -> bool {
         let route = ctx.route.clone();
         let limiter = match self.direction {
-            Direction::Inbound => self.shared.inbound_limiter.as_ref(),
+            Direction::Inbound => self.rt.inbound_limiter.as_ref(),
             Direction::Outbound => route.as_ref().and_then(|r| r.state.limiter.as_ref()),
         };
         let Some(l) = limiter else {
@@ -355,7 +242,7 @@ impl MeshProxy {
             Err(s) => s,
         };
         let label = ctx.route_label(self.direction).to_string();
-        self.shared
+        self.rt
             .metrics
             .resilience
             .shed
@@ -376,7 +263,7 @@ impl MeshProxy {
     /// runs (and its response is kept), a duplicate gets the kept
     /// response. Returns false when the request was answered here.
     async fn check_idempotency(&self, session: &mut Session, ctx: &mut Ctx) -> bool {
-        let Some(store) = self.shared.idempotency.as_ref() else {
+        let Some(store) = self.rt.idempotency.as_ref() else {
             return true;
         };
         let req = session.req_header();
@@ -409,7 +296,7 @@ impl MeshProxy {
             req.method.as_str(),
             &String::from_utf8_lossy(req.raw_path()),
         );
-        let cfg = self.shared.config.load();
+        let cfg = self.rt.config.load();
         let Some(icfg) = cfg.inbound.as_ref().map(|i| &i.idempotency) else {
             return true;
         };
@@ -479,7 +366,7 @@ impl MeshProxy {
     }
 
     pub(crate) fn count_shed(&self, ctx: &Ctx, reason: &str) {
-        self.shared
+        self.rt
             .metrics
             .resilience
             .shed
@@ -504,7 +391,7 @@ impl MeshProxy {
     }
 
     fn count_replay(&self, result: &str) {
-        self.shared
+        self.rt
             .metrics
             .resilience
             .replays
@@ -621,7 +508,7 @@ impl MeshProxy {
         };
         if pick.probe {
             let addr = route.endpoints[pick.index].address.to_string();
-            self.shared
+            self.rt
                 .metrics
                 .resilience
                 .circuit_state
@@ -686,7 +573,7 @@ impl MeshProxy {
             return;
         };
         let addr = route.endpoints[t.index].address.to_string();
-        let r = &self.shared.metrics.resilience;
+        let r = &self.rt.metrics.resilience;
         r.circuit_state
             .with_label_values(&[route.name.as_str(), &addr])
             .set(t.to.gauge());
@@ -731,7 +618,7 @@ impl MeshProxy {
         {
             return false;
         }
-        let m = &self.shared.metrics.resilience;
+        let m = &self.rt.metrics.resilience;
         if !route.state.budget.withdraw() {
             m.budget_exhausted
                 .with_label_values(&[route.name.as_str()])
@@ -767,7 +654,7 @@ impl MeshProxy {
         let status = resp.status.as_u16();
         let shed_by_peer = resp
             .headers
-            .get(crate::proxy::ERROR_HEADER)
+            .get(crate::headers::ERROR_HEADER)
             .is_some_and(|v| retry::is_shedding(v.as_bytes()));
         // A shedding peer is healthy, but its quick 503 must not make it
         // look fast to the balancer.
@@ -853,7 +740,7 @@ impl MeshProxy {
         // A reset on a brand-new connection is most likely the peer
         // refusing our certificate: retry it (idempotent requests only, as
         // a reset) but never on the same endpoint.
-        let refined = crate::proxy::refine(reason, Direction::Outbound, ctx.fresh_upstream);
+        let refined = super::refine(reason, Direction::Outbound, ctx.fresh_upstream);
         let elsewhere_only = failure == Failure::Connect || refined == Reason::UpstreamTlsFailed;
         self.record_attempt(ctx, false, false);
         let untried_left = ctx
@@ -901,7 +788,7 @@ impl MeshProxy {
 
     /// Counts a 504 request-timeout.
     pub(crate) fn count_timeout(&self, ctx: &Ctx) {
-        self.shared
+        self.rt
             .metrics
             .resilience
             .timeouts
@@ -993,8 +880,8 @@ impl MeshProxy {
             request_hash,
             response,
         });
-        if let Some(store) = &self.shared.idempotency {
-            self.shared
+        if let Some(store) = &self.rt.idempotency {
+            self.rt
                 .metrics
                 .resilience
                 .idempotency_keys
@@ -1049,31 +936,6 @@ fn is_hop_header(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quota_directions_split_the_limits() {
-        let q: QuotaConfig = serde_yaml::from_str(
-            r#"
-tenant_header: x-tenant
-limits:
-  - {tenant: acme, capability: "transcode:v1", rate: 100/min}
-  - {tenant: "*", capability: "*", rate: 10/s, direction: outbound}
-  - {tenant: "*", capability: "thumb", rate: 1/s, burst: 3, direction: both}
-"#,
-        )
-        .unwrap();
-        let s = QuotaSet::from_config(&q);
-        let d = s.inbound.check("acme", "transcode:v1").unwrap();
-        assert_eq!(
-            (&*d.policy, d.quota, d.window_secs),
-            ("acme/transcode:v1", 100, 60)
-        );
-        assert!(s.inbound.check("other", "transcode:v1").is_none());
-        assert_eq!(s.outbound.check("x", "y").unwrap().quota, 10);
-        assert_eq!(s.inbound.check("x", "thumb").unwrap().remaining, 2);
-        assert_eq!(s.tenant_header.unwrap().as_str(), "x-tenant");
-        assert_eq!(s.inbound.check("y", "thumb").unwrap().burst, 3);
-    }
 
     #[test]
     fn ratelimit_headers_on_passing_responses_follow_the_setting() {

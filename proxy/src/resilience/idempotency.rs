@@ -678,6 +678,19 @@ impl IdempotencyStore for MemoryStore {
     }
 }
 
+/// The inbound idempotency store, when enabled.
+pub fn store_for(cfg: &crank_api::proxy::ProxyConfig) -> Option<Arc<dyn IdempotencyStore>> {
+    let c = &cfg.inbound.as_ref()?.idempotency;
+    c.enabled.then(|| {
+        Arc::new(MemoryStore::new(StoreLimits {
+            ttl: c.ttl,
+            max_entries: c.max_entries,
+            max_total_bytes: c.max_total_bytes,
+            max_response_bytes: c.max_response_bytes,
+        })) as Arc<dyn IdempotencyStore>
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

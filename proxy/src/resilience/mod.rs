@@ -6,18 +6,19 @@
 //! | quotas by (tenant, capability) | [`ratelimit`] | 429 `rate-limited`, `Retry-After`, `RateLimit` | inbound (peer tenant), outbound (edge) |
 //! | concurrency limit + bounded queue | [`shed`] | 503 `overloaded` / `queue-timeout`, `Retry-After` | inbound (the app), outbound (per route) |
 //! | outlier detection | [`breaker`] | 503 `circuit-open`, `Retry-After` | outbound endpoints |
-//! | request deadline | `proxy.rs` | 504 `request-timeout` | outbound routes |
+//! | request deadline | `request::resilience` | 504 `request-timeout` | outbound routes |
 //! | retries under a budget | [`retry`] | the retried attempt's answer | outbound routes |
 //! | `Idempotency-Key` | [`idempotency`] | the stored response, 409, 422 | inbound |
 //! | fault injection | [`fault`] | delay, or the configured status | outbound routes |
 //!
 //! Each module is a state machine over plain data with paused-time unit
-//! tests; [`flow`] calls them from the proxy phases.
+//! tests. [`quota`] builds each direction's limits from the config. The
+//! request stages that call them are in `crate::request::resilience`.
 
 pub mod breaker;
 pub mod fault;
-pub mod flow;
 pub mod idempotency;
+pub mod quota;
 pub mod ratelimit;
 pub mod retry;
 pub mod shed;
