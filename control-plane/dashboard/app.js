@@ -71,6 +71,14 @@ function clock(date) {
   return pad(date.getHours()) + ":" + pad(date.getMinutes()) + ":" + pad(date.getSeconds());
 }
 
+// A refusal's time (Unix ms, from a sidecar's clock) as its clock time and
+// ISO form; "–" and "" when it is no time a Date can hold.
+function when(ms) {
+  const d = new Date(ms);
+  if (typeof ms !== "number" || Number.isNaN(d.getTime())) return { clock: "–", iso: "" };
+  return { clock: clock(d), iso: d.toISOString() };
+}
+
 function dateTime(unixSeconds) {
   const d = new Date(unixSeconds * 1000);
   return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + clock(d);
@@ -282,7 +290,7 @@ function groupRefusals(refusals) {
 function renderRefusals(state) {
   const now = Date.now();
   const rows = groupRefusals(state.refusals).map(({ r, count }) => el("tr", { class: "refusal", "data-reason": r.reason, "data-status": r.status, "data-count": count },
-    el("td", { class: "when", title: new Date(r.at_ms).toISOString() }, clock(new Date(r.at_ms)), el("span", { class: "muted" }, " " + duration((now - r.at_ms) / 1000) + " ago")),
+    el("td", { class: "when", title: when(r.at_ms).iso }, when(r.at_ms).clock, el("span", { class: "muted" }, " " + duration(Math.max(0, now - r.at_ms) / 1000) + " ago")),
     el("td", {}, badge(String(r.status), r.status >= 500 ? "bad" : "warn"), count > 1 ? el("span", { class: "count" }, " ×" + count) : null),
     el("td", { class: "reason mono" }, r.reason),
     el("td", {}, r.route || "–"),
@@ -343,7 +351,8 @@ function showError(message) {
 
 async function poll() {
   try {
-    const resp = await fetch("api/state", { cache: "no-store" });
+    // A request that hangs must not stop the polling.
+    const resp = await fetch("api/state", { cache: "no-store", signal: AbortSignal.timeout(3 * POLL_MS) });
     if (!resp.ok) throw new Error("crank-control answered " + resp.status);
     const state = normalise(await resp.json());
     render(state);
@@ -355,7 +364,8 @@ async function poll() {
     stamp.dataset.generatedAt = String(state.generated_at);
     showError(null);
   } catch (e) {
-    showError("Cannot load the mesh state (" + e.message + ")");
+    const why = e.name === "TimeoutError" ? "no answer within " + (3 * POLL_MS) / 1000 + " s" : e.message;
+    showError("Cannot load the mesh state (" + why + ")");
   } finally {
     setTimeout(poll, POLL_MS);
   }

@@ -5,7 +5,10 @@
 //! Playwright (tests/browser/dashboard.mjs). The page must show the two
 //! workloads and the call between them, the certificates with their expiry,
 //! and a policy denial provoked after it loaded, without a reload. The
-//! screenshot is kept in target/screenshots/dashboard.png.
+//! screenshot is kept in target/screenshots/dashboard.png. The page alone
+//! (tests/browser/resilience.mjs, no crank-control) must also survive
+//! refusal times no `Date` can hold and a request that never gets an
+//! answer. Node gets SIGTERM first, so that Playwright closes Chromium.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -153,10 +156,22 @@ impl Browser {
     }
 }
 
+/// SIGTERM first, so that Playwright closes Chromium; SIGKILL after 10 s.
+fn stop_node(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    if crank_tests::wait_child(child, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_node(&mut self.child);
     }
 }
 
@@ -359,6 +374,40 @@ fn check_certs(done: &serde_json::Value, state: &serde_json::Value) {
         served,
         "every certificate of /api/state is shown"
     );
+}
+
+/// tests/browser/resilience.mjs: refusal times no `Date` can hold (a
+/// sidecar's clock far ahead) still render, and a request that never gets
+/// an answer times out (3 polls) instead of stopping the polling.
+#[test]
+fn the_page_survives_impossible_times_and_a_hung_request() {
+    assert!(
+        repo()
+            .join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "playwright-core is not installed: run `npm ci --prefix tests/browser` (tests/run.sh does)"
+    );
+    let mut child = Command::new("node")
+        .arg(repo().join("tests/browser/resilience.mjs"))
+        .args(["--timeout", "40"])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("node is installed (tests/run.sh installs it)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    stop_node(&mut child);
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("resilience.mjs printed {line:?}: {e}"));
+    assert_eq!(v["event"], "done", "{v:#}");
+    assert_eq!(v["problems"], serde_json::json!([]), "{v:#}");
+    assert_eq!(v["first"]["rows"], 3, "every refusal is a row: {v:#}");
+    assert_eq!(v["first"]["times"][0], "–", "an impossible time: {v:#}");
+    let banner = v["banner"].as_str().unwrap_or_default();
+    assert!(banner.contains("no answer within 6 s"), "{v:#}");
+    assert_eq!(v["banner_cleared"], true, "polling went on: {v:#}");
 }
 
 #[test]
