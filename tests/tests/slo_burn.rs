@@ -163,8 +163,13 @@ fn status_shows_the_burn(mc: &Path, url: &str) {
         "budget consumed: {a}"
     );
     assert_eq!(a["page"], true, "{a}");
-    // Fast requests: the latency objective is not burning.
+    // Fast requests: the latency objective is measured (its bucket matched,
+    // `le="5"` or Prometheus 3's `le="5.0"`) and not burning.
     let p99 = objective(&report, "latency.p99");
+    assert!(
+        p99["burn_rates"]["5m"].as_f64().is_some_and(|b| b < 14.4),
+        "a measured latency burn rate: {p99}"
+    );
     assert_eq!(p99["page"], false, "{p99}");
     // The same, as a gate: --fail-on-burn turns the burn into exit 1.
     let out = crankctl(&[
@@ -263,8 +268,24 @@ fn slo_status_from_the_sidecars_counts_since_they_started() {
 
     // Failing requests between the two scrapes: a current burn rate of
     // 1000x (every request bad, against a 0.1% budget), at page speed.
+    // The load runs before the first scrape and all through the second.
     let load = Load::start(mesh.port, 1);
-    let out = status(&["-o", "json"]);
+    wait_until(
+        "the load reaches the sidecar",
+        Duration::from_secs(20),
+        || outbound_5xx(&mesh.client.metrics()) >= 20,
+    );
+    let out = crankctl(&[
+        "slo",
+        "status",
+        mc,
+        "--proxy",
+        &admin,
+        "--interval",
+        "1s",
+        "-o",
+        "json",
+    ]);
     load.stop();
     assert!(out.status.success(), "{}", text(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -273,6 +294,19 @@ fn slo_status_from_the_sidecars_counts_since_they_started() {
     assert!(window.starts_with("last "), "{a}");
     assert!((burn.as_f64().unwrap() - 1000.0).abs() < 1e-6, "{a}");
     assert_eq!(a["page"], true, "{a}");
+}
+
+/// The sidecar's outbound 5xx count, from its /metrics.
+fn outbound_5xx(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("crank_requests_total{")
+                && l.contains(r#"direction="outbound""#)
+                && l.contains(r#"status_class="5xx""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 #[test]
