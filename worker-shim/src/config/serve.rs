@@ -162,3 +162,65 @@ impl ServeConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let cfg: ServeConfig =
+            serde_yaml::from_str("command: [my-server]\nupstream: 127.0.0.1:8080\n").unwrap();
+        assert_eq!(cfg.health_path, "/healthz");
+        assert_eq!(cfg.health_interval, Duration::from_secs(1));
+        assert_eq!(cfg.health_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.startup_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.failure_threshold, 3);
+        assert_eq!(cfg.unhealthy_restart_after, Duration::from_secs(10));
+        assert_eq!(cfg.restart_backoff_initial, Duration::from_millis(250));
+        assert_eq!(cfg.restart_backoff_max, Duration::from_secs(30));
+        assert_eq!(cfg.drain_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.stop_timeout, Duration::from_secs(10));
+        cfg.validate().unwrap();
+
+        let cfg: ServeConfig = serde_yaml::from_str(
+            "command: [my-server]\nupstream: 127.0.0.1:8080\nhealth_interval: 500ms\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.health_interval, Duration::from_millis(500));
+        let unknown = serde_yaml::from_str::<ServeConfig>(
+            "command: [x]\nupstream: 127.0.0.1:8080\nhealth_pth: /h\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("health_pth"), "{unknown}");
+
+        let base = ServeConfig::new(vec!["my-server".into()], "127.0.0.1:8080".parse().unwrap());
+        let error = |edit: fn(&mut ServeConfig)| {
+            let mut cfg = base.clone();
+            edit(&mut cfg);
+            cfg.validate().unwrap_err()
+        };
+        assert!(error(|c| c.command.clear()).contains("serve.command is empty"));
+        assert!(error(|c| c.command[0] = " ".into()).contains("serve.command[0]"));
+        assert!(error(|c| c.upstream.set_port(0)).contains("serve.upstream"));
+        assert!(error(|c| c.health_path = "healthz".into()).contains("serve.health_path"));
+        assert!(error(|c| c.health_interval = Duration::ZERO).contains("serve.health_interval"));
+        assert!(error(|c| c.health_timeout = Duration::ZERO).contains("serve.health_timeout"));
+        assert!(error(|c| c.failure_threshold = 0).contains("serve.failure_threshold"));
+        assert!(error(|c| {
+            c.env.insert("A=B".into(), "x".into());
+        })
+        .contains("serve.env"));
+        let backoff = error(|c| c.restart_backoff_max = Duration::from_millis(100));
+        assert!(backoff.contains("serve.restart_backoff_max"), "{backoff}");
+        let both = error(|c| {
+            c.command.clear();
+            c.startup_timeout = Duration::ZERO;
+        });
+        assert!(
+            both.contains("serve.command") && both.contains("serve.startup_timeout"),
+            "{both}"
+        );
+    }
+}
