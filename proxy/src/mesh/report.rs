@@ -3,8 +3,10 @@
 //! `crank_request_duration_seconds` and the refusals since its last
 //! accepted report to `POST /v1/mesh/report`, over the same mTLS client as
 //! the watch. crank-control's dashboard turns them into rates. A failed
-//! post is logged at debug and its refusals go with the next one; nothing
-//! here touches a request.
+//! post is logged at debug (a 4xx refusal, which the next report would get
+//! too, once at warn) and its refusals go with the next one; nothing here
+//! touches a request. Series are sorted, outbound first, before they are
+//! cut to the caps, so the kept subset is the same every period.
 //!
 //! The refusals come from [`RefusalRing`], which the one place the proxy
 //! writes its own responses (`crate::request::respond`) fills with
@@ -54,11 +56,17 @@ pub struct RefusalRing {
 
 impl RefusalRing {
     pub fn push(&self, e: RefusalEvent) {
+        self.push_with(|| e);
+    }
+
+    /// Makes the refusal with `make` only when the ring is free: a refusal
+    /// path that would lose it anyway does not format its strings.
+    pub fn push_with(&self, make: impl FnOnce() -> RefusalEvent) {
         if let Ok(mut q) = self.q.try_lock() {
             if q.len() >= MAX_REFUSALS {
                 q.pop_front();
             }
-            q.push_back(e);
+            q.push_back(make());
         }
     }
 
@@ -101,7 +109,14 @@ fn label<'a>(m: &'a prometheus::proto::Metric, name: &str) -> &'a str {
         .map_or("", |l| l.value())
 }
 
-/// `crank_requests_total`'s series, at most [`MAX_REQUEST_SERIES`].
+/// Outbound first (what the dashboard's edges and SLOs read), then by
+/// route and the rest: a stable order to cut at the caps.
+fn series_key<'a>(direction: &'a str, route: &'a str) -> (bool, &'a str, &'a str) {
+    (direction != "outbound", route, direction)
+}
+
+/// `crank_requests_total`'s series, at most [`MAX_REQUEST_SERIES`]
+/// (outbound first).
 pub fn request_counts(families: &[MetricFamily]) -> Vec<RequestCount> {
     let mut out: Vec<RequestCount> = families
         .iter()
@@ -113,12 +128,16 @@ pub fn request_counts(families: &[MetricFamily]) -> Vec<RequestCount> {
             count: m.get_counter().get_value() as u64,
         })
         .collect();
+    out.sort_by(|a, b| {
+        (series_key(&a.direction, &a.route), &a.status_class)
+            .cmp(&(series_key(&b.direction, &b.route), &b.status_class))
+    });
     out.truncate(MAX_REQUEST_SERIES);
     out
 }
 
 /// `crank_request_duration_seconds`'s series (finite buckets), at most
-/// [`MAX_LATENCY_SERIES`].
+/// [`MAX_LATENCY_SERIES`] (outbound first).
 pub fn latency_histograms(families: &[MetricFamily]) -> Vec<LatencyHistogram> {
     let mut out: Vec<LatencyHistogram> = families
         .iter()
@@ -139,6 +158,7 @@ pub fn latency_histograms(families: &[MetricFamily]) -> Vec<LatencyHistogram> {
             }
         })
         .collect();
+    out.sort_by(|a, b| series_key(&a.direction, &a.route).cmp(&series_key(&b.direction, &b.route)));
     out.truncate(MAX_LATENCY_SERIES);
     out
 }
@@ -178,26 +198,59 @@ pub async fn run(mesh: &Mesh, handles: &Handles) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut held = Vec::new();
+    let mut refused = WarnOnce::default();
     loop {
         tick.tick().await;
         held = pending(held, mesh.refusals.drain());
         let report = build(&handles.metrics, &mesh.instance, every, held.clone());
-        match post(mesh, handles, &report).await {
+        let result = post(mesh, handles, &report).await;
+        let warn = refused.should_warn(result.as_ref().err().and_then(|e| e.0));
+        match result {
             Ok(()) => held.clear(),
-            Err(e) => {
+            Err(NotAccepted(_, e)) if warn => {
+                tracing::warn!(error = %e, "crank-control refuses this proxy's traffic reports (said once until one is accepted); its dashboard misses this proxy")
+            }
+            Err(NotAccepted(_, e)) => {
                 tracing::debug!(error = %e, refusals = held.len(), "traffic report not accepted; the next one carries its refusals")
             }
         }
     }
 }
 
-async fn post(mesh: &Mesh, handles: &Handles, report: &TrafficReport) -> Result<(), String> {
-    let (cert, roots) = credentials(&handles.tls)?;
+/// Why a report was not accepted: crank-control's status when it answered
+/// with an error, and the message.
+struct NotAccepted(Option<u16>, String);
+
+/// Warns about a 4xx refusal once, not every period: again only after a
+/// report was accepted (or answered otherwise) in between.
+#[derive(Debug, Default)]
+struct WarnOnce {
+    warned: bool,
+}
+
+impl WarnOnce {
+    /// `status`: the refusal's, `None` when accepted or not answered.
+    fn should_warn(&mut self, status: Option<u16>) -> bool {
+        let refused = status.is_some_and(|s| (400..500).contains(&s));
+        let first = refused && !self.warned;
+        self.warned = refused;
+        first
+    }
+}
+
+async fn post(mesh: &Mesh, handles: &Handles, report: &TrafficReport) -> Result<(), NotAccepted> {
+    let (cert, roots) = credentials(&handles.tls).map_err(|e| NotAccepted(None, e))?;
     let _: serde_json::Value = mesh
         .client
         .post_json(&roots, Some(&cert), "/v1/mesh/report", report, CALL_TIMEOUT)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            let status = match &e {
+                crate::enroll::client::CallError::Refused { status, .. } => Some(*status),
+                _ => None,
+            };
+            NotAccepted(status, e.to_string())
+        })?;
     Ok(())
 }
 
@@ -247,6 +300,12 @@ mod tests {
         assert_eq!(got.len(), MAX_REFUSALS);
         assert_eq!((got[0].at_ms, got.last().unwrap().at_ms), (5, 54));
         assert!(ring.drain().is_empty());
+        // While the report task holds the ring, nothing is even made.
+        let held = ring.q.lock().unwrap();
+        ring.push_with(|| panic!("made while the ring is taken"));
+        drop(held);
+        ring.push_with(|| ev(7));
+        assert_eq!(ring.drain().len(), 1);
     }
 
     #[test]
@@ -256,6 +315,66 @@ mod tests {
         let many = pending(held, (10..60).map(ev).collect());
         assert_eq!(many.len(), MAX_REFUSALS);
         assert_eq!(many[0].at_ms, 10, "the oldest go first");
+    }
+
+    #[test]
+    fn a_4xx_refusal_is_warned_about_once() {
+        let mut w = WarnOnce::default();
+        let seen: Vec<bool> = [
+            None,
+            Some(400),
+            Some(400),
+            Some(429),
+            Some(503),
+            None,
+            Some(403),
+            Some(403),
+        ]
+        .into_iter()
+        .map(|s| w.should_warn(s))
+        .collect();
+        assert_eq!(seen, [false, true, false, false, false, false, true, false]);
+    }
+
+    #[test]
+    fn series_are_cut_to_the_caps_outbound_first_in_a_stable_order() {
+        let m = Metrics::new();
+        for i in 0..MAX_REQUEST_SERIES {
+            m.requests
+                .with_label_values(&["inbound", &format!("in{i:04}"), "2xx"])
+                .inc();
+            m.latency
+                .with_label_values(&["inbound", &format!("in{i:04}")])
+                .observe(0.01);
+        }
+        m.requests
+            .with_label_values(&["outbound", "zz-out", "5xx"])
+            .inc();
+        m.latency
+            .with_label_values(&["outbound", "zz-out"])
+            .observe(0.01);
+        let r = build(&m, "ab12", Duration::from_secs(10), vec![]);
+        assert_eq!(r.requests.len(), MAX_REQUEST_SERIES);
+        assert_eq!(
+            (
+                r.requests[0].direction.as_str(),
+                r.requests[0].route.as_str()
+            ),
+            ("outbound", "zz-out")
+        );
+        assert_eq!(r.requests[1].route, "in0000");
+        assert_eq!(
+            r.requests.last().unwrap().route,
+            format!("in{:04}", MAX_REQUEST_SERIES - 2)
+        );
+        assert_eq!(r.latency.len(), MAX_LATENCY_SERIES);
+        assert_eq!(r.latency[0].route, "zz-out");
+        assert_eq!(r.latency[1].route, "in0000");
+        assert_eq!(
+            build(&m, "ab12", Duration::from_secs(10), vec![]),
+            r,
+            "the same every period"
+        );
     }
 
     #[test]
