@@ -7,6 +7,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use crank_certs::{Ca, Identity, LeafRequest, DEFAULT_TRUST_DOMAIN};
 
+use crate::ca_cli;
+pub use crate::policy_cli::PolicyCommand;
+use crate::server::admin::AdminClient;
+use crate::server::state::RotationKind;
+
 #[derive(Parser, Debug)]
 #[command(name = "crankctl", about = "Operate a Crank Mesh", version)]
 pub struct Cli {
@@ -279,35 +284,6 @@ pub enum RotateCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PolicyCommand {
-    /// Run the test_* rules of every *_test.rego in DIR, like `opa test`.
-    /// Exits non-zero when a test fails or errors, or nothing compiles.
-    Test {
-        dir: PathBuf,
-        /// Only tests whose full name contains this.
-        #[arg(long)]
-        run: Option<String>,
-        /// List passing and skipped tests too.
-        #[arg(short, long)]
-        verbose: bool,
-        /// pretty or json
-        #[arg(long, default_value = "pretty")]
-        format: String,
-    },
-    /// Compile DIR as the proxy would (manifest, data, entry points) and print
-    /// its revision. Exits non-zero with the file and line of any error.
-    Check { dir: PathBuf },
-    /// Evaluate one input document (JSON or YAML; `-` for stdin) against DIR
-    /// (default `policies`) and print the decision, as the proxy would make it.
-    Eval {
-        #[arg(default_value = "policies")]
-        dir: PathBuf,
-        #[arg(long)]
-        input: PathBuf,
-    },
-}
-
-#[derive(Subcommand, Debug)]
 pub enum CaCommand {
     /// Make a new root CA: writes ca.crt, ca.key (0600) and bundle.pem into DIR.
     Init {
@@ -410,70 +386,76 @@ pub fn run(cli: Cli) -> Result<std::process::ExitCode> {
 }
 
 fn run_command(cli: Cli) -> Result<()> {
-    use crate::ca_cli;
-    use crate::server::admin::AdminClient;
     let client = AdminClient::new(&cli.control);
     match cli.command {
         Command::Check(_) => unreachable!("handled in run"),
-        Command::Ca(CaCommand::Intermediate {
-            root,
-            out,
-            trust_domain,
-            ttl,
-            force,
-        }) => ca_cli::intermediate(&root, &out, &trust_domain, ttl, force),
-        Command::Ca(CaCommand::Rotate(RotateCommand::Intermediate {
-            root,
-            trust_domain,
-            ttl,
-            output,
-        })) => ca_cli::rotate(
-            &client,
-            crate::server::state::RotationKind::Intermediate,
-            &root,
-            &trust_domain,
-            ttl,
-            &output,
-        ),
-        Command::Ca(CaCommand::Rotate(RotateCommand::Root {
-            new_root,
-            trust_domain,
-            ttl,
-            output,
-        })) => ca_cli::rotate(
-            &client,
-            crate::server::state::RotationKind::Root,
-            &new_root,
-            &trust_domain,
-            ttl,
-            &output,
-        ),
-        Command::Ca(CaCommand::Status { output }) => ca_cli::ca_status(&client, &output),
+        Command::Ca(cmd) => run_ca(&client, cmd),
+        Command::Cert(cmd) => run_cert(&client, cmd),
         Command::Token(TokenCommand::Create {
             service,
             tenant,
             ttl,
         }) => ca_cli::token_create(&client, &service, &tenant, ttl),
-        Command::Cert(CertCommand::List { output }) => ca_cli::cert_list(&client, &output),
-        Command::Cert(CertCommand::Revoke { target }) => ca_cli::cert_revoke(&client, &target),
-        Command::Ca(CaCommand::Init {
+        Command::Policy(cmd) => crate::policy_cli::run(cmd),
+        Command::Config(ConfigCommand::Validate { dir, output }) => config_validate(&dir, &output),
+        Command::Slo(cmd) => run_slo(cmd),
+        Command::Status { output } => crate::mesh_cli::status(&client, &output),
+        Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
+        Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
+        cmd @ (Command::Tap { .. } | Command::Top { .. }) => run_tap(cmd),
+    }
+}
+
+fn run_ca(client: &AdminClient, cmd: CaCommand) -> Result<()> {
+    match cmd {
+        CaCommand::Init {
             dir,
             trust_domain,
             ttl,
             force,
-        }) => ca_init(&dir, &trust_domain, ttl, force),
-        Command::Cert(CertCommand::Issue {
+        } => ca_init(&dir, &trust_domain, ttl, force),
+        CaCommand::Intermediate {
+            root,
+            out,
+            trust_domain,
+            ttl,
+            force,
+        } => ca_cli::intermediate(&root, &out, &trust_domain, ttl, force),
+        CaCommand::Rotate(cmd) => {
+            let (kind, root, trust_domain, ttl, output) = match cmd {
+                RotateCommand::Intermediate {
+                    root,
+                    trust_domain,
+                    ttl,
+                    output,
+                } => (RotationKind::Intermediate, root, trust_domain, ttl, output),
+                RotateCommand::Root {
+                    new_root,
+                    trust_domain,
+                    ttl,
+                    output,
+                } => (RotationKind::Root, new_root, trust_domain, ttl, output),
+            };
+            ca_cli::rotate(client, kind, &root, &trust_domain, ttl, &output)
+        }
+        CaCommand::Status { output } => ca_cli::ca_status(client, &output),
+    }
+}
+
+fn run_cert(client: &AdminClient, cmd: CertCommand) -> Result<()> {
+    match cmd {
+        CertCommand::Issue {
             service,
             tenant,
             ca_dir,
             out,
             trust_domain,
             ttl,
-        }) => {
+        } => {
             let id = Identity::new(&service, &tenant, &trust_domain)?;
             cert_issue(&ca_dir, out.as_ref().unwrap_or(&ca_dir), id, ttl)
         }
-        Command::Cert(CertCommand::Inspect {
+        CertCommand::Inspect {
             file,
             connect,
             server_name,
@@ -481,7 +463,7 @@ fn run_command(cli: Cli) -> Result<()> {
             cert,
             key,
             output,
-        }) => {
+        } => {
             let output: crate::inspect::Output = output.parse().map_err(anyhow::Error::msg)?;
             match (file, connect) {
                 (Some(file), _) => crate::inspect::inspect_file(&file, output),
@@ -499,35 +481,39 @@ fn run_command(cli: Cli) -> Result<()> {
                 (None, None) => bail!("name a PEM file or --connect HOST:PORT"),
             }
         }
-        Command::Policy(cmd) => crate::policy_cli::run(cmd),
-        Command::Config(ConfigCommand::Validate { dir, output }) => config_validate(&dir, &output),
-        Command::Slo(SloCommand::Rules { dir, out }) => crate::slo_cli::rules(&dir, out.as_ref()),
-        Command::Slo(SloCommand::Check {
+        CertCommand::List { output } => ca_cli::cert_list(client, &output),
+        CertCommand::Revoke { target } => ca_cli::cert_revoke(client, &target),
+    }
+}
+
+fn run_slo(cmd: SloCommand) -> Result<()> {
+    use crate::slo_cli;
+    match cmd {
+        SloCommand::Rules { dir, out } => slo_cli::rules(&dir, out.as_ref()),
+        SloCommand::Check {
             dir,
             results,
             prometheus,
             range,
             output,
-        }) => {
+        } => {
             let measured = match (&results, &prometheus, range) {
-                (Some(r), _, _) => crate::slo_cli::Measured::Results(r),
-                (None, Some(url), Some(range)) => {
-                    crate::slo_cli::Measured::Prometheus { url, range }
-                }
+                (Some(r), _, _) => slo_cli::Measured::Results(r),
+                (None, Some(url), Some(range)) => slo_cli::Measured::Prometheus { url, range },
                 _ => bail!("give --results FILE, or --prometheus URL --range 1h"),
             };
-            crate::slo_cli::check(&dir, measured, &output)
+            slo_cli::check(&dir, measured, &output)
         }
-        Command::Slo(SloCommand::Status {
+        SloCommand::Status {
             dir,
             prometheus,
             proxies,
             interval,
             fail_on_burn,
             output,
-        }) => crate::slo_cli::status(
+        } => slo_cli::status(
             &dir,
-            &crate::slo_cli::StatusArgs {
+            &slo_cli::StatusArgs {
                 prometheus,
                 proxies,
                 interval,
@@ -535,9 +521,13 @@ fn run_command(cli: Cli) -> Result<()> {
                 fail_on_burn,
             },
         ),
-        Command::Status { output } => crate::mesh_cli::status(&client, &output),
-        Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
-        Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
+    }
+}
+
+/// `crankctl tap` and `crankctl top`.
+fn run_tap(cmd: Command) -> Result<()> {
+    use crate::tap_cli;
+    match cmd {
         Command::Tap {
             proxies,
             capability,
@@ -562,7 +552,7 @@ fn run_command(cli: Cli) -> Result<()> {
             .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
             .collect();
             query.push(("max_rps".into(), max_rps.to_string()));
-            crate::tap_cli::tap(&crate::tap_cli::TapArgs {
+            tap_cli::tap(&tap_cli::TapArgs {
                 proxies,
                 query,
                 output,
@@ -574,12 +564,13 @@ fn run_command(cli: Cli) -> Result<()> {
             interval,
             iterations,
             output,
-        } => crate::tap_cli::top(&crate::tap_cli::TopArgs {
+        } => tap_cli::top(&tap_cli::TopArgs {
             proxies,
             interval,
             iterations,
             output,
         }),
+        _ => bail!("not a tap or top command"),
     }
 }
 

@@ -144,45 +144,80 @@ pub fn hash(files: &[(String, Vec<u8>)]) -> String {
 pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
     let all = files(dir).map_err(|e| vec![problem(&e.file, None, None, e.message)])?;
     let mut p = Vec::new();
-    let mut caps = CapabilitiesFile::default();
-    let mut quotas = QuotasFile::default();
-    let mut routes: Vec<(String, MeshRoute)> = Vec::new();
-    let mut slos: Vec<(String, SloFile)> = Vec::new();
-    let mut policies = BTreeMap::new();
-    let mut seen_caps = false;
+    let mut read = Sections::default();
     for (rel, bytes) in &all {
-        let text = match std::str::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(_) => {
-                p.push(problem(rel, None, None, "is not UTF-8 text".into()));
-                continue;
-            }
-        };
+        match std::str::from_utf8(bytes) {
+            Ok(text) => read.add(rel, text, &mut p),
+            Err(_) => p.push(problem(rel, None, None, "is not UTF-8 text".into())),
+        }
+    }
+    if !read.seen_caps {
+        p.push(problem("capabilities.yaml", None, None, "missing; list every capability routes, quotas and SLOs may name (`capabilities: [{name: transcode:v1}]`)".into()));
+    }
+    let declared = check_capabilities(&read.caps, &mut p);
+    check_routes(&read.routes, &declared, &mut p);
+    check_quotas(&read.quotas, &declared, &mut p);
+    check_slos(&read.slos, &declared, &mut p);
+    if !read.policies.is_empty() {
+        check_policies(&dir.join("policies"), &mut p);
+    }
+    if !p.is_empty() {
+        return Err(p);
+    }
+    let mut routes: Vec<MeshRoute> = read.routes.into_iter().map(|(_, r)| r).collect();
+    routes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(MeshSnapshot {
+        hash: hash(&all),
+        capabilities: read.caps,
+        routes,
+        quotas: read.quotas,
+        slos: read.slos.into_iter().map(|(_, s)| s).collect(),
+        policies: read.policies,
+    })
+}
+
+/// The files of the directory, parsed, by section; routes and SLOs keep
+/// the file they came from for the problems.
+#[derive(Default)]
+struct Sections {
+    caps: CapabilitiesFile,
+    seen_caps: bool,
+    quotas: QuotasFile,
+    routes: Vec<(String, MeshRoute)>,
+    slos: Vec<(String, SloFile)>,
+    policies: BTreeMap<String, String>,
+}
+
+impl Sections {
+    /// Parses one file by where it sits.
+    fn add(&mut self, rel: &str, text: &str, p: &mut Vec<Problem>) {
         let parts: Vec<&str> = rel.split('/').collect();
         match parts.as_slice() {
             ["capabilities.yaml"] => {
-                seen_caps = true;
-                if let Some(c) = parse::<CapabilitiesFile>(rel, text, &mut p) {
-                    caps = c;
+                self.seen_caps = true;
+                if let Some(c) = parse::<CapabilitiesFile>(rel, text, p) {
+                    self.caps = c;
                 }
             }
             ["quotas.yaml"] => {
-                if let Some(q) = parse::<QuotasFile>(rel, text, &mut p) {
-                    quotas = q;
+                if let Some(q) = parse::<QuotasFile>(rel, text, p) {
+                    self.quotas = q;
                 }
             }
             ["routes", f] if is_yaml(f) => {
-                if let Some(r) = parse::<RoutesFile>(rel, text, &mut p) {
-                    routes.extend(r.routes.into_iter().map(|r| (rel.clone(), r)));
+                if let Some(r) = parse::<RoutesFile>(rel, text, p) {
+                    let file = rel.to_string();
+                    self.routes
+                        .extend(r.routes.into_iter().map(|r| (file.clone(), r)));
                 }
             }
             ["slo", f] if is_yaml(f) => {
-                if let Some(s) = parse::<SloFile>(rel, text, &mut p) {
-                    slos.push((rel.clone(), s));
+                if let Some(s) = parse::<SloFile>(rel, text, p) {
+                    self.slos.push((rel.to_string(), s));
                 }
             }
             ["policies", f] => {
-                policies.insert(f.to_string(), text.to_string());
+                self.policies.insert(f.to_string(), text.to_string());
             }
             // Examples and other files below policies/ are the policy
             // author's; only the top level is a policy set.
@@ -195,29 +230,6 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
             )),
         }
     }
-    if !seen_caps {
-        p.push(problem("capabilities.yaml", None, None, "missing; list every capability routes, quotas and SLOs may name (`capabilities: [{name: transcode:v1}]`)".into()));
-    }
-    let declared = check_capabilities(&caps, &mut p);
-    check_routes(&routes, &declared, &mut p);
-    check_quotas(&quotas, &declared, &mut p);
-    check_slos(&slos, &declared, &mut p);
-    if !policies.is_empty() {
-        check_policies(&dir.join("policies"), &mut p);
-    }
-    if !p.is_empty() {
-        return Err(p);
-    }
-    let mut routes: Vec<MeshRoute> = routes.into_iter().map(|(_, r)| r).collect();
-    routes.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(MeshSnapshot {
-        hash: hash(&all),
-        capabilities: caps,
-        routes,
-        quotas,
-        slos: slos.into_iter().map(|(_, s)| s).collect(),
-        policies,
-    })
 }
 
 fn is_yaml(f: &str) -> bool {
@@ -295,110 +307,117 @@ fn check_routes(routes: &[(String, MeshRoute)], declared: &BTreeSet<String>, p: 
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     for (file, r) in routes {
         let i = index.entry(file.as_str()).or_insert(0);
-        let at = |f: &str| Some(format!("routes[{i}]{f}"));
-        if r.name.is_empty() || r.name.contains(char::is_whitespace) {
-            p.push(problem(
-                file,
-                None,
-                at(".name"),
-                format!(
-                    "{:?} is not a route name; use a word like transcode",
-                    r.name
-                ),
-            ));
-        }
-        if let Some(other) = names.insert(&r.name, file) {
-            p.push(problem(
-                file,
-                None,
-                at(".name"),
-                format!(
-                    "route {} is also defined in {other}; route names are unique across routes/",
-                    r.name
-                ),
-            ));
-        }
-        if r.backends.is_empty() {
-            p.push(problem(
-                file,
-                None,
-                at(".backends"),
-                "no backends; add at least one `{capability: ..., weight: ...}`".into(),
-            ));
-        }
-        if !r.backends.is_empty() && r.backends.iter().all(|b| b.weight == 0) {
-            p.push(problem(
-                file,
-                None,
-                at(".backends"),
-                "every backend has weight 0, so the route sends nowhere; give one a weight above 0"
-                    .into(),
-            ));
-        }
-        for (j, b) in r.backends.iter().enumerate() {
-            let bf = at(&format!(".backends[{j}]"));
-            if !declared.contains(&b.capability) {
-                p.push(problem(file, None, bf.clone().map(|f| f + ".capability"), format!("capability {} is not in capabilities.yaml, so nobody serves it; declare it there or fix the name", b.capability)));
-            }
-            if b.weight > 10_000 {
-                p.push(problem(
-                    file,
-                    None,
-                    bf.clone().map(|f| f + ".weight"),
-                    format!(
-                        "{} is over 10000; weights are relative (90 and 10 make a 90/10 split)",
-                        b.weight
-                    ),
-                ));
-            }
-            for (k, v) in &b.selector {
-                if k.is_empty() || v.is_empty() {
-                    p.push(problem(
-                        file,
-                        None,
-                        bf.clone().map(|f| f + ".selector"),
-                        "label keys and values must not be empty".into(),
-                    ));
-                }
-            }
-        }
-        if let Some(prefix) = &r.matches.path_prefix {
-            if !prefix.starts_with('/') {
-                p.push(problem(
-                    file,
-                    None,
-                    at(".match.path_prefix"),
-                    format!("{prefix:?} must start with /"),
-                ));
-            }
-        }
-        for h in &r.matches.hosts {
-            if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
-                p.push(problem(
-                    file,
-                    None,
-                    at(".match.hosts"),
-                    format!("{h:?} is not a host name"),
-                ));
-            }
-        }
-        if r.timeout.is_some_and(|t| t.is_zero()) {
-            p.push(problem(
-                file,
-                None,
-                at(".timeout"),
-                "is zero; remove it for no deadline".into(),
-            ));
-        }
-        if r.retry.attempts > 10 {
-            p.push(problem(
-                file,
-                None,
-                at(".retry.attempts"),
-                format!("{} is not 0 to 10", r.retry.attempts),
-            ));
-        }
+        let mut at = At {
+            file,
+            prefix: format!("routes[{i}]"),
+            p,
+        };
+        let also_in = names.insert(&r.name, file);
+        check_route_name(r, also_in, &mut at);
+        check_backends(r, declared, &mut at);
+        check_route_rest(r, &mut at);
         *i += 1;
+    }
+}
+
+/// Where the problems of one route go: its file, and `routes[i]` before
+/// each field.
+struct At<'a> {
+    file: &'a str,
+    prefix: String,
+    p: &'a mut Vec<Problem>,
+}
+
+impl At<'_> {
+    fn push(&mut self, field: &str, message: String) {
+        let field = Some(format!("{}{field}", self.prefix));
+        self.p.push(problem(self.file, None, field, message));
+    }
+}
+
+fn check_route_name(r: &MeshRoute, also_in: Option<&str>, at: &mut At<'_>) {
+    if r.name.is_empty() || r.name.contains(char::is_whitespace) {
+        at.push(
+            ".name",
+            format!(
+                "{:?} is not a route name; use a word like transcode",
+                r.name
+            ),
+        );
+    }
+    if let Some(other) = also_in {
+        at.push(
+            ".name",
+            format!(
+                "route {} is also defined in {other}; route names are unique across routes/",
+                r.name
+            ),
+        );
+    }
+}
+
+fn check_backends(r: &MeshRoute, declared: &BTreeSet<String>, at: &mut At<'_>) {
+    if r.backends.is_empty() {
+        at.push(
+            ".backends",
+            "no backends; add at least one `{capability: ..., weight: ...}`".into(),
+        );
+    }
+    if !r.backends.is_empty() && r.backends.iter().all(|b| b.weight == 0) {
+        at.push(
+            ".backends",
+            "every backend has weight 0, so the route sends nowhere; give one a weight above 0"
+                .into(),
+        );
+    }
+    for (j, b) in r.backends.iter().enumerate() {
+        let bf = format!(".backends[{j}]");
+        if !declared.contains(&b.capability) {
+            at.push(&format!("{bf}.capability"), format!("capability {} is not in capabilities.yaml, so nobody serves it; declare it there or fix the name", b.capability));
+        }
+        if b.weight > 10_000 {
+            at.push(
+                &format!("{bf}.weight"),
+                format!(
+                    "{} is over 10000; weights are relative (90 and 10 make a 90/10 split)",
+                    b.weight
+                ),
+            );
+        }
+        for (k, v) in &b.selector {
+            if k.is_empty() || v.is_empty() {
+                at.push(
+                    &format!("{bf}.selector"),
+                    "label keys and values must not be empty".into(),
+                );
+            }
+        }
+    }
+}
+
+/// The match, the timeout and the retry attempts.
+fn check_route_rest(r: &MeshRoute, at: &mut At<'_>) {
+    if let Some(prefix) = &r.matches.path_prefix {
+        if !prefix.starts_with('/') {
+            at.push(
+                ".match.path_prefix",
+                format!("{prefix:?} must start with /"),
+            );
+        }
+    }
+    for h in &r.matches.hosts {
+        if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
+            at.push(".match.hosts", format!("{h:?} is not a host name"));
+        }
+    }
+    if r.timeout.is_some_and(|t| t.is_zero()) {
+        at.push(".timeout", "is zero; remove it for no deadline".into());
+    }
+    if r.retry.attempts > 10 {
+        at.push(
+            ".retry.attempts",
+            format!("{} is not 0 to 10", r.retry.attempts),
+        );
     }
 }
 
@@ -439,63 +458,63 @@ pub(crate) fn percent(s: &str) -> Option<f64> {
 fn check_slos(slos: &[(String, SloFile)], declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
     for (file, s) in slos {
+        let mut at = At {
+            file,
+            prefix: String::new(),
+            p,
+        };
         if !declared.contains(&s.capability) {
-            p.push(problem(
-                file,
-                None,
-                Some("capability".into()),
+            at.push(
+                "capability",
                 format!("capability {} is not in capabilities.yaml", s.capability),
-            ));
+            );
         }
         if let Some(other) = seen.insert(&s.capability, file) {
-            p.push(problem(
-                file,
-                None,
-                Some("capability".into()),
+            at.push(
+                "capability",
                 format!("{} already has an SLO in {other}", s.capability),
-            ));
+            );
         }
-        for (f, v) in [
-            ("slo.availability", &s.slo.availability),
-            ("slo.error_budget", &s.slo.error_budget),
-        ] {
-            if let Some(v) = v {
-                if percent(v).is_none() {
-                    p.push(problem(
-                        file,
-                        None,
-                        Some(f.into()),
-                        format!("{v:?} is not a percentage like 99.9%"),
-                    ));
-                }
+        check_slo_numbers(s, &mut at);
+    }
+}
+
+/// Percentages that parse and agree, latency percentiles that do not
+/// decrease.
+fn check_slo_numbers(s: &SloFile, at: &mut At<'_>) {
+    for (f, v) in [
+        ("slo.availability", &s.slo.availability),
+        ("slo.error_budget", &s.slo.error_budget),
+    ] {
+        if let Some(v) = v {
+            if percent(v).is_none() {
+                at.push(f, format!("{v:?} is not a percentage like 99.9%"));
             }
         }
-        if let (Some(a), Some(b)) = (
-            s.slo.availability.as_deref().and_then(percent),
-            s.slo.error_budget.as_deref().and_then(percent),
-        ) {
-            if ((100.0 - a) - b).abs() > 1e-6 {
-                p.push(problem(file, None, Some("slo.error_budget".into()), format!("{b}% does not match availability {a}% (the budget is 100% minus the availability: {:.4}%)", 100.0 - a)));
-            }
+    }
+    if let (Some(a), Some(b)) = (
+        s.slo.availability.as_deref().and_then(percent),
+        s.slo.error_budget.as_deref().and_then(percent),
+    ) {
+        if ((100.0 - a) - b).abs() > 1e-6 {
+            at.push("slo.error_budget", format!("{b}% does not match availability {a}% (the budget is 100% minus the availability: {:.4}%)", 100.0 - a));
         }
-        if let Some(l) = &s.slo.latency {
-            let order = [("p50", l.p50), ("p95", l.p95), ("p99", l.p99)];
-            let set: Vec<_> = order
-                .iter()
-                .filter_map(|(n, d)| d.map(|d| (*n, d)))
-                .collect();
-            for w in set.windows(2) {
-                if w[0].1 > w[1].1 {
-                    p.push(problem(
-                        file,
-                        None,
-                        Some(format!("slo.latency.{}", w[1].0)),
-                        format!(
-                            "is below {} ({:?} < {:?}); percentiles must not decrease",
-                            w[0].0, w[1].1, w[0].1
-                        ),
-                    ));
-                }
+    }
+    if let Some(l) = &s.slo.latency {
+        let order = [("p50", l.p50), ("p95", l.p95), ("p99", l.p99)];
+        let set: Vec<_> = order
+            .iter()
+            .filter_map(|(n, d)| d.map(|d| (*n, d)))
+            .collect();
+        for w in set.windows(2) {
+            if w[0].1 > w[1].1 {
+                at.push(
+                    &format!("slo.latency.{}", w[1].0),
+                    format!(
+                        "is below {} ({:?} < {:?}); percentiles must not decrease",
+                        w[0].0, w[1].1, w[0].1
+                    ),
+                );
             }
         }
     }

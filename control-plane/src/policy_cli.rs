@@ -1,13 +1,43 @@
 //! `crankctl policy test|check|eval`.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use clap::Subcommand;
 use crank_policy::testing::{run_tests, TestOutcome, TestResult};
 use crank_policy::PolicySet;
 
-use crate::cli::PolicyCommand;
+/// `crankctl policy ...` (here, not in [`crate::cli`], so that this module
+/// depends on nothing else of crankctl).
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Run the test_* rules of every *_test.rego in DIR, like `opa test`.
+    /// Exits non-zero when a test fails or errors, or nothing compiles.
+    Test {
+        dir: PathBuf,
+        /// Only tests whose full name contains this.
+        #[arg(long)]
+        run: Option<String>,
+        /// List passing and skipped tests too.
+        #[arg(short, long)]
+        verbose: bool,
+        /// pretty or json
+        #[arg(long, default_value = "pretty")]
+        format: String,
+    },
+    /// Compile DIR as the proxy would (manifest, data, entry points) and print
+    /// its revision. Exits non-zero with the file and line of any error.
+    Check { dir: PathBuf },
+    /// Evaluate one input document (JSON or YAML; `-` for stdin) against DIR
+    /// (default `policies`) and print the decision, as the proxy would make it.
+    Eval {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+    },
+}
 
 pub fn run(cmd: PolicyCommand) -> Result<()> {
     match cmd {

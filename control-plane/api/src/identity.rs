@@ -81,7 +81,9 @@ pub struct Revocations {
 pub struct ApiError {
     /// A stable code, e.g. `token-reused`.
     pub error: String,
-    /// What is wrong and how to fix it.
+    /// What is wrong and how to fix it. `detail` (the shim's old name
+    /// for it) is read too, for one release.
+    #[serde(alias = "detail")]
     pub message: String,
 }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crank_plumbing::config::Problems;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,94 +147,82 @@ fn default_stale_after() -> Duration {
     Duration::from_secs(600)
 }
 
-/// A config error: the file, the field, what is wrong and the fix.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {field}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    pub field: String,
-    pub message: String,
-}
+pub use crank_plumbing::config::ConfigError;
+
+/// Where parse errors point to.
+const DOC: &str = "docs/reference/control-config.md";
 
 /// Reads, parses and checks `path`; relative paths become absolute against
 /// the file's directory.
 pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        field: "(file)".into(),
-        message: format!("cannot read it: {e}"),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&file, &e))?;
     let mut cfg = parse(&file, &text)?;
     let base = path.parent().unwrap_or(Path::new("."));
-    for p in [
-        &mut cfg.admin_socket,
-        &mut cfg.state_dir,
-        &mut cfg.ca.intermediate,
-    ] {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    }
-    if let Some(p) = cfg.config_dir.as_mut() {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    }
+    crank_plumbing::config::resolve_paths(
+        base,
+        [
+            &mut cfg.admin_socket,
+            &mut cfg.state_dir,
+            &mut cfg.ca.intermediate,
+        ]
+        .into_iter()
+        .chain(cfg.config_dir.as_mut()),
+    );
     Ok(cfg)
 }
 
-/// Parses and checks the YAML text of a control config.
+/// Parses and checks the YAML text of a control config; a config with
+/// problems is refused whole, every problem listed.
 pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    let cfg: ControlConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError {
-        file: file.into(),
-        field: e.path().to_string(),
-        message: format!("{}; see docs/reference/control-config.md", e.inner()),
-    })?;
-    let err = |field: &str, message: String| ConfigError {
-        file: file.into(),
-        field: field.into(),
-        message,
-    };
-    crank_certs::Identity::new("x", "x", &cfg.trust_domain)
-        .map_err(|e| err("trust_domain", e.to_string()))?;
+    let cfg: ControlConfig = crank_plumbing::config::parse_yaml(file, text, DOC)?;
+    let mut p = Problems::new(file);
+    p.check(
+        "trust_domain",
+        crank_certs::Identity::new("x", "x", &cfg.trust_domain)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    );
+    check_lifetimes(&cfg, &mut p);
+    if let Err((field, m)) = check_listeners(&cfg) {
+        p.push(field, m);
+    }
+    p.finish()?;
+    Ok(cfg)
+}
+
+/// Certificate, token, lease and staleness times.
+fn check_lifetimes(cfg: &ControlConfig, p: &mut Problems) {
     let c = &cfg.certs;
     if c.leaf_ttl < Duration::from_secs(10) {
-        return Err(err(
+        p.push(
             "certs.leaf_ttl",
-            "is under 10s; leaves must live long enough to be renewed (24h is the default)".into(),
-        ));
-    }
-    if c.leaf_ttl > c.max_leaf_ttl {
-        return Err(err(
+            "is under 10s; leaves must live long enough to be renewed (24h is the default)",
+        );
+    } else if c.leaf_ttl > c.max_leaf_ttl {
+        p.push(
             "certs.leaf_ttl",
             format!(
                 "{} is over certs.max_leaf_ttl ({}); lower it or raise the maximum",
                 humantime::format_duration(c.leaf_ttl),
                 humantime::format_duration(c.max_leaf_ttl)
             ),
-        ));
+        );
     }
     let t = &cfg.tokens;
     if t.default_ttl.is_zero() || t.default_ttl > t.max_ttl {
-        return Err(err(
+        p.push(
             "tokens.default_ttl",
-            "must be above zero and at most tokens.max_ttl".into(),
-        ));
+            "must be above zero and at most tokens.max_ttl",
+        );
     }
-    if cfg.registry.lease < Duration::from_secs(1) || cfg.registry.lease > Duration::from_secs(300)
-    {
-        return Err(err(
-            "registry.lease",
-            "must be 1s to 5m (10s is the default)".into(),
-        ));
+    let lease = cfg.registry.lease;
+    if lease < Duration::from_secs(1) || lease > Duration::from_secs(300) {
+        p.push("registry.lease", "must be 1s to 5m (10s is the default)");
     }
     if cfg.workloads.stale_after < Duration::from_secs(1) {
-        return Err(err("workloads.stale_after", "is under 1s".into()));
+        p.push("workloads.stale_after", "is under 1s");
     }
-    check_listeners(&cfg).map_err(|(field, m)| err(field, m))?;
-    Ok(cfg)
 }
 
 /// The TCP listeners must not share an address (the second bind would fail).
@@ -260,6 +249,14 @@ mod tests {
     use super::*;
 
     const BASE: &str = "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\n";
+
+    #[test]
+    fn crank_api_copies_the_default_trust_domain() {
+        assert_eq!(
+            crank_api::proxy::DEFAULT_TRUST_DOMAIN,
+            crank_certs::DEFAULT_TRUST_DOMAIN
+        );
+    }
 
     #[test]
     fn defaults() {
@@ -311,5 +308,17 @@ mod tests {
             assert!(e.field.contains(field), "{extra}: {e}");
             assert!(e.to_string().contains(msg), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let extra = "certs: {leaf_ttl: 1s}\nregistry: {lease: 10m}\nworkloads: {stale_after: 0s}\n";
+        let e = parse("c.yaml", &format!("{BASE}{extra}")).unwrap_err();
+        let fields: Vec<_> = e.problems().map(|(f, _)| f).collect();
+        assert_eq!(
+            fields,
+            ["certs.leaf_ttl", "registry.lease", "workloads.stale_after"]
+        );
+        assert!(e.to_string().starts_with("c.yaml: 3 problems:\n"), "{e}");
     }
 }

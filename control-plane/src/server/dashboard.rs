@@ -15,7 +15,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
@@ -166,53 +165,47 @@ fn misdirected() -> Resp {
     )
 }
 
-/// Serves the dashboard on `listener` until the task is dropped. `state`
-/// makes the JSON of `/api/state`.
-pub async fn serve_dashboard<F>(listener: tokio::net::TcpListener, state: F) -> Result<()>
-where
+/// Serves the dashboard on `listener` until `stop` resolves, at most
+/// [`MAX_CONNECTIONS`] at once. `state` makes the JSON of `/api/state`.
+pub async fn serve_dashboard<F>(
+    listener: tokio::net::TcpListener,
+    state: F,
+    stop: impl std::future::Future<Output = ()>,
+) where
     F: Fn() -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
 {
     let state = Arc::new(state);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let slot = slots.clone().acquire_owned().await?;
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "dashboard accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+    let opts = crank_plumbing::ServeOptions::new("dashboard").max_connections(MAX_CONNECTIONS);
+    crank_plumbing::serve_with(opts, listener, stop, |tcp, _| {
+        dashboard_conn(state.clone(), tcp)
+    })
+    .await
+}
+
+/// One dashboard connection, with the loopback Host rule of its local
+/// address: a 0.0.0.0 listener reached through loopback is as open to DNS
+/// rebinding as a loopback one.
+async fn dashboard_conn<F>(state: Arc<F>, tcp: tokio::net::TcpStream)
+where
+    F: Fn() -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
+{
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let host = req.headers().get(http::header::HOST);
+        let resp = if host_allowed(local, host.map(|h| h.as_bytes())) {
+            respond(req.method(), req.uri().path(), || state())
+        } else {
+            misdirected()
         };
-        // Per connection: a 0.0.0.0 listener reached through loopback is
-        // as open to DNS rebinding as a loopback one.
-        let Ok(local) = tcp.local_addr() else {
-            continue;
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let host = req.headers().get(http::header::HOST);
-                        let resp = if host_allowed(local, host.map(|h| h.as_bytes())) {
-                            respond(req.method(), req.uri().path(), || state())
-                        } else {
-                            misdirected()
-                        };
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-            drop(slot);
-        });
-    }
+        async move { Ok::<_, std::convert::Infallible>(resp) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+        .await;
 }
 
 #[cfg(test)]

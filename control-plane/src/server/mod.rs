@@ -8,17 +8,27 @@
 //! (the web dashboard, [`dashboard`]), and one ticker task that
 //! moves rotations on, prunes expired entries and renews the server's own
 //! certificate.
+//!
+//! Modules by concern: [`listeners`] (the accept loops), [`workload`] (the
+//! workload API: routing, enroll, renew, identity watch), [`ca_admin`] (the
+//! admin API's CA calls), [`mesh`] (config publishing, mesh watch, the
+//! registry), [`traffic`] (proxy reports, the dashboard's state), [`http`]
+//! (shared request and refusal helpers), [`state`] (the CA state machine).
+//! This file: opening the state, saving, the ticker, and [`run`].
 
 pub mod admin;
+mod ca_admin;
 pub mod config;
 mod dashboard;
 mod http;
+mod listeners;
 pub mod mesh;
 mod metrics;
 pub mod routes;
 pub mod state;
 mod tls;
 pub mod traffic;
+mod workload;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,50 +81,13 @@ pub fn now() -> i64 {
 impl Control {
     /// Loads `state.json`, or seeds it from `ca.intermediate` on first start.
     pub fn open(cfg: ControlConfig) -> Result<Arc<Control>> {
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::create_dir_all(&cfg.state_dir)
-                .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
-            // state.json holds intermediate keys; the admin socket sits here too.
-            std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| {
-                    format!(
-                        "making state_dir {} private (0700)",
-                        cfg.state_dir.display()
-                    )
-                })?;
-        }
+        private_state_dir(&cfg.state_dir)?;
         let path = cfg.state_dir.join("state.json");
         let restarted = path.exists();
         let state = if restarted {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            let st: CaState = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{} is not a crank-control state file; restore it from backup",
-                    path.display()
-                )
-            })?;
-            if st.trust_domain != cfg.trust_domain {
-                anyhow::bail!(
-                    "{} is for trust domain {:?} but the config says {:?}",
-                    path.display(),
-                    st.trust_domain,
-                    cfg.trust_domain
-                );
-            }
-            tracing::info!(file = %path.display(), bundle_version = st.bundle_version, "loaded CA state");
-            st
+            load_state(&path, &cfg.trust_domain)?
         } else {
-            let dir = &cfg.ca.intermediate;
-            let inter = Ca::load(dir, &cfg.trust_domain).with_context(|| {
-                format!("loading ca.intermediate {} (make it with `crankctl ca intermediate --root ROOT_DIR --out {}`)", dir.display(), dir.display())
-            })?;
-            let root = std::fs::read_to_string(dir.join("bundle.pem"))
-                .with_context(|| format!("reading {}/bundle.pem (the root)", dir.display()))?;
-            let st = CaState::seed(&inter, &root, now())?;
-            tracing::info!(dir = %dir.display(), "seeded the CA from the intermediate");
-            st
+            seed_state(&cfg)?
         };
         let mesh_state = mesh::MeshState::open(&cfg.state_dir);
         let signer = state.signer()?;
@@ -210,6 +183,51 @@ impl Control {
     }
 }
 
+/// Makes `state_dir` and keeps it private: state.json holds intermediate
+/// keys, and the admin socket sits there too.
+fn private_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating state_dir {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making state_dir {} private (0700)", dir.display()))
+}
+
+/// `state.json` of an earlier start, for this trust domain.
+fn load_state(path: &Path, trust_domain: &str) -> Result<CaState> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let st: CaState = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a crank-control state file; restore it from backup",
+            path.display()
+        )
+    })?;
+    if st.trust_domain != trust_domain {
+        anyhow::bail!(
+            "{} is for trust domain {:?} but the config says {:?}",
+            path.display(),
+            st.trust_domain,
+            trust_domain
+        );
+    }
+    tracing::info!(file = %path.display(), bundle_version = st.bundle_version, "loaded CA state");
+    Ok(st)
+}
+
+/// A first start: the CA state from `ca.intermediate` and its root.
+fn seed_state(cfg: &ControlConfig) -> Result<CaState> {
+    let dir = &cfg.ca.intermediate;
+    let inter = Ca::load(dir, &cfg.trust_domain).with_context(|| {
+        format!("loading ca.intermediate {} (make it with `crankctl ca intermediate --root ROOT_DIR --out {}`)", dir.display(), dir.display())
+    })?;
+    let root = std::fs::read_to_string(dir.join("bundle.pem"))
+        .with_context(|| format!("reading {}/bundle.pem (the root)", dir.display()))?;
+    let st = CaState::seed(&inter, &root, now())?;
+    tracing::info!(dir = %dir.display(), "seeded the CA from the intermediate");
+    Ok(st)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -252,34 +270,13 @@ pub fn check_ca(cfg: &ControlConfig) -> Result<()> {
     Ok(())
 }
 
-/// Runs crank-control until SIGTERM/SIGINT.
+/// Runs crank-control until SIGTERM/SIGINT: the listeners stop accepting,
+/// the admin socket is removed.
 pub async fn run(cfg: ControlConfig) -> Result<()> {
     let control = Control::open(cfg)?;
-    let cfg = &control.cfg;
-    let workload = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listen {}: cannot bind", cfg.listen))?;
-    let admin = bind_admin(&cfg.admin_socket)?;
-    tracing::info!(listen = %cfg.listen, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "crank-control serving");
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(http::serve_workloads(control.clone(), workload));
-    tasks.spawn(http::serve_admin(control.clone(), admin));
-    if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("metrics_listen {addr}: cannot bind"))?;
-        tasks.spawn(http::serve_metrics(control.clone(), l));
-    }
-    if let Some(addr) = cfg.dashboard_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("dashboard_listen {addr}: cannot bind"))?;
-        tracing::info!(dashboard = %format!("http://{addr}/"), "dashboard serving");
-        let c = control.clone();
-        tasks.spawn(dashboard::serve_dashboard(l, move || {
-            serde_json::to_vec(&c.dashboard_state())
-        }));
-    }
+    let mut signals = crank_plumbing::Signals::install()?;
+    let drain = crank_plumbing::Drain::new();
+    let mut tasks = spawn_listeners(&control, &drain).await?;
     let ticker = control.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_millis(500));
@@ -288,15 +285,58 @@ pub async fn run(cfg: ControlConfig) -> Result<()> {
             ticker.tick();
         }
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-        r = tasks.join_next() => { if let Some(Ok(Err(e))) = r { return Err(e); } }
-    }
-    tracing::info!("crank-control stopping");
-    let _ = std::fs::remove_file(&cfg.admin_socket);
+    let signal = tokio::select! {
+        s = signals.recv() => s,
+        r = tasks.join_next() => {
+            let _ = std::fs::remove_file(&control.cfg.admin_socket);
+            anyhow::bail!("a crank-control task ended unexpectedly ({r:?}); see the log above");
+        }
+    };
+    tracing::info!(signal, "crank-control stopping");
+    drain.start();
+    let _ = std::fs::remove_file(&control.cfg.admin_socket);
     Ok(())
+}
+
+/// Binds every listener (an address in use fails the start) and serves
+/// each on its own task until `drain` starts.
+async fn spawn_listeners(
+    control: &Arc<Control>,
+    drain: &crank_plumbing::Drain,
+) -> Result<tokio::task::JoinSet<()>> {
+    let cfg = &control.cfg;
+    let stop = || {
+        let d = drain.clone();
+        async move { d.signaled().await }
+    };
+    let workload = bind_tcp("listen", cfg.listen).await?;
+    let admin = bind_admin(&cfg.admin_socket)?;
+    tracing::info!(listen = %cfg.listen, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "crank-control serving");
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(listeners::serve_workloads(
+        control.clone(),
+        workload,
+        stop(),
+    ));
+    tasks.spawn(listeners::serve_admin(control.clone(), admin, stop()));
+    if let Some(addr) = cfg.metrics_listen {
+        let l = bind_tcp("metrics_listen", addr).await?;
+        tasks.spawn(listeners::serve_metrics(control.clone(), l, stop()));
+    }
+    if let Some(addr) = cfg.dashboard_listen {
+        let l = bind_tcp("dashboard_listen", addr).await?;
+        tracing::info!(dashboard = %format!("http://{addr}/"), "dashboard serving");
+        let c = control.clone();
+        let state = move || serde_json::to_vec(&c.dashboard_state());
+        tasks.spawn(dashboard::serve_dashboard(l, state, stop()));
+    }
+    Ok(tasks)
+}
+
+async fn bind_tcp(field: &str, addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{field} {addr}: cannot bind"))
 }
 
 fn bind_admin(path: &PathBuf) -> Result<tokio::net::UnixListener> {

@@ -1,5 +1,5 @@
 //! The routes of the workload API, as one table that the router in
-//! [`super::http`] dispatches on and that a test checks, both ways, against
+//! [`super::workload`] dispatches on and that a test checks, both ways, against
 //! the OpenAPI 3.1 document `control-plane/openapi.json` (served verbatim
 //! at `GET /v1/openapi.json`).
 
@@ -160,7 +160,7 @@ mod tests {
 
 // ---- The admin API (on the Unix socket) ----
 //
-// `admin()` in [`super::http`] dispatches on `(Method::X, "/path")` match
+// `admin()` in [`super::ca_admin`] dispatches on `(Method::X, "/path")` match
 // arms; the test below reads those arms from the source and checks them,
 // both ways, against `control-plane/openapi-admin.json`.
 
@@ -182,11 +182,11 @@ mod admin_tests {
     use super::ADMIN_OPENAPI;
     use std::collections::BTreeSet;
 
-    /// The `(METHOD, path)` arms of `admin()` in http.rs.
+    /// The `(METHOD, path)` arms of `admin()` in ca_admin.rs.
     fn admin_arms(src: &str) -> BTreeSet<(String, String)> {
         let start = src
             .find("async fn admin(")
-            .expect("http.rs has `async fn admin(`");
+            .expect("ca_admin.rs has `async fn admin(`");
         let end = src[start..]
             .find("\n    }\n}")
             .map_or(src.len(), |e| start + e);
@@ -232,7 +232,7 @@ mod admin_tests {
     /// The document lists exactly the routes `admin()` handles.
     #[test]
     fn admin_openapi_document_lists_exactly_the_admin_routes() {
-        let routed = admin_arms(include_str!("http.rs"));
+        let routed = admin_arms(include_str!("ca_admin.rs"));
         assert!(
             routed.contains(&("GET".into(), "/v1/admin/openapi.json".into())),
             "admin() serves its document: {routed:?}"
@@ -246,7 +246,7 @@ mod admin_tests {
         let extra: Vec<_> = documented.difference(&routed).collect();
         assert!(
             extra.is_empty(),
-            "control-plane/openapi-admin.json documents routes admin() in http.rs does not handle: {extra:?}"
+            "control-plane/openapi-admin.json documents routes admin() in ca_admin.rs does not handle: {extra:?}"
         );
     }
 
