@@ -4,6 +4,8 @@
 
 use pingora_error::{Error, ErrorSource, ErrorType};
 
+use crate::direction::Direction;
+
 /// Why the proxy, not the app, produced a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
@@ -202,6 +204,59 @@ impl Reason {
     }
 }
 
+/// A request the proxy answers by itself: the reason (status,
+/// `x-crank-error` and advice come from the table above) and what it adds
+/// for this request. Every request stage returns one instead of writing a
+/// response; `request::respond` is the one place that writes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// What happened to this request (the route, the quota, ...); may be empty.
+    pub detail: String,
+    /// A status other than the reason's (a fault abort's configured one).
+    pub status: Option<u16>,
+    /// Extra response headers (`retry-after`, `ratelimit`, ...).
+    pub headers: Vec<(&'static str, String)>,
+    /// Body fields next to `error` and `message` (the policy 403's
+    /// `decision_id`, `reasons`, ...).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Refusal {
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Refusal {
+            reason,
+            detail: detail.into(),
+            status: None,
+            headers: Vec::new(),
+            fields: serde_json::Map::new(),
+        }
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// Adds a body field.
+    pub fn field(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.fields.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Answers with `status` instead of the reason's.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// The status sent.
+    pub fn status(&self) -> u16 {
+        self.status.unwrap_or(self.reason.status())
+    }
+}
+
 /// Maps a Pingora error to a reason. Pure, so it is tested with a table.
 pub fn classify(e: &Error) -> Reason {
     let text = format!("{e}");
@@ -266,6 +321,16 @@ fn classify_parts(etype: &ErrorType, source: &ErrorSource, text: &str) -> Reason
             _ => Reason::Internal,
         },
         _ => Reason::Internal,
+    }
+}
+
+/// A peer sidecar that hangs up on a brand-new mTLS connection before any
+/// response has refused us during the handshake (with TLS 1.3 its alert can
+/// lose the race with the close, leaving only a reset or broken pipe).
+pub fn refine(reason: Reason, direction: Direction, fresh_upstream: bool) -> Reason {
+    match (reason, direction, fresh_upstream) {
+        (Reason::UpstreamReset, Direction::Outbound, true) => Reason::UpstreamTlsFailed,
+        (r, _, _) => r,
     }
 }
 
@@ -372,5 +437,26 @@ mod tests {
             assert!((400..600).contains(&r.status()));
             assert!(!r.advice().is_empty());
         }
+    }
+
+    #[test]
+    fn reset_on_a_fresh_peer_connection_is_a_tls_refusal() {
+        use crate::direction::Direction::*;
+        assert_eq!(
+            refine(Reason::UpstreamReset, Outbound, true),
+            Reason::UpstreamTlsFailed
+        );
+        assert_eq!(
+            refine(Reason::UpstreamReset, Outbound, false),
+            Reason::UpstreamReset
+        );
+        assert_eq!(
+            refine(Reason::UpstreamReset, Inbound, true),
+            Reason::UpstreamReset
+        );
+        assert_eq!(
+            refine(Reason::UpstreamTimeout, Outbound, true),
+            Reason::UpstreamTimeout
+        );
     }
 }

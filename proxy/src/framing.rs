@@ -8,6 +8,8 @@
 //! so [`check_raw_header`] looks at the raw header block and rejects such a
 //! request, repeated conflicting lengths, and obs-fold continuation lines.
 
+use crate::errors::{Reason, Refusal};
+
 /// What is wrong with a request's framing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FramingError {
@@ -115,6 +117,49 @@ pub fn header_list_size(req: &pingora_http::RequestHeader) -> usize {
         + pseudo
 }
 
+/// The edge stage: ambiguous HTTP/1 framing in the raw head (`raw`, HTTP/1
+/// only), a header list larger than the peer sidecar's HTTP/2 server takes
+/// (431), or an HTTP/1.1 request without `Host` (400, RFC 9112 §3.2).
+pub fn check_head(
+    raw: Option<&[u8]>,
+    req: &pingora_http::RequestHeader,
+    max_header_bytes: usize,
+) -> Result<(), Refusal> {
+    if let Some(Err(fe)) = raw.map(check_raw_header) {
+        return Err(Refusal::new(Reason::BadFraming, fe.detail()));
+    }
+    match edge_refusal(req, max_header_bytes) {
+        Some((reason, detail)) => Err(Refusal::new(reason, detail)),
+        None => Ok(()),
+    }
+}
+
+/// A request refused at the edge, before routing: a header list larger
+/// than the peer sidecar's HTTP/2 server takes (431), or an HTTP/1.1
+/// request without `Host` (400, RFC 9112 §3.2).
+pub fn edge_refusal(
+    req: &pingora_http::RequestHeader,
+    max_header_bytes: usize,
+) -> Option<(Reason, String)> {
+    let size = header_list_size(req);
+    if size > max_header_bytes {
+        return Some((
+            Reason::RequestHeaderTooLarge,
+            format!("{size} bytes of headers; the limit is {max_header_bytes}"),
+        ));
+    }
+    if req.version == http::Version::HTTP_11
+        && !req.headers.contains_key(http::header::HOST)
+        && crate::routing::authority::split_absolute(req.raw_path()).is_none()
+    {
+        return Some((
+            Reason::BadRequest,
+            "an HTTP/1.1 request needs a Host header (RFC 9112 section 3.2)".to_string(),
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +224,30 @@ mod tests {
         assert_eq!(header_list_size(&r), base + 3 + 5 + 32);
         r.append_header("x-a", "1").unwrap();
         assert_eq!(header_list_size(&r), base + 3 + 5 + 32 + 3 + 1 + 32);
+    }
+
+    fn req(uri: &str) -> pingora_http::RequestHeader {
+        pingora_http::RequestHeader::build("GET", uri.as_bytes(), None).unwrap()
+    }
+
+    #[test]
+    fn edge_refusals() {
+        let mut ok = req("/x");
+        ok.insert_header("host", "backend").unwrap();
+        assert_eq!(edge_refusal(&ok, 60 * 1024), None);
+        // HTTP/1.0 needs no Host; absolute form carries the authority.
+        let mut old = req("/x");
+        old.set_version(http::Version::HTTP_10);
+        assert_eq!(edge_refusal(&old, 60 * 1024), None);
+        assert_eq!(edge_refusal(&req("http://backend/x"), 60 * 1024), None);
+        let (reason, detail) = edge_refusal(&req("/x"), 60 * 1024).unwrap();
+        assert_eq!(reason, Reason::BadRequest);
+        assert!(detail.contains("Host"), "{detail}");
+        let mut big = ok.clone();
+        big.insert_header("x-big", "a".repeat(70 * 1024)).unwrap();
+        let (reason, detail) = edge_refusal(&big, 60 * 1024).unwrap();
+        assert_eq!(reason, Reason::RequestHeaderTooLarge);
+        assert_eq!(reason.status(), 431);
+        assert!(detail.contains("61440"), "{detail}");
     }
 }

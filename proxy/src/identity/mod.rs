@@ -11,6 +11,8 @@
 //! upstream peer verifies the server's DNS SAN (`<svc>.<tenant>.<td>`) against
 //! the route's expected identity.
 
+pub mod admit;
+
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -4,6 +4,9 @@
 //! Loading and evaluation live in `crank-policy`; this module adds what only
 //! a running proxy has: hot reload, metrics and the decision log.
 
+pub mod check;
+pub mod facts;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};

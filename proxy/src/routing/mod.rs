@@ -9,6 +9,9 @@
 //! so changing a timeout, a fault drill or an endpoint's labels does not
 //! forget which endpoints are ejected.
 
+pub mod authority;
+pub mod select;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,86 @@
+//! The resilience stages of a request, in phase order, over the
+//! mechanisms in [`crate::resilience`]. Each stage asks the state machine
+//! of its mechanism and returns a refusal when that says no; the phases
+//! write it (`super::respond`).
+//!
+//! - [`admit`] (`request_filter`, after policy): quota → fault (outbound)
+//!   → idempotency (inbound) → concurrency slot.
+//! - [`attempt`] (`upstream_peer` and the response and error phases,
+//!   outbound): backoff on a retry → deadline → endpoint pick (balancer);
+//!   outlier detection and the balancer's latency estimate record each
+//!   attempt, and `may_retry` decides a retry under the route's budget.
+//! - [`replay`] (inbound): a duplicate `Idempotency-Key` gets the first
+//!   request's response; the first one's response is kept.
+//!
+//! They live here, beside the phases, rather than in `resilience/`: they
+//! join the route ([`crate::routing`]), the peer ([`crate::identity`]) and
+//! the mechanisms, and `routing` already stands on `resilience` (a route
+//! holds its breakers, budget and limiter).
+
+pub(crate) mod admit;
+pub(crate) mod attempt;
+pub(crate) mod replay;
+
+use bytes::{Bytes, BytesMut};
+use pingora_error::ErrorType;
+use tokio::time::Instant;
+
+use crate::resilience::breaker::{InFlight, Pick};
+use crate::resilience::idempotency::{Claim, RequestHasher};
+use crate::resilience::ratelimit::RateDecision;
+use crate::resilience::shed::Permit;
+
+/// The header naming the key of an idempotent request.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on a response replayed from the idempotency store.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Custom error types the resilience steps raise from `upstream_peer`.
+const CIRCUIT_OPEN: ErrorType = ErrorType::Custom("circuit-open");
+const NO_ENDPOINTS: ErrorType = ErrorType::Custom("no-endpoints");
+const DEADLINE: ErrorType = ErrorType::Custom("request-timeout");
+const RETRY_STATUS: ErrorType = ErrorType::Custom("retry-on-status");
+
+/// Per-request resilience state, part of the proxy's `Ctx`.
+#[derive(Default)]
+pub struct ResCtx {
+    /// The concurrency slot; freed when the request ends.
+    permit: Option<Permit>,
+    /// The endpoint of the attempt in progress, until its outcome is known.
+    pick: Option<Pick>,
+    /// The attempt in progress, counted in its endpoint's load until its
+    /// outcome is known (or the request ends).
+    in_flight: Option<InFlight>,
+    /// Endpoints this request tried (a retry avoids them).
+    tried: Vec<usize>,
+    /// The route's request deadline.
+    deadline: Option<Instant>,
+    pub retries: u32,
+    /// Outbound: the hash of the request's `Idempotency-Key`, which picks
+    /// its first endpoint.
+    affinity: Option<u64>,
+    /// The response status that made `upstream_response_filter` ask for a retry.
+    status_retry: bool,
+    /// The retry in progress follows a connect or TLS failure: it must go
+    /// to an endpoint not tried yet.
+    connect_retry: bool,
+    /// The quota decision, for `RateLimit` headers on the response.
+    rate: Option<RateDecision>,
+    idem: Option<IdemCtx>,
+    /// Who answered when it was neither the upstream nor an error reason.
+    pub answered_by: Option<&'static str>,
+    /// The peer sidecar refused the request as malformed: answered as
+    /// `peer-refused-request`.
+    peer_refused: bool,
+}
+
+/// The first request with an `Idempotency-Key`: its claim, request hash and
+/// the response being captured.
+pub(crate) struct IdemCtx {
+    claim: Claim,
+    hasher: Option<RequestHasher>,
+    hash: Option<[u8; 32]>,
+    status: u16,
+    headers: Vec<(String, Bytes)>,
+    body: BytesMut,
+    too_large: bool,
+}
