@@ -1,7 +1,16 @@
 //! Running jobs in `exec` mode: the priority queue and device slots
 //! ([`queue`]), the store ([`store`]) and the manager that runs them
-//! ([`manager`]). The job record itself is [`crate::job`].
+//! ([`manager`], with its concerns in `admission`, `runner`, `finish` and
+//! `settings`). The job record itself is [`crate::job`].
 
+mod admission;
+mod finish;
 pub mod manager;
 pub mod queue;
+mod runner;
+mod settings;
 pub mod store;
+
+pub use admission::NewJob;
+pub use finish::retry_delay;
+pub use manager::{ExecSettings, Manager, Recovery};

@@ -9,34 +9,33 @@
 //! - The admin listener: `/live`, `/ready`, `/metrics`, `/v1/host`,
 //!   `/v1/registration`.
 //!
-//! Every error is JSON `{"error": REASON, "detail": "…"}` with the same
-//! reason in `x-crank-error`, as the sidecar does.
+//! Every error is the mesh's one error body, JSON
+//! `{"error": REASON, "message": "…"}` (plus `problems` for `bad-params`),
+//! with the same reason in `x-crank-error` (crank-plumbing's `Refusal`).
+//! The submission itself is [`submit`].
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use crank_plumbing::Refusal;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+
+mod submit;
 
 use crate::host::{HostInfo, HostProbe};
 use crate::job::{JobState, Priority};
-use crate::jobs::manager::{Manager, NewJob, Refusal};
+use crate::jobs::Manager;
 use crate::metrics::GpuMetrics;
 use crate::registration::ShimRegistration;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
-
-/// Largest JSON submission body.
-const MAX_JSON: usize = 64 * 1024;
 
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(
@@ -57,22 +56,10 @@ pub fn json(status: StatusCode, v: &impl serde::Serialize) -> Response<Body> {
     full(status, "application/json", body)
 }
 
+/// A refusal as the mesh's one error body (see the module docs).
 pub fn refusal(r: &Refusal) -> Response<Body> {
-    let mut v = serde_json::json!({"error": r.reason, "detail": r.detail});
-    if !r.problems.is_empty() {
-        v["problems"] = serde_json::json!(r.problems);
-    }
-    let mut resp = json(
-        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        &v,
-    );
-    resp.headers_mut()
-        .insert("x-crank-error", HeaderValue::from_static(r.reason));
-    if let Some(s) = r.retry_after {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(s));
-    }
-    resp
+    r.response::<Full<Bytes>>()
+        .map(|body| body.map_err(|never: Infallible| match never {}).boxed())
 }
 
 /// What both listeners share.
@@ -114,7 +101,7 @@ pub fn admin(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
             (&Method::GET, "/v1/host") => json(StatusCode::OK, &shared.host),
             (&Method::GET, "/v1/registration") => json(StatusCode::OK, &shared.registration),
             _ => refusal(&Refusal::new(
-                404,
+                StatusCode::NOT_FOUND,
                 "not-found",
                 "admin paths: /live /ready /metrics /v1/host /v1/registration",
             )),
@@ -124,7 +111,7 @@ pub fn admin(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
 
 /// The job API's OpenAPI 3.1 document, served verbatim at
 /// `GET /v1/openapi.json`.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// A route of the job API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,12 +167,16 @@ pub fn job_route<'p>(method: &str, path: &'p str) -> Option<(JobRoute, &'p str)>
 pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
     Box::pin(async move {
         let Some(m) = shared.manager.clone() else {
-            return refusal(&Refusal::new(404, "not-found", "no job API in serve mode"));
+            return refusal(&Refusal::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "no job API in serve mode",
+            ));
         };
         let path = req.uri().path().to_string();
         let method = req.method().clone();
         let res = match job_route(method.as_str(), &path) {
-            Some((JobRoute::Submit, _)) => submit(&m, req).await,
+            Some((JobRoute::Submit, _)) => submit::submit(&m, req).await,
             Some((JobRoute::List, _)) => list(&m, &req),
             Some((JobRoute::Get, id)) => m
                 .get(id)
@@ -219,7 +210,7 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
             Some((JobRoute::Host, _)) => Ok(json(StatusCode::OK, &shared.host)),
             Some((JobRoute::OpenApi, _)) => Ok(full(StatusCode::OK, "application/json", OPENAPI)),
             None => Err(Refusal::new(
-                404,
+                StatusCode::NOT_FOUND,
                 "not-found",
                 format!(
                     "no route for {method} {path}; the job API is under /v1/jobs (see docs/reference/shim-api.md)"
@@ -231,7 +222,11 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
 }
 
 fn not_found(id: &str) -> Refusal {
-    Refusal::new(404, "job-not-found", format!("no job {id}"))
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        "job-not-found",
+        format!("no job {id}"),
+    )
 }
 
 fn client_id(req: &Request<Incoming>) -> Option<String> {
@@ -249,7 +244,7 @@ fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal>
             "state" => {
                 state = Some(JobState::parse(&v).ok_or_else(|| {
                     Refusal::new(
-                        400,
+                        StatusCode::BAD_REQUEST,
                         "bad-query",
                         format!(
                             "unknown state {v:?}; use one of {}",
@@ -260,7 +255,11 @@ fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal>
             }
             "limit" => {
                 limit = v.parse().map_err(|_| {
-                    Refusal::new(400, "bad-query", format!("limit {v:?} is not a number"))
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad-query",
+                        format!("limit {v:?} is not a number"),
+                    )
                 })?
             }
             _ => {}
@@ -272,237 +271,11 @@ fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal>
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonSubmit {
-    #[serde(default)]
-    params: BTreeMap<String, serde_json::Value>,
-    #[serde(default)]
-    priority: Option<String>,
-    /// A run timeout shorter than `exec.timeout`, like `90s`.
-    #[serde(default)]
-    timeout: Option<String>,
-}
-
-fn parse_timeout(
-    t: Option<&str>,
-    max: std::time::Duration,
-) -> Result<Option<std::time::Duration>, Refusal> {
-    let Some(t) = t else { return Ok(None) };
-    let d = humantime::parse_duration(t).map_err(|e| {
-        Refusal::new(
-            400,
-            "bad-timeout",
-            format!("timeout {t:?} is not a duration like `90s` or `10m`: {e}"),
-        )
-    })?;
-    if d.is_zero() || d > max {
-        return Err(Refusal::new(
-            400,
-            "bad-timeout",
-            format!(
-                "timeout {t:?} must be more than 0 and at most exec.timeout ({})",
-                humantime::format_duration(max)
-            ),
-        ));
-    }
-    Ok(Some(d))
-}
-
-fn parse_priority(p: Option<&str>) -> Result<Priority, Refusal> {
-    match p {
-        None => Ok(Priority::default()),
-        Some(s) => Priority::parse(s).ok_or_else(|| {
-            Refusal::new(
-                400,
-                "bad-priority",
-                format!(
-                    "unknown priority {s:?}; use one of {}",
-                    Priority::ALL.map(Priority::as_str).join(", ")
-                ),
-            )
-        }),
-    }
-}
-
-/// `POST /v1/jobs`. Two forms:
-/// - the input file as the body (any content type but JSON), parameters and
-///   `priority` in the query string;
-/// - `Content-Type: application/json` with `{"params": {…}, "priority": …}`,
-///   for tools that take no input file.
-///
-/// Parameters are checked before any byte of the body is read, and nothing
-/// runs when they are wrong.
-async fn submit(m: &Arc<Manager>, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
-    let refused = |r: Refusal| {
-        m.metrics_refused(r.reason);
-        r
-    };
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    let requester = client_id(&req);
-    let declared_len: Option<u64> = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let takes_input = m.settings.template.uses_input();
-    let (given, priority, timeout, body) = if is_json {
-        let bytes = Limited::read(req.into_body(), MAX_JSON)
-            .await
-            .map_err(|e| refused(Refusal::new(400, "bad-request", e)))?;
-        let js: JsonSubmit = serde_json::from_slice(&bytes).map_err(|e| {
-            refused(Refusal::new(
-                400,
-                "bad-request",
-                format!("the JSON body is not {{\"params\": {{…}}, \"priority\": …}}: {e}"),
-            ))
-        })?;
-        let priority = parse_priority(js.priority.as_deref()).map_err(refused)?;
-        let timeout = parse_timeout(js.timeout.as_deref(), m.settings.timeout).map_err(refused)?;
-        (js.params, priority, timeout, None)
-    } else {
-        let mut given = BTreeMap::new();
-        let mut priority = None;
-        let mut timeout = None;
-        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
-            if k == "priority" {
-                priority = Some(v.into_owned());
-            } else if k == "timeout" {
-                timeout = Some(v.into_owned());
-            } else {
-                given.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
-            }
-        }
-        let priority = parse_priority(priority.as_deref()).map_err(refused)?;
-        let timeout = parse_timeout(timeout.as_deref(), m.settings.timeout).map_err(refused)?;
-        (given, priority, timeout, Some(req.into_body()))
-    };
-    let params = m.settings.schema.validate(&given).map_err(|errs| {
-        refused(Refusal {
-            problems: errs.iter().map(|e| e.to_string()).collect(),
-            ..Refusal::new(
-                400,
-                "bad-params",
-                format!(
-                    "{} parameter problem(s); nothing was run. GET /v1/schema lists the parameters",
-                    errs.len()
-                ),
-            )
-        })
-    })?;
-    m.device_check(&params).map_err(refused)?;
-    m.admit_check().map_err(refused)?;
-    if takes_input && body.is_none() {
-        return Err(refused(Refusal::new(
-            400,
-            "input-required",
-            "this tool needs an input file: send it as the request body, with the parameters in the query string",
-        )));
-    }
-    if let Some(n) = declared_len.filter(|n| takes_input && *n > m.settings.max_input_bytes) {
-        return Err(refused(Refusal::new(
-            413,
-            "input-too-large",
-            format!(
-                "the input is {n} bytes, over exec.max_input_bytes ({})",
-                m.settings.max_input_bytes
-            ),
-        )));
-    }
-    let (id, dir) = m.prepare()?;
-    match body {
-        Some(body) if takes_input => match write_input(m, body, &dir.join("input")).await {
-            Ok(0) => {
-                m.discard(&dir);
-                return Err(refused(Refusal::new(
-                    400,
-                    "input-required",
-                    "the request body is empty; this tool needs an input file as the body",
-                )));
-            }
-            Ok(_) => {}
-            Err(r) => {
-                m.discard(&dir);
-                return Err(refused(r));
-            }
-        },
-        Some(mut body) => {
-            // A tool without input: a body would be silently lost, so refuse it.
-            if let Some(Ok(f)) = body.frame().await {
-                if f.data_ref().is_some_and(|d| !d.is_empty()) {
-                    m.discard(&dir);
-                    return Err(refused(Refusal::new(
-                        400,
-                        "unexpected-input",
-                        "this tool takes no input file; send parameters only",
-                    )));
-                }
-            }
-        }
-        None => {}
-    }
-    let rec = m
-        .enqueue(
-            id,
-            NewJob {
-                params,
-                priority,
-                requester,
-                timeout,
-            },
-        )
-        .inspect_err(|_| m.discard(&dir))?;
-    let mut resp = json(StatusCode::CREATED, &rec);
-    if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", rec.id)) {
-        resp.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(resp)
-}
-
-/// Streams the body into `path`, refusing it past the input limit.
-async fn write_input(
-    m: &Manager,
-    mut body: Incoming,
-    path: &std::path::Path,
-) -> Result<u64, Refusal> {
-    let io =
-        |e: std::io::Error| Refusal::new(500, "work-dir-error", format!("writing the input: {e}"));
-    let mut f = tokio::fs::File::create(path).await.map_err(io)?;
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Refusal::new(400, "bad-request", format!("reading the request body: {e}"))
-        })?;
-        if let Some(d) = frame.data_ref() {
-            n += d.len() as u64;
-            if n > m.settings.max_input_bytes {
-                return Err(Refusal::new(
-                    413,
-                    "input-too-large",
-                    format!(
-                        "the input is over exec.max_input_bytes ({})",
-                        m.settings.max_input_bytes
-                    ),
-                ));
-            }
-            f.write_all(d).await.map_err(io)?;
-            m.add_work_bytes(d.len() as u64);
-        }
-    }
-    f.flush().await.map_err(io)?;
-    f.sync_all().await.map_err(io)?;
-    Ok(n)
-}
-
 async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Body>, Refusal> {
     let rec = m.get(id).ok_or_else(|| not_found(id))?;
     if rec.state != JobState::Succeeded {
         return Err(Refusal::new(
-            409,
+            StatusCode::CONFLICT,
             "job-not-finished",
             format!(
                 "job {id} is {}; its output exists once it has succeeded",
@@ -513,7 +286,7 @@ async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Bo
     let path = m.output_path(id);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         Refusal::new(
-            410,
+            StatusCode::GONE,
             "output-gone",
             format!("the output of job {id} is no longer there: {e}"),
         )
@@ -544,25 +317,6 @@ async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Bo
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(resp)
-}
-
-/// Reads a small body whole, refusing it past `max` bytes.
-struct Limited;
-
-impl Limited {
-    async fn read(mut body: Incoming, max: usize) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("reading the request body: {e}"))?;
-            if let Some(d) = frame.data_ref() {
-                if out.len() + d.len() > max {
-                    return Err(format!("the JSON body is over {max} bytes"));
-                }
-                out.extend_from_slice(d);
-            }
-        }
-        Ok(out)
-    }
 }
 
 #[cfg(test)]
