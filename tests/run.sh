@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 # tests/tests/deploy_observability.rs (`promtool check config`, a real
 # Prometheus scraping sidecars); python3-venv:
 # the venv for schemathesis (below); chromium: the dashboard's browser
-# test (tests/tests/dashboard.rs, headless).
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium)
+# test (tests/tests/dashboard.rs, headless); nftables, iptables, iproute2:
+# transparent capture (crank-capture) and the cross-host tests, whose hosts
+# are network namespaces (tests/src/netns.rs, tests/tests/capture.rs).
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium nftables iptables iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -61,6 +63,11 @@ fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
   echo "tests/run.sh: installing playwright-core into tests/browser/node_modules"
   npm ci --prefix tests/browser --no-audit --no-fund
+fi
+
+# As root (CI), the network-namespace tests must run: a skip is a failure.
+if [ "$(id -u)" -eq 0 ]; then
+  export CRANK_NETNS_REQUIRED=1
 fi
 
 cargo build --workspace --bins

@@ -6,7 +6,7 @@ use crate::config::ConfigError;
 pub enum CaptureError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("crank-capture needs CAP_NET_ADMIN to change the firewall rules, and this process does not have it (CapEff in /proc/self/status lacks bit 12): run it as root, or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN; Kubernetes: securityContext.capabilities.add: [NET_ADMIN] on the init container); --dry-run prints the rules without it")]
+    #[error("this process lacks CAP_NET_ADMIN, which changing the firewall rules needs (CapEff in /proc/self/status lacks bit 12): run it as root, or grant the capability (systemd: AmbientCapabilities=CAP_NET_ADMIN; Kubernetes: securityContext.capabilities.add: [NET_ADMIN] on the init container); --dry-run prints the rules without it")]
     NoNetAdmin,
     #[error("neither nft nor iptables is installed (looked in PATH, /usr/sbin and /sbin): install nftables (`apt-get install nftables`) or iptables")]
     NoTools,

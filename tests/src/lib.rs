@@ -7,6 +7,7 @@ pub mod app;
 pub mod control;
 pub mod flaky;
 pub mod load;
+pub mod netns;
 pub mod otlp;
 pub mod pki;
 pub mod prometheus;
