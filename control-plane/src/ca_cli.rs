@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use crank_certs::Ca;
 
 use crate::server::admin::{
-    AdminClient, CaStatus, CertRow, RevokeRequest, RevokeResponse, RotateRequest, TokenRequest,
-    TokenResponse,
+    AdminClient, CaEntry, CaStatus, CertRow, RevokeRequest, RevokeResponse, RotateRequest,
+    TokenRequest, TokenResponse,
 };
 use crate::server::state::{rfc3339, RotationKind};
 
@@ -179,6 +179,22 @@ fn left(secs: i64) -> String {
 }
 
 fn print_status(s: &CaStatus) {
+    print_rotation(s);
+    println!("\nROOTS");
+    print_cas(&s.roots, s.now);
+    println!("\nINTERMEDIATES");
+    print_cas(&s.intermediates, s.now);
+    print_workloads(s);
+    if !s.history.is_empty() {
+        println!("\nHISTORY");
+        for h in &s.history {
+            println!("  {h}");
+        }
+    }
+}
+
+/// The header: trust domain, where a rotation stands, bundle and deny list.
+fn print_rotation(s: &CaStatus) {
     let what = match (s.phase, s.rotation_kind) {
         (crate::server::state::Phase::Idle, _) => "idle (no rotation in progress)".to_string(),
         (p, k) => format!(
@@ -204,28 +220,22 @@ fn print_status(s: &CaStatus) {
         "deny list:      v{} ({} serials)",
         s.revocations_version, s.revoked_serials
     );
-    println!("\nROOTS");
-    for r in &s.roots {
+}
+
+fn print_cas(cas: &[CaEntry], now: i64) {
+    for c in cas {
         println!(
             "  {:<9} {}  serial {}  expires {} ({})",
-            r.state,
-            r.subject,
-            r.serial,
-            rfc3339(r.not_after),
-            left(r.not_after - s.now)
+            c.state,
+            c.subject,
+            c.serial,
+            rfc3339(c.not_after),
+            left(c.not_after - now)
         );
     }
-    println!("\nINTERMEDIATES");
-    for i in &s.intermediates {
-        println!(
-            "  {:<9} {}  serial {}  expires {} ({})",
-            i.state,
-            i.subject,
-            i.serial,
-            rfc3339(i.not_after),
-            left(i.not_after - s.now)
-        );
-    }
+}
+
+fn print_workloads(s: &CaStatus) {
     println!("\nWORKLOADS");
     println!(
         "  {:<36} {:<18} {:<8} {:<7} {:<10} {:<9} LAGGING",
@@ -248,11 +258,5 @@ fn print_status(s: &CaStatus) {
     let lagging = s.workloads.iter().filter(|w| w.lagging.is_some()).count();
     if lagging > 0 {
         println!("\n{lagging} workload(s) hold back the rotation (see LAGGING); stale ones (not seen within workloads.stale_after) do not");
-    }
-    if !s.history.is_empty() {
-        println!("\nHISTORY");
-        for h in &s.history {
-            println!("  {h}");
-        }
     }
 }

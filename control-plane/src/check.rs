@@ -17,7 +17,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::registry::Snapshot;
-use crate::server::admin::{AdminClient, CaStatus};
+use crate::server::admin::{AdminClient, CaStatus, WorkloadRow};
 use crate::server::mesh::MeshStatus;
 use crate::server::state::{rfc3339, Phase};
 
@@ -351,50 +351,7 @@ pub fn leaves(s: &CaStatus, t: &Thresholds) -> Vec<Finding> {
             continue;
         }
         counted += 1;
-        let reenroll = format!(
-            "re-enroll: `crankctl token create --service {} --tenant {}` into its token_file, then restart it (e.g. `systemctl restart crank-proxy@{}`)",
-            service_of(&w.identity),
-            w.identity.split('.').nth(1).unwrap_or("TENANT"),
-            service_of(&w.identity)
-        );
-        let who = format!("{} (instance {})", w.identity, w.instance);
-        if w.state == "revoked" {
-            out.push(bad(
-                "certs",
-                Level::Fail,
-                format!("{who} serves revoked serial {}", w.serial),
-                reenroll,
-            ));
-            continue;
-        }
-        let Some(not_after) = w.not_after else {
-            continue;
-        };
-        let left = not_after - s.now;
-        if left <= 0 {
-            out.push(bad(
-                "certs",
-                Level::Fail,
-                format!("{who}: certificate expired {} ago", human(left)),
-                reenroll,
-            ));
-            continue;
-        }
-        let life = w.not_before.map(|b| not_after - b).unwrap_or(0);
-        if life > 0 && (left as f64) < t.leaf_warn_fraction * life as f64 {
-            out.push(bad(
-                "certs",
-                Level::Warn,
-                format!(
-                    "{who}: certificate expires in {} ({}% of its life left): renewal is overdue",
-                    human(left),
-                    left * 100 / life
-                ),
-                format!(
-                    "look at the sidecar's log for renewal errors; if its identity is lost, {reenroll}"
-                ),
-            ));
-        }
+        out.extend(leaf(w, s.now, t));
     }
     if out.is_empty() {
         out.push(ok(
@@ -403,6 +360,50 @@ pub fn leaves(s: &CaStatus, t: &Thresholds) -> Vec<Finding> {
         ));
     }
     out
+}
+
+/// What is wrong with one counted workload's leaf, if anything.
+fn leaf(w: &WorkloadRow, now: i64, t: &Thresholds) -> Option<Finding> {
+    let reenroll = format!(
+        "re-enroll: `crankctl token create --service {} --tenant {}` into its token_file, then restart it (e.g. `systemctl restart crank-proxy@{}`)",
+        service_of(&w.identity),
+        w.identity.split('.').nth(1).unwrap_or("TENANT"),
+        service_of(&w.identity)
+    );
+    let who = format!("{} (instance {})", w.identity, w.instance);
+    if w.state == "revoked" {
+        return Some(bad(
+            "certs",
+            Level::Fail,
+            format!("{who} serves revoked serial {}", w.serial),
+            reenroll,
+        ));
+    }
+    let not_after = w.not_after?;
+    let left = not_after - now;
+    if left <= 0 {
+        return Some(bad(
+            "certs",
+            Level::Fail,
+            format!("{who}: certificate expired {} ago", human(left)),
+            reenroll,
+        ));
+    }
+    let life = w.not_before.map(|b| not_after - b).unwrap_or(0);
+    (life > 0 && (left as f64) < t.leaf_warn_fraction * life as f64).then(|| {
+        bad(
+            "certs",
+            Level::Warn,
+            format!(
+                "{who}: certificate expires in {} ({}% of its life left): renewal is overdue",
+                human(left),
+                left * 100 / life
+            ),
+            format!(
+                "look at the sidecar's log for renewal errors; if its identity is lost, {reenroll}"
+            ),
+        )
+    })
 }
 
 pub fn rotation(s: &CaStatus, t: &Thresholds) -> Vec<Finding> {

@@ -69,24 +69,7 @@ impl Bundle {
             } else if file_name.ends_with(".rego") {
                 modules.push(SourceFile { name: rel, text });
             } else {
-                let doc: serde_json::Value = match file_name {
-                    "data.json" => serde_json::from_str(&text).map_err(|e| PolicyError::Data {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?,
-                    _ => serde_yaml::from_str(&text).map_err(|e| PolicyError::Data {
-                        path: path.clone(),
-                        message: e.to_string(),
-                    })?,
-                };
-                let prefix: Vec<&str> = match rel.rfind('/') {
-                    Some(i) => rel[..i].split('/').collect(),
-                    None => Vec::new(),
-                };
-                merge_at(&mut data, &prefix, doc).map_err(|message| PolicyError::Data {
-                    path: path.clone(),
-                    message,
-                })?;
+                merge_data(&mut data, &path, &rel, file_name, &text)?;
             }
         }
         let digest = hash.finish();
@@ -103,6 +86,30 @@ impl Bundle {
             revision,
         })
     }
+}
+
+/// Merges a data file (`data.json`, or YAML) into `data` at the path of its
+/// folder.
+fn merge_data(
+    data: &mut serde_json::Value,
+    path: &Path,
+    rel: &str,
+    file_name: &str,
+    text: &str,
+) -> Result<(), PolicyError> {
+    let bad = |message: String| PolicyError::Data {
+        path: path.to_path_buf(),
+        message,
+    };
+    let doc: serde_json::Value = match file_name {
+        "data.json" => serde_json::from_str(text).map_err(|e| bad(e.to_string()))?,
+        _ => serde_yaml::from_str(text).map_err(|e| bad(e.to_string()))?,
+    };
+    let prefix: Vec<&str> = match rel.rfind('/') {
+        Some(i) => rel[..i].split('/').collect(),
+        None => Vec::new(),
+    };
+    merge_at(data, &prefix, doc).map_err(bad)
 }
 
 /// Collects relative paths of the files a bundle uses; hidden entries are

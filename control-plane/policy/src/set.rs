@@ -123,73 +123,27 @@ impl PolicySet {
             check_interval: NonZeroU32::new(32).expect("non-zero"),
         };
         engine.set_execution_timer_config(timer);
-        let explicit = bundle.manifest.entrypoints.is_some();
-        let mut entrypoints = bundle
-            .manifest
-            .entrypoints
-            .clone()
-            .unwrap_or_else(|| Entrypoints::default_for(bundle.manifest.input));
-        // Prepare the engine now (analysis, rule gathering) and prove the
-        // entry points exist, so the first request pays nothing.
-        // compile_with_entrypoint prepares without evaluating anything.
-        if let Err(e) = engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
-            return Err(PolicyError::Entrypoint {
-                rule: entrypoints.allow.clone(),
-                message: one_line(&e.to_string()),
-            });
-        }
-        if let Some(deny) = entrypoints.deny.clone() {
-            if let Err(e) = engine.compile_with_entrypoint(&deny.as_str().into()) {
-                if explicit {
-                    return Err(PolicyError::Entrypoint {
-                        rule: deny,
-                        message: one_line(&e.to_string()),
-                    });
-                }
-                // The default deny rule is optional: a policy may use allow only.
-                entrypoints.deny = None;
-            }
-        }
+        let entrypoints = prove_entrypoints(&mut engine, bundle)?;
+        let entry_error = |e: &dyn std::fmt::Display| PolicyError::Entrypoint {
+            rule: entrypoints.allow.clone(),
+            message: one_line(&e.to_string()),
+        };
         // One entry rule yields both values, so a deny set that `allow`
         // also reads (`allow if count(deny) == 0`) is computed once.
         engine
             .add_policy(ENTRY_FILE.into(), entry_module(&entrypoints))
-            .map_err(|e| PolicyError::Entrypoint {
-                rule: entrypoints.allow.clone(),
-                message: one_line(&e.to_string()),
-            })?;
+            .map_err(|e| entry_error(&e))?;
         let compiled = engine
             .compile_with_entrypoint(&DECISION_RULE.into())
-            .map_err(|e| PolicyError::Entrypoint {
-                rule: entrypoints.allow.clone(),
-                message: one_line(&e.to_string()),
-            })?;
+            .map_err(|e| entry_error(&e))?;
         engine.set_gather_prints(false);
-        let data = regorus::Value::from(bundle.data.clone());
-        let vm = match bundle.manifest.engine {
-            EngineChoice::Interpreter => Err("engine: interpreter in policy.yaml".to_string()),
-            _ => compile_vm(&compiled, &data),
-        };
-        let (backend, vm_fallback) = match vm {
-            Ok(program) => (
-                Backend::Vm {
-                    compiled,
-                    program,
-                    data,
-                    timer,
-                },
-                None,
-            ),
-            Err(e) if bundle.manifest.engine == EngineChoice::Rvm => {
-                return Err(PolicyError::Entrypoint {
+        let (backend, vm_fallback) =
+            choose_backend(bundle, engine, compiled, timer).map_err(|message| {
+                PolicyError::Entrypoint {
                     rule: entrypoints.allow.clone(),
-                    message: format!(
-                        "engine: rvm was asked for, but the VM cannot compile this policy: {e}"
-                    ),
-                })
-            }
-            Err(e) => (Backend::Interpreter(Box::new(Mutex::new(engine))), Some(e)),
-        };
+                    message,
+                }
+            })?;
         Ok(PolicySet {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             revision: bundle.revision.clone(),
@@ -341,6 +295,68 @@ impl PolicySet {
 
 /// Compiles the entry points into one VM program and checks the data
 /// against it.
+/// The entry points of the bundle (its manifest's, or the defaults for its
+/// input), proven to exist: the engine is prepared now (analysis, rule
+/// gathering; nothing is evaluated) so the first request pays nothing. The
+/// default deny rule is optional: a policy may use allow only.
+fn prove_entrypoints(engine: &mut Engine, bundle: &Bundle) -> Result<Entrypoints, PolicyError> {
+    let explicit = bundle.manifest.entrypoints.is_some();
+    let mut entrypoints = bundle
+        .manifest
+        .entrypoints
+        .clone()
+        .unwrap_or_else(|| Entrypoints::default_for(bundle.manifest.input));
+    if let Err(e) = engine.compile_with_entrypoint(&entrypoints.allow.as_str().into()) {
+        return Err(PolicyError::Entrypoint {
+            rule: entrypoints.allow.clone(),
+            message: one_line(&e.to_string()),
+        });
+    }
+    if let Some(deny) = entrypoints.deny.clone() {
+        if let Err(e) = engine.compile_with_entrypoint(&deny.as_str().into()) {
+            if explicit {
+                return Err(PolicyError::Entrypoint {
+                    rule: deny,
+                    message: one_line(&e.to_string()),
+                });
+            }
+            entrypoints.deny = None;
+        }
+    }
+    Ok(entrypoints)
+}
+
+/// The register VM when it compiles the policy (and the manifest does not
+/// ask for the interpreter), else the interpreter with the VM's reason; an
+/// `engine: rvm` that cannot compile is an error.
+fn choose_backend(
+    bundle: &Bundle,
+    engine: Engine,
+    compiled: CompiledPolicy,
+    timer: ExecutionTimerConfig,
+) -> Result<(Backend, Option<String>), String> {
+    let data = regorus::Value::from(bundle.data.clone());
+    let vm = match bundle.manifest.engine {
+        EngineChoice::Interpreter => Err("engine: interpreter in policy.yaml".to_string()),
+        _ => compile_vm(&compiled, &data),
+    };
+    match vm {
+        Ok(program) => Ok((
+            Backend::Vm {
+                compiled,
+                program,
+                data,
+                timer,
+            },
+            None,
+        )),
+        Err(e) if bundle.manifest.engine == EngineChoice::Rvm => Err(format!(
+            "engine: rvm was asked for, but the VM cannot compile this policy: {e}"
+        )),
+        Err(e) => Ok((Backend::Interpreter(Box::new(Mutex::new(engine))), Some(e))),
+    }
+}
+
 fn compile_vm(compiled: &CompiledPolicy, data: &regorus::Value) -> Result<Arc<Program>, String> {
     let program = Compiler::compile_from_policy(compiled, &[DECISION_RULE])
         .map_err(|e| one_line(&e.to_string()))?;

@@ -20,78 +20,73 @@ pub struct Metrics {
     mesh: IntGaugeVec,
 }
 
+/// A counter registered in `registry` (names are fixed and unique: a
+/// failure here is a bug caught by the tests).
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+/// A gauge registered in `registry`.
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let issued = IntCounterVec::new(
-            Opts::new(
+        let r = &registry;
+        Metrics {
+            issued: counter(
+                r,
                 "crank_ca_certs_issued_total",
                 "Leaf certificates issued, by kind (enroll, renew)",
+                &["kind"],
             ),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let refused = IntCounterVec::new(
-            Opts::new(
+            refused: counter(
+                r,
                 "crank_ca_requests_refused_total",
                 "Requests refused by the workload API (enroll, renew, watch) and the admin API, by reason code",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let expiry = IntGaugeVec::new(
-            Opts::new("crank_cert_expiry_timestamp_seconds", "Not-after of each CA certificate (root, intermediate) and of the control plane's own TLS certificate (control), unix seconds"),
-            &["cert", "subject", "serial"],
-        )
-        .expect("valid metric");
-        let phase = IntGaugeVec::new(
-            Opts::new(
+            expiry: gauge(
+                r,
+                "crank_cert_expiry_timestamp_seconds",
+                "Not-after of each CA certificate (root, intermediate) and of the control plane's own TLS certificate (control), unix seconds",
+                &["cert", "subject", "serial"],
+            ),
+            phase: gauge(
+                r,
                 "crank_ca_rotation_phase",
                 "1 for the current rotation phase (idle, adding-root, reissuing, removing-root)",
+                &["phase"],
             ),
-            &["phase"],
-        )
-        .expect("valid metric");
-        let workloads = IntGaugeVec::new(
-            Opts::new(
+            workloads: gauge(
+                r,
                 "crank_ca_workloads",
                 "Workloads known to the CA: active (counted in rotations), stale (not seen within workloads.stale_after), lagging (holding back the current rotation phase)",
+                &["state"],
             ),
-            &["state"],
-        )
-        .expect("valid metric");
-        let bundle_version = IntGaugeVec::new(
-            Opts::new(
+            bundle_version: gauge(
+                r,
                 "crank_ca_versions",
                 "Current trust bundle and deny list versions",
+                &["what"],
             ),
-            &["what"],
-        )
-        .expect("valid metric");
-        for c in [&issued, &refused] {
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-        }
-        let mesh = IntGaugeVec::new(
-            Opts::new("crank_mesh_config", "The published mesh config: seq (version number), published_at and rejected_at (unix seconds of the last refused change, 0 when the directory is valid)"),
-            &["what"],
-        )
-        .expect("valid metric");
-        for g in [&expiry, &phase, &workloads, &bundle_version, &mesh] {
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-        }
-        Metrics {
+            mesh: gauge(
+                r,
+                "crank_mesh_config",
+                "The published mesh config: seq (version number), published_at and rejected_at (unix seconds of the last refused change, 0 when the directory is valid)",
+                &["what"],
+            ),
             registry,
-            issued,
-            refused,
-            expiry,
-            phase,
-            workloads,
-            bundle_version,
-            mesh,
         }
     }
 
