@@ -195,12 +195,12 @@ impl Prometheus {
     fn get(&self, path: &str) -> Result<(u16, String), PromError> {
         let deadline = Instant::now() + self.deadline;
         let mut s = self.connect(deadline)?;
-        write!(
-            s,
+        let request = format!(
             "GET {path} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: crankctl\r\n\r\n",
             self.host
-        )
-        .map_err(|e| PromError::Unreachable(self.url.clone(), e.to_string()))?;
+        );
+        s.write_all(request.as_bytes())
+            .map_err(|e| PromError::Unreachable(self.url.clone(), e.to_string()))?;
         let raw = self.read_answer(&mut s, deadline)?;
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -521,6 +521,66 @@ mod tests {
         assert!(!none.exhausted && !s.exhausted);
     }
 
+    /// A Prometheus that answers every query: `quantile` for a
+    /// histogram_quantile, 0 for the error ratio, 1000 for anything else.
+    fn fake_prometheus(quantile: &'static str) -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                let (mut req, mut buf) = (Vec::new(), [0u8; 8192]);
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req);
+                let v = if req.contains("histogram_quantile") {
+                    quantile
+                } else if req.contains("5xx") {
+                    "0" // the error ratio
+                } else {
+                    "1000"
+                };
+                let _ = write!(s, "HTTP/1.0 200 OK\r\n\r\n{{\"status\":\"success\",\"data\":{{\"resultType\":\"vector\",\"result\":[{{\"metric\":{{}},\"value\":[1,\"{v}\"]}}]}}}}");
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_quantile_in_the_inf_bucket_is_not_taken_as_its_value() {
+        let slo = CapabilitySlo {
+            capability: "hello:v1".into(),
+            routes: vec!["hello".into()],
+            availability: None,
+            latency: vec![super::super::LatencyObjective {
+                name: "p99".into(),
+                quantile: 0.99,
+                threshold: Duration::from_secs(120),
+                bucket: Some(120.0),
+            }],
+            window: Duration::from_secs(3600),
+        };
+        // histogram_quantile answers the top finite bound (300 s) for +Inf.
+        let prom = Prometheus::new(&fake_prometheus("300")).unwrap();
+        let r =
+            results_from_prometheus(std::slice::from_ref(&slo), &prom, Duration::from_secs(300))
+                .unwrap();
+        let m = &r.capabilities["hello:v1"];
+        assert!(m.latency_ms.is_empty(), "{m:?}");
+        assert_eq!(m.above_buckets, ["p99"]);
+        let v = super::super::check::check(std::slice::from_ref(&slo), &r).unwrap();
+        assert_eq!(v[0].status, super::super::check::Status::Broken, "{v:?}");
+        assert!(v[0].measured.contains("above the largest bucket"), "{v:?}");
+        // Below the top bound: a value.
+        let prom = Prometheus::new(&fake_prometheus("2.5")).unwrap();
+        let r = results_from_prometheus(&[slo], &prom, Duration::from_secs(300)).unwrap();
+        assert_eq!(r.capabilities["hello:v1"].latency_ms["p99"], 2500.0);
+    }
+
     #[test]
     fn a_100_percent_target_with_an_error_says_exhausted() {
         let strict = Objective {
