@@ -163,7 +163,7 @@ fn outbound_connects_go_to_the_capture_listener_except_the_proxy_loopback_and_ex
     let _listener = capture_listener(a, "0.0.0.0:15001", "captured");
     let _local = plain(a, "127.0.0.1:7000", "local admin");
     let _b = [
-        plain(b, "0.0.0.0:5432", "b:5432"),
+        plain(b, "[::]:5432", "b:5432"),
         plain(b, "0.0.0.0:5433", "b:5433"),
     ];
     let _c = plain(c, "0.0.0.0:5432", "c:5432");
@@ -196,6 +196,8 @@ fn outbound_connects_go_to_the_capture_listener_except_the_proxy_loopback_and_ex
         fetch(a, Some(APP_UID), "http://127.0.0.1:7000/"),
         "local admin"
     );
+    // Without --ipv6, IPv6 is left alone.
+    assert_eq!(fetch(a, Some(APP_UID), &url(b.addr6(), 5432)), "b:5432");
     // Other hosts are not affected by A's rules.
     assert_eq!(fetch(c, Some(APP_UID), &b_db), "b:5432");
 }

@@ -4,9 +4,10 @@
 //! included.
 
 use crank_tests::netns::Hosts;
-use crank_tests::output_text;
+use crank_tests::{output_text, wait_until};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::time::Duration;
 
 #[test]
 fn hosts_talk_over_their_own_addresses_and_not_over_loopback() {
@@ -61,20 +62,22 @@ fn drop_tears_down_namespaces_and_processes_even_after_a_panic() {
         // Left to the fixture: not kept as a handle.
         std::mem::forget(hosts[1].spawn(sleeper));
         let names: Vec<String> = hosts.iter().map(|h| h.name().to_string()).collect();
-        let pids = String::from_utf8_lossy(
-            &std::process::Command::new("ip")
-                .args(["netns", "pids", &names[1]])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .into_owned();
+        let pids_in = |ns: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output();
+            String::from_utf8_lossy(&out.unwrap().stdout).into_owned()
+        };
+        // `ip netns exec` enters the namespace, then execs the program.
+        wait_until("the sleeper in the host", Duration::from_secs(10), || {
+            !pids_in(&names[1]).trim().is_empty()
+        });
+        let pids = pids_in(&names[1]);
         tx.send((names, pids)).unwrap();
         panic!("a failing test");
     });
     assert!(result.is_err());
     let (names, pids) = rx.recv().unwrap();
-    assert!(!pids.trim().is_empty(), "the sleeper ran in the host");
     for name in &names {
         assert!(
             !Path::new(&format!("/run/netns/{name}")).exists(),
