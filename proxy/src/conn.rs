@@ -349,7 +349,7 @@ pub fn parser_error_status(buf: &[u8]) -> Option<u16> {
 }
 
 /// The proxy's answer in place of Pingora's canned 400/405: the same status,
-/// with `x-crank-error`, its origin and the usual body shape.
+/// with `x-crank-error`, its origin and the one JSON error body.
 pub fn parser_error_response(status: u16, direction: &str, identity: &str) -> Vec<u8> {
     let (line, reason, advice) = match status {
         405 => (
@@ -363,15 +363,7 @@ pub fn parser_error_response(status: u16, direction: &str, identity: &str) -> Ve
             "the request head could not be parsed (malformed request line or header, or a head over 1 MiB); fix the client",
         ),
     };
-    let body = format!("{reason}: {advice}\n");
-    format!(
-        "HTTP/1.1 {line}\r\n{}: {reason}\r\n{}: {direction}\r\n{}: {identity}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        crate::headers::ERROR_HEADER,
-        crate::headers::ERROR_ORIGIN_HEADER,
-        crate::headers::ERROR_SIDECAR_HEADER,
-        body.len()
-    )
-    .into_bytes()
+    crate::errors::raw_refusal(line, reason, advice, direction, identity)
 }
 
 impl AsyncRead for Guarded {
@@ -664,7 +656,8 @@ mod tests {
         assert!(r.contains("\r\nconnection: close\r\n"), "{r}");
         let (head, body) = r.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("content-length: {}", body.len())));
-        assert!(body.starts_with("bad-request: "));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "bad-request");
     }
 
     fn limits(timeout: Duration) -> ListenerLimits {

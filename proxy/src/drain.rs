@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use crank_plumbing::signal::Signals;
 use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::health::Health;
 
@@ -23,23 +23,24 @@ const SETTLE: Duration = Duration::from_millis(200);
 #[async_trait]
 impl ShutdownSignalWatch for DrainSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                // Without handlers a SIGTERM kills the process undrained:
+                // say so, and stop now rather than run unstoppable.
+                tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers; stopping");
+                return ShutdownSignal::FastShutdown;
+            }
         };
+        let which = signals.recv().await;
         self.health.start_draining();
         tracing::info!(signal = which, inflight = self.health.inflight(), deadline = ?self.deadline, "draining: readiness is false, no new connections");
         let health = self.health.clone();
         let deadline = self.deadline;
         std::thread::spawn(move || wait_and_exit(&health, deadline));
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            tracing::warn!("second signal: exiting now");
+            let which = signals.recv().await;
+            tracing::warn!(signal = which, "second signal: exiting now");
             crate::logging::flush();
             std::process::exit(0);
         });

@@ -255,6 +255,74 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         self.status.unwrap_or(self.reason.status())
     }
+
+    /// What happened and what to do: the reason's advice, then this
+    /// request's detail in parentheses.
+    pub fn message(&self) -> String {
+        if self.detail.is_empty() {
+            self.reason.advice().to_string()
+        } else {
+            format!("{} ({})", self.reason.advice(), self.detail)
+        }
+    }
+
+    /// The body: the mesh's one error body (see [`body`]), with the trace
+    /// id when the request has one and the stage did not name it already.
+    pub fn body(&self, trace_id: Option<&str>) -> Vec<u8> {
+        let mut fields = self.fields.clone();
+        if let Some(id) = trace_id {
+            fields
+                .entry("trace_id")
+                .or_insert_with(|| serde_json::Value::from(id));
+        }
+        body(self.status(), self.reason.as_str(), self.message(), fields)
+    }
+}
+
+/// The content type of [`body`].
+pub const BODY_TYPE: &str = "application/json";
+
+/// The one error body of every response the mesh makes on its own
+/// (crank-plumbing's): `{"error": reason, "message": what happened and
+/// what to do, ...fields}` and a newline.
+pub fn body(
+    status: u16,
+    reason: &'static str,
+    message: String,
+    fields: serde_json::Map<String, serde_json::Value>,
+) -> Vec<u8> {
+    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    let mut r = crank_plumbing::refusal::Refusal::new(status, reason, message);
+    r.extra = fields;
+    r.body()
+}
+
+/// A whole HTTP/1.1 refusal for the answers written before any phase runs
+/// (an unparsable head, plaintext on the mTLS port): the status line, the
+/// `x-crank-error*` headers, the one error body, `connection: close`.
+pub fn raw_refusal(
+    status_line: &str,
+    reason: &'static str,
+    message: &str,
+    origin: &str,
+    sidecar: &str,
+) -> Vec<u8> {
+    let status = status_line
+        .split(' ')
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(400);
+    let body = body(status, reason, message.to_string(), Default::default());
+    let mut out = format!(
+        "HTTP/1.1 {status_line}\r\n{}: {reason}\r\n{}: {origin}\r\n{}: {sidecar}\r\ncontent-type: {BODY_TYPE}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        crate::headers::ERROR_HEADER,
+        crate::headers::ERROR_ORIGIN_HEADER,
+        crate::headers::ERROR_SIDECAR_HEADER,
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 /// Maps a Pingora error to a reason. Pure, so it is tested with a table.
@@ -457,6 +525,54 @@ mod tests {
         assert_eq!(
             refine(Reason::UpstreamTimeout, Outbound, true),
             Reason::UpstreamTimeout
+        );
+    }
+
+    #[test]
+    fn refusals_have_the_one_json_body() {
+        let r = Refusal::new(Reason::NoRoute, "host \"x\"");
+        let v: serde_json::Value = serde_json::from_slice(&r.body(Some("abc"))).unwrap();
+        assert_eq!(v["error"], "no-route");
+        assert_eq!(
+            v["message"],
+            format!("{} (host \"x\")", Reason::NoRoute.advice())
+        );
+        assert_eq!(v["trace_id"], "abc");
+        let plain: serde_json::Value =
+            serde_json::from_slice(&Refusal::new(Reason::Overloaded, "").body(None)).unwrap();
+        assert_eq!(plain.as_object().unwrap().len(), 2, "{plain}");
+        assert_eq!(plain["message"], Reason::Overloaded.advice());
+        // A stage's own trace_id (the policy 403's, null without tracing) wins.
+        let policy = Refusal::new(Reason::PolicyDenied, "")
+            .field("decision_id", "d1")
+            .field("trace_id", serde_json::Value::Null);
+        let body = policy.body(Some("abc"));
+        assert!(
+            body.starts_with(b"{\"error\":\"policy-denied\",\"message\":"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["decision_id"], "d1");
+        assert!(v["trace_id"].is_null());
+    }
+
+    #[test]
+    fn raw_refusals_carry_the_headers_and_a_matching_length() {
+        let raw = raw_refusal(
+            "400 Bad Request",
+            "mtls-required",
+            "use mTLS",
+            "inbound",
+            "spiffe://td/x",
+        );
+        let text = String::from_utf8(raw).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\nx-crank-error: mtls-required\r\nx-crank-error-origin: inbound\r\nx-crank-error-sidecar: spiffe://td/x\r\ncontent-type: application/json\r\n"), "{head}");
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert_eq!(
+            body,
+            "{\"error\":\"mtls-required\",\"message\":\"use mTLS\"}\n"
         );
     }
 }

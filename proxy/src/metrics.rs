@@ -225,9 +225,18 @@ impl ResilienceMetrics {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
+/// Requests, latency, proxy-made answers, readiness.
+struct TrafficMetrics {
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    proxy_errors: IntCounterVec,
+    tap_dropped: IntCounter,
+    inflight: IntGauge,
+    ready: IntGauge,
+}
+
+impl TrafficMetrics {
+    fn new(registry: &Registry) -> Self {
         let requests = IntCounterVec::new(
             Opts::new(
                 "crank_requests_total",
@@ -248,6 +257,55 @@ impl Metrics {
             &["direction", "route"],
         )
         .expect("static metric");
+        let proxy_errors = IntCounterVec::new(
+            Opts::new(
+                "crank_proxy_errors_total",
+                "Error responses made by the proxy itself (x-crank-error), by reason",
+            ),
+            &["direction", "reason"],
+        )
+        .expect("static metric");
+        let tap_dropped = IntCounter::new(
+            "crank_tap_events_dropped_total",
+            "Tap events a tap client lost: it fell behind, or went past its max_rps",
+        )
+        .expect("static metric");
+        let inflight =
+            IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
+        let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
+            .expect("static metric");
+        let all: [Box<dyn prometheus::core::Collector>; 6] = [
+            Box::new(requests.clone()),
+            Box::new(latency.clone()),
+            Box::new(proxy_errors.clone()),
+            Box::new(tap_dropped.clone()),
+            Box::new(inflight.clone()),
+            Box::new(ready.clone()),
+        ];
+        for c in all {
+            registry.register(c).expect("unique metric names");
+        }
+        TrafficMetrics {
+            requests,
+            latency,
+            proxy_errors,
+            tap_dropped,
+            inflight,
+            ready,
+        }
+    }
+}
+
+/// Connections and handshakes.
+struct ConnMetrics {
+    handshake_failures: IntCounterVec,
+    open_connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    request_head_timeouts: IntCounterVec,
+}
+
+impl ConnMetrics {
+    fn new(registry: &Registry) -> Self {
         let handshake_failures = IntCounterVec::new(
             Opts::new(
                 "crank_tls_handshake_failures_total",
@@ -262,14 +320,6 @@ impl Metrics {
                 "Open downstream connections, by direction",
             ),
             &["direction"],
-        )
-        .expect("static metric");
-        let proxy_errors = IntCounterVec::new(
-            Opts::new(
-                "crank_proxy_errors_total",
-                "Error responses made by the proxy itself (x-crank-error), by reason",
-            ),
-            &["direction", "reason"],
         )
         .expect("static metric");
         let connections_refused = IntCounterVec::new(
@@ -288,15 +338,35 @@ impl Metrics {
             &["direction"],
         )
         .expect("static metric");
-        let tap_dropped = IntCounter::new(
-            "crank_tap_events_dropped_total",
-            "Tap events a tap client lost: it fell behind, or went past its max_rps",
-        )
-        .expect("static metric");
-        let inflight =
-            IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
-        let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
-            .expect("static metric");
+        let all: [Box<dyn prometheus::core::Collector>; 4] = [
+            Box::new(handshake_failures.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(request_head_timeouts.clone()),
+        ];
+        for c in all {
+            registry.register(c).expect("unique metric names");
+        }
+        ConnMetrics {
+            handshake_failures,
+            open_connections,
+            connections_refused,
+            request_head_timeouts,
+        }
+    }
+}
+
+/// Policy decisions, evaluation time, reloads, the decision log.
+struct PolicyMetrics {
+    policy_decisions: IntCounterVec,
+    policy_eval: HistogramVec,
+    policy_reloads: IntCounterVec,
+    policy_revision: IntGaugeVec,
+    decision_log_dropped: IntCounter,
+}
+
+impl PolicyMetrics {
+    fn new(registry: &Registry) -> Self {
         let policy_decisions = IntCounterVec::new(
             Opts::new(
                 "crank_policy_decisions_total",
@@ -338,6 +408,36 @@ impl Metrics {
             "Decision log lines dropped because the writer fell behind",
         )
         .expect("static metric");
+        let all: [Box<dyn prometheus::core::Collector>; 5] = [
+            Box::new(policy_decisions.clone()),
+            Box::new(policy_eval.clone()),
+            Box::new(policy_reloads.clone()),
+            Box::new(policy_revision.clone()),
+            Box::new(decision_log_dropped.clone()),
+        ];
+        for c in all {
+            registry.register(c).expect("unique metric names");
+        }
+        PolicyMetrics {
+            policy_decisions,
+            policy_eval,
+            policy_reloads,
+            policy_revision,
+            decision_log_dropped,
+        }
+    }
+}
+
+/// Span export and sampling, and config reloads.
+struct TracingMetrics {
+    spans_exported: IntCounter,
+    spans_dropped: IntCounterVec,
+    sampling_ratio: Gauge,
+    config_reloads: IntCounterVec,
+}
+
+impl TracingMetrics {
+    fn new(registry: &Registry) -> Self {
         let spans_exported = IntCounter::new(
             "crank_spans_exported_total",
             "Spans the OTLP collector accepted",
@@ -367,54 +467,56 @@ impl Metrics {
             &["result"],
         )
         .expect("static metric");
-        for c in [
-            Box::new(spans_exported.clone()) as Box<dyn prometheus::core::Collector>,
+        let all: [Box<dyn prometheus::core::Collector>; 4] = [
+            Box::new(spans_exported.clone()),
             Box::new(spans_dropped.clone()),
             Box::new(sampling_ratio.clone()),
             Box::new(config_reloads.clone()),
-            Box::new(requests.clone()),
-            Box::new(latency.clone()),
-            Box::new(handshake_failures.clone()),
-            Box::new(open_connections.clone()),
-            Box::new(proxy_errors.clone()),
-            Box::new(connections_refused.clone()),
-            Box::new(request_head_timeouts.clone()),
-            Box::new(tap_dropped.clone()),
-            Box::new(inflight.clone()),
-            Box::new(ready.clone()),
-            Box::new(policy_decisions.clone()),
-            Box::new(policy_eval.clone()),
-            Box::new(policy_reloads.clone()),
-            Box::new(policy_revision.clone()),
-            Box::new(decision_log_dropped.clone()),
-        ] {
+        ];
+        for c in all {
             registry.register(c).expect("unique metric names");
         }
+        TracingMetrics {
+            spans_exported,
+            spans_dropped,
+            sampling_ratio,
+            config_reloads,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let t = TrafficMetrics::new(&registry);
+        let c = ConnMetrics::new(&registry);
+        let p = PolicyMetrics::new(&registry);
+        let s = TracingMetrics::new(&registry);
         let resilience = ResilienceMetrics::new(&registry);
         let identity = IdentityMetrics::new(&registry);
         Metrics {
             resilience,
             identity,
             registry,
-            requests,
-            latency,
-            handshake_failures,
-            open_connections,
-            proxy_errors,
-            connections_refused,
-            request_head_timeouts,
-            tap_dropped,
-            inflight,
-            ready,
-            policy_decisions,
-            policy_eval,
-            policy_reloads,
-            policy_revision,
-            decision_log_dropped,
-            spans_exported,
-            spans_dropped,
-            sampling_ratio,
-            config_reloads,
+            requests: t.requests,
+            latency: t.latency,
+            handshake_failures: c.handshake_failures,
+            open_connections: c.open_connections,
+            proxy_errors: t.proxy_errors,
+            connections_refused: c.connections_refused,
+            request_head_timeouts: c.request_head_timeouts,
+            tap_dropped: t.tap_dropped,
+            inflight: t.inflight,
+            ready: t.ready,
+            policy_decisions: p.policy_decisions,
+            policy_eval: p.policy_eval,
+            policy_reloads: p.policy_reloads,
+            policy_revision: p.policy_revision,
+            decision_log_dropped: p.decision_log_dropped,
+            spans_exported: s.spans_exported,
+            spans_dropped: s.spans_dropped,
+            sampling_ratio: s.sampling_ratio,
+            config_reloads: s.config_reloads,
         }
     }
 

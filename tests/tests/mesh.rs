@@ -591,7 +591,8 @@ fn a_route_whose_clients_leave_this_service_out_says_so() {
     assert_eq!(status, 404, "{out}");
     assert_eq!(crank_tests::header(&out, "x-crank-error"), Some("no-route"));
     assert!(
-        out.contains("clients") && out.contains("\"frontend\""),
+        // In the JSON body's message, with its quotes escaped.
+        out.contains("clients") && out.contains(r#"\"frontend\""#),
         "the answer names the clients filter and this service: {out}"
     );
 }

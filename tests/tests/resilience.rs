@@ -124,8 +124,9 @@ fn quota_answers_429_with_retry_after_and_ratelimit_headers_per_tenant() {
     assert!(header(&out, "ratelimit")
         .unwrap()
         .starts_with("\"demo-any\";r=0;t="));
+    // The JSON body's message names the tenant (its quotes escaped).
     assert!(
-        out.contains("tenant \"demo\""),
+        out.contains(r#"tenant \"demo\""#),
         "the body names the tenant: {out}"
     );
     assert_eq!(app.count(), 5, "the refused request never reached the app");

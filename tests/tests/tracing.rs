@@ -406,7 +406,7 @@ fn proxy_made_errors_carry_the_trace_id_and_a_failed_span() {
     assert_eq!(status, 404, "{out}");
     assert_eq!(header(&out, "x-crank-error"), Some("no-route"), "{out}");
     assert_eq!(header(&out, "x-crank-trace-id"), Some(TRACE), "{out}");
-    assert!(out.contains(&format!("trace_id: {TRACE}")), "{out}");
+    assert!(out.contains(&format!("\"trace_id\":\"{TRACE}\"")), "{out}");
 
     wait_until("the client span", Duration::from_secs(10), || {
         !rx.trace(TRACE).is_empty()

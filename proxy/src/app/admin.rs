@@ -69,7 +69,8 @@ pub fn respond(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
 }
 
 /// Serves the admin endpoints on `listener` from a dedicated thread until
-/// the process exits.
+/// the process exits. crank-plumbing's accept loop: an accept error (out of
+/// file descriptors, say) is logged and backed off, not spun on.
 pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -86,27 +87,29 @@ pub fn spawn(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<(
                         return;
                     }
                 };
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                            let resp = match req.uri().path() {
-                                "/tap" => tap(&state.rt, req.uri().query().unwrap_or("")),
-                                path => respond(&state, path).map(|b| b.boxed()),
-                            };
-                            async move { Ok::<_, Infallible>(resp) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
+                let opts = crank_plumbing::serve::ServeOptions::new("admin");
+                let forever = std::future::pending::<()>();
+                crank_plumbing::serve::serve_with(opts, listener, forever, move |stream, _| {
+                    serve_connection(state.clone(), stream)
+                })
+                .await;
             })
         })?;
     Ok(())
+}
+
+/// One admin connection: HTTP/1.1, `/tap` streams, the rest answer at once.
+async fn serve_connection(state: Arc<AdminState>, stream: tokio::net::TcpStream) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let resp = match req.uri().path() {
+            "/tap" => tap(&state.rt, req.uri().query().unwrap_or("")),
+            path => respond(&state, path).map(|b| b.boxed()),
+        };
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 type AdminBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;

@@ -13,69 +13,24 @@ use std::path::{Path, PathBuf};
 use crank_api::proxy::ProxyConfig;
 
 /// A refused config: which file, and every problem in it, each with its
-/// field, what is wrong (with the bad value) and how to fix it. `field` and
-/// `message` are the first problem; `more` holds the others, so that one
-/// round of edits can fix them all. Shown one problem a line, each
-/// `FILE: FIELD: MESSAGE`, after a `FILE: N problems:` line when there are
-/// several.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: String,
-    pub field: String,
-    pub message: String,
-    /// The problems after the first, `(field, message)`, in file order.
-    pub more: Vec<(String, String)>,
-}
+/// field, what is wrong (with the bad value) and how to fix it; shown one
+/// problem a line (crank-plumbing's type, shared by the three binaries).
+pub use crank_plumbing::config::ConfigError;
 
-impl ConfigError {
-    fn one(file: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_string(),
-            field: field.into(),
-            message: message.into(),
-            more: Vec::new(),
-        }
+/// `Ok` when there is no problem; otherwise all of them, in file order.
+fn refuse_whole(file: &str, problems: Problems) -> Result<(), ConfigError> {
+    let mut all = crank_plumbing::config::Problems::new(file);
+    for (field, message) in problems {
+        all.push(field, message);
     }
-
-    /// `Ok` when there is no problem; otherwise all of them.
-    fn from_problems(file: &str, problems: Vec<(String, String)>) -> Result<(), Self> {
-        let mut it = problems.into_iter();
-        match it.next() {
-            None => Ok(()),
-            Some((field, message)) => Err(ConfigError {
-                more: it.collect(),
-                ..ConfigError::one(file, field, message)
-            }),
-        }
-    }
-
-    /// Every problem, `(field, message)`, the first included.
-    pub fn problems(&self) -> impl Iterator<Item = (&str, &str)> {
-        std::iter::once((self.field.as_str(), self.message.as_str()))
-            .chain(self.more.iter().map(|(f, m)| (f.as_str(), m.as_str())))
-    }
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if !self.more.is_empty() {
-            writeln!(f, "{}: {} problems:", self.file, self.more.len() + 1)?;
-        }
-        for (i, (field, message)) in self.problems().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{}: {field}: {message}", self.file)?;
-        }
-        Ok(())
-    }
+    all.finish()
 }
 
 /// Reads, parses and validates a proxy config file.
 pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::one(
+        ConfigError::new(
             &file,
             "(file)",
             format!("cannot read the config file: {e}; check the --config path"),
@@ -101,7 +56,7 @@ pub fn parse(file: &str, text: &str) -> Result<ProxyConfig, ConfigError> {
         let location = inner.location();
         let message = yaml_message(&inner.to_string(), &field);
         let value = location.as_ref().and_then(|l| value_at(text, l.index()));
-        ConfigError::one(
+        ConfigError::new(
             file,
             field,
             parse_message(&message, value, location.map(|l| l.line())),
@@ -237,7 +192,7 @@ fn validate_with(
     if let Some(m) = &cfg.mesh {
         mesh::validate_mesh(cfg, m, base, &mut p);
     }
-    ConfigError::from_problems(file, p)
+    refuse_whole(file, p)
 }
 
 /// Resolves a config path relative to the config file's directory.

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::client::{CallError, Client, ClientCert};
 use super::recover::{self, TokenVerdict};
-use super::schedule::{self, Backoff};
+use super::schedule;
 use super::{state, AgentHandles, AgentSeed, AgentStatus, ISSUE_TIMEOUT};
 use crate::clock::unix_now;
 use crate::identity::{check_chain, Material};
@@ -119,7 +119,8 @@ impl Agent {
                     tokio::time::sleep(delay).await;
                 }
             }
-            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            let mut backoff =
+                crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(60));
             let mut expired_logged = false;
             let serial = self.with(|c| c.serial.clone());
             loop {
@@ -137,11 +138,7 @@ impl Agent {
                             .inc();
                         let now = unix_now();
                         let na = self.with(|c| c.not_after);
-                        let retry_in = schedule::renew_retry_delay(
-                            backoff.next(rand::random::<f64>()),
-                            now,
-                            na,
-                        );
+                        let retry_in = schedule::renew_retry_delay(backoff.next_delay(), now, na);
                         self.status.update(|s| {
                             s.last_renewal_result = Some("failure");
                             s.last_renewal_time = Some(now);
@@ -284,7 +281,8 @@ impl Agent {
 
     /// Long-polls crank-control for bundle, revocation and reissue changes.
     async fn watch_loop(&self, wake: mpsc::Sender<()>) {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut backoff =
+            crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             match self.watch_once().await {
                 Ok(renew) => {
@@ -297,7 +295,7 @@ impl Agent {
                     }
                 }
                 Err(e) => {
-                    let retry_in = backoff.next(rand::random::<f64>());
+                    let retry_in = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?retry_in, "identity watch failed; retrying");
                     self.status.update(|s| s.last_watch_error = Some(e));
                     tokio::select! {
@@ -329,7 +327,8 @@ impl Agent {
     /// not used yet and enrolls again with it.
     async fn recover_loop(&self) {
         let mut refused: Option<String> = None;
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut backoff =
+            crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             tokio::time::sleep(TOKEN_POLL).await;
             let (revoked, not_after) = self.with(|c| (c.revoked, c.not_after));
@@ -360,7 +359,7 @@ impl Agent {
                         tracing::error!(identity = %self.identity, error = %e, "enrolling again was refused; {}", super::refusal_hint(&e));
                         refused = Some(digest);
                     } else {
-                        let retry_in = backoff.next(rand::random::<f64>());
+                        let retry_in = backoff.next_delay();
                         tracing::warn!(identity = %self.identity, error = %e, retry_in = ?retry_in, "enrolling again failed; retrying");
                         tokio::time::sleep(retry_in).await;
                     }

@@ -36,7 +36,6 @@ use crate::identity::{check_chain, read_roots, Material, WorkloadTls};
 use crate::metrics::Metrics;
 use client::{CallError, Client, ClientCert};
 use crank_certs::CertSummary;
-use schedule::Backoff;
 use state::StateCheck;
 
 /// How long enrollment at start keeps trying while crank-control is away.
@@ -355,7 +354,8 @@ pub async fn enroll_with_retry(
     budget: Duration,
 ) -> Result<IssueResponse, EnrollError> {
     let start = tokio::time::Instant::now();
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+    let mut backoff =
+        crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(8));
     loop {
         let err = match client
             .post_json::<_, IssueResponse>(roots, None, "/v1/identity/enroll", req, ISSUE_TIMEOUT)
@@ -367,7 +367,7 @@ pub async fn enroll_with_retry(
         if err.is_refusal() {
             return Err(eerr(format!("{err}; {}", refusal_hint(&err))));
         }
-        let delay = backoff.next(rand::random::<f64>());
+        let delay = backoff.next_delay();
         if start.elapsed() + delay > budget {
             return Err(eerr(format!(
                 "gave up after {:?}: {err}; check identity.enroll.control_plane and server_name, that crank-control runs, and that identity.trust_bundle (or state_dir/bundle.pem) holds its current root: after a root rotation, give new workloads the new root's bundle.pem",

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crank_plumbing::backoff::{Attempts, Backoff, Jitter};
+
 /// The most jitter taken off the renewal time, as a share of the lifetime.
 pub const MAX_JITTER: f64 = 0.1;
 
@@ -16,37 +18,11 @@ pub fn renewal_at(not_before: i64, not_after: i64, renew_at: f64, jitter: f64) -
     not_before + offset.max(0.0) as i64
 }
 
-/// Exponential backoff with jitter: `base`, doubling to `max`; each delay
-/// is drawn from the upper half of its step.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            base,
-            max,
-            attempt: 0,
-        }
-    }
-
-    /// The next delay; `r` is a random number in 0.0..1.0.
-    pub fn next(&mut self, r: f64) -> Duration {
-        let step = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        step.mul_f64(0.5 + 0.5 * r.clamp(0.0, 1.0))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// The backoff of calls to crank-control: `base`, doubling to `max`, each
+/// delay drawn from the upper half of its step (crank-plumbing's equal
+/// jitter), so replicas that failed together do not retry together.
+pub fn backoff(base: Duration, max: Duration) -> Attempts {
+    Backoff::new(base, max, Jitter::Equal).attempts()
 }
 
 /// The wait before the next renewal attempt after a failure: the backoff,
@@ -90,16 +66,16 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let tops: Vec<u64> = (0..9).map(|_| b.next(1.0).as_secs()).collect();
+        let mut b = backoff(Duration::from_secs(1), Duration::from_secs(60));
+        let tops: Vec<u64> = (0..9).map(|_| b.next_delay_with(1.0).as_secs()).collect();
         assert_eq!(tops, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
         b.reset();
-        assert_eq!(b.next(0.0), Duration::from_millis(500));
-        assert_eq!(b.next(0.0), Duration::from_secs(1));
+        assert_eq!(b.next_delay_with(0.0), Duration::from_millis(500));
+        assert_eq!(b.next_delay_with(0.0), Duration::from_secs(1));
         for _ in 0..100 {
-            b.next(0.3);
+            b.next_delay_with(0.3);
         }
-        let d = b.next(0.0);
+        let d = b.next_delay_with(0.0);
         assert_eq!(d, Duration::from_secs(30), "half of the cap at least");
     }
 

@@ -749,13 +749,14 @@ impl PreTlsProcess for PlaintextGuard {
             reason = "plaintext",
             "refused inbound connection: plaintext on the mTLS port"
         );
-        let body = "mtls-required: this port accepts mutual TLS from mesh sidecars only; send the request through your local crank-proxy\n";
-        let resp = format!(
-            "HTTP/1.1 400 Bad Request\r\nx-crank-error: mtls-required\r\nx-crank-error-origin: inbound\r\nx-crank-error-sidecar: {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            self.identity,
-            body.len()
+        let resp = crate::errors::raw_refusal(
+            "400 Bad Request",
+            "mtls-required",
+            "this port accepts mutual TLS from mesh sidecars only; send the request through your local crank-proxy",
+            "inbound",
+            &self.identity,
         );
-        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.write_all(&resp).await;
         let _ = stream.flush().await;
         pingora_error::Error::e_explain(
             pingora_error::ErrorType::HandshakeError,

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::Handles;
 use super::{credentials, Mesh};
 use crate::enroll::client::CallError;
-use crate::enroll::schedule::Backoff;
+use crank_plumbing::backoff::Attempts;
 
 /// Deadline of one registry call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,7 +92,7 @@ struct Registrar<'a> {
     lease_seconds: u64,
     lease: Option<Lease>,
     next: Instant,
-    backoff: Backoff,
+    backoff: Attempts,
 }
 
 impl Registrar<'_> {
@@ -120,7 +120,7 @@ impl Registrar<'_> {
     }
 
     fn failed(&mut self, what: &str, e: String, cap: Duration) {
-        let retry_in = self.backoff.next(rand::random::<f64>()).min(cap);
+        let retry_in = self.backoff.next_delay().min(cap);
         tracing::warn!(error = %e, retry_in = ?retry_in, "mesh registration: {what} failed; retrying");
         self.mesh
             .update_status(|s| s.last_registration_error = Some(format!("{what}: {e}")));
@@ -247,7 +247,7 @@ pub async fn run(
         lease_seconds: r.lease.as_secs().max(1),
         lease: None,
         next: Instant::now(),
-        backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+        backoff: crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(30)),
     };
     let mut file_error: Option<String> = None;
     loop {

@@ -7,7 +7,6 @@ use crank_api::mesh::MeshUpdate;
 
 use super::Handles;
 use super::{credentials, merge, Mesh, Source};
-use crate::enroll::schedule::Backoff;
 
 /// The watch request's path and query: what this proxy has applied.
 pub fn watch_path(instance: &str, seq: u64, registry: u64, wait: Duration) -> String {
@@ -49,16 +48,17 @@ pub fn verdict(u: &MeshUpdate, applied: Option<&Version>, refused: Option<&Versi
 
 /// Runs until the process exits.
 pub async fn run(mesh: &Mesh, handles: &Handles) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff =
+        crate::enroll::schedule::backoff(Duration::from_secs(1), Duration::from_secs(30));
     let mut refused: Option<Version> = None;
     loop {
         match once(mesh, handles, &mut refused).await {
             Ok(true) => backoff.reset(),
             // Refused: crank-control answers at once while this proxy
             // reports an older seq, so wait before asking again.
-            Ok(false) => tokio::time::sleep(backoff.next(rand::random::<f64>())).await,
+            Ok(false) => tokio::time::sleep(backoff.next_delay()).await,
             Err(e) => {
-                let retry_in = backoff.next(rand::random::<f64>());
+                let retry_in = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?retry_in, "mesh watch failed; serving the current mesh config and retrying");
                 mesh.update_status(|s| s.last_error = Some(e));
                 tokio::time::sleep(retry_in).await;

@@ -2,7 +2,8 @@
 //! returns a [`Refusal`]; this writes it: the status and `x-crank-error`
 //! from the rescue table ([`crate::errors`]), `x-crank-error-origin`,
 //! `x-crank-error-sidecar`, `x-crank-trace-id`, the stage's extra headers
-//! and a body saying what happened and what to do. It also counts the
+//! and the one JSON error body (`{"error", "message", ...}`, see
+//! [`Refusal::body`]). It also counts the
 //! refusal and keeps it for the next traffic report.
 
 use bytes::Bytes;
@@ -74,7 +75,7 @@ impl MeshProxy {
         let status = r.status();
         self.note_refusal(session, ctx, reason, status);
         let trace_id = ctx.trace_id();
-        let (content_type, body) = body(&r, trace_id.as_deref());
+        let body = r.body(trace_id.as_deref());
         let Ok(mut resp) = ResponseHeader::build(status, Some(6 + r.headers.len())) else {
             return;
         };
@@ -87,7 +88,7 @@ impl MeshProxy {
         for (k, v) in r.headers {
             let _ = resp.insert_header(k, v);
         }
-        let _ = resp.insert_header(http::header::CONTENT_TYPE, content_type);
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, crate::errors::BODY_TYPE);
         let _ = resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
         if session
             .write_response_header(Box::new(resp), false)
@@ -120,42 +121,18 @@ impl MeshProxy {
             }
         };
         let req = session.req_header();
-        refusals.push(crate::mesh::report::event(
-            self.direction.as_str(),
-            status,
-            reason,
-            ctx.route_label(self.direction),
-            req.method.as_str(),
-            req.uri.path(),
-            source,
-        ));
+        refusals.push_with(|| {
+            crate::mesh::report::event(
+                self.direction.as_str(),
+                status,
+                reason,
+                ctx.route_label(self.direction),
+                req.method.as_str(),
+                req.uri.path(),
+                source,
+            )
+        });
     }
-}
-
-/// The body of a refusal: a JSON object when the stage added fields (the
-/// policy 403), else `reason: advice (detail)` and the trace id as text.
-fn body(r: &Refusal, trace_id: Option<&str>) -> (&'static str, Vec<u8>) {
-    let reason = r.reason;
-    if !r.fields.is_empty() {
-        let mut m = serde_json::Map::new();
-        m.insert("error".into(), reason.as_str().into());
-        m.insert("message".into(), reason.advice().into());
-        m.extend(r.fields.clone());
-        let mut body = serde_json::to_vec(&serde_json::Value::Object(m)).unwrap_or_default();
-        body.push(b'\n');
-        return ("application/json", body);
-    }
-    let mut body = if r.detail.is_empty() {
-        format!("{}: {}\n", reason.as_str(), reason.advice())
-    } else {
-        format!("{}: {} ({})\n", reason.as_str(), reason.advice(), r.detail)
-    };
-    if let Some(id) = trace_id {
-        body.push_str("trace_id: ");
-        body.push_str(id);
-        body.push('\n');
-    }
-    ("text/plain; charset=utf-8", body.into_bytes())
 }
 
 /// Refusals logged when they are written (the policy stage logs its own;

@@ -274,20 +274,11 @@ pub(super) fn idempotency_affinity(req: &pingora_http::RequestHeader) -> Option<
     Some(h.finish())
 }
 
-/// Headers a replay does not copy: they describe one connection's framing
-/// (the hop-by-hop list), or the body's length, which the replay sets.
+/// Headers a replay does not copy: they describe one connection
+/// (crank-plumbing's hop-by-hop list), or the body's length, which the
+/// replay sets.
 fn is_hop_header(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "content-length"
-            | "upgrade"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-    )
+    crank_plumbing::headers::is_hop_by_hop(name) || name == "content-length"
 }
 
 #[cfg(test)]
