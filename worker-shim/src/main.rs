@@ -1,10 +1,12 @@
 //! `crank-shim`: puts an unmodified worker (an HTTP server, or a command-line
 //! tool such as ffmpeg) behind a thin shim. See `docs/guides/service-owner.md`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use crank_shim::config::ShimConfig;
+use crank_shim::host::HostOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,70 +44,60 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    if let Some(Cmd::Host { json }) = args.cmd {
-        // With --config, probe as that shim would (its nvml and powercap_root).
-        let mut opts = crank_shim::host::HostOptions::default();
-        if let Some(path) = &args.config {
-            match crank_shim::config::load(path) {
-                Ok(cfg) => {
-                    opts.nvml = cfg.host.nvml;
-                    opts.powercap_root = cfg.host.powercap_root;
-                }
-                Err(e) => {
-                    eprintln!("crank-shim: config rejected: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        let (info, _probe) = crank_shim::host::detect(&opts);
-        if json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&info).unwrap_or_default()
-            );
-        } else {
-            let labels = crank_shim::host::labels(&info);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&info).unwrap_or_default()
-            );
-            for (k, v) in labels {
-                println!("label {k}={v}");
-            }
-        }
-        return ExitCode::SUCCESS;
+    match args.cmd {
+        Some(Cmd::Host { json }) => host(args.config.as_deref(), json),
+        None => start(args.config.as_deref(), args.check),
     }
-    let Some(path) = args.config else {
+}
+
+/// The config, or exit code 2 with the error on stderr.
+fn load(path: &Path) -> Result<ShimConfig, ExitCode> {
+    crank_shim::config::load(path).map_err(|e| {
+        eprintln!("crank-shim: config rejected: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// `crank-shim host [--json]`: what this host has, as `GET /v1/host`
+/// shows it. With `--config`, probed as that shim would (its `nvml` and
+/// `powercap_root`).
+fn host(config: Option<&Path>, json: bool) -> ExitCode {
+    let mut opts = HostOptions::default();
+    if let Some(path) = config {
+        match load(path) {
+            Ok(cfg) => {
+                opts.nvml = cfg.host.nvml;
+                opts.powercap_root = cfg.host.powercap_root;
+            }
+            Err(code) => return code,
+        }
+    }
+    let (info, _probe) = crank_shim::host::detect(&opts);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&info).unwrap_or_default()
+    );
+    if !json {
+        for (k, v) in crank_shim::host::labels(&info) {
+            println!("label {k}={v}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// Checks the config (`--check`), or runs the shim on a two-thread runtime.
+fn start(config: Option<&Path>, check: bool) -> ExitCode {
+    let Some(path) = config else {
         eprintln!("crank-shim: give --config FILE (or `crank-shim host`); see --help");
         return ExitCode::from(2);
     };
-    let cfg = match crank_shim::config::load(&path) {
+    let cfg = match load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("crank-shim: config rejected: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    if args.check {
+    if check {
         println!("{}: valid", path.display());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("crank-shim: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(crank_shim::run::run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("crank-shim: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crank_plumbing::exit::run("crank-shim", Some(2), crank_shim::run::run(cfg))
 }

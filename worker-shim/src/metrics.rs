@@ -26,83 +26,53 @@ pub struct JobMetrics {
 }
 
 impl JobMetrics {
+    /// Registers the job metrics in `reg`.
     pub fn new(reg: &Registry) -> prometheus::Result<JobMetrics> {
+        const CS: &[&str] = &["capability", "state"];
+        const CP: &[&str] = &["capability", "priority"];
+        const CD: &[&str] = &["capability", "domain"];
         let m = JobMetrics {
-            jobs: IntGaugeVec::new(
-                Opts::new("crank_jobs", "Jobs held by the shim, by state"),
-                &["capability", "state"],
-            )?,
-            submitted: IntCounterVec::new(
-                Opts::new("crank_jobs_submitted_total", "Jobs accepted"),
-                &["capability", "priority"],
-            )?,
-            finished: IntCounterVec::new(
-                Opts::new(
-                    "crank_jobs_finished_total",
-                    "Jobs that reached a terminal state",
-                ),
-                &["capability", "state"],
-            )?,
-            queue_depth: IntGaugeVec::new(
-                Opts::new("crank_job_queue_depth", "Jobs waiting to run, by priority"),
+            jobs: registered(reg, IntGaugeVec::new(opts("crank_jobs", "Jobs held by the shim, by state"), CS)?)?,
+            submitted: registered(reg, IntCounterVec::new(opts("crank_jobs_submitted_total", "Jobs accepted"), CP)?)?,
+            finished: registered(reg, IntCounterVec::new(
+                opts("crank_jobs_finished_total", "Jobs that reached a terminal state"),
+                CS,
+            )?)?,
+            queue_depth: registered(reg, IntGaugeVec::new(
+                opts("crank_job_queue_depth", "Jobs waiting to run, by priority"),
                 &["priority"],
+            )?)?,
+            queue_wait: histogram(
+                reg,
+                ("crank_job_queue_wait_seconds", "Time from submission to the first run"),
+                exponential_buckets(0.01, 3.0, 12)?,
+                CP,
             )?,
-            queue_wait: HistogramVec::new(
-                HistogramOpts::new(
-                    "crank_job_queue_wait_seconds",
-                    "Time from submission to the first run",
-                )
-                .buckets(exponential_buckets(0.01, 3.0, 12)?),
-                &["capability", "priority"],
+            run_time: histogram(
+                reg,
+                ("crank_job_run_seconds", "Running time of finished jobs, all attempts"),
+                exponential_buckets(0.1, 3.0, 11)?,
+                CS,
             )?,
-            run_time: HistogramVec::new(
-                HistogramOpts::new(
-                    "crank_job_run_seconds",
-                    "Running time of finished jobs, all attempts",
-                )
-                .buckets(exponential_buckets(0.1, 3.0, 11)?),
-                &["capability", "state"],
-            )?,
-            retries: IntCounterVec::new(
-                Opts::new(
-                    "crank_job_retries_total",
-                    "Runs re-queued after a retryable failure, by failure class",
-                ),
+            retries: registered(reg, IntCounterVec::new(
+                opts("crank_job_retries_total", "Runs re-queued after a retryable failure, by failure class"),
                 &["capability", "class"],
+            )?)?,
+            energy: histogram(
+                reg,
+                ("crank_job_energy_joules", "Energy attributed to each finished job, by domain (gpu, cpu_package); unmeasured jobs are not observed"),
+                exponential_buckets(1.0, 4.0, 12)?,
+                CD,
             )?,
-            energy: HistogramVec::new(
-                HistogramOpts::new(
-                    "crank_job_energy_joules",
-                    "Energy attributed to each finished job, by domain (gpu, cpu_package); unmeasured jobs are not observed",
-                )
-                .buckets(exponential_buckets(1.0, 4.0, 12)?),
-                &["capability", "domain"],
-            )?,
-            energy_unmeasured: IntCounterVec::new(
-                Opts::new(
-                    "crank_job_energy_unmeasured_total",
-                    "Finished jobs whose energy this host could not measure, by domain",
-                ),
-                &["capability", "domain"],
-            )?,
-            refused: IntCounterVec::new(
-                Opts::new(
-                    "crank_jobs_refused_total",
-                    "Submissions refused, by reason (the x-crank-error of the answer)",
-                ),
+            energy_unmeasured: registered(reg, IntCounterVec::new(
+                opts("crank_job_energy_unmeasured_total", "Finished jobs whose energy this host could not measure, by domain"),
+                CD,
+            )?)?,
+            refused: registered(reg, IntCounterVec::new(
+                opts("crank_jobs_refused_total", "Submissions refused, by reason (the x-crank-error of the answer)"),
                 &["reason"],
-            )?,
+            )?)?,
         };
-        reg.register(Box::new(m.jobs.clone()))?;
-        reg.register(Box::new(m.submitted.clone()))?;
-        reg.register(Box::new(m.finished.clone()))?;
-        reg.register(Box::new(m.queue_depth.clone()))?;
-        reg.register(Box::new(m.queue_wait.clone()))?;
-        reg.register(Box::new(m.run_time.clone()))?;
-        reg.register(Box::new(m.retries.clone()))?;
-        reg.register(Box::new(m.energy.clone()))?;
-        reg.register(Box::new(m.energy_unmeasured.clone()))?;
-        reg.register(Box::new(m.refused.clone()))?;
         for p in Priority::ALL {
             m.queue_depth.with_label_values(&[p.as_str()]).set(0);
         }
@@ -177,4 +147,28 @@ impl GpuMetrics {
             }
         }
     }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+/// `c`, registered in `reg`.
+fn registered<C>(reg: &Registry, c: C) -> prometheus::Result<C>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    reg.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// A histogram `(name, help)` with `buckets`, registered in `reg`.
+fn histogram(
+    reg: &Registry,
+    (name, help): (&str, &str),
+    buckets: Vec<f64>,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    registered(reg, h)
 }

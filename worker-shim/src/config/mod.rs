@@ -2,6 +2,7 @@
 //! error names the file, the field and the fix. See
 //! `docs/reference/shim-config.md`.
 
+mod exec;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -9,23 +10,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crank_plumbing::Problems;
 use serde::Deserialize;
 
+pub use self::exec::{
+    DevicesConfig, ExecConfig, OutputConfig, Placement, RetentionConfig, RetryConfig,
+};
 pub use self::serve::ServeConfig;
+/// A config error: the file, and each problem's field, what is wrong and
+/// how to fix it (crank-plumbing's, shared by the three binaries).
+pub use crank_plumbing::ConfigError;
 
-use crate::exec::classify::FailureRule;
-use crate::exec::params::ParamSpec;
-use crate::exec::progress::ProgressKind;
-use crate::job::FailureClass;
-
-/// A config error: which file, which field, what is wrong and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {field}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    pub field: String,
-    pub message: String,
-}
+/// The reference page that parse errors point to.
+const DOC: &str = "docs/reference/shim-config.md";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,156 +85,6 @@ impl Default for HostConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecConfig {
-    /// The tool's argv with `{param}` placeholders; never run through a shell.
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub params: BTreeMap<String, ParamSpec>,
-    /// Extra environment for the tool.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub progress: ProgressKind,
-    #[serde(default)]
-    pub output: OutputConfig,
-    /// Job directories (input, output) live here.
-    pub work_dir: PathBuf,
-    /// The job store; default `<work_dir>/jobs.redb`.
-    #[serde(default)]
-    pub store: Option<PathBuf>,
-    #[serde(default = "default_max_input")]
-    pub max_input_bytes: u64,
-    /// Enforced on the tool with RLIMIT_FSIZE: no file it writes grows past it.
-    #[serde(default = "default_max_output")]
-    pub max_output_bytes: u64,
-    /// New jobs are refused (507) while the work dir holds more than this.
-    #[serde(default = "default_max_work_dir")]
-    pub max_work_dir_bytes: u64,
-    #[serde(default = "default_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default)]
-    pub retries: RetryConfig,
-    #[serde(default)]
-    pub devices: DevicesConfig,
-    /// Queued jobs beyond this are refused with 503 `queue-full`.
-    #[serde(default = "default_max_queue")]
-    pub max_queue: usize,
-    #[serde(default)]
-    pub retention: RetentionConfig,
-    /// Failure classification rules tried before the built-in ones.
-    #[serde(default)]
-    pub failures: Vec<FailureRule>,
-    #[serde(default)]
-    pub exit_codes: BTreeMap<i32, FailureClass>,
-    /// On SIGTERM, how long running jobs may finish before they are stopped
-    /// (and re-queued for the next start).
-    #[serde(default = "default_drain", with = "humantime_serde")]
-    pub drain_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputConfig {
-    /// The output file is `output.<extension>` in the job directory.
-    #[serde(default = "default_ext")]
-    pub extension: String,
-    #[serde(default = "default_content_type")]
-    pub content_type: String,
-}
-
-impl Default for OutputConfig {
-    fn default() -> Self {
-        OutputConfig {
-            extension: default_ext(),
-            content_type: default_content_type(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Runs in all, the first included.
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
-    pub backoff_initial: Duration,
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
-    pub backoff_max: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_attempts: default_attempts(),
-            backoff_initial: default_backoff_initial(),
-            backoff_max: default_backoff_max(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Placement {
-    /// GPU sessions first, then the CPU pool.
-    #[default]
-    Any,
-    /// GPUs only: refused at start on a host without one.
-    Gpu,
-    /// The CPU pool only.
-    Cpu,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DevicesConfig {
-    #[serde(default)]
-    pub placement: Placement,
-    /// Concurrent jobs per GPU (NVENC sessions).
-    #[serde(default = "default_sessions")]
-    pub sessions_per_gpu: usize,
-    /// Concurrent jobs in the CPU pool; default half the cores, at least 1.
-    #[serde(default)]
-    pub cpu_slots: Option<usize>,
-    /// Jobs whose parameter has one of these values need a GPU (for example
-    /// `{codec: [h264_nvenc]}`); with it set, every other job runs in the
-    /// CPU pool. On a host without a GPU such jobs are refused at submit.
-    #[serde(default)]
-    pub gpu_when: BTreeMap<String, Vec<String>>,
-}
-
-impl Default for DevicesConfig {
-    fn default() -> Self {
-        DevicesConfig {
-            placement: Placement::Any,
-            sessions_per_gpu: default_sessions(),
-            cpu_slots: None,
-            gpu_when: BTreeMap::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionConfig {
-    /// Finished jobs kept (oldest deleted first, with their files).
-    #[serde(default = "default_keep")]
-    pub max_jobs: usize,
-    #[serde(default = "default_max_age", with = "humantime_serde")]
-    pub max_age: Duration,
-}
-
-impl Default for RetentionConfig {
-    fn default() -> Self {
-        RetentionConfig {
-            max_jobs: default_keep(),
-            max_age: default_max_age(),
-        }
-    }
-}
-
 fn yes() -> bool {
     true
 }
@@ -247,69 +94,10 @@ fn default_powercap() -> PathBuf {
 fn default_sample() -> Duration {
     Duration::from_secs(1)
 }
-fn default_max_input() -> u64 {
-    1 << 30
-}
-fn default_max_output() -> u64 {
-    4 << 30
-}
-fn default_max_work_dir() -> u64 {
-    20 << 30
-}
-fn default_timeout() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_max_queue() -> usize {
-    1000
-}
-fn default_drain() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_ext() -> String {
-    "out".into()
-}
-fn default_content_type() -> String {
-    "application/octet-stream".into()
-}
-fn default_attempts() -> u32 {
-    3
-}
-fn default_backoff_initial() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_backoff_max() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_sessions() -> usize {
-    2
-}
-fn default_keep() -> usize {
-    10_000
-}
-fn default_max_age() -> Duration {
-    Duration::from_secs(7 * 24 * 3600)
-}
-
-impl ExecConfig {
-    pub fn store_path(&self) -> PathBuf {
-        self.store
-            .clone()
-            .unwrap_or_else(|| self.work_dir.join("jobs.redb"))
-    }
-
-    pub fn cpu_slots(&self, cores: usize) -> usize {
-        self.devices.cpu_slots.unwrap_or((cores / 2).max(1))
-    }
-}
-
 /// Reads, parses and validates a shim config file.
 pub fn load(path: &Path) -> Result<ShimConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
-        field: "(file)".into(),
-        message: format!("cannot read the config file: {e}; check the --config path"),
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(&file, &e))?;
     let mut cfg = parse(&file, &text)?;
     validate(&file, &cfg)?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -333,11 +121,7 @@ pub fn resolve_program(file: &str, cfg: &mut ShimConfig, base: &Path) -> Result<
     let env_field = format!("{section}.env");
     let path_env = crate::program::child_path(env);
     let resolved = crate::program::resolve(program, base, path_env.as_deref(), &env_field)
-        .map_err(|message| ConfigError {
-            file: file.to_string(),
-            field: format!("{section}.command"),
-            message,
-        })?;
+        .map_err(|message| ConfigError::new(file, format!("{section}.command"), message))?;
     if program.contains('/') && !Path::new(program.as_str()).is_absolute() {
         *program = resolved.display().to_string();
     }
@@ -347,120 +131,100 @@ pub fn resolve_program(file: &str, cfg: &mut ShimConfig, base: &Path) -> Result<
 /// Relative paths in the config are relative to the config file's
 /// directory, as in crank-proxy's config.
 pub fn resolve_paths(cfg: &mut ShimConfig, base: &Path) {
-    let fix = |p: &mut PathBuf| {
-        if p.is_relative() {
-            *p = base.join(&*p);
-        }
-    };
-    if let Some(r) = cfg.registration_file.as_mut() {
-        fix(r);
-    }
-    fix(&mut cfg.host.powercap_root);
+    let mut paths = vec![&mut cfg.host.powercap_root];
+    paths.extend(cfg.registration_file.as_mut());
     if let Some(exec) = cfg.exec.as_mut() {
-        fix(&mut exec.work_dir);
-        if let Some(st) = exec.store.as_mut() {
-            fix(st);
-        }
+        paths.push(&mut exec.work_dir);
+        paths.extend(exec.store.as_mut());
     }
+    crank_plumbing::config::resolve_paths(base, paths);
 }
 
-/// Parses YAML text; errors carry the field path and the line.
+/// Parses YAML text; an error names the field, the line, the value found
+/// and the fix.
 pub fn parse(file: &str, text: &str) -> Result<ShimConfig, ConfigError> {
-    let de = serde_yaml::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let mut message = e.into_inner().to_string();
-        if message.contains("unknown field") {
-            message.push_str("; remove it or fix its spelling (see docs/reference/shim-config.md)");
-        } else if message.contains("missing field") {
-            message.push_str("; add it (see docs/reference/shim-config.md)");
-        }
-        ConfigError {
-            file: file.to_string(),
-            field: if field == "." || field.is_empty() {
-                "(top level)".into()
-            } else {
-                field
-            },
-            message,
-        }
-    })
+    crank_plumbing::config::parse_yaml(file, text, DOC)
 }
 
 /// Checks what the types cannot: the mode's section, the template against
 /// the schema, the classification rules, sizes and times.
+/// Checks what the types cannot: the mode's section, the template against
+/// the schema, the classification rules, sizes and times. Every problem is
+/// listed, each under its field.
 pub fn validate(file: &str, cfg: &ShimConfig) -> Result<(), ConfigError> {
-    let fail = |field: &str, message: String| ConfigError {
-        file: file.to_string(),
-        field: field.to_string(),
-        message,
-    };
+    let mut p = Problems::new(file);
+    check_top(cfg, &mut p);
+    match cfg.mode {
+        Mode::Serve => check_serve_mode(cfg, &mut p),
+        Mode::Exec => check_exec_mode(cfg, &mut p),
+    }
+    p.finish()
+}
+
+/// The fields of both modes.
+fn check_top(cfg: &ShimConfig, p: &mut Problems) {
     if !valid_capability(&cfg.capability) {
-        return Err(fail(
+        p.push(
             "capability",
             format!(
                 "{:?} is not a capability name; use lowercase `name:version` like `transcode:h264`",
                 cfg.capability
             ),
-        ));
+        );
     }
     for k in cfg.labels.keys() {
-        if k.is_empty()
-            || !k
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-        {
-            return Err(fail(
-                &format!("labels.{k}"),
-                "label names use letters, digits, `.`, `-`, `_` and `/`".into(),
-            ));
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/');
+        if k.is_empty() || !k.chars().all(valid) {
+            p.push(
+                format!("labels.{k}"),
+                "label names use letters, digits, `.`, `-`, `_` and `/`",
+            );
         }
     }
     if cfg.host.energy_sample_interval < Duration::from_millis(10) {
-        return Err(fail(
+        p.push(
             "host.energy_sample_interval",
-            "must be at least 10ms, like `1s`".into(),
-        ));
+            "must be at least 10ms, like `1s`",
+        );
     }
     if cfg.admin_listen == Some(cfg.listen) {
-        return Err(fail(
+        p.push(
             "admin_listen",
-            "must differ from `listen`; pick another port".into(),
-        ));
+            "must differ from `listen`; pick another port",
+        );
     }
-    match cfg.mode {
-        Mode::Serve => {
-            let Some(serve) = &cfg.serve else {
-                return Err(fail(
-                    "serve",
-                    "mode is `serve` but there is no `serve:` section; add one with `command` and `upstream`".into(),
-                ));
-            };
-            if cfg.exec.is_some() {
-                return Err(fail(
-                    "exec",
-                    "mode is `serve`; remove the `exec:` section or set `mode: exec`".into(),
-                ));
-            }
-            serve.validate().map_err(|m| fail("serve", m))?;
-        }
-        Mode::Exec => {
-            let Some(exec) = &cfg.exec else {
-                return Err(fail(
-                    "exec",
-                    "mode is `exec` but there is no `exec:` section; add one with `command` and `work_dir`".into(),
-                ));
-            };
-            if cfg.serve.is_some() {
-                return Err(fail(
-                    "serve",
-                    "mode is `exec`; remove the `serve:` section or set `mode: serve`".into(),
-                ));
-            }
-            validate_exec(exec).map_err(|(f, m)| fail(&format!("exec.{f}"), m))?;
-        }
+}
+
+fn check_serve_mode(cfg: &ShimConfig, p: &mut Problems) {
+    match &cfg.serve {
+        None => p.push(
+            "serve",
+            "mode is `serve` but there is no `serve:` section; add one with `command` and `upstream`",
+        ),
+        Some(serve) => p.check("serve", serve.validate()),
     }
-    Ok(())
+    if cfg.exec.is_some() {
+        p.push(
+            "exec",
+            "mode is `serve`; remove the `exec:` section or set `mode: exec`",
+        );
+    }
+}
+
+fn check_exec_mode(cfg: &ShimConfig, p: &mut Problems) {
+    match &cfg.exec {
+        None => p.push(
+            "exec",
+            "mode is `exec` but there is no `exec:` section; add one with `command` and `work_dir`",
+        ),
+        Some(exec) => exec::check(exec, p),
+    }
+    if cfg.serve.is_some() {
+        p.push(
+            "serve",
+            "mode is `exec`; remove the `serve:` section or set `mode: serve`",
+        );
+    }
 }
 
 fn valid_capability(c: &str) -> bool {
@@ -471,129 +235,6 @@ fn valid_capability(c: &str) -> bool {
                 .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || "-_.".contains(ch))
     };
     matches!((parts.next(), parts.next()), (Some(a), Some(b)) if ok(a) && ok(b))
-}
-
-fn validate_exec(exec: &ExecConfig) -> Result<(), (String, String)> {
-    let schema = crate::exec::params::ParamSchema::new(exec.params.clone())
-        .map_err(|m| ("params".to_string(), m))?;
-    if exec.command.is_empty() {
-        return Err((
-            "command".into(),
-            "is empty; give the tool's argv, e.g. [ffmpeg, -i, \"{input}\", \"{output}\"]".into(),
-        ));
-    }
-    crate::exec::template::CommandTemplate::parse(&exec.command, &schema)
-        .map_err(|m| ("command".to_string(), m))?;
-    crate::exec::classify::Classifier::new(&exec.failures, &exec.exit_codes)
-        .map_err(|m| ("failures".to_string(), m))?;
-    if exec.output.extension.is_empty()
-        || !exec
-            .output
-            .extension
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric())
-    {
-        return Err((
-            "output.extension".into(),
-            format!(
-                "{:?} must be letters and digits only, like `mp4`",
-                exec.output.extension
-            ),
-        ));
-    }
-    if exec
-        .output
-        .content_type
-        .parse::<http::HeaderValue>()
-        .is_err()
-    {
-        return Err((
-            "output.content_type".into(),
-            "is not a valid header value".into(),
-        ));
-    }
-    for (what, v) in [
-        ("max_input_bytes", exec.max_input_bytes),
-        ("max_output_bytes", exec.max_output_bytes),
-        ("max_work_dir_bytes", exec.max_work_dir_bytes),
-    ] {
-        if v == 0 {
-            return Err((what.into(), "must be more than 0".into()));
-        }
-    }
-    if exec.timeout.is_zero() {
-        return Err(("timeout".into(), "must be more than 0, like `10m`".into()));
-    }
-    if exec.retries.max_attempts == 0 {
-        return Err((
-            "retries.max_attempts".into(),
-            "counts the first run too, so it must be at least 1".into(),
-        ));
-    }
-    if exec.retries.backoff_initial > exec.retries.backoff_max {
-        return Err((
-            "retries.backoff_initial".into(),
-            "is longer than retries.backoff_max; make it shorter".into(),
-        ));
-    }
-    if exec.devices.sessions_per_gpu == 0 {
-        return Err((
-            "devices.sessions_per_gpu".into(),
-            "must be at least 1".into(),
-        ));
-    }
-    if exec.devices.cpu_slots == Some(0) && exec.devices.placement == Placement::Cpu {
-        return Err((
-            "devices.cpu_slots".into(),
-            "is 0 with placement `cpu`: no job could ever run; give it at least 1".into(),
-        ));
-    }
-    if !exec.devices.gpu_when.is_empty() && exec.devices.placement != Placement::Any {
-        return Err((
-            "devices.gpu_when".into(),
-            "only applies with placement `any` (it splits jobs between the GPUs and the CPU pool); remove it or set placement: any".into(),
-        ));
-    }
-    for (name, values) in &exec.devices.gpu_when {
-        let Some(spec) = exec.params.get(name) else {
-            return Err((
-                format!("devices.gpu_when.{name}"),
-                format!("`{name}` is not a declared parameter; use one of params"),
-            ));
-        };
-        if values.is_empty() {
-            return Err((
-                format!("devices.gpu_when.{name}"),
-                "lists no values; give the values that need a GPU".into(),
-            ));
-        }
-        if !spec.values.is_empty() {
-            if let Some(v) = values.iter().find(|v| !spec.values.contains(v)) {
-                return Err((
-                    format!("devices.gpu_when.{name}"),
-                    format!(
-                        "{v:?} is not one of the parameter's values ({}); fix the spelling",
-                        spec.values.join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    if exec.retention.max_jobs == 0 {
-        return Err((
-            "retention.max_jobs".into(),
-            "must be at least 1, or every output is deleted as its job finishes".into(),
-        ));
-    }
-    if exec.max_queue == 0 {
-        return Err(("max_queue".into(), "must be at least 1".into()));
-    }
-    for k in exec.env.keys() {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err((format!("env.{k}"), "is not a valid variable name".into()));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -84,6 +84,17 @@ impl ServeConfig {
     /// (`serve.<field>`) and how to fix it.
     pub fn validate(&self) -> Result<(), String> {
         let mut errors = Vec::new();
+        self.check_command(&mut errors);
+        self.check_health_and_timing(&mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The worker's argv, its environment and where it listens.
+    fn check_command(&self, errors: &mut Vec<String>) {
         match self.command.first() {
             None => errors.push(
                 "serve.command is empty: give the worker's program and its arguments as a list, \
@@ -120,6 +131,10 @@ impl ServeConfig {
                     .to_string(),
             );
         }
+    }
+
+    /// The health check, restart and stop timing.
+    fn check_health_and_timing(&self, errors: &mut Vec<String>) {
         if !self.health_path.starts_with('/')
             || self.health_path.parse::<http::uri::PathAndQuery>().is_err()
         {
@@ -154,11 +169,6 @@ impl ServeConfig {
                  ({:?}); raise the maximum or lower the initial delay",
                 self.restart_backoff_max, self.restart_backoff_initial
             ));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
         }
     }
 }

@@ -49,6 +49,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: watc
         shared,
     });
     crate::listener::serve(
+        "listen",
         listener,
         move |req| answer(front.clone(), req),
         stop,
