@@ -110,18 +110,19 @@ impl MeshProxy {
         if !crate::mesh::report::is_reported(reason) {
             return;
         }
-        let source = match self.direction {
-            Direction::Inbound => ctx
-                .peer
-                .as_ref()
-                .map(|p| format!("{}.{}.{}", p.service, p.tenant, p.trust_domain)),
-            Direction::Outbound => {
-                let me = &self.rt.me;
-                Some(format!("{}.{}.{}", me.service, me.tenant, me.trust_domain))
-            }
-        };
         let req = session.req_header();
+        // Nothing is formatted unless the ring is free to take it.
         refusals.push_with(|| {
+            let source = match self.direction {
+                Direction::Inbound => ctx
+                    .peer
+                    .as_ref()
+                    .map(|p| format!("{}.{}.{}", p.service, p.tenant, p.trust_domain)),
+                Direction::Outbound => {
+                    let me = &self.rt.me;
+                    Some(format!("{}.{}.{}", me.service, me.tenant, me.trust_domain))
+                }
+            };
             crate::mesh::report::event(
                 self.direction.as_str(),
                 status,
@@ -138,18 +139,11 @@ impl MeshProxy {
 /// Refusals logged when they are written (the policy stage logs its own;
 /// resilience refusals are counted, not logged, as they come in floods).
 fn logged_here(reason: Reason) -> bool {
-    matches!(
-        reason,
-        Reason::BadFraming
-            | Reason::BadRequest
-            | Reason::RequestHeaderTooLarge
-            | Reason::ClientCertRequired
-            | Reason::PeerIdentityInvalid
-            | Reason::PeerCertRevoked
-            | Reason::NoRoute
-            | Reason::OwnCertRevoked
-            | Reason::OwnCertExpired
-    )
+    closes_connection(reason)
+        || matches!(
+            reason,
+            Reason::NoRoute | Reason::OwnCertRevoked | Reason::OwnCertExpired
+        )
 }
 
 /// Refusals after which the connection is closed: the request's framing
