@@ -40,22 +40,5 @@ fn main() -> std::process::ExitCode {
         println!("{}: ok", args.config.display());
         return std::process::ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("crank-control: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(crank_control::server::run(cfg)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("crank-control: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    crank_plumbing::exit::run("crank-control", Some(2), crank_control::server::run(cfg))
 }

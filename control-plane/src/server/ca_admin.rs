@@ -168,17 +168,16 @@ impl Control {
 }
 
 fn root_entries(st: &CaState) -> Vec<CaEntry> {
+    let retiring = st.rotation.old_root_serial.as_ref();
     st.roots
         .iter()
-        .map(|r| CaEntry {
-            subject: r.subject.clone(),
-            serial: r.serial.clone(),
-            not_after: r.not_after,
-            state: if st.rotation.old_root_serial.as_ref() == Some(&r.serial) {
-                "retiring".into()
+        .map(|r| {
+            let state = if retiring == Some(&r.serial) {
+                "retiring"
             } else {
-                "trusted".into()
-            },
+                "trusted"
+            };
+            ca_entry(&r.subject, &r.serial, r.not_after, state.into())
         })
         .collect()
 }
@@ -186,16 +185,23 @@ fn root_entries(st: &CaState) -> Vec<CaEntry> {
 fn intermediate_entries(st: &CaState) -> Vec<CaEntry> {
     st.intermediates
         .iter()
-        .map(|i| CaEntry {
-            subject: i.subject.clone(),
-            serial: i.serial.clone(),
-            not_after: i.not_after,
-            state: serde_json::to_value(i.state)
+        .map(|i| {
+            let state = serde_json::to_value(i.state)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+                .unwrap_or_default();
+            ca_entry(&i.subject, &i.serial, i.not_after, state)
         })
         .collect()
+}
+
+fn ca_entry(subject: &str, serial: &str, not_after: i64, state: String) -> CaEntry {
+    CaEntry {
+        subject: subject.to_string(),
+        serial: serial.to_string(),
+        not_after,
+        state,
+    }
 }
 
 /// Every reporting workload, sorted by identity and instance.

@@ -9,36 +9,43 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crank_plumbing::{serve_with, ServeOptions};
+use crank_plumbing::{serve_with, Listener, ServeOptions};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use std::net::SocketAddr;
 
+use tokio::net::unix::SocketAddr as UnixAddr;
+use tokio::net::{TcpStream, UnixStream};
+
+use super::http::Resp;
 use super::workload::route_workload;
 use super::Control;
 
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the workload API until `stop` resolves.
-pub async fn serve_workloads(
+/// Serves `listener` until `stop` resolves; each connection is `conn`
+/// with the control plane. `name` names the listener in the logs.
+pub async fn serve<L, Fut>(
+    name: &'static str,
     control: Arc<Control>,
-    listener: TcpListener,
+    listener: L,
     stop: impl Future<Output = ()>,
-) {
-    serve_with(
-        ServeOptions::new("workload"),
-        listener,
-        stop,
-        |tcp, addr| workload_conn(control.clone(), tcp, addr),
-    )
+    conn: fn(Arc<Control>, L::Conn, L::Addr) -> Fut,
+) where
+    L: Listener,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    serve_with(ServeOptions::new(name), listener, stop, move |c, a| {
+        conn(control.clone(), c, a)
+    })
     .await
 }
 
 /// One workload connection: the TLS handshake, then HTTP/1.1 with the
 /// client certificates at hand.
-async fn workload_conn(control: Arc<Control>, tcp: TcpStream, addr: std::net::SocketAddr) {
+pub async fn workload_conn(control: Arc<Control>, tcp: TcpStream, addr: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(control.tls.current());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -55,58 +62,30 @@ async fn workload_conn(control: Arc<Control>, tcp: TcpStream, addr: std::net::So
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()),
     );
-    let svc = hyper::service::service_fn(move |req| {
+    http1(tls, move |req| {
         route_workload(control.clone(), peer_certs.clone(), req)
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-        .await;
-}
-
-/// Serves the admin API on the Unix socket until `stop` resolves.
-pub async fn serve_admin(
-    control: Arc<Control>,
-    listener: UnixListener,
-    stop: impl Future<Output = ()>,
-) {
-    serve_with(ServeOptions::new("admin"), listener, stop, |stream, _| {
-        admin_conn(control.clone(), stream)
     })
     .await
 }
 
-async fn admin_conn(control: Arc<Control>, stream: UnixStream) {
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+/// One admin-socket connection (crankctl).
+pub async fn admin_conn(control: Arc<Control>, stream: UnixStream, _: UnixAddr) {
+    http1(stream, move |req| {
         let control = control.clone();
         async move {
             let path = req.uri().path().to_string();
-            Ok::<_, std::convert::Infallible>(
-                control
-                    .admin(req)
-                    .await
-                    .unwrap_or_else(|e| control.refused(e, &path)),
-            )
+            control
+                .admin(req)
+                .await
+                .unwrap_or_else(|e| control.refused(e, &path))
         }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-        .await;
-}
-
-/// Serves `/metrics` in plain HTTP on `metrics_listen` until `stop` resolves.
-pub async fn serve_metrics(
-    control: Arc<Control>,
-    listener: TcpListener,
-    stop: impl Future<Output = ()>,
-) {
-    serve_with(ServeOptions::new("metrics"), listener, stop, |tcp, _| {
-        metrics_conn(control.clone(), tcp)
     })
     .await
 }
 
-async fn metrics_conn(control: Arc<Control>, tcp: TcpStream) {
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+/// One `metrics_listen` connection: `/metrics` only.
+pub async fn metrics_conn(control: Arc<Control>, tcp: TcpStream, _: SocketAddr) {
+    http1(tcp, move |req| {
         let resp = if req.uri().path() == "/metrics" {
             Response::builder()
                 .header("content-type", "text/plain; version=0.0.4")
@@ -116,9 +95,24 @@ async fn metrics_conn(control: Arc<Control>, tcp: TcpStream) {
                 .status(StatusCode::NOT_FOUND)
                 .body(Full::new(Bytes::from_static(b"only /metrics here\n")))
         };
-        async move { Ok::<_, std::convert::Infallible>(resp.expect("a valid response")) }
+        std::future::ready(resp.expect("a valid response"))
+    })
+    .await
+}
+
+/// Serves HTTP/1.1 on one connection, each request answered by `handler`,
+/// until the connection closes.
+async fn http1<I, F, Fut>(io: I, handler: F)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let answer = handler(req);
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
     });
     let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
         .await;
 }

@@ -313,15 +313,29 @@ async fn spawn_listeners(
     let admin = bind_admin(&cfg.admin_socket)?;
     tracing::info!(listen = %cfg.listen, admin_socket = %cfg.admin_socket.display(), trust_domain = %cfg.trust_domain, "crank-control serving");
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(listeners::serve_workloads(
+    tasks.spawn(listeners::serve(
+        "workload",
         control.clone(),
         workload,
         stop(),
+        listeners::workload_conn,
     ));
-    tasks.spawn(listeners::serve_admin(control.clone(), admin, stop()));
+    tasks.spawn(listeners::serve(
+        "admin",
+        control.clone(),
+        admin,
+        stop(),
+        listeners::admin_conn,
+    ));
     if let Some(addr) = cfg.metrics_listen {
         let l = bind_tcp("metrics_listen", addr).await?;
-        tasks.spawn(listeners::serve_metrics(control.clone(), l, stop()));
+        tasks.spawn(listeners::serve(
+            "metrics",
+            control.clone(),
+            l,
+            stop(),
+            listeners::metrics_conn,
+        ));
     }
     if let Some(addr) = cfg.dashboard_listen {
         let l = bind_tcp("dashboard_listen", addr).await?;

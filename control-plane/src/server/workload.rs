@@ -73,13 +73,13 @@ pub(super) async fn route_workload(
     control: Arc<Control>,
     peer_certs: Arc<PeerCerts>,
     req: Request<Incoming>,
-) -> Result<Resp, std::convert::Infallible> {
+) -> Resp {
     let path = req.uri().path().to_string();
     let r = match workload_route(req.method().as_str(), &path) {
         Some(route) => dispatch(&control, &peer_certs, route, req).await,
         None => Err(not_found(&path)),
     };
-    Ok(r.unwrap_or_else(|e| control.refused(e, &path)))
+    r.unwrap_or_else(|e| control.refused(e, &path))
 }
 
 async fn dispatch(

@@ -143,35 +143,11 @@ fn check_one(slo: &CapabilitySlo, m: &Measured) -> Vec<Verdict> {
     }
     if let Some(a) = slo.availability {
         let budget = 1.0 - a;
-        let mut v = verdict(
+        let v = verdict(
             "availability".into(),
             format!("error rate <= {}", format_percent(budget)),
         );
-        match m.error_rate {
-            None => v.measured = "no error_rate in the results".into(),
-            Some(e) => {
-                v.measured = format!(
-                    "error rate {} of {} requests",
-                    format_percent(e),
-                    m.requests
-                );
-                if e > budget + 1e-12 {
-                    v.status = Status::Broken;
-                    v.over_by = Some(format!(
-                        "+{} points ({:.1}x the budget)",
-                        format_percent(e - budget).trim_end_matches('%'),
-                        if budget > 0.0 {
-                            e / budget
-                        } else {
-                            f64::INFINITY
-                        }
-                    ));
-                } else {
-                    v.status = Status::Met;
-                }
-            }
-        }
-        out.push(v);
+        out.push(availability(v, budget, m));
     }
     for l in &slo.latency {
         let mut v = verdict(
@@ -193,6 +169,34 @@ fn check_one(slo: &CapabilitySlo, m: &Measured) -> Vec<Verdict> {
         out.push(v);
     }
     out
+}
+
+/// The availability verdict: the measured error rate against the budget.
+fn availability(mut v: Verdict, budget: f64, m: &Measured) -> Verdict {
+    let Some(e) = m.error_rate else {
+        v.measured = "no error_rate in the results".into();
+        return v;
+    };
+    v.measured = format!(
+        "error rate {} of {} requests",
+        format_percent(e),
+        m.requests
+    );
+    if e > budget + 1e-12 {
+        v.status = Status::Broken;
+        v.over_by = Some(format!(
+            "+{} points ({:.1}x the budget)",
+            format_percent(e - budget).trim_end_matches('%'),
+            if budget > 0.0 {
+                e / budget
+            } else {
+                f64::INFINITY
+            }
+        ));
+    } else {
+        v.status = Status::Met;
+    }
+    v
 }
 
 /// A percentile above the largest bucket: slower than any bucket shows,

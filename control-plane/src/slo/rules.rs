@@ -161,6 +161,37 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
         ));
         return (None, notes);
     }
+    let measured = objectives(s, &mut notes);
+    let mut rules = Vec::new();
+    for m in &measured {
+        for w in WINDOWS {
+            rules.push(Rule {
+                record: Some(record_name(w)),
+                alert: None,
+                expr: (m.errors)(w),
+                labels: labels(cap, &m.slo, None),
+                annotations: BTreeMap::new(),
+            });
+        }
+    }
+    for m in &measured {
+        for severity in ["page", "ticket"] {
+            if let Some(rule) = alert(s, m, severity, &mut notes) {
+                rules.push(rule);
+            }
+        }
+    }
+    let group = Group {
+        name: format!("crank-slo/{cap}"),
+        rules,
+    };
+    (Some(group), notes)
+}
+
+/// What an SLO measures: availability, then each latency objective the
+/// buckets can tell (a note for those they cannot, or only roughly).
+fn objectives(s: &CapabilitySlo, notes: &mut Vec<String>) -> Vec<Measured> {
+    let cap = &s.capability;
     let sel = selector(s);
     let mut measured = Vec::new();
     if let Some(a) = s.availability {
@@ -200,30 +231,7 @@ fn group(s: &CapabilitySlo) -> (Option<Group>, Vec<String>) {
             errors: Box::new(move |w| latency_errors(&sel, bucket, w)),
         });
     }
-    let mut rules = Vec::new();
-    for m in &measured {
-        for w in WINDOWS {
-            rules.push(Rule {
-                record: Some(record_name(w)),
-                alert: None,
-                expr: (m.errors)(w),
-                labels: labels(cap, &m.slo, None),
-                annotations: BTreeMap::new(),
-            });
-        }
-    }
-    for m in &measured {
-        for severity in ["page", "ticket"] {
-            if let Some(rule) = alert(s, m, severity, &mut notes) {
-                rules.push(rule);
-            }
-        }
-    }
-    let group = Group {
-        name: format!("crank-slo/{cap}"),
-        rules,
-    };
-    (Some(group), notes)
+    measured
 }
 
 /// The series selector of an SLO's requests: outbound, on the routes
@@ -331,7 +339,24 @@ fn alert(s: &CapabilitySlo, m: &Measured, severity: &str, notes: &mut Vec<String
     if parts.is_empty() {
         return None;
     }
-    let annotations = BTreeMap::from([
+    let annotations = annotations(s, m, budget, &described);
+    Some(Rule {
+        record: None,
+        alert: Some(ALERT_NAME.into()),
+        expr: parts.join("\nor\n"),
+        labels: labels(&s.capability, &m.slo, Some(severity)),
+        annotations,
+    })
+}
+
+/// The alert's summary and description: what burns, how fast, where.
+fn annotations(
+    s: &CapabilitySlo,
+    m: &Measured,
+    budget: f64,
+    described: &[String],
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
         (
             "summary".to_string(),
             format!(
@@ -351,14 +376,7 @@ fn alert(s: &CapabilitySlo, m: &Measured, severity: &str, notes: &mut Vec<String
                 s.routes.join(", "),
             ),
         ),
-    ]);
-    Some(Rule {
-        record: None,
-        alert: Some(ALERT_NAME.into()),
-        expr: parts.join("\nor\n"),
-        labels: labels(&s.capability, &m.slo, Some(severity)),
-        annotations,
-    })
+    ])
 }
 
 /// A number without float noise: `0.0010000000000000009` → `0.001`.

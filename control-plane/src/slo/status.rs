@@ -371,31 +371,7 @@ pub fn error_ratio(c: &RouteCounters, bucket: Option<f64>) -> Option<f64> {
 
 /// The human table (`wide`: more columns).
 pub fn table(r: &Report, wide: bool) -> String {
-    let pct = |v: Option<f64>| match v {
-        Some(v) if v.is_infinite() => "exhausted".to_string(),
-        v => v.map_or("-".to_string(), format_percent),
-    };
-    let x = |v: Option<f64>| match v {
-        Some(v) if v.is_infinite() => "inf".to_string(),
-        v => v.map_or("-".to_string(), |v| format!("{v:.1}x")),
-    };
-    let windows: Vec<String> = r
-        .capabilities
-        .iter()
-        .flat_map(|c| {
-            c.objectives
-                .iter()
-                .flat_map(|o| o.burn_rates.keys().cloned())
-        })
-        .fold(Vec::new(), |mut acc: Vec<String>, w| {
-            if !acc.contains(&w) && (wide || w != "30m") {
-                acc.push(w);
-            }
-            acc
-        });
-    let mut windows = windows;
-    windows.sort_by_key(|w| humantime::parse_duration(w.trim_start_matches("last ")).ok());
-    let requests = |c: &CapabilityStatus| c.requests.map_or("-".into(), |n| format!("{n:.0}"));
+    let windows = burn_windows(r, wide);
     let mut out = format!("source: {}", r.source);
     for c in &r.capabilities {
         out.push_str(&format!(
@@ -420,32 +396,70 @@ pub fn table(r: &Report, wide: bool) -> String {
     }
     for c in &r.capabilities {
         for o in &c.objectives {
-            let mut line = format!(
-                "\n{:<16} {:<14} {:>8} {:>9} {:>12}",
-                c.capability,
-                o.objective,
-                format_percent(o.target),
-                pct(o.sli),
-                pct(o.budget_left.map(|b| (b * 1e4).round() / 1e4)),
-            );
-            for w in &windows {
-                line.push_str(&format!(
-                    " {:>10}",
-                    x(o.burn_rates.get(w).copied().flatten())
-                ));
-            }
-            if wide {
-                let page = if o.page { "yes" } else { "no" };
-                line.push_str(&format!(
-                    " {page:>5} {:>10}  {}",
-                    requests(c),
-                    c.routes.join(",")
-                ));
-            }
-            out.push_str(&line);
+            out.push_str(&row(c, o, &windows, wide));
         }
     }
     out
+}
+
+/// The burn-rate windows any objective has, shortest first (`30m` only
+/// when `wide`).
+fn burn_windows(r: &Report, wide: bool) -> Vec<String> {
+    let mut windows: Vec<String> = r
+        .capabilities
+        .iter()
+        .flat_map(|c| {
+            c.objectives
+                .iter()
+                .flat_map(|o| o.burn_rates.keys().cloned())
+        })
+        .fold(Vec::new(), |mut acc: Vec<String>, w| {
+            if !acc.contains(&w) && (wide || w != "30m") {
+                acc.push(w);
+            }
+            acc
+        });
+    windows.sort_by_key(|w| humantime::parse_duration(w.trim_start_matches("last ")).ok());
+    windows
+}
+
+fn requests(c: &CapabilityStatus) -> String {
+    c.requests.map_or("-".into(), |n| format!("{n:.0}"))
+}
+
+/// One objective's line of the table.
+fn row(c: &CapabilityStatus, o: &ObjectiveStatus, windows: &[String], wide: bool) -> String {
+    let pct = |v: Option<f64>| match v {
+        Some(v) if v.is_infinite() => "exhausted".to_string(),
+        v => v.map_or("-".to_string(), format_percent),
+    };
+    let x = |v: Option<f64>| match v {
+        Some(v) if v.is_infinite() => "inf".to_string(),
+        v => v.map_or("-".to_string(), |v| format!("{v:.1}x")),
+    };
+    let mut line = format!(
+        "\n{:<16} {:<14} {:>8} {:>9} {:>12}",
+        c.capability,
+        o.objective,
+        format_percent(o.target),
+        pct(o.sli),
+        pct(o.budget_left.map(|b| (b * 1e4).round() / 1e4)),
+    );
+    for w in windows {
+        line.push_str(&format!(
+            " {:>10}",
+            x(o.burn_rates.get(w).copied().flatten())
+        ));
+    }
+    if wide {
+        let page = if o.page { "yes" } else { "no" };
+        line.push_str(&format!(
+            " {page:>5} {:>10}  {}",
+            requests(c),
+            c.routes.join(",")
+        ));
+    }
+    line
 }
 
 #[cfg(test)]
