@@ -10,6 +10,14 @@
 //! - [`host`]: CPU, memory, GPUs (NVML, loaded at run time) and RAPL, as
 //!   `/v1/host` and registration labels; energy per job.
 //!
+//! Dependencies point down, no cycle: leaves ([`job`], [`program`],
+//! [`registration`], [`listener`]) → [`exec`], [`host`] → [`config`],
+//! [`metrics`] → the mechanisms ([`jobs`], [`serve`]) → [`api`] → [`run`]
+//! (the wiring). The plumbing the three Crank binaries share (config
+//! errors, the accept loop, backoff, signals, the refusal body) is
+//! `crank-plumbing`'s. `docs/architecture.md` ("Worker shim modules") has
+//! the picture.
+//!
 //! See `docs/guides/service-owner.md` (putting a program behind the shim)
 //! and `docs/reference/shim-config.md`.
 

@@ -12,7 +12,7 @@
 //! Every error is the mesh's one error body, JSON
 //! `{"error": REASON, "message": "…"}` (plus `problems` for `bad-params`),
 //! with the same reason in `x-crank-error` (crank-plumbing's `Refusal`).
-//! The submission itself is [`submit`].
+//! The submission itself is in `submit`.
 
 use std::convert::Infallible;
 use std::future::Future;

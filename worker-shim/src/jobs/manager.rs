@@ -5,8 +5,8 @@
 //!
 //! One mutex guards the in-memory view (records, queue, slots, running
 //! handles). Nothing awaits while holding it. The manager's methods are
-//! gathered by concern: taking jobs in ([`super::admission`]), running one
-//! attempt ([`super::runner`]), the end of a run ([`super::finish`]); here
+//! gathered by concern: taking jobs in (`admission`), running one
+//! attempt (`runner`), the end of a run (`finish`); here
 //! are the state, recovery at start, dispatch, the caller's actions
 //! (get, list, cancel, delete), the drain and retention.
 

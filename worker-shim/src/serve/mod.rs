@@ -1,7 +1,7 @@
 //! `serve` mode: the worker is an unmodified HTTP server. The shim starts it,
 //! supervises it and sits in front of it.
 //!
-//! * **Supervisor** ([`supervisor`]). The worker runs in its own process
+//! * **Supervisor** (`supervisor`). The worker runs in its own process
 //!   group with the shim's stdout and stderr. It is not ready until
 //!   `GET health_path` answers 2xx; then the shim registers (once per shim
 //!   lifetime) and reports ready. A worker that exits, never becomes healthy
@@ -10,7 +10,7 @@
 //!   after an exponential backoff with jitter ([`restart_backoff`]); the
 //!   backoff resets once a worker has stayed healthy for
 //!   [`BACKOFF_RESET_AFTER`].
-//! * **Front proxy** ([`front`]). HTTP/1.1 and h2c on the shim's listener,
+//! * **Front proxy** (`front`). HTTP/1.1 and h2c on the shim's listener,
 //!   forwarded to `upstream` over pooled HTTP/1.1 connections with both
 //!   bodies streamed. Hop-by-hop headers are dropped, `Host` is kept.
 //!   Upgrades (WebSocket) and `CONNECT` get `501`. While the worker is not
@@ -23,7 +23,7 @@
 //!   in-flight ones finish, bounded by `drain_timeout`), `SIGTERM` the
 //!   worker's process group, `SIGKILL` it after `stop_timeout`, return.
 //!
-//! [`Shared`] is what the supervisor and the front proxy share: the config,
+//! `Shared` is what the supervisor and the front proxy share: the config,
 //! the metrics, readiness, the drain flag and the in-flight count.
 
 mod front;
@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
+use crank_plumbing::exit::chain as error_chain;
 use crank_plumbing::Drain;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -189,16 +190,4 @@ impl Shared {
             changed
         })
     }
-}
-
-/// `e` and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
