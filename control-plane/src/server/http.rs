@@ -49,9 +49,15 @@ impl Control {
     pub(super) fn refused(&self, r: Refusal, what: &str) -> Resp {
         self.metrics.refused.with_label_values(&[r.code]).inc();
         tracing::warn!(request = what, reason = r.code, message = %r.message, "refused");
-        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        crank_plumbing::Refusal::new(status, r.code, r.message).response()
+        refusal_response(r)
     }
+}
+
+/// A refusal in the mesh's one error body: `{"error", "message"}` on one
+/// line, `content-type: application/json`, `x-crank-error: <code>`.
+fn refusal_response(r: Refusal) -> Resp {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    crank_plumbing::Refusal::new(status, r.code, r.message).response()
 }
 
 pub(super) async fn body<T: serde::de::DeserializeOwned>(
@@ -126,5 +132,37 @@ impl PollQuery {
 
     pub(super) fn wait(&self) -> Duration {
         Duration::from_secs(self.num("wait").min(60))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refusal_is_the_one_error_body_with_its_reason_header() {
+        let resp = refusal_response(refusal(
+            403,
+            "token-reused",
+            "this join token was already used; make a new one with `crankctl token create`",
+        ));
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()["x-crank-error"], "token-reused");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.ends_with("}\n") && text.lines().count() == 1, "{text}");
+        let e: crank_api::identity::ApiError = serde_json::from_str(text).unwrap();
+        assert_eq!(e.error, "token-reused");
+        assert!(e.message.contains("crankctl token create"));
+        // A code outside HTTP's range cannot happen, but would not panic.
+        assert_eq!(refusal_response(refusal(1000, "x", "y")).status(), 500);
+    }
+
+    #[test]
+    fn crankctl_reads_the_shims_old_detail_as_message() {
+        let e: crank_api::identity::ApiError =
+            serde_json::from_str(r#"{"error":"queue-full","detail":"busy"}"#).unwrap();
+        assert_eq!(e.message, "busy");
     }
 }
