@@ -132,6 +132,18 @@ struct IssueFor<'a> {
     renewing: bool,
 }
 
+impl<'a> IssueFor<'a> {
+    /// An enrollment by `requester`; set `renewing` for a renewal.
+    fn new(id: &'a Identity, instance: &'a str, requester: String) -> Self {
+        IssueFor {
+            id,
+            instance,
+            requester,
+            renewing: false,
+        }
+    }
+}
+
 impl Control {
     /// Signs a CSR for `who.id` and records it in the inventory and the
     /// workload reports.
@@ -201,12 +213,7 @@ impl Control {
             let mut st = self.state();
             let (idx, id) = st.check_token(&r.token, now())?;
             let token_ref = super::state::sha256_hex(r.token.trim())[..8].to_string();
-            let who = IssueFor {
-                id: &id,
-                instance: &r.instance,
-                requester: format!("enroll (token {token_ref})"),
-                renewing: false,
-            };
+            let who = IssueFor::new(&id, &r.instance, format!("enroll (token {token_ref})"));
             let resp = self.issue(&mut st, &r.csr, who)?;
             st.use_token(idx, now());
             self.commit(&st);
@@ -224,10 +231,8 @@ impl Control {
         let resp = {
             let mut st = self.state();
             let who = IssueFor {
-                id: &id,
-                instance: &r.instance,
-                requester: format!("renew (serial {serial})"),
                 renewing: true,
+                ..IssueFor::new(&id, &r.instance, format!("renew (serial {serial})"))
             };
             let resp = self.issue(&mut st, &r.csr, who)?;
             self.commit(&st);
