@@ -324,6 +324,25 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
+    /// The mesh's one error body, with `problems` for `bad-params`.
+    #[tokio::test]
+    async fn refusals_are_the_mesh_error_body() {
+        let r = Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "queue-full", "retry later")
+            .with("problems", vec!["a", "b"])
+            .retry_after(3);
+        let resp = refusal(&r);
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()["x-crank-error"], "queue-full");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": "queue-full", "message": "retry later", "problems": ["a", "b"]})
+        );
+    }
+
     #[test]
     fn job_routes_match_paths_and_capture_the_id() {
         let cases = [

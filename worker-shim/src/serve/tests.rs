@@ -301,6 +301,14 @@ async fn not_ready_until_healthy_then_proxies() {
     assert_eq!(early.crank_error(), "worker-not-ready");
     assert_eq!(early.headers[header::RETRY_AFTER], "1");
     assert_eq!(early.json()["error"], "worker-not-ready");
+    let message = early.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("/healthz"),
+        "the one error body: {message}"
+    );
     assert!(
         !early.body[..early.body.len() - 1].contains(&b'\n'),
         "one line"
