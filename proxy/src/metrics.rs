@@ -1,6 +1,7 @@
 //! Prometheus metrics of the proxy, all prefixed `crank_`, in one registry
 //! served on the admin listener.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -274,17 +275,17 @@ impl TrafficMetrics {
             IntGauge::new("crank_inflight_requests", "Requests in flight").expect("static metric");
         let ready = IntGauge::new("crank_ready", "1 when the proxy is ready to serve")
             .expect("static metric");
-        let all: [Box<dyn prometheus::core::Collector>; 6] = [
-            Box::new(requests.clone()),
-            Box::new(latency.clone()),
-            Box::new(proxy_errors.clone()),
-            Box::new(tap_dropped.clone()),
-            Box::new(inflight.clone()),
-            Box::new(ready.clone()),
-        ];
-        for c in all {
-            registry.register(c).expect("unique metric names");
-        }
+        register(
+            registry,
+            [
+                Box::new(requests.clone()) as Box<dyn Collector>,
+                Box::new(latency.clone()),
+                Box::new(proxy_errors.clone()),
+                Box::new(tap_dropped.clone()),
+                Box::new(inflight.clone()),
+                Box::new(ready.clone()),
+            ],
+        );
         TrafficMetrics {
             requests,
             latency,
@@ -338,15 +339,15 @@ impl ConnMetrics {
             &["direction"],
         )
         .expect("static metric");
-        let all: [Box<dyn prometheus::core::Collector>; 4] = [
-            Box::new(handshake_failures.clone()),
-            Box::new(open_connections.clone()),
-            Box::new(connections_refused.clone()),
-            Box::new(request_head_timeouts.clone()),
-        ];
-        for c in all {
-            registry.register(c).expect("unique metric names");
-        }
+        register(
+            registry,
+            [
+                Box::new(handshake_failures.clone()) as Box<dyn Collector>,
+                Box::new(open_connections.clone()),
+                Box::new(connections_refused.clone()),
+                Box::new(request_head_timeouts.clone()),
+            ],
+        );
         ConnMetrics {
             handshake_failures,
             open_connections,
@@ -408,16 +409,16 @@ impl PolicyMetrics {
             "Decision log lines dropped because the writer fell behind",
         )
         .expect("static metric");
-        let all: [Box<dyn prometheus::core::Collector>; 5] = [
-            Box::new(policy_decisions.clone()),
-            Box::new(policy_eval.clone()),
-            Box::new(policy_reloads.clone()),
-            Box::new(policy_revision.clone()),
-            Box::new(decision_log_dropped.clone()),
-        ];
-        for c in all {
-            registry.register(c).expect("unique metric names");
-        }
+        register(
+            registry,
+            [
+                Box::new(policy_decisions.clone()) as Box<dyn Collector>,
+                Box::new(policy_eval.clone()),
+                Box::new(policy_reloads.clone()),
+                Box::new(policy_revision.clone()),
+                Box::new(decision_log_dropped.clone()),
+            ],
+        );
         PolicyMetrics {
             policy_decisions,
             policy_eval,
@@ -467,21 +468,28 @@ impl TracingMetrics {
             &["result"],
         )
         .expect("static metric");
-        let all: [Box<dyn prometheus::core::Collector>; 4] = [
-            Box::new(spans_exported.clone()),
-            Box::new(spans_dropped.clone()),
-            Box::new(sampling_ratio.clone()),
-            Box::new(config_reloads.clone()),
-        ];
-        for c in all {
-            registry.register(c).expect("unique metric names");
-        }
+        register(
+            registry,
+            [
+                Box::new(spans_exported.clone()) as Box<dyn Collector>,
+                Box::new(spans_dropped.clone()),
+                Box::new(sampling_ratio.clone()),
+                Box::new(config_reloads.clone()),
+            ],
+        );
         TracingMetrics {
             spans_exported,
             spans_dropped,
             sampling_ratio,
             config_reloads,
         }
+    }
+}
+
+/// Registers each metric of a group once.
+fn register<const N: usize>(registry: &Registry, all: [Box<dyn Collector>; N]) {
+    for c in all {
+        registry.register(c).expect("unique metric names");
     }
 }
 

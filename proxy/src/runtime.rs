@@ -79,23 +79,7 @@ impl Runtime {
     /// (`web.acme.crank.local`) from a throw-away CA.
     #[cfg(test)]
     pub fn for_tests(cfg: &ProxyConfig) -> Self {
-        use crank_certs::{Ca, Identity, LeafRequest};
-        use std::time::Duration;
-        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
-        let int = root
-            .generate_intermediate(Duration::from_secs(86_400))
-            .unwrap();
-        let who = Identity::new("web", "acme", "crank.local").unwrap();
-        let leaf = int
-            .issue(&LeafRequest::new(who, Duration::from_secs(3600)))
-            .unwrap();
-        let m = crate::identity::Material::from_pem(
-            leaf.cert_pem.as_bytes(),
-            leaf.key_pem.as_bytes(),
-            root.cert_pem().as_bytes(),
-            "test",
-        )
-        .unwrap();
+        let m = crate::identity::tests::test_material();
         let metrics = Metrics::new();
         let tls = WorkloadTls::from_material(m, &metrics).unwrap();
         let health = Arc::new(Health::new(metrics.inflight.clone(), metrics.ready.clone()));

@@ -93,12 +93,7 @@ fn inbound(
         rt: rt.clone(),
         app: Some((inb.app, inb.app_protocol)),
     };
-    let mut proxy = HttpProxy::new(app, conf.clone());
-    proxy.handle_init_modules();
-    proxy.h2_options = Some(h2_options(&cfg.limits));
-    let mut opts = HttpServerOptions::default();
-    opts.h2_idle_timeout = Some(cfg.limits.idle_timeout);
-    proxy.server_options = Some(opts);
+    let proxy = http_proxy(app, cfg, conf, false);
     let max = cfg.limits.inbound_max_connections;
     let listener = Listener::new(proxy, limits(cfg, rt, "inbound", max, all_open));
     let mut svc = Service::new("crank inbound".into(), listener);
@@ -125,13 +120,7 @@ fn outbound(
         rt: rt.clone(),
         app: None,
     };
-    let mut proxy = HttpProxy::new(app, conf.clone());
-    proxy.handle_init_modules();
-    let mut opts = HttpServerOptions::default();
-    opts.h2c = true;
-    opts.h2_idle_timeout = Some(cfg.limits.idle_timeout);
-    proxy.server_options = Some(opts);
-    proxy.h2_options = Some(h2_options(&cfg.limits));
+    let proxy = http_proxy(app, cfg, conf, true);
     let max = cfg.limits.outbound_max_connections;
     let listener = Listener::new(proxy, limits(cfg, rt, "outbound", max, all_open));
     let mut svc = Service::new("crank outbound".into(), listener);
@@ -147,6 +136,24 @@ fn outbound(
         );
     }
     svc
+}
+
+/// Pingora's HTTP proxy app around `app`: the h2 windows and header list,
+/// the idle timeout of h2 connections, and (outbound) h2c.
+fn http_proxy(
+    app: MeshProxy,
+    cfg: &ProxyConfig,
+    conf: &Arc<ServerConf>,
+    h2c: bool,
+) -> HttpProxy<MeshProxy> {
+    let mut proxy = HttpProxy::new(app, conf.clone());
+    proxy.handle_init_modules();
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = h2c;
+    opts.h2_idle_timeout = Some(cfg.limits.idle_timeout);
+    proxy.server_options = Some(opts);
+    proxy.h2_options = Some(h2_options(&cfg.limits));
+    proxy
 }
 
 /// The read buffer of each outbound (app-facing) connection. Pingora's

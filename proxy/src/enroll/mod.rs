@@ -253,6 +253,62 @@ pub fn check(cfg: &IdentityConfig, base: &Path) -> Result<(), EnrollError> {
     }
 }
 
+/// The PEM material a start serves, and where it came from.
+struct Pems {
+    chain: String,
+    key: String,
+    bundle: String,
+    bundle_version: u64,
+    /// `loaded` from `state_dir`, or `enrolled` just now.
+    source: &'static str,
+}
+
+/// What an enrollment at start needs.
+struct Enrolling<'a> {
+    cfg: &'a IdentityConfig,
+    base: &'a Path,
+    dir: &'a Path,
+    identity: &'a Identity,
+    instance: &'a str,
+    client: &'a Client,
+}
+
+impl Enrolling<'_> {
+    /// Enrolls with the join token (once per token), saving what
+    /// crank-control issued to `state_dir`. `why` says why the state
+    /// directory could not be used.
+    fn enroll(&self, why: &str) -> Result<Pems, EnrollError> {
+        let (e, base, dir, identity) = (enroll_cfg(self.cfg)?, self.base, self.dir, self.identity);
+        let token = read_token(e, base)?.ok_or_else(|| no_token(e, base, why))?;
+        let digest = recover::token_digest(&token);
+        if state::token_used(dir).as_deref() == Some(digest.as_str()) {
+            let why = format!("{why}; the token at hand was used by its last enrollment");
+            return Err(no_token(e, base, &why));
+        }
+        tracing::info!(identity = %identity, reason = %why, control_plane = %e.control_plane, "enrolling with crank-control");
+        let roots = control_roots(self.cfg, base, dir)?;
+        let (key_pem, req) = enroll_request(identity, token, self.instance)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| eerr(format!("cannot start a runtime: {err}")))?;
+        let resp = rt.block_on(enroll_with_retry(self.client, &roots, &req, STARTUP_RETRY))?;
+        let summary = check_answer(&resp, &key_pem, identity)?;
+        state::save_cert(dir, &key_pem, &resp.chain)
+            .and_then(|_| state::save_bundle(dir, &resp.bundle.pem))
+            .and_then(|_| state::save_token_used(dir, &digest))
+            .map_err(|err| eerr(format!("cannot save to {}: {err}", dir.display())))?;
+        tracing::info!(identity = %identity, serial = %canonical_serial(&summary.serial), not_after = summary.not_after, bundle_version = resp.bundle.version, state_dir = %dir.display(), "enrolled");
+        Ok(Pems {
+            chain: resp.chain,
+            key: key_pem,
+            bundle: resp.bundle.pem,
+            bundle_version: resp.bundle.version,
+            source: "enrolled",
+        })
+    }
+}
+
 /// Loads the enrolled identity from `state_dir`, or enrolls (blocking, with
 /// retries for up to 30 s while crank-control cannot be reached).
 pub fn bootstrap(cfg: &IdentityConfig, base: &Path) -> Result<Bootstrapped, EnrollError> {
@@ -265,49 +321,36 @@ pub fn bootstrap(cfg: &IdentityConfig, base: &Path) -> Result<Bootstrapped, Enro
         .map_err(|err| eerr(format!("cannot write {}/instance: {err}", dir.display())))?;
     let client = Client::new(&e.control_plane, &e.server_name()).map_err(eerr)?;
     let status = Arc::new(AgentStatus::default());
-    let (chain_pem, key_pem, bundle_pem, bundle_version, source) = match state::check_state(
-        &dir,
-        &identity,
-        unix_now(),
-    ) {
+    let pems = match state::check_state(&dir, &identity, unix_now()) {
         StateCheck::Valid(s) => {
             tracing::info!(identity = %identity, serial = %canonical_serial(&s.summary.serial), not_after = s.summary.not_after, state_dir = %dir.display(), "loaded enrolled identity");
-            (s.chain_pem, s.key_pem, s.bundle_pem, 0, "loaded")
+            Pems {
+                chain: s.chain_pem,
+                key: s.key_pem,
+                bundle: s.bundle_pem,
+                bundle_version: 0,
+                source: "loaded",
+            }
         }
         other => {
-            let why = other.why();
-            let token = read_token(e, base)?.ok_or_else(|| no_token(e, base, &why))?;
-            let digest = recover::token_digest(&token);
-            if state::token_used(&dir).as_deref() == Some(digest.as_str()) {
-                return Err(no_token(
-                    e,
-                    base,
-                    &format!("{why}; the token at hand was used by its last enrollment"),
-                ));
-            }
-            tracing::info!(identity = %identity, reason = %why, control_plane = %e.control_plane, "enrolling with crank-control");
-            let roots = control_roots(cfg, base, &dir)?;
-            let (key_pem, req) = enroll_request(&identity, token, &instance)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|err| eerr(format!("cannot start a runtime: {err}")))?;
-            let resp = rt.block_on(enroll_with_retry(&client, &roots, &req, STARTUP_RETRY))?;
-            let summary = check_answer(&resp, &key_pem, &identity)?;
-            state::save_cert(&dir, &key_pem, &resp.chain)
-                .and_then(|_| state::save_bundle(&dir, &resp.bundle.pem))
-                .and_then(|_| state::save_token_used(&dir, &digest))
-                .map_err(|err| eerr(format!("cannot save to {}: {err}", dir.display())))?;
-            tracing::info!(identity = %identity, serial = %canonical_serial(&summary.serial), not_after = summary.not_after, bundle_version = resp.bundle.version, state_dir = %dir.display(), "enrolled");
-            (
-                resp.chain,
-                key_pem,
-                resp.bundle.pem,
-                resp.bundle.version,
-                "enrolled",
-            )
+            let at = Enrolling {
+                cfg,
+                base,
+                dir: &dir,
+                identity: &identity,
+                instance: &instance,
+                client: &client,
+            };
+            at.enroll(&other.why())?
         }
     };
+    let (chain_pem, key_pem, bundle_pem, bundle_version, source) = (
+        pems.chain,
+        pems.key,
+        pems.bundle,
+        pems.bundle_version,
+        pems.source,
+    );
     let material = Material::from_pem(
         chain_pem.as_bytes(),
         key_pem.as_bytes(),

@@ -388,26 +388,10 @@ pub fn spawn(mesh: Arc<Mesh>, handles: Handles) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crank_certs::{Ca, Identity, LeafRequest};
-    use std::time::Duration;
 
     #[test]
     fn credentials_are_the_workloads_current_ones() {
-        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
-        let int = root
-            .generate_intermediate(Duration::from_secs(86_400))
-            .unwrap();
-        let who = Identity::new("web", "acme", "crank.local").unwrap();
-        let leaf = int
-            .issue(&LeafRequest::new(who, Duration::from_secs(3600)))
-            .unwrap();
-        let m = crate::identity::Material::from_pem(
-            leaf.cert_pem.as_bytes(),
-            leaf.key_pem.as_bytes(),
-            root.cert_pem().as_bytes(),
-            "test",
-        )
-        .unwrap();
+        let m = crate::identity::tests::test_material();
         let chain = m.chain.clone();
         let tls = WorkloadTls::from_material(m, &crate::metrics::Metrics::new()).unwrap();
         let (cert, roots) = credentials(&tls).unwrap();
