@@ -30,6 +30,7 @@ mod submit;
 
 use crate::host::{HostInfo, HostProbe};
 use crate::job::{JobState, Priority};
+use crate::jobs::manager::job_not_found;
 use crate::jobs::Manager;
 use crate::metrics::GpuMetrics;
 use crate::registration::ShimRegistration;
@@ -181,7 +182,7 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
             Some((JobRoute::Get, id)) => m
                 .get(id)
                 .map(|r| json(StatusCode::OK, &r))
-                .ok_or_else(|| not_found(id)),
+                .ok_or_else(|| job_not_found(id)),
             Some((JobRoute::Output, id)) => output(&m, id, &shared.output_content_type).await,
             Some((JobRoute::Cancel, id)) => {
                 let by = client_id(&req);
@@ -219,14 +220,6 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
         };
         res.unwrap_or_else(|r| refusal(&r))
     })
-}
-
-fn not_found(id: &str) -> Refusal {
-    Refusal::new(
-        StatusCode::NOT_FOUND,
-        "job-not-found",
-        format!("no job {id}"),
-    )
 }
 
 fn client_id(req: &Request<Incoming>) -> Option<String> {
@@ -272,7 +265,7 @@ fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal>
 }
 
 async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Body>, Refusal> {
-    let rec = m.get(id).ok_or_else(|| not_found(id))?;
+    let rec = m.get(id).ok_or_else(|| job_not_found(id))?;
     if rec.state != JobState::Succeeded {
         return Err(Refusal::new(
             StatusCode::CONFLICT,

@@ -222,11 +222,7 @@ impl Manager {
     pub fn cancel(&self, id: &str, by: Option<&str>) -> Result<JobRecord, Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let Some(rec) = inner.records.get(id) else {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "job-not-found",
-                format!("no job {id}"),
-            ));
+            return Err(job_not_found(id));
         };
         match rec.state {
             JobState::Queued => {
@@ -271,11 +267,7 @@ impl Manager {
     pub fn delete(&self, id: &str) -> Result<(), Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let Some(rec) = inner.records.get(id) else {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "job-not-found",
-                format!("no job {id}"),
-            ));
+            return Err(job_not_found(id));
         };
         if !rec.state.is_terminal() {
             return Err(Refusal::new(
@@ -408,6 +400,15 @@ struct Start {
     gpu: Option<u32>,
     cancel: Arc<Notify>,
     by_user: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// 404 `job-not-found`: never submitted, deleted, or removed by retention.
+pub fn job_not_found(id: &str) -> Refusal {
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        "job-not-found",
+        format!("no job {id}"),
+    )
 }
 
 fn by_note(by: Option<&str>) -> String {
