@@ -57,7 +57,7 @@ fn wait_and_exit(health: &Health, deadline: Duration) {
             let since = *idle_since.get_or_insert(now);
             if now - since >= SETTLE {
                 tracing::info!(elapsed = ?start.elapsed(), "drained: no requests in flight, exiting");
-                crate::otlp::flush(Duration::from_secs(2));
+                crate::tracing::export::flush(Duration::from_secs(2));
                 crate::logging::flush();
                 std::process::exit(0);
             }
@@ -69,7 +69,7 @@ fn wait_and_exit(health: &Health, deadline: Duration) {
                 inflight = health.inflight(),
                 "drain deadline reached with requests in flight, exiting"
             );
-            crate::otlp::flush(Duration::from_secs(2));
+            crate::tracing::export::flush(Duration::from_secs(2));
             crate::logging::flush();
             std::process::exit(0);
         }

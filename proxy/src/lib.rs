@@ -6,7 +6,7 @@
 //!
 //! 1. leaves: [`config`], [`errors`], [`metrics`], [`direction`], [`clock`],
 //!    [`headers`], and the mechanisms ([`resilience`], [`routing`],
-//!    [`identity`], [`policy`], [`spans`], [`health`], [`conn`], ...);
+//!    [`identity`], [`policy`], [`tracing`], [`health`], [`conn`], ...);
 //! 2. [`runtime`]: the handles every request stage reads;
 //! 3. [`request`]: the Pingora phases and their stages;
 //! 4. [`app`]: wiring, the background tasks and the writers ([`app::run`]).
@@ -29,12 +29,13 @@ pub mod identity;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
-pub mod otlp;
 pub mod policy;
 pub mod request;
 pub mod resilience;
 pub mod routing;
 pub mod runtime;
-pub mod spans;
 pub mod tap;
-pub mod tracecontext;
+pub mod tracing;
+
+/// The W3C trace-context parser under its old name (the fuzz target uses it).
+pub use self::tracing::context as tracecontext;

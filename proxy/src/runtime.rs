@@ -30,7 +30,7 @@ pub struct Runtime {
     /// This workload's identity as policy input sees it, made once.
     pub me: crank_policy::Workload,
     /// Spans and trace context; `None` when the config has no `tracing`.
-    pub tracer: Option<crate::spans::Tracer>,
+    pub tracer: Option<crate::tracing::Tracer>,
     /// Quotas of each direction; replaced when the config changes.
     pub quotas: Arc<ArcSwap<QuotaSet>>,
     /// The concurrency limit in front of the local app (inbound).

@@ -62,18 +62,18 @@ fn tracer(
     cfg: &ProxyConfig,
     tls: &WorkloadTls,
     metrics: &Metrics,
-) -> anyhow::Result<Option<crate::spans::Tracer>> {
+) -> anyhow::Result<Option<crate::tracing::Tracer>> {
     let Some(t) = &cfg.tracing else {
         return Ok(None);
     };
-    let resource = crate::otlp::resource(t, &tls.identity);
-    let export = crate::otlp::ExportMetrics {
+    let resource = crate::tracing::export::resource(t, &tls.identity);
+    let export = crate::tracing::export::ExportMetrics {
         exported: metrics.spans_exported.clone(),
         dropped: metrics.spans_dropped.clone(),
     };
-    let sink = crate::otlp::start(t, resource, export)?;
+    let sink = crate::tracing::export::start(t, resource, export)?;
     metrics.sampling_ratio.set(t.sampling);
-    Ok(Some(crate::spans::Tracer::new(t.sampling, sink)))
+    Ok(Some(crate::tracing::Tracer::new(t.sampling, sink)))
 }
 
 impl App {

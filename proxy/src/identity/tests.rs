@@ -6,7 +6,9 @@ use super::*;
 /// Material for `web.acme.crank.local` from a throw-away CA (unit tests).
 pub(crate) fn test_material() -> Material {
     let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
-    let int = root.generate_intermediate(Duration::from_secs(86_400)).unwrap();
+    let int = root
+        .generate_intermediate(Duration::from_secs(86_400))
+        .unwrap();
     material(&leaf(&int, "web"), &root)
 }
 

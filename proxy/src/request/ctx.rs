@@ -10,7 +10,7 @@ use crate::errors::Reason;
 use crate::health::InflightGuard;
 use crate::identity::PeerIdentity;
 use crate::routing::Route;
-use crate::spans::Hop;
+use crate::tracing::Hop;
 
 use super::resilience::ResCtx;
 

@@ -1,6 +1,6 @@
 //! This hop's span (or upstream attempt's): OpenTelemetry HTTP semantic
 //! conventions plus `crank.*` attributes, built only when the span is
-//! sampled. The trace context and export are in [`crate::spans`].
+//! sampled. The trace context and export are in [`crate::tracing`].
 
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue as Kv;
@@ -10,7 +10,7 @@ use pingora_proxy::Session;
 use super::{Ctx, MeshProxy};
 use crate::direction::Direction;
 use crate::routing::authority::{host_only, request_authority, split_absolute};
-use crate::spans::SpanEnd;
+use crate::tracing::SpanEnd;
 
 impl MeshProxy {
     /// Starts this hop's trace context (tracing on) or keeps the caller's
@@ -19,7 +19,7 @@ impl MeshProxy {
         let headers = &session.req_header().headers;
         match &self.rt.tracer {
             Some(t) => ctx.hop = Some(t.begin(headers)),
-            None => ctx.incoming_trace_id = crate::spans::incoming_trace_id(headers),
+            None => ctx.incoming_trace_id = crate::tracing::incoming_trace_id(headers),
         }
     }
 
@@ -66,7 +66,7 @@ impl MeshProxy {
     ) -> SpanEnd {
         let req = session.req_header();
         let mut a: Vec<Kv> = Vec::with_capacity(24);
-        let name = crate::spans::method_attrs(req.method.as_str(), &mut a);
+        let name = crate::tracing::method_attrs(req.method.as_str(), &mut a);
         let kind = match self.direction {
             Direction::Inbound => SpanKind::Server,
             Direction::Outbound => SpanKind::Client,

@@ -1,10 +1,14 @@
+//! Tracing: W3C trace context ([`context`]), the spans, and their export
+//! over OTLP ([`export`]). The span of a request is built from its facts by
+//! `request::span`.
+//!
 //! Spans: one per hop through the sidecar (a server span inbound, a client
 //! span per upstream attempt outbound), with W3C trace context in and out.
 //!
 //! The proxy builds OpenTelemetry `SpanData` itself instead of going through
 //! the SDK's tracer: the trace context comes from our own W3C parser
-//! ([`crate::tracecontext`]), a span is only materialised when it is
-//! sampled, and it is handed to a bounded queue ([`crate::otlp`]) that never
+//! ([`context`]), a span is only materialised when it is sampled, and it
+//! is handed to a bounded queue ([`export`]) that never
 //! blocks a request. Sampling is parent-based with a trace-id ratio for new
 //! traces, the same decision the SDK's `ParentBased(TraceIdRatioBased)`
 //! makes; the ratio is an atomic, so a config reload changes it live.
@@ -20,8 +24,11 @@ use opentelemetry::trace::{
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 
-use crate::otlp::SpanSink;
-use crate::tracecontext::{self, FLAG_RANDOM, FLAG_SAMPLED};
+pub mod context;
+pub mod export;
+
+use context::{FLAG_RANDOM, FLAG_SAMPLED};
+use export::SpanSink;
 
 /// Makes hops and finishes their spans. Present when the config has a
 /// `tracing` section.
@@ -204,22 +211,20 @@ pub const MAX_TRACESTATE: usize = 4096;
 
 /// The valid incoming `traceparent` and its forwardable `tracestate`. A
 /// `tracestate` without a valid `traceparent` is never used (§3.3).
-pub fn incoming(headers: &HeaderMap) -> Option<(tracecontext::TraceParent, Option<String>)> {
-    let tp = tracecontext::parse_traceparent(
-        headers.get_all("traceparent").iter().map(|v| v.as_bytes()),
-    )
-    .ok()?;
-    let ts = tracecontext::combine_tracestate(
-        headers.get_all("tracestate").iter().map(|v| v.as_bytes()),
-    )
-    .map(|ts| tracecontext::truncate_tracestate(&ts, MAX_TRACESTATE));
+pub fn incoming(headers: &HeaderMap) -> Option<(context::TraceParent, Option<String>)> {
+    let tp =
+        context::parse_traceparent(headers.get_all("traceparent").iter().map(|v| v.as_bytes()))
+            .ok()?;
+    let ts =
+        context::combine_tracestate(headers.get_all("tracestate").iter().map(|v| v.as_bytes()))
+            .map(|ts| context::truncate_tracestate(&ts, MAX_TRACESTATE));
     Some((tp, ts))
 }
 
 /// The trace id of a request's valid `traceparent`, for logs when tracing
 /// is off.
 pub fn incoming_trace_id(headers: &HeaderMap) -> Option<String> {
-    tracecontext::parse_traceparent(headers.get_all("traceparent").iter().map(|v| v.as_bytes()))
+    context::parse_traceparent(headers.get_all("traceparent").iter().map(|v| v.as_bytes()))
         .ok()
         .map(|t| t.trace_id_hex())
 }
@@ -295,7 +300,7 @@ pub fn method_attrs(method: &str, attrs: &mut Vec<KeyValue>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::otlp::SpanSink;
+    use crate::tracing::export::SpanSink;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
