@@ -13,6 +13,7 @@ pub mod pki;
 pub mod prometheus;
 pub mod proxy;
 pub mod raw_http;
+pub mod reporting;
 pub mod shim;
 pub mod sidecar;
 

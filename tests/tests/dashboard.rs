@@ -20,66 +20,11 @@ use std::time::Duration;
 
 use crank_tests::app::EchoApp;
 use crank_tests::control::{ControlOptions, ControlPlane};
-use crank_tests::proxy::{free_addr, Proxy};
+use crank_tests::reporting::{client, control, server, BACKEND, FRONTEND};
 use crank_tests::{curl, header, wait_until};
-
-const FRONTEND: &str = "frontend.demo.crank.local";
-const BACKEND: &str = "backend.demo.crank.local";
-
-const ROUTE: &str =
-    "routes:\n  - name: backend\n    match: {hosts: [backend]}\n    backends: [{capability: hello:v1}]\n";
-const SLO: &str = "capability: hello:v1\nslo:\n  availability: 99.9%\n";
-const OPEN: &str =
-    "package crank.authz\n\nallow := true\n\ndeny contains \"never\" if {\n\tfalse\n}\n";
-const CLOSED: &str = "package crank.authz\n\nallow := true\n\ndeny contains \"the /admin path is closed\" if {\n\tinput.request.path == \"/admin\"\n}\n";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// crank-control with the dashboard and a config that routes `backend` to
-/// `hello:v1`, with an SLO and a policy that closes /admin.
-fn control() -> ControlPlane {
-    let cp = ControlPlane::start(ControlOptions {
-        dashboard: true,
-        extra: "config_dir: mesh\nregistry: {lease: 5s}\n".into(),
-        ..Default::default()
-    });
-    cp.write_mesh_file("capabilities.yaml", "capabilities:\n  - name: hello:v1\n");
-    cp.write_mesh_file("routes/backend.yaml", ROUTE);
-    cp.write_mesh_file("slo/hello.yaml", SLO);
-    cp.write_mesh_file("policies/policy.yaml", "mode: enforce\n");
-    cp.write_mesh_file("policies/open.rego", CLOSED);
-    cp
-}
-
-/// backend.demo's sidecar: serves `hello:v1`, enforces the pushed policies.
-fn server(cp: &ControlPlane, dir: &Path, app: SocketAddr) -> Proxy {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("policy.yaml"), "mode: enforce\n").unwrap();
-    std::fs::write(policies.join("open.rego"), OPEN).unwrap();
-    let (inbound, admin) = (free_addr(), free_addr());
-    let yaml = format!(
-        "{}inbound: {{listen: {inbound}, app: {app}}}\npolicy:\n  inbound: {{dir: {}}}\n  reload_interval: 100ms\n\
-         mesh:\n  watch_wait: 2s\n  report_interval: 1s\n  policy_dir: {}\n  register:\n    capabilities: [hello:v1]\n    lease: 5s\n\
-         admin: {{listen: {admin}}}\nthreads: 1\n",
-        cp.enroll_yaml(dir, "srv", "backend", "demo", "2s"),
-        policies.display(),
-        policies.display(),
-    );
-    Proxy::start(dir, "srv", &yaml, admin)
-}
-
-/// frontend.demo's sidecar: its port is bound to route `backend`.
-fn client(cp: &ControlPlane, dir: &Path) -> (Proxy, SocketAddr) {
-    let (port, admin) = (free_addr(), free_addr());
-    let yaml = format!(
-        "{}outbound:\n  ports: [{{listen: {port}, route: backend}}]\nroutes:\n  - name: backend\n    endpoints: [{{address: 127.0.0.1:1, identity: {BACKEND}}}]\n\
-         mesh:\n  watch_wait: 2s\n  report_interval: 1s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
-        cp.enroll_yaml(dir, "cli", "frontend", "demo", "2s"),
-    );
-    (Proxy::start(dir, "cli", &yaml, admin), port)
 }
 
 /// Ten requests a second through the frontend's sidecar until dropped.
@@ -215,9 +160,9 @@ fn has_call(state: &serde_json::Value) -> bool {
 #[test]
 fn the_dashboard_shows_the_mesh_and_a_new_denial_live_in_a_browser() {
     let app = EchoApp::start();
-    let cp = control();
+    let cp = control("99.9%", &[]);
     let dir = tempfile::tempdir().unwrap();
-    let srv = server(&cp, dir.path(), app.addr);
+    let (srv, _) = server(&cp, dir.path(), app.addr);
     let (cli, port) = client(&cp, dir.path());
     // Calls start once the route and its endpoint reached the caller, so
     // that the picture is not of the fallback route failing.

@@ -8,71 +8,17 @@
 //! their reasons and callers.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crank_tests::control::{ControlOptions, ControlPlane};
-use crank_tests::proxy::{free_addr, Proxy};
+use crank_tests::control::ControlPlane;
+use crank_tests::reporting::{client, control, server, BACKEND, FRONTEND};
 use crank_tests::{plain_get, wait_until, FlakyApp};
 use serde_json::Value;
 
-const FRONTEND: &str = "frontend.demo.crank.local";
-const BACKEND: &str = "backend.demo.crank.local";
-
-const ROUTE: &str =
-    "routes:\n  - name: backend\n    match: {hosts: [backend]}\n    backends: [{capability: hello:v1}]\n";
-const SLO: &str = "capability: hello:v1\nslo:\n  availability: 90%\n";
 /// Steady traffic (about 10/s) fits; a burst of 60 does not.
 const QUOTA: &str = "limits:\n  - {tenant: demo, capability: hello:v1, rate: 30/s, burst: 30, direction: outbound}\n";
-const OPEN: &str =
-    "package crank.authz\n\nallow := true\n\ndeny contains \"never\" if {\n\tfalse\n}\n";
-const CLOSED: &str = "package crank.authz\n\nallow := true\n\ndeny contains \"the /admin path is closed\" if {\n\tinput.request.path == \"/admin\"\n}\n";
-
-fn control() -> ControlPlane {
-    let cp = ControlPlane::start(ControlOptions {
-        dashboard: true,
-        extra: "config_dir: mesh\nregistry: {lease: 5s}\n".into(),
-        ..Default::default()
-    });
-    cp.write_mesh_file("capabilities.yaml", "capabilities:\n  - name: hello:v1\n");
-    cp.write_mesh_file("routes/backend.yaml", ROUTE);
-    cp.write_mesh_file("slo/hello.yaml", SLO);
-    cp.write_mesh_file("quotas.yaml", QUOTA);
-    cp.write_mesh_file("policies/policy.yaml", "mode: enforce\n");
-    cp.write_mesh_file("policies/open.rego", CLOSED);
-    cp
-}
-
-/// backend.demo's sidecar: serves `hello:v1` and enforces the pushed policy.
-fn server(cp: &ControlPlane, dir: &Path, app: SocketAddr) -> (Proxy, SocketAddr) {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("policy.yaml"), "mode: enforce\n").unwrap();
-    std::fs::write(policies.join("open.rego"), OPEN).unwrap();
-    let (inbound, admin) = (free_addr(), free_addr());
-    let yaml = format!(
-        "{}inbound: {{listen: {inbound}, app: {app}}}\npolicy:\n  inbound: {{dir: {}}}\n  reload_interval: 100ms\n\
-         mesh:\n  watch_wait: 2s\n  report_interval: 1s\n  policy_dir: {}\n  register:\n    capabilities: [hello:v1]\n    lease: 5s\n\
-         admin: {{listen: {admin}}}\nthreads: 1\n",
-        cp.enroll_yaml(dir, "srv", "backend", "demo", "2s"),
-        policies.display(),
-        policies.display(),
-    );
-    (Proxy::start(dir, "srv", &yaml, admin), inbound)
-}
-
-/// frontend.demo's sidecar: its port is bound to route `backend`.
-fn client(cp: &ControlPlane, dir: &Path) -> (Proxy, SocketAddr) {
-    let (port, admin) = (free_addr(), free_addr());
-    let yaml = format!(
-        "{}outbound:\n  ports: [{{listen: {port}, route: backend}}]\nroutes:\n  - name: backend\n    endpoints: [{{address: 127.0.0.1:1, identity: {BACKEND}}}]\n\
-         mesh:\n  watch_wait: 2s\n  report_interval: 1s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
-        cp.enroll_yaml(dir, "cli", "frontend", "demo", "2s"),
-    );
-    (Proxy::start(dir, "cli", &yaml, admin), port)
-}
 
 /// Every request sent through the frontend's sidecar, and its 5xx.
 #[derive(Default)]
@@ -185,7 +131,7 @@ fn state_until(cp: &ControlPlane, what: &str, ok: impl Fn(&Value) -> bool) -> Va
 #[test]
 fn the_dashboard_state_shows_calls_rates_slos_certs_routes_and_refusals() {
     let app = FlakyApp::start("backend");
-    let cp = control();
+    let cp = control("90%", &[("quotas.yaml", QUOTA)]);
     let dir = tempfile::tempdir().unwrap();
     let (srv, inbound) = server(&cp, dir.path(), app.addr);
     let (cli, port) = client(&cp, dir.path());
