@@ -63,14 +63,27 @@ fn refusal_response(r: Refusal) -> Resp {
 pub(super) async fn body<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
 ) -> Result<T, Refusal> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+    json_body(req, MAX_BODY, "body").await
+}
+
+/// Reads a JSON body of at most `limit` bytes into `T`; `what` names it in
+/// the refusal (`the report is not …`).
+pub(super) async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+    what: &str,
+) -> Result<T, Refusal> {
+    let bytes = Limited::new(req.into_body(), limit)
         .collect()
         .await
         .map_err(|e| {
             refusal(
                 400,
                 "bad-request",
-                format!("cannot read the body ({e}); bodies are JSON under 64 KiB"),
+                format!(
+                    "cannot read the {what} ({e}); it must be JSON under {} KiB",
+                    limit / 1024
+                ),
             )
         })?
         .to_bytes();
@@ -78,7 +91,7 @@ pub(super) async fn body<T: serde::de::DeserializeOwned>(
         refusal(
             400,
             "bad-request",
-            format!("the body is not the expected JSON: {e}"),
+            format!("the {what} is not the expected JSON: {e}"),
         )
     })
 }

@@ -105,15 +105,31 @@ mod tests {
             .iter()
             .map(|(m, p, _, _)| (m.to_string(), p.to_string()))
             .collect();
-        let missing: Vec<_> = routed.difference(&documented).collect();
+        assert_same_routes(
+            &routed,
+            &documented,
+            "control-plane/openapi.json",
+            "the router",
+        );
+    }
+
+    /// Fails naming what the code routes and the document lacks, and what
+    /// the document lists and the code does not route.
+    pub(super) fn assert_same_routes(
+        routed: &BTreeSet<(String, String)>,
+        documented: &BTreeSet<(String, String)>,
+        doc: &str,
+        code: &str,
+    ) {
+        let missing: Vec<_> = routed.difference(documented).collect();
         assert!(
             missing.is_empty(),
-            "routes missing from control-plane/openapi.json: {missing:?}"
+            "routes missing from {doc} (add them there): {missing:?}"
         );
-        let extra: Vec<_> = documented.difference(&routed).collect();
+        let extra: Vec<_> = documented.difference(routed).collect();
         assert!(
             extra.is_empty(),
-            "control-plane/openapi.json documents routes the router does not handle: {extra:?}"
+            "{doc} documents routes {code} does not handle: {extra:?}"
         );
     }
 
@@ -237,16 +253,11 @@ mod admin_tests {
             routed.contains(&("GET".into(), "/v1/admin/openapi.json".into())),
             "admin() serves its document: {routed:?}"
         );
-        let documented = documented();
-        let missing: Vec<_> = routed.difference(&documented).collect();
-        assert!(
-            missing.is_empty(),
-            "admin routes missing from control-plane/openapi-admin.json (add them there): {missing:?}"
-        );
-        let extra: Vec<_> = documented.difference(&routed).collect();
-        assert!(
-            extra.is_empty(),
-            "control-plane/openapi-admin.json documents routes admin() in ca_admin.rs does not handle: {extra:?}"
+        super::tests::assert_same_routes(
+            &routed,
+            &documented(),
+            "control-plane/openapi-admin.json",
+            "admin() in ca_admin.rs",
         );
     }
 

@@ -9,10 +9,9 @@ pub mod store;
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
 use crank_api::report::TrafficReport;
 use crank_certs::Identity;
-use http_body_util::{BodyExt, Limited};
+
 use hyper::body::Incoming;
 use hyper::Request;
 use serde::{Deserialize, Serialize};
@@ -167,24 +166,7 @@ fn now_ms() -> i64 {
 
 /// Reads and checks a report body.
 async fn report_body(req: Request<Incoming>) -> Result<TrafficReport, Refusal> {
-    let bytes: Bytes = Limited::new(req.into_body(), MAX_REPORT_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            refusal(
-                400,
-                "bad-request",
-                format!("cannot read the report ({e}); a report is JSON under 256 KiB"),
-            )
-        })?
-        .to_bytes();
-    let r: TrafficReport = serde_json::from_slice(&bytes).map_err(|e| {
-        refusal(
-            400,
-            "bad-request",
-            format!("the body is not a traffic report: {e}"),
-        )
-    })?;
+    let r: TrafficReport = super::http::json_body(req, MAX_REPORT_BODY, "traffic report").await?;
     super::http::check_instance(&r.instance)?;
     r.validate()
         .map_err(|e| refusal(400, "bad-request", format!("the traffic report: {e}")))?;
