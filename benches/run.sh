@@ -32,6 +32,11 @@
 #   crank_res_quotas  only the quotas section (optional, to attribute the cost)
 #   crank_res_limits  only the two concurrency limits, route and inbound (optional)
 #   crank_res_route   only the route's timeout and 0% faults (optional)
+#
+# Every feature on (SETUPS="crank crank_all haproxy nginx" ROUNDS=5):
+#   crank_all   crank_policy + crank_trace1 + crank_resilience (without the 0%
+#               faults) + the access log on, in one pair; see setup_crank_all.
+# Every run with haproxy prints a "Pair CPU per request" section (× haproxy).
 # Plain `crank` is "off" (it still has the default retries and circuit breaking).
 # Extra outputs: resilience.tsv, raw/<setup>[.r<N>].{front,back}.end-metrics.txt (both
 # sidecars' /metrics after the oha run), and a "Resilience overhead" section in
@@ -801,6 +806,38 @@ circuit: {consecutive_failures: 5}
 concurrency: $RES_LIMIT" \
     CRANK_INBOUND_EXTRA="concurrency: $RES_LIMIT, idempotency: {enabled: true}" setup_crank
 }
+# Every feature a production user turns on, in one pair: the shipped Rego
+# policies on the inbound side with every decision logged to a file
+# (crank_policy), tracing at 1% on both sidecars to the private collector
+# (crank_trace1), the resilience layer without the 0% faults (crank_resilience:
+# quotas, both concurrency limits, the route's timeout, retries, circuit
+# breaking), and the access log on (`access_log: true`, the default: one JSON
+# line per request on stderr, which start_bg sends to a file as a log shipper
+# would read it).
+setup_crank_all() {
+    start_collector || return 1
+    local log="{path: $RAW/crank.decisions.log}"
+    [[ "${CRANK_POLICY_LOG:-file}" == off ]] && log="{enabled: false}"
+    local t="tracing:
+  sampling: 0.01
+  scheduled_delay: $TRACE_DELAY
+  max_queue_size: $TRACE_QUEUE
+  max_export_batch_size: $TRACE_BATCH
+  otlp: {endpoint: \"http://127.0.0.1:$P_OTLP/v1/traces\"}"
+    CRANK_ACCESS_LOG=true \
+    CRANK_FRONT_EXTRA="$RES_QUOTAS
+$t" \
+    CRANK_BACK_EXTRA="$RES_QUOTAS
+$t
+policy:
+  inbound: {dir: $ROOT/policies}
+  decision_log: $log" \
+    CRANK_ROUTE_EXTRA="timeout: 30s
+retry: {attempts: 2}
+circuit: {consecutive_failures: 5}
+concurrency: $RES_LIMIT" \
+    CRANK_INBOUND_EXTRA="concurrency: $RES_LIMIT, idempotency: {enabled: true}" setup_crank
+}
 setup_crank_res_quotas() { setup_crank_res 1 0 0; }
 setup_crank_res_limits() { setup_crank_res 0 1 0; }
 setup_crank_res_route() { setup_crank_res 0 0 1; }
@@ -888,6 +925,7 @@ hop_of() {
         crank_trace100) echo "mTLS 1.3, h2 (ALPN), tracing 100% (OTLP/HTTP)" ;;
         crank_policy) echo "mTLS 1.3, h2 (ALPN), Rego policy + decision log" ;;
         crank_resilience) echo "mTLS 1.3, h2 (ALPN), resilience all on (quotas, limits, timeout, 0% faults)" ;;
+        crank_all) echo "mTLS 1.3, h2 (ALPN), all on: Rego policy + decision log, tracing 1%, quotas, limits, timeout, retries, circuit, access log" ;;
         crank_res_quotas) echo "mTLS 1.3, h2 (ALPN), quotas only" ;;
         crank_res_limits) echo "mTLS 1.3, h2 (ALPN), concurrency limits only" ;;
         crank_res_route) echo "mTLS 1.3, h2 (ALPN), route timeout + 0% faults only" ;;
@@ -914,7 +952,7 @@ report() {
         echo "- machine: $NPROC CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
         echo "- pinning: load generator on CPU ${LOAD_CPUS:-any}; upstream and both sidecars on CPU ${SERVER_CPUS:-any}"
         echo "- tools: $(wrk --version 2>&1 | head -1 | awk '{print "wrk " $2}'); ${OHA:+$("$OHA" --version 2>&1 | head -1); }$(haproxy -v 2>&1 | head -1 | awk '{print "haproxy " $3}'); $("$NGINX_BIN" -v 2>&1 | awk -F'/' '{print "nginx " $2}'); $(openssl version | awk '{print $1 " " $2}')"
-        [[ -x "$CRANK_PROXY" ]] && echo "- crank-proxy: $("$CRANK_PROXY" --version 2>/dev/null | head -1 || true) ($(stat -c %y "$CRANK_PROXY" | cut -d. -f1)), threads: $CRANK_THREADS, access_log: $CRANK_ACCESS_LOG"
+        [[ -x "$CRANK_PROXY" ]] && echo "- crank-proxy: $("$CRANK_PROXY" --version 2>/dev/null | head -1 || true) ($(stat -c %y "$CRANK_PROXY" | cut -d. -f1)), threads: $CRANK_THREADS, access_log: $CRANK_ACCESS_LOG$([[ " $SETUPS " == *" crank_all "* ]] && echo " (crank_all: true)")"
         echo "- certs: $CERTS_FROM (ECDSA P-256, TLS 1.3 only, client certs verified on every hop)"
         echo "- throughput: \`wrk -t1 -c$CONNS -d$DUR\` after a $WARMUP warm-up; latency: \`oha -c$CONNS -q $RATE -z $LAT_DUR --latency-correction\`"
         echo "- upstream: nginx \`return 200 \"ok\"\`, 1 process; every sidecar 1 process, 1 worker thread$( (( SHIM_RUN )) && echo " (crank-shim: 1 process, 2 tokio worker threads)")"
@@ -948,12 +986,47 @@ report() {
         else
             echo "errors = wrk socket errors + non-2xx responses."
         fi
+        cpu_report
         (( TRACE_RUN )) && [[ -s "$SPANS" ]] && trace_report
         (( RES_RUN )) && resilience_report
         (( SHIM_RUN )) && shim_report
         if [[ -s "$NOTES" ]]; then echo; echo "Notes:"; sed 's/^/- /' "$NOTES"; fi
     } >"$OUT/results.md"
     cat "$OUT/results.md"
+}
+
+# Pair CPU per request of every setup with sidecars (column 14 of summary.tsv),
+# and its ratio to the haproxy pair of the same round: median (min–max) over rounds.
+cpu_report() {
+    grep -q $'^haproxy\t' "$SUMMARY" || return 0
+    echo
+    echo "## Pair CPU per request"
+    echo
+    echo "utime + stime of both sidecars (every thread) over the wrk run ÷ its requests. × haproxy = this row ÷ the haproxy pair's of the same round; median (min–max) over the rounds."
+    echo
+    echo "| setup | rounds | pair CPU µs/req | × haproxy |"
+    echo "|---|---:|---:|---:|"
+    awk -F'\t' '
+        function med(a, n,   i, j, t) { for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+            return n % 2 ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2 }
+        $2 == "FAILED" || $2 == "SKIPPED" || $14 == "-" || $14 == "" { next }
+        { cpu[$1, $13] = $14; if (!($1 in seen)) { seen[$1] = 1; order[++ns] = $1 } }
+        END {
+            for (k = 1; k <= ns; k++) {
+                s = order[k]; n = 0; m = 0
+                for (key in cpu) { split(key, p, SUBSEP); if (p[1] != s) continue
+                    c[++n] = cpu[key]
+                    if ((("haproxy", p[2]) in cpu) && cpu["haproxy", p[2]] > 0) r[++m] = cpu[key] / cpu["haproxy", p[2]] }
+                if (!n) continue
+                lo = c[1]; hi = c[1]; for (i = 1; i <= n; i++) { if (c[i] < lo) lo = c[i]; if (c[i] > hi) hi = c[i] }
+                cs = sprintf("%.1f (%.1f–%.1f)", med(c, n), lo, hi)
+                rs = "-"
+                if (m) { lo = r[1]; hi = r[1]; for (i = 1; i <= m; i++) { if (r[i] < lo) lo = r[i]; if (r[i] > hi) hi = r[i] }
+                    rs = sprintf("%.2f (%.2f–%.2f)", med(r, m), lo, hi) }
+                printf "| %s | %d | %s | %s |\n", s, n, cs, rs
+                delete c; delete r
+            }
+        }' "$SUMMARY"
 }
 
 # The per-round ratio table of the tracing, resilience and shim reports: rows
@@ -1253,7 +1326,7 @@ observe_hop() {
     local n tag=${2:-$1}
     n=$(ss -Htn state established "dport = :$HOP_PORT" 2>/dev/null | wc -l)
     (( ROUND == 1 )) && echo "$1: $n TCP connection(s) on the sidecar hop under c$CONNS load" >>"$NOTES"
-    if [[ "$1" == crank || "$1" == crank_trace* || "$1" == crank_res* ]]; then
+    if [[ "$1" == crank || "$1" == crank_all || "$1" == crank_trace* || "$1" == crank_res* ]]; then
         local pre=crank; [[ "$tag" != crank ]] && pre=$tag
         curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_FRONT/metrics" >"$RAW/$pre.front.metrics.txt" 2>&1
         curl -s -m 2 "http://127.0.0.1:$P_CRANK_ADMIN_BACK/metrics" >"$RAW/$pre.back.metrics.txt" 2>&1
