@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 # test (tests/tests/dashboard.rs, headless); nftables, iptables, iproute2:
 # transparent capture (crank-capture) and the cross-host tests, whose hosts
 # are network namespaces (tests/src/netns.rs, tests/tests/capture.rs).
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium nftables iptables iproute2)
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium nftables iptables iproute2 etcd-server etcd-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

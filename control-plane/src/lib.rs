@@ -16,4 +16,5 @@ pub mod registry;
 pub mod server;
 pub mod slo;
 mod slo_cli;
+pub mod store;
 pub mod tap_cli;

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod control;
+pub mod etcd;
 pub mod flaky;
 pub mod load;
 pub mod netns;

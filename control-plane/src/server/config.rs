@@ -45,6 +45,10 @@ pub struct ControlConfig {
     pub config_dir: Option<PathBuf>,
     #[serde(default)]
     pub registry: RegistrySettings,
+    /// Where the state that must survive a replica lives (`file`, the
+    /// default, or `etcd`); see docs/reference/control-config.md.
+    #[serde(default)]
+    pub store: crate::store::StoreSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,7 +171,8 @@ pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
             &mut cfg.ca.intermediate,
         ]
         .into_iter()
-        .chain(cfg.config_dir.as_mut()),
+        .chain(cfg.config_dir.as_mut())
+        .chain(cfg.store.paths_mut()),
     );
     Ok(cfg)
 }
@@ -184,6 +189,7 @@ pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
             .map_err(|e| e.to_string()),
     );
     check_lifetimes(&cfg, &mut p);
+    cfg.store.check(&mut p);
     if let Err((field, m)) = check_listeners(&cfg) {
         p.push(field, m);
     }

@@ -1,0 +1,190 @@
+//! Behaviour every [`Store`] must have, one body for both stores: the unit
+//! tests run it on [`super::FileStore`] (paused time), the end-to-end tests
+//! (tests/tests/etcd_store.rs) on a real etcd (real time, bounded waits).
+//! Each check panics with what went wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::{campaign, leader, put_with_lease, Change, ChangeStream, Store, StoreError};
+
+/// Compare-and-swap: a stale revision loses and names the current one.
+pub async fn cas_conflicts(store: &dyn Store) {
+    let k = "cas/doc";
+    let r1 = store
+        .put_if(k, b"v1".to_vec(), 0, None)
+        .await
+        .expect("create");
+    match store.put_if(k, b"again".to_vec(), 0, None).await {
+        Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, r1),
+        other => panic!("a second create must conflict, got {other:?}"),
+    }
+    let r2 = store
+        .put_if(k, b"v2".to_vec(), r1, None)
+        .await
+        .expect("update at r1");
+    assert!(r2 > r1, "revisions grow: {r1} then {r2}");
+    assert_eq!(store.get(k).await.unwrap(), Some((b"v2".to_vec(), r2)));
+    match store.put_if(k, b"stale".to_vec(), r1, None).await {
+        Err(e @ StoreError::Conflict { .. }) => assert!(e.to_string().contains("retry"), "{e}"),
+        other => panic!("a stale write must conflict, got {other:?}"),
+    }
+    assert!(
+        store.delete_if(k, r1).await.is_err(),
+        "a stale delete must conflict"
+    );
+    store.delete_if(k, r2).await.expect("delete at r2");
+    assert_eq!(store.get(k).await.unwrap(), None);
+    store
+        .put_if("cas/list/b", b"b".to_vec(), 0, None)
+        .await
+        .unwrap();
+    store
+        .put_if("cas/list/a", b"a".to_vec(), 0, None)
+        .await
+        .unwrap();
+    store
+        .put_if("cas/listx", b"x".to_vec(), 0, None)
+        .await
+        .unwrap();
+    let keys: Vec<String> = store
+        .list("cas/list/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    assert_eq!(keys, ["cas/list/a", "cas/list/b"]);
+}
+
+/// Waits (at most `limit`) for a change matching `f`.
+pub async fn next_matching(
+    changes: &mut ChangeStream,
+    limit: Duration,
+    f: impl Fn(&Change) -> bool,
+) -> Change {
+    let wait = async {
+        while let Some(c) = changes.next().await {
+            if f(&c) {
+                return c;
+            }
+        }
+        panic!("the watch ended");
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .expect("no matching change in time")
+}
+
+/// A watch on `a` sees what `b` writes under its prefix, and only that.
+pub async fn watch_sees_other_client(a: &dyn Store, b: &dyn Store) {
+    let mut changes = a.watch("watched/").await.unwrap();
+    b.put_if("unwatched/x", b"no".to_vec(), 0, None)
+        .await
+        .unwrap();
+    let rev = b
+        .put_if("watched/x", b"yes".to_vec(), 0, None)
+        .await
+        .unwrap();
+    let c = next_matching(&mut changes, Duration::from_secs(5), |_| true).await;
+    assert_eq!(
+        c,
+        Change::Put {
+            key: "watched/x".into(),
+            value: b"yes".to_vec(),
+            rev
+        }
+    );
+    b.delete_if("watched/x", rev).await.unwrap();
+    let c = next_matching(&mut changes, Duration::from_secs(5), |_| true).await;
+    assert!(
+        matches!(c, Change::Delete { ref key, .. } if key == "watched/x"),
+        "{c:?}"
+    );
+}
+
+/// A key put with a lease lives while the lease is kept alive and goes
+/// away (a watch sees the delete) within about `ttl` once it is not.
+pub async fn lease_expiry(store: &dyn Store, ttl: Duration) {
+    let lease = store.grant(ttl).await.unwrap();
+    let mut changes = store.watch("leased/").await.unwrap();
+    put_with_lease(store, "leased/ep", b"10.0.0.1".to_vec(), lease)
+        .await
+        .unwrap();
+    next_matching(&mut changes, Duration::from_secs(5), |c| {
+        matches!(c, Change::Put { .. })
+    })
+    .await;
+    for _ in 0..4 {
+        tokio::time::sleep(ttl / 2).await;
+        store
+            .keep_alive(lease)
+            .await
+            .expect("keep-alive of a live lease");
+    }
+    assert!(
+        store.get("leased/ep").await.unwrap().is_some(),
+        "kept alive past its ttl, the key must stay"
+    );
+    let gone = next_matching(&mut changes, ttl * 2 + Duration::from_secs(2), |c| {
+        matches!(c, Change::Delete { .. })
+    })
+    .await;
+    assert_eq!(gone.key(), "leased/ep");
+    assert_eq!(store.get("leased/ep").await.unwrap(), None);
+    let ka = store.keep_alive(lease).await;
+    assert!(matches!(ka, Err(StoreError::LeaseGone(_))), "{ka:?}");
+    let late = put_with_lease(store, "leased/late", b"x".to_vec(), lease).await;
+    assert!(matches!(late, Err(StoreError::LeaseGone(_))), "{late:?}");
+}
+
+/// Two contenders: one leads, the other waits; when the leader dies
+/// (dropped, no resign) the other leads within about the ttl; a resign
+/// hands over at once.
+pub async fn election_fails_over(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: Duration) {
+    let first = campaign(a.clone(), "singleton", "replica-a", ttl)
+        .await
+        .unwrap();
+    assert!(first.is_leader());
+    assert_eq!(
+        leader(&*b, "singleton").await.unwrap().as_deref(),
+        Some("replica-a")
+    );
+    let b2 = b.clone();
+    let mut second = tokio::spawn(async move { campaign(b2, "singleton", "replica-b", ttl).await });
+    // The leader keeps its role past its ttl: the other contender waits.
+    assert!(
+        tokio::time::timeout(ttl * 2, &mut second).await.is_err(),
+        "two leaders at once"
+    );
+    let crashed = tokio::time::Instant::now();
+    drop(first);
+    let second = tokio::time::timeout(ttl * 3 + Duration::from_secs(2), second)
+        .await
+        .expect("the other contender must lead after the leader's lease expires")
+        .unwrap()
+        .unwrap();
+    assert!(crashed.elapsed() <= ttl * 3 + Duration::from_secs(2));
+    assert!(second.is_leader());
+    assert_eq!(
+        leader(&*a, "singleton").await.unwrap().as_deref(),
+        Some("replica-b")
+    );
+    // A resign hands over without waiting for the ttl.
+    let a2 = a.clone();
+    let third = tokio::spawn(async move { campaign(a2, "singleton", "replica-a", ttl).await });
+    second.resign().await.unwrap();
+    let third = tokio::time::timeout(ttl, third)
+        .await
+        .expect("resign hands over at once")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        leader(&*b, "singleton").await.unwrap().as_deref(),
+        Some("replica-a")
+    );
+    third.resign().await.unwrap();
+    assert_eq!(leader(&*b, "singleton").await.unwrap(), None);
+}

@@ -1,0 +1,124 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::conformance;
+use super::*;
+
+const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::test(start_paused = true)]
+async fn file_store_cas_conflicts() {
+    conformance::cas_conflicts(&FileStore::in_memory()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_store_watch_sees_other_writer() {
+    let s = Arc::new(FileStore::in_memory());
+    conformance::watch_sees_other_client(&*s, &*s).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_store_lease_expiry() {
+    conformance::lease_expiry(&FileStore::in_memory(), TTL).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_store_election_fails_over() {
+    let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+    conformance::election_fails_over(s.clone(), s, TTL).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_store_keeps_documents_across_restarts_but_not_leased_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let rev = {
+        let s = FileStore::open(dir.path()).unwrap();
+        let lease = s.grant(TTL).await.unwrap();
+        put_with_lease(&s, "registry/ep", b"e".to_vec(), lease)
+            .await
+            .unwrap();
+        s.put_if("ca/state", b"{}".to_vec(), 0, None).await.unwrap()
+    };
+    let s = FileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        s.get("ca/state").await.unwrap(),
+        Some((b"{}".to_vec(), rev))
+    );
+    assert_eq!(s.get("registry/ep").await.unwrap(), None);
+    let next = s
+        .put_if("ca/state", b"{\"a\":1}".to_vec(), rev, None)
+        .await
+        .unwrap();
+    assert!(next > rev, "revisions keep growing after a restart");
+}
+
+#[test]
+fn a_broken_state_file_names_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("store.json"), "not json").unwrap();
+    let e = FileStore::open(dir.path()).err().unwrap().to_string();
+    assert!(e.contains("store.json"), "{e}");
+}
+
+#[test]
+fn config_defaults_to_file_and_checks_etcd() {
+    use crate::server::config::parse;
+    let base = "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\n";
+    assert_eq!(parse("c.yaml", base).unwrap().store, StoreSettings::File {});
+    let file = format!("{base}store: {{file: {{}}}}\n");
+    assert_eq!(
+        parse("c.yaml", &file).unwrap().store,
+        StoreSettings::File {}
+    );
+    let etcd = format!("{base}store: {{etcd: {{endpoints: [http://127.0.0.1:2379]}}}}\n");
+    let StoreSettings::Etcd(e) = parse("c.yaml", &etcd).unwrap().store else {
+        panic!("etcd")
+    };
+    assert_eq!(e.prefix, "/crank");
+    assert_eq!(e.request_timeout, Duration::from_secs(5));
+    let cases = [
+        (
+            "{etcd: {endpoints: []}}",
+            "store.etcd.endpoints",
+            "at least one",
+        ),
+        (
+            "{etcd: {endpoints: [127.0.0.1:2379]}}",
+            "store.etcd.endpoints",
+            "http://",
+        ),
+        (
+            "{etcd: {endpoints: [https://e:2379]}}",
+            "store.etcd.tls",
+            "tls.ca",
+        ),
+        (
+            "{etcd: {endpoints: [http://e:2379], prefix: crank}}",
+            "store.etcd.prefix",
+            "start with /",
+        ),
+        (
+            "{etcd: {endpoints: [http://e:2379], dial_timeout: 0s}}",
+            "store.etcd.dial_timeout",
+            "100ms",
+        ),
+        (
+            "{etcd: {endpoints: [http://e:2379], tls: {ca: ca.pem, cert: c.pem}}}",
+            "store.etcd.tls",
+            "together",
+        ),
+        ("{consul: {}}", "store", "unknown field"),
+        (
+            "{file: {}, etcd: {endpoints: [http://e:2379]}}",
+            "store",
+            "exactly one",
+        ),
+    ];
+    for (section, field, msg) in cases {
+        let e = parse("c.yaml", &format!("{base}store: {section}\n")).unwrap_err();
+        assert!(
+            e.to_string().contains(field) && e.to_string().contains(msg),
+            "{section}: {e}"
+        );
+    }
+}
