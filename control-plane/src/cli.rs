@@ -23,6 +23,20 @@ pub struct Cli {
         default_value = "state/admin.sock"
     )]
     pub control: PathBuf,
+    /// crank-control's remote admin API (`https://HOST:PORT`, its
+    /// `admin_listen`) instead of the socket; needs --cert, --key and --ca.
+    #[arg(long, global = true, env = "CRANK_SERVER")]
+    pub server: Option<String>,
+    /// With --server: the client certificate (PEM, from the mesh CA); its
+    /// identity's role comes from roles.yaml.
+    #[arg(long, global = true, env = "CRANK_CERT")]
+    pub cert: Option<PathBuf>,
+    /// With --server: the client certificate's key (PEM).
+    #[arg(long, global = true, env = "CRANK_KEY")]
+    pub key: Option<PathBuf>,
+    /// With --server: the mesh roots (bundle.pem) that crank-control's certificate chains to.
+    #[arg(long, global = true, env = "CRANK_CA")]
+    pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -118,6 +132,19 @@ pub enum Command {
     /// clock skew, endpoint leases; each problem with its fix. Exits 0 when
     /// nothing failed, 1 on any FAIL, 2 when crank-control cannot be reached.
     Check(CheckArgs),
+    /// The audit log: admin mutations, refused admin calls and config
+    /// versions (who, role, what, result, request id), oldest first.
+    Audit {
+        /// Only entries this recent (`24h`, `30m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Only this action (`cert.revoke`, `token.create`, `ca.rotate`, `config.publish`).
+        #[arg(long)]
+        action: Option<String>,
+        /// `human` or `json`.
+        #[arg(short = 'o', long, default_value = "human")]
+        output: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -385,8 +412,19 @@ pub fn run(cli: Cli) -> Result<std::process::ExitCode> {
     run_command(cli).map(|()| std::process::ExitCode::SUCCESS)
 }
 
+/// The admin client `--server` (with `--cert`, `--key`, `--ca`) or `--control` names.
+fn admin_client(cli: &Cli) -> Result<AdminClient> {
+    let Some(url) = &cli.server else {
+        return Ok(AdminClient::new(&cli.control));
+    };
+    match (&cli.cert, &cli.key, &cli.ca) {
+        (Some(cert), Some(key), Some(ca)) => AdminClient::remote(url, cert, key, ca),
+        _ => bail!("--server needs --cert, --key and --ca (or CRANK_CERT, CRANK_KEY, CRANK_CA): a client certificate from the mesh CA and the mesh roots"),
+    }
+}
+
 fn run_command(cli: Cli) -> Result<()> {
-    let client = AdminClient::new(&cli.control);
+    let client = admin_client(&cli)?;
     match cli.command {
         Command::Check(_) => unreachable!("handled in run"),
         Command::Ca(cmd) => run_ca(&client, cmd),
@@ -403,6 +441,11 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
         Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
         cmd @ (Command::Tap { .. } | Command::Top { .. }) => run_tap(cmd),
+        Command::Audit {
+            since,
+            action,
+            output,
+        } => crate::audit_cli::audit(&client, since, action.as_deref(), &output),
     }
 }
 

@@ -48,10 +48,13 @@ pub struct MeshSnapshot {
     pub slos: Vec<SloFile>,
     /// `policies/` file name → contents (every file the proxies need).
     pub policies: BTreeMap<String, String>,
+    /// `roles.yaml`: who may do what on the remote admin API.
+    #[serde(default)]
+    pub roles: crate::server::roles::RolesFile,
 }
 
 const KNOWN: &str =
-    "expected capabilities.yaml, quotas.yaml, routes/*.yaml, slo/*.yaml and policies/";
+    "expected capabilities.yaml, quotas.yaml, roles.yaml, routes/*.yaml, slo/*.yaml and policies/";
 
 /// A file of the directory that cannot be read: its path relative to the
 /// directory (`.` for the directory itself) and why.
@@ -158,6 +161,9 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
     check_routes(&read.routes, &declared, &mut p);
     check_quotas(&read.quotas, &declared, &mut p);
     check_slos(&read.slos, &declared, &mut p);
+    for (field, msg) in read.roles.problems() {
+        p.push(problem("roles.yaml", None, Some(field), msg));
+    }
     if !read.policies.is_empty() {
         check_policies(&dir.join("policies"), &mut p);
     }
@@ -173,6 +179,7 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
         quotas: read.quotas,
         slos: read.slos.into_iter().map(|(_, s)| s).collect(),
         policies: read.policies,
+        roles: read.roles,
     })
 }
 
@@ -186,6 +193,7 @@ struct Sections {
     routes: Vec<(String, MeshRoute)>,
     slos: Vec<(String, SloFile)>,
     policies: BTreeMap<String, String>,
+    roles: crate::server::roles::RolesFile,
 }
 
 impl Sections {
@@ -197,6 +205,11 @@ impl Sections {
                 self.seen_caps = true;
                 if let Some(c) = parse::<CapabilitiesFile>(rel, text, p) {
                     self.caps = c;
+                }
+            }
+            ["roles.yaml"] => {
+                if let Some(r) = parse(rel, text, p) {
+                    self.roles = r;
                 }
             }
             ["quotas.yaml"] => {

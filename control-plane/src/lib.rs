@@ -5,6 +5,7 @@
 //! test|check|eval`). Enrollment, config distribution and the
 //! registry build on this crate in later issues.
 
+mod audit_cli;
 mod ca_cli;
 pub mod check;
 pub mod cli;

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use crank_certs::Identity;
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use super::admin::{
     CaEntry, CaStatus, CertRow, RevokeRequest, RevokeResponse, RotateRequest, TokenRequest,
     TokenResponse, WorkloadRow,
 };
-use super::http::{body, json, refusal, Resp};
+use super::audit::AuditQuery;
+use super::http::{json, refusal, Resp};
 use super::state::{CaState, Phase, Refusal, Report, RotationKind};
 use super::{now, Control};
 
@@ -24,15 +24,54 @@ fn bad(e: impl Into<String>) -> Refusal {
     refusal(400, "bad-request", e)
 }
 
+fn body<T: serde::de::DeserializeOwned>(req: &Request<Bytes>) -> Result<T, Refusal> {
+    serde_json::from_slice(req.body())
+        .map_err(|e| bad(format!("the body is not the expected JSON: {e}")))
+}
+
+/// `?since=<unix seconds or a duration such as 24h>&action=<action>`.
+pub(super) fn audit_query(query: &str, now: i64) -> Result<AuditQuery, Refusal> {
+    let mut q = AuditQuery::default();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "since" => {
+                let since = match v.parse::<i64>() {
+                    Ok(t) => t,
+                    Err(_) => humantime::parse_duration(&v)
+                        .map(|d| now - d.as_secs() as i64)
+                        .map_err(|_| {
+                            bad(format!(
+                                "since={v}: give Unix seconds or a duration such as 24h"
+                            ))
+                        })?,
+                };
+                q.since = Some(since);
+            }
+            "action" => q.action = Some(v.into_owned()),
+            _ => {
+                return Err(bad(format!(
+                    "unknown query parameter {k}; the audit route takes since and action"
+                )))
+            }
+        }
+    }
+    Ok(q)
+}
+
 impl Control {
     /// One admin call: its handler's answer, or the refusal.
-    pub(super) async fn admin(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
+    /// Who may call is checked before, in [`super::admin_access`].
+    pub(super) async fn admin(&self, req: &Request<Bytes>) -> Result<Resp, Refusal> {
         let path = req.uri().path().to_string();
         match (req.method().clone(), path.as_str()) {
-            (Method::POST, "/v1/admin/tokens") => self.create_token(body(req).await?),
+            (Method::POST, "/v1/admin/tokens") => self.create_token(body(req)?),
             (Method::GET, "/v1/admin/certs") => Ok(json(200, &self.cert_rows())),
-            (Method::POST, "/v1/admin/revoke") => self.revoke(body(req).await?),
-            (Method::POST, "/v1/admin/rotate") => self.rotate(body(req).await?),
+            (Method::POST, "/v1/admin/revoke") => self.revoke(body(req)?),
+            (Method::POST, "/v1/admin/rotate") => self.rotate(body(req)?),
+            (Method::GET, "/v1/admin/audit") => {
+                let q = audit_query(req.uri().query().unwrap_or_default(), now())?;
+                Ok(json(200, &self.audit.query(&q)))
+            }
             (Method::GET, "/v1/admin/status") => Ok(json(200, &self.status())),
             (Method::GET, "/v1/admin/mesh/status") => Ok(json(200, &self.mesh_status())),
             (Method::GET, "/v1/admin/mesh/routes") => Ok(json(200, &self.mesh_routes())),

@@ -21,6 +21,11 @@ pub struct ControlConfig {
     /// Where `crankctl` connects: a Unix socket made with mode 0600.
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
+    /// The admin API over mTLS (client certificates from the mesh CA; the
+    /// role of each identity comes from `roles.yaml` in `config_dir`).
+    /// Absent: the admin API is only on `admin_socket`.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// Prometheus `/metrics` (plain HTTP). Absent: metrics only on the admin socket.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
@@ -237,6 +242,7 @@ fn check_listeners(cfg: &ControlConfig) -> Result<(), (&'static str, String)> {
     for (field, addr) in [
         ("metrics_listen", cfg.metrics_listen),
         ("dashboard_listen", cfg.dashboard_listen),
+        ("admin_listen", cfg.admin_listen),
     ] {
         let Some(addr) = addr else { continue };
         if let Some((other, _)) = seen.iter().find(|(_, a)| *a == addr && addr.port() != 0) {

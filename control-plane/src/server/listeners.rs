@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use tokio::net::unix::SocketAddr as UnixAddr;
 use tokio::net::{TcpStream, UnixStream};
 
+use super::admin_access::Caller;
 use super::http::Resp;
 use super::workload::route_workload;
 use super::Control;
@@ -68,17 +69,48 @@ pub async fn workload_conn(control: Arc<Control>, tcp: TcpStream, addr: SocketAd
     .await
 }
 
-/// One admin-socket connection (crankctl).
+/// One admin-socket connection (crankctl): full access; the peer's uid
+/// (SO_PEERCRED) names it in the audit log.
 pub async fn admin_conn(control: Arc<Control>, stream: UnixStream, _: UnixAddr) {
+    let caller = Caller::Socket {
+        uid: stream.peer_cred().ok().map(|c| c.uid()),
+    };
     http1(stream, move |req| {
-        let control = control.clone();
-        async move {
-            let path = req.uri().path().to_string();
-            control
-                .admin(req)
-                .await
-                .unwrap_or_else(|e| control.refused(e, &path))
+        let (control, caller) = (control.clone(), caller.clone());
+        async move { control.admin_call(caller, req).await }
+    })
+    .await
+}
+
+/// One `admin_listen` connection: TLS with a client certificate from the
+/// mesh CA (required by the handshake), then the admin API by role.
+pub async fn admin_tls_conn(control: Arc<Control>, tcp: TcpStream, addr: SocketAddr) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(control.tls.admin());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, error = %e, "admin TLS handshake refused (a client certificate from the mesh CA is required)");
+            return;
         }
+        Err(_) => return,
+    };
+    let summary = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| crank_certs::CertSummary::from_der(leaf).ok());
+    if let Some(s) = &summary {
+        let serial = crank_api::identity::canonical_serial(&s.serial);
+        if control.state().is_revoked(&serial) {
+            tracing::warn!(peer = %addr, serial, "admin connection with a revoked certificate closed");
+            return;
+        }
+    }
+    let caller = Caller::Cert(summary.and_then(|s| s.identity));
+    http1(tls, move |req| {
+        let (control, caller) = (control.clone(), caller.clone());
+        async move { control.admin_call(caller, req).await }
     })
     .await
 }

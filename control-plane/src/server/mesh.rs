@@ -383,8 +383,24 @@ impl Control {
         let mut changed = false;
         if let Some(dir) = &self.cfg.config_dir {
             let mut mesh = self.mesh();
-            changed |= mesh.refresh(dir, &self.cfg.state_dir, now()).is_some();
+            let seen = mesh.seen.clone();
+            let published = mesh.refresh(dir, &self.cfg.state_dir, now());
+            changed |= published.is_some();
             self.metrics.observe_mesh(&mesh);
+            let hash = mesh.seen.clone().unwrap_or_default();
+            let refused = mesh.last_error.as_ref().map(|(_, p)| {
+                let all: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+                all.join("; ")
+            });
+            drop(mesh);
+            if let Some(seq) = published {
+                self.audit_config(&hash, format!("version {seq}"), None);
+            } else if seen.as_deref() != Some(hash.as_str())
+                && hash != "unreadable"
+                && refused.is_some()
+            {
+                self.audit_config(&hash, "a new version".into(), refused);
+            }
         }
         // Proxies gone for longer than workloads.stale_after leave `crankctl status`.
         let forget = now() - self.cfg.workloads.stale_after.as_secs() as i64;

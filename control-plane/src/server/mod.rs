@@ -17,6 +17,8 @@
 //! This file: opening the state, saving, the ticker, and [`run`].
 
 pub mod admin;
+mod admin_access;
+pub mod audit;
 mod ca_admin;
 pub mod config;
 mod dashboard;
@@ -24,6 +26,7 @@ mod http;
 mod listeners;
 pub mod mesh;
 mod metrics;
+pub mod roles;
 pub mod routes;
 pub mod state;
 mod tls;
@@ -65,6 +68,8 @@ pub struct Control {
     update_cache: Mutex<mesh::UpdateCache>,
     /// The proxies' traffic reports, for the dashboard.
     traffic: Mutex<traffic::store::TrafficStore>,
+    /// Admin mutations, refusals and config versions ([`audit`]).
+    audit: Box<dyn audit::AuditLog>,
 }
 
 /// Longer than the longest watch (60 s): by then every live workload has
@@ -90,6 +95,7 @@ impl Control {
             seed_state(&cfg)?
         };
         let mesh_state = mesh::MeshState::open(&cfg.state_dir);
+        let cfg_state_dir = cfg.state_dir.clone();
         let signer = state.signer()?;
         let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -107,6 +113,11 @@ impl Control {
             update_cache: Mutex::default(),
             traffic: Mutex::default(),
             registry: Arc::new(crate::registry::MemoryRegistry::new()),
+            audit: Box::new(audit::JsonlAudit::open(
+                &cfg_state_dir,
+                audit::Retention::default(),
+                now(),
+            )),
         });
         control.tick_mesh();
         {
@@ -327,6 +338,17 @@ async fn spawn_listeners(
         stop(),
         listeners::admin_conn,
     ));
+    if let Some(addr) = cfg.admin_listen {
+        let l = bind_tcp("admin_listen", addr).await?;
+        tracing::info!(admin_listen = %addr, "remote admin API serving (mTLS, roles.yaml)");
+        tasks.spawn(listeners::serve(
+            "admin-tls",
+            control.clone(),
+            l,
+            stop(),
+            listeners::admin_tls_conn,
+        ));
+    }
     if let Some(addr) = cfg.metrics_listen {
         let l = bind_tcp("metrics_listen", addr).await?;
         tasks.spawn(listeners::serve(

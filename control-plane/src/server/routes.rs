@@ -285,4 +285,23 @@ mod admin_tests {
         let about = doc["info"]["description"].as_str().unwrap();
         assert!(about.contains("Unix socket") && about.contains("file permissions"));
     }
+
+    /// Each operation documents the role it needs on `admin_listen` (the
+    /// one the code requires) and its 403 `role-required`.
+    #[test]
+    fn admin_openapi_roles_match_the_code() {
+        let doc: serde_json::Value = serde_json::from_str(ADMIN_OPENAPI).unwrap();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["mutualTLS"]["type"],
+            "mutualTLS"
+        );
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let need = super::super::roles::required(&method.to_uppercase(), path);
+                assert_eq!(op["x-crank-role"], need.as_str(), "{method} {path}");
+                let forbidden = op["responses"]["403"]["description"].as_str().unwrap_or("");
+                assert!(forbidden.contains("role-required"), "{method} {path}: 403");
+            }
+        }
+    }
 }

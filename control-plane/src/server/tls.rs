@@ -17,6 +17,8 @@ use super::now;
 
 pub struct ServerTls {
     config: ArcSwap<ServerConfig>,
+    /// `admin_listen`: the same certificate, a client certificate required.
+    admin: ArcSwap<ServerConfig>,
     own: Mutex<Own>,
 }
 
@@ -37,15 +39,21 @@ pub fn control_identity(trust_domain: &str) -> Identity {
 
 impl ServerTls {
     pub fn new(signer: &Ca, bundle_pem: &str, limits: &CertLimits) -> Result<Self> {
-        let (config, own) = build(signer, bundle_pem, limits)?;
+        let ((config, admin), own) = build(signer, bundle_pem, limits)?;
         Ok(ServerTls {
             config: ArcSwap::from_pointee(config),
+            admin: ArcSwap::from_pointee(admin),
             own: Mutex::new(own),
         })
     }
 
     pub fn current(&self) -> Arc<ServerConfig> {
         self.config.load_full()
+    }
+
+    /// The config of `admin_listen` (client certificate required).
+    pub fn admin(&self) -> Arc<ServerConfig> {
+        self.admin.load_full()
     }
 
     fn own(&self) -> Own {
@@ -62,7 +70,8 @@ impl ServerTls {
         if own.issuer == subject && own.bundle == bundle_pem && !self.needs_renewal() {
             return Ok(());
         }
-        let (config, own) = build(signer, bundle_pem, limits)?;
+        let ((config, admin), own) = build(signer, bundle_pem, limits)?;
+        self.admin.store(Arc::new(admin));
         tracing::info!(serial = %own.serial, issuer = %own.issuer, "control plane TLS certificate and client roots updated");
         self.config.store(Arc::new(config));
         *self.own.lock().unwrap_or_else(|e| e.into_inner()) = own;
@@ -81,7 +90,13 @@ impl ServerTls {
     }
 }
 
-fn build(signer: &Ca, bundle_pem: &str, limits: &CertLimits) -> Result<(ServerConfig, Own)> {
+/// The workload listener's config (client certificate optional) and the
+/// admin listener's (required), with what they were built from.
+fn build(
+    signer: &Ca,
+    bundle_pem: &str,
+    limits: &CertLimits,
+) -> Result<((ServerConfig, ServerConfig), Own)> {
     let id = control_identity(signer.trust_domain());
     let leaf = signer.issue(&LeafRequest::new(id, limits.leaf_ttl))?;
     let chain =
@@ -93,17 +108,9 @@ fn build(signer: &Ca, bundle_pem: &str, limits: &CertLimits) -> Result<(ServerCo
     for r in crank_certs::pem::certs_from_pem(bundle_pem.as_bytes()).map_err(anyhow::Error::msg)? {
         roots.add(r).context("a bundle root is not usable")?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .context("building the client verifier")?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("the control plane's own certificate")?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let roots = Arc::new(roots);
+    let config = server_config(roots.clone(), &chain, &key, true)?;
+    let admin = server_config(roots, &chain, &key, false)?;
     let own = Own {
         issuer: super::state::summary_of(signer.cert_pem())
             .map_err(anyhow::Error::msg)?
@@ -113,5 +120,28 @@ fn build(signer: &Ca, bundle_pem: &str, limits: &CertLimits) -> Result<(ServerCo
         not_after: summary.not_after,
         serial: crank_api::identity::canonical_serial(&summary.serial),
     };
-    Ok((config, own))
+    Ok(((config, admin), own))
+}
+
+fn server_config(
+    roots: Arc<rustls::RootCertStore>,
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    key: &rustls_pki_types::PrivateKeyDer<'static>,
+    optional_client: bool,
+) -> Result<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+    let builder = if optional_client {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder.build().context("building the client verifier")?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.to_vec(), key.clone_key())
+        .context("the control plane's own certificate")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }

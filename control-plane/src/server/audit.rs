@@ -1,0 +1,219 @@
+//! The audit log: every mutation through the admin API (tokens,
+//! revocation, rotation), every refused admin call and every published or
+//! refused config version, as one [`AuditEntry`] each. Stored behind
+//! [`AuditLog`]; the embedded default is [`JsonlAudit`], `audit.jsonl` in
+//! the state directory with bounded retention. Entries never hold secrets
+//! (no token values, no keys).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// One audited event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Unix seconds.
+    pub time: i64,
+    /// `x-request-id` of the admin call; `config-<hash prefix>` for config versions.
+    pub request_id: String,
+    /// The client certificate's identity, `unix-socket:uid N`, or `config-dir`.
+    pub identity: String,
+    /// The caller's role (`viewer`, `operator`, `admin`, `root` over the socket), if any.
+    pub role: Option<String>,
+    /// `token.create`, `cert.revoke`, `ca.rotate`, `config.publish`, or `METHOD path` of a refused read.
+    pub action: String,
+    /// What it acted on: an identity, a serial, a rotation kind, a config version.
+    pub target: String,
+    /// `ok` or `refused`.
+    pub result: String,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Which entries a query wants.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Entries at or after this Unix time.
+    pub since: Option<i64>,
+    /// Entries with exactly this action.
+    pub action: Option<String>,
+}
+
+impl AuditQuery {
+    fn matches(&self, e: &AuditEntry) -> bool {
+        self.since.is_none_or(|s| e.time >= s)
+            && self.action.as_ref().is_none_or(|a| *a == e.action)
+    }
+}
+
+/// Where audit entries live (swappable for a shared store).
+pub trait AuditLog: Send + Sync {
+    fn append(&self, entry: AuditEntry);
+    /// Matching entries, oldest first.
+    fn query(&self, q: &AuditQuery) -> Vec<AuditEntry>;
+}
+
+/// How much history is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_entries: usize,
+    pub max_age_secs: i64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_entries: 10_000,
+            max_age_secs: 30 * 24 * 3600,
+        }
+    }
+}
+
+/// `audit.jsonl`: appended line by line; compacted to the retention when
+/// opened and whenever it grew by a tenth of `max_entries`.
+pub struct JsonlAudit {
+    path: PathBuf,
+    retention: Retention,
+    inner: Mutex<Vec<AuditEntry>>,
+}
+
+impl JsonlAudit {
+    /// Opens (or starts) `state_dir/audit.jsonl`; unreadable lines are skipped.
+    pub fn open(state_dir: &Path, retention: Retention, now: i64) -> Self {
+        let path = state_dir.join("audit.jsonl");
+        let entries = std::fs::File::open(&path)
+            .map(|f| {
+                std::io::BufReader::new(f)
+                    .lines()
+                    .map_while(Result::ok)
+                    .filter_map(|l| serde_json::from_str(&l).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let log = JsonlAudit {
+            path,
+            retention,
+            inner: Mutex::new(entries),
+        };
+        log.compact(&mut log.entries(), now);
+        log
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<AuditEntry>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops entries past the retention and rewrites the file.
+    fn compact(&self, entries: &mut Vec<AuditEntry>, now: i64) {
+        let oldest = now - self.retention.max_age_secs;
+        entries.retain(|e| e.time >= oldest);
+        let over = entries.len().saturating_sub(self.retention.max_entries);
+        entries.drain(..over);
+        let mut text = Vec::new();
+        for e in entries.iter() {
+            let _ = serde_json::to_writer(&mut text, e);
+            text.push(b'\n');
+        }
+        if let Err(e) = super::write_atomic(&self.path, &text, true) {
+            tracing::error!(error = %format!("{e:#}"), file = %self.path.display(), "cannot compact the audit log");
+        }
+    }
+}
+
+impl AuditLog for JsonlAudit {
+    fn append(&self, entry: AuditEntry) {
+        let mut entries = self.entries();
+        let now = entry.time;
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        entries.push(entry);
+        if entries.len() > self.retention.max_entries + self.retention.max_entries / 10 {
+            self.compact(&mut entries, now);
+            return;
+        }
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            tracing::error!(error = %e, file = %self.path.display(), "cannot append to the audit log; the entry is kept in memory only");
+        }
+    }
+
+    fn query(&self, q: &AuditQuery) -> Vec<AuditEntry> {
+        self.entries()
+            .iter()
+            .filter(|e| q.matches(e))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A new request id: 16 random hex digits.
+pub fn request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(time: i64, action: &str) -> AuditEntry {
+        AuditEntry {
+            time,
+            request_id: request_id(),
+            identity: "alice.ops.mesh.local".into(),
+            role: Some("admin".into()),
+            action: action.into(),
+            target: "x".into(),
+            result: "ok".into(),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn entries_survive_a_reopen_and_queries_filter_by_time_and_action() {
+        let d = tempfile::tempdir().unwrap();
+        let log = JsonlAudit::open(d.path(), Retention::default(), 1000);
+        log.append(entry(1000, "cert.revoke"));
+        log.append(entry(2000, "token.create"));
+        log.append(entry(3000, "cert.revoke"));
+        let log = JsonlAudit::open(d.path(), Retention::default(), 3000);
+        assert_eq!(log.query(&AuditQuery::default()).len(), 3);
+        let q = AuditQuery {
+            since: Some(2000),
+            action: Some("cert.revoke".into()),
+        };
+        let got = log.query(&q);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].time, 3000);
+        let text = std::fs::read_to_string(d.path().join("audit.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 3, "one JSON line per entry");
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_entries_within_the_age() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Retention {
+            max_entries: 10,
+            max_age_secs: 100,
+        };
+        let log = JsonlAudit::open(d.path(), r, 0);
+        for t in 0..30 {
+            log.append(entry(t, "cert.revoke"));
+        }
+        let kept = log.query(&AuditQuery::default());
+        assert!(kept.len() <= 11, "bounded: {}", kept.len());
+        assert_eq!(kept.last().unwrap().time, 29, "the newest is kept");
+        // Reopened much later: everything older than max_age goes.
+        let log = JsonlAudit::open(d.path(), r, 125);
+        let kept = log.query(&AuditQuery::default());
+        assert!(kept.iter().all(|e| e.time >= 25), "{kept:?}");
+        assert_eq!(kept.len(), 5);
+        let text = std::fs::read_to_string(d.path().join("audit.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 5, "the file is compacted too");
+    }
+}
