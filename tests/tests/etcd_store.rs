@@ -38,6 +38,7 @@ async fn etcd_store_behaves_like_the_file_store() {
     conformance::cas_conflicts(&*a).await;
     conformance::watch_sees_other_client(&*a, &*b).await;
     conformance::lease_expiry(&*a, TTL).await;
+    conformance::observers_see_who_leads(a.clone(), b.clone(), TTL).await;
     let started = Instant::now();
     conformance::election_fails_over(a, b, TTL).await;
     eprintln!("election failover body took {:?}", started.elapsed());

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::{campaign, leader, put_with_lease, Change, ChangeStream, Store, StoreError};
+use super::{campaign, leader, observe, put_with_lease, Change, ChangeStream, Store, StoreError};
 
 /// Compare-and-swap: a stale revision loses and names the current one.
 pub async fn cas_conflicts(store: &dyn Store) {
@@ -187,4 +187,24 @@ pub async fn election_fails_over(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: Dura
     );
     third.resign().await.unwrap();
     assert_eq!(leader(&*b, "singleton").await.unwrap(), None);
+}
+
+async fn next_leader(
+    who: &mut futures::stream::BoxStream<'static, Option<String>>,
+) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(5), who.next())
+        .await
+        .expect("no leader change in time")
+        .expect("the observe stream ended")
+}
+
+/// An observer on another client sees nobody, then the leader, then nobody
+/// after it resigns.
+pub async fn observers_see_who_leads(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: Duration) {
+    let mut who = observe(&*b, "observed").await.unwrap();
+    assert_eq!(next_leader(&mut who).await, None);
+    let held = campaign(a, "observed", "replica-a", ttl).await.unwrap();
+    assert_eq!(next_leader(&mut who).await.as_deref(), Some("replica-a"));
+    held.resign().await.unwrap();
+    assert_eq!(next_leader(&mut who).await, None);
 }

@@ -96,6 +96,29 @@ pub async fn leader(store: &dyn Store, election: &str) -> Result<Option<String>>
     Ok(found.map(|(v, _)| String::from_utf8_lossy(&v).into_owned()))
 }
 
+/// Who leads `election`: the current leader first, then every change
+/// (`None` while nobody leads). Ends when the store's watch ends.
+pub async fn observe(
+    store: &dyn Store,
+    election: &str,
+) -> Result<futures::stream::BoxStream<'static, Option<String>>> {
+    let key = key_of(election);
+    let changes = store.watch(&key).await?;
+    let now = leader(store, election).await?;
+    let rest = changes.filter_map(move |c| {
+        futures::future::ready(match c {
+            Change::Put { key: k, value, .. } if k == key => {
+                Some(Some(String::from_utf8_lossy(&value).into_owned()))
+            }
+            Change::Delete { key: k, .. } if k == key => Some(None),
+            _ => None,
+        })
+    });
+    Ok(futures::stream::once(futures::future::ready(now))
+        .chain(rest)
+        .boxed())
+}
+
 impl Leadership {
     /// False once the lease could not be kept alive (the store was
     /// unreachable for longer than the ttl): stop acting as leader.

@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 pub use config::{EtcdSettings, EtcdTls, StoreSettings};
-pub use election::{campaign, leader, Leadership};
+pub use election::{campaign, leader, observe, Leadership};
 pub use etcd::EtcdStore;
 pub use file::FileStore;
 

@@ -29,6 +29,12 @@ async fn file_store_election_fails_over() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn file_store_observers_see_who_leads() {
+    let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+    conformance::observers_see_who_leads(s.clone(), s, TTL).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn file_store_keeps_documents_across_restarts_but_not_leased_keys() {
     let dir = tempfile::tempdir().unwrap();
     let rev = {
