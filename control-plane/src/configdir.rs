@@ -615,6 +615,26 @@ mod tests {
         load(dir(files).path()).unwrap_err()
     }
 
+    /// roles.yaml is read with the directory: its bindings publish with the
+    /// version, and a bad identity refuses the whole change.
+    #[test]
+    fn roles_yaml_is_loaded_and_checked_with_the_rest() {
+        let roles = "roles:\n  admin: [alice.ops.crank.local]\n";
+        let snap = load(dir(&[CAPS, ("roles.yaml", roles)]).path()).unwrap();
+        assert_eq!(snap.roles.roles.admin, vec!["alice.ops.crank.local"]);
+        let bad = dir(&[CAPS, ("roles.yaml", "roles:\n  viewer: [bob]\n")]);
+        let p = load(bad.path()).unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].file, "roles.yaml");
+        assert_eq!(p[0].field.as_deref(), Some("roles.viewer[0]"));
+        assert!(p[0].message.contains("DNS name"), "{}", p[0].message);
+        let typo = load(dir(&[CAPS, ("roles.yaml", "roles:\n  admins: []\n")]).path()).unwrap_err();
+        assert!(
+            typo[0].message.contains("unknown field `admins`"),
+            "{typo:?}"
+        );
+    }
+
     #[test]
     fn every_problem_names_file_field_and_fix() {
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>, &'a str);
