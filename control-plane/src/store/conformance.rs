@@ -208,3 +208,21 @@ pub async fn observers_see_who_leads(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: 
     held.resign().await.unwrap();
     assert_eq!(next_leader(&mut who).await, None);
 }
+
+/// A leader whose lease ends (revoked here; in life, expired while the
+/// store was out of reach) learns it within the ttl and a contender takes over.
+pub async fn leadership_lost_with_its_lease(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: Duration) {
+    let mut held = campaign(a.clone(), "fenced", "replica-a", ttl)
+        .await
+        .unwrap();
+    a.revoke(held.lease()).await.unwrap();
+    tokio::time::timeout(ttl * 2, held.lost())
+        .await
+        .expect("the leader must learn it lost its lease");
+    assert!(!held.is_leader());
+    let next = tokio::time::timeout(ttl * 2, campaign(b, "fenced", "replica-b", ttl))
+        .await
+        .expect("the role is free once the lease is gone")
+        .unwrap();
+    assert!(next.is_leader());
+}

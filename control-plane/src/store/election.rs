@@ -126,6 +126,11 @@ impl Leadership {
         *self.leading.borrow()
     }
 
+    /// The lease that holds the role.
+    pub fn lease(&self) -> LeaseId {
+        self.lease
+    }
+
     /// Resolves when leadership is lost.
     pub async fn lost(&mut self) {
         let _ = self.leading.wait_for(|l| !*l).await;

@@ -35,6 +35,12 @@ async fn file_store_observers_see_who_leads() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn file_store_leadership_lost_with_its_lease() {
+    let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+    conformance::leadership_lost_with_its_lease(s.clone(), s, TTL).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn file_store_keeps_documents_across_restarts_but_not_leased_keys() {
     let dir = tempfile::tempdir().unwrap();
     let rev = {
