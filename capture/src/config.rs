@@ -26,6 +26,22 @@ pub struct CaptureConfig {
     pub ipv6: bool,
 }
 
+#[cfg(test)]
+impl CaptureConfig {
+    /// Outbound capture only: proxy uid 1337, outbound port 15001, no
+    /// exclusions, IPv4 only (the renderers' tests start from it).
+    pub(crate) fn outbound_only_for_tests() -> CaptureConfig {
+        CaptureConfig {
+            proxy_uid: 1337,
+            outbound_port: 15001,
+            inbound: None,
+            exclude_outbound_ports: vec![],
+            exclude_outbound_cidrs: vec![],
+            ipv6: false,
+        }
+    }
+}
+
 /// Inbound capture: the app's listening ports go to the inbound listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Inbound {
@@ -269,14 +285,7 @@ mod tests {
     }
 
     fn base() -> CaptureConfig {
-        CaptureConfig {
-            proxy_uid: 1337,
-            outbound_port: 15001,
-            inbound: None,
-            exclude_outbound_ports: vec![],
-            exclude_outbound_cidrs: vec![],
-            ipv6: false,
-        }
+        CaptureConfig::outbound_only_for_tests()
     }
 
     #[test]

@@ -129,14 +129,7 @@ mod tests {
     use crate::config::{parse_cidrs, parse_ports, Inbound};
 
     fn cfg() -> CaptureConfig {
-        CaptureConfig {
-            proxy_uid: 1337,
-            outbound_port: 15001,
-            inbound: None,
-            exclude_outbound_ports: vec![],
-            exclude_outbound_cidrs: vec![],
-            ipv6: false,
-        }
+        CaptureConfig::outbound_only_for_tests()
     }
 
     #[test]

@@ -95,6 +95,28 @@ impl EtcdStore {
     }
 
     /// The revision `key` has in the `or_else` branch of a lost transaction.
+    /// A transaction that runs `op` only while `full` is at `expected`
+    /// (0: absent), and otherwise reads it back for the conflict.
+    fn guarded(full: String, expected: Rev, op: TxnOp) -> Txn {
+        Txn::new()
+            .when([Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([op])
+            .or_else([TxnOp::get(full, None)])
+    }
+
+    /// The conflict a failed guarded transaction reports.
+    fn conflict(key: &str, expected: Rev, responses: Vec<TxnOpResponse>) -> StoreError {
+        StoreError::Conflict {
+            key: key.to_string(),
+            expected,
+            actual: Self::actual_rev(responses),
+        }
+    }
+
     fn actual_rev(responses: Vec<TxnOpResponse>) -> Rev {
         responses
             .into_iter()
@@ -161,14 +183,7 @@ impl Store for EtcdStore {
         async move {
             let full = self.full(key);
             let opts = lease.map(|l| PutOptions::new().with_lease(l.0));
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    full.clone(),
-                    CompareOp::Equal,
-                    expected,
-                )])
-                .and_then([TxnOp::put(full.clone(), value, opts)])
-                .or_else([TxnOp::get(full, None)]);
+            let txn = Self::guarded(full.clone(), expected, TxnOp::put(full, value, opts));
             let resp = self
                 .call(|mut c| {
                     let txn = txn.clone();
@@ -184,12 +199,7 @@ impl Store for EtcdStore {
             if resp.succeeded() {
                 Ok(resp.header().map_or(0, |h| h.revision()))
             } else {
-                let actual = Self::actual_rev(resp.op_responses());
-                Err(StoreError::Conflict {
-                    key: key.to_string(),
-                    expected,
-                    actual,
-                })
+                Err(Self::conflict(key, expected, resp.op_responses()))
             }
         }
         .boxed()
@@ -198,14 +208,7 @@ impl Store for EtcdStore {
     fn delete_if<'a>(&'a self, key: &'a str, expected: Rev) -> BoxFuture<'a, Result<()>> {
         async move {
             let full = self.full(key);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    full.clone(),
-                    CompareOp::Equal,
-                    expected,
-                )])
-                .and_then([TxnOp::delete(full.clone(), None)])
-                .or_else([TxnOp::get(full, None)]);
+            let txn = Self::guarded(full.clone(), expected, TxnOp::delete(full, None));
             let resp = self
                 .call(|mut c| {
                     let txn = txn.clone();
@@ -216,12 +219,7 @@ impl Store for EtcdStore {
             if resp.succeeded() && expected != 0 {
                 Ok(())
             } else {
-                let actual = Self::actual_rev(resp.op_responses());
-                Err(StoreError::Conflict {
-                    key: key.to_string(),
-                    expected,
-                    actual,
-                })
+                Err(Self::conflict(key, expected, resp.op_responses()))
             }
         }
         .boxed()
