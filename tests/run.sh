@@ -15,8 +15,12 @@ cd "$(dirname "$0")/.."
 # the venv for schemathesis (below); chromium: the dashboard's browser
 # test (tests/tests/dashboard.rs, headless); nftables, iptables, iproute2:
 # transparent capture (crank-capture) and the cross-host tests, whose hosts
-# are network namespaces (tests/src/netns.rs, tests/tests/capture.rs).
-packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium nftables iptables iproute2 etcd-server etcd-client)
+# are network namespaces (tests/src/netns.rs, tests/tests/capture.rs);
+# etcd-server, etcd-client: the control plane's store and HA tests;
+# postgresql: the shim's cluster job queue and the opaque-TCP tests (each
+# test starts its own server in a private data directory); systemd:
+# `systemd-analyze verify` of the units in deploy/systemd.
+packages=(cmake pkg-config build-essential curl ca-certificates protobuf-compiler ffmpeg prometheus python3-venv chromium nftables iptables iproute2 etcd-server etcd-client postgresql postgresql-client systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -40,13 +44,14 @@ if ! command -v cargo >/dev/null; then
   PATH=$HOME/.cargo/bin:$PATH
 fi
 
-# schemathesis (PyPI), for tests/tests/openapi.rs: checks the running
-# servers against their OpenAPI documents. A private venv in target/py,
-# made only when missing.
-if [ ! -x target/py/bin/schemathesis ]; then
-  echo "tests/run.sh: installing schemathesis into target/py"
-  python3 -m venv target/py
-  target/py/bin/pip install -q schemathesis
+# From PyPI, in a private venv in target/py (made only when missing):
+# schemathesis, for tests/tests/openapi.rs (the running servers against
+# their OpenAPI documents); kubernetes-validate, for the manifests in
+# deploy/kubernetes; moto's S3 server, for the shim's object storage tests.
+if [ ! -x target/py/bin/schemathesis ] || [ ! -x target/py/bin/kubernetes-validate ] || [ ! -x target/py/bin/moto_server ]; then
+  echo "tests/run.sh: installing schemathesis, kubernetes-validate and moto into target/py"
+  [ -x target/py/bin/pip ] || python3 -m venv target/py
+  target/py/bin/pip install -q schemathesis kubernetes-validate 'moto[server]'
 fi
 
 # Node.js with npm (whichever is installed; Debian's npm when there is
