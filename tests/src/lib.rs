@@ -11,6 +11,7 @@ pub mod load;
 pub mod netns;
 pub mod otlp;
 pub mod pki;
+pub mod postgres;
 pub mod prometheus;
 pub mod proxy;
 pub mod raw_http;
