@@ -127,15 +127,19 @@ impl Postgres {
         self.child = Some(child);
         let ready = self.bin.join("pg_isready");
         let port = self.port.to_string();
-        wait_until("postgres accepting connections", Duration::from_secs(30), || {
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("postgres exited with {st}:\n{}", self.log());
-            }
-            Command::new(&ready)
-                .args(["-q", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        wait_until(
+            "postgres accepting connections",
+            Duration::from_secs(30),
+            || {
+                if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                    panic!("postgres exited with {st}:\n{}", self.log());
+                }
+                Command::new(&ready)
+                    .args(["-q", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
     }
 
     /// A command that runs as the `postgres` user when this process is root.
