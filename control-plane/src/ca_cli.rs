@@ -211,6 +211,13 @@ fn print_rotation(s: &CaStatus) {
         ),
     };
     println!("trust domain:   {}", s.trust_domain);
+    if let Some(replica) = &s.replica {
+        let leader = s
+            .leader
+            .as_deref()
+            .unwrap_or("none (an election is under way)");
+        println!("replica:        {replica} (leader: {leader})");
+    }
     println!("rotation:       {what}");
     if let Some(wait) = s.resync_wait_seconds {
         println!("                paused {wait}s more: crank-control restarted and waits for every workload to report again");

@@ -30,6 +30,8 @@ fn ca() -> CaStatus {
         now: NOW,
         resync_wait_seconds: None,
         stale_after_seconds: Some(600),
+        replica: None,
+        leader: None,
     }
 }
 

@@ -109,6 +109,13 @@ pub struct CaStatus {
     /// long no longer counts.
     #[serde(default)]
     pub stale_after_seconds: Option<u64>,
+    /// This replica's name (`store: {etcd: ...}` only).
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// The replica that leads (publishes, moves rotations on, prunes);
+    /// `None` without a shared store or while nobody leads.
+    #[serde(default)]
+    pub leader: Option<String>,
 }
 
 /// A `crankctl` connection to the admin API: the Unix socket, or

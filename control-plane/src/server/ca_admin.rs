@@ -64,15 +64,15 @@ impl Control {
     pub(super) async fn admin(&self, req: &Request<Bytes>) -> Result<Resp, Refusal> {
         let path = req.uri().path().to_string();
         match (req.method().clone(), path.as_str()) {
-            (Method::POST, "/v1/admin/tokens") => self.create_token(body(req)?),
+            (Method::POST, "/v1/admin/tokens") => self.create_token(body(req)?).await,
             (Method::GET, "/v1/admin/certs") => Ok(json(200, &self.cert_rows())),
-            (Method::POST, "/v1/admin/revoke") => self.revoke(body(req)?),
-            (Method::POST, "/v1/admin/rotate") => self.rotate(body(req)?),
+            (Method::POST, "/v1/admin/revoke") => self.revoke(body(req)?).await,
+            (Method::POST, "/v1/admin/rotate") => self.rotate(body(req)?).await,
             (Method::GET, "/v1/admin/audit") => {
                 let q = audit_query(req.uri().query().unwrap_or_default(), now())?;
                 Ok(json(200, &self.audit.query(&q)))
             }
-            (Method::GET, "/v1/admin/status") => Ok(json(200, &self.status())),
+            (Method::GET, "/v1/admin/status") => Ok(json(200, &self.status_with_leader().await)),
             (Method::GET, "/v1/admin/mesh/status") => Ok(json(200, &self.mesh_status())),
             (Method::GET, "/v1/admin/mesh/routes") => Ok(json(200, &self.mesh_routes())),
             (Method::GET, "/v1/admin/mesh/endpoints") => Ok(json(200, &self.mesh_endpoints())),
@@ -89,7 +89,7 @@ impl Control {
         }
     }
 
-    fn create_token(&self, r: TokenRequest) -> Result<Resp, Refusal> {
+    async fn create_token(&self, r: TokenRequest) -> Result<Resp, Refusal> {
         let id = Identity::new(&r.service, &r.tenant, &self.cfg.trust_domain)
             .map_err(|e| bad(e.to_string()))?;
         let ttl = r
@@ -102,9 +102,9 @@ impl Control {
                 humantime::format_duration(self.cfg.tokens.max_ttl)
             )));
         }
-        let mut st = self.state();
-        let (token, expires_at) = st.create_token(id.clone(), ttl, now());
-        self.commit(&st);
+        let (token, expires_at) = self
+            .change(|st| Ok(st.create_token(id.clone(), ttl, now())))
+            .await?;
         tracing::info!(identity = %id, expires_at, "join token created");
         Ok(json(
             200,
@@ -135,40 +135,55 @@ impl Control {
             .collect()
     }
 
-    fn revoke(&self, r: RevokeRequest) -> Result<Resp, Refusal> {
-        let mut st = self.state();
-        let revoked = st.revoke(&r.target, now()).map_err(|e| bad(e.0))?;
-        self.commit(&st);
-        tracing::warn!(target = %r.target, serials = ?revoked, version = st.revocations_version, "revoked");
+    async fn revoke(&self, r: RevokeRequest) -> Result<Resp, Refusal> {
+        let (revoked, version) = self
+            .change(|st| {
+                let revoked = st.revoke(&r.target, now()).map_err(|e| bad(e.0))?;
+                Ok((revoked, st.revocations_version))
+            })
+            .await?;
+        tracing::warn!(target = %r.target, serials = ?revoked, version, "revoked");
         Ok(json(
             200,
             &RevokeResponse {
                 revoked,
-                revocations_version: st.revocations_version,
+                revocations_version: version,
             },
         ))
     }
 
-    fn rotate(&self, r: RotateRequest) -> Result<Resp, Refusal> {
+    async fn rotate(&self, r: RotateRequest) -> Result<Resp, Refusal> {
         let td = self.cfg.trust_domain.clone();
         let inter = crank_certs::Ca::from_pem(&r.intermediate_pem, &r.intermediate_key_pem, &td)
             .map_err(|e| bad(format!("the new intermediate: {e}")))?;
-        let mut st = self.state();
-        match r.kind {
-            RotationKind::Intermediate => st.rotate_intermediate(&inter, now()),
-            RotationKind::Root => {
-                let root = r
-                    .root_pem
-                    .as_deref()
-                    .ok_or_else(|| bad("a root rotation needs root_pem"))?;
-                st.rotate_root(root, &inter, now())
-            }
+        let (phase, bundle_version) = self
+            .change(|st| {
+                match r.kind {
+                    RotationKind::Intermediate => st.rotate_intermediate(&inter, now()),
+                    RotationKind::Root => {
+                        let root = r
+                            .root_pem
+                            .as_deref()
+                            .ok_or_else(|| bad("a root rotation needs root_pem"))?;
+                        st.rotate_root(root, &inter, now())
+                    }
+                }
+                .map_err(|e| refusal(409, "rotation-refused", e.0))?;
+                Ok((st.rotation.phase, st.bundle_version))
+            })
+            .await?;
+        tracing::warn!(kind = ?r.kind, phase = phase.as_str(), bundle_version, "CA rotation started");
+        Ok(json(200, &self.status_with_leader().await))
+    }
+
+    /// [`Control::status`] with which replica leads (a shared store only).
+    pub(super) async fn status_with_leader(&self) -> CaStatus {
+        let (replica, leader) = self.leader_names().await;
+        CaStatus {
+            replica,
+            leader,
+            ..self.status()
         }
-        .map_err(|e| refusal(409, "rotation-refused", e.0))?;
-        self.commit(&st);
-        tracing::warn!(kind = ?r.kind, phase = st.rotation.phase.as_str(), bundle_version = st.bundle_version, "CA rotation started");
-        drop(st);
-        Ok(json(200, &self.status()))
     }
 
     /// `crankctl ca status`: the rotation, the CAs and every workload.
@@ -202,6 +217,8 @@ impl Control {
                 })
                 .filter(|s| *s > 0),
             stale_after_seconds: Some(stale.as_secs()),
+            replica: None,
+            leader: None,
         }
     }
 }

@@ -54,6 +54,19 @@ pub struct ControlConfig {
     /// default, or `etcd`); see docs/reference/control-config.md.
     #[serde(default)]
     pub store: crate::store::StoreSettings,
+    /// The key-encryption key (32 bytes, mode 0600) that seals intermediate
+    /// private keys in the store; required with `store: {etcd: ...}`, the
+    /// same file on every replica.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// With `store: {etcd: ...}`: how long a dead leader keeps the role
+    /// before another replica takes over (publishing, rotation, pruning).
+    #[serde(with = "humantime_serde", default = "default_leader_ttl")]
+    pub leader_ttl: Duration,
+}
+
+fn default_leader_ttl() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +190,7 @@ pub fn load(path: &Path) -> Result<ControlConfig, ConfigError> {
         ]
         .into_iter()
         .chain(cfg.config_dir.as_mut())
+        .chain(cfg.kek_file.as_mut())
         .chain(cfg.store.paths_mut()),
     );
     Ok(cfg)
@@ -195,6 +209,7 @@ pub fn parse(file: &str, text: &str) -> Result<ControlConfig, ConfigError> {
     );
     check_lifetimes(&cfg, &mut p);
     cfg.store.check(&mut p);
+    check_ha(&cfg, &mut p);
     if let Err((field, m)) = check_listeners(&cfg) {
         p.push(field, m);
     }
@@ -233,6 +248,21 @@ fn check_lifetimes(cfg: &ControlConfig, p: &mut Problems) {
     }
     if cfg.workloads.stale_after < Duration::from_secs(1) {
         p.push("workloads.stale_after", "is under 1s");
+    }
+}
+
+/// `kek_file` and `leader_ttl` go with `store: {etcd: ...}`.
+fn check_ha(cfg: &ControlConfig, p: &mut Problems) {
+    let etcd = matches!(cfg.store, crate::store::StoreSettings::Etcd(_));
+    if etcd && cfg.kek_file.is_none() {
+        p.push(
+            "kek_file",
+            "is required with store: {etcd: ...}: intermediate keys are sealed under it in etcd; make one with `head -c 32 /dev/urandom > kek && chmod 600 kek` and give every replica the same file",
+        );
+    }
+    let ttl = cfg.leader_ttl;
+    if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(60) {
+        p.push("leader_ttl", "must be 2s to 60s (5s is the default)");
     }
 }
 

@@ -72,7 +72,7 @@ pub fn policy_revision(policies: &std::collections::BTreeMap<String, String>) ->
 }
 
 impl MeshState {
-    fn remember(&mut self, p: &Published) {
+    pub(super) fn remember(&mut self, p: &Published) {
         self.history.insert(
             p.seq,
             (
@@ -381,7 +381,13 @@ impl Control {
     /// Checks the config directory and expires leases; wakes watchers on change.
     pub(super) fn tick_mesh(&self) {
         let mut changed = false;
-        if let Some(dir) = &self.cfg.config_dir {
+        // With a shared store the leader publishes (state::replica).
+        if let Some(dir) = self
+            .cfg
+            .config_dir
+            .as_ref()
+            .filter(|_| self.store.is_none())
+        {
             let mut mesh = self.mesh();
             let seen = mesh.seen.clone();
             let published = mesh.refresh(dir, &self.cfg.state_dir, now());

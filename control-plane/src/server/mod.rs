@@ -14,6 +14,9 @@
 //! admin API's CA calls), [`mesh`] (config publishing, mesh watch, the
 //! registry), [`traffic`] (proxy reports, the dashboard's state), [`http`]
 //! (shared request and refusal helpers), [`state`] (the CA state machine).
+//! With `store: {etcd: ...}` the state lives in the store shared by every
+//! replica and one replica leads ([`state::replica`]); without it,
+//! `state.json` as always.
 //! This file: opening the state, saving, the ticker, and [`run`].
 
 pub mod admin;
@@ -70,6 +73,25 @@ pub struct Control {
     traffic: Mutex<traffic::store::TrafficStore>,
     /// Admin mutations, refusals and config versions ([`audit`]).
     audit: Box<dyn audit::AuditLog>,
+    /// The store shared with the other replicas (`store: {etcd: ...}`);
+    /// `None`: state.json, one process.
+    pub(crate) store: Option<Arc<dyn crate::store::Store>>,
+    /// True while this replica leads (always true without a shared store);
+    /// see [`Control::is_leader`].
+    pub(crate) leading: tokio::sync::watch::Receiver<bool>,
+    /// The KEK and revisions of the shared store.
+    shared: Option<state::replica::Shared>,
+}
+
+/// What [`Control::open`] starts from.
+struct Loaded {
+    state: CaState,
+    restarted: bool,
+    store: Option<Arc<dyn crate::store::Store>>,
+    shared: Option<state::replica::Shared>,
+    leading: tokio::sync::watch::Receiver<bool>,
+    mesh: Option<mesh::Published>,
+    reports: HashMap<String, Report>,
 }
 
 /// Longer than the longest watch (60 s): by then every live workload has
@@ -84,26 +106,29 @@ pub fn now() -> i64 {
 }
 
 impl Control {
-    /// Loads `state.json`, or seeds it from `ca.intermediate` on first start.
-    pub fn open(cfg: ControlConfig) -> Result<Arc<Control>> {
+    /// Loads `state.json`, or seeds it from `ca.intermediate` on first
+    /// start; with a shared store, the state in the store.
+    pub async fn open(cfg: ControlConfig) -> Result<Arc<Control>> {
         private_state_dir(&cfg.state_dir)?;
-        let path = cfg.state_dir.join("state.json");
-        let restarted = path.exists();
-        let state = if restarted {
-            load_state(&path, &cfg.trust_domain)?
-        } else {
-            seed_state(&cfg)?
-        };
-        let mesh_state = mesh::MeshState::open(&cfg.state_dir);
+        let metrics = metrics::Metrics::new();
+        let gauge = leader_gauge(&metrics);
+        let loaded = load(&cfg, gauge).await?;
+        let state = loaded.state;
+        let restarted = loaded.restarted;
+        let mut mesh_state = mesh::MeshState::open(&cfg.state_dir);
+        if let Some(p) = loaded.mesh {
+            mesh_state.remember(&p);
+            mesh_state.current = Some(Arc::new(p));
+        }
         let cfg_state_dir = cfg.state_dir.clone();
         let signer = state.signer()?;
         let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
         let (changed, _) = tokio::sync::watch::channel(0);
         let control = Arc::new(Control {
-            metrics: metrics::Metrics::new(),
+            metrics,
             cfg,
             state: Mutex::new(state),
-            reports: Mutex::new(HashMap::new()),
+            reports: Mutex::new(loaded.reports),
             changed,
             tls,
             started: std::time::Instant::now(),
@@ -118,11 +143,18 @@ impl Control {
                 audit::Retention::default(),
                 now(),
             )),
+            store: loaded.store,
+            leading: loaded.leading,
+            shared: loaded.shared,
         });
         control.tick_mesh();
         {
             let st = control.state();
-            control.save(&st)?;
+            if control.store.is_some() {
+                control.refresh_local(&st);
+            } else {
+                control.save(&st)?;
+            }
             control.metrics.observe(&st, &control.tls);
         }
         Ok(control)
@@ -153,6 +185,18 @@ impl Control {
         if let Err(e) = self.save(st) {
             tracing::error!(error = %format!("{e:#}"), "cannot save the CA state; the change applies in memory only until the next save");
         }
+        self.refresh_local(st);
+    }
+
+    /// Refreshes TLS and metrics and wakes watchers after a change (saved
+    /// already, or seen in the shared store).
+    fn refresh_local(&self, st: &CaState) {
+        if self.store.is_some() {
+            let bundle = self.cfg.state_dir.join("bundle.pem");
+            if let Err(e) = write_atomic(&bundle, st.bundle().pem.as_bytes(), false) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot write bundle.pem");
+            }
+        }
         if let Ok(signer) = st.signer() {
             if let Err(e) = self.tls.update(&signer, &st.bundle().pem, &self.cfg.certs) {
                 tracing::error!(error = %format!("{e:#}"), "cannot refresh the control plane's own TLS");
@@ -162,36 +206,103 @@ impl Control {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Moves a rotation on if every active workload caught up.
-    fn advance(&self) {
-        if self.restarted && self.started.elapsed() < RESYNC_GRACE {
+    /// Moves a rotation on if every active workload caught up (the leader only).
+    async fn advance(&self) {
+        if !self.is_leader() || self.restarted && self.started.elapsed() < RESYNC_GRACE {
             return;
         }
-        let mut st = self.state();
+        if self.state().rotation.phase == state::Phase::Idle {
+            return;
+        }
         let reports = self.reports().clone();
-        if let Some(line) = st.advance(&reports, self.cfg.workloads.stale_after, now()) {
-            tracing::info!(bundle_version = st.bundle_version, "{line}");
-            self.commit(&st);
+        let stale = self.cfg.workloads.stale_after;
+        let moved = self
+            .change_if(|st| {
+                st.advance(&reports, stale, now())
+                    .map(|l| (l, st.bundle_version))
+            })
+            .await;
+        if let Some((line, bundle_version)) = moved {
+            tracing::info!(bundle_version, "{line}");
         }
     }
 
-    fn tick(&self) {
+    async fn tick(&self) {
         self.tick_mesh();
-        {
-            let mut st = self.state();
-            if st.prune(now()) {
-                self.commit(&st);
+        if self.is_leader() {
+            self.publish_shared().await;
+            let t = now();
+            if self.store.is_none() || self.state().needs_prune(t) {
+                self.change_if(|st| st.prune(t).then_some(())).await;
             }
+            state::replica::forget_reports(self);
         }
-        self.advance();
+        self.advance().await;
         if self.tls.needs_renewal() {
             let st = self.state();
-            self.commit(&st);
+            self.commit_or_refresh(&st);
         }
         let st = self.state();
         self.metrics
             .observe_workloads(&st, &self.reports(), self.cfg.workloads.stale_after);
     }
+}
+
+impl Control {
+    /// `commit` in a single process; with a shared store only the local refresh.
+    fn commit_or_refresh(&self, st: &CaState) {
+        if self.store.is_some() {
+            self.refresh_local(st);
+        } else {
+            self.commit(st);
+        }
+    }
+}
+
+/// `crank_control_leader`: 1 while this replica leads (always 1 without a shared store).
+fn leader_gauge(m: &metrics::Metrics) -> prometheus::IntGauge {
+    let g = prometheus::IntGauge::new(
+        "crank_control_leader",
+        "1 while this crank-control replica leads (publishes config versions, moves rotations on, prunes); always 1 without a shared store",
+    )
+    .expect("a valid metric");
+    if let Err(e) = m.registry.register(Box::new(g.clone())) {
+        tracing::error!(error = %e, "cannot register crank_control_leader");
+    }
+    g.set(1);
+    g
+}
+
+/// The starting state: `state.json` (or the seed), or the shared store.
+async fn load(cfg: &ControlConfig, gauge: prometheus::IntGauge) -> Result<Loaded> {
+    if matches!(cfg.store, crate::store::StoreSettings::Etcd(_)) {
+        let o = state::replica::open(cfg, gauge).await?;
+        return Ok(Loaded {
+            state: o.state,
+            restarted: false,
+            store: Some(o.store),
+            shared: Some(o.shared),
+            leading: o.leading,
+            mesh: o.mesh,
+            reports: o.reports,
+        });
+    }
+    let path = cfg.state_dir.join("state.json");
+    let restarted = path.exists();
+    let state = if restarted {
+        load_state(&path, &cfg.trust_domain)?
+    } else {
+        seed_state(cfg)?
+    };
+    Ok(Loaded {
+        state,
+        restarted,
+        store: None,
+        shared: None,
+        leading: tokio::sync::watch::channel(true).1,
+        mesh: None,
+        reports: HashMap::new(),
+    })
 }
 
 /// Makes `state_dir` and keeps it private: state.json holds intermediate
@@ -284,16 +395,17 @@ pub fn check_ca(cfg: &ControlConfig) -> Result<()> {
 /// Runs crank-control until SIGTERM/SIGINT: the listeners stop accepting,
 /// the admin socket is removed.
 pub async fn run(cfg: ControlConfig) -> Result<()> {
-    let control = Control::open(cfg)?;
+    let control = Control::open(cfg).await?;
     let mut signals = crank_plumbing::Signals::install()?;
     let drain = crank_plumbing::Drain::new();
     let mut tasks = spawn_listeners(&control, &drain).await?;
+    state::replica::spawn(&control, &mut tasks);
     let ticker = control.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_millis(500));
         loop {
             every.tick().await;
-            ticker.tick();
+            ticker.tick().await;
         }
     });
     let signal = tokio::select! {

@@ -168,7 +168,7 @@ pub struct CaState {
 }
 
 /// What a workload last told the CA (watch query, or its last issue).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub identity: Identity,
     pub instance: String,
@@ -177,7 +177,7 @@ pub struct Report {
     pub last_seen: i64,
     /// The serial this workload was last told to replace (so a watch does
     /// not answer "renew" again at once while the renewal is under way).
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub told_renew: Option<String>,
 }
 
@@ -384,6 +384,19 @@ impl CaState {
             .retain(|t| t.used_at.unwrap_or(t.expires_at).max(t.expires_at) + 86_400 > now);
         self.inventory.retain(|i| i.not_after + 7 * 86_400 > now);
         before != (self.revoked.len(), self.tokens.len(), self.inventory.len())
+    }
+
+    /// True when [`CaState::prune`] would drop something (a cheap check).
+    pub fn needs_prune(&self, now: i64) -> bool {
+        self.revoked.values().any(|e| e.not_after <= now)
+            || self
+                .tokens
+                .iter()
+                .any(|t| t.used_at.unwrap_or(t.expires_at).max(t.expires_at) + 86_400 <= now)
+            || self
+                .inventory
+                .iter()
+                .any(|i| i.not_after + 7 * 86_400 <= now)
     }
 
     pub fn issued(&self, serial: &str) -> Option<&Issued> {
@@ -643,6 +656,9 @@ pub fn rfc3339(ts: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }
+
+pub mod replica;
+pub mod shared;
 
 #[cfg(test)]
 mod tests;

@@ -189,37 +189,38 @@ impl Control {
             .get(who.instance)
             .map(|r| r.bundle_version)
             .unwrap_or(0);
-        reports.insert(
-            who.instance.to_string(),
-            Report {
-                identity: who.id.clone(),
-                instance: who.instance.to_string(),
-                serial: signed.serial.clone(),
-                bundle_version: if who.renewing {
-                    prev_bundle
-                } else {
-                    bundle_version
-                },
-                last_seen: t,
-                told_renew: None,
+        let report = Report {
+            identity: who.id.clone(),
+            instance: who.instance.to_string(),
+            serial: signed.serial.clone(),
+            bundle_version: if who.renewing {
+                prev_bundle
+            } else {
+                bundle_version
             },
-        );
+            last_seen: t,
+            told_renew: None,
+        };
+        self.share_report(&report);
+        reports.insert(who.instance.to_string(), report);
     }
 
     async fn enroll(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
         let r: EnrollRequest = body(req).await?;
         check_instance(&r.instance)?;
-        let resp = {
-            let mut st = self.state();
-            let (idx, id) = st.check_token(&r.token, now())?;
-            let token_ref = super::state::sha256_hex(r.token.trim())[..8].to_string();
-            let who = IssueFor::new(&id, &r.instance, format!("enroll (token {token_ref})"));
-            let resp = self.issue(&mut st, &r.csr, who)?;
-            st.use_token(idx, now());
-            self.commit(&st);
-            tracing::info!(identity = %id, instance = %r.instance, serial = %resp.serial, "enrolled");
-            resp
-        };
+        // One compare-and-swap with the token's use: a token enrolls once,
+        // also across replicas.
+        let (id, resp) = self
+            .change(|st| {
+                let (idx, id) = st.check_token(&r.token, now())?;
+                let token_ref = super::state::sha256_hex(r.token.trim())[..8].to_string();
+                let who = IssueFor::new(&id, &r.instance, format!("enroll (token {token_ref})"));
+                let resp = self.issue(st, &r.csr, who)?;
+                st.use_token(idx, now());
+                Ok((id, resp))
+            })
+            .await?;
+        tracing::info!(identity = %id, instance = %r.instance, serial = %resp.serial, "enrolled");
         self.metrics.issued.with_label_values(&["enroll"]).inc();
         Ok(json(200, &resp))
     }
@@ -228,19 +229,18 @@ impl Control {
         let (id, serial) = peer(self, peer_certs)?;
         let r: RenewRequest = body(req).await?;
         check_instance(&r.instance)?;
-        let resp = {
-            let mut st = self.state();
-            let who = IssueFor {
-                renewing: true,
-                ..IssueFor::new(&id, &r.instance, format!("renew (serial {serial})"))
-            };
-            let resp = self.issue(&mut st, &r.csr, who)?;
-            self.commit(&st);
-            tracing::info!(identity = %id, instance = %r.instance, old = %serial, serial = %resp.serial, "renewed");
-            resp
-        };
+        let resp = self
+            .change(|st| {
+                let who = IssueFor {
+                    renewing: true,
+                    ..IssueFor::new(&id, &r.instance, format!("renew (serial {serial})"))
+                };
+                self.issue(st, &r.csr, who)
+            })
+            .await?;
+        tracing::info!(identity = %id, instance = %r.instance, old = %serial, serial = %resp.serial, "renewed");
         self.metrics.issued.with_label_values(&["renew"]).inc();
-        self.advance();
+        self.advance().await;
         Ok(json(200, &resp))
     }
 
@@ -261,7 +261,7 @@ impl Control {
         };
         let mut rx = self.changed.subscribe();
         let told = self.note_watcher(id, &instance, &serial, have_bundle);
-        self.advance();
+        self.advance().await;
         let deadline = tokio::time::Instant::now() + q.wait();
         loop {
             let resp = self.watch_answer(&serial);
@@ -288,17 +288,16 @@ impl Control {
             .get(instance)
             .and_then(|r| r.told_renew.clone())
             .filter(|s| s == serial);
-        reports.insert(
-            instance.to_string(),
-            Report {
-                identity: id,
-                instance: instance.to_string(),
-                serial: serial.to_string(),
-                bundle_version: have_bundle,
-                last_seen: now(),
-                told_renew: told.clone(),
-            },
-        );
+        let report = Report {
+            identity: id,
+            instance: instance.to_string(),
+            serial: serial.to_string(),
+            bundle_version: have_bundle,
+            last_seen: now(),
+            told_renew: told.clone(),
+        };
+        self.share_report(&report);
+        reports.insert(instance.to_string(), report);
         told.is_some()
     }
 

@@ -13,6 +13,7 @@ pub mod conformance;
 mod election;
 mod etcd;
 mod file;
+pub mod seal;
 
 use std::time::Duration;
 
