@@ -34,6 +34,11 @@
 //!   - closes a kept-alive HTTP/1 connection idle for `limits.idle_timeout`
 //!     between requests (Pingora keeps HTTP/1.1 connections open for ever).
 //!
+//! * with a [`Divert`] (the inbound listener when `inbound.tcp` is set),
+//!   reads the first bytes of each HTTP/1 connection and hands an opaque
+//!   TCP tunnel (first byte NUL, [`crate::tunnel`]) over before Pingora
+//!   sees it. A tunnel counts as an open connection of the listener.
+//!
 //! HTTP/2 connections (ALPN `h2`, or the h2c preface) are guarded only
 //! until the preface and the first SETTINGS frame header are in (the head
 //! deadline); after that `h2_idle_timeout` (`limits.idle_timeout`) closes a
@@ -91,10 +96,24 @@ pub struct ListenerLimits {
     pub identity: Arc<str>,
 }
 
+/// Takes over the connections of a listener that are not HTTP: the
+/// inbound listener hands opaque TCP tunnels ([`crate::tunnel`]) over by
+/// their first byte, before Pingora's HTTP handling.
+#[async_trait]
+pub trait Divert: Send + Sync {
+    /// Whether a connection whose first bytes are `first` is this
+    /// protocol's (never true for HTTP/1 or the h2 preface).
+    fn claims(&self, first: &[u8]) -> bool;
+    /// Serves the connection to its end; `read_ahead` are its first bytes.
+    async fn serve(&self, stream: Stream, read_ahead: bytes::Bytes);
+}
+
 /// A listener's app behind the connection cap and the head deadline.
 pub struct Listener<A> {
     inner: Arc<A>,
     limits: ListenerLimits,
+    /// Connections that are not HTTP go here (see [`Divert`]).
+    divert: Option<Arc<dyn Divert>>,
     open: AtomicUsize,
     /// When a refusal was last logged (rate limit: one line a second).
     last_refusal_log: std::sync::Mutex<Option<std::time::Instant>>,
@@ -105,9 +124,17 @@ impl<A> Listener<A> {
         Listener {
             inner: Arc::new(inner),
             limits,
+            divert: None,
             open: AtomicUsize::new(0),
             last_refusal_log: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Reads the first bytes of each HTTP/1 connection (within the head
+    /// deadline) and hands those `divert` claims to it.
+    pub fn with_divert(mut self, divert: Arc<dyn Divert>) -> Self {
+        self.divert = Some(divert);
+        self
     }
 
     /// Takes a connection slot, or says the listener is full.
@@ -169,6 +196,16 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // within the head deadline: an h2 connection that goes quiet
             // before them would otherwise hold a slot for ever.
             guarded.expect_h2(H2_PREFACE.len() + H2_FRAME_HEADER);
+        } else if let Some(divert) = &self.divert {
+            // Nothing read, or the head deadline passed: closed.
+            if guarded.read_ahead().await.ok()? == 0 {
+                return None;
+            }
+            if divert.claims(&guarded.prefix) {
+                let read_ahead = std::mem::take(&mut guarded.prefix).freeze();
+                divert.serve(guarded.inner, read_ahead).await;
+                return None;
+            }
         }
         // Pingora runs the HTTP/1 keep-alive loop inside process_new and
         // hands nothing back; the slot is freed when it returns.
@@ -271,6 +308,20 @@ impl Guarded {
             h2_pending: 0,
             rewrite: None,
         }
+    }
+
+    /// Reads the connection's first bytes (kept for the parser) within the
+    /// head deadline; 0 when the client closed.
+    async fn read_ahead(&mut self) -> io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 2048];
+        let read = self.inner.read(&mut chunk);
+        let n = match tokio::time::timeout_at(self.deadline.deadline(), read).await {
+            Ok(r) => r?,
+            Err(_) => return Err(self.timed_out()),
+        };
+        self.prefix.extend_from_slice(&chunk[..n]);
+        Ok(n)
     }
 
     /// The connection speaks h2: the deadline holds until `bytes` more

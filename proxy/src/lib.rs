@@ -36,6 +36,7 @@ pub mod routing;
 pub mod runtime;
 pub mod tap;
 pub mod tracing;
+pub mod tunnel;
 
 /// The W3C trace-context parser under its old name (the fuzz target uses it).
 pub use self::tracing::context as tracecontext;

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub resilience: ResilienceMetrics,
     /// Certificates, renewals, trust bundle, deny list.
     pub identity: IdentityMetrics,
+    /// Opaque TCP tunnels (`crank_tcp_*`).
+    pub tunnel: crate::tunnel::metrics::TunnelMetrics,
+    /// Requests outside the mesh (`crank_egress_*`).
+    pub egress: crate::egress::metrics::EgressMetrics,
 }
 
 /// The workload certificate and what the identity agent does with it.
@@ -502,7 +506,11 @@ impl Metrics {
         let s = TracingMetrics::new(&registry);
         let resilience = ResilienceMetrics::new(&registry);
         let identity = IdentityMetrics::new(&registry);
+        let tunnel = crate::tunnel::metrics::TunnelMetrics::new(&registry);
+        let egress = crate::egress::metrics::EgressMetrics::new(&registry);
         Metrics {
+            tunnel,
+            egress,
             resilience,
             identity,
             registry,

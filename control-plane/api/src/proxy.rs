@@ -56,6 +56,37 @@ pub struct ProxyConfig {
     /// time to send a request head, the size of the head.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Opaque TCP through the mesh (`docs/reference/opaque-tcp.md`): the
+    /// idle timeout and connection cap of tunnelled connections.
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+}
+
+/// Opaque TCP tunnels, both directions (`docs/reference/opaque-tcp.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// A tunnel with no byte in either direction for this long is closed
+    /// (close reason `idle-timeout`). Default 1h.
+    #[serde(default = "default_tunnel_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open tunnels per direction; one more is refused (outcome `limit`).
+    /// Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            idle_timeout: default_tunnel_idle(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_tunnel_idle() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// Limits that keep slow or hostile clients from exhausting a sidecar, and
@@ -439,6 +470,22 @@ pub struct InboundConfig {
     /// `Idempotency-Key` replay. On by default.
     #[serde(default)]
     pub idempotency: IdempotencyConfig,
+    /// Local TCP servers that peer sidecars may reach over an opaque TCP
+    /// tunnel (`docs/reference/opaque-tcp.md`). Empty: tunnels are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<InboundTcpConfig>,
+}
+
+/// A local TCP server behind this sidecar, reachable over a tunnel that
+/// names its capability or (captured traffic) its port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundTcpConfig {
+    /// Where the server listens (`127.0.0.1:5432`).
+    pub app: SocketAddr,
+    /// The capability tunnels name to reach it (`db:postgres`).
+    #[serde(default)]
+    pub capability: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -461,6 +508,20 @@ pub struct OutboundConfig {
     /// Local upstream ports, each bound to one route.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// Local TCP ports whose connections are tunnelled, as opaque bytes over
+    /// mTLS, to the sidecar serving a capability (`docs/reference/opaque-tcp.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpPortConfig>,
+}
+
+/// One outbound TCP port: every connection to `listen` goes to the
+/// capability's sidecar over an opaque TCP tunnel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpPortConfig {
+    pub listen: SocketAddr,
+    /// The capability of a route in `routes` (its `capability`, or its name).
+    pub capability: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -47,6 +47,9 @@ pub(super) fn server(cfg: &ProxyConfig, rt: &Arc<Runtime>) -> std::io::Result<Se
     if out.http_proxy.is_some() || !out.ports.is_empty() {
         services.push(Box::new(outbound(cfg, rt, &conf, &all_open)));
     }
+    if !out.tcp.is_empty() {
+        services.push(Box::new(crate::tunnel::outbound_ports(cfg, rt)));
+    }
     server.add_services(services);
     Ok(server)
 }
@@ -95,7 +98,12 @@ fn inbound(
     };
     let proxy = http_proxy(app, cfg, conf, false);
     let max = cfg.limits.inbound_max_connections;
-    let listener = Listener::new(proxy, limits(cfg, rt, "inbound", max, all_open));
+    let mut listener = Listener::new(proxy, limits(cfg, rt, "inbound", max, all_open));
+    if !inb.tcp.is_empty() {
+        // Opaque TCP tunnels arrive on the same port (first byte NUL).
+        let tunnel = crate::tunnel::InboundTunnel::new(rt.clone());
+        listener = listener.with_divert(Arc::new(tunnel));
+    }
     let mut svc = Service::new("crank inbound".into(), listener);
     let settings = rt.tls.server_settings(&rt.metrics);
     svc.add_tls_with_settings(&inb.listen.to_string(), None, settings);

@@ -82,3 +82,95 @@ fn shown_headers(req: &RequestHeader, manifest: &Manifest) -> Vec<(String, Strin
         })
         .collect()
 }
+
+/// What an opaque TCP tunnel's policy decides on: who calls (the verified
+/// peer sidecar), where the connection was going and where it goes.
+pub struct ConnectionFacts {
+    pub source: Option<Workload>,
+    pub source_address: Option<SocketAddr>,
+    pub destination: Workload,
+    pub capability: Option<String>,
+    /// The address the calling app connected to (captured traffic).
+    pub original_destination: Option<SocketAddr>,
+    /// The local TCP server the tunnel would reach (`inbound.tcp[].app`).
+    pub app: SocketAddr,
+}
+
+/// The request facts of a tunnel: method `CONNECT`, protocol and scheme
+/// `tcp`, no path or headers. Rules written for HTTP see a request they
+/// do not match; `input.connection` ([`connection_input`]) has the rest.
+pub fn connection_request_facts(c: &ConnectionFacts) -> RequestFacts {
+    RequestFacts {
+        direction: Direction::Inbound.as_str(),
+        source: c.source.clone(),
+        source_address: c.source_address,
+        destination: c.destination.clone(),
+        capability: c.capability.clone(),
+        route: None,
+        method: "CONNECT".into(),
+        path_and_query: String::new(),
+        host: c.original_destination.map(|a| a.to_string()),
+        scheme: "tcp".into(),
+        protocol: "tcp".into(),
+        headers: Vec::new(),
+        body_size: None,
+        time: std::time::SystemTime::now(),
+        id: super::new_decision_id(),
+    }
+}
+
+/// `input.connection` (`docs/reference/policy.md`): the tunnel's
+/// connection-level facts.
+pub fn connection_input(c: &ConnectionFacts) -> serde_json::Value {
+    let port = c.original_destination.map_or(c.app.port(), |a| a.port());
+    serde_json::json!({
+        "protocol": "tcp",
+        "source": c.source.as_ref().map(|s| s.spiffe_id.as_str()),
+        "source_address": c.source_address.map(|a| a.to_string()),
+        "destination": {
+            "address": c.original_destination.map(|a| a.ip().to_string()),
+            "port": port,
+        },
+        "capability": c.capability,
+        "app": c.app.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+
+    fn facts(original: Option<&str>) -> ConnectionFacts {
+        ConnectionFacts {
+            source: Some(Workload {
+                spiffe_id: "spiffe://crank.local/tenant/acme/svc/web".into(),
+                service: "web".into(),
+                tenant: "acme".into(),
+                trust_domain: "crank.local".into(),
+            }),
+            source_address: Some("10.0.0.2:40000".parse().unwrap()),
+            destination: Workload::default(),
+            capability: Some("db:postgres".into()),
+            original_destination: original.map(|a| a.parse().unwrap()),
+            app: "127.0.0.1:5432".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_connection_input_names_source_destination_port_and_capability() {
+        let cases = [
+            (Some("10.0.0.3:6543"), serde_json::json!("10.0.0.3"), 6543),
+            (None, serde_json::Value::Null, 5432),
+        ];
+        for (original, address, port) in cases {
+            let v = connection_input(&facts(original));
+            assert_eq!(v["source"], "spiffe://crank.local/tenant/acme/svc/web");
+            assert_eq!(v["destination"]["address"], address);
+            assert_eq!(v["destination"]["port"], port);
+            assert_eq!(v["capability"], "db:postgres");
+            assert_eq!(v["app"], "127.0.0.1:5432");
+        }
+        let r = connection_request_facts(&facts(None));
+        assert_eq!((r.method.as_str(), r.protocol.as_str()), ("CONNECT", "tcp"));
+    }
+}

@@ -202,8 +202,23 @@ impl Policies {
         trace_id: Option<&str>,
         metrics: &Metrics,
     ) -> Decision {
+        let doc = input::build(facts, set.manifest());
+        self.check_input(handle, set, facts, doc, trace_id, metrics)
+    }
+
+    /// Evaluates, counts and logs one decision on an input document built
+    /// from `facts` (with more in it: an opaque TCP tunnel adds
+    /// `input.connection`, see [`facts::connection_input`]).
+    pub fn check_input(
+        &self,
+        handle: &PolicyHandle,
+        set: &PolicySet,
+        facts: &RequestFacts,
+        doc: serde_json::Value,
+        trace_id: Option<&str>,
+        metrics: &Metrics,
+    ) -> Decision {
         let manifest = set.manifest();
-        let doc = input::build(facts, manifest);
         let decision = set.decide_owned(doc);
         let dir = handle.direction.as_str();
         let mode = manifest.mode.as_str();
