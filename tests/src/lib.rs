@@ -7,6 +7,7 @@ pub mod app;
 pub mod control;
 pub mod etcd;
 pub mod flaky;
+pub mod hosts_mesh;
 pub mod load;
 pub mod netns;
 pub mod otlp;

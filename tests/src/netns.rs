@@ -105,6 +105,15 @@ impl Hosts {
     pub fn iter(&self) -> impl Iterator<Item = &Host> {
         self.hosts.iter()
     }
+
+    /// Cuts (`up: false`) or mends host `i`'s cable: its port `h<i>` on
+    /// the bridge goes down or up, as a pulled cable or a failed switch
+    /// port would; the host itself notices nothing but silence.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let port = format!("h{i}");
+        let state = if up { "up" } else { "down" };
+        in_ns(&self.bridge, &["ip", "link", "set", &port, state]);
+    }
 }
 
 impl std::ops::Index<usize> for Hosts {
