@@ -330,8 +330,10 @@ pub struct IdentityConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollConfig {
-    /// crank-control's workload API, `host:port` (TLS).
-    pub control_plane: String,
+    /// crank-control's workload API, `host:port` (TLS): one address or a
+    /// list of replicas (`["10.0.0.1:8443", "10.0.0.2:8443"]`). A host
+    /// that resolves to several addresses is tried address by address.
+    pub control_plane: ControlPlane,
     /// The name crank-control's certificate must prove. Default
     /// `control.crank-system.<trust_domain>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -375,6 +377,55 @@ impl EnrollConfig {
 
 /// Config distribution from crank-control (`mesh`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// crank-control's replicas (`identity.enroll.control_plane`): one
+/// `host:port` or a list; serialized back the way it was written (a string
+/// when there is one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane(pub Vec<String>);
+
+impl ControlPlane {
+    /// The addresses as configured, in order.
+    pub fn addresses(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl From<&str> for ControlPlane {
+    fn from(addr: &str) -> Self {
+        ControlPlane(vec![addr.to_string()])
+    }
+}
+
+impl std::fmt::Display for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
+impl Serialize for ControlPlane {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            all => all.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ControlPlane {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "a \"host:port\" or a list of them")]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match OneOrMany::deserialize(d)? {
+            OneOrMany::One(a) => ControlPlane(vec![a]),
+            OneOrMany::Many(all) => ControlPlane(all),
+        })
+    }
+}
+
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
     /// How long one `GET /v1/mesh/watch` long-poll waits for a change.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crank_api::mesh::EndpointRegistration;
 
-use super::{validate, Entry, LeaseId, Registry, RegistryError, Snapshot};
+use futures::FutureExt;
+
+use super::{validate, Entry, LeaseId, Pending, Registry, RegistryError, Snapshot};
 
 /// How many expired entries wait for [`Registry::expire`] to report them
 /// before the oldest are dropped (only when nobody calls `expire`).
@@ -57,6 +59,50 @@ impl Registry for MemoryRegistry {
         reg: EndpointRegistration,
         lease: Duration,
         now: Instant,
+    ) -> Pending<'_, LeaseId> {
+        futures::future::ready(MemoryRegistry::register(self, reg, lease, now)).boxed()
+    }
+
+    fn heartbeat<'a>(&'a self, lease: &'a LeaseId, now: Instant) -> Pending<'a, ()> {
+        futures::future::ready(MemoryRegistry::heartbeat(self, lease, now)).boxed()
+    }
+
+    fn deregister<'a>(&'a self, lease: &'a LeaseId) -> Pending<'a, ()> {
+        futures::future::ready(MemoryRegistry::deregister(self, lease)).boxed()
+    }
+
+    fn expire(&self, now: Instant) -> Vec<Entry> {
+        let mut inner = self.lock();
+        inner.purge(now);
+        let mut expired: Vec<Entry> = inner.expired.drain(..).collect();
+        expired.sort_by_key(|e| e.registration.address);
+        expired
+    }
+
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut inner = self.lock();
+        inner.purge(now);
+        let mut entries: Vec<Entry> = inner
+            .by_address
+            .values()
+            .map(|slot| inner.entry(slot, now))
+            .collect();
+        entries.sort_by_key(|e| e.registration.address);
+        Snapshot {
+            version: inner.version,
+            entries,
+        }
+    }
+}
+
+/// The operations themselves, synchronous (the [`Registry`] impl wraps
+/// them in ready futures).
+impl MemoryRegistry {
+    pub fn register(
+        &self,
+        reg: EndpointRegistration,
+        lease: Duration,
+        now: Instant,
     ) -> Result<LeaseId, RegistryError> {
         validate(&reg, lease)?;
         let mut inner = self.lock();
@@ -94,7 +140,7 @@ impl Registry for MemoryRegistry {
         Ok(id)
     }
 
-    fn heartbeat(&self, lease: &LeaseId, now: Instant) -> Result<(), RegistryError> {
+    pub fn heartbeat(&self, lease: &LeaseId, now: Instant) -> Result<(), RegistryError> {
         let mut inner = self.lock();
         let unknown = || RegistryError::UnknownLease(lease.clone());
         let address = *inner.by_lease.get(lease).ok_or_else(unknown)?;
@@ -108,7 +154,7 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
-    fn deregister(&self, lease: &LeaseId) -> Result<(), RegistryError> {
+    pub fn deregister(&self, lease: &LeaseId) -> Result<(), RegistryError> {
         let mut inner = self.lock();
         let address = inner
             .by_lease
@@ -123,29 +169,6 @@ impl Registry for MemoryRegistry {
             );
         }
         Ok(())
-    }
-
-    fn expire(&self, now: Instant) -> Vec<Entry> {
-        let mut inner = self.lock();
-        inner.purge(now);
-        let mut expired: Vec<Entry> = inner.expired.drain(..).collect();
-        expired.sort_by_key(|e| e.registration.address);
-        expired
-    }
-
-    fn snapshot(&self, now: Instant) -> Snapshot {
-        let mut inner = self.lock();
-        inner.purge(now);
-        let mut entries: Vec<Entry> = inner
-            .by_address
-            .values()
-            .map(|slot| inner.entry(slot, now))
-            .collect();
-        entries.sort_by_key(|e| e.registration.address);
-        Snapshot {
-            version: inner.version,
-            entries,
-        }
     }
 }
 
@@ -443,9 +466,13 @@ mod tests {
     fn usable_as_a_shared_trait_object() {
         let (r, t0) = setup();
         let shared: Arc<dyn Registry> = Arc::new(r);
-        let lease = shared.register(reg("10.0.0.1:8443"), SEC, t0).unwrap();
+        let lease = shared
+            .register(reg("10.0.0.1:8443"), SEC, t0)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
         let other = Arc::clone(&shared);
-        std::thread::spawn(move || other.heartbeat(&lease, t0).unwrap())
+        std::thread::spawn(move || other.heartbeat(&lease, t0).now_or_never().unwrap().unwrap())
             .join()
             .unwrap();
         assert_eq!(shared.snapshot(t0).entries.len(), 1);

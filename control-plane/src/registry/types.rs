@@ -80,6 +80,9 @@ pub enum RegistryError {
     /// The lease is unknown, expired or deregistered.
     #[error("lease {0} is unknown or has expired; register the endpoint again")]
     UnknownLease(LeaseId),
+    /// The store behind the registry did not answer (`store: etcd`).
+    #[error("the registry's store is unavailable ({0}); retry, another replica may answer")]
+    Unavailable(String),
 }
 
 impl RegistryError {

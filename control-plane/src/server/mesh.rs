@@ -380,6 +380,9 @@ fn registry_refusal(e: crate::registry::RegistryError) -> Refusal {
 impl Control {
     /// Checks the config directory and expires leases; wakes watchers on change.
     pub(super) fn tick_mesh(&self) {
+        crate::registry::RegistryError::Unavailable(_) => {
+            refusal(503, "registry-unavailable", e.to_string())
+        }
         let mut changed = false;
         // With a shared store the leader publishes (state::replica).
         if let Some(dir) = self
@@ -459,6 +462,8 @@ impl Control {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
             };
             let update = self.cached_update(&published, &id);
+        // Registrations made on other replicas, and leases the store ended.
+        let mut registry_rx = self.registry.changes();
             if update.seq != have_seq
                 || update.fingerprint != have_eps
                 || tokio::time::Instant::now() >= deadline
@@ -469,7 +474,22 @@ impl Control {
                     .body(http_body_util::Full::new(update.body.clone()))
                     .expect("a valid response"));
             }
-            let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+            let registry_changed = async {
+                let alive = match registry_rx.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => false,
+                };
+                if !alive {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let woken = async {
+                tokio::select! {
+                    _ = rx.changed() => {},
+                    () = registry_changed => {},
+                }
+            };
+            let _ = tokio::time::timeout_at(deadline, woken).await;
         }
     }
 
@@ -498,6 +518,7 @@ impl Control {
             200,
             &RegisterResponse {
                 lease: id_lease.as_str().to_string(),
+            .await
                 lease_seconds: lease.as_secs(),
             },
         ))
@@ -514,6 +535,7 @@ impl Control {
     pub(super) async fn deregister(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
         let r: LeaseRequest = super::http::body(req).await?;
         self.registry
+            .await
             .deregister(&crate::registry::LeaseId::new(r.lease.clone()))
             .map_err(registry_refusal)?;
         tracing::info!(lease = %r.lease, "endpoint deregistered");
@@ -522,6 +544,7 @@ impl Control {
     }
 
     /// This identity's update for the published version and the registry
+            .await
     /// as it is now, computed once and shared by every watcher with that
     /// identity (replicas of a service) until either changes.
     fn cached_update(&self, published: &Published, id: &Identity) -> Arc<CachedUpdate> {
@@ -550,7 +573,7 @@ impl Control {
     /// that found a published config: one heartbeat period (a third of the
     /// lease) plus 2 s.
     pub(super) fn registry_grace_left(&self) -> Option<Duration> {
-        if !self.mesh_restarted {
+        if !self.mesh_restarted || self.registry.survives_restart() {
             return None;
         }
         let grace = self.cfg.registry.lease / 3 + Duration::from_secs(2);

@@ -63,7 +63,8 @@ pub struct Control {
     restarted: bool,
     /// The published mesh config and what proxies report.
     mesh: Mutex<mesh::MeshState>,
-    /// Live endpoints with leases (in memory: the embedded default).
+    /// Live endpoints with leases: in memory, or on the shared store's
+    /// leases with `store: etcd` ([`crate::registry::open`]).
     registry: Arc<dyn crate::registry::Registry>,
     /// A config was published before this start: proxies are waiting for
     /// the registry to fill again (see `registry_grace_left`).
@@ -124,6 +125,9 @@ impl Control {
         let signer = state.signer()?;
         let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
         let (changed, _) = tokio::sync::watch::channel(0);
+        let registry = crate::registry::open(loaded.store.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("store: cannot read the registry: {e}"))?;
         let control = Arc::new(Control {
             metrics,
             cfg,
@@ -137,7 +141,7 @@ impl Control {
             mesh: Mutex::new(mesh_state),
             update_cache: Mutex::default(),
             traffic: Mutex::default(),
-            registry: Arc::new(crate::registry::MemoryRegistry::new()),
+            registry,
             audit: Box::new(audit::JsonlAudit::open(
                 &cfg_state_dir,
                 audit::Retention::default(),

@@ -232,18 +232,30 @@ pub(super) fn validate_identity(
 
 pub(super) fn validate_enroll(e: &crank_api::proxy::EnrollConfig, p: &mut Problems) {
     let f = |name: &str| format!("identity.enroll.{name}");
-    let port_ok = e
-        .control_plane
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok {
+    let addrs = e.control_plane.addresses();
+    if addrs.is_empty() {
         p.push((
             f("control_plane"),
-            format!(
-                "{:?} is not host:port; give crank-control's workload API address, e.g. 127.0.0.1:8443",
-                e.control_plane
-            ),
+            "is an empty list; give crank-control's workload API address(es), e.g. [\"10.0.0.1:8443\", \"10.0.0.2:8443\"]".into(),
         ));
+    }
+    for (i, addr) in addrs.iter().enumerate() {
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            let field = if addrs.len() == 1 {
+                f("control_plane")
+            } else {
+                format!("{}[{i}]", f("control_plane"))
+            };
+            p.push((
+                field,
+                format!(
+                    "{addr:?} is not host:port; give crank-control's workload API address, e.g. 127.0.0.1:8443"
+                ),
+            ));
+        }
     }
     if let Err(err) = Identity::new(&e.service, &e.tenant, &e.trust_domain) {
         p.push((

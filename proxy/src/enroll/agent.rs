@@ -55,6 +55,7 @@ pub(super) struct Agent {
 
 impl Agent {
     pub(super) fn new(seed: AgentSeed, handles: AgentHandles) -> Agent {
+        super::client::register_metrics(&handles.metrics.registry);
         Agent {
             handles,
             client: seed.client,

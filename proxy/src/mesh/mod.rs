@@ -151,6 +151,7 @@ impl Mesh {
             ))
         })?;
         let client = Client::new(&e.control_plane, &e.server_name()).map_err(MeshError)?;
+        crate::enroll::client::register_metrics(registry);
         let policy_dir = m
             .policy_dir
             .as_ref()
@@ -168,7 +169,7 @@ impl Mesh {
             lease: None,
             last_registration_error: None,
             registration: None,
-            control_plane: e.control_plane.clone(),
+            control_plane: e.control_plane.to_string(),
             state_file: store::state_file(&state_dir).display().to_string(),
             policy_dir: policy_dir.as_ref().map(|p| p.display().to_string()),
         };
