@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod control;
+pub mod control_ha;
 pub mod etcd;
 pub mod flaky;
 pub mod hosts_mesh;

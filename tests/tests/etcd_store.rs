@@ -36,6 +36,7 @@ async fn etcd_store_behaves_like_the_file_store() {
     let a = client(&etcd, "/crank").await;
     let b = client(&etcd, "/crank").await;
     conformance::cas_conflicts(&*a).await;
+    conformance::publish_is_monotonic(a.clone(), b.clone()).await;
     conformance::watch_sees_other_client(&*a, &*b).await;
     conformance::lease_expiry(&*a, TTL).await;
     conformance::observers_see_who_leads(a.clone(), b.clone(), TTL).await;

@@ -2,7 +2,9 @@
 //! revocation, rotation), every refused admin call and every published or
 //! refused config version, as one [`AuditEntry`] each. Stored behind
 //! [`AuditLog`]; the embedded default is [`JsonlAudit`], `audit.jsonl` in
-//! the state directory with bounded retention. Entries never hold secrets
+//! the state directory with bounded retention; with `store: etcd`,
+//! [`StoreAudit`] keeps every replica's entries in the store as well.
+//! Entries never hold secrets
 //! (no token values, no keys).
 
 use std::io::{BufRead, Write};
@@ -148,6 +150,131 @@ impl AuditLog for JsonlAudit {
             .iter()
             .filter(|e| q.matches(e))
             .cloned()
+            .collect()
+    }
+}
+
+/// The audit log on a shared store (`store: etcd`): every replica's
+/// entries as keys `audit/<time>-<id>`, so `GET /v1/admin/audit` on any
+/// replica shows them all; read from a copy a watch keeps current. This
+/// replica's own entries also go to its `audit.jsonl`, as without a store.
+/// The leader prunes the keys to the same retention.
+pub struct StoreAudit {
+    local: JsonlAudit,
+    store: std::sync::Arc<dyn crate::store::Store>,
+    cache: std::sync::Arc<Mutex<Cached>>,
+}
+
+/// key -> (entry, revision; 0 until the watch sees our own write).
+type Cached = std::collections::BTreeMap<String, (AuditEntry, crate::store::Rev)>;
+
+const AUDIT_PREFIX: &str = "audit/";
+
+impl StoreAudit {
+    /// Loads the entries in the store and starts the watch and the
+    /// leader's pruning.
+    pub async fn open(
+        local: JsonlAudit,
+        store: std::sync::Arc<dyn crate::store::Store>,
+        leading: tokio::sync::watch::Receiver<bool>,
+        retention: Retention,
+    ) -> Self {
+        let cache: std::sync::Arc<Mutex<Cached>> = std::sync::Arc::default();
+        tokio::spawn(follow(store.clone(), cache.clone()));
+        tokio::spawn(prune(store.clone(), cache.clone(), leading, retention));
+        if let Ok(listed) = store.list(AUDIT_PREFIX).await {
+            let mut c = lock(&cache);
+            for (k, v, rev) in listed {
+                if let Ok(e) = serde_json::from_slice(&v) {
+                    c.insert(k, (e, rev));
+                }
+            }
+        }
+        StoreAudit {
+            local,
+            store,
+            cache,
+        }
+    }
+}
+
+fn lock(m: &Mutex<Cached>) -> std::sync::MutexGuard<'_, Cached> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Keeps `cache` equal to `audit/` in the store.
+async fn follow(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    cache: std::sync::Arc<Mutex<Cached>>,
+) {
+    use futures::StreamExt;
+    loop {
+        if let Ok(mut changes) = store.watch(AUDIT_PREFIX).await {
+            while let Some(c) = changes.next().await {
+                match c {
+                    crate::store::Change::Put { key, value, rev } => {
+                        if let Ok(e) = serde_json::from_slice(&value) {
+                            lock(&cache).insert(key, (e, rev));
+                        }
+                    }
+                    crate::store::Change::Delete { key, .. } => {
+                        lock(&cache).remove(&key);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Every minute, while this replica leads: deletes entries past the retention.
+async fn prune(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    cache: std::sync::Arc<Mutex<Cached>>,
+    leading: tokio::sync::watch::Receiver<bool>,
+    retention: Retention,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        if !*leading.borrow() {
+            continue;
+        }
+        let oldest = super::now() - retention.max_age_secs;
+        let gone: Vec<(String, crate::store::Rev)> = {
+            let c = lock(&cache);
+            let over = c.len().saturating_sub(retention.max_entries);
+            c.iter()
+                .enumerate()
+                .filter(|(i, (_, (e, _)))| *i < over || e.time < oldest)
+                .map(|(_, (k, (_, rev)))| (k.clone(), *rev))
+                .collect()
+        };
+        for (key, rev) in gone.into_iter().filter(|(_, rev)| *rev > 0) {
+            let _ = store.delete_if(&key, rev).await;
+        }
+    }
+}
+
+impl AuditLog for StoreAudit {
+    fn append(&self, entry: AuditEntry) {
+        self.local.append(entry.clone());
+        let key = format!("{AUDIT_PREFIX}{:012}-{}", entry.time.max(0), request_id());
+        let bytes = serde_json::to_vec(&entry).unwrap_or_default();
+        lock(&self.cache).entry(key.clone()).or_insert((entry, 0));
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.put_if(&key, bytes, 0, None).await {
+                tracing::error!(error = %e, "cannot write an audit entry to the store; it is in this replica's audit.jsonl");
+            }
+        });
+    }
+
+    fn query(&self, q: &AuditQuery) -> Vec<AuditEntry> {
+        lock(&self.cache)
+            .values()
+            .filter(|(e, _)| q.matches(e))
+            .map(|(e, _)| e.clone())
             .collect()
     }
 }

@@ -121,7 +121,7 @@ impl Control {
             mesh_state.remember(&p);
             mesh_state.current = Some(Arc::new(p));
         }
-        let cfg_state_dir = cfg.state_dir.clone();
+        let audit = open_audit(&cfg.state_dir, loaded.store.as_ref(), &loaded.leading).await;
         let signer = state.signer()?;
         let tls = tls::ServerTls::new(&signer, &state.bundle().pem, &cfg.certs)?;
         let (changed, _) = tokio::sync::watch::channel(0);
@@ -142,11 +142,7 @@ impl Control {
             update_cache: Mutex::default(),
             traffic: Mutex::default(),
             registry,
-            audit: Box::new(audit::JsonlAudit::open(
-                &cfg_state_dir,
-                audit::Retention::default(),
-                now(),
-            )),
+            audit,
             store: loaded.store,
             leading: loaded.leading,
             shared: loaded.shared,
@@ -275,6 +271,27 @@ fn leader_gauge(m: &metrics::Metrics) -> prometheus::IntGauge {
     }
     g.set(1);
     g
+}
+
+/// `audit.jsonl`, and with a shared store every replica's entries there too.
+async fn open_audit(
+    state_dir: &Path,
+    store: Option<&Arc<dyn crate::store::Store>>,
+    leading: &tokio::sync::watch::Receiver<bool>,
+) -> Box<dyn audit::AuditLog> {
+    let local = audit::JsonlAudit::open(state_dir, audit::Retention::default(), now());
+    match store {
+        Some(store) => Box::new(
+            audit::StoreAudit::open(
+                local,
+                store.clone(),
+                leading.clone(),
+                audit::Retention::default(),
+            )
+            .await,
+        ),
+        None => Box::new(local),
+    }
 }
 
 /// The starting state: `state.json` (or the seed), or the shared store.

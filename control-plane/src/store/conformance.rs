@@ -226,3 +226,51 @@ pub async fn leadership_lost_with_its_lease(a: Arc<dyn Store>, b: Arc<dyn Store>
         .unwrap();
     assert!(next.is_leader());
 }
+
+/// Two contenders publishing numbered versions the way the leader does
+/// (read the current version, write `seq + 1` only if it is unchanged,
+/// read again on a conflict): every number is written exactly once, in
+/// order, whoever wins each round (what keeps `mesh/version` monotonic
+/// and never published twice across a failover).
+pub async fn publish_is_monotonic(a: Arc<dyn Store>, b: Arc<dyn Store>) {
+    const EACH: u64 = 20;
+    async fn publish(store: Arc<dyn Store>, n: u64) -> Vec<u64> {
+        let key = "mesh/version";
+        let mut won = Vec::new();
+        while (won.len() as u64) < n {
+            let (seq, rev) = match store.get(key).await.expect("get") {
+                Some((v, rev)) => (String::from_utf8(v).unwrap().parse::<u64>().unwrap(), rev),
+                None => (0, 0),
+            };
+            match store
+                .put_if(key, (seq + 1).to_string().into_bytes(), rev, None)
+                .await
+            {
+                Ok(_) => won.push(seq + 1),
+                Err(StoreError::Conflict { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("publishing: {e}"),
+            }
+        }
+        won
+    }
+    let (x, y) = tokio::join!(
+        tokio::spawn(publish(a.clone(), EACH)),
+        tokio::spawn(publish(b, EACH))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    for won in [&x, &y] {
+        assert!(
+            won.windows(2).all(|w| w[0] < w[1]),
+            "one contender's versions grow: {won:?}"
+        );
+    }
+    let mut all: Vec<u64> = x.iter().chain(&y).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=2 * EACH).collect::<Vec<_>>(),
+        "a: {x:?}, b: {y:?}"
+    );
+    let (v, _) = a.get("mesh/version").await.unwrap().unwrap();
+    assert_eq!(v, (2 * EACH).to_string().into_bytes());
+}

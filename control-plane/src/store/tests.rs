@@ -75,7 +75,8 @@ fn a_broken_state_file_names_itself() {
 #[test]
 fn config_defaults_to_file_and_checks_etcd() {
     use crate::server::config::parse;
-    let base = "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\n";
+    let base =
+        "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\nkek_file: kek\n";
     assert_eq!(parse("c.yaml", base).unwrap().store, StoreSettings::File {});
     let file = format!("{base}store: {{file: {{}}}}\n");
     assert_eq!(
@@ -126,6 +127,12 @@ fn config_defaults_to_file_and_checks_etcd() {
             "exactly one",
         ),
     ];
+    let no_kek = "listen: 127.0.0.1:8443\nstate_dir: state\nca: {intermediate: ca/int}\nstore: {etcd: {endpoints: [http://e:2379]}}\n";
+    let e = parse("c.yaml", no_kek).unwrap_err().to_string();
+    assert!(e.contains("kek_file") && e.contains("head -c 32"), "{e}");
+    let short_ttl = format!("{etcd}leader_ttl: 1s\n");
+    let e = parse("c.yaml", &short_ttl).unwrap_err().to_string();
+    assert!(e.contains("leader_ttl") && e.contains("2s to 60s"), "{e}");
     for (section, field, msg) in cases {
         let e = parse("c.yaml", &format!("{base}store: {section}\n")).unwrap_err();
         assert!(
@@ -133,4 +140,10 @@ fn config_defaults_to_file_and_checks_etcd() {
             "{section}: {e}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn file_store_publish_is_monotonic_under_two_contenders() {
+    let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+    conformance::publish_is_monotonic(s.clone(), s).await;
 }
