@@ -373,6 +373,9 @@ fn registry_refusal(e: crate::registry::RegistryError) -> Refusal {
         crate::registry::RegistryError::UnknownLease(_) => {
             refusal(404, "unknown-lease", e.to_string())
         }
+        crate::registry::RegistryError::Unavailable(_) => {
+            refusal(503, "registry-unavailable", e.to_string())
+        }
         other => refusal(400, "bad-registration", other.to_string()),
     }
 }
@@ -380,9 +383,6 @@ fn registry_refusal(e: crate::registry::RegistryError) -> Refusal {
 impl Control {
     /// Checks the config directory and expires leases; wakes watchers on change.
     pub(super) fn tick_mesh(&self) {
-        crate::registry::RegistryError::Unavailable(_) => {
-            refusal(503, "registry-unavailable", e.to_string())
-        }
         let mut changed = false;
         // With a shared store the leader publishes (state::replica).
         if let Some(dir) = self
@@ -455,6 +455,8 @@ impl Control {
             tokio::time::sleep(left).await;
         }
         let mut rx = self.changed.subscribe();
+        // Registrations made on other replicas, and leases the store ended.
+        let mut registry_rx = self.registry.changes();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let current = self.mesh().current.clone();
@@ -462,8 +464,6 @@ impl Control {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
             };
             let update = self.cached_update(&published, &id);
-        // Registrations made on other replicas, and leases the store ended.
-        let mut registry_rx = self.registry.changes();
             if update.seq != have_seq
                 || update.fingerprint != have_eps
                 || tokio::time::Instant::now() >= deadline
@@ -511,6 +511,7 @@ impl Control {
         let id_lease = self
             .registry
             .register(r.endpoint, lease, instant())
+            .await
             .map_err(registry_refusal)?;
         tracing::info!(%address, identity = %id.dns_name(), capabilities = ?caps, lease = ?lease, "endpoint registered");
         self.changed.send_modify(|v| *v += 1);
@@ -518,7 +519,6 @@ impl Control {
             200,
             &RegisterResponse {
                 lease: id_lease.as_str().to_string(),
-            .await
                 lease_seconds: lease.as_secs(),
             },
         ))
@@ -528,6 +528,7 @@ impl Control {
         let r: LeaseRequest = super::http::body(req).await?;
         self.registry
             .heartbeat(&crate::registry::LeaseId::new(r.lease), instant())
+            .await
             .map_err(registry_refusal)?;
         Ok(json(200, &serde_json::json!({"ok": true})))
     }
@@ -535,8 +536,8 @@ impl Control {
     pub(super) async fn deregister(&self, req: Request<Incoming>) -> Result<Resp, Refusal> {
         let r: LeaseRequest = super::http::body(req).await?;
         self.registry
-            .await
             .deregister(&crate::registry::LeaseId::new(r.lease.clone()))
+            .await
             .map_err(registry_refusal)?;
         tracing::info!(lease = %r.lease, "endpoint deregistered");
         self.changed.send_modify(|v| *v += 1);
@@ -544,7 +545,6 @@ impl Control {
     }
 
     /// This identity's update for the published version and the registry
-            .await
     /// as it is now, computed once and shared by every watcher with that
     /// identity (replicas of a service) until either changes.
     fn cached_update(&self, published: &Published, id: &Identity) -> Arc<CachedUpdate> {
