@@ -1,11 +1,18 @@
 //! `crank-proxy --config FILE.yaml`: parses arguments and runs the library.
+//! `crank-proxy capture install|remove|show ...` writes the capture rules
+//! (`crank_proxy::capture::cli`).
 
 use std::path::PathBuf;
 
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "crank-proxy", about = "Crank Mesh sidecar proxy", version)]
+#[command(
+    name = "crank-proxy",
+    about = "Crank Mesh sidecar proxy",
+    version,
+    after_help = "Capture rules: `crank-proxy capture install|remove|show [--config FILE] [crank-capture flags]` (docs/reference/capture.md)."
+)]
 struct Args {
     /// The proxy config file (YAML). See docs/reference/proxy-config.md.
     #[arg(long, short)]
@@ -16,6 +23,10 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == "capture") {
+        return crank_proxy::capture::cli::main(argv.collect());
+    }
     let args = Args::parse();
     crank_proxy::logging::init();
     if args.check {

@@ -52,6 +52,12 @@ pub struct ProxyConfig {
     /// routes and quotas of this file only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshConfig>,
+    /// Transparent capture (`docs/reference/capture.md`): the listeners
+    /// for the connections the capture rules redirect, and the rules
+    /// `crank-proxy capture install --config FILE` writes. Absent: no
+    /// capture listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureConfig>,
     /// What one client may hold of a sidecar: connections per listener, the
     /// time to send a request head, the size of the head.
     #[serde(default)]
@@ -707,4 +713,128 @@ fn default_connect() -> Duration {
 }
 fn default_read() -> Duration {
     Duration::from_secs(60)
+}
+
+/// Transparent capture (`capture`): what the capture listeners do, and the
+/// rules `crank-proxy capture install --config FILE` writes (the same as
+/// `crank-capture install`'s flags of the same names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// The uid the proxy runs as: its own connects are never captured.
+    pub proxy_uid: u32,
+    /// The outbound capture listener, on `127.0.0.1` (and `[::1]` with
+    /// `ipv6`). Default 15001.
+    #[serde(default = "default_capture_outbound")]
+    pub outbound_port: u16,
+    /// The inbound capture listener, on `0.0.0.0` (and `[::]` with `ipv6`),
+    /// used with `inbound_ports`. Default 15006.
+    #[serde(default = "default_capture_inbound")]
+    pub inbound_port: u16,
+    /// The app's listening ports to capture: `8080,9000`, `8000-8100`, or
+    /// `all`. Absent: no inbound capture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_ports: Option<PortList>,
+    /// With `inbound_ports: all`: ports left alone (ssh, the proxy's mTLS
+    /// and admin ports).
+    #[serde(default)]
+    pub exclude_inbound_ports: PortList,
+    /// Destination ports outbound capture leaves alone.
+    #[serde(default)]
+    pub exclude_outbound_ports: PortList,
+    /// Destination ranges outbound capture leaves alone (`10.0.0.0/8`,
+    /// `169.254.169.254`); loopback always is.
+    #[serde(default)]
+    pub exclude_outbound_cidrs: Vec<String>,
+    /// Capture IPv6 too. Default false.
+    #[serde(default)]
+    pub ipv6: bool,
+    /// `auto` (nftables when installed, else iptables), `nft` or `iptables`.
+    #[serde(default = "default_capture_backend")]
+    pub backend: String,
+    /// Destination ports whose server talks first (SMTP banner, MySQL
+    /// greeting): protocol detection is skipped at once, the connection
+    /// is opaque TCP. Replaces the default list (21, 22, 25, 110, 143, 587,
+    /// 3306, 4444, 4567, 4568) when given.
+    #[serde(default = "default_server_speaks_first")]
+    pub server_speaks_first: Vec<u16>,
+    /// How long detection waits for a client's first bytes before the
+    /// connection is taken as opaque TCP. Default 1s.
+    #[serde(default = "default_detect_timeout", with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    /// Inbound: callers without a sidecar (plain TCP on a captured port).
+    /// `allow` (default, as Linkerd's `all-unauthenticated` and Istio's
+    /// PERMISSIVE) or `deny`.
+    #[serde(default)]
+    pub inbound_plaintext: CapturePlaintext,
+    /// Outbound: destinations that are neither in the mesh nor declared
+    /// egress. `passthrough` (default: connected as the app asked) or
+    /// `refuse`.
+    #[serde(default)]
+    pub undeclared: CaptureUndeclared,
+}
+
+/// What the inbound capture listener does with a caller without a sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CapturePlaintext {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// What the outbound capture listener does with an undeclared destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureUndeclared {
+    #[default]
+    Passthrough,
+    Refuse,
+}
+
+/// Ports in `crank-capture`'s flag syntax (`22,25,8000-8100`, or `all`);
+/// YAML may give a number, a string or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(transparent)]
+pub struct PortList(pub String);
+
+impl<'de> Deserialize<'de> for PortList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Item {
+            Num(u64),
+            Text(String),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(Item),
+            Many(Vec<Item>),
+        }
+        let text = |i: Item| match i {
+            Item::Num(n) => n.to_string(),
+            Item::Text(t) => t,
+        };
+        Ok(PortList(match Form::deserialize(d)? {
+            Form::One(i) => text(i),
+            Form::Many(v) => v.into_iter().map(text).collect::<Vec<_>>().join(","),
+        }))
+    }
+}
+
+fn default_capture_outbound() -> u16 {
+    15001
+}
+fn default_capture_inbound() -> u16 {
+    15006
+}
+fn default_capture_backend() -> String {
+    "auto".into()
+}
+fn default_server_speaks_first() -> Vec<u16> {
+    vec![21, 22, 25, 110, 143, 587, 3306, 4444, 4567, 4568]
+}
+fn default_detect_timeout() -> Duration {
+    Duration::from_secs(1)
 }

@@ -63,6 +63,13 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let mut ports: Vec<u16> = cfg.inbound.iter().map(|i| i.listen.port()).collect();
     ports.extend(cfg.outbound.http_proxy.map(|a| a.port()));
     ports.extend(cfg.outbound.ports.iter().map(|p| p.listen.port()));
+    if let Some(c) = &cfg.capture {
+        ports.extend(
+            crate::capture::config::listen_addrs(c)
+                .iter()
+                .map(|(_, a)| a.port()),
+        );
+    }
     let health = app.rt.health.clone();
     crate::health::ready_when_listening(health, ports, std::time::Duration::from_secs(30));
     tracing::info!(
@@ -105,6 +112,9 @@ fn check_bindable(cfg: &crank_api::proxy::ProxyConfig) -> Result<(), String> {
     }
     for (i, p) in cfg.outbound.ports.iter().enumerate() {
         addrs.push((format!("outbound.ports[{i}].listen"), p.listen));
+    }
+    if let Some(c) = &cfg.capture {
+        addrs.extend(crate::capture::config::listen_addrs(c));
     }
     for (field, addr) in addrs {
         if let Err(e) = std::net::TcpListener::bind(addr) {

@@ -104,6 +104,7 @@ pub fn restart_fields(old: &ProxyConfig, new: &ProxyConfig) -> Vec<&'static str>
     check("access_log", old.access_log == new.access_log);
     check("policy", old.policy == new.policy);
     check("mesh", old.mesh == new.mesh);
+    check("capture", old.capture == new.capture);
     // The listeners take their caps and head deadline, and the h2 server
     // its header list size, when they start.
     check("limits", old.limits == new.limits);

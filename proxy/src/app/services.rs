@@ -1,6 +1,7 @@
 //! The Pingora server and its services: inbound (mTLS, in front of the
-//! app) and outbound (the HTTP proxy and the local ports), each behind the
-//! connection cap and head deadline of [`crate::conn::Listener`].
+//! app), outbound (the HTTP proxy and the local ports), each behind the
+//! connection cap and head deadline of [`crate::conn::Listener`], and the
+//! capture listeners ([`crate::capture`]).
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -50,8 +51,77 @@ pub(super) fn server(cfg: &ProxyConfig, rt: &Arc<Runtime>) -> std::io::Result<Se
     if !out.tcp.is_empty() {
         services.push(Box::new(crate::tunnel::outbound_ports(cfg, rt)));
     }
+    if let Some(c) = &cfg.capture {
+        services.extend(capture(cfg, c, rt, &conf, &all_open));
+    }
     server.add_services(services);
     Ok(server)
+}
+
+/// The capture listeners: outbound on loopback (the app's redirected
+/// connects; captured HTTP goes into its own outbound HTTP path), and
+/// inbound on every address when `capture.inbound_ports` is set.
+fn capture(
+    cfg: &ProxyConfig,
+    c: &crank_api::proxy::CaptureConfig,
+    rt: &Arc<Runtime>,
+    conf: &Arc<ServerConf>,
+    all_open: &Arc<AtomicUsize>,
+) -> Vec<Box<dyn ServiceWithDependents>> {
+    use crate::capture::{config, listen::CaptureApp, metrics::CaptureMetrics};
+    let metrics = CaptureMetrics::new(&rt.metrics.registry);
+    let app = MeshProxy {
+        direction: Direction::Outbound,
+        rt: rt.clone(),
+        app: None,
+    };
+    let max = cfg.limits.outbound_max_connections;
+    let http = Listener::new(
+        http_proxy(app, cfg, conf, true),
+        limits(cfg, rt, "outbound", max, all_open),
+    );
+    let c = Arc::new(c.clone());
+    let app = |direction, http| CaptureApp {
+        direction,
+        rt: rt.clone(),
+        cfg: c.clone(),
+        metrics: metrics.clone(),
+        http,
+    };
+    let mut out: Vec<Box<dyn ServiceWithDependents>> = Vec::new();
+    let mut svc = Service::new(
+        "crank capture outbound".into(),
+        app(Direction::Outbound, Some(Arc::new(http))),
+    );
+    for a in config::outbound_addrs(&c) {
+        svc.add_listener(capture_listener(a));
+    }
+    out.push(Box::new(svc));
+    let inbound = config::inbound_addrs(&c);
+    if !inbound.is_empty() {
+        let mut svc = Service::new(
+            "crank capture inbound".into(),
+            app(Direction::Inbound, None),
+        );
+        for a in inbound {
+            svc.add_listener(capture_listener(a));
+        }
+        out.push(Box::new(svc));
+    }
+    out
+}
+
+/// A capture listener on `addr`; an IPv6 one takes IPv6 only, so it can
+/// share its port with the IPv4 one.
+fn capture_listener(addr: std::net::SocketAddr) -> pingora_core::listeners::ListenerConfig {
+    let l = pingora_core::listeners::ListenerConfig::tcp(addr.to_string())
+        .l4_buffer(outbound_l4_buffer());
+    if !addr.is_ipv6() {
+        return l;
+    }
+    let mut opts = pingora_core::listeners::TcpSocketOptions::default();
+    opts.ipv6_only = Some(true);
+    l.tcp_socket_options(opts)
 }
 
 /// The caps and deadlines of one direction's listener.

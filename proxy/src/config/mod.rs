@@ -91,6 +91,9 @@ fn validate_with(
     if let Some(m) = &cfg.mesh {
         mesh::validate_mesh(cfg, m, base, &mut p);
     }
+    if let Some(c) = &cfg.capture {
+        p.extend(crate::capture::config::problems(c));
+    }
     refuse_whole(file, p)
 }
 

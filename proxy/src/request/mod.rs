@@ -293,12 +293,12 @@ impl MeshProxy {
                     .map(|a| a.port());
                 let pushed_to = self.rt.pushed_routes.then_some(self.rt.me.service.as_str());
                 let table = self.rt.routes.load();
-                ctx.route = Some(routing::select::select(
-                    &table,
-                    port,
-                    session.req_header(),
-                    pushed_to,
-                )?);
+                ctx.route = Some(match crate::capture::captured_dst(session) {
+                    Some(dst) => crate::capture::route::select(&table, dst)?,
+                    None => {
+                        routing::select::select(&table, port, session.req_header(), pushed_to)?
+                    }
+                });
                 identity::admit::own_cert(&self.rt.health, &self.rt.me.spiffe_id)?;
             }
         }

@@ -1,0 +1,163 @@
+//! The capture listeners' app: for each connection the rules redirected,
+//! its original destination, protocol detection, then
+//!
+//! * outbound: HTTP to a mesh destination into the outbound HTTP path
+//!   (routes, retries, policy, mTLS: the same as the HTTP proxy listener),
+//!   anything else to a mesh destination into the opaque TCP tunnel, this
+//!   host's own addresses straight on, and undeclared destinations as
+//!   `capture.undeclared` says;
+//! * inbound: a caller without a sidecar, allowed or refused by
+//!   `capture.inbound_plaintext`, spliced to the app on the port it
+//!   dialled.
+//!
+//! A connection that was not redirected (someone connected to the
+//! listener's port itself) is refused: proxying it to its own address
+//! would loop.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use crank_api::proxy::{CapturePlaintext, CaptureUndeclared};
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{GetSocketDigest, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+
+use super::detect::{sniff, Protocol};
+use super::forward;
+use super::metrics::CaptureMetrics;
+use super::route::{classify, local_addrs, Destination};
+use crate::conn::Listener;
+use crate::direction::Direction;
+use crate::request::MeshProxy;
+use crate::runtime::Runtime;
+
+/// One direction's capture listener.
+pub struct CaptureApp {
+    pub direction: Direction,
+    pub rt: Arc<Runtime>,
+    pub cfg: Arc<crank_api::proxy::CaptureConfig>,
+    pub metrics: CaptureMetrics,
+    /// Outbound: the HTTP path captured HTTP connections go into.
+    pub http: Option<Arc<Listener<HttpProxy<MeshProxy>>>>,
+}
+
+#[async_trait]
+impl ServerApp for CaptureApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let dir = self.direction.as_str();
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        // SAFETY: the descriptor belongs to `l4`, which outlives the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) };
+        let digest = l4.get_socket_digest();
+        let local = digest
+            .as_ref()
+            .and_then(|d| d.local_addr()?.as_inet().copied());
+        // Conntrack answers for any tracked connection: one that was not
+        // rewritten has its own local address as the "original".
+        let dst = match crank_capture::original_dst(&fd) {
+            Ok(d) if Some(d) != local => d,
+            res => {
+                let peer = digest.as_ref().and_then(|d| d.peer_addr().cloned());
+                let error = res.err().map(|e| e.to_string());
+                tracing::warn!(direction = dir, peer = ?peer, listener = ?local, error = ?error, "refused a connection to the capture listener that the capture rules did not redirect: a direct connect would loop; connect to the destination itself and let the rules redirect it");
+                self.metrics.refused(dir, "unknown", "not-redirected");
+                return None;
+            }
+        };
+        let skip = self.cfg.server_speaks_first.contains(&dst.port());
+        let (protocol, outcome, seen) = match sniff(&mut *l4, skip, self.cfg.detect_timeout).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(direction = dir, %dst, error = %e, "captured connection failed during protocol detection");
+                return None;
+            }
+        };
+        self.metrics.detected(dir, protocol, outcome);
+        tracing::debug!(direction = dir, %dst, protocol = protocol.as_str(), outcome = outcome.as_str(), "captured connection");
+        match self.direction {
+            Direction::Outbound => self.outbound(l4, dst, protocol, seen, shutdown).await,
+            Direction::Inbound => self.inbound(l4, dst, protocol, seen).await,
+        }
+        None
+    }
+}
+
+impl CaptureApp {
+    async fn outbound(
+        self: &Arc<Self>,
+        mut l4: Box<L4Stream>,
+        dst: SocketAddr,
+        protocol: Protocol,
+        seen: Vec<u8>,
+        shutdown: &ShutdownWatch,
+    ) {
+        let dir = "outbound";
+        let table = self.rt.routes.load_full();
+        let dest = classify(&table, dst, |ip| local_addrs().contains(&ip));
+        match dest {
+            Destination::Mesh(_) if protocol.is_http() => {
+                let Some(http) = &self.http else { return };
+                if let Some(d) = l4.get_socket_digest() {
+                    let inet = pingora_core::protocols::l4::socket::SocketAddr::Inet(dst);
+                    let _ = d.original_dst.set(Some(inet));
+                }
+                l4.rewind(&seen);
+                http.process_new(l4, shutdown).await;
+            }
+            Destination::Mesh(route) => {
+                forward::to_mesh(&self.rt, l4, seen.into(), dst, route).await;
+            }
+            Destination::Local if self.is_own_listener(dst) => {
+                tracing::warn!(direction = dir, %dst, "refused a captured connection to the capture listener's own port: it would loop");
+                self.metrics.refused(dir, protocol.as_str(), "loop");
+            }
+            Destination::Local => forward::direct(&self.rt, l4, &seen, dst, "local").await,
+            Destination::Undeclared => self.undeclared(l4, dst, protocol, seen).await,
+        }
+    }
+
+    /// A destination neither in the mesh nor this host's.
+    async fn undeclared(
+        &self,
+        l4: Box<L4Stream>,
+        dst: SocketAddr,
+        protocol: Protocol,
+        seen: Vec<u8>,
+    ) {
+        match self.cfg.undeclared {
+            CaptureUndeclared::Passthrough => {
+                forward::direct(&self.rt, l4, &seen, dst, "undeclared").await
+            }
+            CaptureUndeclared::Refuse => {
+                tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), "refused a captured connection to {dst}: no route serves it (capture.undeclared: refuse); add a route for it, or exclude it from capture (capture.exclude_outbound_cidrs)");
+                self.metrics
+                    .refused("outbound", protocol.as_str(), "undeclared");
+            }
+        }
+    }
+
+    /// A plain (sidecar-less) caller of the app's port `dst`.
+    async fn inbound(&self, l4: Box<L4Stream>, dst: SocketAddr, protocol: Protocol, seen: Vec<u8>) {
+        if self.cfg.inbound_plaintext == CapturePlaintext::Deny {
+            let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
+            tracing::warn!(direction = "inbound", %dst, peer = ?peer, protocol = protocol.as_str(), "refused a caller without a sidecar on a captured port (capture.inbound_plaintext: deny); callers must come through their sidecar (mTLS)");
+            self.metrics
+                .refused("inbound", protocol.as_str(), "plaintext-denied");
+            return;
+        }
+        forward::direct(&self.rt, l4, &seen, dst, "inbound-plaintext").await
+    }
+
+    /// `dst` is this proxy's own outbound capture port.
+    fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        dst.port() == self.cfg.outbound_port
+    }
+}

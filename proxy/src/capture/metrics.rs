@@ -1,0 +1,58 @@
+//! The capture listeners' metrics, registered in the proxy's registry when
+//! the listeners are built:
+//!
+//! * `crank_capture_connections_total{direction, protocol, outcome}`: each
+//!   captured connection once, with what detection made of it
+//!   (`protocol` http1, h2, tls, opaque; `unknown` when refused before
+//!   detection; `outcome` detected, timeout, skipped, closed, refused);
+//! * `crank_capture_refused_total{direction, reason}`: connections closed
+//!   at once (`not-redirected`, `loop`, `undeclared`, `plaintext-denied`).
+
+use prometheus::{IntCounterVec, Opts, Registry};
+
+use super::detect::{Outcome, Protocol};
+
+#[derive(Clone)]
+pub struct CaptureMetrics {
+    pub connections: IntCounterVec,
+    pub refused: IntCounterVec,
+}
+
+impl CaptureMetrics {
+    /// The counters, registered in `registry` (once per process).
+    pub fn new(registry: &Registry) -> Self {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
+            // A second registration (a second set of listeners in one
+            // process, as in tests) keeps the first one's series.
+            let _ = registry.register(Box::new(c.clone()));
+            c
+        };
+        CaptureMetrics {
+            connections: counter(
+                "crank_capture_connections_total",
+                "Captured connections by direction, detected protocol (http1, h2, tls, opaque; unknown when refused before detection) and how detection ended (detected, timeout, skipped, closed, refused)",
+                &["direction", "protocol", "outcome"],
+            ),
+            refused: counter(
+                "crank_capture_refused_total",
+                "Captured connections closed at once, by direction and reason (not-redirected, loop, undeclared, plaintext-denied)",
+                &["direction", "reason"],
+            ),
+        }
+    }
+
+    pub fn detected(&self, direction: &str, p: Protocol, o: Outcome) {
+        self.connections
+            .with_label_values(&[direction, p.as_str(), o.as_str()])
+            .inc();
+    }
+
+    /// A refusal: counted in both families.
+    pub fn refused(&self, direction: &str, protocol: &str, reason: &str) {
+        self.connections
+            .with_label_values(&[direction, protocol, "refused"])
+            .inc();
+        self.refused.with_label_values(&[direction, reason]).inc();
+    }
+}

@@ -1,0 +1,211 @@
+//! Where a captured outbound connection goes, decided from its original
+//! destination alone (pure over the route table; the listener does the
+//! I/O):
+//!
+//! 1. a route that lists the exact `address:port` in its `hosts`;
+//! 2. else a route with an endpoint (a peer sidecar) on the destination's
+//!    address: the app called a service on a mesh host, so the call is
+//!    meshed to that host's sidecar (the first such route in table order
+//!    when several have one there; list `address:port` in `hosts` to
+//!    choose);
+//! 3. else one of this host's own addresses: connected as asked;
+//! 4. else undeclared: egress, passed through or refused
+//!    (`capture.undeclared`).
+//!
+//! HTTP on a captured connection goes through the outbound HTTP path;
+//! [`captured_dst`] lets its route stage find the connection's original
+//! destination and [`select`] gives the route (or `no-route`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::errors::{Reason, Refusal};
+use crate::routing::{Route, RouteTable};
+
+/// What a captured destination is.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A mesh route serves it.
+    Mesh(Arc<Route>),
+    /// One of this host's own addresses that no route names.
+    Local,
+    /// Neither in the mesh nor this host.
+    Undeclared,
+}
+
+impl Destination {
+    /// The label used in logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Destination::Mesh(_) => "mesh",
+            Destination::Local => "local",
+            Destination::Undeclared => "undeclared",
+        }
+    }
+}
+
+/// The route a captured connection to `dst` takes, if any.
+pub fn route_for(table: &RouteTable, dst: SocketAddr) -> Option<Arc<Route>> {
+    let exact = dst.to_string();
+    let ip = canonical(dst.ip());
+    let routes = table.routes();
+    routes
+        .iter()
+        .find(|r| r.cfg.hosts.iter().any(|h| h.trim() == exact))
+        .or_else(|| {
+            routes
+                .iter()
+                .find(|r| r.endpoints.iter().any(|e| canonical(e.address.ip()) == ip))
+        })
+        .cloned()
+}
+
+/// Classifies `dst`; `is_local` says whether an address is this host's.
+pub fn classify(
+    table: &RouteTable,
+    dst: SocketAddr,
+    is_local: impl Fn(IpAddr) -> bool,
+) -> Destination {
+    if let Some(r) = route_for(table, dst) {
+        return Destination::Mesh(r);
+    }
+    if is_local(canonical(dst.ip())) {
+        return Destination::Local;
+    }
+    Destination::Undeclared
+}
+
+/// The outbound HTTP path's route stage for a captured connection.
+pub fn select(table: &RouteTable, dst: SocketAddr) -> Result<Arc<Route>, Refusal> {
+    route_for(table, dst).ok_or_else(|| {
+        Refusal::new(
+            Reason::NoRoute,
+            format!(
+                "captured connection to {dst}: no route lists {dst} in its hosts or has an endpoint on {}; known routes: {}",
+                dst.ip(),
+                table.names().join(", ")
+            ),
+        )
+    })
+}
+
+/// The original destination of the connection `session` came on, when it
+/// came through the outbound capture listener (which records it in the
+/// socket digest); `None` for the HTTP proxy and local ports.
+pub fn captured_dst(session: &pingora_proxy::Session) -> Option<SocketAddr> {
+    let digest = session.as_downstream().digest()?;
+    let socket = digest.socket_digest.as_ref()?;
+    match socket.original_dst.get()? {
+        Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a)) => Some(*a),
+        _ => None,
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so both forms compare equal.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// This host's addresses (every interface's), for [`classify`].
+pub fn local_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below; each
+    // entry's ifa_addr is null or points to a sockaddr of its family.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            return out;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        let cfg = crate::config::parse(
+            "p.yaml",
+            "identity: {cert: a, key: b, trust_bundle: c}\nadmin: {listen: 127.0.0.1:1}\n\
+             routes:\n\
+             - {name: db, hosts: ['10.0.0.2:5432'], endpoints: [{address: '10.0.0.9:4143', identity: db.acme.crank.local}]}\n\
+             - {name: web, endpoints: [{address: '10.0.0.2:4143', identity: web.acme.crank.local}]}\n\
+             - {name: web2, endpoints: [{address: '10.0.0.2:4243', identity: web2.acme.crank.local}]}\n",
+        )
+        .unwrap();
+        RouteTable::from_config(&cfg)
+    }
+
+    fn kind(dst: &str) -> (String, &'static str) {
+        let local = |ip: IpAddr| ip == IpAddr::from([10, 0, 0, 1]);
+        match classify(&table(), dst.parse().unwrap(), local) {
+            Destination::Mesh(r) => (r.name.clone(), "mesh"),
+            d => (String::new(), d.kind()),
+        }
+    }
+
+    #[test]
+    fn destinations_table() {
+        let cases = [
+            // An exact host entry wins over the endpoint address.
+            ("10.0.0.2:5432", ("db", "mesh")),
+            // An app port on a mesh host: that host's sidecar (first route).
+            ("10.0.0.2:8080", ("web", "mesh")),
+            ("[::ffff:10.0.0.2]:8080", ("web", "mesh")),
+            // The exact host entry only: another port on .9 is still db's host.
+            ("10.0.0.9:22", ("db", "mesh")),
+            ("10.0.0.1:8080", ("", "local")),
+            ("192.0.2.7:443", ("", "undeclared")),
+        ];
+        for (dst, (name, kind_want)) in cases {
+            assert_eq!(kind(dst), (name.to_string(), kind_want), "{dst}");
+        }
+    }
+
+    #[test]
+    fn an_unmeshed_destination_is_refused_on_the_http_path_with_the_fix() {
+        let e = select(&table(), "192.0.2.7:80".parse().unwrap()).unwrap_err();
+        assert_eq!(e.reason, Reason::NoRoute);
+        assert!(
+            e.detail.contains("known routes: db, web, web2"),
+            "{}",
+            e.detail
+        );
+        assert_eq!(
+            select(&table(), "10.0.0.2:80".parse().unwrap())
+                .unwrap()
+                .name,
+            "web"
+        );
+    }
+
+    #[test]
+    fn this_hosts_loopback_is_among_its_addresses() {
+        assert!(local_addrs().contains(&IpAddr::from([127, 0, 0, 1])));
+    }
+}

@@ -1,0 +1,335 @@
+//! Transparent adoption across hosts: crank-proxy's capture listeners in
+//! front of unmodified apps. Three network-namespace hosts: A runs a client
+//! app (curl and raw sockets, as root) behind a sidecar with outbound
+//! capture; B runs the server apps behind a sidecar with inbound capture of
+//! port 8080; C runs a plain client with no sidecar. Both sidecars run as
+//! `nobody` (the capture rules leave that uid alone) and their rules are
+//! written by `crank-proxy capture install --config FILE`.
+//!
+//! Needs root, iproute2, nftables (or iptables), curl and setpriv; without
+//! root the test prints why and returns.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crank_tests::netns::{Host, HostProcess, Hosts};
+use crank_tests::{bin, output_text, plain_get, wait_until, Pki};
+
+const NOBODY: u32 = 65534;
+const ADMIN: &str = "127.0.0.1:9901";
+/// The client sidecar's detection deadline: far above what a banner on a
+/// server-speaks-first port may take.
+const DETECT: Duration = Duration::from_secs(3);
+
+/// A sidecar running as `nobody` inside a host, with its log.
+struct HostProxy {
+    _process: HostProcess,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+impl HostProxy {
+    fn start(host: &Host, dir: &Path, name: &str, yaml: &str) -> HostProxy {
+        let config = dir.join(format!("{name}.yaml"));
+        let log = dir.join(format!("{name}.log"));
+        std::fs::write(&config, yaml).unwrap();
+        chown(dir);
+        // The capture rules this sidecar expects, from its own config.
+        let out = host
+            .command(bin("crank-proxy"))
+            .args(["capture", "install", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "capture install: {}",
+            output_text(&out)
+        );
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = host.command("setpriv");
+        cmd.arg(format!("--reuid={NOBODY}"))
+            .arg(format!("--regid={NOBODY}"))
+            .arg("--clear-groups")
+            .arg(bin("crank-proxy"))
+            .arg("--config")
+            .arg(&config)
+            .env("CRANK_LOG", "info")
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let p = HostProxy {
+            _process: host.spawn(cmd),
+            log,
+            config,
+        };
+        let ready = || host.enter(|| plain_get(ADMIN.parse().unwrap(), "/ready")).0 == 200;
+        let started = Instant::now();
+        while !ready() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{name} not ready:\n{}",
+                p.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        p
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn chown(dir: &Path) {
+    let out = std::process::Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chown: {}", output_text(&out));
+}
+
+/// The sum of the samples of `name` whose labels include every one of
+/// `labels` (`direction="outbound"`), on `host`'s sidecar.
+fn count(host: &Host, name: &str, labels: &[&str]) -> f64 {
+    let text = host
+        .enter(|| plain_get(ADMIN.parse().unwrap(), "/metrics"))
+        .1;
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Runs `serve` for each connection accepted on `bind` inside `host`, on
+/// a thread that lives as long as the test.
+fn serve(host: &Host, bind: &str, serve: fn(TcpStream)) {
+    let bind: SocketAddr = bind.parse().unwrap();
+    let listener = host.enter(|| TcpListener::bind(bind)).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(s));
+        }
+    });
+}
+
+/// An HTTP app: answers with the request head it received.
+fn echo_head(mut s: TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = String::from_utf8_lossy(&head).to_lowercase();
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A server that speaks first (an SMTP-style banner), then echoes.
+fn banner(mut s: TcpStream) {
+    let _ = s.write_all(b"220 b ready\r\n");
+    echo(s);
+}
+
+/// An echo server (client speaks first).
+fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+/// `curl -sS URL` inside `host` as root: its stdout, which must succeed.
+fn curl(host: &Host, url: &str) -> String {
+    let out = host
+        .command("curl")
+        .args(["-sS", "--noproxy", "*", "--max-time", "10", url])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {url} in {}: {}",
+        host.name(),
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn connect(host: &Host, to: SocketAddr) -> TcpStream {
+    let s = host.enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(5)));
+    let s = s.unwrap_or_else(|e| panic!("connect to {to} from {}: {e}", host.name()));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn read_some(s: &mut TcpStream) -> String {
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn sidecar_yaml(pki: &Pki, name: &str, rest: &str) -> String {
+    let leaf = pki.leaf(name, "acme");
+    format!(
+        "identity: {{cert: {}, key: {}, trust_bundle: {}}}\nadmin: {{listen: {ADMIN}}}\naccess_log: false\n{rest}",
+        leaf.cert.display(),
+        leaf.key.display(),
+        pki.bundle().display()
+    )
+}
+
+#[test]
+fn an_unmodified_app_is_meshed_across_hosts() {
+    let Some(hosts) = Hosts::new(3) else { return };
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    let b_ip = b.addr();
+    serve(b, "0.0.0.0:8080", echo_head);
+    serve(b, "0.0.0.0:2525", banner);
+    serve(b, "0.0.0.0:7000", echo);
+    let pki = Pki::new();
+    let b_yaml = sidecar_yaml(
+        &pki,
+        "server",
+        &format!(
+            "inbound:\n  listen: '{b_ip}:4143'\n  app: '127.0.0.1:8080'\n  tcp: [{{app: '127.0.0.1:2525'}}, {{app: '127.0.0.1:7000'}}]\n\
+             capture: {{proxy_uid: {NOBODY}, inbound_ports: 8080}}\n"
+        ),
+    );
+    let a_yaml = sidecar_yaml(
+        &pki,
+        "client",
+        &format!(
+            "routes: [{{name: server, endpoints: [{{address: '{b_ip}:4143', identity: server.acme.crank.local}}]}}]\n\
+             capture: {{proxy_uid: {NOBODY}, server_speaks_first: [2525], detect_timeout: {}s}}\n",
+            DETECT.as_secs()
+        ),
+    );
+    let _b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
+    let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
+
+    // Plain HTTP from the app, no proxy setting: meshed over mTLS, so the
+    // server app sees the caller's verified identity.
+    let body = curl(a, &format!("http://{b_ip}:8080/hello"));
+    assert!(
+        body.contains("x-crank-client-id: spiffe://crank.local/tenant/acme/svc/client"),
+        "the server app must see the caller's identity: {body}\n{}",
+        a_proxy.log_text()
+    );
+    let http1 = [
+        "direction=\"outbound\"",
+        "protocol=\"http1\"",
+        "outcome=\"detected\"",
+    ];
+    assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
+    assert!(count(a, "crank_requests_total", &["route=\"server\""]) >= 1.0);
+
+    // A server-speaks-first port: the banner comes at once, far below the
+    // detection deadline.
+    let started = Instant::now();
+    let mut smtp = connect(a, SocketAddr::new(b_ip.into(), 2525));
+    let greeting = read_some(&mut smtp);
+    let took = started.elapsed();
+    assert_eq!(greeting, "220 b ready\r\n");
+    assert!(
+        took < Duration::from_secs(1),
+        "banner after {took:?} (deadline {DETECT:?})"
+    );
+    smtp.write_all(b"EHLO a\r\n").unwrap();
+    assert_eq!(read_some(&mut smtp), "EHLO a\r\n");
+    let skipped = [
+        "direction=\"outbound\"",
+        "protocol=\"opaque\"",
+        "outcome=\"skipped\"",
+    ];
+    assert_eq!(count(a, "crank_capture_connections_total", &skipped), 1.0);
+
+    // A client that says nothing on another port: opaque once the
+    // deadline passes, and its bytes still flow.
+    let started = Instant::now();
+    let mut quiet = connect(a, SocketAddr::new(b_ip.into(), 7000));
+    let timeout = [
+        "direction=\"outbound\"",
+        "protocol=\"opaque\"",
+        "outcome=\"timeout\"",
+    ];
+    wait_until("detection to time out", DETECT * 3, || {
+        count(a, "crank_capture_connections_total", &timeout) == 1.0
+    });
+    assert!(started.elapsed() >= DETECT - Duration::from_millis(100));
+    quiet.write_all(b"late\n").unwrap();
+    assert_eq!(read_some(&mut quiet), "late\n");
+    // Both opaque connections are tunnels over mTLS, open at B's sidecar.
+    let tunnels = ["direction=\"inbound\""];
+    wait_until("B to hold both tunnels", Duration::from_secs(5), || {
+        count(b, "crank_tcp_open_connections", &tunnels) == 2.0
+    });
+    drop((smtp, quiet));
+
+    // Straight to the capture port (loopback is never redirected): refused,
+    // counted and logged, not proxied to itself.
+    let mut direct = connect(a, "127.0.0.1:15001".parse().unwrap());
+    assert_eq!(read_some(&mut direct), "");
+    let refused = ["direction=\"outbound\"", "reason=\"not-redirected\""];
+    wait_until("the refusal to be counted", Duration::from_secs(5), || {
+        count(a, "crank_capture_refused_total", &refused) == 1.0
+    });
+    assert!(
+        a_proxy.log_text().contains("did not redirect"),
+        "{}",
+        a_proxy.log_text()
+    );
+
+    // Inbound capture: a caller without a sidecar reaches B's app through
+    // B's inbound capture listener (plaintext allowed by default).
+    let body = curl(c, &format!("http://{b_ip}:8080/plain"));
+    assert!(body.starts_with("get /plain http/1.1"), "{body}");
+    assert!(!body.contains("x-crank-client-id"), "{body}");
+    let inbound = [
+        "direction=\"inbound\"",
+        "protocol=\"http1\"",
+        "outcome=\"detected\"",
+    ];
+    assert_eq!(count(b, "crank_capture_connections_total", &inbound), 1.0);
+
+    // `capture remove` takes the rules away: A's curl goes straight out.
+    let out = a
+        .command(bin("crank-proxy"))
+        .args(["capture", "remove", "--config"])
+        .arg(&a_proxy.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "capture remove: {}",
+        output_text(&out)
+    );
+    let nft = a.run("nft", &["list", "ruleset"]);
+    assert!(
+        !String::from_utf8_lossy(&nft.stdout).contains("crank"),
+        "{}",
+        output_text(&nft)
+    );
+    let ipt = a.run("iptables", &["-t", "nat", "-S"]);
+    assert!(
+        !String::from_utf8_lossy(&ipt.stdout).contains("CRANK"),
+        "{}",
+        output_text(&ipt)
+    );
+    let body = curl(a, &format!("http://{b_ip}:8080/after"));
+    assert!(!body.contains("x-crank-client-id"), "{body}");
+    assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
+}
