@@ -258,6 +258,10 @@ pub struct JobRecord {
     /// The caller's verified identity, from the sidecar's `x-crank-client-id`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub requester: Option<String>,
+    /// The tenant of the caller's identity (`spiffe://TD/tenant/T/...`):
+    /// quotas and fair share count by it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tenant: Option<String>,
     /// The device pool it runs on (`gpu0`, `cpu`), once placed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub device: Option<String>,
@@ -292,6 +296,42 @@ pub struct JobRecord {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub output_bytes: Option<u64>,
     pub history: Vec<Event>,
+    /// Every run of the job: where it ran and how it ended.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub attempt_log: Vec<Attempt>,
+}
+
+/// One run of a job: the host and slot it ran on, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first run.
+    pub attempt: u32,
+    /// The shim that ran it (`exec.queue.postgres.host`, else the hostname).
+    pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub device: Option<String>,
+    pub started_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ended_ms: Option<u64>,
+    /// How it ended: a state (`succeeded`, `failed`, …), or `host-lost`
+    /// (its lease expired), `preempted`, `interrupted`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub outcome: Option<String>,
+}
+
+impl JobRecord {
+    /// Closes the open entry of the attempt log, if any.
+    pub fn end_attempt(&mut self, at_ms: u64, outcome: &str) {
+        if let Some(a) = self
+            .attempt_log
+            .iter_mut()
+            .rev()
+            .find(|a| a.ended_ms.is_none())
+        {
+            a.ended_ms = Some(at_ms);
+            a.outcome = Some(outcome.to_string());
+        }
+    }
 }
 
 /// A refused state change.

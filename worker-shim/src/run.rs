@@ -248,6 +248,11 @@ async fn open_manager(
     let job_metrics = JobMetrics::new(&shared.registry)?;
     let (manager, recovery) = Manager::open(settings, store, devices, energy, job_metrics)
         .map_err(|e| anyhow::anyhow!(e))?;
+    let cluster = crate::jobs::cluster::connect(&cfg.capability, exec, &shared.host).await?;
+    let host = cluster
+        .as_ref()
+        .map_or(shared.host.hostname.clone(), |c| c.queue.host.clone());
+    manager.attach(host, cluster);
     if recovery.queued > 0 || !recovery.interrupted.is_empty() {
         tracing::info!(
             queued = recovery.queued,

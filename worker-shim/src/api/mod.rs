@@ -30,7 +30,6 @@ mod submit;
 
 use crate::host::{HostInfo, HostProbe};
 use crate::job::{JobState, Priority};
-use crate::jobs::manager::job_not_found;
 use crate::jobs::Manager;
 use crate::metrics::GpuMetrics;
 use crate::registration::ShimRegistration;
@@ -178,15 +177,12 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
         let method = req.method().clone();
         let res = match job_route(method.as_str(), &path) {
             Some((JobRoute::Submit, _)) => submit::submit(&m, req).await,
-            Some((JobRoute::List, _)) => list(&m, &req),
-            Some((JobRoute::Get, id)) => m
-                .get(id)
-                .map(|r| json(StatusCode::OK, &r))
-                .ok_or_else(|| job_not_found(id)),
+            Some((JobRoute::List, _)) => list(&m, &req).await,
+            Some((JobRoute::Get, id)) => m.lookup(id).await.map(|r| json(StatusCode::OK, &r)),
             Some((JobRoute::Output, id)) => output(&m, id, &shared.output_content_type).await,
             Some((JobRoute::Cancel, id)) => {
                 let by = client_id(&req);
-                m.cancel(id, by.as_deref()).map(|r| {
+                m.cancel_job(id, by.as_deref()).await.map(|r| {
                     let status = if r.state == JobState::Running {
                         StatusCode::ACCEPTED
                     } else {
@@ -196,7 +192,8 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
                 })
             }
             Some((JobRoute::Delete, id)) => m
-                .delete(id)
+                .delete_job(id)
+                .await
                 .map(|()| full(StatusCode::NO_CONTENT, "text/plain", "")),
             Some((JobRoute::Schema, _)) => Ok(json(
                 StatusCode::OK,
@@ -229,7 +226,7 @@ fn client_id(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_string)
 }
 
-fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
+async fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal> {
     let mut state = None;
     let mut limit = 100usize;
     for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
@@ -260,12 +257,12 @@ fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Refusal>
     }
     Ok(json(
         StatusCode::OK,
-        &serde_json::json!({"jobs": m.list(state, limit.min(10_000))}),
+        &serde_json::json!({"jobs": m.list_jobs(state, limit.min(10_000)).await?}),
     ))
 }
 
 async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Body>, Refusal> {
-    let rec = m.get(id).ok_or_else(|| job_not_found(id))?;
+    let rec = m.lookup(id).await?;
     if rec.state != JobState::Succeeded {
         return Err(Refusal::new(
             StatusCode::CONFLICT,
@@ -276,6 +273,7 @@ async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Bo
             ),
         ));
     }
+    m.output_here(&rec)?;
     let path = m.output_path(id);
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         Refusal::new(

@@ -103,7 +103,10 @@ pub(super) async fn submit(
         requester: sub.requester,
         timeout: sub.timeout,
     };
-    let rec = m.enqueue(id, job).inspect_err(|_| m.discard(&dir))?;
+    let rec = m
+        .submit_job(id, job)
+        .await
+        .inspect_err(|_| m.discard(&dir))?;
     let mut resp = json(StatusCode::CREATED, &rec);
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/jobs/{}", rec.id)) {
         resp.headers_mut().insert(header::LOCATION, v);

@@ -62,6 +62,60 @@ pub struct ExecConfig {
     /// (and re-queued for the next start).
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Where the queue lives: this host's store (the default), or a
+    /// PostgreSQL database shared by every shim of the capability.
+    #[serde(default)]
+    pub queue: QueueConfig,
+}
+
+/// `exec.queue`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The shared queue; absent: the local store (`exec.store`).
+    #[serde(default)]
+    pub postgres: Option<PostgresQueueConfig>,
+    /// `tenants.yaml` (from the mesh config directory): weights and quotas.
+    #[serde(default)]
+    pub tenants: Option<PathBuf>,
+}
+
+/// `exec.queue.postgres`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresQueueConfig {
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DB` (no TLS: loopback or a
+    /// private network).
+    pub url: String,
+    /// This shim in leases and attempts; default the hostname. Give each
+    /// shim its own when several share a host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// A claimed job is this shim's while the lease holds; a lease not
+    /// renewed for this long means the host is lost and the job is requeued.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often leases are renewed (and expired ones requeued).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How often an idle shim looks for work submitted to other shims.
+    #[serde(default = "default_poll", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(default = "default_pg_connections")]
+    pub max_connections: usize,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_pg_connections() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +280,7 @@ pub(super) fn check(exec: &ExecConfig, p: &mut Problems) {
     check_output(exec, p);
     check_limits(exec, p);
     check_devices(exec, p);
+    check_queue(exec, p);
     for k in exec.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             p.push(format!("exec.env.{k}"), "is not a valid variable name");
@@ -309,6 +364,44 @@ fn check_limits(exec: &ExecConfig, p: &mut Problems) {
     }
     if exec.max_queue == 0 {
         p.push("exec.max_queue", "must be at least 1");
+    }
+}
+
+/// The shared queue's URL and timings, and the tenants file.
+fn check_queue(exec: &ExecConfig, p: &mut Problems) {
+    if let Some(t) = &exec.queue.tenants {
+        if let Err(m) = crate::jobs::tenants::Tenants::load(t) {
+            p.push("exec.queue.tenants", m);
+        }
+    }
+    let Some(pg) = &exec.queue.postgres else {
+        return;
+    };
+    if pg.url.parse::<tokio_postgres::Config>().is_err()
+        || !(pg.url.starts_with("postgres://") || pg.url.starts_with("postgresql://"))
+    {
+        p.push(
+            "exec.queue.postgres.url",
+            "is not a PostgreSQL URL; use postgres://USER@HOST:PORT/DB",
+        );
+    }
+    if pg.heartbeat.is_zero() || pg.heartbeat * 2 > pg.lease {
+        p.push(
+            "exec.queue.postgres.heartbeat",
+            format!(
+                "must be more than 0 and at most half the lease ({}), so one missed renewal does not lose a job",
+                humantime::format_duration(pg.lease)
+            ),
+        );
+    }
+    if pg.poll_interval.is_zero() {
+        p.push(
+            "exec.queue.postgres.poll_interval",
+            "must be more than 0, like `250ms`",
+        );
+    }
+    if pg.max_connections < 2 {
+        p.push("exec.queue.postgres.max_connections", "must be at least 2");
     }
 }
 

@@ -14,7 +14,8 @@ use crank_plumbing::Problems;
 use serde::Deserialize;
 
 pub use self::exec::{
-    DevicesConfig, ExecConfig, OutputConfig, Placement, RetentionConfig, RetryConfig,
+    DevicesConfig, ExecConfig, OutputConfig, Placement, PostgresQueueConfig, QueueConfig,
+    RetentionConfig, RetryConfig,
 };
 pub use self::serve::ServeConfig;
 /// A config error: the file, and each problem's field, what is wrong and
@@ -136,6 +137,7 @@ pub fn resolve_paths(cfg: &mut ShimConfig, base: &Path) {
     if let Some(exec) = cfg.exec.as_mut() {
         paths.push(&mut exec.work_dir);
         paths.extend(exec.store.as_mut());
+        paths.extend(exec.queue.tenants.as_mut());
     }
     crank_plumbing::config::resolve_paths(base, paths);
 }

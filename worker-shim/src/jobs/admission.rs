@@ -141,16 +141,21 @@ impl Manager {
             inner.queue.push(rec.priority, rec.seq, rec.id.clone());
             inner.records.insert(rec.id.clone(), rec.clone());
         }
-        self.metrics
-            .submitted
-            .with_label_values(&[&self.settings.capability, rec.priority.as_str()])
-            .inc();
+        self.count_submitted(&rec);
         self.refresh_gauges();
         self.wake.notify_one();
         Ok(rec)
     }
 
-    fn new_record(&self, id: String, job: NewJob) -> JobRecord {
+    pub(super) fn count_submitted(&self, rec: &JobRecord) {
+        self.metrics
+            .submitted
+            .with_label_values(&[&self.settings.capability, rec.priority.as_str()])
+            .inc();
+    }
+
+    pub(super) fn new_record(&self, id: String, job: NewJob) -> JobRecord {
+        let tenant = super::tenants::tenant_of(job.requester.as_deref());
         let now = now_ms();
         JobRecord {
             id,
@@ -160,6 +165,7 @@ impl Manager {
             state: JobState::Queued,
             params: job.params,
             requester: job.requester,
+            tenant: Some(tenant),
             timeout_ms: job.timeout.map(|t| t.as_millis() as u64),
             device: None,
             attempts: 0,
@@ -180,6 +186,7 @@ impl Manager {
                 state: JobState::Queued,
                 note: Some("submitted".into()),
             }],
+            attempt_log: Vec::new(),
         }
     }
 }

@@ -25,12 +25,23 @@ impl Manager {
         let rec = self.by_ref(id, |rec| {
             rec.run_seconds += run.seconds;
             rec.energy = add_energy(&rec.energy, &run.energy, rec.attempts);
-            retry_in = self.next_state(rec, run.outcome, draining, run.user_canceled);
+            let preempted = run.preempted && matches!(run.outcome, Outcome::Canceled);
+            retry_in = match preempted {
+                true => {
+                    super::manager::preempted(rec, now_ms());
+                    None
+                }
+                false => self.next_state(rec, run.outcome, draining, run.user_canceled),
+            };
+            rec.end_attempt(now_ms(), &super::manager::attempt_outcome(rec, preempted));
         });
         let Some(rec) = rec else {
             self.release(id, device);
             return;
         };
+        if let Some(c) = self.cluster() {
+            return self.cluster_end(c, rec, retry_in, device);
+        }
         self.persist_end(&rec);
         if let Some(wait) = retry_in {
             self.retry_later(&rec, wait);
@@ -209,6 +220,8 @@ pub(super) struct RunEnd {
     pub seconds: f64,
     /// Canceled by a caller (a drain stops runs without it).
     pub user_canceled: bool,
+    /// Stopped for a `live` job: back to the queue, not a failure.
+    pub preempted: bool,
 }
 
 /// Stopped by a shutdown: back to the queue for the next start, without

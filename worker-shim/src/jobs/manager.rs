@@ -13,26 +13,31 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crank_plumbing::Refusal;
 use http::StatusCode;
 use tokio::sync::Notify;
 
+use super::cluster::Cluster;
 use super::finish::RunEnd;
 use super::queue::{Devices, Need, PriorityQueue};
 use super::runner::kill_leftover;
 pub use super::settings::ExecSettings;
 use super::store::JobStore;
 use crate::host::energy::EnergyAccountant;
-use crate::job::{now_ms, Failure, FailureClass, JobRecord, JobState, Priority, Progress};
+use crate::job::{now_ms, Attempt, Failure, FailureClass, JobRecord, JobState, Priority, Progress};
 use crate::metrics::JobMetrics;
 
 pub(super) struct Running {
-    cancel: Arc<Notify>,
+    pub(super) cancel: Arc<Notify>,
     /// Set by a caller's cancel; a drain stops runs without it.
-    by_user: Arc<AtomicBool>,
+    pub(super) by_user: Arc<AtomicBool>,
+    /// Set when a `live` job took its slot: back to the queue, not failed.
+    pub(super) preempted: Arc<AtomicBool>,
+    pub(super) priority: Priority,
+    pub(super) device: usize,
 }
 
 pub(super) struct Inner {
@@ -57,6 +62,10 @@ pub struct Manager {
     pub(super) next_seq: AtomicU64,
     /// Bytes in job directories (inputs and outputs).
     pub(super) work_dir_bytes: AtomicU64,
+    /// This shim as attempts name it (set by [`Manager::attach`]).
+    host: OnceLock<String>,
+    /// The shared queue, when `exec.queue.postgres` is set.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 /// What recovery found in the store at start.
@@ -103,14 +112,36 @@ impl Manager {
             metrics,
             next_seq: AtomicU64::new(max_seq + 1),
             work_dir_bytes: AtomicU64::new(used),
+            host: OnceLock::new(),
+            cluster: OnceLock::new(),
         });
         m.prune();
         m.refresh_gauges();
         Ok((m, recovery))
     }
 
+    /// Names this shim in attempts (`host`) and, with `cluster`, puts it on
+    /// the shared queue. Call once, before [`Manager::run`].
+    pub fn attach(&self, host: String, cluster: Option<Cluster>) {
+        let _ = self.host.set(host);
+        if let Some(c) = cluster {
+            let _ = self.cluster.set(Arc::new(c));
+        }
+    }
+
+    pub(super) fn host(&self) -> &str {
+        self.host.get().map_or("localhost", String::as_str)
+    }
+
+    pub(super) fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.get().cloned()
+    }
+
     /// The dispatcher: starts queued jobs whenever a slot is free.
     pub async fn run(self: Arc<Self>) {
+        if let Some(c) = self.cluster() {
+            return self.run_cluster(c).await;
+        }
         // Retention by age also applies while no job finishes.
         let weak = self.weak.clone();
         tokio::spawn(async move {
@@ -128,23 +159,25 @@ impl Manager {
                 if let Err(e) = self.store.put(&start.rec) {
                     tracing::error!(job = %start.rec.id, error = %e, "could not persist the job's start");
                 }
-                if start.rec.attempts == 1 {
-                    if let Some(w) = start.rec.queue_wait_seconds {
-                        self.metrics
-                            .queue_wait
-                            .with_label_values(&[
-                                &self.settings.capability,
-                                start.rec.priority.as_str(),
-                            ])
-                            .observe(w);
-                    }
-                }
-                let me = self.clone();
-                tokio::spawn(async move { me.run_job(start).await });
+                self.launch(start);
             }
             self.refresh_gauges();
             self.wake.notified().await;
         }
+    }
+
+    /// Runs a started job on its own task.
+    pub(super) fn launch(self: &Arc<Self>, start: Start) {
+        if start.rec.attempts == 1 {
+            if let Some(w) = start.rec.queue_wait_seconds {
+                self.metrics
+                    .queue_wait
+                    .with_label_values(&[&self.settings.capability, start.rec.priority.as_str()])
+                    .observe(w);
+            }
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.run_job(start).await });
     }
 
     /// Pops what can start now and marks it running, all under one lock,
@@ -157,11 +190,31 @@ impl Manager {
         }
         let now = now_ms();
         while let Some((id, device)) = self.next_placement(&mut inner) {
-            if let Some(start) = start_on(&mut inner, id, device, now) {
+            if let Some(start) = start_on(&mut inner, id, device, now, self.host()) {
                 out.push(start);
             }
         }
+        while let Some(start) = self.preempt_local(&mut inner, now) {
+            out.push(start);
+        }
         out
+    }
+
+    /// The oldest queued `live` job, when every slot that could take it is
+    /// busy and one of them runs a `batch` job: that job is stopped (back to
+    /// the queue) and the live job starts on its device.
+    fn preempt_local(&self, inner: &mut Inner, now: u64) -> Option<Start> {
+        let (seq, id) = inner.queue.first(Priority::Live)?;
+        let need = inner
+            .records
+            .get(&id)
+            .map_or(Need::Any, |r| self.settings.need(&r.params));
+        let (victim_id, device) = victim(inner, need)?;
+        inner.queue.remove(Priority::Live, seq);
+        preempt(inner, &victim_id);
+        inner.devices.acquire_at(device);
+        tracing::info!(job = %id, preempted = %victim_id, "live job preempted a batch job");
+        start_on(inner, id, device, now, self.host())
     }
 
     /// The oldest job of the most urgent class that has a free slot, and
@@ -342,6 +395,7 @@ impl Manager {
             gpu,
             cancel,
             by_user,
+            preempted,
         } = start;
         let id = rec.id.clone();
         let t0 = tokio::time::Instant::now();
@@ -352,6 +406,7 @@ impl Manager {
             energy: self.energy.finish(&id),
             seconds: t0.elapsed().as_secs_f64(),
             user_canceled: by_user.load(Ordering::SeqCst),
+            preempted: preempted.load(Ordering::SeqCst),
         };
         self.finish_run(&id, device, run);
     }
@@ -394,12 +449,63 @@ impl Manager {
 }
 
 /// A job taken off the queue and marked running, with its slot.
-struct Start {
-    rec: JobRecord,
-    device: usize,
+pub(super) struct Start {
+    pub(super) rec: JobRecord,
+    pub(super) device: usize,
     gpu: Option<u32>,
     cancel: Arc<Notify>,
-    by_user: Arc<std::sync::atomic::AtomicBool>,
+    by_user: Arc<AtomicBool>,
+    preempted: Arc<AtomicBool>,
+}
+
+/// A running `batch` job on a device that fits `need`, when no slot for
+/// `need` is free: (its id, its device).
+pub(super) fn victim(inner: &Inner, need: Need) -> Option<(String, usize)> {
+    if inner.devices.has_free(need) {
+        return None;
+    }
+    inner
+        .running
+        .iter()
+        .filter(|(_, r)| r.priority == Priority::Batch && !r.preempted.load(Ordering::SeqCst))
+        .filter(|(_, r)| {
+            inner
+                .devices
+                .list
+                .get(r.device)
+                .is_some_and(|d| need.fits(d))
+        })
+        .map(|(id, r)| (id.clone(), r.device))
+        .min()
+}
+
+/// Stops a running job for a `live` one; it goes back to the queue.
+pub(super) fn preempt(inner: &mut Inner, id: &str) {
+    if let Some(r) = inner.running.get(id) {
+        r.preempted.store(true, Ordering::SeqCst);
+        r.cancel.notify_one();
+    }
+}
+
+/// A preempted run: back to the queue with its attempts as they are and
+/// one more allowed, so a preemption never uses up the retry budget and is
+/// never a failure.
+pub(super) fn preempted(rec: &mut JobRecord, now: u64) {
+    rec.max_attempts += 1;
+    rec.failure = None;
+    let note = "preempted by a live job; back in the queue";
+    let _ = rec.transition(JobState::Queued, now, Some(note.into()));
+}
+
+/// How an attempt ended, for the attempt log.
+pub(super) fn attempt_outcome(rec: &JobRecord, preempted: bool) -> String {
+    if preempted {
+        return "preempted".into();
+    }
+    match (rec.state, &rec.failure) {
+        (JobState::Queued, Some(f)) => f.class.as_str().to_string(),
+        (s, _) => s.as_str().to_string(),
+    }
 }
 
 /// 404 `job-not-found`: never submitted, deleted, or removed by retention.
@@ -417,7 +523,13 @@ fn by_note(by: Option<&str>) -> String {
 
 /// Marks the job running on `device` and returns what its run needs; `None`
 /// (slot released) when the job is gone or cannot start.
-fn start_on(inner: &mut Inner, id: String, device: usize, now: u64) -> Option<Start> {
+pub(super) fn start_on(
+    inner: &mut Inner,
+    id: String,
+    device: usize,
+    now: u64,
+    host: &str,
+) -> Option<Start> {
     let (gpu, device_name) = {
         let d = &inner.devices.list[device];
         (d.gpu, d.name.clone())
@@ -434,16 +546,27 @@ fn start_on(inner: &mut Inner, id: String, device: usize, now: u64) -> Option<St
         rec.started_ms = Some(now);
         rec.queue_wait_seconds = Some(now.saturating_sub(rec.submitted_ms) as f64 / 1000.0);
     }
-    let note = format!("attempt {} on {device_name}", rec.attempts);
+    let note = format!("attempt {} on {host}/{device_name}", rec.attempts);
     if rec.transition(JobState::Running, now, Some(note)).is_err() {
         rec.attempts -= 1;
         inner.devices.release(device);
         return None;
     }
+    rec.attempt_log.push(Attempt {
+        attempt: rec.attempts,
+        host: host.to_string(),
+        device: Some(device_name),
+        started_ms: now,
+        ended_ms: None,
+        outcome: None,
+    });
     let rec = rec.clone();
     let running = Running {
         cancel: Arc::new(Notify::new()),
         by_user: Arc::new(AtomicBool::new(false)),
+        preempted: Arc::new(AtomicBool::new(false)),
+        priority: rec.priority,
+        device,
     };
     let start = Start {
         rec,
@@ -451,6 +574,7 @@ fn start_on(inner: &mut Inner, id: String, device: usize, now: u64) -> Option<St
         gpu,
         cancel: running.cancel.clone(),
         by_user: running.by_user.clone(),
+        preempted: running.preempted.clone(),
     };
     inner.running.insert(id, running);
     Some(start)
@@ -506,6 +630,7 @@ fn interrupt(settings: &ExecSettings, rec: &mut JobRecord, now: u64) -> Result<(
         exit_code: None,
         signal: None,
     });
+    rec.end_attempt(now, "interrupted");
     rec.transition(to, now, Some(note.into()))
         .map_err(|e| e.to_string())?;
     if to == JobState::Failed {

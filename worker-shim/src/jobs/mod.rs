@@ -4,12 +4,15 @@
 //! `settings`). The job record itself is [`crate::job`].
 
 mod admission;
+pub mod cluster;
 mod finish;
 pub mod manager;
+pub mod pg;
 pub mod queue;
 mod runner;
 mod settings;
 pub mod store;
+pub mod tenants;
 
 pub use admission::NewJob;
 pub use finish::retry_delay;

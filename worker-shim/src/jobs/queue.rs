@@ -42,6 +42,13 @@ impl PriorityQueue {
         None
     }
 
+    /// The oldest job of one class: (seq, id).
+    pub fn first(&self, priority: Priority) -> Option<(u64, String)> {
+        self.classes[priority.rank()]
+            .first_key_value()
+            .map(|(seq, id)| (*seq, id.clone()))
+    }
+
     /// Takes a queued job out (cancellation). False when it was not queued.
     pub fn remove(&mut self, priority: Priority, seq: u64) -> bool {
         self.classes[priority.rank()].remove(&seq).is_some()
@@ -72,7 +79,24 @@ pub enum Need {
 }
 
 impl Need {
-    fn fits(self, d: &Device) -> bool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Need::Any => "any",
+            Need::Gpu => "gpu",
+            Need::Cpu => "cpu",
+        }
+    }
+
+    /// The stored form back; anything unknown is `Any`.
+    pub fn parse(s: &str) -> Need {
+        match s {
+            "gpu" => Need::Gpu,
+            "cpu" => Need::Cpu,
+            _ => Need::Any,
+        }
+    }
+
+    pub fn fits(self, d: &Device) -> bool {
         match self {
             Need::Any => true,
             Need::Gpu => d.gpu.is_some(),
@@ -158,6 +182,14 @@ impl Devices {
             .map(|(i, _)| i)?;
         self.list[pick].busy += 1;
         Some(pick)
+    }
+
+    /// Takes a slot on one device even when it is full (a preempting job,
+    /// until the preempted one has stopped).
+    pub fn acquire_at(&mut self, idx: usize) {
+        if let Some(d) = self.list.get_mut(idx) {
+            d.busy += 1;
+        }
     }
 
     pub fn release(&mut self, idx: usize) {
