@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
-use crank_api::mesh::{CapabilitiesFile, MeshRoute, QuotasFile, RoutesFile, SloFile};
+use crank_api::mesh::{CapabilitiesFile, EgressFile, MeshRoute, QuotasFile, RoutesFile, SloFile};
 use serde::{Deserialize, Serialize};
+
+mod egress;
 
 /// One thing wrong with the directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,10 +53,13 @@ pub struct MeshSnapshot {
     /// `roles.yaml`: who may do what on the remote admin API.
     #[serde(default)]
     pub roles: crate::server::roles::RolesFile,
+    /// `egress.yaml`, each `tls.ca` file's PEM text inline.
+    #[serde(default)]
+    pub egress: EgressFile,
 }
 
 const KNOWN: &str =
-    "expected capabilities.yaml, quotas.yaml, roles.yaml, routes/*.yaml, slo/*.yaml and policies/";
+    "expected capabilities.yaml, quotas.yaml, roles.yaml, egress.yaml, routes/*.yaml, slo/*.yaml, job_templates/*.yaml, egress/ and policies/";
 
 /// A file of the directory that cannot be read: its path relative to the
 /// directory (`.` for the directory itself) and why.
@@ -158,7 +163,8 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
         p.push(problem("capabilities.yaml", None, None, "missing; list every capability routes, quotas and SLOs may name (`capabilities: [{name: transcode:v1}]`)".into()));
     }
     let declared = check_capabilities(&read.caps, &mut p);
-    check_routes(&read.routes, &declared, &mut p);
+    let egress = egress::check(&read.egress, &read.egress_files, &mut p);
+    check_routes(&read.routes, &declared, &egress, &mut p);
     check_quotas(&read.quotas, &declared, &mut p);
     check_slos(&read.slos, &declared, &mut p);
     for (field, msg) in read.roles.problems() {
@@ -180,6 +186,7 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
         slos: read.slos.into_iter().map(|(_, s)| s).collect(),
         policies: read.policies,
         roles: read.roles,
+        egress,
     })
 }
 
@@ -194,6 +201,9 @@ struct Sections {
     slos: Vec<(String, SloFile)>,
     policies: BTreeMap<String, String>,
     roles: crate::server::roles::RolesFile,
+    egress: EgressFile,
+    /// `egress/` files (CA certificates), by path relative to the directory.
+    egress_files: BTreeMap<String, String>,
 }
 
 impl Sections {
@@ -217,6 +227,14 @@ impl Sections {
                     self.quotas = q;
                 }
             }
+            ["egress.yaml"] => {
+                if let Some(e) = parse::<EgressFile>(rel, text, p) {
+                    self.egress = e;
+                }
+            }
+            ["egress", ..] => {
+                self.egress_files.insert(rel.to_string(), text.to_string());
+            }
             ["routes", f] if is_yaml(f) => {
                 if let Some(r) = parse::<RoutesFile>(rel, text, p) {
                     let file = rel.to_string();
@@ -231,6 +249,15 @@ impl Sections {
             }
             ["policies", f] => {
                 self.policies.insert(f.to_string(), text.to_string());
+            }
+            // Read by the worker shims of the template's capability
+            // (exec.templates_dir); checked here so a bad one never ships.
+            ["job_templates", f] if is_yaml(f) => {
+                if let Some(t) = parse::<crank_api::job_template::JobTemplate>(rel, text, p) {
+                    for (field, message) in t.problems() {
+                        p.push(problem(rel, None, Some(field), message));
+                    }
+                }
             }
             // Examples and other files below policies/ are the policy
             // author's; only the top level is a policy set.
@@ -315,7 +342,12 @@ fn check_capabilities(caps: &CapabilitiesFile, p: &mut Vec<Problem>) -> BTreeSet
     names
 }
 
-fn check_routes(routes: &[(String, MeshRoute)], declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
+fn check_routes(
+    routes: &[(String, MeshRoute)],
+    declared: &BTreeSet<String>,
+    egress: &EgressFile,
+    p: &mut Vec<Problem>,
+) {
     let mut names: BTreeMap<&str, &str> = BTreeMap::new();
     let mut index: BTreeMap<&str, usize> = BTreeMap::new();
     for (file, r) in routes {
@@ -328,6 +360,7 @@ fn check_routes(routes: &[(String, MeshRoute)], declared: &BTreeSet<String>, p: 
         let also_in = names.insert(&r.name, file);
         check_route_name(r, also_in, &mut at);
         check_backends(r, declared, &mut at);
+        egress::check_backends(r, egress, |f, m| at.push(f, m));
         check_route_rest(r, &mut at);
         *i += 1;
     }

@@ -11,6 +11,9 @@ use crate::direction::Direction;
 pub enum Reason {
     /// No route matches the request's host or port.
     NoRoute,
+    /// Outbound: the destination is outside the mesh and nothing declares
+    /// it, and `egress.mode` is `deny` (403).
+    EgressNotDeclared,
     /// An inbound peer completed TLS without a client certificate.
     ClientCertRequired,
     /// An inbound peer's certificate carries no valid Crank identity.
@@ -92,6 +95,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::NoRoute => "no-route",
+            Reason::EgressNotDeclared => "egress-not-declared",
             Reason::ClientCertRequired => "client-cert-required",
             Reason::PeerIdentityInvalid => "peer-identity-invalid",
             Reason::BadFraming => "bad-request-framing",
@@ -130,6 +134,7 @@ impl Reason {
     pub fn status(self) -> u16 {
         match self {
             Reason::NoRoute => 404,
+            Reason::EgressNotDeclared => 403,
             Reason::ClientCertRequired
             | Reason::PeerIdentityInvalid
             | Reason::PolicyDenied
@@ -167,6 +172,7 @@ impl Reason {
     pub fn advice(self) -> &'static str {
         match self {
             Reason::NoRoute => "no route matches this request's host or port; add a route whose name or hosts match it",
+            Reason::EgressNotDeclared => "the destination is outside the mesh and no route or egress destination declares it, and egress.mode is deny; declare it in the mesh config's egress.yaml with a route to it (docs/reference/mesh-config.md), or call a route that exists",
             Reason::ClientCertRequired => "this port accepts mesh sidecars only; connect with a client certificate issued by the mesh CA",
             Reason::PeerIdentityInvalid => "the client certificate carries no valid Crank identity (spiffe://<trust-domain>/tenant/<t>/svc/<s>); reissue it with crankctl",
             Reason::BadFraming => "the request framing is ambiguous (Content-Length with Transfer-Encoding, repeated Content-Length, folded headers or bad chunks); fix the client",
@@ -464,6 +470,7 @@ mod tests {
     fn statuses_and_reasons_are_distinct_and_sane() {
         let all = [
             Reason::NoRoute,
+            Reason::EgressNotDeclared,
             Reason::ClientCertRequired,
             Reason::PeerIdentityInvalid,
             Reason::BadFraming,

@@ -21,6 +21,7 @@ pub mod config;
 pub mod conn;
 pub mod direction;
 pub mod drain;
+pub mod egress;
 pub mod enroll;
 pub mod errors;
 pub mod framing;

@@ -6,6 +6,7 @@
 //!   path prefix, whose backends pick endpoints by capability and label
 //!   selector, with weights;
 //! - `quotas.yaml`: [`QuotasFile`], rate limits by tenant and capability;
+//! - `egress.yaml`: [`EgressFile`], destinations outside the mesh;
 //! - `slo/*.yaml`: [`SloFile`], latency and availability objectives per
 //!   capability;
 //! - `policies/*.rego` with their `*_test.rego`.
@@ -80,7 +81,17 @@ pub struct Backend {
     /// Share of the route's traffic, relative to the other backends.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A destination of `egress.yaml` outside the mesh that serves the
+    /// capability, instead of registered endpoints. Such a backend is its
+    /// route's only one and has no selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
 }
+
+/// `egress.yaml`: destinations outside the mesh and the mode for the
+/// destinations it does not declare (`crate::proxy::EgressConfig`; a
+/// `tls.ca` file is relative to the config directory).
+pub type EgressFile = crate::proxy::EgressConfig;
 
 fn default_weight() -> u32 {
     100
@@ -202,6 +213,10 @@ pub struct MeshUpdate {
     pub quotas: Vec<crate::resilience::QuotaLimit>,
     /// `policies/` files (name → contents); empty when the directory has none.
     pub policies: BTreeMap<String, String>,
+    /// `egress.yaml`, with each `tls.ca` file's PEM text inline. Absent
+    /// from older control planes: no egress.
+    #[serde(default, skip_serializing_if = "crate::proxy::EgressConfig::is_empty")]
+    pub egress: crate::proxy::EgressConfig,
 }
 
 /// `POST /v1/registry/register` (mTLS): the caller's identity must be the

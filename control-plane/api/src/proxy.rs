@@ -52,6 +52,11 @@ pub struct ProxyConfig {
     /// routes and quotas of this file only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshConfig>,
+    /// Destinations outside the mesh that routes may send to (a route's
+    /// `egress`), and what happens to traffic for a destination nothing
+    /// declares. Default: none declared, no egress control.
+    #[serde(default, skip_serializing_if = "EgressConfig::is_empty")]
+    pub egress: EgressConfig,
     /// Transparent capture (`docs/reference/capture.md`): the listeners
     /// for the connections the capture rules redirect, and the rules
     /// `crank-proxy capture install --config FILE` writes. Absent: no
@@ -628,6 +633,11 @@ pub struct RouteConfig {
     /// Fault injection (chaos drills). Absent: off.
     #[serde(default)]
     pub fault: Option<FaultConfig>,
+    /// The name of a destination in `egress.destinations`: the route sends
+    /// there, outside the mesh, instead of to `endpoints` (which must be
+    /// empty). Absent: a mesh route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -837,4 +847,184 @@ fn default_server_speaks_first() -> Vec<u16> {
 }
 fn default_detect_timeout() -> Duration {
     Duration::from_secs(1)
+}
+
+/// `egress`: destinations outside the mesh (the same shape as the mesh
+/// config's `egress.yaml`, which crank-control pushes).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// What happens to traffic for a destination no route and no entry of
+    /// `destinations` declares: `allow` (passed through), `audit` (passed
+    /// through and logged as `egress-not-declared`) or `deny` (403
+    /// `egress-not-declared`). Absent: no egress control; on the HTTP proxy
+    /// listener a host no route takes gets 404 `no-route`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<EgressMode>,
+    /// The declared destinations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<EgressDestination>,
+}
+
+impl EgressConfig {
+    pub fn is_empty(&self) -> bool {
+        self.mode.is_none() && self.destinations.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    Allow,
+    Audit,
+    Deny,
+}
+
+impl EgressMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::Allow => "allow",
+            EgressMode::Audit => "audit",
+            EgressMode::Deny => "deny",
+        }
+    }
+}
+
+/// A destination outside the mesh: where it is and how to speak to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressDestination {
+    /// Unique; routes (`egress: NAME`) refer to it.
+    pub name: String,
+    /// `host:port`, `ip:port` or `[ipv6]:port`. A DNS name is resolved at
+    /// each new connection.
+    pub address: String,
+    /// TLS to the destination, verified against `ca` (never the mesh's
+    /// own roots). Absent: plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EgressTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressTls {
+    /// The roots the destination's certificate must chain to: PEM text, or
+    /// a PEM file (in the mesh config: relative to the config directory;
+    /// crank-control pushes the file's contents).
+    pub ca: String,
+    /// The name sent as SNI and checked against the certificate. Default:
+    /// the address's host; required when the address is an IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl EgressTls {
+    /// Whether `ca` holds PEM text rather than a file name.
+    pub fn ca_is_inline(&self) -> bool {
+        self.ca.contains("-----BEGIN")
+    }
+}
+
+/// The host of an egress address: a DNS name or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressHost {
+    Name(String),
+    Ip(std::net::IpAddr),
+}
+
+impl EgressDestination {
+    /// The address's host (lower-cased) and port, or why it is not one.
+    pub fn host_port(&self) -> Result<(EgressHost, u16), String> {
+        parse_egress_address(&self.address)
+    }
+
+    /// The SNI and certificate name: `tls.server_name`, else a DNS host.
+    pub fn server_name(&self) -> Option<String> {
+        let tls = self.tls.as_ref()?;
+        if let Some(n) = &tls.server_name {
+            return Some(n.clone());
+        }
+        match self.host_port() {
+            Ok((EgressHost::Name(n), _)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Problems with the destination apart from the CA's contents, each
+    /// as (field under the destination, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        if !is_dns_name(&self.name) {
+            p.push(("name", format!("{:?} is not a name of lower-case letters, digits, '-' and '.'; name the destination (`ray-serve`)", self.name)));
+        }
+        let host = match self.host_port() {
+            Err(e) => {
+                p.push(("address", e));
+                return p;
+            }
+            Ok((host, _)) => host,
+        };
+        let Some(tls) = &self.tls else { return p };
+        match &tls.server_name {
+            None if matches!(host, EgressHost::Ip(_)) => p.push(("tls.server_name", format!("is needed: address {} is an IP, so give the name its certificate carries (`server_name: ray-head.internal`)", self.address))),
+            Some(n) if !is_dns_name(&n.to_ascii_lowercase()) => p.push(("tls.server_name", format!("{n:?} is not a DNS name; give the name the destination's certificate carries"))),
+            _ => {}
+        }
+        if tls.ca.trim().is_empty() {
+            p.push((
+                "tls.ca",
+                "is empty; give the PEM file of the CA that signed the destination's certificate"
+                    .into(),
+            ));
+        }
+        p
+    }
+}
+
+/// `host:port` with a DNS name, an IPv4 address or a bracketed IPv6 one.
+pub fn parse_egress_address(a: &str) -> Result<(EgressHost, u16), String> {
+    let fix = "write `host:port` (`ray-head.internal:8000`, `10.0.0.5:8265` or `[fd00::5]:8265`)";
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(format!("address {a:?} has port 0; {fix}"));
+        }
+        return Ok((EgressHost::Ip(sa.ip()), sa.port()));
+    }
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return Err(format!("address {a:?} has no port; {fix}"));
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => {
+            return Err(format!(
+                "address {a:?}: port {port:?} is not 1 to 65535; {fix}"
+            ))
+        }
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return Err(format!(
+            "address {a:?} is not a valid IP address and port; {fix}"
+        ));
+    }
+    if !is_dns_name(&host) {
+        return Err(format!(
+            "address {a:?}: {host:?} is not a DNS name or IP address; {fix}"
+        ));
+    }
+    Ok((EgressHost::Name(host), port))
+}
+
+/// Lower-case letters, digits, '-' and '.', in labels of 1 to 63 bytes.
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }

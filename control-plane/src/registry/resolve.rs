@@ -199,6 +199,7 @@ mod tests {
             capability: capability.into(),
             selector: labels(selector),
             weight,
+            egress: None,
         }
     }
 

@@ -176,7 +176,12 @@ pub fn routes_for<'a>(snap: &'a MeshSnapshot, client: &str) -> impl Iterator<Ite
 
 /// A mesh route in the proxy's own form, with its live endpoints.
 pub fn to_proxy_route(route: &MeshRoute, entries: &[Entry]) -> RouteConfig {
-    let resolved = crate::registry::resolve(route, entries);
+    let mut resolved = crate::registry::resolve(route, entries);
+    let egress = route.backends.iter().find_map(|b| b.egress.clone());
+    if egress.is_some() {
+        // Outside the mesh: registered endpoints of the capability do not serve it.
+        resolved.endpoints.clear();
+    }
     RouteConfig {
         name: route.name.clone(),
         hosts: route.matches.hosts.clone(),
@@ -199,6 +204,7 @@ pub fn to_proxy_route(route: &MeshRoute, entries: &[Entry]) -> RouteConfig {
         circuit: route.circuit.clone(),
         concurrency: None,
         fault: None,
+        egress,
     }
 }
 
@@ -217,6 +223,7 @@ pub fn update_for(p: &Published, client: &Identity, entries: &[Entry]) -> MeshUp
         routes,
         quotas,
         policies: p.snapshot.policies.clone(),
+        egress: p.snapshot.egress.clone(),
     }
 }
 

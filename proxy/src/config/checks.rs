@@ -34,7 +34,7 @@ pub(super) fn validate_routes<'a>(
                 ),
             ));
         }
-        if r.endpoints.is_empty() && !pushed {
+        if r.endpoints.is_empty() && !pushed && r.egress.is_none() {
             p.push((format!("routes[{i}].endpoints"), format!("route {:?} has no endpoints; add at least one peer sidecar address and identity", r.name)));
         }
         for h in std::iter::once(&r.name).chain(r.hosts.iter()) {

@@ -36,8 +36,10 @@ pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
             format!("cannot read the config file: {e}; check the --config path"),
         )
     })?;
-    let cfg = parse(&file, &text)?;
-    validate(&file, &cfg, path.parent().unwrap_or(Path::new(".")))?;
+    let mut cfg = parse(&file, &text)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    validate(&file, &cfg, base)?;
+    crate::egress::inline_cas(&mut cfg, base);
     Ok(cfg)
 }
 
@@ -91,6 +93,7 @@ fn validate_with(
     if let Some(m) = &cfg.mesh {
         mesh::validate_mesh(cfg, m, base, &mut p);
     }
+    p.extend(crate::egress::problems(cfg, base));
     if let Some(c) = &cfg.capture {
         p.extend(crate::capture::config::problems(c));
     }

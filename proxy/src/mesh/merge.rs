@@ -26,6 +26,7 @@ pub fn merged(running: &ProxyConfig, u: &MeshUpdate) -> Result<ProxyConfig, Stri
     let mut new = running.clone();
     new.routes = u.routes.clone();
     new.quotas.limits = u.quotas.clone();
+    new.egress = u.egress.clone();
     Ok(new)
 }
 
@@ -35,6 +36,7 @@ pub fn overlay(mut file: ProxyConfig, applied: Option<&MeshUpdate>) -> ProxyConf
     if let Some(u) = applied {
         file.routes = u.routes.clone();
         file.quotas.limits = u.quotas.clone();
+        file.egress = u.egress.clone();
     }
     file
 }
@@ -85,6 +87,7 @@ mod tests {
             routes: c.routes,
             quotas: c.quotas.limits,
             policies: BTreeMap::new(),
+            egress: Default::default(),
         }
     }
 

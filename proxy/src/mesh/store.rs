@@ -95,6 +95,7 @@ mod tests {
             routes: c.routes,
             quotas: c.quotas.limits,
             policies: [("authz.rego".to_string(), "package x\n".to_string())].into(),
+            egress: Default::default(),
         }
     }
 

@@ -131,6 +131,7 @@ mod tests {
             routes: vec![],
             quotas: vec![],
             policies: Default::default(),
+            egress: Default::default(),
         }
     }
 

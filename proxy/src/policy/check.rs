@@ -27,9 +27,24 @@ pub fn check(
     trace_id: Option<&str>,
     metrics: &Metrics,
 ) -> Checked {
+    check_with(policies, handle, facts, |_| {}, trace_id, metrics)
+}
+
+/// [`check`], with `extend` adding to the input document built from the
+/// facts (an egress request's `input.destination.egress`, host and port).
+pub fn check_with(
+    policies: &Policies,
+    handle: &PolicyHandle,
+    facts: impl FnOnce(&Manifest) -> RequestFacts,
+    extend: impl FnOnce(&mut serde_json::Value),
+    trace_id: Option<&str>,
+    metrics: &Metrics,
+) -> Checked {
     let set = handle.current();
     let facts = facts(set.manifest());
-    let d = policies.check(handle, &set, &facts, trace_id, metrics);
+    let mut doc = crank_policy::input::build(&facts, set.manifest());
+    extend(&mut doc);
+    let d = policies.check_input(handle, &set, &facts, doc, trace_id, metrics);
     let label = match (d.outcome, d.permitted) {
         (Outcome::Allow, _) => "allow",
         (Outcome::Deny, false) => "deny",

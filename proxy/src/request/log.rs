@@ -29,6 +29,13 @@ impl MeshProxy {
         m.latency
             .with_label_values(&[dir, route])
             .observe(elapsed.as_secs_f64());
+        if let Some(d) = ctx.route.as_ref().and_then(|r| r.egress.as_ref()) {
+            let dest = crate::egress::destination_label(d);
+            m.egress
+                .requests
+                .with_label_values(&[route, dest, status_class(status)])
+                .inc();
+        }
         if self.rt.access_log {
             self.access_log(session, ctx, status, elapsed, e);
         }

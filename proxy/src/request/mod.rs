@@ -130,7 +130,10 @@ impl ProxyHttp for MeshProxy {
         ctx.fresh_upstream = !reused;
         if self.direction == Direction::Outbound {
             let rt = &self.rt;
-            identity::admit::outbound_peer(digest, reused, ctx.upstream, &rt.tls, &rt.metrics)?;
+            // The mesh's deny list is about mesh certificates only.
+            if ctx.route.as_ref().is_none_or(|r| r.egress.is_none()) {
+                identity::admit::outbound_peer(digest, reused, ctx.upstream, &rt.tls, &rt.metrics)?;
+            }
             self.attempt_sent(ctx);
         }
         Ok(())
@@ -296,7 +299,10 @@ impl MeshProxy {
                 ctx.route = Some(match crate::capture::captured_dst(session) {
                     Some(dst) => crate::capture::route::select(&table, dst)?,
                     None => {
-                        routing::select::select(&table, port, session.req_header(), pushed_to)?
+                        let req = session.req_header();
+                        let selected = routing::select::select(&table, port, req, pushed_to);
+                        crate::egress::count_undeclared(&table, &selected, &self.rt.metrics);
+                        selected?
                     }
                 });
                 identity::admit::own_cert(&self.rt.health, &self.rt.me.spiffe_id)?;
@@ -331,10 +337,20 @@ impl MeshProxy {
         let facts = |m: &crank_policy::Manifest| {
             policy::facts::request_facts(self.direction, req, client, parties, m)
         };
-        let checked = policy::check::check(
+        let egress = match self.direction {
+            Direction::Outbound => Some(ctx.route.as_ref().and_then(|r| r.egress.clone())),
+            Direction::Inbound => None,
+        };
+        let extend = |doc: &mut serde_json::Value| {
+            if let Some(e) = egress {
+                policy::facts::egress_input(doc, e.as_deref());
+            }
+        };
+        let checked = policy::check::check_with(
             &self.rt.policies,
             handle,
             facts,
+            extend,
             trace_id.as_deref(),
             &self.rt.metrics,
         );
@@ -362,6 +378,7 @@ impl MeshProxy {
                 destination: ctx
                     .route
                     .as_ref()
+                    .filter(|r| r.egress.is_none())
                     .and_then(|r| r.single_identity())
                     .map(crank_policy::Workload::from)
                     .unwrap_or_default(),

@@ -142,7 +142,10 @@ fn logged_here(reason: Reason) -> bool {
     closes_connection(reason)
         || matches!(
             reason,
-            Reason::NoRoute | Reason::OwnCertRevoked | Reason::OwnCertExpired
+            Reason::NoRoute
+                | Reason::EgressNotDeclared
+                | Reason::OwnCertRevoked
+                | Reason::OwnCertExpired
         )
 }
 

@@ -116,6 +116,12 @@ impl MeshProxy {
         if let Some(c) = capability {
             a.push(Kv::new("crank.capability", c));
         }
+        if let Some(d) = ctx.route.as_ref().and_then(|r| r.egress.as_ref()) {
+            a.push(Kv::new(
+                "crank.egress.destination",
+                crate::egress::destination_label(d).to_string(),
+            ));
+        }
         if let Some(p) = peer {
             a.push(Kv::new("crank.peer.identity", p));
         }

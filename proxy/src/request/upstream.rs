@@ -55,6 +55,9 @@ impl MeshProxy {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route chosen"))?;
         let idx = self.next_endpoint(ctx, &route).await?;
+        if let Some(dest) = &route.egress {
+            return egress_peer(dest).await;
+        }
         let ep = &route.endpoints[idx];
         ctx.endpoint_identity = Some(ep.identity.spiffe_id());
         let tls = &self.rt.tls;
@@ -96,13 +99,37 @@ impl MeshProxy {
             Direction::Outbound => {
                 crate::routing::authority::to_origin_form(req)?;
                 req.remove_header(CAPABILITY_HEADER);
-                if let Some(cap) = ctx.route.as_ref().and_then(|r| r.capability.as_deref()) {
-                    req.insert_header(CAPABILITY_HEADER, cap)?;
+                let route = ctx.route.as_ref();
+                match route.and_then(|r| r.egress.as_ref()) {
+                    // Outside the mesh: the destination's own name as
+                    // `Host` (a pass-through keeps the caller's).
+                    Some(d) if d.name != crate::egress::UNDECLARED_ROUTE => {
+                        req.insert_header(http::header::HOST, d.address.as_str())?;
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(cap) = route.and_then(|r| r.capability.as_deref()) {
+                            req.insert_header(CAPABILITY_HEADER, cap)?;
+                        }
+                    }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Outbound to a destination outside the mesh: its address now (a DNS
+/// name is resolved at each attempt) in the peer built at load, which
+/// carries the destination's CA and no client certificate.
+async fn egress_peer(dest: &crate::egress::Destination) -> Result<HttpPeer> {
+    let addr = dest.resolve().await.map_err(|e| {
+        Error::explain(
+            ErrorType::ConnectNoRoute,
+            format!("egress destination {}: {e}", dest.name),
+        )
+    })?;
+    Ok(dest.peer(addr))
 }
 
 /// Whether to speak h2c to the local app for this request.

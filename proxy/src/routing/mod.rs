@@ -34,6 +34,9 @@ pub struct Route {
     pub cfg: RouteConfig,
     /// Outlier detection, retry budget and concurrency limit.
     pub state: Arc<RouteState>,
+    /// The destination outside the mesh this route sends to (`egress`);
+    /// `endpoints` then holds one stand-in entry for the breaker.
+    pub egress: Option<Arc<crate::egress::Destination>>,
 }
 
 /// What a route remembers between requests.
@@ -46,14 +49,17 @@ pub struct RouteState {
 
 impl RouteState {
     fn new(cfg: &RouteConfig) -> Self {
+        let weights: Vec<(u32, u32)> = match cfg.egress {
+            // An egress route has one endpoint: its destination.
+            Some(_) => vec![(1, 0)],
+            None => cfg
+                .endpoints
+                .iter()
+                .map(|e| (e.weight, e.backend))
+                .collect(),
+        };
         RouteState {
-            breakers: Endpoints::grouped(
-                &cfg.endpoints
-                    .iter()
-                    .map(|e| (e.weight, e.backend))
-                    .collect::<Vec<_>>(),
-                breaker_config(cfg),
-            ),
+            breakers: Endpoints::grouped(&weights, breaker_config(cfg)),
             budget: Budget::new(&cfg.retry),
             limiter: cfg.concurrency.as_ref().map(Limiter::new),
         }
@@ -80,6 +86,7 @@ fn same_state(a: &RouteConfig, b: &RouteConfig) -> bool {
             .collect()
     };
     key(a) == key(b)
+        && a.egress == b.egress
         && a.circuit == b.circuit
         && a.retry == b.retry
         && a.concurrency == b.concurrency
@@ -123,6 +130,8 @@ pub struct RouteTable {
     /// Routes by host; several when they differ by `path_prefix`.
     by_host: HashMap<String, Vec<usize>>,
     by_port: HashMap<u16, usize>,
+    /// Destinations outside the mesh and the mode for undeclared ones.
+    egress: Arc<crate::egress::EgressTable>,
 }
 
 /// Why no route was found, with what the request named.
@@ -140,21 +149,21 @@ impl RouteTable {
     /// Builds the table, keeping the state of routes from `prev` whose
     /// endpoints and resilience settings did not change.
     pub fn reloaded(cfg: &ProxyConfig, prev: Option<&RouteTable>) -> Self {
-        let mut t = RouteTable::default();
+        let mut t = RouteTable {
+            egress: Arc::new(crate::egress::EgressTable::from_config(&cfg.egress)),
+            ..Default::default()
+        };
         for r in &cfg.routes {
             let idx = t.routes.len();
-            let endpoints = r
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let identity: Identity = e.identity.parse().expect("validated identity");
-                    Endpoint {
-                        address: e.address,
-                        server_name: identity.dns_name(),
-                        identity,
-                    }
-                })
-                .collect();
+            let egress = r
+                .egress
+                .as_deref()
+                .and_then(|n| t.egress.by_name(n))
+                .cloned();
+            let endpoints = match &egress {
+                Some(d) => vec![egress_endpoint(d)],
+                None => r.endpoints.iter().map(mesh_endpoint).collect(),
+            };
             let state = prev
                 .and_then(|p| p.routes.iter().find(|o| o.name == r.name))
                 .filter(|o| same_state(&o.cfg, r))
@@ -166,6 +175,7 @@ impl RouteTable {
                 endpoints,
                 cfg: r.clone(),
                 state,
+                egress,
             }));
             for h in std::iter::once(&r.name).chain(r.hosts.iter()) {
                 let list = t.by_host.entry(normalize_host(h)).or_default();
@@ -228,6 +238,60 @@ impl RouteTable {
 
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.routes
+    }
+
+    /// The declared egress destinations and the undeclared mode.
+    pub fn egress(&self) -> &Arc<crate::egress::EgressTable> {
+        &self.egress
+    }
+}
+
+/// A route of its own to an egress destination no route names (a declared
+/// one on the HTTP proxy listener, or an undeclared one passed through):
+/// the route defaults, no capability.
+pub fn egress_route(name: String, dest: Arc<crate::egress::Destination>) -> Arc<Route> {
+    let cfg: RouteConfig = serde_json::from_value(serde_json::json!({
+        "name": name,
+        "endpoints": [],
+        "egress": dest.name,
+    }))
+    .expect("a route of name, endpoints and egress parses");
+    Arc::new(Route {
+        name,
+        capability: None,
+        endpoints: vec![egress_endpoint(&dest)],
+        state: Arc::new(RouteState::new(&cfg)),
+        cfg,
+        egress: Some(dest),
+    })
+}
+
+/// A peer sidecar of a validated route.
+fn mesh_endpoint(e: &crank_api::proxy::EndpointConfig) -> Endpoint {
+    let identity: Identity = e.identity.parse().expect("validated identity");
+    Endpoint {
+        address: e.address,
+        server_name: identity.dns_name(),
+        identity,
+    }
+}
+
+/// The stand-in endpoint of an egress route: the destination's IP, or
+/// `0.0.0.0:port` for a DNS name (resolved at each connect). It proves
+/// no mesh identity; the identity below only names the destination.
+fn egress_endpoint(d: &crate::egress::Destination) -> Endpoint {
+    let address = match d.host {
+        crank_api::proxy::EgressHost::Ip(ip) => SocketAddr::new(ip, d.port),
+        crank_api::proxy::EgressHost::Name(_) => SocketAddr::from(([0, 0, 0, 0], d.port)),
+    };
+    Endpoint {
+        address,
+        identity: Identity {
+            service: d.name.clone(),
+            tenant: "egress".into(),
+            trust_domain: "external".into(),
+        },
+        server_name: d.host_str(),
     }
 }
 

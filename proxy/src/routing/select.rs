@@ -7,7 +7,7 @@ use std::sync::Arc;
 use pingora_http::RequestHeader;
 
 use super::authority::request_authority;
-use super::{Route, RouteTable};
+use super::{egress_route, Route, RouteTable};
 use crate::errors::{Reason, Refusal};
 
 /// Chooses the route for a request that arrived on local `port`.
@@ -24,6 +24,9 @@ pub fn select(
         Ok(route) => return Ok(route),
         Err(nr) => nr,
     };
+    if let Some(route) = egress_fallback(table, host.as_deref())? {
+        return Ok(route);
+    }
     let mut detail = format!(
         "host {:?}; known routes: {}",
         nr.host.unwrap_or_default(),
@@ -34,6 +37,49 @@ pub fn select(
         detail.push_str(&format!("; crank-control sends this sidecar only the routes whose clients list is empty or names service {svc:?}: if the route exists, add {svc:?} to its clients (`crankctl routes` lists them)"));
     }
     Err(Refusal::new(Reason::NoRoute, detail))
+}
+
+/// A host no route takes: a declared egress destination gets a route of
+/// its own (`egress:<name>`, the route defaults); an undeclared one what
+/// `egress.mode` says (None: the caller answers `no-route`).
+fn egress_fallback(
+    table: &RouteTable,
+    authority: Option<&str>,
+) -> Result<Option<Arc<Route>>, Refusal> {
+    use crate::egress::{decide, split_authority, Decision, Destination, Target, Undeclared};
+    let Some(authority) = authority else {
+        return Ok(None);
+    };
+    let target = Target::Authority {
+        authority,
+        default_port: 80,
+    };
+    let undeclared = match decide(table.egress(), target) {
+        Decision::Declared(d) => return Ok(Some(egress_route(format!("egress:{}", d.name), d))),
+        Decision::Undeclared(Undeclared::Uncontrolled) => return Ok(None),
+        Decision::Undeclared(u) => u,
+    };
+    let reason = Reason::EgressNotDeclared.as_str();
+    if undeclared == Undeclared::Deny {
+        let detail = format!(
+            "host {authority:?}; egress.mode is deny and no route or egress destination declares it; known routes: {}",
+            table.names().join(", ")
+        );
+        return Err(Refusal::new(Reason::EgressNotDeclared, detail));
+    }
+    let Some((host, port)) = split_authority(authority, 80) else {
+        return Ok(None);
+    };
+    if undeclared == Undeclared::Audit {
+        tracing::warn!(reason, mode = "audit", host = %host, port, "passing through a request to an undeclared destination outside the mesh");
+    }
+    match Destination::undeclared(&host, port) {
+        Ok(d) => Ok(Some(egress_route(
+            crate::egress::UNDECLARED_ROUTE.into(),
+            Arc::new(d),
+        ))),
+        Err(_) => Ok(None),
+    }
 }
 
 #[cfg(test)]
