@@ -5,8 +5,8 @@
 //! Host 0 runs crank-control (its workload API on `10.77.k.1:4140`); hosts
 //! 1..=n are backends, each an [`EchoApp`] on its own loopback with a
 //! sidecar that enrolls over the network with a join token and registers
-//! `hello:v1` at its routable address (a 5 s lease); the last host is the client, whose
-//! sidecar gets route `backend` from crank-control. Each host is a private
+//! `hello:v1` at its routable address (a 5 s lease); the last host is the
+//! client, whose sidecar gets route `backend` from crank-control. Each host is a private
 //! network namespace, so the well-known ports below never collide with
 //! another test; they are the ports a real host would use. `crankctl`
 //! reaches crank-control over its admin socket, a file, from the test's
