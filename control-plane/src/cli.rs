@@ -132,6 +132,9 @@ pub enum Command {
     /// clock skew, endpoint leases; each problem with its fix. Exits 0 when
     /// nothing failed, 1 on any FAIL, 2 when crank-control cannot be reached.
     Check(CheckArgs),
+    /// Worker shim jobs: usage per tenant and capability.
+    #[command(subcommand)]
+    Jobs(crate::jobs_cli::JobsCommand),
     /// The audit log: admin mutations, refused admin calls and config
     /// versions (who, role, what, result, request id), oldest first.
     Audit {
@@ -441,6 +444,7 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Routes { output } => crate::mesh_cli::routes(&client, &output),
         Command::Endpoints { output } => crate::mesh_cli::endpoints(&client, &output),
         cmd @ (Command::Tap { .. } | Command::Top { .. }) => run_tap(cmd),
+        Command::Jobs(cmd) => crate::jobs_cli::run(cmd),
         Command::Audit {
             since,
             action,

@@ -11,6 +11,7 @@ pub mod check;
 pub mod cli;
 pub mod configdir;
 pub mod inspect;
+mod jobs_cli;
 mod mesh_cli;
 mod policy_cli;
 pub mod registry;

@@ -4,7 +4,8 @@
 //! `queued → running → succeeded | failed | canceled | timed_out`, plus
 //! `running → queued` when a retryable failure is retried (or a running job
 //! was interrupted by a shim restart and has attempts left) and
-//! `queued → canceled`. Every other transition is refused by
+//! `queued → canceled`, and `queued → failed` when a job it runs `after`
+//! failed (`dependency_failed`). Every other transition is refused by
 //! [`JobState::can_become`]; [`JobRecord::transition`] is the only way to
 //! change a state.
 
@@ -62,6 +63,8 @@ impl JobState {
             (self, next),
             (Queued, Running)
                 | (Queued, Canceled)
+                // a dependency (`after`) failed before this job could start
+                | (Queued, Failed)
                 | (Running, Succeeded)
                 | (Running, Failed)
                 | (Running, Canceled)
@@ -137,6 +140,11 @@ pub enum FailureClass {
     /// The shim could not run the job here: the program could not be
     /// started, or the host lacks what the job needs (no GPU driver).
     Internal,
+    /// The job went over its CPU or memory limit (`exec.limits`, or the
+    /// submission's `limits`): a rerun would hit it again.
+    ResourceLimit,
+    /// A job it runs `after` did not succeed, so it never started.
+    DependencyFailed,
 }
 
 impl FailureClass {
@@ -148,6 +156,8 @@ impl FailureClass {
             FailureClass::OutOfResources => "out_of_resources",
             FailureClass::Interrupted => "interrupted",
             FailureClass::Internal => "internal",
+            FailureClass::ResourceLimit => "resource_limit",
+            FailureClass::DependencyFailed => "dependency_failed",
         }
     }
 
@@ -299,6 +309,65 @@ pub struct JobRecord {
     /// Every run of the job: where it ran and how it ended.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub attempt_log: Vec<Attempt>,
+    /// Limits, template and dependencies from the submission.
+    #[serde(flatten)]
+    pub extras: JobExtras,
+    /// What each finished attempt used (for `GET /v1/usage`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub usage: Vec<AttemptUsage>,
+}
+
+/// What a submission may add to its parameters: resource limits, the
+/// template it came from, and the jobs it runs after.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobExtras {
+    /// The limits this job runs under (the config's defaults, or lower).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub limits: Option<JobLimits>,
+    /// The job template it was made from (`job_templates/<name>.yaml`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub template: Option<String>,
+    /// For a job fired by a template's `schedule`: the tick (Unix ms), so a
+    /// shared queue can fire each (template, tick) once.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scheduled_ms: Option<u64>,
+    /// Job ids that must succeed before this one starts.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub after: Vec<String>,
+}
+
+impl JobExtras {
+    /// One job per (template, tick) for a scheduled job: the key a shared
+    /// queue keeps unique, so only one shim's firing of a tick is kept.
+    pub fn idempotency_key(&self) -> Option<String> {
+        let (t, tick) = (self.template.as_ref()?, self.scheduled_ms?);
+        Some(format!("cron:{t}:{tick}"))
+    }
+}
+
+/// Per-job resource limits, as enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLimits {
+    /// CPU in thousandths of a core (1500 is 1.5 cores).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cpu_millis: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub memory_bytes: Option<u64>,
+}
+
+/// What one finished attempt used, for cost allocation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttemptUsage {
+    pub attempt: u32,
+    /// When the attempt ended (Unix ms).
+    pub finished_ms: u64,
+    /// User and system CPU time of the tool and its children.
+    pub cpu_seconds: f64,
+    /// Time on a GPU slot times the GPUs it held (0 in the CPU pool).
+    pub gpu_seconds: f64,
+    /// GPU plus CPU package energy, when both were measured.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub energy_joules: Option<f64>,
 }
 
 /// One run of a job: the host and slot it ran on, and how it ended.
@@ -398,6 +467,7 @@ mod tests {
         let allowed = [
             (Queued, Running),
             (Queued, Canceled),
+            (Queued, Failed),
             (Running, Succeeded),
             (Running, Failed),
             (Running, Canceled),

@@ -23,13 +23,18 @@
 
 pub mod api;
 pub mod config;
+pub mod cron;
 pub mod exec;
 pub mod host;
 pub mod job;
 pub mod jobs;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod program;
 pub mod registration;
 pub mod run;
 pub mod serve;
+pub mod storage;
+pub mod templates;
+pub mod usage;

@@ -261,6 +261,8 @@ async fn open_manager(
         );
     }
     tokio::spawn(manager.clone().run());
+    tracing::info!(enforcement = manager.settings.enforcer.name(), "job limits");
+    crate::cron::spawn(&manager);
     Ok(manager)
 }
 

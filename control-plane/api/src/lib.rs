@@ -7,6 +7,7 @@
 //! no TLS or certificate code, so every binary can depend on it.
 
 pub mod identity;
+pub mod job_template;
 pub mod mesh;
 pub mod proxy;
 pub mod registration;

@@ -4,7 +4,7 @@
 //!   `POST /v1/jobs`, `GET /v1/jobs`, `GET /v1/jobs/{id}`,
 //!   `GET /v1/jobs/{id}/output`, `POST /v1/jobs/{id}/cancel`,
 //!   `DELETE /v1/jobs/{id}`, `GET /v1/schema`, `GET /v1/host`,
-//!   `GET /v1/openapi.json` (the table [`JOB_ROUTES`]; the document is
+//!   `GET /v1/openapi.json`, `GET /v1/usage` (the table [`JOB_ROUTES`]; the document is
 //!   `worker-shim/openapi.json`).
 //! - The admin listener: `/live`, `/ready`, `/metrics`, `/v1/host`,
 //!   `/v1/registration`.
@@ -26,7 +26,11 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use tokio::sync::watch;
 
+mod stored;
 mod submit;
+mod usage;
+
+pub(crate) use submit::submit_template;
 
 use crate::host::{HostInfo, HostProbe};
 use crate::job::{JobState, Priority};
@@ -125,6 +129,7 @@ pub enum JobRoute {
     Schema,
     Host,
     OpenApi,
+    Usage,
 }
 
 /// Every route of the job API: method, path (OpenAPI template) and route.
@@ -140,6 +145,7 @@ pub const JOB_ROUTES: &[(&str, &str, JobRoute)] = &[
     ("GET", "/v1/schema", JobRoute::Schema),
     ("GET", "/v1/host", JobRoute::Host),
     ("GET", "/v1/openapi.json", JobRoute::OpenApi),
+    ("GET", "/v1/usage", JobRoute::Usage),
 ];
 
 /// The route for `method` and `path`, with the `{id}` segment (empty when
@@ -207,6 +213,7 @@ pub fn jobs(shared: Arc<Shared>, req: Request<Incoming>) -> BoxFut {
             )),
             Some((JobRoute::Host, _)) => Ok(json(StatusCode::OK, &shared.host)),
             Some((JobRoute::OpenApi, _)) => Ok(full(StatusCode::OK, "application/json", OPENAPI)),
+            Some((JobRoute::Usage, _)) => usage::usage(&m, req.uri().query()).await,
             None => Err(Refusal::new(
                 StatusCode::NOT_FOUND,
                 "not-found",
@@ -262,6 +269,10 @@ async fn list(m: &Manager, req: &Request<Incoming>) -> Result<Response<Body>, Re
 }
 
 async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Body>, Refusal> {
+    if m.settings.storage.is_some() {
+        // Any shim on the bucket serves any job's output.
+        return stored::output(m, id, content_type).await;
+    }
     let rec = m.lookup(id).await?;
     if rec.state != JobState::Succeeded {
         return Err(Refusal::new(
@@ -295,6 +306,17 @@ async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Bo
             Err(e) => Some((Err(e), f)),
         }
     });
+    Ok(download(m, id, content_type, len, stream))
+}
+
+/// The output as a download: its type, length and file name.
+fn download(
+    m: &Manager,
+    id: &str,
+    content_type: &str,
+    len: u64,
+    stream: impl futures::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + Sync + 'static,
+) -> Response<Body> {
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(content_type) {
@@ -307,7 +329,7 @@ async fn output(m: &Manager, id: &str, content_type: &str) -> Result<Response<Bo
     )) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
-    Ok(resp)
+    resp
 }
 
 #[cfg(test)]

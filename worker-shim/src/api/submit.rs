@@ -1,5 +1,7 @@
 //! `POST /v1/jobs`: the submission, checked before any input byte is read,
-//! then admitted, then its input streamed to the job's directory.
+//! then admitted, then its input streamed to the job's directory (and to
+//! object storage when configured). A submission may name a job template
+//! (`template`), jobs to run after (`after`) and its `limits`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use super::{client_id, json, Body};
-use crate::job::Priority;
+use crate::job::{JobExtras, Priority};
 use crate::jobs::{Manager, NewJob};
+use crate::limits::LimitsRequest;
+use crate::templates::Asked;
 
 /// Largest JSON submission body.
 const MAX_JSON: usize = 64 * 1024;
@@ -28,6 +32,15 @@ struct JsonSubmit {
     /// A run timeout shorter than `exec.timeout`, like `90s`.
     #[serde(default)]
     timeout: Option<String>,
+    /// A job template's name (`job_templates/<name>.yaml`).
+    #[serde(default)]
+    template: Option<String>,
+    /// Jobs that must succeed before this one starts.
+    #[serde(default)]
+    after: Vec<String>,
+    /// `{cpu: "0.5", memory: 256MiB}`, within `exec.limits`' maximum.
+    #[serde(default)]
+    limits: Option<LimitsRequest>,
 }
 
 fn parse_timeout(
@@ -87,22 +100,16 @@ pub(super) async fn submit(
         m.metrics_refused(r.reason);
         r
     };
-    let sub = Submission::read(m, req).await.map_err(refused)?;
-    let params = check_params(m, &sub.given).map_err(refused)?;
-    m.device_check(&params).map_err(refused)?;
+    let sub = Submission::read(req).await.map_err(refused)?;
+    let job = new_job(m, &sub).map_err(refused)?;
+    m.device_check(&job.params).map_err(refused)?;
     m.admit_check().map_err(refused)?;
     check_input(m, &sub).map_err(refused)?;
     let (id, dir) = m.prepare()?;
-    if let Err(r) = receive_input(m, sub.body, &dir).await {
+    if let Err(r) = receive_input(m, sub.body, &dir, &id).await {
         m.discard(&dir);
         return Err(refused(r));
     }
-    let job = NewJob {
-        params,
-        priority: sub.priority,
-        requester: sub.requester,
-        timeout: sub.timeout,
-    };
     let rec = m
         .submit_job(id, job)
         .await
@@ -114,27 +121,105 @@ pub(super) async fn submit(
     Ok(resp)
 }
 
+/// The job a submission asks for: its template applied, its parameters,
+/// priority, timeout, limits and dependencies checked.
+pub(crate) fn new_job(m: &Manager, sub: &Submission) -> Result<NewJob, Refusal> {
+    let asked = match &sub.template {
+        None => sub.asked.clone(),
+        Some(name) => template(m, name)?
+            .resolve(sub.asked.clone())
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "param-not-overridable", e))?,
+    };
+    let limits = m
+        .settings
+        .limits
+        .resolve(asked.limits.as_ref())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "limit-too-high", e))?;
+    m.check_after(&sub.after)?;
+    Ok(NewJob {
+        params: check_params(m, &asked.params)?,
+        priority: parse_priority(asked.priority.as_deref())?,
+        requester: sub.requester.clone(),
+        timeout: parse_timeout(asked.timeout.as_deref(), m.settings.timeout)?,
+        extras: JobExtras {
+            limits: (limits != Default::default()).then_some(limits),
+            template: sub.template.clone(),
+            scheduled_ms: None,
+            after: sub.after.clone(),
+        },
+    })
+}
+
+/// A job by template name alone, as a template's `schedule` fires it at
+/// `tick_ms`; its directory is removed again when it is refused.
+pub(crate) async fn submit_template(
+    m: &Manager,
+    name: &str,
+    tick_ms: u64,
+) -> Result<crate::job::JobRecord, Refusal> {
+    let mut job = new_job(m, &Submission::of_template(name))?;
+    job.extras.scheduled_ms = Some(tick_ms);
+    m.device_check(&job.params)?;
+    m.admit_check()?;
+    let (id, dir) = m.prepare()?;
+    m.submit_job(id, job).await.inspect_err(|_| m.discard(&dir))
+}
+
+fn template<'m>(m: &'m Manager, name: &str) -> Result<&'m crate::templates::Template, Refusal> {
+    let templates = &m.settings.templates;
+    templates.get(name).ok_or_else(|| {
+        let known: Vec<&str> = templates.by_name.keys().map(String::as_str).collect();
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "template-not-found",
+            format!(
+                "no job template {name:?} for {}; templates here: {}",
+                m.settings.capability,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+    })
+}
+
 /// A submission as sent, before its parameters are checked.
-struct Submission {
-    given: BTreeMap<String, serde_json::Value>,
-    priority: Priority,
-    timeout: Option<std::time::Duration>,
+pub(crate) struct Submission {
+    pub(crate) asked: Asked,
+    pub(crate) template: Option<String>,
+    pub(crate) after: Vec<String>,
     /// The input, unread (the query-string form only).
     body: Option<Incoming>,
-    requester: Option<String>,
+    pub(crate) requester: Option<String>,
     declared_len: Option<u64>,
 }
 
 impl Submission {
-    async fn read(m: &Manager, req: Request<Incoming>) -> Result<Submission, Refusal> {
+    /// A submission by template name with nothing else (a cron tick).
+    pub(crate) fn of_template(name: &str) -> Submission {
+        Submission {
+            asked: Asked::default(),
+            template: Some(name.to_string()),
+            after: Vec::new(),
+            body: None,
+            requester: None,
+            declared_len: None,
+        }
+    }
+}
+
+impl Submission {
+    async fn read(req: Request<Incoming>) -> Result<Submission, Refusal> {
         let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
         let is_json =
             header(header::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
         let declared_len = header(header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let requester = client_id(&req);
         let mut sub = match is_json {
-            true => Submission::json(m, req).await?,
-            false => Submission::query(m, req)?,
+            true => Submission::json(req).await?,
+            false => Submission::query(req)?,
         };
         sub.requester = requester;
         sub.declared_len = declared_len;
@@ -142,7 +227,7 @@ impl Submission {
     }
 
     /// `{"params": {…}, "priority": …, "timeout": …}`, no input.
-    async fn json(m: &Manager, req: Request<Incoming>) -> Result<Submission, Refusal> {
+    async fn json(req: Request<Incoming>) -> Result<Submission, Refusal> {
         let bytes = Limited::read(req.into_body(), MAX_JSON)
             .await
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "bad-request", e))?;
@@ -154,9 +239,14 @@ impl Submission {
             )
         })?;
         Ok(Submission {
-            given: js.params,
-            priority: parse_priority(js.priority.as_deref())?,
-            timeout: parse_timeout(js.timeout.as_deref(), m.settings.timeout)?,
+            asked: Asked {
+                params: js.params,
+                priority: js.priority,
+                timeout: js.timeout,
+                limits: js.limits,
+            },
+            template: js.template,
+            after: js.after,
             body: None,
             requester: None,
             declared_len: None,
@@ -165,23 +255,26 @@ impl Submission {
 
     /// Parameters, `priority` and `timeout` in the query; the body is the
     /// input.
-    fn query(m: &Manager, req: Request<Incoming>) -> Result<Submission, Refusal> {
-        let mut given = BTreeMap::new();
-        let mut priority = None;
-        let mut timeout = None;
+    fn query(req: Request<Incoming>) -> Result<Submission, Refusal> {
+        let mut asked = Asked::default();
+        let (mut template, mut after) = (None, Vec::new());
         for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
             match &*k {
-                "priority" => priority = Some(v.into_owned()),
-                "timeout" => timeout = Some(v.into_owned()),
+                "priority" => asked.priority = Some(v.into_owned()),
+                "timeout" => asked.timeout = Some(v.into_owned()),
+                "template" => template = Some(v.into_owned()),
+                "after" => after.extend(v.split(',').map(str::to_string)),
                 _ => {
-                    given.insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
+                    asked
+                        .params
+                        .insert(k.into_owned(), serde_json::Value::String(v.into_owned()));
                 }
             }
         }
         Ok(Submission {
-            given,
-            priority: parse_priority(priority.as_deref())?,
-            timeout: parse_timeout(timeout.as_deref(), m.settings.timeout)?,
+            asked,
+            template,
+            after,
             body: Some(req.into_body()),
             requester: None,
             declared_len: None,
@@ -237,16 +330,18 @@ async fn receive_input(
     m: &Manager,
     body: Option<Incoming>,
     dir: &std::path::Path,
+    id: &str,
 ) -> Result<(), Refusal> {
     match body {
         Some(body) if m.settings.template.uses_input() => {
-            match write_input(m, body, &dir.join("input")).await? {
+            let input = dir.join("input");
+            match write_input(m, body, &input).await? {
                 0 => Err(Refusal::new(
                     StatusCode::BAD_REQUEST,
                     "input-required",
                     "the request body is empty; this tool needs an input file as the body",
                 )),
-                _ => Ok(()),
+                _ => store_input(m, id, &input).await,
             }
         }
         Some(mut body) => match body.frame().await {
@@ -259,6 +354,26 @@ async fn receive_input(
         },
         None => Ok(()),
     }
+}
+
+/// With object storage, the input goes to the bucket too, so that any
+/// shim can run the job.
+async fn store_input(m: &Manager, id: &str, input: &std::path::Path) -> Result<(), Refusal> {
+    let Some(storage) = &m.settings.storage else {
+        return Ok(());
+    };
+    storage
+        .upload(id, "input", input)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_GATEWAY,
+                "storage-error",
+                format!("{e}; retry later"),
+            )
+            .retry_after(5)
+        })
 }
 
 /// Streams the body into `path`, refusing it past the input limit.

@@ -66,6 +66,15 @@ pub struct ExecConfig {
     /// PostgreSQL database shared by every shim of the capability.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// Per-job CPU and memory limits (see `crate::limits`).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
+    /// Inputs and outputs in S3-compatible storage (see `crate::storage`).
+    #[serde(default)]
+    pub storage: crate::storage::StorageConfig,
+    /// The mesh config's `job_templates/` directory (see `crate::templates`).
+    #[serde(default)]
+    pub templates_dir: Option<PathBuf>,
 }
 
 /// `exec.queue`.
@@ -281,6 +290,14 @@ pub(super) fn check(exec: &ExecConfig, p: &mut Problems) {
     check_limits(exec, p);
     check_devices(exec, p);
     check_queue(exec, p);
+    for (field, message) in exec
+        .limits
+        .problems()
+        .into_iter()
+        .chain(exec.storage.problems())
+    {
+        p.push(field, message);
+    }
     for k in exec.env.keys() {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             p.push(format!("exec.env.{k}"), "is not a valid variable name");

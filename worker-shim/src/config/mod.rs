@@ -138,6 +138,7 @@ pub fn resolve_paths(cfg: &mut ShimConfig, base: &Path) {
         paths.push(&mut exec.work_dir);
         paths.extend(exec.store.as_mut());
         paths.extend(exec.queue.tenants.as_mut());
+        paths.extend(exec.templates_dir.as_mut());
     }
     crank_plumbing::config::resolve_paths(base, paths);
 }

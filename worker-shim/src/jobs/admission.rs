@@ -22,6 +22,8 @@ pub struct NewJob {
     pub requester: Option<String>,
     /// A shorter run timeout than `exec.timeout` (never longer).
     pub timeout: Option<Duration>,
+    /// Limits, template and dependencies (`after`).
+    pub extras: crate::job::JobExtras,
 }
 
 fn new_job_id() -> String {
@@ -187,6 +189,8 @@ impl Manager {
                 note: Some("submitted".into()),
             }],
             attempt_log: Vec::new(),
+            extras: job.extras,
+            usage: Vec::new(),
         }
     }
 }

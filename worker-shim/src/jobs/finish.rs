@@ -1,14 +1,23 @@
 //! The end of a run: the record's next state (succeeded, back to the queue
-//! for a retry after a backoff, or failed, canceled, timed out), the
-//! store, the metrics, the input's cleanup and the slot's release.
+//! for a retry after a backoff, or failed, canceled, timed out), what the
+//! attempt used, the store, the metrics, the input's cleanup, the jobs that
+//! ran `after` it when it did not succeed, and the slot's release.
+//!
+//! Dependencies (`after`) are decided here too: [`deps_ready`] is what the
+//! dispatcher asks before it starts a job, and a job whose dependency ends
+//! without success fails at once with `dependency_failed`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use crank_plumbing::{Backoff, Jitter};
+use crank_plumbing::{Backoff, Jitter, Refusal};
+use http::StatusCode;
 
 use super::manager::Manager;
 use super::runner::Outcome;
-use crate::job::{now_ms, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState};
+use crate::job::{
+    now_ms, AttemptUsage, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState,
+};
 
 /// The wait before retry number `attempts` (1 after the first run):
 /// `backoff_initial` doubling up to `backoff_max`, spread over its upper
@@ -21,9 +30,18 @@ impl Manager {
     /// Records how a run ended and frees its slot.
     pub(super) fn finish_run(&self, id: &str, device: usize, run: RunEnd) {
         let draining = self.is_draining();
+        let on_gpu = {
+            let inner = self.inner.lock().unwrap();
+            inner
+                .devices
+                .list
+                .get(device)
+                .is_some_and(|d| d.gpu.is_some())
+        };
         let mut retry_in = None;
         let rec = self.by_ref(id, |rec| {
             rec.run_seconds += run.seconds;
+            complete_usage(rec, &run, on_gpu);
             rec.energy = add_energy(&rec.energy, &run.energy, rec.attempts);
             let preempted = run.preempted && matches!(run.outcome, Outcome::Canceled);
             retry_in = match preempted {
@@ -54,7 +72,93 @@ impl Manager {
             self.count_finished(&rec);
             self.cleanup_input(id);
         }
+        if rec.state.is_terminal() && rec.state != JobState::Succeeded {
+            self.fail_dependents(id);
+        }
         self.release(id, device);
+    }
+
+    /// Refuses `after` naming a job this shim does not know, or one that
+    /// already ended without success.
+    pub fn check_after(&self, after: &[String]) -> Result<(), Refusal> {
+        let inner = self.inner.lock().unwrap();
+        for dep in after {
+            match inner.records.get(dep).map(|r| r.state) {
+                None => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "dependency-not-found",
+                        format!(
+                            "after: no job {dep} here; name jobs of this capability that exist"
+                        ),
+                    ))
+                }
+                Some(s) if s.is_terminal() && s != JobState::Succeeded => {
+                    return Err(Refusal::new(
+                        StatusCode::CONFLICT,
+                        "dependency-failed",
+                        format!("after: job {dep} is already {s}, so this job could never run"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the queued jobs that run after `id` (and theirs, in turn):
+    /// `id` ended without success.
+    pub(super) fn fail_dependents(&self, id: &str) {
+        let mut pending = vec![id.to_string()];
+        while let Some(parent) = pending.pop() {
+            let failed = self.fail_waiting_on(&parent);
+            for rec in &failed {
+                if let Err(e) = self.store.put(rec) {
+                    tracing::error!(job = %rec.id, error = %e, "could not persist the dependency failure");
+                }
+                self.count_finished(rec);
+                self.cleanup_input(&rec.id);
+            }
+            pending.extend(failed.into_iter().map(|r| r.id));
+        }
+        self.refresh_gauges();
+    }
+
+    /// The queued jobs waiting on `parent`, moved to failed.
+    fn fail_waiting_on(&self, parent: &str) -> Vec<JobRecord> {
+        let mut inner = self.inner.lock().unwrap();
+        let parent_state = inner
+            .records
+            .get(parent)
+            .map_or("gone".to_string(), |r| r.state.to_string());
+        let waiting: Vec<String> = inner
+            .records
+            .values()
+            .filter(|r| r.state == JobState::Queued && r.extras.after.iter().any(|a| a == parent))
+            .map(|r| r.id.clone())
+            .collect();
+        let now = now_ms();
+        let mut out = Vec::new();
+        for id in waiting {
+            let Some(rec) = inner.records.get_mut(&id) else {
+                continue;
+            };
+            let (prio, seq) = (rec.priority, rec.seq);
+            let message = format!("job {parent}, which this job runs after, ended {parent_state}");
+            rec.failure = Some(Failure {
+                class: FailureClass::DependencyFailed,
+                message: message.clone(),
+                exit_code: None,
+                signal: None,
+            });
+            let note = format!("dependency_failed: {message}");
+            if rec.transition(JobState::Failed, now, Some(note)).is_ok() {
+                rec.finished_ms = Some(now);
+                out.push(rec.clone());
+                inner.queue.remove(prio, seq);
+            }
+        }
+        out
     }
 
     /// Moves the record on from `running`; `Some(wait)` when it is to be
@@ -210,6 +314,41 @@ impl Manager {
                 self.sub_work_bytes(m.len());
             }
         }
+    }
+}
+
+/// Whether every job `rec` runs after has succeeded (a dependency no
+/// longer here was removed by retention after it finished).
+pub fn deps_ready(records: &HashMap<String, JobRecord>, rec: &JobRecord) -> bool {
+    rec.extras.after.iter().all(|dep| {
+        records
+            .get(dep)
+            .is_none_or(|d| d.state == JobState::Succeeded)
+    })
+}
+
+/// Completes the attempt's usage entry (its CPU time was noted by the
+/// runner): when it ended, its GPU time and energy.
+fn complete_usage(rec: &mut JobRecord, run: &RunEnd, on_gpu: bool) {
+    let attempt = rec.attempts;
+    if rec
+        .usage
+        .last()
+        .is_none_or(|u| u.attempt != attempt || u.finished_ms != 0)
+    {
+        rec.usage.push(AttemptUsage {
+            attempt,
+            ..AttemptUsage::default()
+        });
+    }
+    if let Some(u) = rec.usage.last_mut() {
+        u.finished_ms = now_ms();
+        u.gpu_seconds = if on_gpu { run.seconds } else { 0.0 };
+        u.energy_joules = match (run.energy.gpu.joules(), run.energy.cpu_package.joules()) {
+            (Some(g), Some(c)) => Some(g + c),
+            (None, Some(c)) if !on_gpu => Some(c),
+            _ => None,
+        };
     }
 }
 

@@ -231,7 +231,13 @@ impl Manager {
                 .get(id)
                 .map_or(Need::Any, |r| self.settings.need(&r.params))
         };
-        let id = queue.pop_first(|id| devices.has_free(need_of(id)))?;
+        // A job waits in the queue until the jobs it runs `after` succeed.
+        let ready = |id: &str| {
+            records
+                .get(id)
+                .is_none_or(|r| super::finish::deps_ready(records, r))
+        };
+        let id = queue.pop_first(|id| ready(id) && devices.has_free(need_of(id)))?;
         match devices.acquire_for(need_of(&id)) {
             Some(device) => Some((id, device)),
             None => {
@@ -297,6 +303,7 @@ impl Manager {
                 drop(inner);
                 self.count_finished(&rec);
                 self.cleanup_input(id);
+                self.fail_dependents(id);
                 self.refresh_gauges();
                 Ok(rec)
             }

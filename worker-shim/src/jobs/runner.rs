@@ -1,7 +1,10 @@
-//! Running one attempt of a job: render the argv, spawn the tool in its own
-//! process group (no shell, `RLIMIT_FSIZE`, `PR_SET_PDEATHSIG`, the slot's
-//! GPU), read its progress and stderr tail, wait for it under the timeout
-//! and a cancel, and say how the run ended ([`Outcome`]).
+//! Running one attempt of a job: fetch its input from object storage when
+//! this host lacks it, render the argv, spawn the tool in its own process
+//! group (no shell, `RLIMIT_FSIZE`, `PR_SET_PDEATHSIG`, the slot's GPU, the
+//! job's CPU and memory limits in a cgroup or as rlimits), read its
+//! progress and stderr tail, wait for it under the timeout and a cancel,
+//! note the CPU time it used, store its output, and say how the run ended
+//! ([`Outcome`]).
 
 use std::collections::VecDeque;
 use std::os::unix::process::ExitStatusExt;
@@ -19,7 +22,8 @@ use super::manager::Manager;
 use crate::exec::classify::ExitInfo;
 use crate::exec::progress::{FfmpegProgress, ProgressKind};
 use crate::exec::template::{Rendered, Reserved};
-use crate::job::{Failure, FailureClass, JobRecord, Progress};
+use crate::job::{AttemptUsage, Failure, FailureClass, JobLimits, JobRecord, Progress};
+use crate::limits::{Enforcer, JobCgroup};
 
 /// Lines of the tool's standard error kept with the job.
 const STDERR_TAIL: usize = 20;
@@ -49,11 +53,19 @@ impl Manager {
         cancel: &Notify,
     ) -> Outcome {
         let dir = self.job_dir(&rec.id);
+        if let Err(f) = self.fetch_stored_input(rec, &dir).await {
+            return Outcome::Failed(f);
+        }
         let rendered = match self.render(rec, &dir) {
             Ok(r) => r,
             Err(f) => return Outcome::Failed(f),
         };
-        let mut child = match self.command(rec, &dir, &rendered, gpu).spawn() {
+        let limits = rec.extras.limits.unwrap_or_default();
+        let (cgroup, confine) = match self.confine(rec, &limits) {
+            Ok(c) => c,
+            Err(f) => return Outcome::Failed(f),
+        };
+        let mut child = match self.command(rec, &dir, &rendered, gpu, confine).spawn() {
             Ok(c) => c,
             Err(e) => {
                 return Outcome::Failed(internal(format!("cannot start {}: {e}", rendered.program)))
@@ -70,18 +82,114 @@ impl Manager {
             self.progress_sink(&rec.id),
         );
         let limit = self.run_limit(rec);
-        let (status, stopped) = wait(&mut child, pid, limit, cancel).await;
+        let (status, stopped, cpu) = wait(&mut child, pid, limit, cancel).await;
         let tail = output.finish().await;
-        let keep = tail.iter().rev().take(STDERR_TAIL).rev().cloned().collect();
-        self.by_ref(&rec.id, |r| {
-            r.stderr_tail = keep;
-            r.pid = None;
-        });
+        let cpu_seconds = cgroup.as_ref().and_then(JobCgroup::cpu_seconds).or(cpu);
+        self.note_run(rec, &tail, cpu_seconds.unwrap_or(0.0));
+        let over = |status: &ExitStatus| {
+            let oom = cgroup.as_ref().is_some_and(JobCgroup::oom_killed);
+            crate::limits::over_limit(&limits, oom, status.signal(), &tail)
+        };
         match (status, stopped) {
             (Err(e), _) => Outcome::Failed(internal(format!("waiting for the tool: {e}"))),
             (Ok(_), Some(Stop::Canceled)) => Outcome::Canceled,
             (Ok(_), Some(Stop::Timeout)) => Outcome::TimedOut(timed_out(limit)),
-            (Ok(status), None) => self.exited(rec, status, &tail),
+            (Ok(status), None) if !status.success() && over(&status).is_some() => {
+                Outcome::Failed(over(&status).unwrap_or_else(|| internal(String::new())))
+            }
+            (Ok(status), None) => {
+                self.store_output(rec, self.exited(rec, status, &tail))
+                    .await
+            }
+        }
+    }
+
+    /// The stderr tail and the attempt's CPU time, once the tool is gone.
+    fn note_run(&self, rec: &JobRecord, tail: &[String], cpu_seconds: f64) {
+        let keep = tail.iter().rev().take(STDERR_TAIL).rev().cloned().collect();
+        self.by_ref(&rec.id, |r| {
+            r.stderr_tail = keep;
+            r.pid = None;
+            // Completed (GPU time, energy, end) when the run is recorded.
+            r.usage.push(AttemptUsage {
+                attempt: r.attempts,
+                cpu_seconds,
+                ..AttemptUsage::default()
+            });
+        });
+    }
+
+    /// The attempt's cgroup (on the cgroup path, with a limit to enforce)
+    /// and what the child does to join it, or the rlimits it sets.
+    fn confine(
+        &self,
+        rec: &JobRecord,
+        limits: &JobLimits,
+    ) -> Result<(Option<JobCgroup>, Confine), Failure> {
+        let cgroup = self.job_cgroup(rec, limits)?;
+        let confine = Confine {
+            cgroup_fd: cgroup.as_ref().map(JobCgroup::procs_fd),
+            rlimits: match cgroup {
+                Some(_) => Vec::new(),
+                None => crate::limits::rlimits(limits, self.run_limit(rec)),
+            },
+        };
+        Ok((cgroup, confine))
+    }
+
+    /// The attempt's cgroup, on the cgroup path with a limit to enforce.
+    fn job_cgroup(
+        &self,
+        rec: &JobRecord,
+        limits: &JobLimits,
+    ) -> Result<Option<JobCgroup>, Failure> {
+        match &self.settings.enforcer {
+            Enforcer::Cgroup(parent) if *limits != JobLimits::default() => {
+                JobCgroup::create(parent, &format!("{}-{}", rec.id, rec.attempts), limits)
+                    .map(Some)
+                    .map_err(internal)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// With object storage, a job's input may have been received by
+    /// another shim: fetched into the job directory when missing here.
+    async fn fetch_stored_input(&self, rec: &JobRecord, dir: &Path) -> Result<(), Failure> {
+        let Some(storage) = &self.settings.storage else {
+            return Ok(());
+        };
+        let input = dir.join("input");
+        if !self.settings.template.uses_input() || input.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
+        let n = storage
+            .download(&rec.id, "input", &input)
+            .await
+            .map_err(|e| internal(e.to_string()))?;
+        self.add_work_bytes(n);
+        Ok(())
+    }
+
+    /// With object storage, a succeeded run's output goes to the bucket
+    /// (and leaves the local disk); a failed upload fails the run.
+    async fn store_output(&self, rec: &JobRecord, outcome: Outcome) -> Outcome {
+        let (Some(storage), Outcome::Succeeded(bytes)) = (&self.settings.storage, &outcome) else {
+            return outcome;
+        };
+        let path = self.output_path(&rec.id);
+        match storage.upload(&rec.id, "output", &path).await {
+            Ok(_) => {
+                if std::fs::remove_file(&path).is_ok() {
+                    self.sub_work_bytes(*bytes);
+                }
+                outcome
+            }
+            Err(e) => Outcome::Failed(internal(format!(
+                "the tool succeeded but its output could not be stored: {e}"
+            ))),
         }
     }
 
@@ -112,6 +220,7 @@ impl Manager {
         dir: &Path,
         rendered: &Rendered,
         gpu: Option<u32>,
+        confine: Confine,
     ) -> Command {
         let mut cmd = Command::new(&rendered.program);
         cmd.args(&rendered.args)
@@ -135,10 +244,11 @@ impl Manager {
             }
         }
         let fsize = self.settings.max_output_bytes;
-        // SAFETY: only async-signal-safe calls (setrlimit, prctl) between
-        // fork and exec.
+        // SAFETY: only async-signal-safe calls (write, setrlimit, prctl)
+        // between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                crate::limits::apply_in_child(confine.cgroup_fd, &confine.rlimits)?;
                 let lim = libc::rlimit {
                     rlim_cur: fsize,
                     rlim_max: fsize,
@@ -213,21 +323,84 @@ impl Manager {
     }
 }
 
+/// Where the tool is confined: the cgroup's `cgroup.procs` it joins, or
+/// the rlimits it gets.
+struct Confine {
+    cgroup_fd: Option<i32>,
+    rlimits: Vec<(crate::limits::Rlimit, u64)>,
+}
+
 /// Waits for the tool under the time limit and a cancel; either kills the
-/// whole group.
+/// whole group. Also returns the CPU time the tool and the children it
+/// waited for used, read while it is a zombie (before it is reaped).
 async fn wait(
     child: &mut Child,
     pid: u32,
     limit: Duration,
     cancel: &Notify,
-) -> (std::io::Result<ExitStatus>, Option<Stop>) {
+) -> (std::io::Result<ExitStatus>, Option<Stop>, Option<f64>) {
+    let mut exited = tokio::task::spawn_blocking(move || exit_without_reaping(pid));
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
     let stopped = tokio::select! {
-        s = child.wait() => return (s, None),
-        _ = tokio::time::sleep(limit) => Stop::Timeout,
-        _ = cancel.notified() => Stop::Canceled,
+        ok = &mut exited => match ok {
+            Ok(true) => None,
+            // waitid could not wait: wait by reaping, without CPU time.
+            _ => tokio::select! {
+                s = child.wait() => return (s, None, None),
+                _ = &mut deadline => Some(Stop::Timeout),
+                _ = cancel.notified() => Some(Stop::Canceled),
+            },
+        },
+        _ = &mut deadline => Some(Stop::Timeout),
+        _ = cancel.notified() => Some(Stop::Canceled),
     };
-    kill_group(pid);
-    (child.wait().await, Some(stopped))
+    if stopped.is_some() {
+        kill_group(pid);
+        if !exited.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited).await;
+        }
+    }
+    let cpu = zombie_cpu_seconds(pid);
+    (child.wait().await, stopped, cpu)
+}
+
+/// Blocks until `pid` has exited, leaving it to be reaped by its `Child`;
+/// false when it cannot wait.
+fn exit_without_reaping(pid: u32) -> bool {
+    loop {
+        // SAFETY: plain syscall on our own child; WNOWAIT leaves it a zombie.
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
+}
+
+/// User plus system time of a process and its waited-for children, from
+/// `/proc/<pid>/stat` (utime, stime, cutime, cstime).
+fn zombie_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = rest
+        .get(11..15)?
+        .iter()
+        .map(|v| v.parse::<u64>().unwrap_or(0))
+        .sum();
+    // SAFETY: plain libc query.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Some(ticks as f64 / hz as f64)
 }
 
 /// The readers of the tool's stdout (progress) and stderr (progress and

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::queue::Need;
@@ -35,6 +36,17 @@ pub struct ExecSettings {
     pub retention_max_age: Duration,
     /// Parameter values that need a GPU (`devices.gpu_when`).
     pub gpu_when: BTreeMap<String, Vec<String>>,
+    /// Per-job CPU and memory limits (`exec.limits`), and how they are
+    /// enforced here.
+    pub limits: crate::limits::Bounds,
+    pub enforcer: crate::limits::Enforcer,
+    /// Inputs and outputs in a bucket (`exec.storage`); local without.
+    pub storage: Option<Arc<crate::storage::Storage>>,
+    /// Job templates of this capability (`exec.templates_dir`).
+    pub templates: crate::templates::Templates,
+    /// Usage summed across shims (a shared queue); this shim's records
+    /// without.
+    pub usage_source: Option<Arc<dyn crate::usage::UsageSource>>,
 }
 
 impl ExecSettings {
@@ -42,6 +54,7 @@ impl ExecSettings {
         let schema = ParamSchema::new(c.params.clone())?;
         let template = CommandTemplate::parse(&c.command, &schema)?;
         let classifier = Classifier::new(&c.failures, &c.exit_codes)?;
+        let features = Features::from_config(capability, c, &schema, template.uses_input())?;
         Ok(ExecSettings {
             capability: capability.to_string(),
             template,
@@ -62,6 +75,11 @@ impl ExecSettings {
             retention_max_jobs: c.retention.max_jobs,
             retention_max_age: c.retention.max_age,
             gpu_when: c.devices.gpu_when.clone(),
+            limits: features.limits,
+            enforcer: features.enforcer,
+            storage: features.storage,
+            templates: features.templates,
+            usage_source: None,
         })
     }
 
@@ -79,5 +97,47 @@ impl ExecSettings {
         } else {
             Need::Cpu
         }
+    }
+}
+
+/// Limits, storage and templates from the `exec:` section.
+struct Features {
+    limits: crate::limits::Bounds,
+    enforcer: crate::limits::Enforcer,
+    storage: Option<Arc<crate::storage::Storage>>,
+    templates: crate::templates::Templates,
+}
+
+impl Features {
+    fn from_config(
+        capability: &str,
+        c: &ExecConfig,
+        schema: &ParamSchema,
+        takes_input: bool,
+    ) -> Result<Features, String> {
+        let limits = c.limits.bounds().map_err(|p| {
+            p.iter()
+                .map(|(f, m)| format!("{f}: {m}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let enforcer = match limits == crate::limits::Bounds::default() {
+            true => crate::limits::Enforcer::Rlimit,
+            false => crate::limits::Enforcer::choose(&c.limits)?,
+        };
+        let storage = match &c.storage.s3 {
+            Some(s3) => Some(Arc::new(crate::storage::Storage::open(s3)?)),
+            None => None,
+        };
+        let templates = match &c.templates_dir {
+            Some(dir) => crate::templates::Templates::load(dir, capability, schema, takes_input)?,
+            None => crate::templates::Templates::default(),
+        };
+        Ok(Features {
+            limits,
+            enforcer,
+            storage,
+            templates,
+        })
     }
 }
