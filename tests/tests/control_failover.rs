@@ -1,15 +1,21 @@
-//! Proxies follow crank-control's replicas (issue #15): a sidecar whose
-//! `identity.enroll.control_plane` lists a dead address before the live
-//! replica enrolls, registers, watches and applies config edits through the
-//! live one; with every replica down it keeps serving its last config, and
-//! it picks up again when a replica returns.
+//! Proxies follow crank-control's replicas (issue #15).
+//!
+//! - A sidecar whose `identity.enroll.control_plane` lists a dead address
+//!   before the live replica enrolls, registers, watches and applies config
+//!   edits through the live one; with every replica down it keeps serving
+//!   its last config, and it picks up again when a replica returns.
+//! - Two replicas on one etcd: a workload registered through replica A is
+//!   routed by a client watching replica B; SIGKILL of B moves the client's
+//!   watch and renewals to A, where a config edit still arrives; with both
+//!   replicas down the sidecars keep serving.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use crank_tests::app::EchoApp;
-use crank_tests::control::{ControlOptions, ControlPlane};
+use crank_tests::control::{serial_of, ControlOptions, ControlPlane};
+use crank_tests::control_ha::{HaControl, HaOptions, Replica};
 use crank_tests::proxy::{free_addr, Proxy};
 use crank_tests::{curl, wait_until};
 
@@ -115,4 +121,91 @@ fn a_sidecar_moves_past_a_dead_replica_and_serves_with_every_replica_down() {
         seq_of(&client) > seq
     });
     assert_eq!(get(port), 200);
+}
+
+/// The enroll block for a sidecar of `ha` that lists `order`'s replicas.
+fn ha_enroll(
+    ha: &HaControl,
+    order: [&Replica; 2],
+    dir: &Path,
+    name: &str,
+    service: &str,
+) -> String {
+    let token = dir.join(format!("{name}.token"));
+    std::fs::write(&token, order[0].token(service, "demo")).unwrap();
+    format!(
+        "identity:\n  trust_bundle: {}\n  enroll:\n    control_plane: [\"{}\", \"{}\"]\n    service: {service}\n    tenant: demo\n    token_file: {}\n    state_dir: {}\n    watch_wait: 2s\n",
+        ha.path().join("ca/root/bundle.pem").display(),
+        order[0].listen,
+        order[1].listen,
+        token.display(),
+        dir.join(format!("{name}-state")).display(),
+    )
+}
+
+#[test]
+fn sidecars_follow_the_replicas_on_etcd() {
+    let mut ha = HaControl::start(HaOptions {
+        extra: "registry: {lease: 3s}\ncerts: {leaf_ttl: 12s}\n".into(),
+        ..Default::default()
+    });
+    ha.write_mesh_file("capabilities.yaml", "capabilities:\n  - name: hello:v1\n");
+    ha.write_mesh_file("routes/backend.yaml", &route(100));
+    ha.leader(Duration::from_secs(15));
+    let app = EchoApp::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (&ha.replicas[0], &ha.replicas[1]);
+
+    // The server registers through A; the client watches B.
+    let (inbound, sadmin) = (free_addr(), free_addr());
+    let server_yaml = format!(
+        "{}inbound: {{listen: {inbound}, app: {}}}\nmesh:\n  watch_wait: 2s\n  register:\n    capabilities: [hello:v1]\n    lease: 3s\nadmin: {{listen: {sadmin}}}\nthreads: 1\n",
+        ha_enroll(&ha, [a, b], dir.path(), "server", "backend"),
+        app.addr,
+    );
+    let _server = Proxy::start(dir.path(), "server", &server_yaml, sadmin);
+    let (port, cadmin) = (free_addr(), free_addr());
+    let client_yaml = format!(
+        "{}outbound:\n  ports: [{{listen: {port}, route: backend}}]\nroutes:\n  - name: backend\n    endpoints: [{{address: 127.0.0.1:1, identity: backend.demo.crank.local}}]\nmesh:\n  watch_wait: 2s\nadmin: {{listen: {cadmin}}}\nthreads: 1\n",
+        ha_enroll(&ha, [b, a], dir.path(), "client", "frontend"),
+    );
+    let client = Proxy::start(dir.path(), "client", &client_yaml, cadmin);
+    wait_until(
+        "B routes to what registered through A",
+        Duration::from_secs(15),
+        || get(port) == 200,
+    );
+    let on_b = format!(
+        "crank_control_plane_connected{{address=\"{}\"}} 1",
+        b.listen
+    );
+    assert!(client.metrics().contains(&on_b), "{}", client.metrics());
+
+    // SIGKILL of B: the client's watch and renewals move to A.
+    let first_serial = serial_of(&client);
+    let seq = seq_of(&client);
+    ha.replicas[1].kill();
+    ha.leader(Duration::from_secs(15));
+    ha.write_mesh_file("routes/backend.yaml", &route(50));
+    wait_until(
+        "the edit arrives through A",
+        Duration::from_secs(15),
+        || seq_of(&client) > seq,
+    );
+    wait_until("renewed through A", Duration::from_secs(20), || {
+        serial_of(&client) != first_serial
+    });
+    let on_a = format!(
+        "crank_control_plane_connected{{address=\"{}\"}} 1",
+        ha.replicas[0].listen
+    );
+    let metrics = client.metrics();
+    assert!(metrics.contains(&on_a), "{metrics}");
+    assert_eq!(get(port), 200);
+
+    // Every replica down: both sidecars keep serving.
+    ha.replicas[0].kill();
+    for _ in 0..20 {
+        assert_eq!(get(port), 200, "served while every replica is down");
+    }
 }

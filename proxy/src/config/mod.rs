@@ -7,6 +7,7 @@
 mod checks;
 mod mesh;
 mod resilience;
+mod tunnel;
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +91,7 @@ fn validate_with(
     }
     resilience::validate_resilience(cfg, &mut p);
     validate_limits(&cfg.limits, &mut p);
+    tunnel::validate_tunnel(cfg, &mut p);
     if let Some(m) = &cfg.mesh {
         mesh::validate_mesh(cfg, m, base, &mut p);
     }

@@ -1,0 +1,432 @@
+//! Opaque TCP through the mesh, across hosts (network namespaces with their
+//! own addresses): a client host whose sidecars tunnel local TCP ports
+//! (`outbound.tcp`) over mTLS to the server host's sidecar, which reaches
+//! its local servers (`inbound.tcp`) after checking the caller's identity
+//! and the connection-level policy (`input.connection`).
+//!
+//! What users rely on: a real PostgreSQL server answers `psql` through the
+//! pair, and the tunnel metrics count the connection and its bytes; a
+//! server-speaks-first banner arrives at once; a binary echo comes back
+//! byte for byte; half-close works (the client shuts down its write half
+//! and still reads the reply); a caller the policy denies is refused, and
+//! the server sidecar logs why; an idle tunnel is closed.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crank_tests::netns::{Host, HostProcess, Hosts};
+use crank_tests::pki::{Leaf, Pki};
+use crank_tests::{bin, metric, plain_get, wait_until};
+
+const POLICY: &str = r#"
+package crank.authz
+
+default allow := false
+allow if count(deny) == 0
+
+deny contains sprintf("service %q may not open tunnels to port %d", [input.source.service, input.connection.destination.port]) if {
+    input.connection.protocol == "tcp"
+    input.source.service == "intruder"
+}
+"#;
+
+/// A sidecar running inside a host, with its admin port on the host's
+/// loopback.
+struct Sidecar<'h> {
+    host: &'h Host,
+    _proc: HostProcess,
+    admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl<'h> Sidecar<'h> {
+    fn start(
+        host: &'h Host,
+        dir: &Path,
+        name: &str,
+        leaf: &Leaf,
+        bundle: &Path,
+        admin_port: u16,
+        body: &str,
+    ) -> Self {
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let yaml = format!(
+            "identity: {{cert: {}, key: {}, trust_bundle: {}}}\nadmin: {{listen: {admin}}}\n{body}",
+            leaf.cert.display(),
+            leaf.key.display(),
+            bundle.display()
+        );
+        let config = dir.join(format!("{name}.yaml"));
+        let log = dir.join(format!("{name}.log"));
+        std::fs::write(&config, yaml).unwrap();
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = host.command(bin("crank-proxy"));
+        cmd.arg("--config").arg(&config).env("CRANK_LOG", "info");
+        cmd.stdout(logf.try_clone().unwrap()).stderr(logf);
+        let s = Sidecar {
+            host,
+            _proc: host.spawn(cmd),
+            admin,
+            log,
+        };
+        wait_until(&format!("{name} ready"), Duration::from_secs(20), || {
+            s.host.enter(|| plain_get(admin, "/ready").0) == 200
+        });
+        s
+    }
+
+    fn metrics(&self) -> String {
+        self.host.enter(|| plain_get(self.admin, "/metrics").1)
+    }
+
+    fn value(&self, series: &str) -> f64 {
+        metric(&self.metrics(), series).unwrap_or(0.0)
+    }
+
+    /// Waits until `series` reads `want`; fails with the tunnel metrics
+    /// and the log.
+    fn wait_for(&self, series: &str, want: f64) {
+        let start = std::time::Instant::now();
+        while self.value(series) != want {
+            if start.elapsed() > Duration::from_secs(10) {
+                let m = self.metrics();
+                let tcp: Vec<&str> = m.lines().filter(|l| l.starts_with("crank_tcp")).collect();
+                panic!(
+                    "{series} is not {want}:\n{}\n{}",
+                    tcp.join("\n"),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Serves `f` on each connection to `127.0.0.1:port` inside `host`.
+fn serve(host: &Host, port: u16, f: fn(TcpStream)) {
+    let l = host.enter(|| TcpListener::bind(("127.0.0.1", port)).unwrap());
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || f(s));
+        }
+    });
+}
+
+/// Speaks first: a banner, then `221` to `QUIT`.
+fn banner(mut s: TcpStream) {
+    let _ = s.write_all(b"220 crank-test ESMTP ready\r\n");
+    let mut line = [0u8; 64];
+    if matches!(s.read(&mut line), Ok(n) if n > 0) {
+        let _ = s.write_all(b"221 bye\r\n");
+    }
+}
+
+/// Echoes every byte; at the client's EOF writes `bye <count>` and closes.
+fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+    let _ = s.write_all(format!("bye {total}").as_bytes());
+}
+
+/// Two hosts: the server host (its sidecar in front of a banner server,
+/// an echo server and, when started, PostgreSQL) and the client host.
+struct World {
+    pki: Pki,
+    hosts: Hosts,
+}
+
+impl World {
+    fn new() -> Option<World> {
+        let hosts = Hosts::new(2)?;
+        let pki = Pki::new();
+        Some(World { pki, hosts })
+    }
+
+    fn client(&self) -> &Host {
+        self.hosts.host(0)
+    }
+
+    fn server(&self) -> &Host {
+        self.hosts.host(1)
+    }
+
+    fn server_sidecar(&self) -> Sidecar<'_> {
+        let policy = self.pki.path().join("policy");
+        std::fs::create_dir_all(&policy).unwrap();
+        std::fs::write(policy.join("tcp.rego"), POLICY).unwrap();
+        let leaf = self.pki.leaf("db", "acme");
+        let body = format!(
+            "inbound:\n  listen: {}:4143\n  app: 127.0.0.1:8080\n  tcp:\n    - {{app: 127.0.0.1:5432, capability: 'db:postgres'}}\n    - {{app: 127.0.0.1:2525, capability: 'mail:smtp'}}\n    - {{app: 127.0.0.1:7000, capability: echo}}\npolicy: {{inbound: {{dir: {}}}}}\n",
+            self.server().addr(),
+            policy.display()
+        );
+        Sidecar::start(
+            self.server(),
+            self.pki.path(),
+            "server",
+            &leaf,
+            &self.pki.bundle(),
+            9901,
+            &body,
+        )
+    }
+
+    /// A client sidecar as `service`, with `ports` (`(port, capability)`).
+    fn client_sidecar(
+        &self,
+        service: &str,
+        admin: u16,
+        ports: &[(u16, &str)],
+        extra: &str,
+    ) -> Sidecar<'_> {
+        let leaf = self.pki.leaf(service, "acme");
+        let server = self.server().addr();
+        let mut body = String::from("outbound:\n  tcp:\n");
+        for (port, cap) in ports {
+            body += &format!("    - {{listen: 127.0.0.1:{port}, capability: '{cap}'}}\n");
+        }
+        body += "routes:\n";
+        for cap in ["db:postgres", "mail:smtp", "echo"] {
+            let name = cap.replace(':', "-");
+            body += &format!("  - {{name: {name}, capability: '{cap}', endpoints: [{{address: '{server}:4143', identity: db.acme.crank.local}}]}}\n");
+        }
+        body += extra;
+        let name = format!("client-{service}-{admin}");
+        Sidecar::start(
+            self.client(),
+            self.pki.path(),
+            &name,
+            &leaf,
+            &self.pki.bundle(),
+            admin,
+            &body,
+        )
+    }
+
+    /// Connects to `127.0.0.1:port` on the client host.
+    fn connect(&self, port: u16) -> TcpStream {
+        let s = self
+            .client()
+            .enter(|| TcpStream::connect(("127.0.0.1", port)).unwrap());
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+/// PostgreSQL 15 on `127.0.0.1:5432` inside `host`, as user `postgres`
+/// with a private data directory, trusting local connections.
+fn start_postgres(host: &Host, dir: &Path) -> HostProcess {
+    use std::os::unix::fs::PermissionsExt;
+    let pg = Path::new("/usr/lib/postgresql/15/bin");
+    let data = dir.join("pgdata");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let uid = std::process::Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .unwrap();
+    let gid = std::process::Command::new("id")
+        .args(["-g", "postgres"])
+        .output()
+        .unwrap();
+    let num = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    std::os::unix::fs::chown(&data, Some(num(&uid)), Some(num(&gid))).unwrap();
+    let as_postgres = ["--reuid=postgres", "--regid=postgres", "--clear-groups"];
+    let init = host
+        .command("setpriv")
+        .args(as_postgres)
+        .arg(pg.join("initdb"))
+        .args([
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut cmd = host.command("setpriv");
+    cmd.args(as_postgres).arg(pg.join("postgres"));
+    cmd.args([
+        "-D",
+        data.to_str().unwrap(),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "5432",
+        "-k",
+        data.to_str().unwrap(),
+        "-c",
+        "fsync=off",
+    ]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let proc = host.spawn(cmd);
+    wait_until(
+        "postgres accepting connections",
+        Duration::from_secs(30),
+        || {
+            host.run(pg.join("pg_isready"), &["-h", "127.0.0.1", "-p", "5432"])
+                .status
+                .success()
+        },
+    );
+    proc
+}
+
+#[test]
+fn psql_queries_postgres_through_a_sidecar_pair_across_hosts() {
+    let Some(w) = World::new() else { return };
+    let pgdir = tempfile::tempdir().unwrap();
+    let _pg = start_postgres(w.server(), pgdir.path());
+    let server = w.server_sidecar();
+    let client = w.client_sidecar("web", 9901, &[(15432, "db:postgres")], "");
+    let out = w.client().run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "15432",
+            "-U",
+            "postgres",
+            "-tA",
+            "-c",
+            "select 'meshed ' || (6 * 7)",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "psql failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    assert_eq!(text.trim(), "meshed 42");
+
+    let closed = "crank_tcp_connections_total{capability=\"db:postgres\",direction=\"outbound\",outcome=\"closed\"}";
+    client.wait_for(closed, 1.0);
+    let inbound = "crank_tcp_connections_total{capability=\"db:postgres\",direction=\"inbound\",outcome=\"closed\"}";
+    server.wait_for(inbound, 1.0);
+    for (side, dir) in [(&client, "outbound"), (&server, "inbound")] {
+        for flow in ["sent", "received"] {
+            let bytes = side.value(&format!(
+                "crank_tcp_bytes_total{{direction=\"{dir}\",flow=\"{flow}\"}}"
+            ));
+            assert!(bytes > 0.0, "{dir} {flow}: {bytes} bytes");
+        }
+        assert_eq!(
+            side.value(&format!(
+                "crank_tcp_open_connections{{direction=\"{dir}\"}}"
+            )),
+            0.0
+        );
+    }
+    let log = server.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"kind\":\"tcp\"") && l.contains("db:postgres"))
+        .unwrap_or_else(|| panic!("no tunnel access log line:\n{log}"));
+    assert!(
+        line.contains("svc/web"),
+        "the caller's verified identity: {line}"
+    );
+    assert!(line.contains("\"close_reason\":\"closed\""), "{line}");
+    assert!(line.contains("\"bytes_sent\""), "{line}");
+}
+
+#[test]
+fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
+    let Some(w) = World::new() else { return };
+    serve(w.server(), 2525, banner);
+    serve(w.server(), 7000, echo);
+    let server = w.server_sidecar();
+    let web = w.client_sidecar("web", 9901, &[(12525, "mail:smtp"), (17000, "echo")], "");
+    let intruder = w.client_sidecar("intruder", 9902, &[(27000, "echo")], "");
+    let idler = w.client_sidecar(
+        "web",
+        9903,
+        &[(37000, "echo")],
+        "tunnel: {idle_timeout: 1s}\n",
+    );
+
+    // Server speaks first: the banner comes without a byte from the client.
+    let mut smtp = w.connect(12525);
+    let mut line = [0u8; 64];
+    let n = smtp.read(&mut line).unwrap();
+    assert_eq!(&line[..n], b"220 crank-test ESMTP ready\r\n");
+    smtp.write_all(b"QUIT\r\n").unwrap();
+    let n = smtp.read(&mut line).unwrap();
+    assert_eq!(&line[..n], b"221 bye\r\n");
+
+    // Client speaks first, binary, then half-close: the reply still comes.
+    let mut e = w.connect(17000);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 256) as u8).collect();
+    e.write_all(&data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    e.read_exact(&mut back).unwrap();
+    assert_eq!(back, data, "every byte value comes back unchanged");
+    e.shutdown(Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    e.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "bye 4096", "the reply after the client's EOF");
+
+    // A caller the policy denies: closed without a byte, and logged.
+    let mut denied = w.connect(27000);
+    let mut got = Vec::new();
+    let _ = denied.read_to_end(&mut got);
+    assert!(got.is_empty(), "{got:?}");
+    let refused = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"policy-denied\"}";
+    intruder.wait_for(refused, 1.0);
+    let log = server.log_text();
+    let why = log
+        .lines()
+        .find(|l| l.contains("refused an opaque TCP tunnel"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(
+        why.contains("policy-denied") && why.contains("svc/intruder"),
+        "{why}"
+    );
+    assert!(
+        why.contains("may not open tunnels to port 7000"),
+        "the policy's reason: {why}"
+    );
+
+    // An idle tunnel is closed after tunnel.idle_timeout.
+    let mut quiet = w.connect(37000);
+    let mut none = Vec::new();
+    let _ = quiet.read_to_end(&mut none);
+    let idle = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"idle-timeout\"}";
+    idler.wait_for(idle, 1.0);
+
+    let echo_ok = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"closed\"}";
+    web.wait_for(echo_ok, 1.0);
+}
