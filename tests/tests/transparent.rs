@@ -152,17 +152,18 @@ fn echo(mut s: TcpStream) {
     }
 }
 
-/// `curl -sS URL` inside `host` as root: its stdout, which must succeed.
-fn curl(host: &Host, url: &str) -> String {
+/// `curl -sS ARGS` inside `host` as root: its stdout, which must succeed.
+fn curl(host: &Host, args: &[&str]) -> String {
     let out = host
         .command("curl")
-        .args(["-sS", "--noproxy", "*", "--max-time", "10", url])
+        .args(["-sS", "--noproxy", "*", "--max-time", "10"])
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "curl {url} in {}: {}",
+        "curl {args:?} in {}: {}",
         host.name(),
         output_text(&out)
     );
@@ -223,7 +224,7 @@ fn an_unmodified_app_is_meshed_across_hosts() {
 
     // Plain HTTP from the app, no proxy setting: meshed over mTLS, so the
     // server app sees the caller's verified identity.
-    let body = curl(a, &format!("http://{b_ip}:8080/hello"));
+    let body = curl(a, &[&format!("http://{b_ip}:8080/hello")]);
     assert!(
         body.contains("x-crank-client-id: spiffe://crank.local/tenant/acme/svc/client"),
         "the server app must see the caller's identity: {body}\n{}",
@@ -236,6 +237,21 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     ];
     assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
     assert!(count(a, "crank_requests_total", &["route=\"server\""]) >= 1.0);
+    // h2 with prior knowledge (gRPC-style clients): detected by its preface.
+    let body = curl(
+        a,
+        &["--http2-prior-knowledge", &format!("http://{b_ip}:8080/h2")],
+    );
+    assert!(
+        body.contains("x-crank-client-id: spiffe://crank.local/tenant/acme/svc/client"),
+        "{body}"
+    );
+    let h2 = [
+        "direction=\"outbound\"",
+        "protocol=\"h2\"",
+        "outcome=\"detected\"",
+    ];
+    assert_eq!(count(a, "crank_capture_connections_total", &h2), 1.0);
 
     // A server-speaks-first port: the banner comes at once, far below the
     // detection deadline.
@@ -295,7 +311,7 @@ fn an_unmodified_app_is_meshed_across_hosts() {
 
     // Inbound capture: a caller without a sidecar reaches B's app through
     // B's inbound capture listener (plaintext allowed by default).
-    let body = curl(c, &format!("http://{b_ip}:8080/plain"));
+    let body = curl(c, &[&format!("http://{b_ip}:8080/plain")]);
     assert!(body.starts_with("get /plain http/1.1"), "{body}");
     assert!(!body.contains("x-crank-client-id"), "{body}");
     let inbound = [
@@ -329,7 +345,7 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         "{}",
         output_text(&ipt)
     );
-    let body = curl(a, &format!("http://{b_ip}:8080/after"));
+    let body = curl(a, &[&format!("http://{b_ip}:8080/after")]);
     assert!(!body.contains("x-crank-client-id"), "{body}");
     assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
 }
