@@ -227,16 +227,34 @@ fn the_units_config_checks_pass_on_the_shipped_configs() {
             int.to_str().unwrap(),
         ],
     );
-    run_ok(
-        "crank-control",
-        &["--config", config.to_str().unwrap(), "--check"],
-    );
-    // crank-proxy's, before its first enrollment (a bundle and a token).
+    check("crank-control", &config);
+    // The StatefulSet's control.yaml, on the same CA.
+    let docs = documents("deploy/kubernetes/crank-control.yaml");
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let text = cm["data"]["control.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("/var/lib/crank-control", &state.display().to_string())
+        .replace(
+            "/etc/crank/mesh",
+            &repo("deploy/mesh-config").display().to_string(),
+        );
+    std::fs::write(&config, text).unwrap();
+    check("crank-control", &config);
+    // crank-proxy's, before its first enrollment (a bundle and a token),
+    // and the pod's.
     let config = local_proxy_config(dir.path(), &read("deploy/systemd/proxy.yaml"));
-    run_ok(
-        "crank-proxy",
-        &["--config", config.to_str().unwrap(), "--check"],
-    );
+    check("crank-proxy", &config);
+    let docs = documents("deploy/kubernetes/example-app.yaml");
+    let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let pod = tempfile::tempdir().unwrap();
+    let config = local_proxy_config(pod.path(), cm["data"]["proxy.yaml"].as_str().unwrap());
+    check("crank-proxy", &config);
+}
+
+/// `program --config CONFIG --check` passes.
+fn check(program: &str, config: &Path) {
+    run_ok(program, &["--config", config.to_str().unwrap(), "--check"]);
 }
 
 /// Every document of a manifest file.
