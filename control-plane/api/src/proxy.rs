@@ -607,7 +607,9 @@ pub struct RouteConfig {
     /// Absent: any path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
-    /// Peer sidecars serving this route.
+    /// Peer sidecars serving this route. Empty (the default) for a route
+    /// with `egress`.
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
     /// The capability this route reaches (`transcode:v1`). The outbound
     /// sidecar sends it to the peer in `x-crank-capability`; the peer's

@@ -37,6 +37,10 @@ impl Destination {
         };
         let sni = d.server_name().unwrap_or_default();
         let mut template = HttpPeer::new(nominal, d.tls.is_some(), sni);
+        // Pingora's connection pool key leaves the roots out: each
+        // destination (name, address, CA) pools its connections apart, so
+        // a connection verified for one is never reused for another.
+        template.group_key = pool_key(d);
         if let Some(tls) = &d.tls {
             template.options.ca = Some(roots(&tls.ca)?);
             // Plain HTTP stays HTTP/1.1; TLS offers h2 first.
@@ -113,6 +117,19 @@ impl Destination {
     pub fn host_str(&self) -> String {
         host_key(&self.host)
     }
+}
+
+/// The pool key of a destination's connections.
+fn pool_key(d: &EgressDestination) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        &d.name,
+        &d.address,
+        d.tls.as_ref().map(|t| (&t.ca, &t.server_name)),
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 /// The CA's certificates, for the peer's `ca`.

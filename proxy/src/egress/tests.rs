@@ -125,3 +125,37 @@ fn config_problems_name_the_field_and_the_fix() {
 }
 
 use std::path::Path;
+
+#[test]
+fn destinations_never_share_pooled_connections() {
+    use crank_api::proxy::{EgressDestination, EgressTls};
+    let dest = |name: &str, ca: String| EgressDestination {
+        name: name.into(),
+        address: "127.0.0.1:8443".into(),
+        tls: Some(EgressTls {
+            ca,
+            server_name: Some("ray.example".into()),
+        }),
+    };
+    let ca = || {
+        crank_certs::Ca::generate("example", std::time::Duration::from_secs(60))
+            .unwrap()
+            .cert_pem()
+            .to_string()
+    };
+    let t = EgressTable::from_config(&EgressConfig {
+        mode: None,
+        destinations: vec![dest("ours", ca()), dest("theirs", ca())],
+    });
+    let addr = "127.0.0.1:8443".parse().unwrap();
+    let (a, b) = (
+        t.by_name("ours").unwrap().peer(addr),
+        t.by_name("theirs").unwrap().peer(addr),
+    );
+    assert!(a.is_tls() && b.is_tls());
+    assert_eq!(a.sni, "ray.example");
+    assert_ne!(
+        a.group_key, b.group_key,
+        "a connection verified against one CA is not reused for the other"
+    );
+}
