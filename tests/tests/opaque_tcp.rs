@@ -103,6 +103,23 @@ impl<'h> Sidecar<'h> {
         }
     }
 
+    /// Waits for a log line that `f` accepts (the log writer is
+    /// asynchronous); fails with the log.
+    fn wait_log_line(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let log = self.log_text();
+            if let Some(l) = log.lines().find(|l| f(l)) {
+                return l.to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {what} logged:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -350,11 +367,9 @@ fn psql_queries_postgres_through_a_sidecar_pair_across_hosts() {
             0.0
         );
     }
-    let log = server.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("\"kind\":\"tcp\"") && l.contains("db:postgres"))
-        .unwrap_or_else(|| panic!("no tunnel access log line:\n{log}"));
+    let line = server.wait_log_line("tunnel access log line", |l| {
+        l.contains("\"kind\":\"tcp\"") && l.contains("db:postgres")
+    });
     assert!(
         line.contains("svc/web"),
         "the caller's verified identity: {line}"
@@ -376,6 +391,12 @@ fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
         9903,
         &[(37000, "echo")],
         "tunnel: {idle_timeout: 1s}\n",
+    );
+    let capped = w.client_sidecar(
+        "web",
+        9904,
+        &[(47000, "echo")],
+        "tunnel: {max_connections: 1}\n",
     );
 
     // Server speaks first: the banner comes without a byte from the client.
@@ -406,11 +427,9 @@ fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
     assert!(got.is_empty(), "{got:?}");
     let refused = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"policy-denied\"}";
     intruder.wait_for(refused, 1.0);
-    let log = server.log_text();
-    let why = log
-        .lines()
-        .find(|l| l.contains("refused an opaque TCP tunnel"))
-        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    let why = server.wait_log_line("tunnel refusal", |l| {
+        l.contains("refused an opaque TCP tunnel")
+    });
     assert!(
         why.contains("policy-denied") && why.contains("svc/intruder"),
         "{why}"
@@ -426,6 +445,23 @@ fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
     let _ = quiet.read_to_end(&mut none);
     let idle = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"idle-timeout\"}";
     idler.wait_for(idle, 1.0);
+
+    // One tunnel past tunnel.max_connections is closed at once; the open
+    // one goes on.
+    let mut first = w.connect(47000);
+    first.write_all(b"one").unwrap();
+    let mut three = [0u8; 3];
+    first.read_exact(&mut three).unwrap();
+    let mut second = w.connect(47000);
+    let mut nothing = Vec::new();
+    let _ = second.read_to_end(&mut nothing);
+    assert!(nothing.is_empty(), "{nothing:?}");
+    let limit =
+        "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"limit\"}";
+    capped.wait_for(limit, 1.0);
+    first.write_all(b"two").unwrap();
+    first.read_exact(&mut three).unwrap();
+    assert_eq!(&three, b"two", "the open tunnel still carries bytes");
 
     let echo_ok = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"closed\"}";
     web.wait_for(echo_ok, 1.0);
