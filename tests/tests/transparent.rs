@@ -201,6 +201,7 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     serve(b, "0.0.0.0:8080", echo_head);
     serve(b, "0.0.0.0:2525", banner);
     serve(b, "0.0.0.0:7000", echo);
+    serve(c, "0.0.0.0:7100", echo);
     let pki = Pki::new();
     let b_yaml = sidecar_yaml(
         &pki,
@@ -294,6 +295,18 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         count(b, "crank_tcp_open_connections", &tunnels) == 2.0
     });
     drop((smtp, quiet));
+
+    // A host outside the mesh: passed through as the app asked (no
+    // egress.mode, capture.undeclared: passthrough).
+    let mut outside = connect(a, SocketAddr::new(c.addr().into(), 7100));
+    outside.write_all(b"x").unwrap();
+    assert_eq!(read_some(&mut outside), "x");
+    let opaque = [
+        "direction=\"outbound\"",
+        "protocol=\"opaque\"",
+        "outcome=\"detected\"",
+    ];
+    assert_eq!(count(a, "crank_capture_connections_total", &opaque), 1.0);
 
     // Straight to the capture port (loopback is never redirected): refused,
     // counted and logged, not proxied to itself.

@@ -112,6 +112,10 @@ impl CaptureApp {
                 l4.rewind(&seen);
                 http.process_new(l4, shutdown).await;
             }
+            // An egress destination is no sidecar: its bytes go straight on.
+            Destination::Mesh(route) if route.egress.is_some() => {
+                forward::direct(&self.rt, l4, &seen, dst, "egress").await
+            }
             Destination::Mesh(route) => {
                 forward::to_mesh(&self.rt, l4, seen.into(), dst, route).await;
             }
@@ -124,7 +128,8 @@ impl CaptureApp {
         }
     }
 
-    /// A destination neither in the mesh nor this host's.
+    /// A destination neither in the mesh nor this host's: `egress.mode`
+    /// decides when the mesh config sets it, else `capture.undeclared`.
     async fn undeclared(
         &self,
         l4: Box<L4Stream>,
@@ -132,16 +137,33 @@ impl CaptureApp {
         protocol: Protocol,
         seen: Vec<u8>,
     ) {
-        match self.cfg.undeclared {
-            CaptureUndeclared::Passthrough => {
-                forward::direct(&self.rt, l4, &seen, dst, "undeclared").await
-            }
-            CaptureUndeclared::Refuse => {
-                tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), "refused a captured connection to {dst}: no route serves it (capture.undeclared: refuse); add a route for it, or exclude it from capture (capture.exclude_outbound_cidrs)");
-                self.metrics
-                    .refused("outbound", protocol.as_str(), "undeclared");
-            }
+        use crate::egress::Undeclared;
+        let table = self.rt.routes.load_full();
+        let mode = table.egress().mode();
+        if let Some(m) = mode {
+            let m = m.as_str();
+            self.rt
+                .metrics
+                .egress
+                .undeclared
+                .with_label_values(&[m])
+                .inc();
         }
+        let pass = match table.egress().undeclared() {
+            Undeclared::Uncontrolled => self.cfg.undeclared == CaptureUndeclared::Passthrough,
+            Undeclared::Allow => true,
+            Undeclared::Audit => {
+                tracing::warn!(reason = "egress-not-declared", mode = "audit", %dst, protocol = protocol.as_str(), "passing through a captured connection to an undeclared destination outside the mesh");
+                true
+            }
+            Undeclared::Deny => false,
+        };
+        if pass {
+            return forward::direct(&self.rt, l4, &seen, dst, "undeclared").await;
+        }
+        tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), egress_mode = ?mode, "refused a captured connection to {dst}: no route or egress destination declares it (egress.mode: deny, or capture.undeclared: refuse); declare it in the mesh config's egress.yaml, add a route, or exclude it from capture (capture.exclude_outbound_cidrs)");
+        self.metrics
+            .refused("outbound", protocol.as_str(), "undeclared");
     }
 
     /// A plain (sidecar-less) caller of the app's port `dst`.

@@ -7,10 +7,11 @@
 //!    address: the app called a service on a mesh host, so the call is
 //!    meshed to that host's sidecar (the first such route in table order
 //!    when several have one there; list `address:port` in `hosts` to
-//!    choose);
-//! 3. else one of this host's own addresses: connected as asked;
-//! 4. else undeclared: egress, passed through or refused
-//!    (`capture.undeclared`).
+//!    choose); or an egress route to exactly that address and port;
+//! 3. else a declared egress destination (`egress.destinations`);
+//! 4. else one of this host's own addresses: connected as asked;
+//! 5. else undeclared: `egress.mode` decides when the mesh config sets
+//!    it, otherwise `capture.undeclared`.
 //!
 //! HTTP on a captured connection goes through the outbound HTTP path;
 //! [`captured_dst`] lets its route stage find the connection's original
@@ -52,12 +53,29 @@ pub fn route_for(table: &RouteTable, dst: SocketAddr) -> Option<Arc<Route>> {
     routes
         .iter()
         .find(|r| r.cfg.hosts.iter().any(|h| h.trim() == exact))
-        .or_else(|| {
-            routes
-                .iter()
-                .find(|r| r.endpoints.iter().any(|e| canonical(e.address.ip()) == ip))
-        })
+        .or_else(|| routes.iter().find(|r| serves(r, dst, ip)))
         .cloned()
+        .or_else(|| declared_egress(table, dst))
+}
+
+/// A mesh route with a sidecar on `dst`'s address, or an egress route to
+/// exactly `dst` (an egress endpoint is the destination itself).
+fn serves(r: &Route, dst: SocketAddr, ip: IpAddr) -> bool {
+    r.endpoints.iter().any(|e| match r.egress {
+        None => canonical(e.address.ip()) == ip,
+        Some(_) => canonical(e.address.ip()) == ip && e.address.port() == dst.port(),
+    })
+}
+
+/// A declared egress destination no route names (`egress.destinations`,
+/// by address or a DNS name's last resolution): a route of its own, as
+/// the HTTP proxy listener gives it.
+fn declared_egress(table: &RouteTable, dst: SocketAddr) -> Option<Arc<Route>> {
+    let d = crate::egress::lookup(table.egress(), crate::egress::Target::Addr(dst))?;
+    Some(crate::routing::egress_route(
+        format!("egress:{}", d.name),
+        d,
+    ))
 }
 
 /// Classifies `dst`; `is_local` says whether an address is this host's.
@@ -155,7 +173,9 @@ mod tests {
              routes:\n\
              - {name: db, hosts: ['10.0.0.2:5432'], endpoints: [{address: '10.0.0.9:4143', identity: db.acme.crank.local}]}\n\
              - {name: web, endpoints: [{address: '10.0.0.2:4143', identity: web.acme.crank.local}]}\n\
-             - {name: web2, endpoints: [{address: '10.0.0.2:4243', identity: web2.acme.crank.local}]}\n",
+             - {name: web2, endpoints: [{address: '10.0.0.2:4243', identity: web2.acme.crank.local}]}\n\
+             - {name: ray, egress: ray, endpoints: []}\n\
+             egress:\n  destinations:\n  - {name: ray, address: '192.0.2.5:8265'}\n  - {name: dask, address: '192.0.2.6:8786'}\n",
         )
         .unwrap();
         RouteTable::from_config(&cfg)
@@ -181,6 +201,11 @@ mod tests {
             ("10.0.0.9:22", ("db", "mesh")),
             ("10.0.0.1:8080", ("", "local")),
             ("192.0.2.7:443", ("", "undeclared")),
+            // Egress: the route to exactly that address and port, a
+            // declared destination no route names, another port: undeclared.
+            ("192.0.2.5:8265", ("ray", "mesh")),
+            ("192.0.2.6:8786", ("egress:dask", "mesh")),
+            ("192.0.2.5:22", ("", "undeclared")),
         ];
         for (dst, (name, kind_want)) in cases {
             assert_eq!(kind(dst), (name.to_string(), kind_want), "{dst}");
@@ -192,7 +217,7 @@ mod tests {
         let e = select(&table(), "192.0.2.7:80".parse().unwrap()).unwrap_err();
         assert_eq!(e.reason, Reason::NoRoute);
         assert!(
-            e.detail.contains("known routes: db, web, web2"),
+            e.detail.contains("known routes: db, web, web2, ray"),
             "{}",
             e.detail
         );
