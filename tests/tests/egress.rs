@@ -361,3 +361,55 @@ fn an_undeclared_destination_passes_and_is_logged_in_audit_mode() {
         "{m}"
     );
 }
+
+/// The mesh config's `egress.yaml` (with its CA file) and an egress route,
+/// pushed by crank-control to an enrolled sidecar; a mode change follows.
+#[test]
+fn crank_control_pushes_egress_destinations_routes_and_mode() {
+    use crank_tests::control::{ControlOptions, ControlPlane};
+    let w = World::new();
+    let cp = ControlPlane::start(ControlOptions {
+        extra: "config_dir: mesh\n".into(),
+        ..Default::default()
+    });
+    let ca = std::fs::read_to_string(w.pki.path().join("ray-ca.pem")).unwrap();
+    cp.write_mesh_file("egress/ray-ca.pem", &ca);
+    cp.write_mesh_file("capabilities.yaml", "capabilities: [{name: 'ray:serve'}]\n");
+    let egress = |mode: &str| {
+        format!(
+            "mode: {mode}\ndestinations:\n  - name: ray\n    address: '127.0.0.1:{}'\n    tls: {{ca: egress/ray-ca.pem, server_name: ray.serve.example}}\n",
+            w.tls.port()
+        )
+    };
+    cp.write_mesh_file("egress.yaml", &egress("deny"));
+    cp.write_mesh_file(
+        "routes/ray.yaml",
+        "routes:\n  - name: ray-serve\n    match: {hosts: [ray-serve]}\n    backends: [{capability: 'ray:serve', egress: ray}]\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (px, admin) = (free_addr(), free_addr());
+    let yaml = format!(
+        "{}outbound: {{http_proxy: {px}}}\nmesh: {{watch_wait: 2s}}\nadmin: {{listen: {admin}}}\n",
+        cp.enroll_yaml(dir.path(), "web", "web", "demo", "2s"),
+    );
+    let client = Proxy::start(dir.path(), "web", &yaml, admin);
+    wait_until("the pushed egress route", Duration::from_secs(20), || {
+        via(px, "http://ray-serve/hello", &[]).0 == 200
+    });
+    assert!(w.tls_seen.requests.load(Ordering::SeqCst) >= 1);
+    let undeclared = format!("http://{}/x", w.other);
+    let (status, out) = via(px, &undeclared, &[]);
+    assert_eq!(status, 403, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("egress-not-declared"));
+
+    cp.write_mesh_file("egress.yaml", &egress("audit"));
+    wait_until("audit mode pushed", Duration::from_secs(20), || {
+        via(px, &undeclared, &[]).0 == 200
+    });
+    assert!(w.other_seen.requests.load(Ordering::SeqCst) >= 1);
+    assert!(
+        client.log_text().contains("egress-not-declared"),
+        "{}",
+        client.log_text()
+    );
+}
