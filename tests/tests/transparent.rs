@@ -362,3 +362,58 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     assert!(!body.contains("x-crank-client-id"), "{body}");
     assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
 }
+
+#[test]
+fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
+    let Some(hosts) = Hosts::new(2) else { return };
+    let (a, b) = (&hosts[0], &hosts[1]);
+    serve(b, "0.0.0.0:8080", echo_head);
+    let pki = Pki::new();
+    let a_yaml = sidecar_yaml(
+        &pki,
+        "client",
+        &format!("capture: {{proxy_uid: {NOBODY}, undeclared: refuse}}\n"),
+    );
+    let b_yaml = sidecar_yaml(
+        &pki,
+        "server",
+        &format!(
+            "capture: {{proxy_uid: {NOBODY}, inbound_ports: 8080, inbound_plaintext: deny}}\n"
+        ),
+    );
+    let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
+    let b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
+    let url = format!("http://{}:8080/", b.addr());
+
+    // A's app calls an address nothing declares: A's sidecar closes it.
+    let out = a
+        .command("curl")
+        .args(["-sS", "--max-time", "10", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let undeclared = ["direction=\"outbound\"", "reason=\"undeclared\""];
+    assert_eq!(count(a, "crank_capture_refused_total", &undeclared), 1.0);
+    assert!(a_proxy
+        .log_text()
+        .contains("no route or egress destination declares it"));
+
+    // A caller without a sidecar (curl as A's proxy uid, which A's rules
+    // leave alone) reaches B's captured port: B's sidecar closes it.
+    let out = a
+        .command("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+        ])
+        .args(["curl", "-sS", "--max-time", "10", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let denied = ["direction=\"inbound\"", "reason=\"plaintext-denied\""];
+    assert_eq!(count(b, "crank_capture_refused_total", &denied), 1.0);
+    assert!(b_proxy
+        .log_text()
+        .contains("refused a caller without a sidecar"));
+}
