@@ -514,6 +514,14 @@ fn outputs_live_in_object_storage_and_any_shim_serves_them() {
     );
     let (status, out) = curl(&[&b.url("/v1/jobs/j-00000000000000ff/output")]);
     assert_eq!(status, 404, "{out}");
+    // Deleting the job removes its objects too.
+    let (status, out) = curl(&["-X", "DELETE", &a.url(&format!("/v1/jobs/{id}"))]);
+    assert_eq!(status, 204, "{out}");
+    wait_until(
+        "the output to leave the bucket",
+        Duration::from_secs(10),
+        || curl(&[&b.url(&format!("/v1/jobs/{id}/output"))]).0 == 404,
+    );
 }
 
 #[test]

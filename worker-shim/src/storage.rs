@@ -211,8 +211,17 @@ impl Storage {
         Ok((got.meta.size, got.into_stream()))
     }
 
-    /// Removes the job's objects (retention and `DELETE`); missing ones
-    /// are fine.
+    /// Removes the job's objects in the background (a deleted or refused
+    /// job, retention).
+    pub fn remove_later(self: &Arc<Self>, job: &str) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (me, job) = (self.clone(), job.to_string());
+        rt.spawn(async move { me.remove(&job).await });
+    }
+
+    /// Removes the job's objects; missing ones are fine.
     pub async fn remove(&self, job: &str) {
         for name in ["input", "output"] {
             let key = self.key(job, name);

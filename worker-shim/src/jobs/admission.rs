@@ -132,6 +132,9 @@ impl Manager {
         let size = dir_size(dir);
         let _ = std::fs::remove_dir_all(dir);
         self.sub_work_bytes(size);
+        if let (Some(s), Some(id)) = (&self.settings.storage, dir.file_name()) {
+            s.remove_later(&id.to_string_lossy());
+        }
     }
 
     /// Queues a prepared job: written to the store before it is answered.

@@ -81,6 +81,13 @@ impl Manager {
     /// Refuses `after` naming a job this shim does not know, or one that
     /// already ended without success.
     pub fn check_after(&self, after: &[String]) -> Result<(), Refusal> {
+        if !after.is_empty() && self.cluster().is_some() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "after-unsupported",
+                "after: dependencies run on the embedded queue only, not yet on the shared queue (exec.queue.postgres); submit this job once the jobs it needs have succeeded",
+            ));
+        }
         let inner = self.inner.lock().unwrap();
         for dep in after {
             match inner.records.get(dep).map(|r| r.state) {
