@@ -11,10 +11,14 @@
 //!   `/v1/host` and registration labels; energy per job.
 //!
 //! Dependencies point down, no cycle: leaves ([`job`], [`program`],
-//! [`registration`], [`listener`]) → [`exec`], [`host`] → [`config`],
-//! [`metrics`] → the mechanisms ([`jobs`], [`serve`]) → [`api`] → [`run`]
-//! (the wiring). The plumbing the three Crank binaries share (config
-//! errors, the accept loop, backoff, signals, the refusal body) is
+//! [`registration`], [`listener`], [`limits`], [`storage`]) → [`exec`],
+//! [`host`], [`templates`] → [`config`], [`metrics`] → the mechanisms
+//! ([`jobs`], [`serve`]) → [`usage`], [`api`] → [`cron`] → [`run`] (the
+//! wiring). Issue #18's job features: per-job limits ([`limits`]), object
+//! storage ([`storage`]), templates and their schedules ([`templates`],
+//! [`cron`]), usage accounting ([`usage`]). The plumbing the three Crank
+//! binaries share (config errors, the accept loop, backoff, signals, the
+//! refusal body) is
 //! `crank-plumbing`'s. `docs/architecture.md` ("Worker shim modules") has
 //! the picture.
 //!
