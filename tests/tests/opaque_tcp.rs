@@ -1,23 +1,27 @@
 //! Opaque TCP through the mesh, across hosts (network namespaces with their
-//! own addresses): a client host whose sidecars tunnel local TCP ports
-//! (`outbound.tcp`) over mTLS to the server host's sidecar, which reaches
-//! its local servers (`inbound.tcp`) after checking the caller's identity
-//! and the connection-level policy (`input.connection`).
+//! own addresses): client sidecars tunnel local TCP ports (`outbound.tcp`)
+//! over mTLS to the server host's sidecar, which reaches its local servers
+//! (`inbound.tcp`) after checking the caller's identity and the
+//! connection-level policy (`input.connection`).
 //!
 //! What users rely on: a real PostgreSQL server answers `psql` through the
-//! pair, and the tunnel metrics count the connection and its bytes; a
-//! server-speaks-first banner arrives at once; a binary echo comes back
-//! byte for byte; half-close works (the client shuts down its write half
-//! and still reads the reply); a caller the policy denies is refused, and
-//! the server sidecar logs why; an idle tunnel is closed.
+//! pair, with crank-control on a third host handing out the identities and
+//! the route to the registered database sidecar, and the tunnel metrics
+//! count the connection and its bytes; a server-speaks-first banner arrives
+//! at once; a binary echo comes back byte for byte; half-close works (the
+//! client shuts down its write half and still reads the reply); a caller the
+//! policy denies is refused, and the server sidecar logs why; an idle tunnel
+//! is closed; a tunnel past `tunnel.max_connections` is refused.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crank_tests::hosts_mesh::{HostControl, HostSidecar, ADMIN_PORT};
 use crank_tests::netns::{Host, HostProcess, Hosts};
 use crank_tests::pki::{Leaf, Pki};
+use crank_tests::postgres::Postgres;
 use crank_tests::{bin, metric, plain_get, wait_until};
 
 const POLICY: &str = r#"
@@ -245,96 +249,62 @@ impl World {
     }
 }
 
-/// PostgreSQL 15 on `127.0.0.1:5432` inside `host`, as user `postgres`
-/// with a private data directory, trusting local connections.
-fn start_postgres(host: &Host, dir: &Path) -> HostProcess {
-    use std::os::unix::fs::PermissionsExt;
-    let pg = Path::new("/usr/lib/postgresql/15/bin");
-    let data = dir.join("pgdata");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::create_dir_all(&data).unwrap();
-    let uid = std::process::Command::new("id")
-        .args(["-u", "postgres"])
-        .output()
-        .unwrap();
-    let gid = std::process::Command::new("id")
-        .args(["-g", "postgres"])
-        .output()
-        .unwrap();
-    let num = |o: &std::process::Output| {
-        String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse::<u32>()
-            .unwrap()
-    };
-    std::os::unix::fs::chown(&data, Some(num(&uid)), Some(num(&gid))).unwrap();
-    let as_postgres = ["--reuid=postgres", "--regid=postgres", "--clear-groups"];
-    let init = host
-        .command("setpriv")
-        .args(as_postgres)
-        .arg(pg.join("initdb"))
-        .args([
-            "-D",
-            data.to_str().unwrap(),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "initdb: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let mut cmd = host.command("setpriv");
-    cmd.args(as_postgres).arg(pg.join("postgres"));
-    cmd.args([
-        "-D",
-        data.to_str().unwrap(),
-        "-h",
-        "127.0.0.1",
-        "-p",
-        "5432",
-        "-k",
-        data.to_str().unwrap(),
-        "-c",
-        "fsync=off",
-    ]);
-    cmd.stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let proc = host.spawn(cmd);
-    wait_until(
-        "postgres accepting connections",
-        Duration::from_secs(30),
-        || {
-            host.run(pg.join("pg_isready"), &["-h", "127.0.0.1", "-p", "5432"])
-                .status
-                .success()
-        },
-    );
-    proc
-}
-
+/// The mesh of the PostgreSQL story, on three hosts: crank-control (host
+/// 0, with route `pg` to capability `db:postgres`), the database host (1:
+/// PostgreSQL on its loopback, a sidecar that enrolls over the network and
+/// registers `db:postgres` at its own address) and the client host (2: a
+/// sidecar that enrolls, gets route `pg` from crank-control and tunnels its
+/// `outbound.tcp` port 15432 to it).
 #[test]
 fn psql_queries_postgres_through_a_sidecar_pair_across_hosts() {
-    let Some(w) = World::new() else { return };
-    let pgdir = tempfile::tempdir().unwrap();
-    let _pg = start_postgres(w.server(), pgdir.path());
-    let server = w.server_sidecar();
-    let client = w.client_sidecar("web", 9901, &[(15432, "db:postgres")], "");
-    let out = w.client().run(
+    let Some(hosts) = Hosts::new(3) else { return };
+    let (cp_host, db_host, client_host) = (hosts.host(0), hosts.host(1), hosts.host(2));
+    let cp = HostControl::start(cp_host, "1h", "config_dir: mesh\n");
+    cp.write_mesh_file(
+        "capabilities.yaml",
+        "capabilities:\n  - name: db:postgres\n",
+    );
+    cp.write_mesh_file(
+        "routes/pg.yaml",
+        "routes:\n  - name: pg\n    match: {hosts: [pg]}\n    backends: [{capability: 'db:postgres'}]\n",
+    );
+    let pg = db_host.enter(Postgres::start);
+    let dir = tempfile::tempdir().unwrap();
+    let registered = SocketAddr::from((db_host.addr(), 4143));
+    let server_yaml = format!(
+        "{}inbound:\n  listen: {registered}\n  app: 127.0.0.1:8080\n  tcp: [{{app: '127.0.0.1:{}', capability: 'db:postgres'}}]\nmesh:\n  watch_wait: 2s\n  register: {{capabilities: ['db:postgres'], lease: 5s}}\nadmin: {{listen: 127.0.0.1:{ADMIN_PORT}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "db", "db"),
+        pg.port,
+    );
+    let server = HostSidecar::start(db_host, dir.path(), "db", &server_yaml);
+    let client_yaml = format!(
+        "{}outbound:\n  tcp: [{{listen: 127.0.0.1:15432, capability: 'db:postgres'}}]\nmesh: {{watch_wait: 2s}}\nadmin: {{listen: 127.0.0.1:{ADMIN_PORT}}}\nthreads: 1\n",
+        cp.enroll_yaml(dir.path(), "web", "web"),
+    );
+    let client = HostSidecar::start(client_host, dir.path(), "web", &client_yaml);
+    wait_until(
+        "the client's route pg to the registered address",
+        Duration::from_secs(20),
+        || {
+            client
+                .admin_get("/config_dump")
+                .1
+                .contains(&registered.to_string())
+        },
+    );
+
+    let out = client_host.run(
         "psql",
         &[
+            "-X",
             "-h",
             "127.0.0.1",
             "-p",
             "15432",
             "-U",
             "postgres",
+            "-d",
+            "crank",
             "-tA",
             "-c",
             "select 'meshed ' || (6 * 7)",
@@ -350,24 +320,20 @@ fn psql_queries_postgres_through_a_sidecar_pair_across_hosts() {
     assert_eq!(text.trim(), "meshed 42");
 
     let closed = "crank_tcp_connections_total{capability=\"db:postgres\",direction=\"outbound\",outcome=\"closed\"}";
-    client.wait_for(closed, 1.0);
+    wait_metric(&client, closed, 1.0);
     let inbound = "crank_tcp_connections_total{capability=\"db:postgres\",direction=\"inbound\",outcome=\"closed\"}";
-    server.wait_for(inbound, 1.0);
+    wait_metric(&server, inbound, 1.0);
     for (side, dir) in [(&client, "outbound"), (&server, "inbound")] {
+        let m = side.metrics();
         for flow in ["sent", "received"] {
-            let bytes = side.value(&format!(
-                "crank_tcp_bytes_total{{direction=\"{dir}\",flow=\"{flow}\"}}"
-            ));
+            let series = format!("crank_tcp_bytes_total{{direction=\"{dir}\",flow=\"{flow}\"}}");
+            let bytes = metric(&m, &series).unwrap_or(0.0);
             assert!(bytes > 0.0, "{dir} {flow}: {bytes} bytes");
         }
-        assert_eq!(
-            side.value(&format!(
-                "crank_tcp_open_connections{{direction=\"{dir}\"}}"
-            )),
-            0.0
-        );
+        let open = format!("crank_tcp_open_connections{{direction=\"{dir}\"}}");
+        assert_eq!(metric(&m, &open), Some(0.0));
     }
-    let line = server.wait_log_line("tunnel access log line", |l| {
+    let line = wait_log(&server, "tunnel access log line", |l| {
         l.contains("\"kind\":\"tcp\"") && l.contains("db:postgres")
     });
     assert!(
@@ -376,6 +342,36 @@ fn psql_queries_postgres_through_a_sidecar_pair_across_hosts() {
     );
     assert!(line.contains("\"close_reason\":\"closed\""), "{line}");
     assert!(line.contains("\"bytes_sent\""), "{line}");
+}
+
+/// Waits until the sidecar's `series` reads `want`.
+fn wait_metric(side: &HostSidecar, series: &str, want: f64) {
+    let start = std::time::Instant::now();
+    while metric(&side.metrics(), series) != Some(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{series} is not {want}:\n{}\n{}",
+            side.metrics(),
+            side.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Waits for a line of the sidecar's log that `f` accepts.
+fn wait_log(side: &HostSidecar, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let log = side.log_text();
+        if let Some(l) = log.lines().find(|l| f(l)) {
+            return l.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {what} logged:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }
 
 #[test]
