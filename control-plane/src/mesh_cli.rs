@@ -140,10 +140,10 @@ pub fn routes(client: &AdminClient, output: &str) -> Result<()> {
                 b.capability,
                 sel.join(","),
                 b.weight,
-                if r.empty_backends.contains(&i) {
-                    "  (no live endpoint)"
-                } else {
-                    ""
+                match (&b.egress, r.empty_backends.contains(&i)) {
+                    (Some(d), _) => format!("  egress {d} (outside the mesh)"),
+                    (None, true) => "  (no live endpoint)".to_string(),
+                    (None, false) => String::new(),
                 }
             );
         }
