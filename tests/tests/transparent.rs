@@ -372,7 +372,7 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
     let a_yaml = sidecar_yaml(
         &pki,
         "client",
-        &format!("capture: {{proxy_uid: {NOBODY}, undeclared: refuse}}\n"),
+        &format!("capture: {{proxy_uid: {NOBODY}, undeclared: refuse, ipv6: true}}\n"),
     );
     let b_yaml = sidecar_yaml(
         &pki,
@@ -397,6 +397,23 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
     assert!(a_proxy
         .log_text()
         .contains("no route or egress destination declares it"));
+    // The same over IPv6 (`ipv6: true`): the [::1] capture listener and
+    // IP6T_SO_ORIGINAL_DST.
+    let url6 = format!("http://[{}]:8080/", b.addr6());
+    let out = a
+        .command("curl")
+        .args(["-sS", "-g", "--max-time", "10", &url6])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert_eq!(count(a, "crank_capture_refused_total", &undeclared), 2.0);
+    assert!(
+        a_proxy
+            .log_text()
+            .contains(&format!("[{}]:8080", b.addr6())),
+        "{}",
+        a_proxy.log_text()
+    );
 
     // A caller without a sidecar (curl as A's proxy uid, which A's rules
     // leave alone) reaches B's captured port: B's sidecar closes it.
