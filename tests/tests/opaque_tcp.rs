@@ -11,7 +11,8 @@
 //! at once; a binary echo comes back byte for byte; half-close works (the
 //! client shuts down its write half and still reads the reply); a caller the
 //! policy denies is refused, and the server sidecar logs why; an idle tunnel
-//! is closed; a tunnel past `tunnel.max_connections` is refused.
+//! is closed; a tunnel past `tunnel.max_connections` is refused; HTTP/1.1
+//! and h2 still work on the inbound port that takes tunnels.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -146,6 +147,19 @@ fn banner(mut s: TcpStream) {
     if matches!(s.read(&mut line), Ok(n) if n > 0) {
         let _ = s.write_all(b"221 bye\r\n");
     }
+}
+
+/// A one-line HTTP/1.1 app: `ok` to any request, then close.
+fn http_ok(mut s: TcpStream) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
 }
 
 /// Echoes every byte; at the client's EOF writes `bye <count>` and closes.
@@ -375,10 +389,11 @@ fn wait_log(side: &HostSidecar, what: &str, f: impl Fn(&str) -> bool) -> String 
 }
 
 #[test]
-fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
+fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hosts() {
     let Some(w) = World::new() else { return };
     serve(w.server(), 2525, banner);
     serve(w.server(), 7000, echo);
+    serve(w.server(), 8080, http_ok);
     let server = w.server_sidecar();
     let web = w.client_sidecar("web", 9901, &[(12525, "mail:smtp"), (17000, "echo")], "");
     let intruder = w.client_sidecar("intruder", 9902, &[(27000, "echo")], "");
@@ -458,6 +473,38 @@ fn banner_echo_half_close_policy_and_idle_timeout_across_hosts() {
     first.write_all(b"two").unwrap();
     first.read_exact(&mut three).unwrap();
     assert_eq!(&three, b"two", "the open tunnel still carries bytes");
+
+    // HTTP still works on the inbound port that takes tunnels: HTTP/1.1
+    // (whose first bytes the listener reads to tell) and h2.
+    let leaf = w.pki.leaf("curl", "acme");
+    let inbound = format!("db.acme.crank.local:4143:{}", w.server().addr());
+    for version in ["--http1.1", "--http2"] {
+        let out = w.client().run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                version,
+                "--cacert",
+                w.pki.bundle().to_str().unwrap(),
+                "--cert",
+                leaf.cert.to_str().unwrap(),
+                "--key",
+                leaf.key.to_str().unwrap(),
+                "--resolve",
+                &inbound,
+                "https://db.acme.crank.local:4143/",
+            ],
+        );
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            body,
+            "ok",
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let echo_ok = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"closed\"}";
     web.wait_for(echo_ok, 1.0);
