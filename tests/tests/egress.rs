@@ -346,10 +346,15 @@ fn an_undeclared_destination_passes_and_is_logged_in_audit_mode() {
             .lines()
             .any(|l| l.contains("egress-not-declared") && l.contains("audit"))
     });
+    // The sidecar's own HTTP proxy listener as the "destination": passed
+    // through once, then refused, never a loop.
+    let (status, out) = via(px, &format!("http://{px}/loop"), &[]);
+    assert_eq!(status, 404, "{out}");
+    assert!(out.contains("a loop"), "{out}");
     let m = client.metrics();
     assert_eq!(
         metric(&m, "crank_egress_undeclared_total{mode=\"audit\"}"),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
     assert_eq!(

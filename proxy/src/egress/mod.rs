@@ -213,6 +213,19 @@ pub fn destination_label(d: &Destination) -> &str {
     }
 }
 
+/// What a request passed through to an undeclared destination carries in
+/// `Via`, so that a sidecar it reaches again refuses it instead of looping.
+pub const VIA: &str = "1.1 crank-egress";
+
+/// Whether the request went through an undeclared pass-through before.
+pub fn passed_through_before(req: &pingora_http::RequestHeader) -> bool {
+    req.headers
+        .get_all(http::header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|hop| hop.trim() == VIA))
+}
+
 /// The key of a destination's host as written.
 fn host_key(h: &EgressHost) -> String {
     match h {

@@ -106,7 +106,9 @@ impl MeshProxy {
                     Some(d) if d.name != crate::egress::UNDECLARED_ROUTE => {
                         req.insert_header(http::header::HOST, d.address.as_str())?;
                     }
-                    Some(_) => {}
+                    Some(_) => {
+                        req.append_header(http::header::VIA, crate::egress::VIA)?;
+                    }
                     None => {
                         if let Some(cap) = route.and_then(|r| r.capability.as_deref()) {
                             req.insert_header(CAPABILITY_HEADER, cap)?;

@@ -24,7 +24,7 @@ pub fn select(
         Ok(route) => return Ok(route),
         Err(nr) => nr,
     };
-    if let Some(route) = egress_fallback(table, host.as_deref())? {
+    if let Some(route) = egress_fallback(table, host.as_deref(), req)? {
         return Ok(route);
     }
     let mut detail = format!(
@@ -45,6 +45,7 @@ pub fn select(
 fn egress_fallback(
     table: &RouteTable,
     authority: Option<&str>,
+    req: &RequestHeader,
 ) -> Result<Option<Arc<Route>>, Refusal> {
     use crate::egress::{decide, split_authority, Decision, Destination, Target, Undeclared};
     let Some(authority) = authority else {
@@ -70,6 +71,12 @@ fn egress_fallback(
     let Some((host, port)) = split_authority(authority, 80) else {
         return Ok(None);
     };
+    if crate::egress::passed_through_before(req) {
+        // Passed through once already: the host leads back to a sidecar's
+        // own HTTP proxy listener, a loop.
+        let detail = format!("host {authority:?} was passed through by a sidecar already (Via: {}): a loop; call the destination's own address", crate::egress::VIA);
+        return Err(Refusal::new(Reason::NoRoute, detail));
+    }
     if undeclared == Undeclared::Audit {
         tracing::warn!(reason, mode = "audit", host = %host, port, "passing through a request to an undeclared destination outside the mesh");
     }
