@@ -466,6 +466,14 @@ impl Control {
         let mut registry_rx = self.registry.changes();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
+            if let Some(shared) = &self.shared {
+                if !shared
+                    .store_reachable
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return Err(refusal(503, "store-unreachable", "this crank-control replica cannot reach its store (etcd), so its config may be stale; ask another replica (list every replica in identity.enroll.control_plane)"));
+                }
+            }
             let current = self.mesh().current.clone();
             let Some(published) = current else {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));

@@ -6,10 +6,16 @@
 //! [`Control::change`] is today's lock, change, save to `state.json`.
 //!
 //! Keys (under `store.etcd.prefix`): see [`super::shared`] for `ca/...`;
-//! `mesh/version` is the published version, written only by the leader
-//! with compare-and-swap on the revision it last saw, so `seq` is monotonic
-//! and never published twice across a failover; `elections/control` says
-//! who leads.
+//! `mesh/version` is the published version (authenticated under the KEK),
+//! written only by the leader in one transaction that checks both the
+//! revision it read the current `seq` from and its own election key, so
+//! `seq` is monotonic, never published twice across a failover, and a
+//! deposed leader cannot publish; `elections/control` says who leads.
+//!
+//! A leaf is recorded in `ca/inventory/` in a transaction that checks
+//! `ca/state` is still at the revision whose deny list was consulted: a
+//! stale or cut-off replica cannot renew a revoked certificate, and a leaf
+//! that cannot be recorded is never handed out (503).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,6 +46,9 @@ pub struct Shared {
     pub replica: String,
     core_rev: Mutex<Rev>,
     mesh_rev: Mutex<Rev>,
+    /// While leading: the election key and the revision this replica
+    /// wrote it at, checked by every publish.
+    fence: Mutex<Option<(String, Rev)>>,
     /// Hash of the config directory the leader last looked at.
     mesh_seen: Mutex<Option<String>>,
     /// instance -> (serial, bundle version, when written): what this
@@ -47,6 +56,10 @@ pub struct Shared {
     written: Mutex<HashMap<String, (String, u64, i64)>>,
     leading_tx: tokio::sync::watch::Sender<bool>,
     leader_gauge: prometheus::IntGauge,
+    /// False while the store does not answer a read within `leader_ttl`
+    /// (a partition): this replica's copy may be stale, so mesh watches
+    /// are refused with 503 and proxies move to another replica.
+    pub store_reachable: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,7 +98,13 @@ pub async fn open(cfg: &ControlConfig, gauge: prometheus::IntGauge) -> anyhow::R
         .context("opening store.etcd")?;
     let (state, core_rev) = load_or_seed(&*store, &kek, cfg).await?;
     let (mesh, mesh_rev) = match store.get(MESH_KEY).await? {
-        Some((bytes, rev)) => (serde_json::from_slice::<Published>(&bytes).ok(), rev),
+        Some((bytes, rev)) => match shared::open_mesh(&bytes, &kek) {
+            Ok(p) => (Some(p), rev),
+            Err(e) => {
+                tracing::error!(error = %e, "the store's mesh/version is refused; this replica serves no config until the leader publishes one");
+                (None, rev)
+            }
+        },
         None => (None, 0),
     };
     let mut reports = HashMap::new();
@@ -101,10 +120,12 @@ pub async fn open(cfg: &ControlConfig, gauge: prometheus::IntGauge) -> anyhow::R
         replica: replica_name(cfg),
         core_rev: Mutex::new(core_rev),
         mesh_rev: Mutex::new(mesh_rev),
+        fence: Mutex::new(None),
         mesh_seen: Mutex::new(None),
         written: Mutex::default(),
         leading_tx,
         leader_gauge: gauge,
+        store_reachable: std::sync::atomic::AtomicBool::new(true),
     };
     Ok(Opened {
         store,
@@ -133,7 +154,7 @@ async fn load_or_seed(
                     cfg.trust_domain
                 );
             }
-            st.inventory = load_inventory(store).await?;
+            st.inventory = load_inventory(store, kek).await?;
             tracing::info!(
                 bundle_version = st.bundle_version,
                 "loaded the CA state from the store"
@@ -142,6 +163,7 @@ async fn load_or_seed(
         }
         let path = cfg.state_dir.join("state.json");
         let st = if path.exists() {
+            warn_state_json(&path);
             crate::server::load_state(&path, &cfg.trust_domain)?
         } else {
             crate::server::seed_state(cfg)?
@@ -152,7 +174,9 @@ async fn load_or_seed(
         {
             Ok(rev) => {
                 for i in &st.inventory {
-                    put_issued(store, i).await;
+                    if let Err(e) = put_issued(store, kek, i, (CORE_KEY, rev)).await {
+                        tracing::error!(serial = %i.serial, error = %e, "cannot copy an issued certificate into the store");
+                    }
                 }
                 tracing::info!("seeded the store's CA state");
                 return Ok((st, rev));
@@ -164,24 +188,36 @@ async fn load_or_seed(
     anyhow::bail!("the store's ca/state keeps changing while this replica starts; try again")
 }
 
-async fn load_inventory(store: &dyn Store) -> crate::store::Result<Vec<Issued>> {
-    Ok(store
-        .list(INVENTORY_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|(_, v, _)| serde_json::from_slice(&v).ok())
-        .collect())
+/// `state.json` keeps the intermediate's key in clear: once the store is
+/// seeded it should not stay on the replicas.
+fn warn_state_json(path: &std::path::Path) {
+    tracing::warn!(path = %path.display(), "state.json holds the intermediate's private key in clear; once the store is seeded remove it from every replica (the store keeps the key sealed under the KEK)");
 }
 
-async fn put_issued(store: &dyn Store, i: &Issued) {
-    let key = format!("{INVENTORY_PREFIX}{}", i.serial);
-    let bytes = serde_json::to_vec(i).unwrap_or_default();
-    match store.put_if(&key, bytes, 0, None).await {
-        Ok(_) | Err(StoreError::Conflict { .. }) => {}
-        Err(e) => {
-            tracing::error!(serial = %i.serial, error = %e, "cannot record an issued certificate in the store")
+/// Every leaf in the store whose integrity checks; the others are logged and skipped.
+async fn load_inventory(store: &dyn Store, kek: &Kek) -> crate::store::Result<Vec<Issued>> {
+    let mut out = Vec::new();
+    for (key, v, _) in store.list(INVENTORY_PREFIX).await? {
+        match shared::open_issued(&key, &v, kek) {
+            Ok(i) => out.push(i),
+            Err(e) => {
+                tracing::error!(key, error = %e, "ignoring a certificate record that fails its check")
+            }
         }
     }
+    Ok(out)
+}
+
+/// Records a leaf, only while `guard` (the `ca/state` consulted) is unchanged.
+async fn put_issued(
+    store: &dyn Store,
+    kek: &Kek,
+    i: &Issued,
+    guard: (&str, Rev),
+) -> crate::store::Result<Rev> {
+    let bytes = shared::seal_issued(i, kek).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let key = shared::inventory_key(&i.serial);
+    store.put_if_guarded(&key, bytes, 0, guard.0, guard.1).await
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Refusal {
@@ -268,10 +304,13 @@ impl Control {
         after: &CaState,
         rev: Rev,
     ) -> crate::store::Result<()> {
-        if shared::core_differs(before, after) {
+        let core_changed = shared::core_differs(before, after);
+        let mut guard_rev = rev;
+        if core_changed {
             let bytes = shared::seal_core(after, &shared.kek)
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             let new_rev = store.put_if(CORE_KEY, bytes, rev, None).await?;
+            guard_rev = new_rev;
             let mut st = self.state();
             let mut cur = lock(&shared.core_rev);
             if new_rev > *cur {
@@ -281,7 +320,20 @@ impl Control {
         }
         let (added, removed) = shared::inventory_diff(before, after);
         for i in &added {
-            put_issued(store, i).await;
+            match put_issued(store, &shared.kek, i, (CORE_KEY, guard_rev)).await {
+                Ok(_) => {}
+                // The core write already went through (a token was used):
+                // running the change again would not be the same change.
+                Err(StoreError::Conflict { .. }) if core_changed => {
+                    return Err(StoreError::Unavailable(
+                        "the CA state changed while the new certificate was recorded; it was not handed out".into(),
+                    ))
+                }
+                Err(e) => {
+                    tracing::error!(serial = %i.serial, error = %e, "cannot record an issued certificate in the store; it is not handed out");
+                    return Err(e);
+                }
+            }
         }
         for serial in &removed {
             let key = format!("{INVENTORY_PREFIX}{serial}");
@@ -311,6 +363,15 @@ impl Control {
         let core = shared::open_core(bytes, &shared.kek)?;
         let mut st = self.state();
         let mut cur = lock(&shared.core_rev);
+        if rev > *cur && shared::goes_backwards(&st, &core) {
+            anyhow::bail!(
+                "the store's ca/state (revision {rev}) would take the CA back to revocations version {} and bundle version {} from {} and {} (an older document written again); it is refused",
+                core.revocations_version,
+                core.bundle_version,
+                st.revocations_version,
+                st.bundle_version
+            );
+        }
         if rev > *cur {
             shared::set_core(&mut st, core);
             *cur = rev;
@@ -358,8 +419,11 @@ impl Control {
                 }
             }
             Change::Put { key, value, .. } if key.starts_with(INVENTORY_PREFIX) => {
-                if let Ok(i) = serde_json::from_slice::<Issued>(&value) {
-                    shared::add_issued(&mut self.state(), i);
+                match shared::open_issued(&key, &value, &shared.kek) {
+                    Ok(i) => shared::add_issued(&mut self.state(), i),
+                    Err(e) => {
+                        tracing::error!(key, error = %e, "ignoring a certificate record that fails its check")
+                    }
                 }
             }
             Change::Delete { key, .. } if key.starts_with(INVENTORY_PREFIX) => {
@@ -378,7 +442,7 @@ impl Control {
     /// After (re)starting the watch: everything under `ca/` again.
     async fn reload_all(&self, store: &dyn Store, shared: &Shared) -> anyhow::Result<()> {
         self.reload_core(store, shared).await?;
-        let inventory = load_inventory(store).await?;
+        let inventory = load_inventory(store, &shared.kek).await?;
         self.state().inventory = inventory;
         for (_, v, _) in store.list(REPORTS_PREFIX).await? {
             if let Ok(r) = serde_json::from_slice::<Report>(&v) {
@@ -390,11 +454,12 @@ impl Control {
 
     /// A published version seen in the store: served from now on when newer.
     fn apply_mesh(&self, shared: &Shared, bytes: &[u8], rev: Rev) {
-        let Ok(p) = serde_json::from_slice::<Published>(bytes) else {
-            tracing::error!(
-                "the store's mesh/version is not a published version; the last one keeps serving"
-            );
-            return;
+        let p = match shared::open_mesh(bytes, &shared.kek) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, rev, "the store's mesh/version is refused; the last good version keeps serving");
+                return;
+            }
         };
         {
             let mut cur = lock(&shared.mesh_rev);
@@ -412,34 +477,66 @@ impl Control {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Leader only: checks the config directory and publishes a new version
-    /// with compare-and-swap on the last revision seen, so a deposed leader
-    /// that has not noticed yet loses instead of publishing twice.
+    /// Leader only: checks the config directory and publishes a new version.
+    /// `seq` and the expected revision come from one read of
+    /// `mesh/version`, and the write checks that revision and this
+    /// leader's election key in one transaction: a deposed leader that has
+    /// not noticed yet, or a publisher that raced another, loses.
     pub(in crate::server) async fn publish_shared(&self) {
         let (Some(store), Some(shared), Some(dir)) =
             (&self.store, &self.shared, &self.cfg.config_dir)
         else {
             return;
         };
-        let Some(next) = self.next_version(shared, dir) else {
+        let Some(fence) = lock(&shared.fence).clone() else {
             return;
         };
-        let rev = *lock(&shared.mesh_rev);
-        let bytes = serde_json::to_vec(&next.1).unwrap_or_default();
-        match store.put_if(MESH_KEY, bytes.clone(), rev, None).await {
+        let Some((hash, snapshot)) = self.next_snapshot(shared, dir) else {
+            return;
+        };
+        let (stored, rev) = match store.get(MESH_KEY).await {
+            Ok(Some((b, r))) => (shared::open_mesh(&b, &shared.kek).ok(), r),
+            Ok(None) => (None, 0),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read mesh/version; publishing on the next tick");
+                return;
+            }
+        };
+        let local = self.mesh().current.as_ref().map_or(0, |c| c.seq);
+        if let Some(p) = stored.as_ref().filter(|p| p.snapshot.hash == snapshot.hash) {
+            *lock(&shared.mesh_seen) = Some(hash);
+            if p.seq > local {
+                if let Ok(b) = shared::seal_mesh(p, &shared.kek) {
+                    self.apply_mesh(shared, &b, rev);
+                }
+            }
+            return;
+        }
+        let seq = stored.as_ref().map_or(0, |p| p.seq).max(local) + 1;
+        let next = Published {
+            seq,
+            published_at: now(),
+            snapshot,
+        };
+        let bytes = match shared::seal_mesh(&next, &shared.kek) {
+            Ok(b) => b,
+            Err(e) => return tracing::error!(error = %e, "cannot seal the mesh config version"),
+        };
+        match store
+            .put_if_guarded(MESH_KEY, bytes.clone(), rev, &fence.0, fence.1)
+            .await
+        {
             Ok(new_rev) => {
-                *lock(&shared.mesh_seen) = Some(next.0.clone());
-                tracing::info!(seq = next.1.seq, hash = %next.1.snapshot.hash, "published mesh config");
+                *lock(&shared.mesh_seen) = Some(hash.clone());
+                tracing::info!(seq, hash = %next.snapshot.hash, "published mesh config");
                 self.apply_mesh(shared, &bytes, new_rev);
-                self.audit_config(&next.0, format!("version {}", next.1.seq), None);
+                self.audit_config(&hash, format!("version {seq}"), None);
+            }
+            Err(StoreError::Conflict { key, .. }) if key == fence.0 => {
+                tracing::error!("this replica no longer holds the leadership it published under; not publishing");
             }
             Err(StoreError::Conflict { .. }) => {
-                tracing::warn!(
-                    "another replica published first; publishing again from its version"
-                );
-                if let Ok(Some((b, r))) = store.get(MESH_KEY).await {
-                    self.apply_mesh(shared, &b, r);
-                }
+                tracing::warn!("another replica published first; publishing again from its version")
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot publish the mesh config to the store; retrying")
@@ -447,9 +544,13 @@ impl Control {
         }
     }
 
-    /// The directory's hash and the version to publish, when it changed
-    /// and is valid (a refusal is recorded here).
-    fn next_version(&self, shared: &Shared, dir: &std::path::Path) -> Option<(String, Published)> {
+    /// The directory's hash and snapshot, when it changed since last
+    /// looked at and is valid (a refusal is recorded here).
+    fn next_snapshot(
+        &self,
+        shared: &Shared,
+        dir: &std::path::Path,
+    ) -> Option<(String, crate::configdir::MeshSnapshot)> {
         let files = crate::configdir::files(dir).ok()?;
         let hash = crate::configdir::hash(&files);
         if lock(&shared.mesh_seen).as_deref() == Some(hash.as_str()) {
@@ -467,28 +568,26 @@ impl Control {
                 None
             }
             Ok(snapshot) => {
-                let mut mesh = self.mesh();
-                mesh.last_error = None;
-                let current = mesh.current.clone();
-                drop(mesh);
-                if current
-                    .as_ref()
-                    .is_some_and(|c| c.snapshot.hash == snapshot.hash)
-                {
-                    *lock(&shared.mesh_seen) = Some(hash);
-                    return None;
-                }
-                let seq = current.map_or(1, |c| c.seq + 1);
-                Some((
-                    hash,
-                    Published {
-                        seq,
-                        published_at: now(),
-                        snapshot,
-                    },
-                ))
+                self.mesh().last_error = None;
+                Some((hash, snapshot))
             }
         }
+    }
+
+    /// Revoke by identity must see leaves issued on every replica: the
+    /// inventory read from the store now, not this replica's copy.
+    pub(in crate::server) async fn sync_inventory(&self) -> Result<(), Refusal> {
+        let (Some(store), Some(shared)) = (&self.store, &self.shared) else {
+            return Ok(());
+        };
+        let listed = load_inventory(&**store, &shared.kek)
+            .await
+            .map_err(unavailable)?;
+        let mut st = self.state();
+        for i in listed {
+            shared::add_issued(&mut st, i);
+        }
+        Ok(())
     }
 
     /// Who leads, for `crankctl ca status`: (this replica, the leader).
@@ -513,6 +612,31 @@ pub fn spawn(control: &Arc<Control>, tasks: &mut tokio::task::JoinSet<()>) {
     tasks.spawn(campaign(control.clone()));
     tasks.spawn(follow(control.clone(), CA_PREFIX));
     tasks.spawn(follow(control.clone(), MESH_KEY));
+    tasks.spawn(probe(control.clone()));
+}
+
+/// Reads `mesh/version` every second; a read that fails or takes longer
+/// than `leader_ttl` marks the store unreachable until one succeeds.
+async fn probe(control: Arc<Control>) {
+    use std::sync::atomic::Ordering;
+    let (Some(store), Some(shared)) = (control.store.clone(), control.shared.as_ref()) else {
+        return;
+    };
+    let limit = control.cfg.leader_ttl;
+    loop {
+        let ok = matches!(
+            tokio::time::timeout(limit, store.get(MESH_KEY)).await,
+            Ok(Ok(_))
+        );
+        let was = shared.store_reachable.swap(ok, Ordering::Relaxed);
+        if was && !ok {
+            tracing::error!(replica = %shared.replica, "the store does not answer; mesh watches are refused (503 store-unreachable) so proxies move to another replica");
+            control.changed.send_modify(|v| *v += 1);
+        } else if ok && !was {
+            tracing::info!(replica = %shared.replica, "the store answers again; serving mesh watches");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Campaigns for `elections/control` for ever; while leading, the switch
@@ -526,10 +650,13 @@ async fn campaign(control: Arc<Control>) {
         match crate::store::campaign(store.clone(), ELECTION, &shared.replica, ttl).await {
             Ok(mut leadership) => {
                 *lock(&shared.mesh_seen) = None;
+                let (key, rev) = leadership.fence();
+                *lock(&shared.fence) = Some((key.to_string(), rev));
                 let _ = shared.leading_tx.send(true);
                 shared.leader_gauge.set(1);
                 tracing::info!(replica = %shared.replica, "this replica leads (publishing, rotations, pruning)");
                 leadership.lost().await;
+                *lock(&shared.fence) = None;
                 let _ = shared.leading_tx.send(false);
                 shared.leader_gauge.set(0);
                 tracing::error!(replica = %shared.replica, "this replica lost the leadership (its lease ended); it stops publishing and campaigns again");
