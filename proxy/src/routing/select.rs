@@ -116,4 +116,63 @@ mod tests {
         let e = select(&t, None, &other, Some("web")).unwrap_err();
         assert!(e.detail.contains("names service \"web\""), "{}", e.detail);
     }
+
+    /// A host no route takes, by `egress.mode`: (mode, host, Via, the route
+    /// chosen or the refusal's reason).
+    #[test]
+    fn hosts_no_route_takes_follow_the_egress_mode() {
+        let cases: &[(&str, &str, Option<&str>, Result<&str, Reason>)] = &[
+            ("", "nope", None, Err(Reason::NoRoute)),
+            ("", "ray-head.internal:8000", None, Ok("egress:ray")),
+            ("mode: deny", "nope", None, Err(Reason::EgressNotDeclared)),
+            (
+                "mode: deny",
+                "ray-head.internal:8000",
+                None,
+                Ok("egress:ray"),
+            ),
+            ("mode: deny", "back", None, Ok("back")),
+            ("mode: allow", "nope:81", None, Ok("egress-undeclared")),
+            ("mode: audit", "nope", None, Ok("egress-undeclared")),
+            (
+                "mode: audit",
+                "nope",
+                Some("1.1 crank-egress"),
+                Err(Reason::NoRoute),
+            ),
+            (
+                "mode: audit",
+                "nope",
+                Some("1.1 other, 1.1 crank-egress"),
+                Err(Reason::NoRoute),
+            ),
+            (
+                "mode: audit",
+                "nope",
+                Some("1.1 other"),
+                Ok("egress-undeclared"),
+            ),
+        ];
+        for (mode, host, via, want) in cases {
+            let cfg = crate::config::parse(
+                "p.yaml",
+                &format!("identity: {{cert: a, key: b, trust_bundle: c}}\nadmin: {{listen: 127.0.0.1:1}}\negress: {{{mode}, destinations: [{{name: ray, address: 'ray-head.internal:8000'}}]}}\nroutes: [{{name: back, endpoints: [{{address: 127.0.0.1:3, identity: back.acme.crank.local}}]}}]\n").replace("{, ", "{"),
+            )
+            .unwrap();
+            let t = RouteTable::from_config(&cfg);
+            let mut r = RequestHeader::build("GET", b"/x", None).unwrap();
+            r.insert_header("host", *host).unwrap();
+            if let Some(v) = via {
+                r.insert_header("via", *v).unwrap();
+            }
+            let got = select(&t, None, &r, None)
+                .map(|route| route.name.clone())
+                .map_err(|e| e.reason);
+            assert_eq!(
+                got.as_ref().map(String::as_str),
+                want.as_ref().map(|w| *w),
+                "{mode} {host} {via:?}"
+            );
+        }
+    }
 }
