@@ -4,17 +4,25 @@
 #
 #   bash benches/mesh-watch.sh                 # N = 100, 1000, 2000 (+5000 with 16+ GiB free)
 #   WATCHERS=100,1000 UPDATES=10 bash benches/mesh-watch.sh
+#   REPLICAS=3 WATCHERS=10000 bash benches/mesh-watch.sh   # 3 etcd + 3 replicas, then SIGKILL of the leader
 #
 # Knobs: WATCHERS (comma list), UPDATES [20] (config edits per N),
-# BENCH_NO_BUILD=1 (use the release binaries already in target/release).
+# BENCH_NO_BUILD=1 (use the binaries already built), PROFILE [release] or
+# debug (target/debug, `cargo build` without --release), REPLICAS [1]: 3
+# runs crank-control as three replicas with store: etcd on three etcd
+# members (Debian's etcd-server), watchers spread over them, UPDATES edits,
+# SIGKILL of the leading replica, one edit at once, UPDATES edits more.
 # Output: a markdown table and a JSON summary on stdout, also written to
 # benches/out/mesh-watch.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PROFILE="${PROFILE:-release}"
+flag=(--release)
+[[ "$PROFILE" == debug ]] && flag=()
 if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-  cargo build --release -p crank-control --bins
-  cargo build --release -p crank-tests --bin mesh-watch-bench
+  cargo build "${flag[@]}" -p crank-control --bins
+  cargo build "${flag[@]}" -p crank-tests --bin mesh-watch-bench
 fi
 
 # Every watcher holds one socket in the bench and one in crank-control,
@@ -29,6 +37,9 @@ if [[ -z "${WATCHERS:-}" ]]; then
 fi
 
 mkdir -p benches/out
+out=benches/out/mesh-watch.txt
+[[ "${REPLICAS:-1}" != 1 ]] && out=benches/out/mesh-watch-ha.txt
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-CRANK_BIN_DIR="$PWD/target/release" target/release/mesh-watch-bench \
-  --watchers "$WATCHERS" --updates "${UPDATES:-20}" | tee benches/out/mesh-watch.txt
+echo "profile: $PROFILE, replicas: ${REPLICAS:-1}"
+CRANK_BIN_DIR="$PWD/target/$PROFILE" "target/$PROFILE/mesh-watch-bench" \
+  --watchers "$WATCHERS" --updates "${UPDATES:-20}" --replicas "${REPLICAS:-1}" | tee "$out"

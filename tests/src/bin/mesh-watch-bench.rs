@@ -16,6 +16,13 @@
 //! read and parsed the answer with the new `version.seq`. The watchers are
 //! simulated in one process: they are not real proxies, and on a small
 //! machine they share the CPUs with crank-control.
+//!
+//! `--replicas 3` (issue #15): three etcd members and three crank-control
+//! replicas with `store: etcd` (`tests/src/control_ha.rs`); watcher `i`
+//! starts on replica `i % 3` and moves to the next on any error. K edits,
+//! then SIGKILL of the leading replica and one edit saved at once (its
+//! save-to-applied includes the election and the reconnection of the
+//! killed replica's watchers), then K edits more on the two survivors.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +45,7 @@ type Event = (usize, u64, Instant);
 fn main() -> Result<()> {
     let mut watchers = vec![100, 1000];
     let mut updates = 20;
+    let mut replicas = 1;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().context("a flag needs a value");
@@ -49,14 +57,18 @@ fn main() -> Result<()> {
                     .collect::<Result<_, _>>()?
             }
             "--updates" => updates = val()?.parse()?,
+            "--replicas" => replicas = val()?.parse()?,
             "--bin-dir" => std::env::set_var("CRANK_BIN_DIR", val()?),
             _ => bail!(
-                "usage: mesh-watch-bench [--watchers 100,1000] [--updates 20] [--bin-dir DIR]"
+                "usage: mesh-watch-bench [--watchers 100,1000] [--updates 20] [--replicas 1|3] [--bin-dir DIR]"
             ),
         }
     }
     raise_nofile();
     let rt = tokio::runtime::Runtime::new()?;
+    if replicas > 1 {
+        return ha::main(&rt, &watchers, updates, replicas);
+    }
     let mut summary = Vec::new();
     for n in watchers {
         summary.push(rt.block_on(run(n, updates))?);
@@ -103,7 +115,10 @@ async fn run(n: usize, updates: usize) -> Result<serde_json::Value> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let gate = Arc::new(Semaphore::new(64));
     let tasks: Vec<_> = (0..n)
-        .map(|i| tokio::spawn(watch(i, cp.listen, tls.clone(), gate.clone(), tx.clone())))
+        .map(|i| {
+            let addrs = Arc::new(vec![cp.listen]);
+            tokio::spawn(watch(i, addrs, tls.clone(), gate.clone(), tx.clone()))
+        })
         .collect();
     let mut seqs = vec![0u64; n];
     collect(&mut rx, &mut seqs, 1, Duration::from_secs(120), |_| {}).await?;
@@ -187,21 +202,24 @@ async fn collect(
     Ok(())
 }
 
-/// One simulated proxy: long-polls forever, reconnecting when needed.
+/// One simulated proxy: long-polls forever, reconnecting when needed
+/// (to the next of `addrs` after an error, starting at `i % addrs.len()`).
 async fn watch(
     i: usize,
-    addr: std::net::SocketAddr,
+    addrs: Arc<Vec<std::net::SocketAddr>>,
     tls: Arc<rustls::ClientConfig>,
     gate: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Event>,
 ) {
     let (mut seq, mut registry) = (0u64, 0u64);
+    let mut at = i % addrs.len();
     loop {
         let opened = {
             let _permit = gate.acquire().await;
-            connect(addr, &tls).await
+            connect(addrs[at], &tls).await
         };
         let Ok(mut send) = opened else {
+            at = (at + 1) % addrs.len();
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -218,6 +236,7 @@ async fn watch(
                 }
                 // No config published yet (503), or the connection is gone.
                 Err(_) => {
+                    at = (at + 1) % addrs.len();
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     break;
                 }
@@ -265,15 +284,29 @@ async fn request(
 
 /// Enrolls `bench.demo` with a fresh join token; returns the mTLS config.
 async fn enroll(cp: &ControlPlane) -> Result<rustls::ClientConfig> {
+    enroll_at(
+        cp.listen,
+        &cp.token("bench", "demo"),
+        &cp.bootstrap_bundle(),
+    )
+    .await
+}
+
+/// Enrolls `bench.demo` at `addr` with `token`, trusting `bundle`.
+async fn enroll_at(
+    addr: std::net::SocketAddr,
+    token: &str,
+    bundle: &std::path::Path,
+) -> Result<rustls::ClientConfig> {
     let id = crank_certs::Identity::new("bench", "demo", crank_certs::DEFAULT_TRUST_DOMAIN)?;
     let (key, csr) = crank_certs::new_key_and_csr(&id)?;
     let body = serde_json::json!({
-        "token": cp.token("bench", "demo"),
+        "token": token,
         "csr": csr,
         "instance": "bench-enroll",
     });
-    let roots = std::fs::read(cp.bootstrap_bundle())?;
-    let mut send = connect(cp.listen, &Arc::new(client_config(&roots, None)?)).await?;
+    let roots = std::fs::read(bundle)?;
+    let mut send = connect(addr, &Arc::new(client_config(&roots, None)?)).await?;
     let issued = request(
         &mut send,
         hyper::Method::POST,
@@ -369,5 +402,147 @@ fn raise_nofile() {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
+    }
+}
+
+/// `--replicas N`: the watchers spread over N crank-control replicas on a
+/// three-member etcd; edits before and after SIGKILL of the leader.
+mod ha {
+    use super::*;
+    use crank_tests::control_ha::{HaControl, HaOptions};
+
+    pub fn main(
+        rt: &tokio::runtime::Runtime,
+        watchers: &[usize],
+        updates: usize,
+        replicas: usize,
+    ) -> Result<()> {
+        let mut rows = Vec::new();
+        for &n in watchers {
+            rows.push(run(rt, n, updates, replicas)?);
+        }
+        println!("| watchers | replicas | phase | edits | p50 ms | p99 ms | max ms | fan-out p50 ms | fan-out max ms |");
+        println!("|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+        for r in rows
+            .iter()
+            .flat_map(|r| r.as_array().cloned().unwrap_or_default())
+        {
+            println!(
+                "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                r["watchers"],
+                r["replicas"],
+                r["phase"].as_str().unwrap_or_default(),
+                r["updates"],
+                r["p50_ms"].as_f64().unwrap_or(0.0),
+                r["p99_ms"].as_f64().unwrap_or(0.0),
+                r["max_ms"].as_f64().unwrap_or(0.0),
+                r["fanout_p50_ms"].as_f64().unwrap_or(0.0),
+                r["fanout_max_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        Ok(())
+    }
+
+    fn run(
+        rt: &tokio::runtime::Runtime,
+        n: usize,
+        updates: usize,
+        replicas: usize,
+    ) -> Result<serde_json::Value> {
+        let mut ha = HaControl::start(HaOptions {
+            replicas,
+            etcd_members: 3,
+            extra: "registry: {lease: 10s}\n".into(),
+            ..Default::default()
+        });
+        ha.write_mesh_file("capabilities.yaml", "capabilities:\n  - name: hello:v1\n");
+        ha.write_mesh_file("routes/bench.yaml", &route(100));
+        ha.leader(Duration::from_secs(30));
+        let token = ha.replicas[0].token("bench", "demo");
+        let bundle = ha.path().join("ca/root/bundle.pem");
+        let addrs = Arc::new(ha.replicas.iter().map(|r| r.listen).collect::<Vec<_>>());
+        let tls = Arc::new(rt.block_on(enroll_at(addrs[0], &token, &bundle))?);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let gate = Arc::new(Semaphore::new(64));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                rt.spawn(watch(
+                    i,
+                    addrs.clone(),
+                    tls.clone(),
+                    gate.clone(),
+                    tx.clone(),
+                ))
+            })
+            .collect();
+        let mut seqs = vec![0u64; n];
+        rt.block_on(collect(
+            &mut rx,
+            &mut seqs,
+            1,
+            Duration::from_secs(300),
+            |_| {},
+        ))?;
+        let mut next = seqs.iter().copied().max().unwrap_or(1) + 1;
+        let mut weight = 101;
+        let mut edit = |rx: &mut mpsc::UnboundedReceiver<Event>,
+                        seqs: &mut [u64],
+                        ha: &HaControl,
+                        pause: bool| {
+            if pause {
+                std::thread::sleep(Duration::from_millis(150 + (weight as u64 * 137) % 500));
+            }
+            // Events that arrived meanwhile (reconnections) are old news.
+            while let Ok((i, seq, _)) = rx.try_recv() {
+                seqs[i] = seqs[i].max(seq);
+            }
+            ha.write_mesh_file("routes/bench.yaml", &route(weight));
+            let saved = Instant::now();
+            let mut lat = Vec::with_capacity(n);
+            let target = next;
+            rt.block_on(collect(rx, seqs, target, Duration::from_secs(120), |at| {
+                lat.push(at.saturating_duration_since(saved).as_secs_f64() * 1e3)
+            }))?;
+            lat.sort_by(f64::total_cmp);
+            println!(
+                "N={n} seq {target}: p50 {:>5.0} ms  p99 {:>5.0} ms  max {:>5.0} ms",
+                pct(&lat, 50.0),
+                pct(&lat, 99.0),
+                lat[lat.len() - 1]
+            );
+            weight += 1;
+            next += 1;
+            anyhow::Ok(lat)
+        };
+        let before: Vec<Vec<f64>> = (0..updates)
+            .map(|_| edit(&mut rx, &mut seqs, &ha, true))
+            .collect::<Result<_>>()?;
+        let lead = ha.leader(Duration::from_secs(10));
+        ha.replicas[lead].kill();
+        println!("N={n}: killed the leading replica {lead}");
+        let failover = vec![edit(&mut rx, &mut seqs, &ha, false)?];
+        let after: Vec<Vec<f64>> = (0..updates)
+            .map(|_| edit(&mut rx, &mut seqs, &ha, true))
+            .collect::<Result<_>>()?;
+        for t in tasks {
+            t.abort();
+        }
+        let row = |phase: &str, edits: &[Vec<f64>]| {
+            let mut all: Vec<f64> = edits.iter().flatten().copied().collect();
+            all.sort_by(f64::total_cmp);
+            let mut fan: Vec<f64> = edits.iter().map(|l| l[l.len() - 1] - l[0]).collect();
+            fan.sort_by(f64::total_cmp);
+            serde_json::json!({
+                "watchers": n, "replicas": replicas, "phase": phase, "updates": edits.len(),
+                "p50_ms": pct(&all, 50.0), "p99_ms": pct(&all, 99.0), "max_ms": all[all.len() - 1],
+                "fanout_p50_ms": pct(&fan, 50.0), "fanout_max_ms": fan[fan.len() - 1],
+            })
+        };
+        Ok(serde_json::json!([
+            row("before the kill", &before),
+            row("first edit after SIGKILL of the leader", &failover),
+            row("after the kill (2 replicas)", &after),
+        ]))
     }
 }
