@@ -41,6 +41,7 @@ async fn etcd_store_behaves_like_the_file_store() {
     conformance::lease_expiry(&*a, TTL).await;
     conformance::observers_see_who_leads(a.clone(), b.clone(), TTL).await;
     conformance::leadership_lost_with_its_lease(a.clone(), b.clone(), TTL).await;
+    conformance::guarded_writes_fence(a.clone(), b.clone(), TTL).await;
     let started = Instant::now();
     conformance::election_fails_over(a, b, TTL).await;
     eprintln!("election failover body took {:?}", started.elapsed());

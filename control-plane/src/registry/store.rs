@@ -17,9 +17,15 @@
 //!   cache meanwhile.
 //!
 //! The lease id an endpoint holds is the store lease (16 hex digits) and 16
-//! random hex digits: only the holder of the id can renew or end it.
+//! random hex digits. A heartbeat on a replica whose cache holds the
+//! registration must match the whole id; on a replica whose watch has not
+//! delivered it yet, the store lease is parsed from the id and kept alive
+//! directly (unless the cache holds that store lease under another id), so
+//! a heartbeat works on any replica.
 //! `expires_in` is this replica's estimate: heartbeats sent to another
-//! replica renew the lease without telling this one.
+//! replica renew the lease without telling this one, so once the estimate
+//! runs out while the store still holds the key, it rolls over by whole
+//! lease periods (the store deletes the key when the lease really ends).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -166,7 +172,19 @@ impl StoreRegistry {
 
     async fn heartbeat_now(&self, lease: &LeaseId, now: Instant) -> Result<(), RegistryError> {
         let unknown = || RegistryError::UnknownLease(lease.clone());
-        let store_lease = self.lock().store_lease(lease).ok_or_else(unknown)?;
+        let store_lease = {
+            let cache = self.lock();
+            match cache.store_lease(lease) {
+                Some(l) => l,
+                None => {
+                    let l = store_lease_of(lease).ok_or_else(unknown)?;
+                    if cache.holds_store_lease(l) {
+                        return Err(unknown());
+                    }
+                    l
+                }
+            }
+        };
         match self.store.keep_alive(store::LeaseId(store_lease)).await {
             Ok(()) => {
                 self.lock().renewed(lease, now);
@@ -240,6 +258,16 @@ impl Registry for StoreRegistry {
     fn survives_restart(&self) -> bool {
         true
     }
+}
+
+/// The store lease named by the first 16 hex digits of a lease id made by
+/// [`StoreRegistry::register_now`].
+fn store_lease_of(lease: &LeaseId) -> Option<i64> {
+    let id = lease.as_str();
+    if id.len() != 32 || !id.is_ascii() {
+        return None;
+    }
+    u64::from_str_radix(&id[..16], 16).ok().map(|l| l as i64)
 }
 
 /// `registry/<identity>/<address>`.
@@ -325,14 +353,28 @@ impl Slot {
             registration: self.record.registration.clone(),
             registered_at,
             last_heartbeat: self.last_heartbeat.unwrap_or(registered_at),
-            expires_in: self.expires_at.saturating_duration_since(now),
+            expires_in: self.expires_in(now),
         }
+    }
+
+    /// This replica's estimate; past it the store still holds the key (a
+    /// heartbeat went to another replica), so it rolls over by whole lease
+    /// periods instead of reading 0.
+    fn expires_in(&self, now: Instant) -> Duration {
+        let d = self.duration();
+        if now < self.expires_at || d.is_zero() {
+            return self.expires_at.saturating_duration_since(now);
+        }
+        let over = (now - self.expires_at).as_nanos() % d.as_nanos();
+        d - Duration::from_nanos(over as u64)
     }
 }
 
 /// The watched registrations by key, and the changes not yet reported.
 struct Cache {
     slots: HashMap<String, Slot>,
+    /// Lease id -> the key its registration is under.
+    by_lease: HashMap<LeaseId, String>,
     version: u64,
     /// Left through the store (expired, or deregistered on another
     /// replica), not yet returned by `expire`.
@@ -343,6 +385,7 @@ impl Cache {
     fn new() -> Cache {
         Cache {
             slots: HashMap::new(),
+            by_lease: HashMap::new(),
             version: 0,
             expired: VecDeque::new(),
         }
@@ -368,13 +411,17 @@ impl Cache {
                     .get(&key)
                     .is_none_or(|s| s.record.registration != record.registration);
                 let expires_at = now + Duration::from_millis(record.lease_ms);
+                let lease = record.lease.clone();
                 let slot = Slot {
                     rev,
                     record,
                     last_heartbeat: None,
                     expires_at,
                 };
-                self.slots.insert(key, slot);
+                if let Some(old) = self.slots.insert(key.clone(), slot) {
+                    self.by_lease.remove(&old.record.lease);
+                }
+                self.by_lease.insert(lease, key);
                 if changed {
                     self.version += 1;
                 }
@@ -415,6 +462,7 @@ impl Cache {
         let Some(slot) = self.slots.remove(key) else {
             return;
         };
+        self.by_lease.remove(&slot.record.lease);
         self.version += 1;
         if self.expired.len() == MAX_PENDING_EXPIRED {
             self.expired.pop_front();
@@ -436,10 +484,14 @@ impl Cache {
     }
 
     fn find(&self, lease: &LeaseId) -> Option<&String> {
+        self.by_lease.get(lease)
+    }
+
+    /// True when a registration here holds `store_lease` (under its own id).
+    fn holds_store_lease(&self, store_lease: i64) -> bool {
         self.slots
-            .iter()
-            .find(|(_, s)| &s.record.lease == lease)
-            .map(|(k, _)| k)
+            .values()
+            .any(|s| s.record.store_lease == store_lease)
     }
 
     fn store_lease(&self, lease: &LeaseId) -> Option<i64> {
@@ -460,6 +512,7 @@ impl Cache {
     fn remove_lease(&mut self, lease: &LeaseId) -> Option<Slot> {
         let key = self.find(lease).cloned()?;
         let slot = self.slots.remove(&key)?;
+        self.by_lease.remove(lease);
         self.version += 1;
         Some(slot)
     }
@@ -523,6 +576,76 @@ mod tests {
         Registry::heartbeat(&b, &lease, Instant::now())
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_works_on_a_replica_whose_cache_lacks_the_lease() {
+        let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+        let a = StoreRegistry::start(s.clone()).await.unwrap();
+        let b = StoreRegistry::start(s).await.unwrap();
+        // b's watch is cut: it never learns of the registration.
+        b.follower.abort();
+        let lease = Registry::register(
+            &a,
+            conformance::reg("10.0.0.7:8443"),
+            Duration::from_secs(10),
+            Instant::now(),
+        )
+        .await
+        .unwrap();
+        assert!(b.snapshot(Instant::now()).entries.is_empty());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        Registry::heartbeat(&b, &lease, Instant::now())
+            .await
+            .expect("a heartbeat renews the store lease on any replica");
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert_eq!(
+            a.snapshot(Instant::now()).entries.len(),
+            1,
+            "still registered"
+        );
+        // Another id for the same store lease is refused where it is known.
+        let forged = LeaseId::new(format!("{}{}", &lease.as_str()[..16], "0".repeat(16)));
+        let e = Registry::heartbeat(&a, &forged, Instant::now()).await;
+        assert_eq!(e, Err(RegistryError::UnknownLease(forged)));
+        let junk = LeaseId::new("not-a-lease");
+        assert!(Registry::heartbeat(&b, &junk, Instant::now())
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn expires_in_rolls_over_on_a_replica_that_missed_the_heartbeats() {
+        let now = Instant::now();
+        let mut c = Cache::new();
+        let record = Record {
+            lease: LeaseId::new("l1"),
+            store_lease: 1,
+            registration: conformance::reg("10.0.0.1:1"),
+            lease_ms: 10_000,
+            registered_at_unix_ms: 0,
+        };
+        let put = Change::Put {
+            key: "registry/x/a".into(),
+            value: serde_json::to_vec(&record).unwrap(),
+            rev: 1,
+        };
+        assert!(c.apply(put, now));
+        let slot = &c.slots["registry/x/a"];
+        assert_eq!(
+            slot.entry(now + Duration::from_secs(4)).expires_in,
+            Duration::from_secs(6)
+        );
+        let later = slot.entry(now + Duration::from_secs(15)).expires_in;
+        assert_eq!(
+            later,
+            Duration::from_secs(5),
+            "not 0 while the store holds the key"
+        );
+        assert_eq!(
+            c.find(&LeaseId::new("l1")).map(String::as_str),
+            Some("registry/x/a")
+        );
     }
 
     #[test]

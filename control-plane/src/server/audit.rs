@@ -180,16 +180,11 @@ impl StoreAudit {
         retention: Retention,
     ) -> Self {
         let cache: std::sync::Arc<Mutex<Cached>> = std::sync::Arc::default();
-        tokio::spawn(follow(store.clone(), cache.clone()));
+        let (ready, listed) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(store.clone(), cache.clone(), Some(ready)));
         tokio::spawn(prune(store.clone(), cache.clone(), leading, retention));
-        if let Ok(listed) = store.list(AUDIT_PREFIX).await {
-            let mut c = lock(&cache);
-            for (k, v, rev) in listed {
-                if let Ok(e) = serde_json::from_slice(&v) {
-                    c.insert(k, (e, rev));
-                }
-            }
-        }
+        // The first listing (after the watch is in place), or the first failure.
+        let _ = listed.await;
         StoreAudit {
             local,
             store,
@@ -202,14 +197,44 @@ fn lock(m: &Mutex<Cached>) -> std::sync::MutexGuard<'_, Cached> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Keeps `cache` equal to `audit/` in the store.
+/// Makes `cache` what the store listed: entries the store no longer has
+/// go (pruned or deleted while the watch was down); this replica's own
+/// writes the store has not confirmed yet (revision 0) stay.
+fn resync(cache: &mut Cached, listed: Vec<crate::store::Listed>) {
+    let mut fresh = Cached::new();
+    for (k, v, rev) in listed {
+        if let Ok(e) = serde_json::from_slice(&v) {
+            fresh.insert(k, (e, rev));
+        }
+    }
+    for (k, (e, rev)) in std::mem::take(cache) {
+        if rev == 0 && !fresh.contains_key(&k) {
+            fresh.insert(k, (e, 0));
+        }
+    }
+    *cache = fresh;
+}
+
+/// Keeps `cache` equal to `audit/` in the store: the watch first, then a
+/// full listing (so nothing written in between is missed), and both again
+/// whenever the watch ends. `ready` hears after the first listing.
 async fn follow(
     store: std::sync::Arc<dyn crate::store::Store>,
     cache: std::sync::Arc<Mutex<Cached>>,
+    mut ready: Option<tokio::sync::oneshot::Sender<()>>,
 ) {
     use futures::StreamExt;
     loop {
         if let Ok(mut changes) = store.watch(AUDIT_PREFIX).await {
+            match store.list(AUDIT_PREFIX).await {
+                Ok(listed) => resync(&mut lock(&cache), listed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the audit log in the store; watching again")
+                }
+            }
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
             while let Some(c) = changes.next().await {
                 match c {
                     crate::store::Change::Put { key, value, rev } => {
@@ -223,11 +248,33 @@ async fn follow(
                 }
             }
         }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
-/// Every minute, while this replica leads: deletes entries past the retention.
+/// Removes from `cache` the entries past `retention` at `now` (the oldest
+/// beyond `max_entries`, and those older than `max_age_secs`); returns
+/// their keys and revisions.
+fn trim(cache: &mut Cached, retention: Retention, now: i64) -> Vec<(String, crate::store::Rev)> {
+    let oldest = now - retention.max_age_secs;
+    let over = cache.len().saturating_sub(retention.max_entries);
+    let gone: Vec<(String, crate::store::Rev)> = cache
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, (e, _)))| *i < over || e.time < oldest)
+        .map(|(_, (k, (_, rev)))| (k.clone(), *rev))
+        .collect();
+    for (k, _) in &gone {
+        cache.remove(k);
+    }
+    gone
+}
+
+/// Every minute: drops entries past the retention from this replica's
+/// copy and, while this replica leads, deletes them from the store.
 async fn prune(
     store: std::sync::Arc<dyn crate::store::Store>,
     cache: std::sync::Arc<Mutex<Cached>>,
@@ -237,19 +284,10 @@ async fn prune(
     let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         every.tick().await;
+        let gone = trim(&mut lock(&cache), retention, super::now());
         if !*leading.borrow() {
             continue;
         }
-        let oldest = super::now() - retention.max_age_secs;
-        let gone: Vec<(String, crate::store::Rev)> = {
-            let c = lock(&cache);
-            let over = c.len().saturating_sub(retention.max_entries);
-            c.iter()
-                .enumerate()
-                .filter(|(i, (_, (e, _)))| *i < over || e.time < oldest)
-                .map(|(_, (k, (_, rev)))| (k.clone(), *rev))
-                .collect()
-        };
         for (key, rev) in gone.into_iter().filter(|(_, rev)| *rev > 0) {
             let _ = store.delete_if(&key, rev).await;
         }
@@ -319,6 +357,46 @@ mod tests {
         assert_eq!(got[0].time, 3000);
         let text = std::fs::read_to_string(d.path().join("audit.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 3, "one JSON line per entry");
+    }
+
+    #[test]
+    fn a_listing_after_a_rewatch_drops_what_the_store_lost_and_keeps_unconfirmed_writes() {
+        let mut cache = Cached::new();
+        cache.insert("audit/1-a".into(), (entry(1, "cert.revoke"), 5));
+        cache.insert("audit/2-b".into(), (entry(2, "token.create"), 0));
+        let listed = vec![(
+            "audit/3-c".to_string(),
+            serde_json::to_vec(&entry(3, "ca.rotate")).unwrap(),
+            9,
+        )];
+        resync(&mut cache, listed);
+        let keys: Vec<&str> = cache.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["audit/2-b", "audit/3-c"],
+            "pruned while the watch was down"
+        );
+        let r = Retention {
+            max_entries: 1,
+            max_age_secs: 100,
+        };
+        let gone = trim(&mut cache, r, 50);
+        assert_eq!(gone, [("audit/2-b".to_string(), 0)]);
+        assert_eq!(cache.len(), 1, "every replica trims its copy");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_audit_opened_late_lists_entries_written_before() {
+        let store: std::sync::Arc<dyn crate::store::Store> =
+            std::sync::Arc::new(crate::store::FileStore::in_memory());
+        let t = super::super::now();
+        let bytes = serde_json::to_vec(&entry(t, "cert.revoke")).unwrap();
+        store.put_if("audit/1-x", bytes, 0, None).await.unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let local = JsonlAudit::open(d.path(), Retention::default(), t);
+        let (_tx, leading) = tokio::sync::watch::channel(false);
+        let log = StoreAudit::open(local, store, leading, Retention::default()).await;
+        assert_eq!(log.query(&AuditQuery::default()).len(), 1);
     }
 
     #[test]

@@ -136,6 +136,8 @@ impl Control {
     }
 
     async fn revoke(&self, r: RevokeRequest) -> Result<Resp, Refusal> {
+        // Leaves issued on other replicas too (a no-op without a store).
+        self.sync_inventory().await?;
         let (revoked, version) = self
             .change(|st| {
                 let revoked = st.revoke(&r.target, now()).map_err(|e| bad(e.0))?;

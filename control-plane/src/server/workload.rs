@@ -63,9 +63,13 @@ fn peer(control: &Control, peer: &PeerCerts) -> Result<(Identity, String), Refus
     })?;
     let serial = canonical_serial(&summary.serial);
     if control.state().is_revoked(&serial) {
-        return Err(refusal(403, "cert-revoked", format!("certificate {serial} of {id} is revoked; enroll again with a new join token (`crankctl token create`) once the cause is fixed")));
+        return Err(revoked(&id, &serial));
     }
     Ok((id, serial))
+}
+
+fn revoked(id: &Identity, serial: &str) -> Refusal {
+    refusal(403, "cert-revoked", format!("certificate {serial} of {id} is revoked; enroll again with a new join token (`crankctl token create`) once the cause is fixed"))
 }
 
 /// One call of the workload API: its handler's answer, or the refusal.
@@ -229,8 +233,14 @@ impl Control {
         let (id, serial) = peer(self, peer_certs)?;
         let r: RenewRequest = body(req).await?;
         check_instance(&r.instance)?;
+        // The deny list is checked again inside the change: the leaf is
+        // recorded only while the store's ca/state is still the one
+        // consulted here, so a stale replica cannot renew a revoked leaf.
         let resp = self
             .change(|st| {
+                if st.is_revoked(&serial) {
+                    return Err(revoked(&id, &serial));
+                }
                 let who = IssueFor {
                     renewing: true,
                     ..IssueFor::new(&id, &r.instance, format!("renew (serial {serial})"))

@@ -274,3 +274,63 @@ pub async fn publish_is_monotonic(a: Arc<dyn Store>, b: Arc<dyn Store>) {
     let (v, _) = a.get("mesh/version").await.unwrap().unwrap();
     assert_eq!(v, (2 * EACH).to_string().into_bytes());
 }
+
+/// A write guarded by another key's revision lands only while the guard is
+/// unchanged: a deposed leader's publish (guard: its election key) and a
+/// leaf checked against a `ca/state` another replica changed since (guard:
+/// that revision) both lose with a conflict naming the guard, and write nothing.
+pub async fn guarded_writes_fence(a: Arc<dyn Store>, b: Arc<dyn Store>, ttl: Duration) {
+    let held = campaign(a.clone(), "guarded", "replica-a", ttl)
+        .await
+        .unwrap();
+    let (key, rev) = held.fence();
+    let key = key.to_string();
+    let r1 = a
+        .put_if_guarded("guarded/doc", b"1".to_vec(), 0, &key, rev)
+        .await
+        .expect("the leader publishes");
+    held.resign().await.unwrap();
+    let next = campaign(b.clone(), "guarded", "replica-b", ttl)
+        .await
+        .unwrap();
+    match a
+        .put_if_guarded("guarded/doc", b"2".to_vec(), r1, &key, rev)
+        .await
+    {
+        Err(StoreError::Conflict { key: k, .. }) => assert_eq!(k, key),
+        other => panic!("a deposed leader must not publish, got {other:?}"),
+    }
+    let (k2, rev2) = next.fence();
+    let r2 = b
+        .put_if_guarded("guarded/doc", b"2".to_vec(), r1, k2, rev2)
+        .await
+        .expect("the new leader publishes");
+    match b
+        .put_if_guarded("guarded/doc", b"3".to_vec(), r1, k2, rev2)
+        .await
+    {
+        Err(StoreError::Conflict { key: k, actual, .. }) => {
+            assert_eq!((k.as_str(), actual), ("guarded/doc", r2))
+        }
+        other => panic!("a stale revision of the key itself conflicts, got {other:?}"),
+    }
+    let core = a
+        .put_if("guarded/state", b"s1".to_vec(), 0, None)
+        .await
+        .unwrap();
+    a.put_if("guarded/state", b"s2".to_vec(), core, None)
+        .await
+        .unwrap();
+    match a
+        .put_if_guarded("guarded/leaf/x", b"l".to_vec(), 0, "guarded/state", core)
+        .await
+    {
+        Err(StoreError::Conflict { key: k, .. }) => assert_eq!(k, "guarded/state"),
+        other => panic!("a leaf checked against a stale ca/state must not land, got {other:?}"),
+    }
+    assert_eq!(a.get("guarded/leaf/x").await.unwrap(), None);
+    assert_eq!(
+        b.get("guarded/doc").await.unwrap(),
+        Some((b"2".to_vec(), r2))
+    );
+}

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -40,19 +42,9 @@ pub async fn campaign(
 ) -> Result<Leadership> {
     let key = key_of(election);
     let lease = store.grant(ttl).await?;
-    let keeper_store = store.clone();
     let (tx, leading) = watch::channel(true);
     // Keep the lease alive while campaigning too, so a long wait does not expire it.
-    let keeper = tokio::spawn(async move {
-        let every = (ttl / 3).max(Duration::from_millis(100));
-        loop {
-            tokio::time::sleep(every).await;
-            if keeper_store.keep_alive(lease).await.is_err() {
-                let _ = tx.send(false);
-                return;
-            }
-        }
-    });
+    let keeper = tokio::spawn(keep(store.clone(), lease, ttl, tx));
     let rev = loop {
         // The watch is in place before the attempt, so a delete after a
         // lost attempt is never missed.
@@ -90,6 +82,51 @@ pub async fn campaign(
     })
 }
 
+/// Keeps `lease` alive every third of `ttl`, retrying a failed keep-alive
+/// until the lease's deadline (a store that answers again in time keeps
+/// the role); once the time since the last keep-alive the store accepted
+/// reaches `ttl`, or the store says the lease is gone, steps down and
+/// revokes the lease, so the key goes now and the next leader need not
+/// wait a full ttl.
+async fn keep(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration, tx: watch::Sender<bool>) {
+    let every = (ttl / 3).max(Duration::from_millis(100));
+    let retry = (ttl / 10).max(Duration::from_millis(50));
+    let mut last_ok = Instant::now();
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait.min(ttl.saturating_sub(last_ok.elapsed()))).await;
+        let left = ttl.saturating_sub(last_ok.elapsed());
+        if left.is_zero() {
+            tracing::error!(
+                lease = lease.0,
+                "no keep-alive accepted for the whole ttl; stepping down"
+            );
+            break;
+        }
+        let sent = Instant::now();
+        match tokio::time::timeout(left, store.keep_alive(lease)).await {
+            Ok(Ok(())) => {
+                last_ok = sent;
+                wait = every;
+            }
+            Ok(Err(StoreError::LeaseGone(_))) => {
+                tracing::error!(
+                    lease = lease.0,
+                    "the store ended the leadership lease; stepping down"
+                );
+                break;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(lease = lease.0, error = %e, "keep-alive failed; retrying until the lease's deadline");
+                wait = retry;
+            }
+            Err(_) => wait = Duration::ZERO,
+        }
+    }
+    let _ = tx.send(false);
+    let _ = tokio::time::timeout(ttl, store.revoke(lease)).await;
+}
+
 /// Who leads `election` now, if anyone.
 pub async fn leader(store: &dyn Store, election: &str) -> Result<Option<String>> {
     let found = store.get(&key_of(election)).await?;
@@ -124,6 +161,12 @@ impl Leadership {
     /// unreachable for longer than the ttl): stop acting as leader.
     pub fn is_leader(&self) -> bool {
         *self.leading.borrow()
+    }
+
+    /// The election key and the revision this leader wrote it at: the
+    /// guard of [`Store::put_if_guarded`] that fences a deposed leader.
+    pub fn fence(&self) -> (&str, Rev) {
+        (&self.key, self.rev)
     }
 
     /// The lease that holds the role.

@@ -205,6 +205,64 @@ impl Store for EtcdStore {
         .boxed()
     }
 
+    fn put_if_guarded<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: Rev,
+        guard: &'a str,
+        guard_rev: Rev,
+    ) -> BoxFuture<'a, Result<Rev>> {
+        async move {
+            let (full, full_guard) = (self.full(key), self.full(guard));
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(full.clone(), CompareOp::Equal, expected),
+                    Compare::mod_revision(full_guard.clone(), CompareOp::Equal, guard_rev),
+                ])
+                .and_then([TxnOp::put(full.clone(), value, None)])
+                .or_else([TxnOp::get(full, None), TxnOp::get(full_guard, None)]);
+            let resp = self
+                .call(|mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await
+                .map_err(unavailable)?;
+            if resp.succeeded() {
+                return Ok(resp.header().map_or(0, |h| h.revision()));
+            }
+            let revs: Vec<Rev> = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => {
+                        Some(g.kvs().first().map_or(0, |kv| kv.mod_revision()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let (actual, actual_guard) = (
+                revs.first().copied().unwrap_or(0),
+                revs.get(1).copied().unwrap_or(0),
+            );
+            Err(if actual_guard != guard_rev {
+                StoreError::Conflict {
+                    key: guard.to_string(),
+                    expected: guard_rev,
+                    actual: actual_guard,
+                }
+            } else {
+                StoreError::Conflict {
+                    key: key.to_string(),
+                    expected,
+                    actual,
+                }
+            })
+        }
+        .boxed()
+    }
+
     fn delete_if<'a>(&'a self, key: &'a str, expected: Rev) -> BoxFuture<'a, Result<()>> {
         async move {
             let full = self.full(key);
@@ -274,12 +332,24 @@ impl Store for EtcdStore {
                     unavailable(e)
                 }
             };
-            let (mut keeper, mut stream) = self
-                .call(|mut c| async move { c.lease_keep_alive(lease.0).await })
-                .await
-                .map_err(gone)?;
-            keeper.keep_alive().await.map_err(gone)?;
-            match stream.message().await.map_err(gone)? {
+            // Bounded: a member that takes the request and never answers
+            // must not hold the caller past its lease's deadline.
+            let reply = tokio::time::timeout(self.request_timeout, async {
+                let (mut keeper, mut stream) = self
+                    .call(|mut c| async move { c.lease_keep_alive(lease.0).await })
+                    .await
+                    .map_err(gone)?;
+                keeper.keep_alive().await.map_err(gone)?;
+                stream.message().await.map_err(gone)
+            })
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "no keep-alive reply for lease {:x} within {:?}",
+                    lease.0, self.request_timeout
+                ))
+            })??;
+            match reply {
                 Some(r) if r.ttl() > 0 => Ok(()),
                 _ => Err(StoreError::LeaseGone(lease.0)),
             }

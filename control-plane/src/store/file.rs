@@ -136,6 +136,51 @@ fn conflict(key: &str, expected: Rev, actual: Rev) -> StoreError {
     }
 }
 
+impl FileStore {
+    /// One write under the lock: `key` at `expected`, and `guard` at its
+    /// revision when given.
+    fn write(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Rev,
+        lease: Option<LeaseId>,
+        guard: Option<(&str, Rev)>,
+    ) -> Result<Rev> {
+        let mut inner = self.lock();
+        if let Some((guard, guard_rev)) = guard {
+            let actual = inner.data.docs.get(guard).map_or(0, |d| d.rev);
+            if actual != guard_rev {
+                return Err(conflict(guard, guard_rev, actual));
+            }
+        }
+        let actual = inner.data.docs.get(key).map_or(0, |d| d.rev);
+        if actual != expected {
+            return Err(conflict(key, expected, actual));
+        }
+        if let Some(l) = lease {
+            if !inner.leases.contains_key(&l.0) {
+                return Err(StoreError::LeaseGone(l.0));
+            }
+        }
+        inner.data.rev += 1;
+        let rev = inner.data.rev;
+        let doc = Doc {
+            value: value.clone(),
+            rev,
+            lease: lease.map(|l| l.0),
+        };
+        inner.data.docs.insert(key.to_string(), doc);
+        self.persist(&inner)?;
+        let _ = self.changes.send(Change::Put {
+            key: key.to_string(),
+            value,
+            rev,
+        });
+        Ok(rev)
+    }
+}
+
 impl Store for FileStore {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>>> {
         let found = self
@@ -166,33 +211,19 @@ impl Store for FileStore {
         expected: Rev,
         lease: Option<LeaseId>,
     ) -> BoxFuture<'a, Result<Rev>> {
-        let result = (|| {
-            let mut inner = self.lock();
-            let actual = inner.data.docs.get(key).map_or(0, |d| d.rev);
-            if actual != expected {
-                return Err(conflict(key, expected, actual));
-            }
-            if let Some(l) = lease {
-                if !inner.leases.contains_key(&l.0) {
-                    return Err(StoreError::LeaseGone(l.0));
-                }
-            }
-            inner.data.rev += 1;
-            let rev = inner.data.rev;
-            let doc = Doc {
-                value: value.clone(),
-                rev,
-                lease: lease.map(|l| l.0),
-            };
-            inner.data.docs.insert(key.to_string(), doc);
-            self.persist(&inner)?;
-            let _ = self.changes.send(Change::Put {
-                key: key.to_string(),
-                value,
-                rev,
-            });
-            Ok(rev)
-        })();
+        let result = self.write(key, value, expected, lease, None);
+        async move { result }.boxed()
+    }
+
+    fn put_if_guarded<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: Rev,
+        guard: &'a str,
+        guard_rev: Rev,
+    ) -> BoxFuture<'a, Result<Rev>> {
+        let result = self.write(key, value, expected, None, Some((guard, guard_rev)));
         async move { result }.boxed()
     }
 

@@ -100,6 +100,19 @@ pub trait Store: Send + Sync + 'static {
         expected: Rev,
         lease: Option<LeaseId>,
     ) -> BoxFuture<'a, Result<Rev>>;
+    /// Like [`Store::put_if`] (no lease), and only while `guard` is still at
+    /// revision `guard_rev`, in one transaction: the election key this
+    /// leader wrote (a deposed leader cannot publish), or the `ca/state`
+    /// revision whose deny list was consulted (a stale copy cannot issue).
+    /// A lost guard is a [`StoreError::Conflict`] naming `guard`.
+    fn put_if_guarded<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: Rev,
+        guard: &'a str,
+        guard_rev: Rev,
+    ) -> BoxFuture<'a, Result<Rev>>;
     /// Deletes `key` only if its revision is still `expected`.
     fn delete_if<'a>(&'a self, key: &'a str, expected: Rev) -> BoxFuture<'a, Result<()>>;
     /// Changes under `prefix` from now on. The watch is in place when this returns.

@@ -5,6 +5,12 @@
 //! entry does not open. Someone who reads the store (a snapshot, a member's
 //! disk) learns certificates but cannot sign without the KEK.
 //!
+//! The KEK also authenticates the store's documents that decide who gets
+//! an identity (`ca/state`, `ca/inventory/*`, `mesh/version`): an
+//! HMAC-SHA256 tag under a key derived from the KEK, over the key name and
+//! the document, so a writer to etcd without the KEK can neither forge nor
+//! move a document ([`Kek::authenticate`], [`Kek::verify`]).
+//!
 //! AES-256-GCM comes from `ring` (already the workspace's crypto provider)
 //! rather than a second AES implementation.
 
@@ -20,6 +26,8 @@ pub enum SealError {
     Kek { path: String, message: String },
     #[error("a sealed intermediate key does not open with this KEK for {generation} (a different kek_file on this replica, or the entry was tampered with); give every replica the same kek_file")]
     Open { generation: String },
+    #[error("the store's {key} fails its integrity check (written without this KEK: a different kek_file, or tampered with); it is ignored and the last good copy kept; restore it from an etcd snapshot or give every replica the same kek_file")]
+    Tampered { key: String },
     #[error("sealing failed: {0}")]
     Seal(String),
 }
@@ -27,7 +35,21 @@ pub enum SealError {
 /// The key-encryption key: 32 random bytes.
 pub struct Kek {
     key: LessSafeKey,
+    /// HMAC-SHA256 key derived from the KEK for document integrity.
+    mac: ring::hmac::Key,
 }
+
+/// A document as the store holds it when authenticated: its JSON text and
+/// the hex HMAC over the store key and that text.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Authenticated {
+    doc: String,
+    mac: String,
+}
+
+/// Separates derived keys by purpose.
+const MAC_LABEL: &[u8] = b"crank-control store document mac v1";
 
 impl std::fmt::Debug for Kek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,8 +92,15 @@ impl Kek {
             ));
         }
         let key = UnboundKey::new(&AES_256_GCM, bytes).map_err(|_| "not an AES-256 key")?;
+        // HKDF-style derivation: HMAC(KEK, label) is the MAC key, so the
+        // AES key and the MAC key are never the same bytes.
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes),
+            MAC_LABEL,
+        );
         Ok(Kek {
             key: LessSafeKey::new(key),
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()),
         })
     }
 
@@ -112,6 +141,41 @@ impl Kek {
     }
 }
 
+impl Kek {
+    /// What the store holds at `key` for the JSON document `doc`: the
+    /// document with its tag, bound to `key`.
+    pub fn authenticate(&self, key: &str, doc: &[u8]) -> Result<Vec<u8>, SealError> {
+        let text = std::str::from_utf8(doc).map_err(|e| SealError::Seal(e.to_string()))?;
+        let a = Authenticated {
+            doc: text.to_string(),
+            mac: hex(ring::hmac::sign(&self.mac, &mac_input(key, doc)).as_ref()),
+        };
+        serde_json::to_vec(&a).map_err(|e| SealError::Seal(e.to_string()))
+    }
+
+    /// The document [`Kek::authenticate`] stored at `key`, once its tag
+    /// checks (constant time); [`SealError::Tampered`] otherwise.
+    pub fn verify(&self, key: &str, stored: &[u8]) -> Result<Vec<u8>, SealError> {
+        let tampered = || SealError::Tampered {
+            key: key.to_string(),
+        };
+        let a: Authenticated = serde_json::from_slice(stored).map_err(|_| tampered())?;
+        let tag = unhex(&a.mac).ok_or_else(tampered)?;
+        ring::hmac::verify(&self.mac, &mac_input(key, a.doc.as_bytes()), &tag)
+            .map_err(|_| tampered())?;
+        Ok(a.doc.into_bytes())
+    }
+}
+
+/// The MAC covers the key name (length-prefixed) and the document.
+fn mac_input(key: &str, doc: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + key.len() + doc.len());
+    m.extend_from_slice(&(key.len() as u64).to_be_bytes());
+    m.extend_from_slice(key.as_bytes());
+    m.extend_from_slice(doc);
+    m
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -148,6 +212,25 @@ mod tests {
         );
         assert!(kek.open("zz", "td/ab01").is_err());
         assert!(kek.open(&sealed[..10], "td/ab01").is_err());
+    }
+
+    #[test]
+    fn an_authenticated_document_is_refused_when_changed_moved_or_unsigned() {
+        let kek = Kek::from_bytes(&[7; 32]).unwrap();
+        let doc = br#"{"revoked":{"ab":1}}"#;
+        let stored = kek.authenticate("ca/state", doc).unwrap();
+        assert_eq!(kek.verify("ca/state", &stored).unwrap(), doc);
+        // Changed: an etcd writer empties the deny list.
+        let text = String::from_utf8(stored.clone()).unwrap();
+        let changed = text.replace(r#"\"ab\":1"#, "");
+        assert_ne!(changed, text);
+        let e = kek.verify("ca/state", changed.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("integrity"), "{e}");
+        // Moved to another key, signed by another KEK, or plain JSON.
+        assert!(kek.verify("ca/inventory/ab", &stored).is_err());
+        let other = Kek::from_bytes(&[8; 32]).unwrap();
+        assert!(other.verify("ca/state", &stored).is_err());
+        assert!(kek.verify("ca/state", doc).is_err());
     }
 
     #[test]

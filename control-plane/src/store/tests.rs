@@ -147,3 +147,105 @@ async fn file_store_publish_is_monotonic_under_two_contenders() {
     let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
     conformance::publish_is_monotonic(s.clone(), s).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn file_store_guarded_writes_fence() {
+    let s: Arc<dyn Store> = Arc::new(FileStore::in_memory());
+    conformance::guarded_writes_fence(s.clone(), s, TTL).await;
+}
+
+/// A FileStore whose keep-alives fail while `fail` is set; the store still
+/// renews the lease (the reply was lost, not the request), so the key can
+/// only go when the leader revokes it.
+struct LostReplies {
+    inner: FileStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Store for LostReplies {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Versioned>>> {
+        self.inner.get(key)
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<Listed>>> {
+        self.inner.list(prefix)
+    }
+    fn put_if<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: Rev,
+        lease: Option<LeaseId>,
+    ) -> BoxFuture<'a, Result<Rev>> {
+        self.inner.put_if(key, value, expected, lease)
+    }
+    fn put_if_guarded<'a>(
+        &'a self,
+        key: &'a str,
+        value: Vec<u8>,
+        expected: Rev,
+        guard: &'a str,
+        guard_rev: Rev,
+    ) -> BoxFuture<'a, Result<Rev>> {
+        self.inner
+            .put_if_guarded(key, value, expected, guard, guard_rev)
+    }
+    fn delete_if<'a>(&'a self, key: &'a str, expected: Rev) -> BoxFuture<'a, Result<()>> {
+        self.inner.delete_if(key, expected)
+    }
+    fn watch<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<ChangeStream>> {
+        self.inner.watch(prefix)
+    }
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<LeaseId>> {
+        self.inner.grant(ttl)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
+        use futures::FutureExt;
+        let fail = self.fail.load(std::sync::atomic::Ordering::SeqCst);
+        let renewed = self.inner.keep_alive(lease);
+        async move {
+            renewed.await?;
+            if fail {
+                return Err(StoreError::Unavailable("reply lost".into()));
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+    fn revoke(&self, lease: LeaseId) -> BoxFuture<'_, Result<()>> {
+        self.inner.revoke(lease)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_rides_out_failed_keep_alives_shorter_than_the_ttl_and_revokes_when_it_steps_down()
+{
+    use std::sync::atomic::Ordering;
+    let s = Arc::new(LostReplies {
+        inner: FileStore::in_memory(),
+        fail: false.into(),
+    });
+    let mut held = campaign(s.clone(), "flaky", "replica-a", TTL)
+        .await
+        .unwrap();
+    s.fail.store(true, Ordering::SeqCst);
+    tokio::time::sleep(TTL / 2).await;
+    s.fail.store(false, Ordering::SeqCst);
+    tokio::time::sleep(TTL * 2).await;
+    assert!(
+        held.is_leader(),
+        "a short outage must not end the leadership"
+    );
+    s.fail.store(true, Ordering::SeqCst);
+    tokio::time::timeout(TTL * 2, held.lost())
+        .await
+        .expect("no keep-alive accepted for the ttl: step down");
+    // The store itself still renewed the lease: only the revoke on
+    // stepping down frees the key for the next leader.
+    let free = tokio::time::timeout(TTL / 4, async {
+        while leader(&*s, "flaky").await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(free.is_ok(), "the key goes when the leader steps down");
+}

@@ -155,6 +155,10 @@ async fn load_or_seed(
                 );
             }
             st.inventory = load_inventory(store, kek).await?;
+            let local = cfg.state_dir.join("state.json");
+            if local.exists() {
+                warn_state_json(&local);
+            }
             tracing::info!(
                 bundle_version = st.bundle_version,
                 "loaded the CA state from the store"
