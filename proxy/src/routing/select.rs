@@ -121,7 +121,13 @@ mod tests {
     /// chosen or the refusal's reason).
     #[test]
     fn hosts_no_route_takes_follow_the_egress_mode() {
-        let cases: &[(&str, &str, Option<&str>, Result<&str, Reason>)] = &[
+        type Case = (
+            &'static str,
+            &'static str,
+            Option<&'static str>,
+            Result<&'static str, Reason>,
+        );
+        let cases: &[Case] = &[
             ("", "nope", None, Err(Reason::NoRoute)),
             ("", "ray-head.internal:8000", None, Ok("egress:ray")),
             ("mode: deny", "nope", None, Err(Reason::EgressNotDeclared)),
