@@ -68,7 +68,7 @@ impl ServerApp for CaptureApp {
                 let peer = digest.as_ref().and_then(|d| d.peer_addr().cloned());
                 let error = res.err().map(|e| e.to_string());
                 tracing::warn!(direction = dir, peer = ?peer, listener = ?local, error = ?error, "refused a connection to the capture listener that the capture rules did not redirect: a direct connect would loop; connect to the destination itself and let the rules redirect it");
-                self.metrics.refused(dir, "unknown", "not-redirected");
+                self.metrics.refused_early(dir, "not-redirected");
                 return None;
             }
         };
@@ -121,7 +121,7 @@ impl CaptureApp {
             }
             Destination::Local if self.is_own_listener(dst) => {
                 tracing::warn!(direction = dir, %dst, "refused a captured connection to the capture listener's own port: it would loop");
-                self.metrics.refused(dir, protocol.as_str(), "loop");
+                self.metrics.refused(dir, "loop");
             }
             Destination::Local => forward::direct(&self.rt, l4, &seen, dst, "local").await,
             Destination::Undeclared => self.undeclared(l4, dst, protocol, seen).await,
@@ -162,8 +162,7 @@ impl CaptureApp {
             return forward::direct(&self.rt, l4, &seen, dst, "undeclared").await;
         }
         tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), egress_mode = ?mode, "refused a captured connection to {dst}: no route or egress destination declares it (egress.mode: deny, or capture.undeclared: refuse); declare it in the mesh config's egress.yaml, add a route, or exclude it from capture (capture.exclude_outbound_cidrs)");
-        self.metrics
-            .refused("outbound", protocol.as_str(), "undeclared");
+        self.metrics.refused("outbound", "undeclared");
     }
 
     /// A plain (sidecar-less) caller of the app's port `dst`.
@@ -171,8 +170,7 @@ impl CaptureApp {
         if self.cfg.inbound_plaintext == CapturePlaintext::Deny {
             let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
             tracing::warn!(direction = "inbound", %dst, peer = ?peer, protocol = protocol.as_str(), "refused a caller without a sidecar on a captured port (capture.inbound_plaintext: deny); callers must come through their sidecar (mTLS)");
-            self.metrics
-                .refused("inbound", protocol.as_str(), "plaintext-denied");
+            self.metrics.refused("inbound", "plaintext-denied");
             return;
         }
         forward::direct(&self.rt, l4, &seen, dst, "inbound-plaintext").await

@@ -4,7 +4,8 @@
 //! * `crank_capture_connections_total{direction, protocol, outcome}`: each
 //!   captured connection once, with what detection made of it
 //!   (`protocol` http1, h2, tls, opaque; `unknown` when refused before
-//!   detection; `outcome` detected, timeout, skipped, closed, refused);
+//!   detection; `outcome` detected, timeout, skipped, closed, or refused
+//!   for one refused before detection);
 //! * `crank_capture_refused_total{direction, reason}`: connections closed
 //!   at once (`not-redirected`, `loop`, `undeclared`, `plaintext-denied`).
 
@@ -48,11 +49,18 @@ impl CaptureMetrics {
             .inc();
     }
 
-    /// A refusal: counted in both families.
-    pub fn refused(&self, direction: &str, protocol: &str, reason: &str) {
+    /// A connection refused before detection (not redirected): counted
+    /// in both families, as `protocol="unknown", outcome="refused"`.
+    pub fn refused_early(&self, direction: &str, reason: &str) {
         self.connections
-            .with_label_values(&[direction, protocol, "refused"])
+            .with_label_values(&[direction, "unknown", "refused"])
             .inc();
+        self.refused.with_label_values(&[direction, reason]).inc();
+    }
+
+    /// A connection refused after detection (already counted with its
+    /// protocol and outcome).
+    pub fn refused(&self, direction: &str, reason: &str) {
         self.refused.with_label_values(&[direction, reason]).inc();
     }
 }
