@@ -413,7 +413,13 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
     // Server speaks first: the banner comes without a byte from the client.
     let mut smtp = w.connect(12525);
     let mut line = [0u8; 64];
-    let n = smtp.read(&mut line).unwrap();
+    let n = smtp.read(&mut line).unwrap_or_else(|e| {
+        panic!(
+            "no banner ({e}):\nclient:\n{}\nserver:\n{}",
+            web.log_text(),
+            server.log_text()
+        )
+    });
     assert_eq!(&line[..n], b"220 crank-test ESMTP ready\r\n");
     smtp.write_all(b"QUIT\r\n").unwrap();
     let n = smtp.read(&mut line).unwrap();
