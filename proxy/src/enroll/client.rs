@@ -5,7 +5,10 @@
 //! crank-control may run as several replicas (`identity.enroll.control_plane`
 //! is a list, or a host with several addresses): a call goes to the
 //! replica that answered last, and moves on to the next address when that
-//! one cannot be reached or answers 5xx, in the same call. Callers keep
+//! one cannot be reached or answers 5xx, in the same call. A POST (enroll
+//! with a one-time token, renew, register) whose request was sent but got
+//! no answer is not replayed on another replica: the first may have acted
+//! on it, so the error goes back to the caller and its backoff. Callers keep
 //! their backoff for when every replica fails, and resend the versions
 //! they hold (watches), so a move to another replica is no resync. Metrics:
 //! `crank_control_plane_connected{address}` and
@@ -130,10 +133,13 @@ pub fn register_metrics(registry: &prometheus::Registry) {
     let _ = registry.register(Box::new(METRICS.failovers.clone()));
 }
 
-/// Worth trying another replica: it could not be reached, or failed itself.
-fn replica_failed(e: &CallError) -> bool {
+/// Worth trying another replica: it could not be reached, or failed
+/// itself. A request that was sent without an answer is retried elsewhere
+/// only when `method` is idempotent.
+fn replica_failed(e: &CallError, sent: bool, method: &http::Method) -> bool {
     match e {
-        CallError::Connect { .. } | CallError::Transport { .. } => true,
+        CallError::Connect { .. } => true,
+        CallError::Transport { .. } => !sent || method.is_idempotent(),
         CallError::Refused { status, .. } => *status >= 500,
         CallError::BadAnswer(_) => false,
     }
@@ -207,8 +213,12 @@ impl Client {
                 path,
                 timeout,
             };
-            match self.call_one(attempt, method.clone(), body.clone()).await {
-                Err(e) if replica_failed(&e) => {
+            let sent = std::cell::Cell::new(false);
+            match self
+                .call_one(attempt, method.clone(), body.clone(), &sent)
+                .await
+            {
+                Err(e) if replica_failed(&e, sent.get(), &method) => {
                     METRICS.connected.with_label_values(&[addr]).set(0);
                     if n > 1 {
                         tracing::warn!(address = %addr, error = %e, "crank-control replica failed; trying the next one");
@@ -231,12 +241,14 @@ impl Client {
         Err(last.unwrap_or_else(|| CallError::BadAnswer("no crank-control address".into())))
     }
 
-    /// The call to one replica.
+    /// The call to one replica; `sent` turns true once the request may
+    /// have reached it.
     async fn call_one(
         &self,
         a: Attempt<'_>,
         method: http::Method,
         body: Option<Vec<u8>>,
+        sent: &std::cell::Cell<bool>,
     ) -> Result<Bytes, CallError> {
         let transport = |detail: String| CallError::Transport {
             addr: a.addr.to_string(),
@@ -275,6 +287,7 @@ impl Client {
             let req = req
                 .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|e| transport(e.to_string()))?;
+            sent.set(true);
             let resp = sender
                 .send_request(req)
                 .await
@@ -437,6 +450,10 @@ mod tests {
                         counted.fetch_add(1, Ordering::SeqCst);
                         let body = format!(r#"{{"error":"e{status}","message":"m"}}"#);
                         async move {
+                            if status == 0 {
+                                // Takes the request and never answers.
+                                std::future::pending::<()>().await;
+                            }
                             http::Response::builder()
                                 .status(status)
                                 .body(Full::new(Bytes::from(body)))
@@ -496,6 +513,41 @@ mod tests {
         get(&client.clone(), &root).unwrap();
         assert_eq!(failing.calls.load(Ordering::SeqCst), 1);
         assert_eq!(live.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_post_sent_without_an_answer_is_not_replayed_on_another_replica() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let silent = replica(&root, 0);
+        let live = replica(&root, 200);
+        let addrs = vec![silent.addr.to_string(), live.addr.to_string()];
+        let client = Client::new(addrs.as_slice(), "control.crank-system.crank.local").unwrap();
+        let roots = crank_certs::pem::certs_from_pem(root.cert_pem().as_bytes()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let call = |method: http::Method| {
+            rt.block_on(client.call(
+                &roots,
+                None,
+                method,
+                "/v1/identity/enroll",
+                Some(b"{}".to_vec()),
+                Duration::from_millis(300),
+            ))
+        };
+        let e = call(http::Method::POST).unwrap_err();
+        assert!(matches!(e, CallError::Transport { .. }), "{e}");
+        assert_eq!(silent.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            live.calls.load(Ordering::SeqCst),
+            0,
+            "a one-time token must not be sent twice"
+        );
+        // An idempotent call still moves on.
+        call(http::Method::GET).unwrap();
+        assert_eq!(live.calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]
