@@ -19,8 +19,14 @@ use super::tenants::Tenants;
 use crate::job::{now_ms, Failure, FailureClass, JobRecord, JobState};
 
 /// Schema versions, in order: (version, name, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "jobs", include_str!("../../migrations/0001_jobs.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "jobs", include_str!("../../migrations/0001_jobs.sql")),
+    (
+        2,
+        "idempotency",
+        include_str!("../../migrations/0002_idempotency.sql"),
+    ),
+];
 
 /// Any advisory lock key the shims agree on: migrations run one at a time.
 const MIGRATION_LOCK: i64 = 0x6372_616e_6b31;
@@ -182,21 +188,35 @@ impl PgQueue {
             .get(0);
         rec.seq = seq as u64;
         let record = to_json(rec)?;
-        tx.execute(
-            "INSERT INTO crank_jobs (id, seq, capability, tenant, priority, need, state, record)
-             VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)",
-            &[
-                &rec.id,
-                &seq,
-                &self.capability,
-                &tenant,
-                &(rec.priority.rank() as i16),
-                &need,
-                &record,
-            ],
-        )
-        .await
-        .map_err(QueueError::from)?;
+        let key = idempotency_key(&record);
+        let inserted = tx
+            .execute(
+                "INSERT INTO crank_jobs (id, seq, capability, tenant, priority, need, state, record, idempotency_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8)
+                 ON CONFLICT (capability, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+                &[
+                    &rec.id,
+                    &seq,
+                    &self.capability,
+                    &tenant,
+                    &(rec.priority.rank() as i16),
+                    &need,
+                    &record,
+                    &key,
+                ],
+            )
+            .await
+            .map_err(QueueError::from)?;
+        if inserted == 0 {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "already-queued",
+                format!(
+                    "a job with key {} is already in the queue (a template's tick fires once, whichever shim fires it first)",
+                    key.unwrap_or_default()
+                ),
+            ));
+        }
         if let Some(data) = input {
             tx.execute(
                 "INSERT INTO crank_job_inputs (id, data) VALUES ($1, $2)",
@@ -263,27 +283,32 @@ impl PgQueue {
         let d = self.tenants.default_spec();
         let default_max = d.max_running.map_or(-1, i64::from);
         let needs: Vec<String> = needs.iter().map(|s| s.to_string()).collect();
-        let row = tx
-            .query_opt(
-                CLAIM_SQL,
-                &[
-                    &self.capability,
-                    &needs,
-                    &max_rank,
-                    &names,
-                    &weights,
-                    &max_running,
-                    &d.weight,
-                    &default_max,
-                ],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let rec = from_json(row.get(1))?;
-        Ok(Some(Claimed {
-            rec,
-            need: row.get(2),
-        }))
+        let mut skipped: Vec<String> = Vec::new();
+        for _ in 0..4 {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+                &self.capability,
+                &needs,
+                &max_rank,
+                &names,
+                &weights,
+                &max_running,
+                &d.weight,
+                &default_max,
+                &skipped,
+            ];
+            let Some(row) = tx.query_opt(CLAIM_SQL, &params).await? else {
+                return Ok(None);
+            };
+            let id: String = row.get(0);
+            if let Some(row) = tx.query_opt(LOCK_SQL, &[&id]).await? {
+                return Ok(Some(Claimed {
+                    rec: from_json(row.get(1))?,
+                    need: row.get(2),
+                }));
+            }
+            skipped.push(id);
+        }
+        Ok(None)
     }
 
     /// Marks a locked job running under this shim's lease; returns the
@@ -534,28 +559,52 @@ impl PgQueue {
     }
 }
 
-/// The claim: a queued job of this capability that fits, by priority, then
-/// fair share (the tenant's running jobs over its weight), then submission.
+/// The claim's choice: of each tenant's oldest fitting job of its most
+/// urgent class (one index probe per tenant with queued jobs, found by a
+/// loose index scan), the first by priority, then fair share (the tenant's
+/// running jobs over its weight), then submission. Not locked here: the
+/// caller locks it with [`LOCK_SQL`] and tries again without it when
+/// another shim was faster.
 pub const CLAIM_SQL: &str = "
-WITH running AS (
+WITH RECURSIVE queued_tenants AS (
+    (SELECT tenant FROM crank_jobs
+     WHERE capability = $1 AND state = 'queued' ORDER BY tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.tenant FROM crank_jobs j
+            WHERE j.capability = $1 AND j.state = 'queued' AND j.tenant > q.tenant
+            ORDER BY j.tenant LIMIT 1)
+    FROM queued_tenants q WHERE q.tenant IS NOT NULL
+), running AS (
     SELECT tenant, count(*)::float8 AS n FROM crank_jobs
     WHERE capability = $1 AND state = 'running' GROUP BY tenant
-), tenants AS (
+), conf AS (
     SELECT * FROM unnest($4::text[], $5::float8[], $6::int8[]) AS t(tenant, weight, max_running)
 )
-SELECT j.id, j.record, j.need FROM crank_jobs j
-LEFT JOIN running r ON r.tenant = j.tenant
-LEFT JOIN tenants t ON t.tenant = j.tenant
-WHERE j.capability = $1 AND j.state = 'queued' AND j.run_after <= now()
-  AND j.need = ANY($2) AND j.priority <= $3
-  AND (coalesce(t.max_running, $8) < 0 OR coalesce(r.n, 0) < coalesce(t.max_running, $8))
-  AND NOT EXISTS (
-      SELECT 1 FROM jsonb_array_elements_text(coalesce(j.record->'after', '[]'::jsonb)) AS d(id)
-      LEFT JOIN crank_jobs p ON p.id = d.id
-      WHERE p.state IS DISTINCT FROM 'succeeded')
-ORDER BY j.priority, coalesce(r.n, 0) / coalesce(t.weight, $7), j.seq
-LIMIT 1
-FOR UPDATE OF j SKIP LOCKED";
+SELECT h.id FROM queued_tenants q
+LEFT JOIN running r ON r.tenant = q.tenant
+LEFT JOIN conf c ON c.tenant = q.tenant
+CROSS JOIN LATERAL (
+    SELECT j.id, j.priority, j.seq FROM crank_jobs j
+    WHERE j.capability = $1 AND j.tenant = q.tenant AND j.state = 'queued'
+      AND j.run_after <= now() AND j.need = ANY($2) AND j.priority <= $3
+      AND j.id <> ALL($9)
+      AND NOT EXISTS (
+          SELECT 1 FROM jsonb_array_elements_text(coalesce(j.record->'after', '[]'::jsonb)) AS d(id)
+          LEFT JOIN crank_jobs p ON p.id = d.id
+          WHERE p.state IS DISTINCT FROM 'succeeded')
+    ORDER BY j.priority, j.seq LIMIT 1
+) h
+WHERE q.tenant IS NOT NULL
+  AND (coalesce(c.max_running, $8) < 0 OR coalesce(r.n, 0) < coalesce(c.max_running, $8))
+ORDER BY h.priority, coalesce(r.n, 0) / coalesce(c.weight, $7), h.seq
+LIMIT 1";
+
+/// Locks the candidate [`CLAIM_SQL`] chose; nothing when another shim
+/// holds it (or took it meanwhile).
+pub const LOCK_SQL: &str = "
+SELECT id, record, need FROM crank_jobs
+WHERE id = $1 AND state = 'queued'
+FOR UPDATE SKIP LOCKED";
 
 /// The lease of `owner` expired: the attempt ends `host-lost` and the job
 /// goes back to the queue (or fails with no attempts left).
@@ -585,6 +634,14 @@ pub fn host_lost(rec: &mut JobRecord, owner: &str, now: u64) {
     }
 }
 
+/// The key that keeps one job per (template, tick) of a schedule:
+/// `cron:<template>:<scheduled_ms>`, read from the record's JSON.
+pub fn idempotency_key(record: &serde_json::Value) -> Option<String> {
+    let template = record.get("template")?.as_str()?;
+    let tick = record.get("scheduled_ms")?.as_u64()?;
+    Some(format!("cron:{template}:{tick}"))
+}
+
 fn to_json(rec: &JobRecord) -> Result<serde_json::Value, QueueError> {
     serde_json::to_value(rec).map_err(|e| QueueError(format!("encoding job {}: {e}", rec.id)))
 }
@@ -592,4 +649,27 @@ fn to_json(rec: &JobRecord) -> Result<serde_json::Value, QueueError> {
 fn from_json(v: serde_json::Value) -> Result<JobRecord, QueueError> {
     serde_json::from_value(v)
         .map_err(|e| QueueError(format!("a job record this crank-shim cannot read: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scheduled_job_has_one_key_per_template_and_tick() {
+        let fired = serde_json::json!({"id": "j-1", "template": "nightly", "scheduled_ms": 1700000000000u64});
+        assert_eq!(
+            idempotency_key(&fired).as_deref(),
+            Some("cron:nightly:1700000000000")
+        );
+        let by_hand = serde_json::json!({"id": "j-2", "template": "nightly"});
+        assert_eq!(idempotency_key(&by_hand), None);
+        assert_eq!(idempotency_key(&serde_json::json!({"id": "j-3"})), None);
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order_from_one() {
+        let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.0).collect();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i32).collect::<Vec<_>>());
+    }
 }
