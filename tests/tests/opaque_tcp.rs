@@ -410,6 +410,14 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
         "tunnel: {max_connections: 1}\n",
     );
 
+    banner_echo_and_half_close(&w, &web, &server);
+    policy_denial(&w, &intruder, &server);
+    idle_timeout_and_limit(&w, &idler, &capped);
+    http_on_the_tunnel_port(&w);
+}
+
+/// A server-speaks-first banner, then a binary echo with half-close.
+fn banner_echo_and_half_close(w: &World, web: &Sidecar, server: &Sidecar) {
     // Server speaks first: the banner comes without a byte from the client.
     let mut smtp = w.connect(12525);
     let mut line = [0u8; 64];
@@ -436,7 +444,11 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
     let mut rest = String::new();
     e.read_to_string(&mut rest).unwrap();
     assert_eq!(rest, "bye 4096", "the reply after the client's EOF");
+    let echo_ok = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"closed\"}";
+    web.wait_for(echo_ok, 1.0);
+}
 
+fn policy_denial(w: &World, intruder: &Sidecar, server: &Sidecar) {
     // A caller the policy denies: closed without a byte, and logged.
     let mut denied = w.connect(27000);
     let mut got = Vec::new();
@@ -455,7 +467,9 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
         why.contains("may not open tunnels to port 7000"),
         "the policy's reason: {why}"
     );
+}
 
+fn idle_timeout_and_limit(w: &World, idler: &Sidecar, capped: &Sidecar) {
     // An idle tunnel is closed after tunnel.idle_timeout.
     let mut quiet = w.connect(37000);
     let mut none = Vec::new();
@@ -479,7 +493,9 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
     first.write_all(b"two").unwrap();
     first.read_exact(&mut three).unwrap();
     assert_eq!(&three, b"two", "the open tunnel still carries bytes");
+}
 
+fn http_on_the_tunnel_port(w: &World) {
     // HTTP still works on the inbound port that takes tunnels: HTTP/1.1
     // (whose first bytes the listener reads to tell) and h2.
     let leaf = w.pki.leaf("curl", "acme");
@@ -511,7 +527,4 @@ fn banner_echo_half_close_policy_idle_limit_and_http_on_the_same_port_across_hos
             String::from_utf8_lossy(&out.stderr)
         );
     }
-
-    let echo_ok = "crank_tcp_connections_total{capability=\"echo\",direction=\"outbound\",outcome=\"closed\"}";
-    web.wait_for(echo_ok, 1.0);
 }
