@@ -136,6 +136,26 @@ pub fn connection_input(c: &ConnectionFacts) -> serde_json::Value {
     })
 }
 
+/// Outbound, the crank input shape: `input.destination.egress` (whether
+/// the route leaves the mesh) and, when it does, `host`, `port`,
+/// `declared` and `name` (the declared destination; absent for an
+/// undeclared one passed through). The envoy shape is left as it is.
+pub fn egress_input(doc: &mut serde_json::Value, dest: Option<&crate::egress::Destination>) {
+    let Some(d) = doc.get_mut("destination").and_then(|v| v.as_object_mut()) else {
+        return;
+    };
+    d.insert("egress".into(), dest.is_some().into());
+    if let Some(e) = dest {
+        let declared = e.name != crate::egress::UNDECLARED_ROUTE;
+        d.insert("host".into(), e.host_str().into());
+        d.insert("port".into(), e.port.into());
+        d.insert("declared".into(), declared.into());
+        if declared {
+            d.insert("name".into(), e.name.clone().into());
+        }
+    }
+}
+
 #[cfg(test)]
 mod connection_tests {
     use super::*;
@@ -172,25 +192,5 @@ mod connection_tests {
         }
         let r = connection_request_facts(&facts(None));
         assert_eq!((r.method.as_str(), r.protocol.as_str()), ("CONNECT", "tcp"));
-    }
-}
-
-/// Outbound, the crank input shape: `input.destination.egress` (whether
-/// the route leaves the mesh) and, when it does, `host`, `port`,
-/// `declared` and `name` (the declared destination; absent for an
-/// undeclared one passed through). The envoy shape is left as it is.
-pub fn egress_input(doc: &mut serde_json::Value, dest: Option<&crate::egress::Destination>) {
-    let Some(d) = doc.get_mut("destination").and_then(|v| v.as_object_mut()) else {
-        return;
-    };
-    d.insert("egress".into(), dest.is_some().into());
-    if let Some(e) = dest {
-        let declared = e.name != crate::egress::UNDECLARED_ROUTE;
-        d.insert("host".into(), e.host_str().into());
-        d.insert("port".into(), e.port.into());
-        d.insert("declared".into(), declared.into());
-        if declared {
-            d.insert("name".into(), e.name.clone().into());
-        }
     }
 }
