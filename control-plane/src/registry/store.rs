@@ -130,6 +130,9 @@ impl StoreRegistry {
             registered_at_unix_ms: unix_ms(SystemTime::now()),
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
+        // Read before the put: this replica's watch may apply the new
+        // registration before the put returns, hiding the one it replaces.
+        let replaced = self.lock().holders(record.registration.address, &key);
         let rev = match self.put(&key, &value, store_lease).await {
             Ok(rev) => rev,
             Err(e) => {
@@ -137,7 +140,6 @@ impl StoreRegistry {
                 return Err(unavailable(e));
             }
         };
-        let replaced = self.lock().holders(record.registration.address, &key);
         self.apply(Change::Put { key, value, rev });
         // The address's earlier registration (same key: its old lease; or
         // another identity's key) stops working, as in memory.
