@@ -59,7 +59,7 @@ pub struct MeshSnapshot {
 }
 
 const KNOWN: &str =
-    "expected capabilities.yaml, quotas.yaml, roles.yaml, egress.yaml, routes/*.yaml, slo/*.yaml, job_templates/*.yaml, egress/ and policies/";
+    "expected capabilities.yaml, quotas.yaml, roles.yaml, tenants.yaml, egress.yaml, routes/*.yaml, slo/*.yaml, job_templates/*.yaml, egress/ and policies/";
 
 /// A file of the directory that cannot be read: its path relative to the
 /// directory (`.` for the directory itself) and why.
@@ -254,6 +254,15 @@ impl Sections {
             // (exec.templates_dir); checked here so a bad one never ships.
             ["job_templates", f] if is_yaml(f) => {
                 if let Some(t) = parse::<crank_api::job_template::JobTemplate>(rel, text, p) {
+                    for (field, message) in t.problems() {
+                        p.push(problem(rel, None, Some(field), message));
+                    }
+                }
+            }
+            // Read by the worker shims (exec.queue.tenants); checked here
+            // so a bad one never ships.
+            ["tenants.yaml"] => {
+                if let Some(t) = parse::<crank_api::tenants::TenantsFile>(rel, text, p) {
                     for (field, message) in t.problems() {
                         p.push(problem(rel, None, Some(field), message));
                     }
@@ -646,6 +655,20 @@ mod tests {
 
     fn problems(files: &[(&str, &str)]) -> Vec<Problem> {
         load(dir(files).path()).unwrap_err()
+    }
+
+    /// tenants.yaml (the shared job queue's weights and quotas, read by the
+    /// shims) is a known file, checked with the directory.
+    #[test]
+    fn tenants_yaml_is_checked_with_the_rest() {
+        let good = "tenants:\n  - {name: acme, weight: 2, max_queued: 10}\n  - {name: '*'}\n";
+        assert!(load(dir(&[CAPS, ("tenants.yaml", good)]).path()).is_ok());
+        let bad = "tenants:\n  - {name: acme, weight: 0}\n";
+        let p = load(dir(&[CAPS, ("tenants.yaml", bad)]).path()).unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].file, "tenants.yaml");
+        assert_eq!(p[0].field.as_deref(), Some("tenants[0].weight"));
+        assert!(p[0].message.contains("more than 0"), "{}", p[0].message);
     }
 
     /// roles.yaml is read with the directory: its bindings publish with the

@@ -13,3 +13,4 @@ pub mod proxy;
 pub mod registration;
 pub mod report;
 pub mod resilience;
+pub mod tenants;

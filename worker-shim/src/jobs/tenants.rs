@@ -13,39 +13,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
-
 /// The tenant of a caller without a mesh identity (no sidecar in between).
 pub const ANONYMOUS: &str = "anonymous";
 
-/// `tenants.yaml`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantsFile {
-    #[serde(default)]
-    pub tenants: Vec<TenantSpec>,
-}
-
-/// One tenant's share and quotas; `name: "*"` applies to every tenant not
-/// listed (each counted on its own).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantSpec {
-    pub name: String,
-    /// Share of the workers within a priority, against other tenants'.
-    #[serde(default = "one")]
-    pub weight: f64,
-    /// Jobs of this tenant running at once, cluster-wide (per capability).
-    #[serde(default)]
-    pub max_running: Option<u32>,
-    /// Jobs of this tenant waiting; more are refused with 429.
-    #[serde(default)]
-    pub max_queued: Option<u32>,
-}
-
-fn one() -> f64 {
-    1.0
-}
+pub use crank_api::tenants::{TenantSpec, TenantsFile};
 
 /// The checked file: every tenant by name, and the default.
 #[derive(Debug, Clone)]
@@ -121,39 +92,10 @@ impl Tenants {
 
 /// Every problem of the file, each naming the entry and the fix.
 pub fn check(file: &TenantsFile) -> Vec<String> {
-    let mut p = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for (i, s) in file.tenants.iter().enumerate() {
-        let at = format!("tenants[{i}]");
-        if s.name.is_empty() || !(s.name == "*" || valid_name(&s.name)) {
-            p.push(format!(
-                "{at}.name {:?} must be a tenant name (letters, digits, - and _) or \"*\"",
-                s.name
-            ));
-        }
-        if !seen.insert(&s.name) {
-            p.push(format!("{at}.name {:?} is listed twice; keep one", s.name));
-        }
-        if !(s.weight.is_finite() && s.weight > 0.0) {
-            p.push(format!("{at}.weight must be more than 0, like 1 or 2.5"));
-        }
-        if s.max_queued == Some(0) {
-            p.push(format!(
-                "{at}.max_queued is 0: every submission would be refused; remove it or give at least 1"
-            ));
-        }
-        if s.max_running == Some(0) {
-            p.push(format!(
-                "{at}.max_running is 0: no job would ever start; remove it or give at least 1"
-            ));
-        }
-    }
-    p
-}
-
-fn valid_name(s: &str) -> bool {
-    s.chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    file.problems()
+        .into_iter()
+        .map(|(field, message)| format!("{field} {message}"))
+        .collect()
 }
 
 /// The tenant of a verified mesh identity: `spiffe://TD/tenant/T/svc/S`
