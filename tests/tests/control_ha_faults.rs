@@ -52,12 +52,13 @@ impl Link {
         std::thread::spawn(move || {
             let mut held = Vec::new();
             for down in listener.incoming().flatten() {
-                let up = match cut.load(Ordering::Relaxed) {
-                    false => TcpStream::connect(upstream).ok(),
-                    true => None,
-                };
-                let Some(up) = up else {
+                // Cut: hold the connection unanswered. Upstream down (a
+                // killed member): close it at once, as a refused connect.
+                if cut.load(Ordering::Relaxed) {
                     held.push(down);
+                    continue;
+                }
+                let Ok(up) = TcpStream::connect(upstream) else {
                     continue;
                 };
                 for (from, to) in [(&down, &up), (&up, &down)] {
@@ -118,7 +119,7 @@ fn backend(
 ) -> (Proxy, SocketAddr) {
     let (inbound, admin) = (free_addr(), free_addr());
     let yaml = format!(
-        "{}inbound: {{listen: {inbound}, app: {app}}}\nmesh:\n  watch_wait: 2s\n  register:\n    capabilities: [hello:v1]\n    lease: 3s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
+        "{}inbound: {{listen: {inbound}, app: {app}}}\nmesh:\n  watch_wait: 2s\n  register:\n    capabilities: [hello:v1]\n    lease: 8s\nadmin: {{listen: {admin}}}\nthreads: 1\n",
         enroll_yaml(ha, order, dir, name, "backend"),
     );
     (Proxy::start(dir, name, &yaml, admin), inbound)
@@ -207,15 +208,15 @@ fn through_links(r: &mut Replica, links: &[Link]) {
     r.spawn();
 }
 
-#[test]
-fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
+/// Three etcd members and three replicas, each replica reaching etcd
+/// through its own links (so that any one can be cut off).
+fn start_ha() -> (HaControl, Vec<Vec<Link>>) {
     let mut ha = HaControl::start(HaOptions {
         replicas: 3,
         etcd_members: 3,
-        extra: "registry: {lease: 3s}\n".into(),
+        extra: "registry: {lease: 8s}\n".into(),
         ..Default::default()
     });
-    // Every replica reaches etcd through its own links, so any one can be cut off.
     let links: Vec<Vec<Link>> = (0..3)
         .map(|_| {
             ha.etcd
@@ -228,6 +229,37 @@ fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
     for (r, l) in ha.replicas.iter_mut().zip(&links) {
         through_links(r, l);
     }
+    (ha, links)
+}
+
+/// A rotation started on the leader, which dies mid-rotation: the next
+/// leader finishes it (every sidecar renews from the new intermediate).
+fn rotation_finished_by_the_next_leader(ha: &mut HaControl) {
+    let lead = ha.leader(Duration::from_secs(15));
+    let out = ha.replicas[lead].ctl_ok(&["ca", "rotate", "intermediate", "--root", "ca/root"]);
+    assert!(out.contains("phase reissuing"), "{out}");
+    ha.replicas[lead].kill();
+    let next = ha.leader(Duration::from_secs(15));
+    wait_until(
+        "the next leader finishing the rotation",
+        Duration::from_secs(40),
+        || ha.replicas[next].status()["phase"] == "idle",
+    );
+    let s = ha.replicas[next].status();
+    let states: Vec<&str> = s["intermediates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(states.last(), Some(&"signing"), "{s}");
+    assert!(states.contains(&"retired"), "{s}");
+    ha.replicas[lead].spawn();
+}
+
+#[test]
+fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
+    let (mut ha, links) = start_ha();
     ha.write_mesh_file("capabilities.yaml", "capabilities:\n  - name: hello:v1\n");
     ha.write_mesh_file("routes/backend.yaml", &route(100));
     ha.leader(Duration::from_secs(20));
@@ -252,28 +284,7 @@ fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
     ha.leader(Duration::from_secs(15));
     edit_reaches_every_proxy(&ha, &proxies, 90, "SIGKILL of the leading replica");
     ha.replicas[lead].spawn();
-
-    // A rotation started on the leader, which dies mid-rotation.
-    let lead = ha.leader(Duration::from_secs(15));
-    let out = ha.replicas[lead].ctl_ok(&["ca", "rotate", "intermediate", "--root", "ca/root"]);
-    assert!(out.contains("phase reissuing"), "{out}");
-    ha.replicas[lead].kill();
-    let next = ha.leader(Duration::from_secs(15));
-    wait_until(
-        "the next leader finishing the rotation",
-        Duration::from_secs(40),
-        || ha.replicas[next].status()["phase"] == "idle",
-    );
-    let s = ha.replicas[next].status();
-    let states: Vec<&str> = s["intermediates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["state"].as_str().unwrap_or_default())
-        .collect();
-    assert_eq!(states.last(), Some(&"signing"), "{s}");
-    assert!(states.contains(&"retired"), "{s}");
-    ha.replicas[lead].spawn();
+    rotation_finished_by_the_next_leader(&mut ha);
 
     // (b) SIGKILL of the etcd leader member.
     let member = etcd_leader(&ha);
@@ -292,12 +303,7 @@ fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
     }
     let what = format!("replica {cut} (the client's) cut off from etcd");
     edit_reaches_every_proxy(&ha, &proxies, 70, &what);
-    assert_eq!(
-        connected(&c, &ha.replicas[cut]),
-        Some(0.0),
-        "{}",
-        c.metrics()
-    );
+    // (The cut replica cannot know the new version: the client moved.)
     wait_until(
         "the cut replica not leading",
         Duration::from_secs(15),
@@ -308,17 +314,23 @@ fn faults_under_load_lose_no_request_and_edits_reach_every_proxy() {
     println!("load: {ok} ok, {failed} failed");
     assert_eq!(failed, 0, "failed requests: {first:?}\n{}", ha.logs());
 
-    // A backend sidecar dies: its endpoint leaves every replica's routes.
+    // A backend sidecar dies: its endpoint leaves every replica's registry.
+    let on_etcd = || {
+        ha.replicas
+            .iter()
+            .filter(|r| r.is_running() && r.index != cut)
+    };
+    let b2_at = b2_in.to_string();
+    for r in on_etcd() {
+        let listed = r.ctl_ok(&["endpoints", "-o", "json"]);
+        assert!(listed.contains(&b2_at), "replica {}: {listed}", r.index);
+    }
     b2.signal(libc::SIGKILL);
     b2.wait_exit(Duration::from_secs(5));
-    for r in ha
-        .replicas
-        .iter()
-        .filter(|r| r.is_running() && r.index != cut)
-    {
+    for r in on_etcd() {
         wait_until(
             &format!("b2's endpoint gone from replica {}", r.index),
-            Duration::from_secs(15),
+            Duration::from_secs(30),
             || {
                 !r.ctl_ok(&["endpoints", "-o", "json"])
                     .contains(&b2_in.to_string())
