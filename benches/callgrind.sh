@@ -30,9 +30,10 @@
 # per-request figure (start-up and shutdown cancel out).
 #
 # Knobs: N [2000], WARMUP [300], TOL [3] (percent, --check), CRANK_PROXY,
-# CRANKCTL [target/release/...], FRONT_EXTRA / BACK_EXTRA (YAML appended to
-# the configs), BENCH_NO_INSTALL=1 (do not apt-get valgrind, nginx-light,
-# curl). Outputs go to benches/out/callgrind/<setup>/.
+# CRANKCTL [target/release/...], NO_POLICY=1 (crank_all without its policy
+# section), NO_CACHE=1 (crank_all with the policy decision cache off),
+# FRONT_EXTRA / BACK_EXTRA (YAML appended to the configs), BENCH_NO_INSTALL=1
+# (do not apt-get valgrind, nginx-light, curl). Outputs go to benches/out/callgrind/<setup>/.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -100,6 +101,9 @@ EOF
             cp -r "$ROOT/policies" "$OUT/policies"
             sed -i 's/^timeout: .*/timeout: 10s/' "$OUT/policies/policy.yaml"
             grep -q '^timeout: 10s' "$OUT/policies/policy.yaml" || die "no top-level timeout: in $ROOT/policies/policy.yaml"
+            # NO_CACHE=1: a module that calls time.now_ns turns the decision
+            # cache off (docs/reference/policy.md); its rule is never evaluated
+            [[ -z "${NO_CACHE:-}" ]] || printf 'package crank.bench_no_cache\nnow := time.now_ns()\n' >"$OUT/policies/no_cache.rego"
             local quotas="quotas:
   limits:
     - {tenant: '*', capability: '*', rate: 100000000/s, direction: both}"
@@ -117,7 +121,10 @@ EOF
             front_x="$quotas
 $trace"
             back_x="$quotas
-$trace
+$trace"
+            # NO_POLICY=1: the same pair without the policy section, so that
+            # the difference is the policy's cost (issue #19)
+            [[ -n "${NO_POLICY:-}" ]] || back_x="$back_x
 policy:
   inbound: {dir: $OUT/policies}
   decision_log: {path: $OUT/decisions.log}"

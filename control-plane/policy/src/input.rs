@@ -181,7 +181,7 @@ fn header_map<'a>(headers: impl Iterator<Item = &'a (String, String)>) -> Json {
     Json::Object(map)
 }
 
-fn split_path(raw: &str) -> (&str, &str) {
+pub(crate) fn split_path(raw: &str) -> (&str, &str) {
     match raw.split_once('?') {
         Some((p, q)) => (p, q),
         None => (raw, ""),
@@ -252,10 +252,10 @@ pub fn summary(facts: &RequestFacts, manifest: &Manifest) -> Json {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn facts() -> RequestFacts {
+    pub(crate) fn facts() -> RequestFacts {
         RequestFacts {
             direction: "inbound",
             source: Some(Workload {

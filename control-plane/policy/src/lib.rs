@@ -7,18 +7,23 @@
 //! policy test|eval` and the control plane's validation use the same code.
 
 pub mod bundle;
+pub mod cache;
 pub mod diagnostics;
 pub mod input;
 pub mod manifest;
 pub mod set;
 pub mod testing;
+pub mod value;
 
 use std::path::PathBuf;
 
 pub use bundle::Bundle;
 pub use input::{RequestFacts, Workload};
 pub use manifest::{FailureMode, InputShape, Manifest, Mode};
+/// The evaluator's value type, for callers that build input with it.
+pub use regorus::Value as RegoValue;
 pub use set::{Decision, Outcome, PolicySet};
+pub use value::{build_value, build_value_for};
 
 /// Why a policy directory cannot be used. Each names the file and the fix.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,7 @@ use regorus::{CompiledPolicy, Engine};
 use serde_json::Value as Json;
 
 use crate::bundle::Bundle;
+use crate::cache::{Cache, Plan};
 use crate::manifest::{EngineChoice, Entrypoints, FailureMode, Manifest, Mode};
 use crate::PolicyError;
 
@@ -29,7 +30,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const ENGINES_PER_THREAD: usize = 4;
 
 thread_local! {
-    static ENGINES: RefCell<Vec<(u64, Local)>> = const { RefCell::new(Vec::new()) };
+    static ENGINES: RefCell<Vec<(u64, Local, Cache)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How a set is evaluated.
@@ -61,6 +62,8 @@ pub struct PolicySet {
     backend: Backend,
     /// Why the VM was not used, when it was not.
     vm_fallback: Option<String>,
+    /// What the decision cache keys on, or why it is off.
+    cache: Result<Plan, String>,
 }
 
 impl std::fmt::Debug for PolicySet {
@@ -103,6 +106,8 @@ pub struct Decision {
     pub elapsed: Duration,
     /// Whether the request goes on, after mode and failure mode.
     pub permitted: bool,
+    /// Reused from the decision cache rather than evaluated.
+    pub cached: bool,
 }
 
 impl PolicySet {
@@ -152,6 +157,10 @@ impl PolicySet {
             files: bundle.modules.iter().map(|m| m.name.clone()).collect(),
             backend,
             vm_fallback,
+            cache: crate::cache::plan(
+                bundle.modules.iter().map(|m| m.text.as_str()),
+                bundle.manifest.input,
+            ),
         })
     }
 
@@ -191,44 +200,94 @@ impl PolicySet {
 
     /// [`PolicySet::decide`] without copying the input document.
     pub fn decide_owned(&self, input: Json) -> Decision {
+        self.decide_value(regorus::Value::from(input))
+    }
+
+    /// The parts of the input this set provably reads, when the scan could
+    /// tell (see [`crate::cache`]): the request path builds only those
+    /// ([`crate::value::build_value_for`]).
+    pub fn reads(&self) -> Option<&Plan> {
+        self.cache.as_ref().ok()
+    }
+
+    /// Why the decision cache is off for this set, or `None` when it is on.
+    pub fn cache_off(&self) -> Option<&str> {
+        self.cache.as_ref().err().map(String::as_str)
+    }
+
+    /// [`PolicySet::decide`] on an input built as a regorus value (see
+    /// [`crate::build_value`]). A decision already made on this thread for an
+    /// input that agrees on everything the set reads is reused, where the
+    /// set allows it (see [`crate::cache`]).
+    pub fn decide_value(&self, value: regorus::Value) -> Decision {
         let start = Instant::now();
-        let value = regorus::Value::from(input);
-        let raw = self.with_local(|local| {
-            let decision = match local {
-                Local::Vm(vm) => {
-                    vm.set_input(value);
-                    vm.execute_entry_point_by_name(DECISION_RULE)
-                        .map_err(|e| e.to_string())
-                }
-                Local::Interpreter(engine) => {
-                    engine.set_input(value);
-                    engine
-                        .eval_rule(DECISION_RULE.to_string())
-                        .map_err(|e| e.to_string())
-                }
-            }?;
-            match decision.as_array() {
-                Ok(pair) if pair.len() == 2 => Ok((pair[0].clone(), pair[1].clone())),
-                _ => Err(format!(
-                    "the entry points did not evaluate ({} undefined?)",
-                    self.entrypoints.allow
-                )),
+        let key = self.cache.as_ref().ok().map(|plan| plan.key(&value));
+        let mut cached = false;
+        let decided = self.with_local(|local, cache| {
+            if let Some(hit) = key.as_ref().and_then(|k| cache.get(k)) {
+                cached = true;
+                return Ok(hit.clone());
             }
+            let decided = self
+                .evaluate(local, value)
+                .and_then(|(a, d)| interpret(&self.entrypoints, &a, &d));
+            if let (Some(k), Ok(d)) = (key, &decided) {
+                cache.put(k, d.clone());
+            }
+            decided
         });
-        let elapsed = start.elapsed();
-        let (outcome, reasons, error) =
-            match raw.and_then(|(a, d)| interpret(&self.entrypoints, &a, &d)) {
-                Ok((true, _)) => (Outcome::Allow, Vec::new(), None),
-                Ok((false, reasons)) => (Outcome::Deny, reasons, None),
-                Err(e) => {
-                    let e = one_line(&e);
-                    (
-                        Outcome::Error,
-                        vec![format!("policy evaluation failed: {e}")],
-                        Some(e),
-                    )
-                }
-            };
+        Decision {
+            cached,
+            ..self.decision(decided, start.elapsed())
+        }
+    }
+
+    /// Runs the entry rule on this thread's evaluator.
+    fn evaluate(
+        &self,
+        local: &mut Local,
+        value: regorus::Value,
+    ) -> Result<(regorus::Value, regorus::Value), String> {
+        let decision = match local {
+            Local::Vm(vm) => {
+                vm.set_input(value);
+                vm.execute_entry_point_by_name(DECISION_RULE)
+                    .map_err(|e| e.to_string())
+            }
+            Local::Interpreter(engine) => {
+                engine.set_input(value);
+                engine
+                    .eval_rule(DECISION_RULE.to_string())
+                    .map_err(|e| e.to_string())
+            }
+        }?;
+        match decision.as_array() {
+            Ok(pair) if pair.len() == 2 => Ok((pair[0].clone(), pair[1].clone())),
+            _ => Err(format!(
+                "the entry points did not evaluate ({} undefined?)",
+                self.entrypoints.allow
+            )),
+        }
+    }
+
+    /// Applies mode and failure mode to what the entry points gave.
+    fn decision(
+        &self,
+        decided: Result<(bool, Vec<String>), String>,
+        elapsed: Duration,
+    ) -> Decision {
+        let (outcome, reasons, error) = match decided {
+            Ok((true, _)) => (Outcome::Allow, Vec::new(), None),
+            Ok((false, reasons)) => (Outcome::Deny, reasons, None),
+            Err(e) => {
+                let e = one_line(&e);
+                (
+                    Outcome::Error,
+                    vec![format!("policy evaluation failed: {e}")],
+                    Some(e),
+                )
+            }
+        };
         let permitted = match (self.manifest.mode, outcome) {
             (Mode::Audit, _) | (_, Outcome::Allow) => true,
             (Mode::Enforce, Outcome::Deny) => false,
@@ -240,6 +299,7 @@ impl PolicySet {
             error,
             elapsed,
             permitted,
+            cached: false,
         }
     }
 
@@ -267,10 +327,10 @@ impl PolicySet {
 
     /// Runs `f` with this thread's evaluator for this set, made the first
     /// time a thread sees the set.
-    fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
+    fn with_local<R>(&self, f: impl FnOnce(&mut Local, &mut Cache) -> R) -> R {
         ENGINES.with(|cell| {
             let mut engines = cell.borrow_mut();
-            let pos = match engines.iter().position(|(id, _)| *id == self.id) {
+            let pos = match engines.iter().position(|(id, ..)| *id == self.id) {
                 Some(pos) => pos,
                 None => {
                     let engine = self.new_local();
@@ -279,16 +339,17 @@ impl PolicySet {
                         let oldest = engines
                             .iter()
                             .enumerate()
-                            .min_by_key(|(_, (id, _))| *id)
+                            .min_by_key(|(_, (id, ..))| *id)
                             .map(|(i, _)| i)
                             .unwrap_or(0);
                         engines.swap_remove(oldest);
                     }
-                    engines.push((self.id, engine));
+                    engines.push((self.id, engine, Cache::default()));
                     engines.len() - 1
                 }
             };
-            f(&mut engines[pos].1)
+            let (_, local, cache) = &mut engines[pos];
+            f(local, cache)
         })
     }
 }
@@ -785,5 +846,87 @@ allow := {"allowed": true} if input.attributes.request.http.method == "GET"
                 assert!(h.join().unwrap().iter().all(|o| *o == want));
             }
         }
+    }
+
+    #[test]
+    fn the_decision_cache_reuses_a_decision_only_where_that_is_safe() {
+        let files = [
+            ("authz.rego", AUTHZ),
+            ("data.yaml", "roles: {acme: [media], evil: []}"),
+        ];
+        let s = set_with(&files, "rvm").unwrap();
+        assert_eq!(s.cache_off(), None);
+        // Inputs that differ only where the set does not look (the path)
+        // share a decision; a difference it reads gives its own.
+        let mut seen = Vec::new();
+        for i in 0..40 {
+            let tenant = ["acme", "evil"][i % 2];
+            let method = ["GET", "DELETE"][(i / 2) % 2];
+            let mut doc = input(tenant, method);
+            doc["request"]["path"] = json!(format!("/{i}"));
+            let cached = s.decide(&doc);
+            // Evaluated afresh by a new set on its own thread (a new set on
+            // this thread would push `s`'s evaluator and cache out).
+            let fresh = std::thread::scope(|t| {
+                t.spawn(|| set_with(&files, "rvm").unwrap().decide(&doc))
+                    .join()
+                    .unwrap()
+            });
+            assert_eq!(
+                (cached.outcome, &cached.reasons, cached.permitted),
+                (fresh.outcome, &fresh.reasons, fresh.permitted),
+                "{doc}"
+            );
+            // Four distinct (tenant, method) pairs: the rest are hits.
+            assert_eq!(cached.cached, i >= 4, "request {i}");
+            seen.push(cached.outcome);
+        }
+        assert!(seen.contains(&Outcome::Allow) && seen.contains(&Outcome::Deny));
+
+        // A set that reads the clock never uses the cache.
+        let clock = "package crank.authz\ndefault allow := false\nallow if time.now_ns() > 0\n";
+        let s = set_with(&[("authz.rego", clock)], "rvm").unwrap();
+        assert!(
+            s.cache_off().unwrap().contains("time."),
+            "{:?}",
+            s.cache_off()
+        );
+        let reads_time = "package crank.authz\nallow if input.time.unix_ns > 5\n";
+        let s = set_with(&[("authz.rego", reads_time)], "rvm").unwrap();
+        assert!(s.cache_off().is_some());
+        assert!(!s.decide(&json!({"time": {"unix_ns": 9}})).cached);
+        assert_eq!(
+            s.decide(&json!({"time": {"unix_ns": 9}})).outcome,
+            Outcome::Allow
+        );
+        assert_eq!(
+            s.decide(&json!({"time": {"unix_ns": 1}})).outcome,
+            Outcome::Deny
+        );
+    }
+
+    #[test]
+    fn a_new_revision_starts_with_an_empty_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule =
+            |m: &str| format!("package crank.authz\nallow if input.request.method == \"{m}\"\n");
+        std::fs::write(dir.path().join("policy.yaml"), "engine: rvm\n").unwrap();
+        std::fs::write(dir.path().join("a.rego"), rule("GET")).unwrap();
+        let old = PolicySet::load(dir.path()).unwrap();
+        let get = input("acme", "GET");
+        assert_eq!(old.decide(&get).outcome, Outcome::Allow);
+        // The reload: same input, same thread, the new rule decides.
+        std::fs::write(dir.path().join("a.rego"), rule("POST")).unwrap();
+        let new = PolicySet::load(dir.path()).unwrap();
+        assert_eq!(new.cache_off(), None);
+        assert_eq!(new.decide(&get).outcome, Outcome::Deny);
+        assert_eq!(old.decide(&get).outcome, Outcome::Allow);
+    }
+
+    #[test]
+    fn the_shipped_set_may_use_the_cache() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        let s = PolicySet::load(&dir).unwrap();
+        assert_eq!(s.cache_off(), None);
     }
 }

@@ -2,7 +2,7 @@
 //! and turn a denial (or an evaluation error that fails closed) into a 403
 //! refusal whose JSON body names the decision.
 
-use crank_policy::{Manifest, Outcome, RequestFacts};
+use crank_policy::{Manifest, Outcome, RegoValue, RequestFacts};
 
 use super::{Policies, PolicyHandle};
 use crate::errors::{Reason, Refusal};
@@ -42,9 +42,9 @@ pub fn check_with(
 ) -> Checked {
     let set = handle.current();
     let facts = facts(set.manifest());
-    let mut doc = crank_policy::input::build(&facts, set.manifest());
-    extend(&mut doc);
-    let d = policies.check_input(handle, &set, &facts, doc, trace_id, metrics);
+    let mut input = crank_policy::build_value_for(&facts, set.manifest(), set.reads());
+    extend_input(&mut input, extend);
+    let d = policies.check_value(handle, &set, &facts, input, trace_id, metrics);
     let label = match (d.outcome, d.permitted) {
         (Outcome::Allow, _) => "allow",
         (Outcome::Deny, false) => "deny",
@@ -81,5 +81,73 @@ pub fn check_with(
         decision_id: facts.id,
         label,
         refusal,
+    }
+}
+
+/// Runs `extend` on a document with an empty `destination` object and
+/// merges what it added into the input's `destination` (the extensions,
+/// such as [`super::facts::egress_input`], only add there). Nothing added,
+/// nothing converted: the inbound path pays nothing for it.
+fn extend_input(input: &mut RegoValue, extend: impl FnOnce(&mut serde_json::Value)) {
+    let mut doc = serde_json::json!({ "destination": {} });
+    extend(&mut doc);
+    let Some(added) = doc
+        .get_mut("destination")
+        .and_then(|d| d.as_object_mut())
+        .filter(|d| !d.is_empty())
+    else {
+        return;
+    };
+    let destination = RegoValue::from("destination");
+    let Ok(obj) = input.as_object_mut() else {
+        return;
+    };
+    let Some(Ok(dest)) = obj.get_mut(&destination).map(|d| d.as_object_mut()) else {
+        return;
+    };
+    for (k, v) in std::mem::take(added) {
+        dest.insert(RegoValue::from(k), RegoValue::from(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crank_policy::input::build;
+
+    #[test]
+    fn an_extension_lands_in_the_destination_as_in_the_json_document() {
+        let facts = RequestFacts {
+            direction: "outbound",
+            source: None,
+            source_address: None,
+            destination: Default::default(),
+            capability: None,
+            route: Some("r".into()),
+            method: "GET".into(),
+            path_and_query: "/".into(),
+            host: None,
+            scheme: "http".into(),
+            protocol: "HTTP/1.1".into(),
+            headers: Vec::new(),
+            body_size: None,
+            time: std::time::SystemTime::now(),
+            id: "d".into(),
+        };
+        let m = Manifest::default();
+        let add = |doc: &mut serde_json::Value| {
+            let d = doc["destination"].as_object_mut().unwrap();
+            d.insert("egress".into(), true.into());
+            d.insert("port".into(), 443.into());
+        };
+        let mut want = build(&facts, &m);
+        add(&mut want);
+        let mut got = crank_policy::build_value(&facts, &m);
+        extend_input(&mut got, add);
+        assert_eq!(got, RegoValue::from(want));
+        // No extension: the value is left as built.
+        let mut plain = crank_policy::build_value(&facts, &m);
+        extend_input(&mut plain, |_| {});
+        assert_eq!(plain, RegoValue::from(build(&facts, &m)));
     }
 }

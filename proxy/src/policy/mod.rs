@@ -6,17 +6,20 @@
 
 pub mod check;
 pub mod facts;
+pub mod log;
+mod watch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use crank_api::proxy::{DecisionLogConfig, PolicyConfig};
-use crank_policy::input::{self, RequestFacts};
-use crank_policy::{Bundle, Decision, PolicySet};
+use crank_policy::input::RequestFacts;
+use crank_policy::{Bundle, Decision, Mode, Outcome, PolicySet};
+use prometheus::{Histogram, IntCounter};
 
 use crate::direction::Direction;
 use crate::metrics::Metrics;
@@ -31,6 +34,44 @@ pub struct PolicyHandle {
     pub dir: PathBuf,
     set: ArcSwap<PolicySet>,
     last_error: Mutex<Option<String>>,
+    /// The directory as it was at the last read (see [`watch`]).
+    seen: Mutex<Option<watch::Fingerprint>>,
+    /// This direction's metric series, looked up once each.
+    series: Series,
+}
+
+/// `crank_policy_decisions_total` by outcome and mode, and
+/// `crank_policy_eval_seconds`, for one direction: made on first use (a
+/// series appears once it counts something, as before), then a plain
+/// handle with no label lookup per request.
+#[derive(Default)]
+struct Series {
+    decisions: [[OnceLock<IntCounter>; 2]; 3],
+    eval: OnceLock<Histogram>,
+}
+
+impl Series {
+    fn decisions(&self, metrics: &Metrics, dir: &str, outcome: Outcome, mode: Mode) -> &IntCounter {
+        let o = match outcome {
+            Outcome::Allow => 0,
+            Outcome::Deny => 1,
+            Outcome::Error => 2,
+        };
+        let m = match mode {
+            Mode::Enforce => 0,
+            Mode::Audit => 1,
+        };
+        self.decisions[o][m].get_or_init(|| {
+            metrics
+                .policy_decisions
+                .with_label_values(&[dir, outcome.as_str(), mode.as_str()])
+        })
+    }
+
+    fn eval(&self, metrics: &Metrics, dir: &str) -> &Histogram {
+        self.eval
+            .get_or_init(|| metrics.policy_eval.with_label_values(&[dir]))
+    }
 }
 
 impl PolicyHandle {
@@ -50,6 +91,14 @@ impl PolicyHandle {
     /// keeps serving.
     fn reload(&self, metrics: &Metrics) {
         let dir = self.direction.as_str();
+        let print = watch::Fingerprint::take(&self.dir);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if print.is_some() && *seen == print {
+                return;
+            }
+            *seen = print;
+        }
         let result = Bundle::read(&self.dir).and_then(|b| {
             if b.revision == self.set.load().revision() {
                 return Ok(None);
@@ -151,6 +200,8 @@ impl Policies {
                 dir,
                 set: ArcSwap::from_pointee(set),
                 last_error: Mutex::new(None),
+                seen: Mutex::new(None),
+                series: Series::default(),
             });
             match direction {
                 Direction::Inbound => policies.inbound = Some(handle),
@@ -202,8 +253,8 @@ impl Policies {
         trace_id: Option<&str>,
         metrics: &Metrics,
     ) -> Decision {
-        let doc = input::build(facts, set.manifest());
-        self.check_input(handle, set, facts, doc, trace_id, metrics)
+        let value = crank_policy::build_value(facts, set.manifest());
+        self.check_value(handle, set, facts, value, trace_id, metrics)
     }
 
     /// Evaluates, counts and logs one decision on an input document built
@@ -218,37 +269,36 @@ impl Policies {
         trace_id: Option<&str>,
         metrics: &Metrics,
     ) -> Decision {
+        let value = crank_policy::RegoValue::from(doc);
+        self.check_value(handle, set, facts, value, trace_id, metrics)
+    }
+
+    /// [`Policies::check_input`] on an input built as a regorus value
+    /// ([`crank_policy::build_value`]): the request path's way, with no
+    /// JSON document in between.
+    pub fn check_value(
+        &self,
+        handle: &PolicyHandle,
+        set: &PolicySet,
+        facts: &RequestFacts,
+        input: crank_policy::RegoValue,
+        trace_id: Option<&str>,
+        metrics: &Metrics,
+    ) -> Decision {
         let manifest = set.manifest();
-        let decision = set.decide_owned(doc);
+        let decision = set.decide_value(input);
         let dir = handle.direction.as_str();
-        let mode = manifest.mode.as_str();
-        metrics
-            .policy_decisions
-            .with_label_values(&[dir, decision.outcome.as_str(), mode])
+        let series = &handle.series;
+        series
+            .decisions(metrics, dir, decision.outcome, manifest.mode)
             .inc();
-        metrics
-            .policy_eval
-            .with_label_values(&[dir])
+        series
+            .eval(metrics, dir)
             .observe(decision.elapsed.as_secs_f64());
-        let wanted =
-            manifest.decision_log.log_allowed || decision.outcome != crank_policy::Outcome::Allow;
+        let wanted = manifest.decision_log.log_allowed || decision.outcome != Outcome::Allow;
         if let (Some(log), true) = (&self.log, wanted) {
-            let line = serde_json::json!({
-                "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-                "decision_id": facts.id,
-                "revision": set.revision(),
-                "direction": dir,
-                "mode": mode,
-                "result": decision.outcome.as_str(),
-                "enforced": !decision.permitted,
-                "permitted": decision.permitted,
-                "reasons": decision.reasons,
-                "error": decision.error,
-                "eval_us": (decision.elapsed.as_secs_f64() * 1e6 * 10.0).round() / 10.0,
-                "trace_id": trace_id,
-                "input": input::summary(facts, manifest),
-            })
-            .to_string();
+            let line =
+                log::Line::new(facts, manifest, set.revision(), dir, &decision, trace_id).to_json();
             match log.try_send(line) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {

@@ -14,6 +14,37 @@ use crate::tracing::Hop;
 
 use super::resilience::ResCtx;
 
+/// A trace id as text, without a `String`.
+pub(crate) enum TraceId<'a> {
+    /// This hop's, as 32 lower-case hex digits.
+    Hex([u8; 32]),
+    /// The caller's, as received.
+    Caller(&'a str),
+}
+
+impl std::ops::Deref for TraceId<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            // Only ASCII hex digits are written into it.
+            TraceId::Hex(b) => std::str::from_utf8(b).unwrap_or_default(),
+            TraceId::Caller(s) => s,
+        }
+    }
+}
+
+/// Lower-case hex of `N / 2` bytes.
+pub(crate) fn hex<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'0'; N];
+    for (i, b) in bytes.iter().take(N / 2).enumerate() {
+        out[2 * i] = DIGITS[(b >> 4) as usize];
+        out[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    out
+}
+
 pub struct Ctx {
     pub(crate) start: Instant,
     pub(crate) route: Option<Arc<Route>>,
@@ -71,11 +102,13 @@ impl Ctx {
         }
     }
 
-    /// The request's trace id: this hop's, or the caller's when tracing is off.
-    pub(crate) fn trace_id(&self) -> Option<String> {
+    /// The request's trace id: this hop's, or the caller's when tracing is
+    /// off. Formatted on the stack: the policy check, the access log and a
+    /// refusal each ask for it.
+    pub(crate) fn trace_id(&self) -> Option<TraceId<'_>> {
         match &self.hop {
-            Some(h) => Some(h.trace_id_hex()),
-            None => self.incoming_trace_id.clone(),
+            Some(h) => Some(TraceId::Hex(hex(&h.trace_id))),
+            None => self.incoming_trace_id.as_deref().map(TraceId::Caller),
         }
     }
 
@@ -117,5 +150,19 @@ impl Ctx {
             (None, Some(p)) => Some(p.clone()),
             (None, None) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_lower_case_hex_on_the_stack() {
+        let id = [0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6];
+        assert_eq!(&hex::<16>(&id), b"4bf92f3577b34da6");
+        let t = TraceId::Hex(hex(&[0xab; 16]));
+        assert_eq!(&*t, "ab".repeat(16));
+        assert_eq!(&*TraceId::Caller("x"), "x");
     }
 }

@@ -50,6 +50,7 @@ impl MeshProxy {
         e: Option<&Error>,
     ) {
         let req = session.req_header();
+        let span_id = ctx.hop.as_ref().map(|h| super::ctx::hex::<16>(&h.span_id));
         tracing::info!(
             target: "crank::access",
             direction = self.direction.as_str(),
@@ -59,7 +60,7 @@ impl MeshProxy {
             status,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             protocol = ?req.version,
-            upstream = ctx.upstream.map(|a| a.to_string()),
+            upstream = ctx.upstream.as_ref().map(tracing::field::display),
             peer = ctx.peer.as_ref().map(|p| p.spiffe_id.as_str()),
             crank_error = ctx.reason.map(|r| r.as_str()),
             answered_by = ctx.answered_by(),
@@ -68,8 +69,8 @@ impl MeshProxy {
             policy = ctx.policy.as_ref().map(|p| p.1),
             decision_id = ctx.policy.as_ref().map(|p| p.0.as_str()),
             error = e.map(|e| e.to_string()),
-            trace_id = ctx.trace_id(),
-            span_id = ctx.hop.as_ref().map(|h| h.span_id_hex()),
+            trace_id = ctx.trace_id().as_deref(),
+            span_id = span_id.as_ref().and_then(|b| std::str::from_utf8(b).ok()),
         );
     }
 
@@ -113,7 +114,7 @@ impl MeshProxy {
             latency_ms: elapsed.as_secs_f64() * 1000.0,
             source,
             destination,
-            trace_id: ctx.trace_id(),
+            trace_id: ctx.trace_id().map(|t| t.to_string()),
             crank_error: ctx.crank_error(),
         }
     }

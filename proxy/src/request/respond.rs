@@ -83,7 +83,7 @@ impl MeshProxy {
         let _ = resp.insert_header(ERROR_ORIGIN_HEADER, self.direction.as_str());
         let _ = resp.insert_header(ERROR_SIDECAR_HEADER, self.rt.me.spiffe_id.as_str());
         if let Some(id) = trace_id {
-            let _ = resp.insert_header(TRACE_ID_HEADER, id);
+            let _ = resp.insert_header(TRACE_ID_HEADER, &*id);
         }
         for (k, v) in r.headers {
             let _ = resp.insert_header(k, v);
