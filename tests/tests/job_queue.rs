@@ -311,12 +311,12 @@ fn a_live_job_preempts_batch_work_which_is_requeued_not_failed() {
 }
 
 #[test]
-fn an_embedded_shim_preempts_batch_work_too() {
+fn an_embedded_shim_preempts_batch_work_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_shim(
         dir.path(),
         "solo",
-        &format!("{TOOL}  devices: {{cpu_slots: 1}}\n"),
+        &format!("{TOOL}  devices: {{cpu_slots: 1}}\n  queue: {{preemption: true}}\n"),
     );
     let batch = submit_ok(
         &s,

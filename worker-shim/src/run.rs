@@ -252,7 +252,7 @@ async fn open_manager(
     let host = cluster
         .as_ref()
         .map_or(shared.host.hostname.clone(), |c| c.queue.host.clone());
-    manager.attach(host, cluster);
+    manager.attach(host, cluster, exec.queue.preemption());
     if recovery.queued > 0 || !recovery.interrupted.is_empty() {
         tracing::info!(
             queued = recovery.queued,

@@ -87,6 +87,16 @@ pub struct QueueConfig {
     /// `tenants.yaml` (from the mesh config directory): weights and quotas.
     #[serde(default)]
     pub tenants: Option<PathBuf>,
+    /// Whether a `live` job preempts a `batch` one when every slot is
+    /// busy; default on with `postgres`, off for the embedded queue.
+    #[serde(default)]
+    pub preemption: Option<bool>,
+}
+
+impl QueueConfig {
+    pub fn preemption(&self) -> bool {
+        self.preemption.unwrap_or(self.postgres.is_some())
+    }
 }
 
 /// `exec.queue.postgres`.

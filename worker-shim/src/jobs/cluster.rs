@@ -65,7 +65,11 @@ impl Manager {
                         }
                     }
                 }
-                if let Err(e) = self.preempt_cluster(&c).await {
+                let preempted = match self.preemption() {
+                    true => self.preempt_cluster(&c).await,
+                    false => Ok(()),
+                };
+                if let Err(e) = preempted {
                     tracing::warn!(error = %e, "preemption check failed");
                 }
             }

@@ -66,6 +66,8 @@ pub struct Manager {
     host: OnceLock<String>,
     /// The shared queue, when `exec.queue.postgres` is set.
     cluster: OnceLock<Arc<Cluster>>,
+    /// `exec.queue.preemption`: a `live` job may stop a `batch` one.
+    preemption: AtomicBool,
 }
 
 /// What recovery found in the store at start.
@@ -114,16 +116,19 @@ impl Manager {
             work_dir_bytes: AtomicU64::new(used),
             host: OnceLock::new(),
             cluster: OnceLock::new(),
+            preemption: AtomicBool::new(false),
         });
         m.prune();
         m.refresh_gauges();
         Ok((m, recovery))
     }
 
-    /// Names this shim in attempts (`host`) and, with `cluster`, puts it on
-    /// the shared queue. Call once, before [`Manager::run`].
-    pub fn attach(&self, host: String, cluster: Option<Cluster>) {
+    /// Names this shim in attempts (`host`), sets whether `live` jobs
+    /// preempt `batch` ones, and with `cluster` puts it on the shared
+    /// queue. Call once, before [`Manager::run`].
+    pub fn attach(&self, host: String, cluster: Option<Cluster>, preemption: bool) {
         let _ = self.host.set(host);
+        self.preemption.store(preemption, Ordering::Relaxed);
         if let Some(c) = cluster {
             let _ = self.cluster.set(Arc::new(c));
         }
@@ -135,6 +140,10 @@ impl Manager {
 
     pub(super) fn cluster(&self) -> Option<Arc<Cluster>> {
         self.cluster.get().cloned()
+    }
+
+    pub(super) fn preemption(&self) -> bool {
+        self.preemption.load(Ordering::Relaxed)
     }
 
     /// The dispatcher: starts queued jobs whenever a slot is free.
@@ -193,6 +202,9 @@ impl Manager {
             if let Some(start) = start_on(&mut inner, id, device, now, self.host()) {
                 out.push(start);
             }
+        }
+        if !self.preemption() {
+            return out;
         }
         while let Some(start) = self.preempt_local(&mut inner, now) {
             out.push(start);
