@@ -4,7 +4,9 @@
 //! a shim killed with SIGKILL mid-job loses its lease and the job finishes
 //! on another, with both attempts recorded; tenant quotas answer 429; two
 //! tenants share the workers by weight; a `live` job preempts `batch` work;
-//! PostgreSQL restarted under load loses no job.
+//! PostgreSQL restarted under load loses no job; `after` chains run in
+//! order across shims and fail fast, and usage through one shim sums
+//! every shim's jobs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -387,4 +389,73 @@ fn postgres_restarted_under_load_loses_no_accepted_job() {
     for id in &accepted {
         wait_state(pool.any(), id, "succeeded", Duration::from_secs(30));
     }
+}
+
+fn after(secs: f64, parent: &str) -> String {
+    format!(r#"{{"params": {{"secs": {secs}}}, "after": ["{parent}"]}}"#)
+}
+
+/// `after` on the shared queue: a chain submitted through different shims
+/// runs in order, unknown and failed dependencies are refused, a parent
+/// that ends without success fails its dependants at once, and usage
+/// through one shim sums every shim's jobs.
+#[test]
+fn dependencies_run_across_shims_fail_fast_and_usage_sums_every_shim() {
+    let pg = Postgres::start();
+    let pool = Pool::start(&pg, 2, 1, FAST, "tenants: []\n");
+    let shims: Vec<&Shim> = pool.alive().collect();
+    let (a, b) = (shims[0], shims[1]);
+    let mut ids: Vec<String> = (0..2)
+        .map(|_| submit_ok(a, "acme", r#"{"params": {"secs": 1}}"#))
+        .collect();
+    let first = submit_ok(a, "acme", r#"{"params": {"secs": 0.5}}"#);
+    let second = submit_ok(b, "acme", &after(0.2, &first));
+    let third = submit_ok(a, "acme", &after(0.2, &second));
+    let chain: Vec<Value> = [&first, &second, &third]
+        .iter()
+        .map(|id| wait_state(b, id, "succeeded", Duration::from_secs(30)))
+        .collect();
+    for w in chain.windows(2) {
+        let (before, next) = (&w[0], &w[1]);
+        assert!(
+            next["started_ms"].as_u64() >= before["finished_ms"].as_u64(),
+            "{next:#} started before {before:#} finished"
+        );
+    }
+    ids.extend([first, second, third]);
+    let mut hosts = std::collections::BTreeSet::new();
+    for id in &ids {
+        let rec = wait_state(a, id, "succeeded", Duration::from_secs(30));
+        hosts.insert(rec["attempt_log"][0]["host"].as_str().unwrap().to_string());
+    }
+    assert_eq!(hosts.len(), 2, "both shims ran jobs: {hosts:?}");
+    for shim in [a, b] {
+        let (status, out) = curl(&[&shim.url("/v1/usage?tenant=acme&since=1h")]);
+        assert_eq!(status, 200, "{out}");
+        let u = body_json(&out);
+        assert_eq!(u["source"], "queue", "{u:#}");
+        assert_eq!(u["usage"][0]["tenant"], "acme", "{u:#}");
+        assert_eq!(u["usage"][0]["jobs"], 5, "every shim's jobs: {u:#}");
+        assert_eq!(u["usage"][0]["attempts"], 5, "{u:#}");
+    }
+
+    let (status, out) = submit(a, "acme", r#"{"after": ["j-0000000000000000"]}"#);
+    assert_eq!(status, 400, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("dependency-not-found"));
+    let parent = submit_ok(a, "acme", r#"{"params": {"secs": 20}}"#);
+    wait_state(a, &parent, "running", Duration::from_secs(10));
+    let child = submit_ok(b, "acme", &after(0.1, &parent));
+    let grandchild = submit_ok(a, "acme", &after(0.1, &child));
+    assert_eq!(job(b, &child)["state"], "queued", "waits for its parent");
+    let (status, out) = curl(&["-X", "POST", &b.url(&format!("/v1/jobs/{parent}/cancel"))]);
+    assert!(status == 200 || status == 202, "{out}");
+    for id in [&child, &grandchild] {
+        let rec = wait_state(b, id, "failed", Duration::from_secs(10));
+        assert_eq!(rec["failure"]["class"], "dependency_failed", "{rec:#}");
+        assert!(rec.get("attempt_log").is_none(), "never ran: {rec:#}");
+    }
+    assert_eq!(job(a, &parent)["state"], "canceled");
+    let (status, out) = submit(b, "acme", &after(0.1, &parent));
+    assert_eq!(status, 409, "{out}");
+    assert_eq!(header(&out, "x-crank-error"), Some("dependency-failed"));
 }

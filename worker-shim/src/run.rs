@@ -239,8 +239,10 @@ async fn open_manager(
     exec: &ExecConfig,
     shared: &Shared,
 ) -> anyhow::Result<Arc<Manager>> {
-    let settings = ExecSettings::from_config(&cfg.capability, exec)
+    let mut settings = ExecSettings::from_config(&cfg.capability, exec)
         .map_err(|e| anyhow::anyhow!("exec: {e}"))?;
+    let cluster = crate::jobs::cluster::connect(&cfg.capability, exec, &shared.host).await?;
+    settings.usage_source = cluster.as_ref().map(|c| c.queue.usage_source());
     let devices = devices(exec, &shared.host)?;
     let store = Arc::new(RedbStore::open(&exec.store_path())?);
     let energy = Arc::new(EnergyAccountant::new(shared.probe.energy_sources()));
@@ -248,7 +250,6 @@ async fn open_manager(
     let job_metrics = JobMetrics::new(&shared.registry)?;
     let (manager, recovery) = Manager::open(settings, store, devices, energy, job_metrics)
         .map_err(|e| anyhow::anyhow!(e))?;
-    let cluster = crate::jobs::cluster::connect(&cfg.capability, exec, &shared.host).await?;
     let host = cluster
         .as_ref()
         .map_or(shared.host.hostname.clone(), |c| c.queue.host.clone());

@@ -19,6 +19,29 @@ use crate::job::{
     now_ms, AttemptUsage, Energy, Failure, FailureClass, JobEnergy, JobRecord, JobState,
 };
 
+/// Fails a queued job whose dependency `parent` ended `parent_state`
+/// (class `dependency_failed`); false when the record could not move.
+pub(super) fn dependency_failed(
+    rec: &mut JobRecord,
+    parent: &str,
+    parent_state: &str,
+    now: u64,
+) -> bool {
+    let message = format!("job {parent}, which this job runs after, ended {parent_state}");
+    rec.failure = Some(Failure {
+        class: FailureClass::DependencyFailed,
+        message: message.clone(),
+        exit_code: None,
+        signal: None,
+    });
+    let note = format!("dependency_failed: {message}");
+    if rec.transition(JobState::Failed, now, Some(note)).is_err() {
+        return false;
+    }
+    rec.finished_ms = Some(now);
+    true
+}
+
 /// The wait before retry number `attempts` (1 after the first run):
 /// `backoff_initial` doubling up to `backoff_max`, spread over its upper
 /// half ([`Jitter::Equal`]) so retries are spread but never instant.
@@ -81,12 +104,9 @@ impl Manager {
     /// Refuses `after` naming a job this shim does not know, or one that
     /// already ended without success.
     pub fn check_after(&self, after: &[String]) -> Result<(), Refusal> {
-        if !after.is_empty() && self.cluster().is_some() {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "after-unsupported",
-                "after: dependencies run on the embedded queue only, not yet on the shared queue (exec.queue.postgres); submit this job once the jobs it needs have succeeded",
-            ));
+        if self.cluster().is_some() {
+            // The shared queue checks them in the submission's transaction.
+            return Ok(());
         }
         let inner = self.inner.lock().unwrap();
         for dep in after {
@@ -151,16 +171,7 @@ impl Manager {
                 continue;
             };
             let (prio, seq) = (rec.priority, rec.seq);
-            let message = format!("job {parent}, which this job runs after, ended {parent_state}");
-            rec.failure = Some(Failure {
-                class: FailureClass::DependencyFailed,
-                message: message.clone(),
-                exit_code: None,
-                signal: None,
-            });
-            let note = format!("dependency_failed: {message}");
-            if rec.transition(JobState::Failed, now, Some(note)).is_ok() {
-                rec.finished_ms = Some(now);
+            if dependency_failed(rec, parent, &parent_state, now) {
                 out.push(rec.clone());
                 inner.queue.remove(prio, seq);
             }

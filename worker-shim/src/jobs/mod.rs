@@ -8,6 +8,7 @@ pub mod cluster;
 mod finish;
 pub mod manager;
 pub mod pg;
+mod pg_usage;
 pub mod queue;
 mod runner;
 mod settings;

@@ -3,7 +3,9 @@
 //! one function per statement the shims run: submit (with the tenant's
 //! queued quota), claim (`FOR UPDATE SKIP LOCKED`, by priority, tenant fair
 //! share, submission), lease renewal, the reaper of expired leases, the
-//! fenced end of a run, and the caller's reads, cancel and delete.
+//! fenced end of a run, and the caller's reads, cancel and delete. A job
+//! that ends without success fails its queued dependants (`after`) in the
+//! same transaction.
 //!
 //! Every write of a running job is fenced by `(id, claims, lease_owner)`:
 //! a shim presumed dead that comes back writes nothing over a newer claim.
@@ -181,6 +183,7 @@ impl PgQueue {
         let mut client = self.pool.get().await.map_err(QueueError::from)?;
         let tx = client.transaction().await.map_err(QueueError::from)?;
         self.queued_quota(&tx, &tenant).await?;
+        self.check_after(&tx, &rec.extras.after).await?;
         let seq: i64 = tx
             .query_one("SELECT nextval('crank_jobs_seq')", &[])
             .await
@@ -262,6 +265,94 @@ impl PgQueue {
             ),
         )
         .retry_after((queued as u64 / slots).clamp(1, 60)))
+    }
+
+    /// Refuses `after` naming a job of this capability the queue does not
+    /// hold (400 `dependency-not-found`) or one already ended without
+    /// success (409 `dependency-failed`). Holds the dependencies' rows
+    /// (`FOR SHARE`) to the end of the transaction, so a dependency that
+    /// fails meanwhile sees this job when it fails its dependants.
+    async fn check_after(&self, tx: &Transaction<'_>, after: &[String]) -> Result<(), Refusal> {
+        if after.is_empty() {
+            return Ok(());
+        }
+        let rows = tx
+            .query(
+                "SELECT id, state FROM crank_jobs WHERE capability = $1 AND id = ANY($2) FOR SHARE",
+                &[&self.capability, &after],
+            )
+            .await
+            .map_err(QueueError::from)?;
+        for dep in after {
+            let state = rows
+                .iter()
+                .find(|r| r.get::<_, &str>(0) == dep)
+                .map(|r| r.get::<_, String>(1));
+            match state.as_deref() {
+                None => {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        "dependency-not-found",
+                        format!("after: no job {dep} in the queue of {}; name jobs of this capability that exist", self.capability),
+                    ))
+                }
+                Some(s @ ("failed" | "canceled" | "timed_out")) => {
+                    return Err(Refusal::new(
+                        StatusCode::CONFLICT,
+                        "dependency-failed",
+                        format!("after: job {dep} is already {s}, so this job could never run"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the queued jobs that run after `parent` (and theirs, in turn)
+    /// with `dependency_failed`, in the caller's transaction: `parent`
+    /// ended `state`, without success. Returns their ids.
+    pub async fn fail_dependants(
+        &self,
+        tx: &Transaction<'_>,
+        parent: &str,
+        state: JobState,
+    ) -> Result<Vec<String>, QueueError> {
+        let mut pending = vec![(parent.to_string(), state.to_string())];
+        let mut failed = Vec::new();
+        while let Some((parent, parent_state)) = pending.pop() {
+            let rows = tx
+                .query(
+                    "SELECT record FROM crank_jobs
+                     WHERE capability = $1 AND state = 'queued'
+                       AND coalesce(record->'after', '[]'::jsonb) ? $2
+                     FOR UPDATE",
+                    &[&self.capability, &parent],
+                )
+                .await?;
+            for row in rows {
+                let mut rec = from_json(row.get(0))?;
+                if !super::finish::dependency_failed(&mut rec, &parent, &parent_state, now_ms()) {
+                    continue;
+                }
+                tx.execute(
+                    "UPDATE crank_jobs SET state = 'failed', record = $2, updated_at = now() WHERE id = $1",
+                    &[&rec.id, &to_json(&rec)?],
+                )
+                .await?;
+                pending.push((rec.id.clone(), "failed".to_string()));
+                failed.push(rec.id);
+            }
+        }
+        if !failed.is_empty() {
+            tracing::info!(parent, jobs = ?failed, "dependency_failed: dependants of a job that did not succeed failed");
+        }
+        Ok(failed)
+    }
+
+    /// A usage source over every shim's records in this database.
+    pub fn usage_source(&self) -> std::sync::Arc<dyn crate::usage::UsageSource> {
+        std::sync::Arc::new(super::pg_usage::PgUsage(self.pool.clone()))
     }
 
     /// Opens a transaction on a pooled connection.
@@ -404,6 +495,9 @@ impl PgQueue {
                 &[&rec.id, &rec.state.as_str(), &to_json(&rec)?],
             )
             .await?;
+            if rec.state == JobState::Failed {
+                self.fail_dependants(&tx, &rec.id, rec.state).await?;
+            }
             out.push(rec.id);
         }
         tx.commit().await?;
@@ -419,9 +513,10 @@ impl PgQueue {
         token: i64,
         retry_in: Option<Duration>,
     ) -> Result<bool, QueueError> {
-        let client = self.pool.get().await?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
         let wait = retry_in.unwrap_or_default().as_secs_f64();
-        let n = client
+        let n = tx
             .execute(
                 "UPDATE crank_jobs SET state = $4, record = $5, lease_owner = NULL,
                    lease_expires = NULL, run_after = now() + make_interval(secs => $6),
@@ -437,6 +532,10 @@ impl PgQueue {
                 ],
             )
             .await?;
+        if n == 1 && rec.state.is_terminal() && rec.state != JobState::Succeeded {
+            self.fail_dependants(&tx, &rec.id, rec.state).await?;
+        }
+        tx.commit().await?;
         Ok(n == 1)
     }
 
@@ -497,6 +596,7 @@ impl PgQueue {
                 )
                 .await
                 .map_err(QueueError::from)?;
+                self.fail_dependants(&tx, id, JobState::Canceled).await?;
             }
             JobState::Running => {
                 tx.execute(
