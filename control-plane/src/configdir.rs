@@ -461,9 +461,20 @@ fn check_route_rest(r: &MeshRoute, at: &mut At<'_>) {
         }
     }
     for h in &r.matches.hosts {
-        if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
-            at.push(".match.hosts", format!("{h:?} is not a host name"));
+        let range = h.contains('/') && range_with_port(h);
+        if h.is_empty() || h.contains(char::is_whitespace) || (h.contains('/') && !range) {
+            at.push(
+                ".match.hosts",
+                format!("{h:?} is not a host name, address:port or range:port (10.96.0.0/12:5432)"),
+            );
         }
+    }
+    let with_port = |h: &String| h.parse::<std::net::SocketAddr>().is_ok() || range_with_port(h);
+    if r.server_speaks_first && !r.matches.hosts.iter().any(with_port) {
+        at.push(
+            ".server_speaks_first",
+            "applies to the route's address:port or range:port hosts, and it has none; add the server's (match.hosts: ['10.96.0.25:25'])".into(),
+        );
     }
     if r.timeout.is_some_and(|t| t.is_zero()) {
         at.push(".timeout", "is zero; remove it for no deadline".into());
@@ -474,6 +485,25 @@ fn check_route_rest(r: &MeshRoute, at: &mut At<'_>) {
             format!("{} is not 0 to 10", r.retry.attempts),
         );
     }
+}
+
+/// `10.96.0.0/12:5432` or `[fd00::/108]:5432`: an address range (no
+/// bits past the prefix) and a port.
+fn range_with_port(h: &str) -> bool {
+    let Some((net, port)) = h.rsplit_once(':') else {
+        return false;
+    };
+    let net = net.trim_start_matches('[').trim_end_matches(']');
+    let Some((addr, prefix)) = net.split_once('/') else {
+        return false;
+    };
+    let max = match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    let prefix_ok = prefix.parse::<u8>().is_ok_and(|p| p <= max);
+    prefix_ok && port.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
 fn check_quotas(q: &QuotasFile, declared: &BTreeSet<String>, p: &mut Vec<Problem>) {
@@ -689,6 +719,39 @@ mod tests {
             typo[0].message.contains("unknown field `admins`"),
             "{typo:?}"
         );
+    }
+
+    #[test]
+    fn captured_routes_take_ranges_with_ports_and_server_speaks_first() {
+        let route = |rest: &str| {
+            format!("routes:\n  - name: a\n    backends: [{{capability: transcode:v1}}]\n{rest}")
+        };
+        let ok = route("    match: {hosts: ['10.96.0.0/12:5432', '[fd00::/108]:25', '10.96.0.25:25']}\n    server_speaks_first: true\n");
+        let snap = load(dir(&[CAPS, ("routes/a.yaml", &ok)]).path()).unwrap();
+        assert!(snap.routes[0].server_speaks_first);
+        let cases = [
+            (
+                "    match: {hosts: ['10.96.0.0/12']}\n",
+                "routes[0].match.hosts",
+                "range:port",
+            ),
+            (
+                "    match: {hosts: ['10.96.0.0/40:80']}\n",
+                "routes[0].match.hosts",
+                "range:port",
+            ),
+            (
+                "    match: {hosts: [smtp]}\n    server_speaks_first: true\n",
+                "routes[0].server_speaks_first",
+                "match.hosts: ['10.96.0.25:25']",
+            ),
+        ];
+        for (rest, field, msg) in cases {
+            let ps = problems(&[CAPS, ("routes/a.yaml", &route(rest))]);
+            let hit = ps.iter().find(|p| p.field.as_deref() == Some(field));
+            let hit = hit.unwrap_or_else(|| panic!("no problem at {field} in {ps:?}"));
+            assert!(hit.message.contains(msg), "{}", hit.message);
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! capture; B runs the server apps behind a sidecar with inbound capture of
 //! port 8080; C runs a plain client with no sidecar. Both sidecars run as
 //! `nobody` (the capture rules leave that uid alone) and their rules are
-//! written by `crank-proxy capture install --config FILE`.
+//! written by `crank-proxy capture install --config FILE`. B's inbound
+//! policy and A's outbound policy decide on captured connections too.
 //!
 //! Needs root, iproute2, nftables (or iptables), curl and setpriv; without
 //! root the test prints why and returns.
@@ -183,6 +184,46 @@ fn read_some(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// B's inbound policy: callers without a sidecar may not reach port 8081.
+const INBOUND_POLICY: &str = r#"
+package crank.authz
+
+default allow := false
+allow if count(deny) == 0
+
+deny contains sprintf("callers without a sidecar may not reach port %d", [input.connection.destination.port]) if {
+    input.connection.source == null
+    input.connection.destination.port == 8081
+}
+"#;
+
+/// A's outbound policy: nothing outside the mesh on port 7200, no tunnel
+/// to port 7001.
+const OUTBOUND_POLICY: &str = r#"
+package crank.authz
+
+default allow := false
+allow if count(deny) == 0
+
+deny contains sprintf("%v:%d is outside the mesh and off limits", [input.destination.host, input.destination.port]) if {
+    input.destination.egress
+    input.destination.port == 7200
+}
+
+deny contains "port 7001 in the mesh is off limits" if {
+    not input.destination.egress
+    input.connection.destination.port == 7001
+}
+"#;
+
+/// A policy directory `dir/name` holding `rego`.
+fn policy_dir(dir: &Path, name: &str, rego: &str) -> PathBuf {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("p.rego"), rego).unwrap();
+    d
+}
+
 fn sidecar_yaml(pki: &Pki, name: &str, rest: &str) -> String {
     let leaf = pki.leaf(name, "acme");
     format!(
@@ -197,30 +238,46 @@ fn sidecar_yaml(pki: &Pki, name: &str, rest: &str) -> String {
 fn an_unmodified_app_is_meshed_across_hosts() {
     let Some(hosts) = Hosts::new(3) else { return };
     let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
-    let b_ip = b.addr();
+    let (b_ip, b6) = (b.addr(), b.addr6());
     serve(b, "0.0.0.0:8080", echo_head);
+    serve(b, "0.0.0.0:8081", echo_head);
     serve(b, "0.0.0.0:2525", banner);
     serve(b, "0.0.0.0:7000", echo);
     serve(c, "0.0.0.0:7100", echo);
+    serve(c, "0.0.0.0:7200", echo);
     let pki = Pki::new();
+    let b_policy = policy_dir(pki.path(), "b-policy", INBOUND_POLICY);
+    let a_policy = policy_dir(pki.path(), "a-policy", OUTBOUND_POLICY);
+    // Two TCP services behind B's sidecar, each with its capability.
     let b_yaml = sidecar_yaml(
         &pki,
         "server",
         &format!(
-            "inbound:\n  listen: '{b_ip}:4143'\n  app: '127.0.0.1:8080'\n  tcp: [{{app: '127.0.0.1:2525'}}, {{app: '127.0.0.1:7000'}}]\n\
-             capture: {{proxy_uid: {NOBODY}, inbound_ports: 8080}}\n"
+            "inbound:\n  listen: '{b_ip}:4143'\n  app: '127.0.0.1:8080'\n  tcp: [{{app: '127.0.0.1:2525', capability: 'mail:smtp'}}, {{app: '127.0.0.1:7000', capability: echo}}]\n\
+             capture: {{proxy_uid: {NOBODY}, inbound_ports: [8080, 8081]}}\npolicy: {{inbound: {{dir: '{}'}}}}\n",
+            b_policy.display()
         ),
     );
+    // Every route has B's sidecar; the first in table order (smtp) is not
+    // the one a call to B:7000 wants. smtp's server talks first (declared
+    // on the route, not in capture.server_speaks_first). `wrong` claims
+    // echo at the SMTP server's port (over IPv6, B's other address).
+    let ep = format!("endpoints: [{{address: '{b_ip}:4143', identity: server.acme.crank.local}}]");
     let a_yaml = sidecar_yaml(
         &pki,
         "client",
         &format!(
-            "routes: [{{name: server, endpoints: [{{address: '{b_ip}:4143', identity: server.acme.crank.local}}]}}]\n\
-             capture: {{proxy_uid: {NOBODY}, server_speaks_first: [2525], detect_timeout: {}s}}\n",
-            DETECT.as_secs()
+            "routes:\n\
+             - {{name: smtp, capability: 'mail:smtp', hosts: ['{b_ip}:2525'], server_speaks_first: true, {ep}}}\n\
+             - {{name: server, hosts: ['{b_ip}:8080'], {ep}}}\n\
+             - {{name: echo, capability: echo, {ep}}}\n\
+             - {{name: wrong, capability: echo, hosts: ['[{b6}]:2525'], {ep}}}\n\
+             capture: {{proxy_uid: {NOBODY}, ipv6: true, detect_timeout: {}s}}\npolicy: {{outbound: {{dir: '{}'}}}}\n",
+            DETECT.as_secs(),
+            a_policy.display()
         ),
     );
-    let _b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
+    let b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
     let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
 
     // Plain HTTP from the app, no proxy setting: meshed over mTLS, so the
@@ -254,8 +311,8 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     ];
     assert_eq!(count(a, "crank_capture_connections_total", &h2), 1.0);
 
-    // A server-speaks-first port: the banner comes at once, far below the
-    // detection deadline.
+    // A server-speaks-first port (the route says so): the banner comes at
+    // once, far below the detection deadline.
     let started = Instant::now();
     let mut smtp = connect(a, SocketAddr::new(b_ip.into(), 2525));
     let greeting = read_some(&mut smtp);
@@ -275,7 +332,8 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     assert_eq!(count(a, "crank_capture_connections_total", &skipped), 1.0);
 
     // A client that says nothing on another port: opaque once the
-    // deadline passes, and its bytes still flow.
+    // deadline passes, and its bytes still flow, to the echo server on the
+    // port it dialled (not to the first route's SMTP server).
     let started = Instant::now();
     let mut quiet = connect(a, SocketAddr::new(b_ip.into(), 7000));
     let timeout = [
@@ -288,13 +346,42 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     });
     assert!(started.elapsed() >= DETECT - Duration::from_millis(100));
     quiet.write_all(b"late\n").unwrap();
-    assert_eq!(read_some(&mut quiet), "late\n");
+    assert_eq!(
+        read_some(&mut quiet),
+        "late\n",
+        "A:\n{}\nB:\n{}",
+        a_proxy.log_text(),
+        b_proxy.log_text()
+    );
     // Both opaque connections are tunnels over mTLS, open at B's sidecar.
     let tunnels = ["direction=\"inbound\""];
     wait_until("B to hold both tunnels", Duration::from_secs(5), || {
         count(b, "crank_tcp_open_connections", &tunnels) == 2.0
     });
     drop((smtp, quiet));
+
+    // A claim of one capability at another server's port: B refuses it.
+    let mut wrong = connect(a, SocketAddr::new(b6.into(), 2525));
+    wrong.write_all(b"x").unwrap();
+    assert_eq!(read_some(&mut wrong), "", "refused, not the echo server");
+    let mismatch = [
+        "direction=\"outbound\"",
+        "capability=\"echo\"",
+        "outcome=\"capability-mismatch\"",
+    ];
+    wait_until("the mismatch to be counted", Duration::from_secs(5), || {
+        count(a, "crank_tcp_connections_total", &mismatch) == 1.0
+    });
+    // A's outbound policy decides before a tunnel opens.
+    let mut off_limits = connect(a, SocketAddr::new(b_ip.into(), 7001));
+    off_limits.write_all(b"x").unwrap();
+    assert_eq!(read_some(&mut off_limits), "");
+    let denied = ["direction=\"outbound\"", "outcome=\"policy-denied\""];
+    wait_until(
+        "the tunnel's denial to be counted",
+        Duration::from_secs(5),
+        || count(a, "crank_tcp_connections_total", &denied) == 1.0,
+    );
 
     // A host outside the mesh: passed through as the app asked (no
     // egress.mode, capture.undeclared: passthrough).
@@ -306,7 +393,30 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         "protocol=\"opaque\"",
         "outcome=\"detected\"",
     ];
-    assert_eq!(count(a, "crank_capture_connections_total", &opaque), 1.0);
+    assert_eq!(count(a, "crank_capture_connections_total", &opaque), 3.0);
+    drop(outside);
+    // Counted as a connection leaving the mesh, once it closes.
+    let passed = [
+        "direction=\"outbound\"",
+        "capability=\"egress-undeclared\"",
+        "outcome=\"closed\"",
+    ];
+    wait_until("the forward to be counted", Duration::from_secs(5), || {
+        count(a, "crank_tcp_connections_total", &passed) == 1.0
+    });
+    let egress = ["destination=\"undeclared\"", "status_class=\"tcp\""];
+    assert_eq!(count(a, "crank_egress_requests_total", &egress), 1.0);
+    // A's outbound policy refuses port 7200 outside the mesh.
+    let mut denied = connect(a, SocketAddr::new(c.addr().into(), 7200));
+    denied.write_all(b"x").unwrap();
+    assert_eq!(read_some(&mut denied), "", "refused by the outbound policy");
+    let policy = ["direction=\"outbound\"", "reason=\"policy-denied\""];
+    assert_eq!(count(a, "crank_capture_refused_total", &policy), 1.0);
+    wait_until("the denial's log line", Duration::from_secs(5), || {
+        a_proxy
+            .log_text()
+            .contains("outside the mesh and off limits")
+    });
 
     // Straight to the capture port (loopback is never redirected): refused,
     // counted and logged, not proxied to itself.
@@ -316,11 +426,10 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     wait_until("the refusal to be counted", Duration::from_secs(5), || {
         count(a, "crank_capture_refused_total", &refused) == 1.0
     });
-    assert!(
-        a_proxy.log_text().contains("did not redirect"),
-        "{}",
-        a_proxy.log_text()
-    );
+    // The log writer is asynchronous: the line may land after the count.
+    wait_until("the refusal's log line", Duration::from_secs(5), || {
+        a_proxy.log_text().contains("did not redirect")
+    });
 
     // Inbound capture: a caller without a sidecar reaches B's app through
     // B's inbound capture listener (plaintext allowed by default).
@@ -333,6 +442,16 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         "outcome=\"detected\"",
     ];
     assert_eq!(count(b, "crank_capture_connections_total", &inbound), 1.0);
+    // B's inbound policy applies to callers without a sidecar: port 8081
+    // is closed to them.
+    let out = c
+        .command("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{b_ip}:8081/")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let policy = ["direction=\"inbound\"", "reason=\"policy-denied\""];
+    assert_eq!(count(b, "crank_capture_refused_total", &policy), 1.0);
 
     // `capture remove` takes the rules away: A's curl goes straight out.
     let out = a
@@ -381,6 +500,19 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
             "capture: {{proxy_uid: {NOBODY}, inbound_ports: 8080, inbound_plaintext: deny}}\n"
         ),
     );
+    // As root, not capture.proxy_uid: the rules would capture its own
+    // connects, so it refuses to start and says how to fix it.
+    let config = pki.path().join("root.yaml");
+    std::fs::write(&config, &a_yaml).unwrap();
+    let out = a
+        .command(bin("crank-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let want = format!("capture.proxy_uid is {NOBODY} but crank-proxy runs as uid 0");
+    assert!(output_text(&out).contains(&want), "{}", output_text(&out));
     let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
     let b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
     let url = format!("http://{}:8080/", b.addr());

@@ -54,6 +54,11 @@ pub struct MeshRoute {
     /// listed (`frontend`), or every proxy when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<String>,
+    /// The server talks first (SMTP, MySQL): a sidecar's capture listener
+    /// skips protocol detection for a connection to one of the route's
+    /// `address:port` or `range:port` hosts. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_speaks_first: bool,
 }
 
 /// How a request selects a route. Empty: only by the route's name (as
@@ -61,7 +66,9 @@ pub struct MeshRoute {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
-    /// `Host` / `:authority` values (port ignored).
+    /// `Host` / `:authority` values (port ignored); for captured
+    /// connections also `address:port` and `range:port`
+    /// (`10.96.0.0/12:5432`, a Kubernetes Service's ClusterIP range).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     /// A path prefix (`/v1/transcode`); absent: any path.

@@ -640,6 +640,11 @@ pub struct RouteConfig {
     /// empty). Absent: a mesh route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<String>,
+    /// The server on this route's `address:port` (or `range:port`) hosts
+    /// talks first (SMTP, MySQL): a captured connection to one of them
+    /// skips protocol detection. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_speaks_first: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

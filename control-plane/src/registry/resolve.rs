@@ -212,6 +212,7 @@ mod tests {
             retry: Default::default(),
             circuit: Default::default(),
             clients: vec![],
+            server_speaks_first: false,
         }
     }
 

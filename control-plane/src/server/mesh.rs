@@ -205,6 +205,7 @@ pub fn to_proxy_route(route: &MeshRoute, entries: &[Entry]) -> RouteConfig {
         concurrency: None,
         fault: None,
         egress,
+        server_speaks_first: route.server_speaks_first,
     }
 }
 

@@ -45,6 +45,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let in_file = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
     let cfg = crate::config::load(path)?;
     check_bindable(&cfg).map_err(|e| in_file(&e))?;
+    if let Some(c) = &cfg.capture {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        crate::capture::config::uid_problem(c, euid).map_or(Ok(()), |e| Err(in_file(&e)))?;
+    }
     let admin_listener = std::net::TcpListener::bind(cfg.admin.listen).map_err(|e| {
         let addr = cfg.admin.listen;
         in_file(&format!("admin.listen: cannot listen on {addr}: {e}"))

@@ -109,6 +109,19 @@ pub fn problems(c: &CaptureConfig) -> Vec<(String, String)> {
     p
 }
 
+/// Why the proxy must not start with capture listeners as `euid`: the
+/// rules exempt only `capture.proxy_uid` from redirection, so under any
+/// other uid the proxy's own upstream connects would be captured again,
+/// a redirect loop.
+pub fn uid_problem(c: &CaptureConfig, euid: u32) -> Option<String> {
+    (c.proxy_uid != euid).then(|| {
+        format!(
+            "capture.proxy_uid is {} but crank-proxy runs as uid {euid}: the capture rules exempt only uid {} from redirection, so this proxy's own connections would be captured again (a redirect loop); run crank-proxy as uid {} (User= in the unit, runAsUser in the pod) or set capture.proxy_uid: {euid} and reinstall the rules (crank-proxy capture install --config FILE)",
+            c.proxy_uid, c.proxy_uid, c.proxy_uid
+        )
+    })
+}
+
 /// The outbound capture listener's addresses: loopback, where the rules
 /// send the app's connects.
 pub fn outbound_addrs(c: &CaptureConfig) -> Vec<SocketAddr> {
@@ -187,6 +200,21 @@ mod tests {
         assert_eq!(
             (r.proxy_uid, r.outbound_port, r.inbound),
             (65534, 15001, None)
+        );
+    }
+
+    #[test]
+    fn the_proxy_must_run_as_the_uid_the_rules_exempt() {
+        let c = section("  proxy_uid: 1337\n");
+        assert_eq!(uid_problem(&c, 1337), None);
+        let e = uid_problem(&c, 0).unwrap();
+        assert!(
+            e.contains("capture.proxy_uid is 1337 but crank-proxy runs as uid 0"),
+            "{e}"
+        );
+        assert!(
+            e.contains("redirect loop") && e.contains("run crank-proxy as uid 1337"),
+            "{e}"
         );
     }
 

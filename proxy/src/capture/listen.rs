@@ -2,13 +2,15 @@
 //! its original destination, protocol detection, then
 //!
 //! * outbound: HTTP to a mesh destination into the outbound HTTP path
-//!   (routes, retries, policy, mTLS: the same as the HTTP proxy listener),
-//!   anything else to a mesh destination into the opaque TCP tunnel, this
-//!   host's own addresses straight on, and undeclared destinations as
-//!   `capture.undeclared` says;
+//!   (routes, retries, policy, mTLS: the same as the HTTP proxy listener);
+//!   anything else meets the outbound policy ([`super::policy`]) first,
+//!   then goes to a mesh destination into the opaque TCP tunnel, to an
+//!   egress destination straight on, and to an undeclared destination as
+//!   `egress.mode` or `capture.undeclared` says; this host's own addresses
+//!   go straight on;
 //! * inbound: a caller without a sidecar, allowed or refused by
-//!   `capture.inbound_plaintext`, spliced to the app on the port it
-//!   dialled.
+//!   `capture.inbound_plaintext` and then by the inbound policy, spliced to
+//!   the app on the port it dialled.
 //!
 //! A connection that was not redirected (someone connected to the
 //! listener's port itself) is refused: proxying it to its own address
@@ -28,8 +30,9 @@ use pingora_proxy::HttpProxy;
 
 use super::detect::{sniff, Protocol};
 use super::forward;
+use super::forward::Direct;
 use super::metrics::CaptureMetrics;
-use super::route::{classify, local_addrs, Destination};
+use super::route::{claim, classify, host_matches, local_addrs, Destination};
 use crate::conn::Listener;
 use crate::direction::Direction;
 use crate::request::MeshProxy;
@@ -72,7 +75,7 @@ impl ServerApp for CaptureApp {
                 return None;
             }
         };
-        let skip = self.cfg.server_speaks_first.contains(&dst.port());
+        let skip = self.server_speaks_first(dst);
         let (protocol, outcome, seen) = match sniff(&mut *l4, skip, self.cfg.detect_timeout).await {
             Ok(x) => x,
             Err(e) => {
@@ -114,16 +117,32 @@ impl CaptureApp {
             }
             // An egress destination is no sidecar: its bytes go straight on.
             Destination::Mesh(route) if route.egress.is_some() => {
-                forward::direct(&self.rt, l4, &seen, dst, "egress").await
+                let label = Some(route.name.clone());
+                if self.allowed(dst, None, route.egress.as_deref(), protocol) {
+                    let how = Direct {
+                        kind: "egress",
+                        label,
+                    };
+                    self.count_egress(&route.name, route.egress.as_deref());
+                    forward::direct(&self.rt, l4, &seen, dst, how).await;
+                }
             }
+            // The tunnel asks the outbound policy.
             Destination::Mesh(route) => {
-                forward::to_mesh(&self.rt, l4, seen.into(), dst, route).await;
+                let cap = claim(&table, dst, &route);
+                forward::to_mesh(&self.rt, l4, seen.into(), dst, route, cap).await;
             }
             Destination::Local if self.is_own_listener(dst) => {
                 tracing::warn!(direction = dir, %dst, "refused a captured connection to the capture listener's own port: it would loop");
                 self.metrics.refused(dir, "loop");
             }
-            Destination::Local => forward::direct(&self.rt, l4, &seen, dst, "local").await,
+            Destination::Local => {
+                let how = Direct {
+                    kind: "local",
+                    label: None,
+                };
+                forward::direct(&self.rt, l4, &seen, dst, how).await;
+            }
             Destination::Undeclared => self.undeclared(l4, dst, protocol, seen).await,
         }
     }
@@ -159,21 +178,87 @@ impl CaptureApp {
             Undeclared::Deny => false,
         };
         if pass {
-            return forward::direct(&self.rt, l4, &seen, dst, "undeclared").await;
+            let dest = crate::egress::Destination::undeclared(&dst.ip().to_string(), dst.port());
+            let dest = dest.ok();
+            if self.allowed(dst, None, dest.as_ref(), protocol) {
+                let label = Some(crate::egress::UNDECLARED_ROUTE.to_string());
+                let how = Direct {
+                    kind: "undeclared",
+                    label,
+                };
+                self.count_egress(crate::egress::UNDECLARED_ROUTE, dest.as_ref());
+                forward::direct(&self.rt, l4, &seen, dst, how).await;
+            }
+            return;
         }
         tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), egress_mode = ?mode, "refused a captured connection to {dst}: no route or egress destination declares it (egress.mode: deny, or capture.undeclared: refuse); declare it in the mesh config's egress.yaml, add a route, or exclude it from capture (capture.exclude_outbound_cidrs)");
         self.metrics.refused("outbound", "undeclared");
     }
 
-    /// A plain (sidecar-less) caller of the app's port `dst`.
+    /// A plain (sidecar-less) caller of the app's port `dst`:
+    /// `capture.inbound_plaintext`, then the inbound policy.
     async fn inbound(&self, l4: Box<L4Stream>, dst: SocketAddr, protocol: Protocol, seen: Vec<u8>) {
+        let peer = l4
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
         if self.cfg.inbound_plaintext == CapturePlaintext::Deny {
-            let peer = l4.get_socket_digest().and_then(|d| d.peer_addr().cloned());
             tracing::warn!(direction = "inbound", %dst, peer = ?peer, protocol = protocol.as_str(), "refused a caller without a sidecar on a captured port (capture.inbound_plaintext: deny); callers must come through their sidecar (mTLS)");
             self.metrics.refused("inbound", "plaintext-denied");
             return;
         }
-        forward::direct(&self.rt, l4, &seen, dst, "inbound-plaintext").await
+        if let Err(d) = super::policy::inbound(&self.rt, peer, dst) {
+            tracing::warn!(direction = "inbound", %dst, peer = ?peer, protocol = protocol.as_str(), outcome = d.outcome, detail = %d.detail, "refused a caller without a sidecar on a captured port: the inbound policy denies it (input.connection.source is null for a caller without a sidecar)");
+            self.metrics.refused("inbound", d.outcome);
+            return;
+        }
+        let how = Direct {
+            kind: "inbound-plaintext",
+            label: None,
+        };
+        forward::direct(&self.rt, l4, &seen, dst, how).await;
+    }
+
+    /// The outbound policy on an opaque or TLS connection to `dst`; a
+    /// denial is logged and counted (`crank_capture_refused_total`).
+    fn allowed(
+        &self,
+        dst: SocketAddr,
+        capability: Option<String>,
+        egress: Option<&crate::egress::Destination>,
+        protocol: Protocol,
+    ) -> bool {
+        let Err(d) = super::policy::outbound(&self.rt, Some(dst), capability, egress) else {
+            return true;
+        };
+        tracing::warn!(direction = "outbound", %dst, protocol = protocol.as_str(), egress = egress.map(|e| e.name.as_str()), outcome = d.outcome, detail = %d.detail, "refused a captured connection: the outbound policy denies it");
+        self.metrics.refused("outbound", d.outcome);
+        false
+    }
+
+    /// `crank_egress_requests_total` for a connection forwarded outside
+    /// the mesh (`status_class="tcp"`).
+    fn count_egress(&self, route: &str, dest: Option<&crate::egress::Destination>) {
+        let name = dest.map_or("undeclared", crate::egress::destination_label);
+        self.rt
+            .metrics
+            .egress
+            .requests
+            .with_label_values(&[route, name, "tcp"])
+            .inc();
+    }
+
+    /// Detection is skipped for a port in `capture.server_speaks_first`,
+    /// and outbound for one of the `address:port` or `range:port` hosts
+    /// of a route that says `server_speaks_first: true`.
+    fn server_speaks_first(&self, dst: SocketAddr) -> bool {
+        if self.cfg.server_speaks_first.contains(&dst.port()) {
+            return true;
+        }
+        self.direction == Direction::Outbound
+            && super::route::route_for(&self.rt.routes.load(), dst).is_some_and(|r| {
+                r.cfg.server_speaks_first
+                    && r.cfg.hosts.iter().any(|h| host_matches(h, dst).is_some())
+            })
     }
 
     /// `dst` is this proxy's own outbound capture port.

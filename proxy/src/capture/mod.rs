@@ -8,7 +8,8 @@
 //! | [`detect`] | protocol detection (TLS, HTTP/1, h2, opaque) with its deadline (pure, plus the read) |
 //! | [`route`]  | where a captured destination goes (pure over the route table) |
 //! | [`listen`] | the listeners' app: original destination, detection, dispatch |
-//! | [`forward`] | opaque bytes: into the tunnel, or straight on |
+//! | [`forward`] | opaque bytes: into the tunnel, or straight on (idle timeout, limit, access log) |
+//! | [`policy`] | connection-level policy on plaintext callers (inbound) and opaque/TLS connects (outbound) |
 //! | [`metrics`] | `crank_capture_connections_total`, `crank_capture_refused_total` |
 //! | [`cli`]    | `crank-proxy capture install|remove|show` |
 //!
@@ -20,6 +21,7 @@ pub mod detect;
 pub mod forward;
 pub mod listen;
 pub mod metrics;
+pub mod policy;
 pub mod route;
 
 pub use route::captured_dst;

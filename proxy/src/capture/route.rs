@@ -2,12 +2,16 @@
 //! destination alone (pure over the route table; the listener does the
 //! I/O):
 //!
-//! 1. a route that lists the exact `address:port` in its `hosts`;
+//! 1. a route that lists the exact `address:port` in its `hosts`, else
+//!    one that lists a range holding it (`10.96.0.0/12:5432`): how a
+//!    platform team maps a Kubernetes Service's ClusterIP (which has no
+//!    sidecar of its own) to a capability;
 //! 2. else a route with an endpoint (a peer sidecar) on the destination's
 //!    address: the app called a service on a mesh host, so the call is
 //!    meshed to that host's sidecar (the first such route in table order
-//!    when several have one there; list `address:port` in `hosts` to
-//!    choose); or an egress route to exactly that address and port;
+//!    when several have one there; an opaque connection then claims no
+//!    capability ([`claim`]) and the peer sidecar serves the port that
+//!    was dialled); or an egress route to exactly that address and port;
 //! 3. else a declared egress destination (`egress.destinations`);
 //! 4. else one of this host's own addresses: connected as asked;
 //! 5. else undeclared: `egress.mode` decides when the mesh config sets
@@ -47,15 +51,90 @@ impl Destination {
 
 /// The route a captured connection to `dst` takes, if any.
 pub fn route_for(table: &RouteTable, dst: SocketAddr) -> Option<Arc<Route>> {
-    let exact = dst.to_string();
     let ip = canonical(dst.ip());
     let routes = table.routes();
-    routes
-        .iter()
-        .find(|r| r.cfg.hosts.iter().any(|h| h.trim() == exact))
+    let listed = |exact: bool| {
+        routes.iter().find(|r| {
+            r.cfg
+                .hosts
+                .iter()
+                .any(|h| host_matches(h, dst) == Some(exact))
+        })
+    };
+    listed(true)
+        .or_else(|| listed(false))
         .or_else(|| routes.iter().find(|r| serves(r, dst, ip)))
         .cloned()
         .or_else(|| declared_egress(table, dst))
+}
+
+/// Whether a route's `hosts` entry names `dst`: `Some(true)` for the
+/// exact `address:port`, `Some(false)` for a range holding it
+/// (`10.96.0.0/12:5432`, `[fd00::/108]:5432`), `None` otherwise (names
+/// and entries without a port match HTTP authorities only).
+pub fn host_matches(entry: &str, dst: SocketAddr) -> Option<bool> {
+    let entry = entry.trim();
+    if let Ok(a) = entry.parse::<SocketAddr>() {
+        let same = canonical(a.ip()) == canonical(dst.ip()) && a.port() == dst.port();
+        return same.then_some(true);
+    }
+    let (net, port) = entry.rsplit_once(':')?;
+    if port.parse::<u16>().ok()? != dst.port() {
+        return None;
+    }
+    let net = net.trim_start_matches('[').trim_end_matches(']');
+    let (addr, prefix) = net.split_once('/')?;
+    let addr = canonical(addr.parse::<IpAddr>().ok()?);
+    let prefix = prefix.parse::<u32>().ok()?;
+    in_range(addr, prefix, canonical(dst.ip())).then_some(false)
+}
+
+/// `ip` is in `net/prefix` (both of one family).
+fn in_range(net: IpAddr, prefix: u32, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) if prefix <= 32 => {
+            let m = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+            u32::from(n) & m == u32::from(i) & m
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) if prefix <= 128 => {
+            let m = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            u128::from(n) & m == u128::from(i) & m
+        }
+        _ => false,
+    }
+}
+
+/// The capability an opaque connection to `dst` on `route` claims to the
+/// peer sidecar: the route's (or its name). `None` when the route was
+/// chosen only because it has a sidecar on that host and other routes do
+/// too: the peer then serves the port that was dialled (its
+/// `inbound.tcp` entry there), so a call to one service on a shared host
+/// never claims another's capability.
+pub fn claim(table: &RouteTable, dst: SocketAddr, route: &Route) -> Option<String> {
+    let named = route
+        .capability
+        .clone()
+        .or_else(|| Some(route.name.clone()));
+    if route.egress.is_some()
+        || route
+            .cfg
+            .hosts
+            .iter()
+            .any(|h| host_matches(h, dst).is_some())
+    {
+        return named;
+    }
+    let ip = canonical(dst.ip());
+    let on_host = table
+        .routes()
+        .iter()
+        .filter(|r| r.egress.is_none() && serves(r, dst, ip))
+        .count();
+    if on_host > 1 {
+        None
+    } else {
+        named
+    }
 }
 
 /// A mesh route with a sidecar on `dst`'s address, or an egress route to
@@ -174,6 +253,8 @@ mod tests {
              - {name: db, hosts: ['10.0.0.2:5432'], endpoints: [{address: '10.0.0.9:4143', identity: db.acme.crank.local}]}\n\
              - {name: web, endpoints: [{address: '10.0.0.2:4143', identity: web.acme.crank.local}]}\n\
              - {name: web2, endpoints: [{address: '10.0.0.2:4243', identity: web2.acme.crank.local}]}\n\
+             - {name: svc-pg, capability: 'db:postgres', hosts: ['10.96.0.0/12:5432', '[fd00::/108]:5432'], endpoints: [{address: '10.0.0.9:4143', identity: db.acme.crank.local}]}\n\
+             - {name: svc-exact, hosts: ['10.96.0.10:5432'], endpoints: [{address: '10.0.0.8:4143', identity: other.acme.crank.local}]}\n\
              - {name: ray, egress: ray, endpoints: []}\n\
              egress:\n  destinations:\n  - {name: ray, address: '192.0.2.5:8265'}\n  - {name: dask, address: '192.0.2.6:8786'}\n",
         )
@@ -206,6 +287,13 @@ mod tests {
             ("192.0.2.5:8265", ("ray", "mesh")),
             ("192.0.2.6:8786", ("egress:dask", "mesh")),
             ("192.0.2.5:22", ("", "undeclared")),
+            // A Service's ClusterIP: its range and port name the route;
+            // an exact entry wins over a range; another port is not it.
+            ("10.100.3.4:5432", ("svc-pg", "mesh")),
+            ("[fd00::1:2]:5432", ("svc-pg", "mesh")),
+            ("10.96.0.10:5432", ("svc-exact", "mesh")),
+            ("10.100.3.4:5433", ("", "undeclared")),
+            ("10.112.0.1:5432", ("", "undeclared")),
         ];
         for (dst, (name, kind_want)) in cases {
             assert_eq!(kind(dst), (name.to_string(), kind_want), "{dst}");
@@ -217,7 +305,8 @@ mod tests {
         let e = select(&table(), "192.0.2.7:80".parse().unwrap()).unwrap_err();
         assert_eq!(e.reason, Reason::NoRoute);
         assert!(
-            e.detail.contains("known routes: db, web, web2, ray"),
+            e.detail
+                .contains("known routes: db, web, web2, svc-pg, svc-exact, ray"),
             "{}",
             e.detail
         );
@@ -227,6 +316,45 @@ mod tests {
                 .name,
             "web"
         );
+    }
+
+    #[test]
+    fn host_entries_are_an_address_or_a_range_with_a_port() {
+        let dst: SocketAddr = "10.96.3.4:5432".parse().unwrap();
+        let cases = [
+            ("10.96.3.4:5432", Some(true)),
+            (" 10.96.3.4:5432 ", Some(true)),
+            ("10.96.3.4:80", None),
+            ("10.96.0.0/12:5432", Some(false)),
+            ("10.96.0.0/12:80", None),
+            ("10.0.0.0/16:5432", None),
+            ("0.0.0.0/0:5432", Some(false)),
+            ("10.96.0.0/40:5432", None),
+            ("db.internal:5432", None),
+            ("10.96.3.4", None),
+            ("fd00::/8:5432", None),
+        ];
+        for (entry, want) in cases {
+            assert_eq!(host_matches(entry, dst), want, "{entry}");
+        }
+    }
+
+    #[test]
+    fn a_shared_host_claims_no_capability_so_the_dialled_port_decides() {
+        let t = table();
+        let claim_of = |dst: &str| {
+            let dst = dst.parse().unwrap();
+            let r = route_for(&t, dst).unwrap();
+            claim(&t, dst, &r)
+        };
+        // web and web2 both have a sidecar on 10.0.0.2.
+        assert_eq!(claim_of("10.0.0.2:5432"), Some("db".into()));
+        assert_eq!(claim_of("10.0.0.2:25"), None);
+        // db and svc-pg both have a sidecar on 10.0.0.9.
+        assert_eq!(claim_of("10.0.0.9:22"), None);
+        assert_eq!(claim_of("10.96.0.10:5432"), Some("svc-exact".into()));
+        assert_eq!(claim_of("10.100.0.1:5432"), Some("db:postgres".into()));
+        assert_eq!(claim_of("192.0.2.5:8265"), Some("ray".into()));
     }
 
     #[test]

@@ -110,7 +110,11 @@ pub(super) fn validate_policy(
                 .into(),
         ));
     }
-    if policy.inbound.is_some() && cfg.inbound.is_none() {
+    let inbound_capture = cfg
+        .capture
+        .as_ref()
+        .is_some_and(|c| c.inbound_ports.is_some());
+    if policy.inbound.is_some() && cfg.inbound.is_none() && !inbound_capture {
         p.push((
             "policy.inbound".into(),
             "this proxy has no inbound listener to check; add `inbound` or move the set to policy.outbound".into(),
@@ -119,6 +123,8 @@ pub(super) fn validate_policy(
     if policy.outbound.is_some()
         && cfg.outbound.http_proxy.is_none()
         && cfg.outbound.ports.is_empty()
+        && cfg.outbound.tcp.is_empty()
+        && cfg.capture.is_none()
     {
         p.push((
             "policy.outbound".into(),

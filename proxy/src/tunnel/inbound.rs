@@ -163,16 +163,27 @@ fn admit(
     }
     let cfg = rt.config.load();
     let tcp = cfg.inbound.as_ref().map_or(&[][..], |i| &i.tcp[..]);
-    let app = local_upstream(tcp, hdr).ok_or_else(|| {
-        refused(
+    let entry = local_upstream(tcp, hdr).map_err(|e| match e {
+        Unserved::Nothing => refused(
             "no-local-upstream",
             format!(
                 "no inbound.tcp entry serves capability {:?} or port {:?}; add one to the server's sidecar config",
                 hdr.capability,
                 hdr.destination.map(|d| d.port())
             ),
-        )
+        ),
+        Unserved::Mismatch { port, serves } => refused(
+            "capability-mismatch",
+            format!(
+                "the caller claims capability {:?} but port {port} serves {serves:?}; the caller's route must name the capability of the server on that port",
+                hdr.capability
+            ),
+        ),
     })?;
+    let app = entry.app;
+    // Policy decides on the capability this sidecar serves there, never
+    // on the caller's claim alone.
+    rec.capability = entry.capability.clone().or_else(|| hdr.capability.clone());
     let facts = ConnectionFacts {
         source: peer.map(|p| crank_policy::Workload {
             spiffe_id: p.spiffe_id.clone(),
@@ -184,7 +195,7 @@ fn admit(
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied()),
         destination: rt.me.clone(),
-        capability: hdr.capability.clone(),
+        capability: entry.capability.clone(),
         original_destination: hdr.destination,
         app,
     };
@@ -192,18 +203,41 @@ fn admit(
     Ok(app)
 }
 
-/// The local server a tunnel reaches: the entry with its capability, else
-/// the entry on its original destination's port.
-pub fn local_upstream(tcp: &[InboundTcpConfig], hdr: &Header) -> Option<SocketAddr> {
-    let by_cap = hdr
-        .capability
+/// Why no local server takes a tunnel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unserved {
+    /// No entry on the destination's port or with the claimed capability.
+    Nothing,
+    /// The entry on the destination's port serves another capability.
+    Mismatch { port: u16, serves: String },
+}
+
+/// The local server a tunnel reaches. With a destination, the entry on
+/// its exact port, which must serve the claimed capability (an entry with
+/// none takes any claim, and policy then sees none); a different
+/// capability there is refused, never passed on to another entry. With no
+/// entry on that port (or no destination: an `outbound.tcp` port), the
+/// entry with the claimed capability.
+pub fn local_upstream<'a>(
+    tcp: &'a [InboundTcpConfig],
+    hdr: &Header,
+) -> Result<&'a InboundTcpConfig, Unserved> {
+    let by_port = hdr
+        .destination
+        .and_then(|d| tcp.iter().find(|t| t.app.port() == d.port()));
+    if let Some(t) = by_port {
+        return match (&t.capability, &hdr.capability) {
+            (Some(serves), Some(claim)) if serves != claim => Err(Unserved::Mismatch {
+                port: t.app.port(),
+                serves: serves.clone(),
+            }),
+            _ => Ok(t),
+        };
+    }
+    hdr.capability
         .as_ref()
-        .and_then(|c| tcp.iter().find(|t| t.capability.as_ref() == Some(c)));
-    let by_port = || {
-        let port = hdr.destination?.port();
-        tcp.iter().find(|t| t.app.port() == port)
-    };
-    by_cap.or_else(by_port).map(|t| t.app)
+        .and_then(|c| tcp.iter().find(|t| t.capability.as_ref() == Some(c)))
+        .ok_or(Unserved::Nothing)
 }
 
 /// The inbound policy on the connection's facts (`input.connection`).
@@ -262,37 +296,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_local_server_is_chosen_by_capability_then_by_port() {
+    fn the_local_server_is_the_one_on_the_port_and_must_serve_the_claim() {
+        let entry = |app: &str, cap: Option<&str>| InboundTcpConfig {
+            app: app.parse().unwrap(),
+            capability: cap.map(String::from),
+        };
         let tcp = vec![
-            InboundTcpConfig {
-                app: "127.0.0.1:5432".parse().unwrap(),
-                capability: Some("db:postgres".into()),
-            },
-            InboundTcpConfig {
-                app: "127.0.0.1:2525".parse().unwrap(),
-                capability: None,
-            },
+            entry("127.0.0.1:5432", Some("db:postgres")),
+            entry("127.0.0.1:2525", Some("mail:smtp")),
+            entry("127.0.0.1:7000", None),
         ];
         let h = |cap: Option<&str>, dest: Option<&str>| Header {
             capability: cap.map(String::from),
             destination: dest.map(|d| d.parse().unwrap()),
         };
-        let cases = [
-            (h(Some("db:postgres"), None), Some("127.0.0.1:5432")),
+        let mismatch = |port, serves: &str| {
+            Err(Unserved::Mismatch {
+                port,
+                serves: serves.into(),
+            })
+        };
+        let cases: Vec<(Header, Result<&str, Unserved>)> = vec![
+            // No destination (an outbound.tcp port): by capability.
+            (h(Some("db:postgres"), None), Ok("127.0.0.1:5432")),
+            (h(Some("mail:smtp"), None), Ok("127.0.0.1:2525")),
+            // Each service on its own port behind one sidecar.
+            (
+                h(Some("db:postgres"), Some("10.0.0.3:5432")),
+                Ok("127.0.0.1:5432"),
+            ),
+            (
+                h(Some("mail:smtp"), Some("10.0.0.3:2525")),
+                Ok("127.0.0.1:2525"),
+            ),
+            (h(None, Some("10.0.0.3:5432")), Ok("127.0.0.1:5432")),
+            // A claim of one capability at another server's port: refused,
+            // not sent to the claimed server nor to the port's.
+            (
+                h(Some("mail:smtp"), Some("10.0.0.3:5432")),
+                mismatch(5432, "db:postgres"),
+            ),
             (
                 h(Some("db:postgres"), Some("10.0.0.3:2525")),
-                Some("127.0.0.1:5432"),
+                mismatch(2525, "mail:smtp"),
             ),
+            // An entry without a capability takes any claim on its port.
+            (h(Some("echo"), Some("10.0.0.3:7000")), Ok("127.0.0.1:7000")),
+            // No entry on the port: the claimed capability's entry.
             (
-                h(Some("mail"), Some("10.0.0.3:2525")),
-                Some("127.0.0.1:2525"),
+                h(Some("db:postgres"), Some("10.96.0.10:15432")),
+                Ok("127.0.0.1:5432"),
             ),
-            (h(None, Some("10.0.0.3:5432")), Some("127.0.0.1:5432")),
-            (h(Some("mail"), None), None),
-            (h(None, Some("10.0.0.3:22")), None),
+            (h(Some("nope"), None), Err(Unserved::Nothing)),
+            (h(None, Some("10.0.0.3:22")), Err(Unserved::Nothing)),
         ];
         for (hdr, want) in cases {
-            let got = local_upstream(&tcp, &hdr);
+            let got = local_upstream(&tcp, &hdr).map(|t| t.app);
             assert_eq!(got, want.map(|w| w.parse().unwrap()), "{hdr:?}");
         }
     }

@@ -47,11 +47,12 @@ pub struct Ended {
 }
 
 /// A slot under `tunnel.max_connections`; dropping it frees the slot.
-struct Slot(IntGauge);
+/// Tunnels and the capture listener's direct forwards share the limit.
+pub(crate) struct Slot(IntGauge);
 
 impl Slot {
     /// A slot of `direction`, or `None` when it holds its maximum.
-    fn take(rt: &Runtime, direction: &str) -> Option<Slot> {
+    pub(crate) fn take(rt: &Runtime, direction: &str) -> Option<Slot> {
         let max = rt.config.load().tunnel.max_connections;
         let gauge = rt.metrics.tunnel.open.with_label_values(&[direction]);
         gauge.inc();
@@ -69,23 +70,28 @@ impl Drop for Slot {
     }
 }
 
-/// One tunnel's facts for its access log line and metrics.
-struct Record<'a> {
+/// One tunnel's (or direct forward's) facts for its access log line and
+/// metrics.
+pub(crate) struct Record<'a> {
     rt: &'a Runtime,
     direction: &'static str,
     started: Instant,
     /// The calling workload (inbound: the verified peer; outbound: us).
-    source: Option<String>,
+    pub(crate) source: Option<String>,
     /// The serving workload (outbound: the endpoint's identity; inbound: us).
-    destination: Option<String>,
-    original_destination: Option<SocketAddr>,
-    capability: Option<String>,
+    pub(crate) destination: Option<String>,
+    pub(crate) original_destination: Option<SocketAddr>,
+    pub(crate) capability: Option<String>,
     /// Where the bytes went: the peer sidecar or the local server.
-    upstream: Option<SocketAddr>,
+    pub(crate) upstream: Option<SocketAddr>,
+    /// A captured connection forwarded without a tunnel: why
+    /// (`egress`, `undeclared`, `local`, `inbound-plaintext`); `None` for
+    /// a tunnel.
+    pub(crate) forward: Option<&'static str>,
 }
 
 impl<'a> Record<'a> {
-    fn new(rt: &'a Runtime, direction: &'static str) -> Self {
+    pub(crate) fn new(rt: &'a Runtime, direction: &'static str) -> Self {
         Record {
             rt,
             direction,
@@ -95,11 +101,18 @@ impl<'a> Record<'a> {
             original_destination: None,
             capability: None,
             upstream: None,
+            forward: None,
         }
     }
 
     /// Logs and counts the tunnel's end. `detail` says why it was refused.
-    fn finish(self, outcome: &'static str, sent: u64, received: u64, detail: &str) -> Ended {
+    pub(crate) fn finish(
+        self,
+        outcome: &'static str,
+        sent: u64,
+        received: u64,
+        detail: &str,
+    ) -> Ended {
         let m = &self.rt.metrics.tunnel;
         let cap = self.capability.as_deref().unwrap_or("");
         m.connections
@@ -125,6 +138,7 @@ impl<'a> Record<'a> {
                 original_destination = self.original_destination.map(|a| a.to_string()),
                 capability = self.capability.as_deref(),
                 upstream = self.upstream.map(|a| a.to_string()),
+                forward = self.forward,
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,

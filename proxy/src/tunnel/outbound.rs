@@ -25,8 +25,9 @@ pub struct TunnelTarget {
     /// The address the app connected to (captured traffic); `None` for an
     /// `outbound.tcp` port.
     pub destination: Option<SocketAddr>,
-    /// The capability (a route's `capability`, or its name). `None`: the
-    /// route with an endpoint on the destination's host.
+    /// The capability claimed to the peer (a route's `capability`, or its
+    /// name). `None`: the route with an endpoint on the destination's host,
+    /// and no claim: the peer serves the port that was dialled.
     pub capability: Option<String>,
 }
 
@@ -44,7 +45,8 @@ fn refused(outcome: &'static str, detail: impl Into<String>) -> Refused {
 }
 
 /// Carries `client` (whose first bytes, already read, are `prefix`) to
-/// `target` over an opaque TCP tunnel, until both sides close, one fails,
+/// `target` over an opaque TCP tunnel, if the outbound policy (when one is
+/// set) allows it, until both sides close, one fails,
 /// or the tunnel is idle for `tunnel.idle_timeout`. Logs and counts it.
 /// A tunnel that cannot open closes `client` (no byte is written to it).
 pub async fn outbound<C>(
@@ -64,6 +66,13 @@ where
         let _ = client.shutdown().await;
         return rec.finish("limit", 0, 0, "tunnel.max_connections tunnels are open");
     };
+    // The outbound policy, when one is set, on the connection's facts.
+    let claim = target.capability.clone();
+    if let Err(d) = crate::capture::policy::outbound(&rt, target.destination, claim, None) {
+        tracing::warn!(outcome = d.outcome, detail = %d.detail, destination = ?target.destination, capability = ?target.capability, "refused an opaque TCP connection: the outbound policy denies it");
+        let _ = client.shutdown().await;
+        return rec.finish(d.outcome, 0, 0, &d.detail);
+    }
     let (server, early) = match open(&rt, &target, &prefix, &mut rec).await {
         Ok(s) => s,
         Err(r) => {
@@ -116,9 +125,11 @@ async fn open(
     rec.upstream = Some(ep.address);
     rec.destination = Some(ep.identity.spiffe_id());
     let mut stream = connect(rt, ep).await?;
+    // No claim (a captured call to a host several routes share): the peer
+    // serves the dialled port; the route's capability only labels the log.
     let hdr = Header {
         destination: target.destination,
-        capability: rec.capability.clone(),
+        capability: target.capability.clone(),
     };
     let mut first = header::encode_header(&hdr);
     first.extend_from_slice(prefix);
@@ -210,6 +221,7 @@ fn peer_outcome(error: Option<&str>) -> &'static str {
     match error {
         Some("policy-denied") => "policy-denied",
         Some("no-local-upstream") => "no-local-upstream",
+        Some("capability-mismatch") => "capability-mismatch",
         Some("app-unreachable") => "app-unreachable",
         Some("limit") => "peer-limit",
         Some("peer-unverified") => "peer-unverified",
