@@ -274,6 +274,9 @@ impl Control {
         self.advance().await;
         let deadline = tokio::time::Instant::now() + q.wait();
         loop {
+            // A replica cut off from etcd may hold a stale bundle and deny
+            // list: send the sidecar to a replica that can read the store.
+            self.check_store_reachable()?;
             let resp = self.watch_answer(&serial);
             let news = resp.bundle.version != have_bundle
                 || resp.revocations.version != have_revs
@@ -287,6 +290,18 @@ impl Control {
                 return Ok(json(200, &resp));
             }
             let _ = tokio::time::timeout_at(deadline, rx.changed()).await;
+        }
+    }
+
+    /// Refuses (503 `store-unreachable`) while this replica cannot read its
+    /// store: its state may be stale, so watchers must move to another
+    /// replica. Always fine with the file store.
+    pub(super) fn check_store_reachable(&self) -> Result<(), Refusal> {
+        match &self.shared {
+            Some(shared) if !shared.store_reachable.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(refusal(503, "store-unreachable", "this crank-control replica cannot reach its store (etcd), so its state may be stale; ask another replica (list every replica in identity.enroll.control_plane)"))
+            }
+            _ => Ok(()),
         }
     }
 
