@@ -234,9 +234,18 @@ fn sidecar_yaml(pki: &Pki, name: &str, rest: &str) -> String {
     )
 }
 
-#[test]
-fn an_unmodified_app_is_meshed_across_hosts() {
-    let Some(hosts) = Hosts::new(3) else { return };
+/// The three hosts and the sidecars of A (outbound capture, routes to
+/// B's sidecar, an outbound policy) and B (two TCP services and an HTTP
+/// app behind inbound capture, an inbound policy).
+struct World<'h> {
+    a: &'h Host,
+    b: &'h Host,
+    c: &'h Host,
+    a_proxy: HostProxy,
+    b_proxy: HostProxy,
+}
+
+fn start_world<'h>(hosts: &'h Hosts, pki: &Pki) -> World<'h> {
     let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
     let (b_ip, b6) = (b.addr(), b.addr6());
     serve(b, "0.0.0.0:8080", echo_head);
@@ -245,12 +254,11 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     serve(b, "0.0.0.0:7000", echo);
     serve(c, "0.0.0.0:7100", echo);
     serve(c, "0.0.0.0:7200", echo);
-    let pki = Pki::new();
     let b_policy = policy_dir(pki.path(), "b-policy", INBOUND_POLICY);
     let a_policy = policy_dir(pki.path(), "a-policy", OUTBOUND_POLICY);
     // Two TCP services behind B's sidecar, each with its capability.
     let b_yaml = sidecar_yaml(
-        &pki,
+        pki,
         "server",
         &format!(
             "inbound:\n  listen: '{b_ip}:4143'\n  app: '127.0.0.1:8080'\n  tcp: [{{app: '127.0.0.1:2525', capability: 'mail:smtp'}}, {{app: '127.0.0.1:7000', capability: echo}}]\n\
@@ -264,7 +272,7 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     // echo at the SMTP server's port (over IPv6, B's other address).
     let ep = format!("endpoints: [{{address: '{b_ip}:4143', identity: server.acme.crank.local}}]");
     let a_yaml = sidecar_yaml(
-        &pki,
+        pki,
         "client",
         &format!(
             "routes:\n\
@@ -277,9 +285,33 @@ fn an_unmodified_app_is_meshed_across_hosts() {
             a_policy.display()
         ),
     );
+
     let b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
     let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
+    World {
+        a,
+        b,
+        c,
+        a_proxy,
+        b_proxy,
+    }
+}
 
+#[test]
+fn an_unmodified_app_is_meshed_across_hosts() {
+    let Some(hosts) = Hosts::new(3) else { return };
+    let pki = Pki::new();
+    let w = start_world(&hosts, &pki);
+    http_is_meshed(&w);
+    tcp_services_behind_one_sidecar(&w);
+    outside_the_mesh(&w);
+    plaintext_callers(&w);
+    remove_undoes_capture(&w);
+}
+
+/// HTTP/1 and h2 from the app, no proxy setting: meshed over mTLS.
+fn http_is_meshed(w: &World) {
+    let (a, a_proxy, b_ip) = (w.a, &w.a_proxy, w.b.addr());
     // Plain HTTP from the app, no proxy setting: meshed over mTLS, so the
     // server app sees the caller's verified identity.
     let body = curl(a, &[&format!("http://{b_ip}:8080/hello")]);
@@ -310,7 +342,13 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         "outcome=\"detected\"",
     ];
     assert_eq!(count(a, "crank_capture_connections_total", &h2), 1.0);
+}
 
+/// Opaque TCP to two services behind B's sidecar: each reached on the
+/// port dialled, a mismatched claim refused, the outbound policy asked.
+fn tcp_services_behind_one_sidecar(w: &World) {
+    let (a, b, b_ip, b6) = (w.a, w.b, w.b.addr(), w.b.addr6());
+    let (a_proxy, b_proxy) = (&w.a_proxy, &w.b_proxy);
     // A server-speaks-first port (the route says so): the banner comes at
     // once, far below the detection deadline.
     let started = Instant::now();
@@ -382,7 +420,12 @@ fn an_unmodified_app_is_meshed_across_hosts() {
         Duration::from_secs(5),
         || count(a, "crank_tcp_connections_total", &denied) == 1.0,
     );
+}
 
+/// A host outside the mesh (C): passed through, counted, or refused by
+/// A's outbound policy; the capture port itself is refused.
+fn outside_the_mesh(w: &World) {
+    let (a, c, a_proxy) = (w.a, w.c, &w.a_proxy);
     // A host outside the mesh: passed through as the app asked (no
     // egress.mode, capture.undeclared: passthrough).
     let mut outside = connect(a, SocketAddr::new(c.addr().into(), 7100));
@@ -430,7 +473,11 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     wait_until("the refusal's log line", Duration::from_secs(5), || {
         a_proxy.log_text().contains("did not redirect")
     });
+}
 
+/// Callers without a sidecar (C) on B's captured ports.
+fn plaintext_callers(w: &World) {
+    let (b, c, b_ip) = (w.b, w.c, w.b.addr());
     // Inbound capture: a caller without a sidecar reaches B's app through
     // B's inbound capture listener (plaintext allowed by default).
     let body = curl(c, &[&format!("http://{b_ip}:8080/plain")]);
@@ -452,7 +499,11 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     assert!(!out.status.success(), "{}", output_text(&out));
     let policy = ["direction=\"inbound\"", "reason=\"policy-denied\""];
     assert_eq!(count(b, "crank_capture_refused_total", &policy), 1.0);
+}
 
+/// `capture remove` restores A exactly.
+fn remove_undoes_capture(w: &World) {
+    let (a, a_proxy, b_ip) = (w.a, &w.a_proxy, w.b.addr());
     // `capture remove` takes the rules away: A's curl goes straight out.
     let out = a
         .command(bin("crank-proxy"))
@@ -479,6 +530,11 @@ fn an_unmodified_app_is_meshed_across_hosts() {
     );
     let body = curl(a, &[&format!("http://{b_ip}:8080/after")]);
     assert!(!body.contains("x-crank-client-id"), "{body}");
+    let http1 = [
+        "direction=\"outbound\"",
+        "protocol=\"http1\"",
+        "outcome=\"detected\"",
+    ];
     assert_eq!(count(a, "crank_capture_connections_total", &http1), 1.0);
 }
 
@@ -500,19 +556,7 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
             "capture: {{proxy_uid: {NOBODY}, inbound_ports: 8080, inbound_plaintext: deny}}\n"
         ),
     );
-    // As root, not capture.proxy_uid: the rules would capture its own
-    // connects, so it refuses to start and says how to fix it.
-    let config = pki.path().join("root.yaml");
-    std::fs::write(&config, &a_yaml).unwrap();
-    let out = a
-        .command(bin("crank-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{}", output_text(&out));
-    let want = format!("capture.proxy_uid is {NOBODY} but crank-proxy runs as uid 0");
-    assert!(output_text(&out).contains(&want), "{}", output_text(&out));
+    refuses_to_start_as_another_uid(a, &pki, &a_yaml);
     let a_proxy = HostProxy::start(a, pki.path(), "a", &a_yaml);
     let b_proxy = HostProxy::start(b, pki.path(), "b", &b_yaml);
     let url = format!("http://{}:8080/", b.addr());
@@ -565,4 +609,20 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
     assert!(b_proxy
         .log_text()
         .contains("refused a caller without a sidecar"));
+}
+
+/// As root, not `capture.proxy_uid`, the sidecar of `yaml` would capture
+/// its own connects: it refuses to start and says how to fix it.
+fn refuses_to_start_as_another_uid(a: &Host, pki: &Pki, yaml: &str) {
+    let config = pki.path().join("root.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let out = a
+        .command(bin("crank-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let want = format!("capture.proxy_uid is {NOBODY} but crank-proxy runs as uid 0");
+    assert!(output_text(&out).contains(&want), "{}", output_text(&out));
 }

@@ -7,7 +7,8 @@
 //!   detection; `outcome` detected, timeout, skipped, closed, or refused
 //!   for one refused before detection);
 //! * `crank_capture_refused_total{direction, reason}`: connections closed
-//!   at once (`not-redirected`, `loop`, `undeclared`, `plaintext-denied`).
+//!   at once (`not-redirected`, `loop`, `undeclared`, `plaintext-denied`,
+//!   `policy-denied`, `policy-error`).
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -37,7 +38,7 @@ impl CaptureMetrics {
             ),
             refused: counter(
                 "crank_capture_refused_total",
-                "Captured connections closed at once, by direction and reason (not-redirected, loop, undeclared, plaintext-denied)",
+                "Captured connections closed at once, by direction and reason (not-redirected, loop, undeclared, plaintext-denied, policy-denied, policy-error)",
                 &["direction", "reason"],
             ),
         }
