@@ -5,8 +5,8 @@
 //! on another, with both attempts recorded; tenant quotas answer 429; two
 //! tenants share the workers by weight; a `live` job preempts `batch` work;
 //! PostgreSQL restarted under load loses no job; `after` chains run in
-//! order across shims and fail fast, and usage through one shim sums
-//! every shim's jobs.
+//! order across shims and fail fast, usage through one shim sums every
+//! shim's jobs, and a changed tenants.yaml applies without a restart.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -397,10 +397,10 @@ fn after(secs: f64, parent: &str) -> String {
 
 /// `after` on the shared queue: a chain submitted through different shims
 /// runs in order, unknown and failed dependencies are refused, a parent
-/// that ends without success fails its dependants at once, and usage
-/// through one shim sums every shim's jobs.
+/// that ends without success fails its dependants at once, usage through
+/// one shim sums every shim's jobs, and tenants.yaml reloads.
 #[test]
-fn dependencies_run_across_shims_fail_fast_and_usage_sums_every_shim() {
+fn after_usage_and_tenants_yaml_work_across_shims() {
     let pg = Postgres::start();
     let pool = Pool::start(&pg, 2, 1, FAST, "tenants: []\n");
     let shims: Vec<&Shim> = pool.alive().collect();
@@ -458,4 +458,32 @@ fn dependencies_run_across_shims_fail_fast_and_usage_sums_every_shim() {
     let (status, out) = submit(b, "acme", &after(0.1, &parent));
     assert_eq!(status, 409, "{out}");
     assert_eq!(header(&out, "x-crank-error"), Some("dependency-failed"));
+    tenants_yaml_applies_without_a_restart(&pool);
+}
+
+/// A changed tenants.yaml applies on every shim without a restart; a bad
+/// one is refused whole and the last good one stays.
+fn tenants_yaml_applies_without_a_restart(pool: &Pool) {
+    let file = pool._dir.path().join("tenants.yaml");
+    let logged = |what: &str| {
+        wait_until(what, Duration::from_secs(15), || {
+            pool.alive().all(|s| s.log_text().contains(what))
+        })
+    };
+    std::fs::write(&file, "tenants:\n  - {name: acme, max_queued: 1}\n").unwrap();
+    logged("new weights and quotas applied");
+    let (a, b) = (pool.any(), pool.alive().last().unwrap());
+    let parent = submit_ok(a, "acme", r#"{"params": {"secs": 20}}"#);
+    wait_state(a, &parent, "running", Duration::from_secs(10));
+    submit_ok(b, "acme", &after(0.1, &parent));
+    let quota = |shim: &Shim| {
+        let (status, out) = submit(shim, "acme", &after(0.1, &parent));
+        assert_eq!(status, 429, "max_queued 1 applies: {out}");
+        assert_eq!(header(&out, "x-crank-error"), Some("tenant-queue-quota"));
+    };
+    quota(a);
+    let bad = "tenants:\n  - {name: acme, max_queued: 5}\n  - {name: x, weight: 0}\n";
+    std::fs::write(&file, bad).unwrap();
+    logged("tenants.yaml refused whole");
+    quota(b);
 }

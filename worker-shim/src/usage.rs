@@ -3,9 +3,9 @@
 //! for `GET /v1/usage?tenant=&since=` and `crankctl jobs usage`.
 //!
 //! The embedded default sums this shim's own job records
-//! ([`LocalUsage`]); a shared queue sums every shim's by implementing
-//! [`UsageSource`] (one SQL query) and setting it in
-//! `ExecSettings::usage_source`.
+//! ([`LocalUsage`]); on the shared queue `ExecSettings::usage_source` is
+//! the [`UsageSource`] that sums every shim's with one SQL query
+//! (`jobs/pg_usage.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

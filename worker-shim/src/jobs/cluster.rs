@@ -424,11 +424,10 @@ pub async fn connect(
     let Some(pg) = &exec.queue.postgres else {
         return Ok(None);
     };
-    let tenants = match &exec.queue.tenants {
-        Some(path) => super::tenants::Tenants::load(path)
-            .map_err(|e| anyhow::anyhow!("exec.queue.tenants: {e}"))?,
-        None => super::tenants::Tenants::default(),
-    };
+    let tenants = super::tenants_reload::LiveTenants::load(exec.queue.tenants.as_deref())
+        .map_err(|e| anyhow::anyhow!("exec.queue.tenants: {e}"))?;
+    let tenants = Arc::new(tenants);
+    tenants.spawn_reloader();
     let name = pg.host.clone().unwrap_or_else(|| host.hostname.clone());
     let queue = PgQueue::connect(
         &pg.url,

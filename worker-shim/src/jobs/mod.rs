@@ -14,6 +14,7 @@ mod runner;
 mod settings;
 pub mod store;
 pub mod tenants;
+pub mod tenants_reload;
 
 pub use admission::NewJob;
 pub use finish::retry_delay;

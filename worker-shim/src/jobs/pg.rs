@@ -17,7 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transacti
 use http::StatusCode;
 use tokio_postgres::NoTls;
 
-use super::tenants::Tenants;
+use super::tenants_reload::LiveTenants;
 use crate::job::{now_ms, Failure, FailureClass, JobRecord, JobState};
 
 /// Schema versions, in order: (version, name, SQL).
@@ -72,7 +72,8 @@ pub struct PgQueue {
     /// This shim, as attempts and leases name it.
     pub host: String,
     pub lease: Duration,
-    pub tenants: Tenants,
+    /// Weights and quotas, re-read when tenants.yaml changes.
+    pub tenants: std::sync::Arc<LiveTenants>,
 }
 
 /// A claimed job, before its start is written.
@@ -99,7 +100,7 @@ impl PgQueue {
         capability: &str,
         host: &str,
         lease: Duration,
-        tenants: Tenants,
+        tenants: std::sync::Arc<LiveTenants>,
     ) -> Result<PgQueue, QueueError> {
         let cfg: tokio_postgres::Config = url.parse().map_err(|e| {
             QueueError(format!(
@@ -236,7 +237,8 @@ impl PgQueue {
     /// Holds the tenant's advisory lock to the end of the transaction, so
     /// two shims cannot both take the last place.
     async fn queued_quota(&self, tx: &Transaction<'_>, tenant: &str) -> Result<(), Refusal> {
-        let spec = self.tenants.get(tenant);
+        let tenants = self.tenants.snapshot();
+        let spec = tenants.get(tenant);
         let Some(max) = spec.max_queued else {
             return Ok(());
         };
@@ -370,8 +372,9 @@ impl PgQueue {
         needs: &[&str],
         max_rank: i16,
     ) -> Result<Option<Claimed>, QueueError> {
-        let (names, weights, max_running) = self.tenants.arrays();
-        let d = self.tenants.default_spec();
+        let tenants = self.tenants.snapshot();
+        let (names, weights, max_running) = tenants.arrays();
+        let d = tenants.default_spec();
         let default_max = d.max_running.map_or(-1, i64::from);
         let needs: Vec<String> = needs.iter().map(|s| s.to_string()).collect();
         let mut skipped: Vec<String> = Vec::new();

@@ -1,8 +1,9 @@
 //! Tenants of the job queue: who a caller is (the tenant segment of the
 //! mesh identity the sidecar passes in `x-crank-client-id`, never a body
 //! field), and each tenant's weight and quotas from `tenants.yaml` (the
-//! mesh config directory's file, read by the shim at start from
-//! `exec.queue.tenants`).
+//! mesh config directory's file, read by the shim from
+//! `exec.queue.tenants` at start and again when it changes:
+//! `tenants_reload`).
 //!
 //! ```yaml
 //! tenants:
