@@ -377,17 +377,6 @@ pub struct EnrollConfig {
     pub watch_wait: Duration,
 }
 
-impl EnrollConfig {
-    /// `server_name`, or its default from the trust domain.
-    pub fn server_name(&self) -> String {
-        self.server_name
-            .clone()
-            .unwrap_or_else(|| format!("control.crank-system.{}", self.trust_domain))
-    }
-}
-
-/// Config distribution from crank-control (`mesh`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 /// crank-control's replicas (`identity.enroll.control_plane`): one
 /// `host:port` or a list; serialized back the way it was written (a string
 /// when there is one).
@@ -437,6 +426,17 @@ impl<'de> Deserialize<'de> for ControlPlane {
     }
 }
 
+impl EnrollConfig {
+    /// `server_name`, or its default from the trust domain.
+    pub fn server_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| format!("control.crank-system.{}", self.trust_domain))
+    }
+}
+
+/// Config distribution from crank-control (`mesh`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
     /// How long one `GET /v1/mesh/watch` long-poll waits for a change.
