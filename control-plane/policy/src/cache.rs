@@ -279,4 +279,44 @@ allow if object.get(input, ["source", "tenant"], "?") == input.source.tenant
         assert_ne!(p.key(&a), p.key(&null));
         assert_ne!(p.key(&null), p.key(&missing));
     }
+
+    /// The scanner reads any text without panicking (strings cut short,
+    /// comments, raw strings, multi-byte characters).
+    #[test]
+    fn the_scan_survives_arbitrary_text() {
+        let pieces = [
+            "input",
+            ".",
+            "time",
+            "[",
+            "]",
+            "\"",
+            "\\",
+            "`",
+            "#",
+            "\n",
+            " ",
+            "object.get(",
+            ",",
+            "\"a\"",
+            "é",
+            "rand.",
+            "x",
+            "(",
+            ")",
+            "data.",
+            "_",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..5000 {
+            let mut text = String::new();
+            for _ in 0..(seed % 24) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                text.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            let _ = plan([text.as_str()], InputShape::Crank);
+        }
+    }
 }
