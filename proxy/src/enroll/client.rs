@@ -516,6 +516,34 @@ mod tests {
     }
 
     #[test]
+    fn a_dns_name_is_resolved_and_its_addresses_are_tried_in_turn() {
+        let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
+        let live = replica(&root, 200);
+        let name = format!("localhost:{}", live.addr.port());
+        let client = Client::new(
+            &[dead(), name].to_vec()[..],
+            "control.crank-system.crank.local",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let resolved = rt.block_on(client.resolved());
+        assert!(
+            resolved.contains(&live.addr.to_string()),
+            "the name becomes its addresses: {resolved:?}"
+        );
+        get(&client, &root).unwrap();
+        assert_eq!(live.calls.load(Ordering::SeqCst), 1);
+        let connected = METRICS
+            .connected
+            .with_label_values(&[&live.addr.to_string()])
+            .get();
+        assert_eq!(connected, 1, "the replica is known by its address");
+    }
+
+    #[test]
     fn a_post_sent_without_an_answer_is_not_replayed_on_another_replica() {
         let root = Ca::generate("crank.local", Duration::from_secs(86_400)).unwrap();
         let silent = replica(&root, 0);
