@@ -81,7 +81,7 @@ where
         }
     };
     // App bytes that came with the reply (a server-speaks-first banner).
-    if !early.is_empty() && client.write_all(&early).await.is_err() {
+    if deliver_early(&mut client, &early).await.is_err() {
         return rec.finish("client-error", prefix.len() as u64, 0, "");
     }
     let idle = rt.config.load().tunnel.idle_timeout;
@@ -89,6 +89,23 @@ where
     let sent = s.sent + prefix.len() as u64;
     let received = s.received + early.len() as u64;
     rec.finish(s.reason.as_str(), sent, received, "")
+}
+
+/// Writes the app bytes that came with the peer's reply (a
+/// server-speaks-first banner) to the client, and flushes them. The client
+/// stream may buffer writes (Pingora's L4 stream holds up to 1460 bytes
+/// until a flush), and the splice that follows flushes only what it writes
+/// itself: an unflushed banner waited for the server's next bytes, which a
+/// server-speaks-first protocol sends only after the client answers it.
+async fn deliver_early<C>(client: &mut C, early: &[u8]) -> std::io::Result<()>
+where
+    C: AsyncWrite + Unpin,
+{
+    if early.is_empty() {
+        return Ok(());
+    }
+    client.write_all(early).await?;
+    client.flush().await
 }
 
 /// Opens the tunnel: route, endpoint, mTLS, header, reply. Returns the
@@ -343,6 +360,32 @@ mod tests {
         let ep = endpoint(&pg, Some("10.0.0.4:5432".parse().unwrap())).unwrap();
         assert_eq!(ep.address, "10.0.0.4:4143".parse().unwrap());
         assert!(endpoint(&pg, None).is_some());
+    }
+
+    /// The banner that came with the reply reaches a client whose stream
+    /// buffers writes at once, not at the server's next bytes. The streams
+    /// Pingora's listeners accept (the capture listener's, `outbound.tcp`'s)
+    /// write through a 1460-byte `BufWriter`, as here.
+    #[tokio::test]
+    async fn early_bytes_reach_a_write_buffering_client_at_once() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        let mut client = tokio::io::BufWriter::with_capacity(1460, accepted);
+        deliver_early(&mut client, b"220 b ready\r\n")
+            .await
+            .unwrap();
+        let mut got = [0u8; 13];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(5), app.read_exact(&mut got));
+        read.await
+            .expect("the banner must not wait in the client's write buffer")
+            .unwrap();
+        assert_eq!(&got, b"220 b ready\r\n");
+        // Nothing to deliver: nothing written.
+        deliver_early(&mut client, b"").await.unwrap();
     }
 
     #[test]
