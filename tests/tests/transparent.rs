@@ -355,7 +355,13 @@ fn tcp_services_behind_one_sidecar(w: &World) {
     let mut smtp = connect(a, SocketAddr::new(b_ip.into(), 2525));
     let greeting = read_some(&mut smtp);
     let took = started.elapsed();
-    assert_eq!(greeting, "220 b ready\r\n");
+    assert_eq!(
+        greeting,
+        "220 b ready\r\n",
+        "after {took:?}\nA:\n{}\nB:\n{}",
+        a_proxy.log_text(),
+        b_proxy.log_text()
+    );
     assert!(
         took < Duration::from_secs(1),
         "banner after {took:?} (deadline {DETECT:?})"
@@ -604,11 +610,16 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
+    // The sidecar closes first, then counts and logs: wait for both.
     let denied = ["direction=\"inbound\"", "reason=\"plaintext-denied\""];
-    assert_eq!(count(b, "crank_capture_refused_total", &denied), 1.0);
-    assert!(b_proxy
-        .log_text()
-        .contains("refused a caller without a sidecar"));
+    wait_until("the refusal to be counted", Duration::from_secs(5), || {
+        count(b, "crank_capture_refused_total", &denied) == 1.0
+    });
+    wait_until("the refusal to be logged", Duration::from_secs(5), || {
+        b_proxy
+            .log_text()
+            .contains("refused a caller without a sidecar")
+    });
 }
 
 /// As root, not `capture.proxy_uid`, the sidecar of `yaml` would capture
