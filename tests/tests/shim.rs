@@ -951,7 +951,7 @@ fn energy_from_rapl_counters_is_attributed_to_the_job_that_ran() {
     let j = s.wait_state(&id, "succeeded", Duration::from_secs(10));
     let joules = j["energy"]["cpu_package"]
         .as_f64()
-        .expect("measured joules");
+        .unwrap_or_else(|| panic!("measured joules: {j:#}"));
     assert!((joules - 5.0).abs() < 1e-6, "{j:#}");
     assert_eq!(j["energy"]["gpu"], "unmeasured", "no GPU here");
     let m = shim.metrics();

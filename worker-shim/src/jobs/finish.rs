@@ -62,6 +62,7 @@ impl Manager {
                 .is_some_and(|d| d.gpu.is_some())
         };
         let mut retry_in = None;
+        let local = self.cluster().is_none();
         let rec = self.by_ref(id, |rec| {
             rec.run_seconds += run.seconds;
             complete_usage(rec, &run, on_gpu);
@@ -75,6 +76,11 @@ impl Manager {
                 false => self.next_state(rec, run.outcome, draining, run.user_canceled),
             };
             rec.end_attempt(now_ms(), &super::manager::attempt_outcome(rec, preempted));
+            // Counted before the lock is let go: whoever sees the job end
+            // in the API also sees it in /metrics.
+            if local && rec.state.is_terminal() {
+                self.observe_finished(rec);
+            }
         });
         let Some(rec) = rec else {
             self.release(id, device);
@@ -92,7 +98,7 @@ impl Manager {
             inner.queue.push(rec.priority, rec.seq, rec.id.clone());
         }
         if rec.state.is_terminal() {
-            self.count_finished(&rec);
+            self.prune();
             self.cleanup_input(id);
         }
         if rec.state.is_terminal() && rec.state != JobState::Succeeded {
@@ -302,6 +308,13 @@ impl Manager {
     }
 
     pub(super) fn count_finished(&self, rec: &JobRecord) {
+        self.observe_finished(rec);
+        self.prune();
+    }
+
+    /// The metrics of a job that ended: the count, its run time and energy.
+    /// Takes no lock of the manager's.
+    fn observe_finished(&self, rec: &JobRecord) {
         let cap = &self.settings.capability;
         let m = &self.metrics;
         m.finished
@@ -321,7 +334,6 @@ impl Manager {
                 }
             }
         }
-        self.prune();
     }
 
     /// Inputs are only needed while a job can still run.
