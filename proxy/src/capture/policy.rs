@@ -74,7 +74,7 @@ pub fn outbound(
 }
 
 /// Builds the input, evaluates, counts and logs the decision.
-fn decide(
+pub(crate) fn decide(
     rt: &Runtime,
     handle: &PolicyHandle,
     facts: &ConnectionFacts,

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use super::header::{self, Header, Reply};
 use super::{Ended, Record, Slot};
 use crate::direction::Direction;
-use crate::policy::facts::{connection_input, connection_request_facts, ConnectionFacts};
+use crate::policy::facts::ConnectionFacts;
 use crate::runtime::Runtime;
 
 /// The inbound listener's [`crate::conn::Divert`] for tunnels.
@@ -240,36 +240,14 @@ pub fn local_upstream<'a>(
         .ok_or(Unserved::Nothing)
 }
 
-/// The inbound policy on the connection's facts (`input.connection`).
+/// The inbound policy on the connection's facts (`input.connection`), as
+/// for every connection-level decision ([`crate::capture::policy`]).
 fn policy(rt: &Runtime, facts: &ConnectionFacts) -> Result<(), Refused> {
     let Some(handle) = rt.policies.for_direction(Direction::Inbound) else {
         return Ok(());
     };
-    let set = handle.current();
-    let req = connection_request_facts(facts);
-    let mut doc = crank_policy::input::build(&req, set.manifest());
-    if let Some(o) = doc.as_object_mut() {
-        o.insert("connection".into(), connection_input(facts));
-    }
-    let d = rt
-        .policies
-        .check_input(handle, &set, &req, doc, None, &rt.metrics);
-    if d.permitted {
-        return Ok(());
-    }
-    let outcome = match d.outcome {
-        crank_policy::Outcome::Error => "policy-error",
-        _ => "policy-denied",
-    };
-    Err(refused(
-        outcome,
-        format!(
-            "decision {} (revision {}): {}",
-            req.id,
-            set.revision(),
-            d.reasons.join("; ")
-        ),
-    ))
+    crate::capture::policy::decide(rt, handle, facts, Direction::Inbound, None)
+        .map_err(|d| refused(d.outcome, d.detail))
 }
 
 /// Connects to the local server within `timeouts.connect`.
