@@ -337,17 +337,7 @@ mod tests {
     #[test]
     fn the_inventory_diff_names_new_and_dropped_leaves() {
         let mut before = state_in_rotation();
-        let leaf = |serial: &str| Issued {
-            serial: serial.into(),
-            identity: crank_certs::Identity::new("web", "acme", "crank.local").unwrap(),
-            instance: "web-1".into(),
-            not_before: 0,
-            not_after: 10,
-            requester: "test".into(),
-            issuer: String::new(),
-            issuer_serial: String::new(),
-            issued_at: 0,
-        };
+        let leaf = test_leaf;
         before.inventory = vec![leaf("aa"), leaf("bb")];
         let mut after = before.clone();
         after.inventory.remove(0);
