@@ -4,7 +4,9 @@
 //! rejected, and every error names the file, the field and the fix. A config
 //! that fails validation is rejected whole.
 
+pub mod capture;
 mod checks;
+pub mod egress;
 mod mesh;
 mod resilience;
 mod tunnel;
@@ -40,7 +42,7 @@ pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
     let mut cfg = parse(&file, &text)?;
     let base = path.parent().unwrap_or(Path::new("."));
     validate(&file, &cfg, base)?;
-    crate::egress::inline_cas(&mut cfg, base);
+    egress::inline_cas(&mut cfg, base);
     Ok(cfg)
 }
 
@@ -95,9 +97,9 @@ fn validate_with(
     if let Some(m) = &cfg.mesh {
         mesh::validate_mesh(cfg, m, base, &mut p);
     }
-    p.extend(crate::egress::problems(cfg, base));
+    p.extend(egress::problems(cfg, base));
     if let Some(c) = &cfg.capture {
-        p.extend(crate::capture::config::problems(c));
+        p.extend(capture::problems(c));
     }
     refuse_whole(file, p)
 }

@@ -10,9 +10,7 @@
 //! listeners: declared, passed through (`allow`, `audit`) or refused
 //! (`deny`, 403 `egress-not-declared`).
 
-mod config;
 mod dest;
-pub mod metrics;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +18,7 @@ use std::sync::Arc;
 
 use crank_api::proxy::{EgressConfig, EgressHost, EgressMode};
 
-pub use config::{inline_cas, problems};
+pub use crate::config::egress::{inline_cas, problems};
 pub use dest::Destination;
 
 /// The route name of requests passed through to an undeclared destination
@@ -182,25 +180,6 @@ pub fn split_authority(authority: &str, default_port: u16) -> Option<(String, u1
         Err(_) => host,
     };
     Some((host, port))
-}
-
-/// Counts a request for an undeclared destination by mode: passed through
-/// (its route is [`UNDECLARED_ROUTE`]) or refused.
-pub fn count_undeclared(
-    table: &crate::routing::RouteTable,
-    selected: &Result<Arc<crate::routing::Route>, crate::errors::Refusal>,
-    m: &crate::metrics::Metrics,
-) {
-    let undeclared = match selected {
-        Ok(r) => r.name == UNDECLARED_ROUTE,
-        Err(r) => r.reason == crate::errors::Reason::EgressNotDeclared,
-    };
-    if let (true, Some(mode)) = (undeclared, table.egress().mode()) {
-        m.egress
-            .undeclared
-            .with_label_values(&[mode.as_str()])
-            .inc();
-    }
 }
 
 /// The `destination` label of a request outside the mesh: the declared

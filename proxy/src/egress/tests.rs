@@ -159,33 +159,3 @@ fn destinations_never_share_pooled_connections() {
         "a connection verified against one CA is not reused for the other"
     );
 }
-
-#[test]
-fn the_policy_input_says_whether_and_where_a_request_leaves_the_mesh() {
-    let t = table(DECLARED);
-    let doc = |dest: Option<&Destination>| {
-        let mut d = serde_json::json!({"destination": {"route": "r"}, "request": {}});
-        crate::policy::facts::egress_input(&mut d, dest);
-        d["destination"].clone()
-    };
-    assert_eq!(
-        doc(None),
-        serde_json::json!({"route": "r", "egress": false})
-    );
-    assert_eq!(
-        doc(t.by_name("ray").map(|d| d.as_ref())),
-        serde_json::json!({"route": "r", "egress": true, "host": "ray-head.internal", "port": 8000, "declared": true, "name": "ray"})
-    );
-    let undeclared = Destination::undeclared("10.1.2.3", 80).unwrap();
-    assert_eq!(
-        doc(Some(&undeclared)),
-        serde_json::json!({"route": "r", "egress": true, "host": "10.1.2.3", "port": 80, "declared": false})
-    );
-    let mut envoy = serde_json::json!({"attributes": {}});
-    crate::policy::facts::egress_input(&mut envoy, None);
-    assert_eq!(
-        envoy,
-        serde_json::json!({"attributes": {}}),
-        "the envoy shape is left as it is"
-    );
-}

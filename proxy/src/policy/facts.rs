@@ -194,3 +194,43 @@ mod connection_tests {
         assert_eq!((r.method.as_str(), r.protocol.as_str()), ("CONNECT", "tcp"));
     }
 }
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use crate::egress::{Destination, EgressTable};
+
+    const DECLARED: &str =
+        "mode: deny\ndestinations:\n  - {name: ray, address: 'Ray-Head.internal:8000'}\n";
+
+    #[test]
+    fn the_policy_input_says_whether_and_where_a_request_leaves_the_mesh() {
+        let cfg: crank_api::proxy::EgressConfig = serde_yaml::from_str(DECLARED).unwrap();
+        let t = EgressTable::from_config(&cfg);
+        let doc = |dest: Option<&Destination>| {
+            let mut d = serde_json::json!({"destination": {"route": "r"}, "request": {}});
+            egress_input(&mut d, dest);
+            d["destination"].clone()
+        };
+        assert_eq!(
+            doc(None),
+            serde_json::json!({"route": "r", "egress": false})
+        );
+        assert_eq!(
+            doc(t.by_name("ray").map(|d| d.as_ref())),
+            serde_json::json!({"route": "r", "egress": true, "host": "ray-head.internal", "port": 8000, "declared": true, "name": "ray"})
+        );
+        let undeclared = Destination::undeclared("10.1.2.3", 80).unwrap();
+        assert_eq!(
+            doc(Some(&undeclared)),
+            serde_json::json!({"route": "r", "egress": true, "host": "10.1.2.3", "port": 80, "declared": false})
+        );
+        let mut envoy = serde_json::json!({"attributes": {}});
+        egress_input(&mut envoy, None);
+        assert_eq!(
+            envoy,
+            serde_json::json!({"attributes": {}}),
+            "the envoy shape is left as it is"
+        );
+    }
+}

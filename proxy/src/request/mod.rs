@@ -296,12 +296,12 @@ impl MeshProxy {
                     .map(|a| a.port());
                 let pushed_to = self.rt.pushed_routes.then_some(self.rt.me.service.as_str());
                 let table = self.rt.routes.load();
-                ctx.route = Some(match crate::capture::captured_dst(session) {
-                    Some(dst) => crate::capture::route::select(&table, dst)?,
+                ctx.route = Some(match routing::captured::captured_dst(session) {
+                    Some(dst) => routing::captured::select(&table, dst)?,
                     None => {
                         let req = session.req_header();
                         let selected = routing::select::select(&table, port, req, pushed_to);
-                        crate::egress::count_undeclared(&table, &selected, &self.rt.metrics);
+                        routing::select::count_undeclared(&table, &selected, &self.rt.metrics);
                         selected?
                     }
                 });

@@ -10,6 +10,7 @@
 //! forget which endpoints are ejected.
 
 pub mod authority;
+pub mod captured;
 pub mod select;
 
 use std::collections::HashMap;

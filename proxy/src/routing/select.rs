@@ -89,6 +89,25 @@ fn egress_fallback(
     }
 }
 
+/// Counts a request for an undeclared destination by mode: passed through
+/// (its route is [`crate::egress::UNDECLARED_ROUTE`]) or refused.
+pub fn count_undeclared(
+    table: &crate::routing::RouteTable,
+    selected: &Result<Arc<crate::routing::Route>, crate::errors::Refusal>,
+    m: &crate::metrics::Metrics,
+) {
+    let undeclared = match selected {
+        Ok(r) => r.name == crate::egress::UNDECLARED_ROUTE,
+        Err(r) => r.reason == crate::errors::Reason::EgressNotDeclared,
+    };
+    if let (true, Some(mode)) = (undeclared, table.egress().mode()) {
+        m.egress
+            .undeclared
+            .with_label_values(&[mode.as_str()])
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

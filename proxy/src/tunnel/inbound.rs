@@ -241,12 +241,12 @@ pub fn local_upstream<'a>(
 }
 
 /// The inbound policy on the connection's facts (`input.connection`), as
-/// for every connection-level decision ([`crate::capture::policy`]).
+/// for every connection-level decision ([`super::policy`]).
 fn policy(rt: &Runtime, facts: &ConnectionFacts) -> Result<(), Refused> {
     let Some(handle) = rt.policies.for_direction(Direction::Inbound) else {
         return Ok(());
     };
-    crate::capture::policy::decide(rt, handle, facts, Direction::Inbound, None)
+    super::policy::decide(rt, handle, facts, Direction::Inbound, None)
         .map_err(|d| refused(d.outcome, d.detail))
 }
 

@@ -16,12 +16,16 @@
 //! local server and splices.
 //!
 //! Each tunnel writes one access log line (`crank::access`, `kind: tcp`)
-//! and counts in `crank_tcp_*` ([`metrics`]).
+//! and counts in `crank_tcp_*` ([`metrics`], kept in the `metrics` leaf).
+//!
+//! [`policy`] is the one connection-level policy decision, for tunnels
+//! and for the capture listeners above (which use it from here, so the
+//! tunnel never goes up to capture).
 
 pub mod header;
 mod inbound;
-pub mod metrics;
 mod outbound;
+pub mod policy;
 pub mod splice;
 
 use std::net::SocketAddr;
@@ -33,6 +37,7 @@ pub use self::inbound::InboundTunnel;
 pub use self::outbound::{outbound, OutboundPorts, TunnelTarget};
 pub use self::splice::{CloseReason, Spliced};
 
+pub use crate::metrics::tunnel as metrics;
 use crate::runtime::Runtime;
 
 /// How a tunnel ended, for the caller (the capture listener's tests and

@@ -68,7 +68,7 @@ where
     };
     // The outbound policy, when one is set, on the connection's facts.
     let claim = target.capability.clone();
-    if let Err(d) = crate::capture::policy::outbound(&rt, target.destination, claim, None) {
+    if let Err(d) = super::policy::outbound(&rt, target.destination, claim, None) {
         tracing::warn!(outcome = d.outcome, detail = %d.detail, destination = ?target.destination, capability = ?target.capability, "refused an opaque TCP connection: the outbound policy denies it");
         let _ = client.shutdown().await;
         return rec.finish(d.outcome, 0, 0, &d.detail);

@@ -1,6 +1,9 @@
 //! Prometheus metrics of the proxy, all prefixed `crank_`, in one registry
 //! served on the admin listener.
 
+pub mod egress;
+pub mod tunnel;
+
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -59,9 +62,9 @@ pub struct Metrics {
     /// Certificates, renewals, trust bundle, deny list.
     pub identity: IdentityMetrics,
     /// Opaque TCP tunnels (`crank_tcp_*`).
-    pub tunnel: crate::tunnel::metrics::TunnelMetrics,
+    pub tunnel: tunnel::TunnelMetrics,
     /// Requests outside the mesh (`crank_egress_*`).
-    pub egress: crate::egress::metrics::EgressMetrics,
+    pub egress: egress::EgressMetrics,
 }
 
 /// The workload certificate and what the identity agent does with it.
@@ -506,8 +509,8 @@ impl Metrics {
         let s = TracingMetrics::new(&registry);
         let resilience = ResilienceMetrics::new(&registry);
         let identity = IdentityMetrics::new(&registry);
-        let tunnel = crate::tunnel::metrics::TunnelMetrics::new(&registry);
-        let egress = crate::egress::metrics::EgressMetrics::new(&registry);
+        let tunnel = tunnel::TunnelMetrics::new(&registry);
+        let egress = egress::EgressMetrics::new(&registry);
         Metrics {
             tunnel,
             egress,

@@ -60,7 +60,7 @@ fn ca_pem(ca: &str, base: &Path) -> Result<String, String> {
     let pem = if ca.contains("-----BEGIN") {
         ca.to_string()
     } else {
-        let path = crate::config::resolve(base, Path::new(ca));
+        let path = super::resolve(base, Path::new(ca));
         std::fs::read_to_string(&path).map_err(|e| {
             format!("cannot read {}: {e}; give the PEM file of the CA that signed the destination's certificate", path.display())
         })?
