@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::configdir::{percent, MeshSnapshot};
 
 /// The upper bounds of `crank_request_duration_seconds`, in seconds; the
-/// same list as `proxy/src/metrics.rs` (a test below reads that file).
+/// same list as `proxy/src/metrics/mod.rs` (a test below reads that file).
 pub const DURATION_BUCKETS: [f64; 18] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 120.0, 300.0,
@@ -133,10 +133,10 @@ mod tests {
 
     #[test]
     fn buckets_are_the_proxys() {
-        let src = include_str!("../../../proxy/src/metrics.rs");
+        let src = include_str!("../../../proxy/src/metrics/mod.rs");
         let start = src
             .find("\"crank_request_duration_seconds\"")
-            .expect("the histogram in proxy/src/metrics.rs");
+            .expect("the histogram in proxy/src/metrics/mod.rs");
         let rest = &src[start..];
         let list = &rest[rest.find(".buckets(vec![").unwrap() + 14..];
         let list = &list[..list.find(']').unwrap()];
