@@ -56,6 +56,9 @@ pub struct MeshSnapshot {
     /// `egress.yaml`, each `tls.ca` file's PEM text inline.
     #[serde(default)]
     pub egress: EgressFile,
+    /// `tenants.yaml`, pushed to the proxies for their worker shims.
+    #[serde(default)]
+    pub tenants: Option<crank_api::tenants::TenantsFile>,
 }
 
 const KNOWN: &str =
@@ -187,6 +190,7 @@ pub fn load(dir: &Path) -> Result<MeshSnapshot, Vec<Problem>> {
         policies: read.policies,
         roles: read.roles,
         egress,
+        tenants: read.tenants,
     })
 }
 
@@ -204,6 +208,7 @@ struct Sections {
     egress: EgressFile,
     /// `egress/` files (CA certificates), by path relative to the directory.
     egress_files: BTreeMap<String, String>,
+    tenants: Option<crank_api::tenants::TenantsFile>,
 }
 
 impl Sections {
@@ -259,13 +264,15 @@ impl Sections {
                     }
                 }
             }
-            // Read by the worker shims (exec.queue.tenants); checked here
-            // so a bad one never ships.
+            // For the worker shims: pushed to the proxies (`/mesh/tenants`)
+            // or read from disk (exec.queue.tenants); checked here so a bad
+            // one never ships.
             ["tenants.yaml"] => {
                 if let Some(t) = parse::<crank_api::tenants::TenantsFile>(rel, text, p) {
                     for (field, message) in t.problems() {
                         p.push(problem(rel, None, Some(field), message));
                     }
+                    self.tenants = Some(t);
                 }
             }
             // Examples and other files below policies/ are the policy

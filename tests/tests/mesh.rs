@@ -596,3 +596,67 @@ fn a_route_whose_clients_leave_this_service_out_says_so() {
         "the answer names the clients filter and this service: {out}"
     );
 }
+
+/// `tenants.yaml` reaches the worker shims through their sidecars: pushed
+/// with the mesh update and served on the sidecar's admin listener
+/// (`GET /mesh/tenants`, which `exec.queue.tenants_from` polls).
+#[test]
+fn pushed_tenants_are_served_by_the_sidecar_and_follow_edits() {
+    let cp = control("10s");
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, _port) = client(&cp, dir.path(), "client");
+    let tenants = || sidecar.admin_get("/mesh/tenants");
+    wait_until("a mesh update applied", Duration::from_secs(10), || {
+        seq_of(&sidecar) > 0
+    });
+    let (code, body) = tenants();
+    assert_eq!(code, 404, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains("tenants.yaml"),
+        "{body}"
+    );
+
+    write(
+        &cp,
+        "tenants.yaml",
+        "tenants:\n  - {name: acme, weight: 2, max_queued: 10}\n",
+    );
+    let max_queued = |want: u64| {
+        let (code, body) = tenants();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        code == 200 && v["tenants"][0]["max_queued"] == want
+    };
+    wait_until(
+        "the pushed tenants are served",
+        Duration::from_secs(10),
+        || max_queued(10),
+    );
+    let (_, body) = tenants();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["tenants"][0]["name"], "acme");
+    assert_eq!(v["tenants"][0]["weight"], 2.0);
+
+    write(
+        &cp,
+        "tenants.yaml",
+        "tenants:\n  - {name: acme, weight: 2, max_queued: 20}\n",
+    );
+    wait_until("the edit is served", Duration::from_secs(10), || {
+        max_queued(20)
+    });
+    // A bad edit is refused by crank-control: the sidecar keeps the last.
+    let seq = seq_of(&sidecar);
+    write(
+        &cp,
+        "tenants.yaml",
+        "tenants:\n  - {name: acme, weight: 0}\n",
+    );
+    wait_until("the bad edit is refused", Duration::from_secs(10), || {
+        status(&cp)["last_error"]
+            .to_string()
+            .contains("tenants.yaml")
+    });
+    assert_eq!(seq_of(&sidecar), seq);
+    assert!(max_queued(20), "{:?}", tenants());
+}

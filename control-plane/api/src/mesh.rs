@@ -224,6 +224,11 @@ pub struct MeshUpdate {
     /// from older control planes: no egress.
     #[serde(default, skip_serializing_if = "crate::proxy::EgressConfig::is_empty")]
     pub egress: crate::proxy::EgressConfig,
+    /// `tenants.yaml` (the job queue's weights and quotas), for the worker
+    /// shims behind the proxy (`GET /mesh/tenants` on its admin listener).
+    /// Absent when the directory has none, and from older control planes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenants: Option<crate::tenants::TenantsFile>,
 }
 
 /// `POST /v1/registry/register` (mTLS): the caller's identity must be the

@@ -225,6 +225,7 @@ pub fn update_for(p: &Published, client: &Identity, entries: &[Entry]) -> MeshUp
         quotas,
         policies: p.snapshot.policies.clone(),
         egress: p.snapshot.egress.clone(),
+        tenants: p.snapshot.tenants.clone(),
     }
 }
 

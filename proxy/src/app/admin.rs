@@ -1,5 +1,6 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, `/config_dump`, and
-//! `/tap` (live traffic as JSON lines, see [`crate::tap`]).
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config_dump`,
+//! `/mesh/tenants` (the pushed `tenants.yaml`, for the worker shim behind
+//! this sidecar) and `/tap` (live traffic as JSON lines, see [`crate::tap`]).
 //!
 //! It runs on its own thread and Tokio runtime (hyper), outside Pingora's
 //! services, because Pingora closes every service's listener the moment a
@@ -55,10 +56,12 @@ pub fn respond(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
             (200, "text/plain; version=0.0.4", state.rt.metrics.render())
         }
         "/config_dump" => (200, "application/json", super::dump::config_dump(state)),
+        "/mesh/tenants" => mesh_tenants(state),
         _ => (
             404,
             "text/plain",
-            b"unknown admin path; try /live, /ready, /metrics, /config_dump or /tap\n".to_vec(),
+            b"unknown admin path; try /live, /ready, /metrics, /config_dump, /mesh/tenants or /tap\n"
+                .to_vec(),
         ),
     };
     Response::builder()
@@ -66,6 +69,30 @@ pub fn respond(state: &AdminState, path: &str) -> Response<Full<Bytes>> {
         .header("content-type", ctype)
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts")
+}
+
+/// `GET /mesh/tenants`: the `tenants.yaml` of the applied mesh update as
+/// JSON, or 404 with a JSON error when none was pushed.
+fn mesh_tenants(state: &AdminState) -> (u16, &'static str, Vec<u8>) {
+    let applied = state.mesh.as_ref().and_then(|m| m.applied());
+    match applied.as_ref().and_then(|u| u.tenants.as_ref()) {
+        Some(t) => (
+            200,
+            "application/json",
+            serde_json::to_vec(t).unwrap_or_default(),
+        ),
+        None => {
+            let why = if state.mesh.is_none() {
+                "this proxy has no `mesh` section: nothing is pushed to it"
+            } else if applied.is_none() {
+                "no mesh update applied yet: the control plane has not answered"
+            } else {
+                "the applied mesh update has no tenants: the mesh config directory has no tenants.yaml"
+            };
+            let body = serde_json::json!({ "error": why });
+            (404, "application/json", body.to_string().into_bytes())
+        }
+    }
 }
 
 /// Serves the admin endpoints on `listener` from a dedicated thread until

@@ -88,6 +88,7 @@ mod tests {
             quotas: c.quotas.limits,
             policies: BTreeMap::new(),
             egress: Default::default(),
+            tenants: None,
         }
     }
 

@@ -96,6 +96,7 @@ mod tests {
             quotas: c.quotas.limits,
             policies: [("authz.rego".to_string(), "package x\n".to_string())].into(),
             egress: Default::default(),
+            tenants: None,
         }
     }
 

@@ -132,6 +132,7 @@ mod tests {
             quotas: vec![],
             policies: Default::default(),
             egress: Default::default(),
+            tenants: None,
         }
     }
 

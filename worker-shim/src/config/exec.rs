@@ -87,6 +87,10 @@ pub struct QueueConfig {
     /// `tenants.yaml` (from the mesh config directory): weights and quotas.
     #[serde(default)]
     pub tenants: Option<PathBuf>,
+    /// The sidecar's `/mesh/tenants` URL: `tenants.yaml` as the control
+    /// plane pushed it; instead of `tenants`.
+    #[serde(default)]
+    pub tenants_from: Option<String>,
     /// Whether a `live` job preempts a `batch` one when every slot is
     /// busy; default on with `postgres`, off for the embedded queue.
     #[serde(default)]
@@ -399,6 +403,17 @@ fn check_queue(exec: &ExecConfig, p: &mut Problems) {
     if let Some(t) = &exec.queue.tenants {
         if let Err(m) = crate::jobs::tenants::Tenants::load(t) {
             p.push("exec.queue.tenants", m);
+        }
+    }
+    if let Some(url) = &exec.queue.tenants_from {
+        if exec.queue.tenants.is_some() {
+            p.push(
+                "exec.queue.tenants_from",
+                "set either tenants (a file) or tenants_from (the sidecar), not both".to_string(),
+            );
+        }
+        if let Err(m) = crate::jobs::tenants_reload::check_url(url) {
+            p.push("exec.queue.tenants_from", m);
         }
     }
     let Some(pg) = &exec.queue.postgres else {

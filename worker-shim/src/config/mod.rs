@@ -375,4 +375,25 @@ exec:
         assert!(e.message.contains("unknown field `colour`"), "{e}");
         assert!(e.message.contains("docs/reference/shim-config.md"), "{e}");
     }
+
+    #[test]
+    fn tenants_come_from_a_file_or_the_sidecar_not_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("tenants.yaml");
+        std::fs::write(&file, "tenants: []\n").unwrap();
+        let with = |queue: String| {
+            check(&GOOD.replace(
+                "  work_dir: /tmp/work",
+                &format!("  work_dir: /tmp/work\n  queue: {{{queue}}}"),
+            ))
+        };
+        let url = "tenants_from: http://127.0.0.1:18901/mesh/tenants";
+        assert!(with(url.to_string()).is_ok());
+        let e = with(format!("tenants: {}, {url}", file.display())).unwrap_err();
+        assert_eq!(e.field, "exec.queue.tenants_from", "{e}");
+        assert!(e.message.contains("not both"), "{e}");
+        let e = with("tenants_from: 127.0.0.1:18901".into()).unwrap_err();
+        assert_eq!(e.field, "exec.queue.tenants_from", "{e}");
+        assert!(e.message.contains("http://"), "{e}");
+    }
 }

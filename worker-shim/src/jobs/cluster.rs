@@ -424,8 +424,12 @@ pub async fn connect(
     let Some(pg) = &exec.queue.postgres else {
         return Ok(None);
     };
-    let tenants = super::tenants_reload::LiveTenants::load(exec.queue.tenants.as_deref())
-        .map_err(|e| anyhow::anyhow!("exec.queue.tenants: {e}"))?;
+    let tenants = match &exec.queue.tenants_from {
+        Some(url) => super::tenants_reload::LiveTenants::from_url(url)
+            .map_err(|e| anyhow::anyhow!("exec.queue.tenants_from: {e}"))?,
+        None => super::tenants_reload::LiveTenants::load(exec.queue.tenants.as_deref())
+            .map_err(|e| anyhow::anyhow!("exec.queue.tenants: {e}"))?,
+    };
     let tenants = Arc::new(tenants);
     tenants.spawn_reloader();
     let name = pg.host.clone().unwrap_or_else(|| host.hostname.clone());
