@@ -400,7 +400,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
 
-    use crank_certs::{Ca, Identity, LeafRequest};
+    use crank_certs::Ca;
 
     use super::*;
 
@@ -413,21 +413,7 @@ mod tests {
     }
 
     fn replica(root: &Ca, status: u16) -> Replica {
-        let id = Identity::new("control", "crank-system", "crank.local").unwrap();
-        let leaf = root
-            .issue(&LeafRequest::new(id, Duration::from_secs(3600)))
-            .unwrap();
-        let chain = crank_certs::pem::certs_from_pem(leaf.cert_pem.as_bytes()).unwrap();
-        let key = crank_certs::pem::key_from_pem(leaf.key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = crate::enroll::tests::control_acceptor(root);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

@@ -30,7 +30,9 @@ struct Fake {
     _rt: tokio::runtime::Runtime,
 }
 
-fn fake_control(root: &Ca, answer: Answer) -> Fake {
+/// A TLS acceptor presenting crank-control's identity, signed by `root`:
+/// the server side of the fake control planes in the enroll tests.
+pub(crate) fn control_acceptor(root: &Ca) -> tokio_rustls::TlsAcceptor {
     let control = Identity::new("control", "crank-system", "crank.local").unwrap();
     let leaf = root
         .issue(&LeafRequest::new(control, Duration::from_secs(3600)))
@@ -45,7 +47,11 @@ fn fake_control(root: &Ca, answer: Answer) -> Fake {
     .with_no_client_auth()
     .with_single_cert(chain, key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+fn fake_control(root: &Ca, answer: Answer) -> Fake {
+    let acceptor = control_acceptor(root);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
