@@ -400,6 +400,20 @@ impl RequestHeader {
     pub fn as_owned_parts(&self) -> ReqParts {
         clone_req_parts(&self.base)
     }
+
+    /// A copy of this header as [Clone] makes it, but without the header-name case
+    /// map ([Self::has_case] is false on the copy): for a request that goes out over
+    /// HTTP/2, whose field names are lowercase on the wire.
+    // crank patch (issue #19): the case map's copy is two allocations and ~400
+    // instructions per request that the HTTP/2 upstream path drops unread.
+    pub fn clone_without_case(&self) -> Self {
+        Self {
+            base: self.as_owned_parts(),
+            header_name_map: None,
+            raw_target: self.raw_target.clone(),
+            send_end_stream: self.send_end_stream,
+        }
+    }
 }
 
 impl Clone for RequestHeader {
@@ -1491,6 +1505,23 @@ mod tests {
             );
             assert!(req.raw_path_is_utf8());
         }
+    }
+
+    #[test]
+    fn clone_without_case_keeps_all_but_the_case() {
+        let mut req = RequestHeader::build("POST", b"http://a.example/p?q=1", None).unwrap();
+        req.append_header("X-Mixed-Case", "v1").unwrap();
+        req.append_header("x-mixed-case", "v2").unwrap();
+        req.set_send_end_stream(false);
+        assert!(req.has_case());
+        let copy = req.clone_without_case();
+        assert!(!copy.has_case());
+        assert_eq!(copy.method, req.method);
+        assert_eq!(copy.uri, req.uri);
+        assert_eq!(copy.version, req.version);
+        assert_eq!(copy.headers, req.headers);
+        assert_eq!(copy.raw_path(), req.raw_path());
+        assert_eq!(copy.send_end_stream(), req.send_end_stream());
     }
 
     #[test]

@@ -146,7 +146,9 @@ where
 
         // Shared signal so the upstream half can distinguish an expected task-pipe
         // closure (the downstream half finished and dropped rx) from an unexpected one.
-        let pipe_state = Arc::new(AtomicU8::new(PipeState::Active as u8));
+        // crank patch (issue #19): both halves run in this task (try_join!), so
+        // they borrow it from here; no `Arc` allocation per request.
+        let pipe_state = AtomicU8::new(PipeState::Active as u8);
 
         // start bi-directional streaming
         let ret = tokio::try_join!(
@@ -157,9 +159,9 @@ where
                 ctx,
                 &mut downstream_custom_message_writer,
                 &mut downstream_custom_message_reader,
-                pipe_state.clone(),
+                &pipe_state,
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, &pipe_state),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -250,7 +252,7 @@ where
         client_session: &mut HttpSessionV1,
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
-        pipe_state: Arc<AtomicU8>,
+        pipe_state: &AtomicU8,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -395,12 +397,17 @@ where
         }
 
         /* run filters before sending to downstream */
-        let mut filtered_tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
-        for mut t in tasks {
+        // crank patch (issue #19): filter the batch in place (each task replaced
+        // by its filtered self) instead of into a second vector: one allocation
+        // per batch fewer.
+        let mut kept = tasks.len();
+        for (i, slot) in tasks.iter_mut().enumerate() {
+            let mut t = std::mem::replace(slot, HttpTask::Done);
             if self.revalidate_or_stale(session, &mut t, ctx).await {
                 serve_from_cache.enable();
                 response_state.enable_cached_response();
                 // skip downstream filtering entirely as the 304 will not be sent
+                kept = i;
                 break;
             }
             #[cfg(feature = "upstream_modules")]
@@ -425,15 +432,16 @@ where
                     return Err(e);
                 }
             }
-            filtered_tasks.push(task);
+            *slot = task;
         }
+        tasks.truncate(kept);
 
         if !serve_from_cache.should_send_to_downstream() {
             // TODO: need to derive response_done from filtered_tasks in case downstream failed already
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        let response_done = session.write_response_tasks(tasks).await?;
 
         Ok(Some(response_done))
     }
@@ -451,7 +459,7 @@ where
         downstream_custom_message_reader: &mut Option<
             Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>,
         >,
-        pipe_state: Arc<AtomicU8>,
+        pipe_state: &AtomicU8,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,

@@ -130,7 +130,9 @@ where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
     {
-        let mut req = session.req_header().clone();
+        // crank patch (issue #19): the case map is dropped below (conversion
+        // to `http::request::Parts`), so it is not copied
+        let mut req = session.req_header().clone_without_case();
         let authority_policy = AuthorityPolicy::from(session.downstream_session.is_custom());
 
         // A patched HTTP/1 parser can preserve non-UTF-8 request-target bytes, but `http::Uri`,
@@ -153,11 +155,16 @@ where
             }
             /* remove H1 specific headers */
             // https://github.com/hyperium/h2/blob/d3b9f1e36aadc1a7a6804e2f8e86d3fe4a244b4f/src/proto/streams/send.rs#L72
-            req.remove_header(&http::header::TRANSFER_ENCODING);
-            req.remove_header(&http::header::CONNECTION);
-            req.remove_header(&http::header::UPGRADE);
-            req.remove_header(KEEP_ALIVE);
-            req.remove_header(PROXY_CONNECTION);
+            // crank patch (issue #19): these five are hop-by-hop fields; skip the
+            // five hashed removals when a pass over the names finds none of them
+            // (the common case, and always after the default policy stripped them).
+            if req.headers.keys().any(is_standard_hop_by_hop) {
+                req.remove_header(&http::header::TRANSFER_ENCODING);
+                req.remove_header(&http::header::CONNECTION);
+                req.remove_header(&http::header::UPGRADE);
+                req.remove_header(KEEP_ALIVE);
+                req.remove_header(PROXY_CONNECTION);
+            }
         }
 
         /* turn it into h2 */
@@ -254,7 +261,9 @@ where
         debug!("send END_STREAM on HEADERS: {send_end_stream}");
 
         let req = Box::new(RequestHeader::from(req));
-        if let Err(e) = client_session.write_request_header(req, send_header_eos) {
+        // crank patch (issue #19): the session's own copy of the header is never
+        // read again here (only its method, below), so hand it over uncloned
+        if let Err(e) = client_session.write_request_header_owned(req, send_header_eos) {
             return (false, Some(e.into_up()));
         }
 
@@ -298,7 +307,9 @@ where
 
         // Shared signal so the upstream half can distinguish an expected task-pipe
         // closure (the downstream half finished and dropped rx) from an unexpected one.
-        let pipe_state = Arc::new(AtomicU8::new(PipeState::Active as u8));
+        // crank patch (issue #19): both halves run in this task (try_join!), so
+        // they borrow it from here; no `Arc` allocation per request.
+        let pipe_state = AtomicU8::new(PipeState::Active as u8);
 
         /* read downstream body and upstream response at the same time */
 
@@ -311,9 +322,9 @@ where
                 write_timeout,
                 &mut downstream_custom_message_writer,
                 &mut downstream_custom_message_reader,
-                pipe_state.clone(),
+                &pipe_state,
             ),
-            pipe_up_to_down_response(client_session, tx, pipe_state)
+            pipe_up_to_down_response(client_session, tx, &pipe_state)
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -434,12 +445,17 @@ where
         }
 
         /* run filters before sending to downstream */
-        let mut filtered_tasks = Vec::with_capacity(TASK_BUFFER_SIZE);
-        for mut t in tasks {
+        // crank patch (issue #19): filter the batch in place (each task replaced
+        // by its filtered self) instead of into a second vector: one allocation
+        // per batch fewer.
+        let mut kept = tasks.len();
+        for (i, slot) in tasks.iter_mut().enumerate() {
+            let mut t = std::mem::replace(slot, HttpTask::Done);
             if self.revalidate_or_stale(session, &mut t, ctx).await {
                 serve_from_cache.enable();
                 response_state.enable_cached_response();
                 // skip downstream filtering entirely as the 304 will not be sent
+                kept = i;
                 break;
             }
             #[cfg(feature = "upstream_modules")]
@@ -458,28 +474,21 @@ where
                     return Err(e);
                 }
             }
-            filtered_tasks.push(
-                self.h2_response_filter(
-                    session,
-                    t,
-                    ctx,
-                    serve_from_cache,
-                    range_body_filter,
-                    false,
-                )
-                .await?,
-            );
+            *slot = self
+                .h2_response_filter(session, t, ctx, serve_from_cache, range_body_filter, false)
+                .await?;
             if serve_from_cache.is_miss_header() {
                 response_state.enable_cached_response();
             }
         }
+        tasks.truncate(kept);
 
         if !serve_from_cache.should_send_to_downstream() {
             // TODO: need to derive response_done from filtered_tasks in case downstream failed already
             return Ok(None);
         }
 
-        let response_done = session.write_response_tasks(filtered_tasks).await?;
+        let response_done = session.write_response_tasks(tasks).await?;
 
         Ok(Some(response_done))
     }
@@ -497,7 +506,7 @@ where
         downstream_custom_message_reader: &mut Option<
             Box<dyn futures::Stream<Item = Result<Bytes>> + Unpin + Send + Sync + 'static>,
         >,
-        pipe_state: Arc<AtomicU8>,
+        pipe_state: &AtomicU8,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
@@ -1114,14 +1123,16 @@ where
 pub(crate) async fn pipe_up_to_down_response(
     client: &mut Http2Session,
     tx: mpsc::Sender<HttpTask>,
-    pipe_state: Arc<AtomicU8>,
+    pipe_state: &AtomicU8,
 ) -> Result<()> {
     client
         .read_response_header()
         .await
         .map_err(|e| e.into_up())?; // should we send the error as an HttpTask?
 
-    let resp_header = Box::new(client.response_header().expect("just read").clone());
+    // crank patch (issue #19): move the header out instead of cloning it; the
+    // client session does not need it again
+    let resp_header = Box::new(client.take_response_header().expect("just read"));
 
     match client.check_response_end_or_error() {
         Ok(eos) => {
@@ -1130,9 +1141,9 @@ pub(crate) async fn pipe_up_to_down_response(
             // As stated by RFC, "204 or 304 responses contain no content,
             // as does the response to a HEAD request"
             // https://datatracker.ietf.org/doc/html/rfc9113#section-8.1.1
-            let req_header = client.request_header().expect("must have sent req");
+            let req_method = client.request_method().expect("must have sent req");
             if eos
-                && req_header.method != Method::HEAD
+                && *req_method != Method::HEAD
                 && resp_header.status != StatusCode::NO_CONTENT
                 && resp_header.status != StatusCode::NOT_MODIFIED
                 // RFC technically allows for leading zeroes

@@ -260,9 +260,13 @@ impl TransportConnector {
                         let mut stream = l.into_inner();
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
+                        // crank patch (issue #19): matches_connection, not matches_fd: no
+                        // getpeername per reuse (see Peer::matches_connection)
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
+                        if peer.matches_connection(
+                            stream.id(),
+                            stream.get_socket_digest().as_deref(),
+                        ) && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
                         } else {

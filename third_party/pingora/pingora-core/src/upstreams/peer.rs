@@ -23,6 +23,8 @@ use crate::protocols::tls::HandshakeCompleteHook;
 use crate::protocols::tls::PskType;
 #[cfg(unix)]
 use crate::protocols::ConnFdReusable;
+#[cfg(unix)]
+use crate::protocols::SocketDigest;
 use crate::protocols::TcpKeepalive;
 use crate::utils::tls::{get_organization_unit, CertKey};
 use ahash::AHasher;
@@ -259,6 +261,19 @@ pub trait Peer: Display + Clone {
     #[cfg(unix)]
     fn matches_fd<V: AsRawFd>(&self, fd: V) -> bool {
         self.address().check_fd_match(fd)
+    }
+
+    /// Whether the pooled connection on `fd`, whose socket digest is `digest`, may be reused for
+    /// this peer. The connection pools ask this on every reuse.
+    ///
+    /// crank patch (issue #19): the default is [`Self::matches_fd`], one `getpeername` syscall
+    /// per reuse, i.e. per request on a keep-alive connection. [`HttpPeer`] first compares its
+    /// address with the one the digest recorded for the connection (set when it was connected,
+    /// or asked of the kernel once), and asks the kernel only when they differ.
+    #[cfg(unix)]
+    fn matches_connection<V: AsRawFd>(&self, fd: V, digest: Option<&SocketDigest>) -> bool {
+        let _ = digest;
+        self.matches_fd(fd)
     }
 
     #[cfg(windows)]
@@ -774,6 +789,23 @@ impl HttpPeer {
     }
 }
 
+// crank patch (issue #19): whether `recorded`, the peer address a connection's socket digest
+// holds, is `expected`, with the rules of `ConnFdReusable::check_fd_match` (0.0.0.0 matches any
+// peer; a Unix socket by its path).
+#[cfg(unix)]
+fn recorded_peer_matches(expected: &SocketAddr, recorded: &SocketAddr) -> bool {
+    match expected {
+        SocketAddr::Inet(addr) => {
+            addr.ip() == IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                || recorded.as_inet() == Some(addr)
+        }
+        SocketAddr::Unix(addr) => match (addr.as_pathname(), recorded.as_unix()) {
+            (Some(path), Some(recorded)) => recorded.as_pathname() == Some(path),
+            _ => false,
+        },
+    }
+}
+
 impl Hash for HttpPeer {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self._address.hash(state);
@@ -855,6 +887,22 @@ impl Peer for HttpPeer {
         }
     }
 
+    // crank patch (issue #19): a connection's peer cannot change while its fd is open, so the
+    // address its digest recorded answers for the kernel; only a mismatch (or no recorded
+    // address, or a proxy) asks the kernel again, which keeps the old verdict and its log line.
+    #[cfg(unix)]
+    fn matches_connection<V: AsRawFd>(&self, fd: V, digest: Option<&SocketDigest>) -> bool {
+        let recorded = digest.and_then(|d| d.peer_addr());
+        match recorded {
+            Some(recorded)
+                if self.get_proxy().is_none() && recorded_peer_matches(&self._address, recorded) =>
+            {
+                true
+            }
+            _ => self.matches_fd(fd),
+        }
+    }
+
     #[cfg(windows)]
     fn matches_sock<V: AsRawSocket>(&self, sock: V) -> bool {
         use crate::protocols::ConnSockReusable;
@@ -916,5 +964,60 @@ mod tests {
         assert!(!policy.strip_connection_nominated);
         assert!(!policy.reject_malformed_connection_nominations);
         assert_eq!(policy.h1_upgrade, H1UpgradePolicy::Preserve);
+    }
+
+    // crank patch (issue #19): a pooled connection whose digest recorded the peer's address is
+    // reused without asking the kernel; any other answer still comes from the kernel
+    #[cfg(unix)]
+    fn digest_with_peer(fd: std::os::unix::io::RawFd, peer: Option<&str>) -> SocketDigest {
+        let digest = SocketDigest::from_raw_fd(fd);
+        let recorded = peer.map(|p| SocketAddr::Inet(p.parse().unwrap()));
+        digest.peer_addr.set(recorded).unwrap();
+        digest
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn matches_connection_trusts_the_recorded_peer_address() {
+        let peer = HttpPeer::new("10.0.0.1:443", true, "back".into());
+        // fd -1: getpeername would fail, so `true` means the kernel was not asked
+        let same = digest_with_peer(-1, Some("10.0.0.1:443"));
+        assert!(peer.matches_connection(-1, Some(&same)));
+        // another recorded address, none recorded, or no digest: the kernel decides (and fails)
+        let other = digest_with_peer(-1, Some("10.0.0.2:443"));
+        assert!(!peer.matches_connection(-1, Some(&other)));
+        assert!(!peer.matches_connection(-1, Some(&digest_with_peer(-1, None))));
+        assert!(!peer.matches_connection(-1, None));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn matches_connection_asks_the_kernel_on_a_live_socket() {
+        use std::os::unix::io::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let peer = HttpPeer::new(addr, false, "".into());
+        // a wrong recorded address does not make a good connection unusable
+        let stale = digest_with_peer(client.as_raw_fd(), Some("10.0.0.2:443"));
+        assert!(peer.matches_connection(client.as_raw_fd(), Some(&stale)));
+        let elsewhere = HttpPeer::new("127.0.0.1:1", false, "".into());
+        assert!(!elsewhere.matches_connection(client.as_raw_fd(), Some(&stale)));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn recorded_peer_matches_follows_check_fd_match() {
+        let inet = |a: &str| SocketAddr::Inet(a.parse().unwrap());
+        assert!(recorded_peer_matches(&inet("[::1]:80"), &inet("[::1]:80")));
+        assert!(!recorded_peer_matches(&inet("[::1]:80"), &inet("[::1]:81")));
+        // 0.0.0.0 is accepted whatever the kernel says, as in check_fd_match
+        assert!(recorded_peer_matches(&inet("0.0.0.0:80"), &inet("127.0.0.1:80")));
+        let unix = |p: &str| {
+            SocketAddr::Unix(std::os::unix::net::SocketAddr::from_pathname(p).unwrap())
+        };
+        assert!(recorded_peer_matches(&unix("/tmp/a.sock"), &unix("/tmp/a.sock")));
+        assert!(!recorded_peer_matches(&unix("/tmp/a.sock"), &unix("/tmp/b.sock")));
+        assert!(!recorded_peer_matches(&unix("/tmp/a.sock"), &inet("127.0.0.1:80")));
     }
 }

@@ -420,8 +420,10 @@ impl Connector {
             .filter(|c| !c.is_closed())
             .or_else(|| self.idle_pool.get(&reuse_hash));
         if let Some(conn) = maybe_conn {
+            // crank patch (issue #19): matches_connection, not matches_fd: no getpeername per
+            // request (see Peer::matches_connection)
             #[cfg(unix)]
-            if !peer.matches_fd(conn.id()) {
+            if !peer.matches_connection(conn.id(), conn.digest().socket_digest.as_deref()) {
                 return Ok(None);
             }
             #[cfg(windows)]

@@ -174,7 +174,14 @@ impl BodyReader {
     }
 
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
+        self.prepare_buf_sized(self.body_buf_size, buf_to_rewind);
+    }
+
+    // crank patch (issue #19): `prepare_buf` with the buffer's size chosen by the caller, so that
+    // a body of known length gets a buffer of that length rather than `body_buf_size` (64 KiB for
+    // a 2-byte response body, once per upstream response).
+    fn prepare_buf_sized(&mut self, size: usize, buf_to_rewind: &[u8]) {
+        let mut body_buf = BytesMut::with_capacity(size.max(buf_to_rewind.len()));
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -246,10 +253,25 @@ impl BodyReader {
                 }
             }
             _ => {
-                self.prepare_buf(buf_to_rewind);
+                // crank patch (issue #19): size the buffer by the Content-Length (capped at
+                // `body_buf_size`, so a larger body is read as before, in chunks)
+                self.prepare_buf_sized(self.content_length_buf_size(cl), buf_to_rewind);
                 self.body_state = PS::Partial(0, cl);
             }
         }
+    }
+
+    // crank patch (issue #19): the buffer a Content-Length body with `remaining` bytes still to
+    // come needs for its next read: never more than `body_buf_size`; for a response (upstream)
+    // one byte more than the body, so that a peer that sends more than its Content-Length is
+    // still seen by the read that ends the body (a warning and the overread, as before).
+    fn content_length_buf_size(&self, remaining: usize) -> usize {
+        let wanted = if self.upstream {
+            remaining.saturating_add(1)
+        } else {
+            remaining
+        };
+        wanted.min(self.body_buf_size)
     }
 
     /// Zero-copy variant of [`Self::init_content_length`].
@@ -374,6 +396,12 @@ impl BodyReader {
         let body_buf_mut = self.body_buf.as_mut().expect("must have read body buf");
         // remove unused buffer
         body_buf_mut.truncate(total_read);
+        // crank patch (issue #19): split only when bytes were read past the body: `split_off`
+        // turns the buffer into a shared one, which allocates, once per response otherwise
+        if end_of_body >= total_read {
+            self.body_buf_overread = None;
+            return;
+        }
         let overread_bytes = body_buf_mut.split_off(end_of_body);
         self.body_buf_overread = (!overread_bytes.is_empty()).then_some(overread_bytes);
     }
@@ -409,7 +437,13 @@ impl BodyReader {
         };
         if n == 0 {
             /* Need to actually read */
-            let body_buf = self.prepare_buf_for_io(read_size);
+            // crank patch (issue #19): room for what is left of the body, not a whole
+            // `body_buf_size` buffer (see content_length_buf_size)
+            let buf_size = match self.body_state {
+                PS::Partial(_, remaining) => self.content_length_buf_size(remaining),
+                _ => read_size,
+            };
+            let body_buf = self.prepare_buf_for_io(buf_size);
             n = stream
                 .take(read_size as u64)
                 .read_buf(body_buf)
@@ -2059,6 +2093,65 @@ mod tests {
         let second = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
         assert_eq!(body_reader.get_body(&second), b"bc");
         assert!(body_reader.body_buf.as_ref().unwrap().capacity() < BODY_BUFFER_SIZE);
+    }
+
+    // crank patch (issue #19): a response body of known length gets a buffer of that length
+    #[tokio::test]
+    async fn upstream_small_body_in_rewind_is_not_given_a_full_buffer() {
+        let mut mock_io = Builder::new().build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(2, b"ok");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"ok");
+        assert_eq!(body_reader.body_state, ParseState::Complete(2));
+        assert!(body_reader.body_buf.as_ref().unwrap().capacity() < 64);
+        assert_eq!(body_reader.get_body_overread(), None);
+    }
+
+    #[tokio::test]
+    async fn upstream_medium_body_read_whole_in_a_buffer_of_its_size() {
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut mock_io = Builder::new()
+            .read(&body[100..6_000])
+            .read(&body[6_000..])
+            .build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(body.len(), &body[..100]);
+        let mut got = Vec::new();
+        while let Some(res) = body_reader.read_body(&mut mock_io).await.unwrap() {
+            got.extend_from_slice(body_reader.get_body(&res));
+            assert!(body_reader.body_buf.as_ref().unwrap().capacity() <= body.len() + 1);
+        }
+        assert_eq!(got, body);
+        assert_eq!(body_reader.body_state, ParseState::Complete(body.len()));
+    }
+
+    #[tokio::test]
+    async fn upstream_body_larger_than_the_buffer_is_read_whole() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let mut mock_io = Builder::new()
+            .read(&body[10..100_000])
+            .read(&body[100_000..])
+            .build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(body.len(), &body[..10]);
+        let mut got = Vec::new();
+        while let Some(res) = body_reader.read_body(&mut mock_io).await.unwrap() {
+            got.extend_from_slice(body_reader.get_body(&res));
+        }
+        assert_eq!(got, body);
+        assert_eq!(body_reader.body_state, ParseState::Complete(body.len()));
+    }
+
+    #[tokio::test]
+    async fn upstream_small_body_followed_by_extra_bytes_is_still_an_overread() {
+        let mut mock_io = Builder::new().read(b"abcd").build();
+        let mut body_reader = BodyReader::new(true);
+        body_reader.init_content_length(3, b"");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap().unwrap();
+        assert_eq!(body_reader.get_body(&res), b"abc");
+        assert_eq!(body_reader.body_state, ParseState::Complete(3));
+        assert_eq!(body_reader.get_body_overread(), Some(&b"d"[..]));
     }
 
     #[tokio::test]

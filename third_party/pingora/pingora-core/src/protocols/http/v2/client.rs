@@ -55,7 +55,14 @@ pub struct Http2Session {
     send_body: Option<SendStream<Bytes>>,
     resp_fut: Option<ResponseFuture>,
     req_sent: Option<Box<RequestHeader>>,
+    // crank patch (issue #19): the method of the request sent, kept by both
+    // write_request_header and write_request_header_owned (which keeps no copy
+    // of the header)
+    req_method: Option<http::Method>,
     response_header: Option<ResponseHeader>,
+    // crank patch (issue #19): whether the response header was read, also after
+    // `take_response_header` moved it out (retry and "already read" decisions)
+    response_header_read: bool,
     response_body_reader: Option<RecvStream>,
     /// The read timeout, which will be applied to both reading the header and the body.
     /// The timeout is reset on every read. This is not a timeout on the overall duration of the
@@ -85,7 +92,9 @@ impl Http2Session {
             send_body: None,
             resp_fut: None,
             req_sent: None,
+            req_method: None,
             response_header: None,
+            response_header_read: false,
             response_body_reader: None,
             read_timeout: None,
             write_timeout: None,
@@ -130,12 +139,40 @@ impl Http2Session {
 
     /// Write the request header to the server
     pub fn write_request_header(&mut self, mut req: Box<RequestHeader>, end: bool) -> Result<()> {
-        if self.req_sent.is_some() {
+        if self.req_method.is_some() {
             // cannot send again, TODO: warn
             return Ok(());
         }
         Self::sanitize_request_header(&mut req)?;
         let parts = req.as_owned_parts();
+        self.send_request_parts(parts, end)?;
+        self.req_sent = Some(req);
+        Ok(())
+    }
+
+    /// Write the request header to the server without keeping a copy of it:
+    /// the header is moved into the h2 stream, so [`Self::request_header`]
+    /// returns `None` afterwards ([`Self::request_method`] still answers).
+    /// For a caller that keeps its own copy or does not need it again.
+    // crank patch (issue #19): write_request_header clones the whole header
+    // (its map, the vector of fields, the URI's shared parts: ~3 allocations
+    // and ~1,800 instructions per request) to keep a copy that the proxy only
+    // reads the method of.
+    pub fn write_request_header_owned(
+        &mut self,
+        mut req: Box<RequestHeader>,
+        end: bool,
+    ) -> Result<()> {
+        if self.req_method.is_some() {
+            // cannot send again, as in write_request_header
+            return Ok(());
+        }
+        Self::sanitize_request_header(&mut req)?;
+        self.send_request_parts(http::request::Parts::from(*req), end)
+    }
+
+    fn send_request_parts(&mut self, parts: http::request::Parts, end: bool) -> Result<()> {
+        let method = parts.method.clone();
         let request = http::Request::from_parts(parts, ());
         // There is no write timeout for h2 because the actual write happens async from this fn
         let (resp_fut, send_body) = self
@@ -143,7 +180,7 @@ impl Http2Session {
             .send_request(request, end)
             .or_err(H2Error, "while sending request")
             .map_err(|e| self.handle_err(e))?;
-        self.req_sent = Some(req);
+        self.req_method = Some(method);
         self.send_body = Some(send_body);
         self.resp_fut = Some(resp_fut);
         self.ended = self.ended || end;
@@ -195,7 +232,7 @@ impl Http2Session {
         // TODO: how to read 1xx headers?
         // https://github.com/hyperium/h2/issues/167
 
-        if self.response_header.is_some() {
+        if self.response_header_read {
             panic!("H2 response header is already read")
         }
 
@@ -211,6 +248,7 @@ impl Http2Session {
         let response_header = ResponseHeader::from(resp);
         validate_response_header(&response_header)?;
         self.response_header = Some(response_header);
+        self.response_header_read = true;
         self.response_body_reader = Some(body_reader);
 
         Ok(())
@@ -234,6 +272,7 @@ impl Http2Session {
         }
 
         self.response_header = Some(response_header);
+        self.response_header_read = true;
         self.response_body_reader = Some(body_reader);
 
         Poll::Ready(Ok(()))
@@ -243,7 +282,7 @@ impl Http2Session {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<std::result::Result<http::Response<RecvStream>, h2::Error>> {
-        if self.response_header.is_some() {
+        if self.response_header_read {
             panic!("H2 response header is already read")
         }
 
@@ -412,14 +451,29 @@ impl Http2Session {
         .or_err(ReadError, "while reading h2 trailers")
     }
 
-    /// The request header if it is already sent
+    /// The request header if it is already sent (by [`Self::write_request_header`])
     pub fn request_header(&self) -> Option<&RequestHeader> {
         self.req_sent.as_deref()
+    }
+
+    /// The method of the request if it is already sent, by either write method
+    pub fn request_method(&self) -> Option<&http::Method> {
+        self.req_method.as_ref()
     }
 
     /// The response header if it is already read
     pub fn response_header(&self) -> Option<&ResponseHeader> {
         self.response_header.as_ref()
+    }
+
+    /// Move the response header out once it is read, for a caller that forwards
+    /// it and does not need it here again; [`Self::response_header`] returns
+    /// `None` afterwards.
+    // crank patch (issue #19): the proxy cloned the header (its map, the
+    // vector of fields and the shared values: ~3 allocations and ~1,000
+    // instructions per request) only to drop this copy with the session.
+    pub fn take_response_header(&mut self) -> Option<ResponseHeader> {
+        self.response_header.take()
     }
 
     /// Give up the http session abruptly.
@@ -500,7 +554,7 @@ impl Http2Session {
 
         // is_go_away: retry via another connection, this connection is being teardown
         // should retry
-        if self.response_header.is_none() {
+        if !self.response_header_read {
             if let Some(err) = e.root_cause().downcast_ref::<h2::Error>() {
                 if err.is_go_away()
                     && err.is_remote()
@@ -715,6 +769,17 @@ mod tests_h2 {
         tokio::task::JoinHandle<()>,
         tokio::task::JoinHandle<()>,
     ) {
+        session_with_delayed_response_sent_by(false).await
+    }
+
+    async fn session_with_delayed_response_sent_by(
+        owned: bool,
+    ) -> (
+        Http2Session,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (client_io, server_io) = duplex(65536);
         let (request_accepted_tx, request_accepted_rx) = oneshot::channel();
         let (release_response_tx, release_response_rx) = oneshot::channel();
@@ -754,13 +819,43 @@ mod tests_h2 {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header(http::header::HOST, "example.com")
             .unwrap();
-        h2s.write_request_header(Box::new(req), true).unwrap();
+        if owned {
+            h2s.write_request_header_owned(Box::new(req), true).unwrap();
+        } else {
+            h2s.write_request_header(Box::new(req), true).unwrap();
+        }
 
         request_accepted_rx
             .await
             .expect("server should accept the request before the response-header read");
 
         (h2s, release_response_tx, server_task, connection_task)
+    }
+
+    #[tokio::test]
+    async fn owned_request_write_and_taken_response_header() {
+        let (mut h2s, release_response, server_task, connection_task) =
+            session_with_delayed_response_sent_by(true).await;
+        // the server saw a GET (asserted in the helper); no copy is kept
+        assert!(h2s.request_header().is_none());
+        assert_eq!(h2s.request_method(), Some(&http::Method::GET));
+        // a second write is ignored, as with write_request_header
+        let again = RequestHeader::build("POST", b"/", None).unwrap();
+        h2s.write_request_header_owned(Box::new(again), true)
+            .unwrap();
+        assert_eq!(h2s.request_method(), Some(&http::Method::GET));
+
+        release_response.send(()).unwrap();
+        h2s.read_response_header().await.unwrap();
+        let taken = h2s.take_response_header().expect("read above");
+        assert_eq!(taken.status, StatusCode::OK);
+        assert!(h2s.response_header().is_none());
+        assert!(h2s.take_response_header().is_none());
+        assert!(h2s.response_header_read, "taking must not forget the read");
+        assert!(h2s.check_response_end_or_error().unwrap());
+
+        server_task.abort();
+        connection_task.abort();
     }
 
     #[tokio::test]

@@ -213,6 +213,15 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Whether `name` is one of the HTTP/1 connection-specific fields that
+/// `write_response_header` removes before a response goes out over H2.
+fn is_h1_connection_specific(name: &HeaderName) -> bool {
+    name == header::TRANSFER_ENCODING
+        || name == header::CONNECTION
+        || name == header::UPGRADE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
 struct ActiveSessions {
     count: AtomicUsize,
     idle: Notify,
@@ -643,11 +652,15 @@ impl HttpSession {
 
         // remove other h1 hop headers that cannot be present in H2
         // https://httpwg.org/specs/rfc7540.html#n-connection-specific-header-fields
-        header.remove_header(&header::TRANSFER_ENCODING);
-        header.remove_header(&header::CONNECTION);
-        header.remove_header(&header::UPGRADE);
-        header.remove_header(&HeaderName::from_static("keep-alive"));
-        header.remove_header(&HeaderName::from_static("proxy-connection"));
+        // crank patch (issue #19): a response rarely carries any of them; one pass
+        // over the (few) names is cheaper than five hashed removals.
+        if header.headers.keys().any(is_h1_connection_specific) {
+            header.remove_header(&header::TRANSFER_ENCODING);
+            header.remove_header(&header::CONNECTION);
+            header.remove_header(&header::UPGRADE);
+            header.remove_header(&HeaderName::from_static("keep-alive"));
+            header.remove_header(&HeaderName::from_static("proxy-connection"));
+        }
 
         let resp = Response::from_parts(header.as_owned_parts(), ());
 
@@ -966,6 +979,24 @@ mod test {
     use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
     use tokio::sync::oneshot;
     use tokio_stream::StreamExt;
+
+    #[test]
+    fn h1_connection_specific_fields_are_recognised() {
+        for name in [
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            let name = HeaderName::from_static(name);
+            assert!(is_h1_connection_specific(&name), "{name}");
+        }
+        for name in ["content-length", "date", "server", "keep-alive-x", "te"] {
+            let name = HeaderName::from_static(name);
+            assert!(!is_h1_connection_specific(&name), "{name}");
+        }
+    }
 
     async fn advertised_settings(options: Option<H2Options>) -> Settings {
         let (mut client, server) = duplex(65536);
