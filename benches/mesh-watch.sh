@@ -12,8 +12,12 @@
 # runs crank-control as three replicas with store: etcd on three etcd
 # members (Debian's etcd-server), watchers spread over them, UPDATES edits,
 # SIGKILL of the leading replica, one edit at once, UPDATES edits more.
+# CONTROL_BIN_DIR [target/$PROFILE]: where crank-control and crankctl are
+# (a saved copy, to compare two builds with the same bench client).
+# OUT [benches/out]: the directory for the output file (one per person
+# when several run benches on one machine).
 # Output: a markdown table and a JSON summary on stdout, also written to
-# benches/out/mesh-watch.txt.
+# $OUT/mesh-watch.txt (mesh-watch-ha.txt with REPLICAS=3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,10 +40,11 @@ if [[ -z "${WATCHERS:-}" ]]; then
   if (( free_gib >= 16 && $(ulimit -n) >= 12000 )); then WATCHERS+=,5000; fi
 fi
 
-mkdir -p benches/out
-out=benches/out/mesh-watch.txt
-[[ "${REPLICAS:-1}" != 1 ]] && out=benches/out/mesh-watch-ha.txt
+OUT="${OUT:-benches/out}"
+mkdir -p "$OUT"
+out="$OUT/mesh-watch.txt"
+[[ "${REPLICAS:-1}" != 1 ]] && out="$OUT/mesh-watch-ha.txt"
 echo "machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(uname -r), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-echo "profile: $PROFILE, replicas: ${REPLICAS:-1}"
-CRANK_BIN_DIR="$PWD/target/$PROFILE" "target/$PROFILE/mesh-watch-bench" \
+echo "profile: $PROFILE, replicas: ${REPLICAS:-1}, crank-control: ${CONTROL_BIN_DIR:-target/$PROFILE}, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+CRANK_BIN_DIR="${CONTROL_BIN_DIR:-$PWD/target/$PROFILE}" "target/$PROFILE/mesh-watch-bench" \
   --watchers "$WATCHERS" --updates "${UPDATES:-20}" --replicas "${REPLICAS:-1}" | tee "$out"

@@ -115,54 +115,37 @@ pub struct Candidate {
 ///
 /// Returns the winner's `index`; `None` without candidates.
 pub fn choose(cands: &[Candidate], u: [f64; 4]) -> Option<usize> {
-    let weight = |c: &Candidate| f64::from(c.weight.max(1));
-    if cands.is_empty() {
-        return None;
-    }
-    // 1. The backend group, by total weight.
-    let mut groups: Vec<(u32, f64)> = Vec::new();
-    for c in cands {
-        match groups.iter_mut().find(|(g, _)| *g == c.group) {
-            Some((_, w)) => *w += weight(c),
-            None => groups.push((c.group, weight(c))),
-        }
-    }
-    let group = if groups.len() == 1 {
-        groups[0].0
+    let first = cands.first()?;
+    // 1. The backend group, by total weight (no allocation: a request
+    //    picks among a handful of candidates).
+    let group = if cands.iter().all(|c| c.group == first.group) {
+        first.group
     } else {
-        let total: f64 = groups.iter().map(|(_, w)| w).sum();
-        let mut target = u[3] * total;
-        groups
-            .iter()
-            .find(|(_, w)| {
-                target -= w;
-                target < 0.0
-            })
-            .unwrap_or(&groups[groups.len() - 1])
-            .0
+        split_group(cands, u[3])
     };
-    let in_group: Vec<&Candidate> = cands.iter().filter(|c| c.group == group).collect();
+    let in_group = || cands.iter().filter(move |c| c.group == group);
+    let n = in_group().count();
     // 2. Two choices within it.
-    let (first, rest) = match in_group.as_slice() {
-        [only] => return Some(only.index),
+    let (first, rest) = match n {
+        0 => return None,
+        1 => return in_group().next().map(|c| c.index),
         _ => {
-            let total: f64 = in_group.iter().map(|c| weight(c)).sum();
+            let total: f64 = in_group().map(weight).sum();
             let mut target = u[0] * total;
-            let pos = in_group
-                .iter()
+            let pos = in_group()
                 .position(|c| {
                     target -= weight(c);
                     target < 0.0
                 })
-                .unwrap_or(in_group.len() - 1);
-            (pos, in_group.len() - 1)
+                .unwrap_or(n - 1);
+            (pos, n - 1)
         }
     };
     let mut second = ((u[1] * rest as f64) as usize).min(rest - 1);
     if second >= first {
         second += 1;
     }
-    let (a, b) = (in_group[first], in_group[second]);
+    let (a, b) = (in_group().nth(first)?, in_group().nth(second)?);
     let score = |c: &Candidate| weight(c) / c.cost.max(f64::MIN_POSITIVE);
     let (sa, sb) = (score(a), score(b));
     Some(if u[2] * (sa + sb) < sa {
@@ -170,6 +153,36 @@ pub fn choose(cands: &[Candidate], u: [f64; 4]) -> Option<usize> {
     } else {
         b.index
     })
+}
+
+fn weight(c: &Candidate) -> f64 {
+    f64::from(c.weight.max(1))
+}
+
+/// The backend group drawn with `u` (uniform in `[0, 1)`), odds by the sum
+/// of its candidates' weights; groups in order of first appearance.
+fn split_group(cands: &[Candidate], u: f64) -> u32 {
+    let groups = cands
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| !cands[..*i].iter().any(|p| p.group == c.group))
+        .map(|(_, c)| c.group);
+    let group_weight = |g: u32| -> f64 {
+        let mut w = cands.iter().filter(|c| c.group == g).map(weight);
+        let first = w.next().unwrap_or(0.0);
+        w.fold(first, |acc, x| acc + x)
+    };
+    let total: f64 = groups.clone().map(group_weight).sum();
+    let mut target = u * total;
+    let mut last = None;
+    for g in groups {
+        last = Some(g);
+        target -= group_weight(g);
+        if target < 0.0 {
+            return g;
+        }
+    }
+    last.unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -326,5 +339,89 @@ mod tests {
         e.observe(Duration::from_secs(3), t0);
         e.penalize(t0);
         assert_eq!(e.estimate(t0), 3.0);
+    }
+
+    /// The allocation-free `choose` picks exactly what the version with
+    /// vectors picked, for the same random numbers (split routes too).
+    #[test]
+    fn same_choice_as_before() {
+        let mut rng = rand::rng();
+        for _ in 0..20_000 {
+            let n = rng.random_range(1..7);
+            let cands: Vec<Candidate> = (0..n)
+                .map(|i| Candidate {
+                    index: i * 3,
+                    weight: rng.random_range(0..5),
+                    group: rng.random_range(0..3),
+                    cost: rng.random_range(0.0001..0.5),
+                })
+                .collect();
+            let u = [rng.random(), rng.random(), rng.random(), rng.random()];
+            assert_eq!(
+                choose(&cands, u),
+                choose_before(&cands, u),
+                "{cands:?} {u:?}"
+            );
+        }
+        assert_eq!(choose(&[], [0.5; 4]), None);
+    }
+
+    /// `choose` as it was (two vectors per call): the test's reference.
+    fn choose_before(cands: &[Candidate], u: [f64; 4]) -> Option<usize> {
+        let weight = |c: &Candidate| f64::from(c.weight.max(1));
+        if cands.is_empty() {
+            return None;
+        }
+        // 1. The backend group, by total weight.
+        let mut groups: Vec<(u32, f64)> = Vec::new();
+        for c in cands {
+            match groups.iter_mut().find(|(g, _)| *g == c.group) {
+                Some((_, w)) => *w += weight(c),
+                None => groups.push((c.group, weight(c))),
+            }
+        }
+        let group = if groups.len() == 1 {
+            groups[0].0
+        } else {
+            let total: f64 = groups.iter().map(|(_, w)| w).sum();
+            let mut target = u[3] * total;
+            groups
+                .iter()
+                .find(|(_, w)| {
+                    target -= w;
+                    target < 0.0
+                })
+                .unwrap_or(&groups[groups.len() - 1])
+                .0
+        };
+        let in_group: Vec<&Candidate> = cands.iter().filter(|c| c.group == group).collect();
+        // 2. Two choices within it.
+        let (first, rest) = match in_group.as_slice() {
+            [only] => return Some(only.index),
+            _ => {
+                let total: f64 = in_group.iter().map(|c| weight(c)).sum();
+                let mut target = u[0] * total;
+                let pos = in_group
+                    .iter()
+                    .position(|c| {
+                        target -= weight(c);
+                        target < 0.0
+                    })
+                    .unwrap_or(in_group.len() - 1);
+                (pos, in_group.len() - 1)
+            }
+        };
+        let mut second = ((u[1] * rest as f64) as usize).min(rest - 1);
+        if second >= first {
+            second += 1;
+        }
+        let (a, b) = (in_group[first], in_group[second]);
+        let score = |c: &Candidate| weight(c) / c.cost.max(f64::MIN_POSITIVE);
+        let (sa, sb) = (score(a), score(b));
+        Some(if u[2] * (sa + sb) < sa {
+            a.index
+        } else {
+            b.index
+        })
     }
 }

@@ -80,6 +80,10 @@ pub struct WorkloadTls {
     /// Peers whose pooled connection was refused as revoked, with a count:
     /// their pool key changes so that connection is never picked again.
     retired: ArcSwap<HashMap<SocketAddr, u64>>,
+    /// Goes up after any change to what an outbound peer is built from
+    /// (client certificate, roots, pool keys), so a peer prepared for an
+    /// endpoint is reused until then ([`Self::peer_epoch`]).
+    peer_epoch: AtomicU64,
     metrics: Metrics,
 }
 
@@ -290,6 +294,7 @@ impl WorkloadTls {
             deny,
             generation: AtomicU64::new(0),
             retired: ArcSwap::from_pointee(HashMap::new()),
+            peer_epoch: AtomicU64::new(0),
             metrics: metrics.clone(),
         };
         tls.publish_expiry();
@@ -318,6 +323,7 @@ impl WorkloadTls {
         self.client_cert
             .store(Arc::new(client_cert_key(&chain, &key)));
         self.summary.store(Arc::new(summary));
+        self.peer_epoch.fetch_add(1, Ordering::AcqRel);
         self.publish_expiry();
         Ok(())
     }
@@ -331,6 +337,7 @@ impl WorkloadTls {
         self.bundle.store(Arc::new(wrapped_roots(roots).into()));
         self.roots.store(Arc::new(summaries(roots)));
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.peer_epoch.fetch_add(1, Ordering::AcqRel);
         self.publish_expiry();
         Ok(())
     }
@@ -340,6 +347,7 @@ impl WorkloadTls {
     pub fn set_deny_list<I: IntoIterator<Item = S>, S: AsRef<str>>(&self, serials: I) {
         self.deny.replace(serials);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.peer_epoch.fetch_add(1, Ordering::AcqRel);
         self.metrics
             .identity
             .revoked_serials
@@ -387,6 +395,15 @@ impl WorkloadTls {
             *m.entry(addr).or_insert(0) += 1;
             m
         });
+        self.peer_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes after the client certificate, the roots or any pool key
+    /// changed: an outbound peer built (from [`Self::client_cert`],
+    /// [`Self::bundle`] and [`Self::pool_key`]) after reading an epoch is
+    /// current while the epoch still reads the same.
+    pub fn peer_epoch(&self) -> u64 {
+        self.peer_epoch.load(Ordering::Acquire)
     }
 
     /// Pingora TLS settings for the inbound listener: TLS 1.3, ALPN h2 then

@@ -36,7 +36,7 @@ pub fn request_facts(
         route: parties.route,
         method: req.method.as_str().to_string(),
         path_and_query: path_and_query(req),
-        host: request_authority(req),
+        host: request_authority(req).map(str::to_string),
         scheme: match direction {
             Direction::Inbound => "https".into(),
             Direction::Outbound => "http".into(),

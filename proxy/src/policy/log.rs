@@ -92,9 +92,15 @@ impl<'a> Line<'a> {
         }
     }
 
-    /// The JSON line (no newline).
+    /// The JSON line (no newline). Written into a buffer sized for a
+    /// typical line (600–900 bytes), not grown from serde_json's 128.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        let mut out = Vec::with_capacity(1024);
+        if serde_json::to_writer(&mut out, self).is_err() {
+            return String::new();
+        }
+        // serde_json writes UTF-8 only.
+        String::from_utf8(out).unwrap_or_default()
     }
 }
 
@@ -104,7 +110,7 @@ fn display<S: Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::
 
 fn display_opt<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
     match v {
-        Some(a) => s.collect_str(a),
+        Some(a) => s.collect_str(&crate::logging::AddrText(a)),
         None => s.serialize_none(),
     }
 }
@@ -117,16 +123,23 @@ fn headers<S: Serializer>(
 ) -> Result<S::Ok, S::Error> {
     let all = manifest.input == InputShape::Envoy || manifest.headers.iter().any(|h| h == "*");
     let redact = &manifest.decision_log.redact_headers;
+    let is_shown = |k: &str| all || manifest.headers.iter().any(|w| w.eq_ignore_ascii_case(k));
+    if let Some(sorted) = distinct_lower_case(&facts.headers, is_shown) {
+        // The usual case (names as http keeps them, no repeats): written
+        // borrowed, in order, with nothing joined or copied.
+        let mut map = s.serialize_map(Some(sorted.len))?;
+        for &i in sorted.as_slice() {
+            let (k, v) = &facts.headers[i];
+            map.serialize_entry(k, redacted(redact, k, v))?;
+        }
+        return map.end();
+    }
     let mut shown: Vec<(String, String)> = Vec::new();
     for (k, v) in &facts.headers {
         if !(all || manifest.headers.iter().any(|w| w.eq_ignore_ascii_case(k))) {
             continue;
         }
-        let v = if redact.iter().any(|r| r.eq_ignore_ascii_case(k)) {
-            "[redacted]"
-        } else {
-            v.as_str()
-        };
+        let v = redacted(redact, k, v);
         let k = k.to_ascii_lowercase();
         match shown.iter_mut().find(|(name, _)| *name == k) {
             Some((_, existing)) => {
@@ -142,6 +155,61 @@ fn headers<S: Serializer>(
         map.serialize_entry(k, v)?;
     }
     map.end()
+}
+
+/// `v`, or "[redacted]" for a header named in `redact`.
+fn redacted<'v>(redact: &[String], k: &str, v: &'v str) -> &'v str {
+    if redact.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+        "[redacted]"
+    } else {
+        v
+    }
+}
+
+/// Up to [`FAST_HEADERS`] indices, on the stack.
+struct Indices {
+    held: [usize; FAST_HEADERS],
+    len: usize,
+}
+
+const FAST_HEADERS: usize = 16;
+
+impl Indices {
+    fn as_slice(&self) -> &[usize] {
+        &self.held[..self.len]
+    }
+}
+
+/// The indices of the shown headers sorted by name, when every shown name
+/// is lower case and none repeats (and there are at most
+/// [`FAST_HEADERS`]); `None` otherwise (the caller lower-cases and joins).
+fn distinct_lower_case(
+    headers: &[(String, String)],
+    shown: impl Fn(&str) -> bool,
+) -> Option<Indices> {
+    let mut out = Indices {
+        held: [0; FAST_HEADERS],
+        len: 0,
+    };
+    for (i, (k, _)) in headers.iter().enumerate() {
+        if !shown(k) {
+            continue;
+        }
+        if out.len == FAST_HEADERS || k.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        out.held[out.len] = i;
+        out.len += 1;
+    }
+    let sorted = &mut out.held[..out.len];
+    sorted.sort_unstable_by(|a, b| headers[*a].0.cmp(&headers[*b].0));
+    if sorted
+        .windows(2)
+        .any(|w| headers[w[0]].0 == headers[w[1]].0)
+    {
+        return None;
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -192,7 +260,14 @@ mod tests {
             permitted: false,
             cached: true,
         };
-        for headers in [vec!["*".to_string()], vec!["content-type".to_string()]] {
+        // "*": a repeated name (joined); the others: distinct names,
+        // written borrowed, the configured one redacted.
+        let lists = [
+            vec!["*".to_string()],
+            vec!["content-type".to_string()],
+            vec!["authorization".to_string(), "content-type".to_string()],
+        ];
+        for headers in lists {
             let m = Manifest {
                 headers,
                 ..Manifest::default()

@@ -312,7 +312,17 @@ impl Policies {
 
 /// A 128-bit random id, as 32 hex digits.
 pub fn new_decision_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    hex128(rand::random())
+}
+
+/// `n` as 32 lower-case hex digits, zero-padded: what `{:032x}` writes,
+/// without the formatter.
+fn hex128(n: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    (0..32)
+        .rev()
+        .map(|i| char::from(DIGITS[((n >> (4 * i)) & 15) as usize]))
+        .collect()
 }
 
 /// Writes decision log lines to stdout or a size-bounded, rotated file.
@@ -432,6 +442,19 @@ fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_ids_are_padded_hex_as_formatted() {
+        for n in [
+            0u128,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0f00_0000_0000_0000_0000_0000_0000_00ff,
+        ] {
+            assert_eq!(hex128(n), format!("{n:032x}"));
+        }
+    }
 
     #[test]
     fn decision_ids_are_unique_hex() {

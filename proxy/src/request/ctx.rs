@@ -64,7 +64,7 @@ pub struct Ctx {
     /// The caller's trace id when tracing is off (logs only).
     pub(crate) incoming_trace_id: Option<String>,
     /// Outbound: the identity the chosen endpoint must prove.
-    pub(crate) endpoint_identity: Option<String>,
+    pub(crate) endpoint_identity: Option<Arc<str>>,
     /// Outbound: the peer sidecar's `x-crank-error`, when it answered by
     /// itself (its policy denied the request, say).
     pub(crate) peer_error: Option<String>,

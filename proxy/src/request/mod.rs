@@ -18,6 +18,7 @@ mod ctx;
 mod log;
 pub(crate) mod resilience;
 mod respond;
+mod series;
 mod span;
 mod upstream;
 
@@ -58,6 +59,11 @@ impl ProxyHttp for MeshProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx::new(self.rt.health.track())
     }
+
+    /// No HTTP modules: Pingora's default registers a disabled response
+    /// compression module, built per request with four allocations (issue
+    /// #19); the mesh never compresses.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
 
     /// The first phase after the head is parsed: the head deadline stops
     /// here, so nothing a later phase writes is taken for Pingora's own
@@ -397,9 +403,7 @@ impl MeshProxy {
                 .inbound
                 .as_ref()
                 .and_then(|i| i.capability.as_deref()),
-            req.headers
-                .get(CAPABILITY_HEADER)
-                .and_then(|v| v.to_str().ok()),
+            claimed_capability(req),
         )
     }
 
@@ -432,6 +436,13 @@ fn peer_error(resp: &ResponseHeader) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'))
         .map(|v| format!("peer:{v}"))
+}
+
+/// The capability the caller claims (`x-crank-capability`), as sent.
+pub(crate) fn claimed_capability(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(CAPABILITY_HEADER)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// The capability an inbound request is for. When the config names the one

@@ -109,7 +109,7 @@ impl MeshProxy {
             ),
             Direction::Outbound => (
                 ctx.route.as_ref().and_then(|r| r.capability.clone()),
-                ctx.endpoint_identity.clone(),
+                ctx.endpoint_identity.as_deref().map(str::to_string),
                 Some(self.rt.me.tenant.clone()),
             ),
         };
@@ -204,7 +204,7 @@ fn client_attrs(req: &RequestHeader, ctx: &Ctx, a: &mut Vec<Kv>) {
         "url.full",
         format!(
             "http://{}{}",
-            authority.as_deref().unwrap_or(""),
+            authority.unwrap_or(""),
             span_path(req)
         ),
     ));

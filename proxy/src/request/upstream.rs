@@ -2,6 +2,7 @@
 //! an endpoint of the route over mTLS (outbound), with timeouts cut to the
 //! route's deadline; and the headers the next hop gets.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crank_api::proxy::AppProtocol;
@@ -59,20 +60,25 @@ impl MeshProxy {
             return egress_peer(dest).await;
         }
         let ep = &route.endpoints[idx];
-        ctx.endpoint_identity = Some(ep.identity.spiffe_id());
+        ctx.endpoint_identity = Some(Arc::clone(&ep.spiffe_id));
         let tls = &self.rt.tls;
-        let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
-        peer.client_cert_key = Some(tls.client_cert());
-        peer.options.ca = Some(tls.bundle());
-        // Pingora's pool key covers the client cert but not the roots: a
-        // new root or deny-list generation starts a new pool.
-        peer.group_key = tls.pool_key(&ep.address);
+        // Read before the TLS state the peer is built from: a change after
+        // it makes the next request build again.
+        let epoch = tls.peer_epoch();
+        let mut peer = ep.peer.get_or_build(epoch, || {
+            let mut peer = HttpPeer::new(ep.address, true, ep.server_name.clone());
+            peer.client_cert_key = Some(tls.client_cert());
+            peer.options.ca = Some(tls.bundle());
+            // Pingora's pool key covers the client cert but not the roots:
+            // a new root or deny-list generation starts a new pool.
+            peer.group_key = tls.pool_key(&ep.address);
+            peer.options.set_http_version(2, 1);
+            peer.options.max_h2_streams = 128;
+            peer
+        });
         if upgrade {
             // WebSocket and other upgrades need HTTP/1.1 between sidecars.
             peer.options.set_http_version(1, 1);
-        } else {
-            peer.options.set_http_version(2, 1);
-            peer.options.max_h2_streams = 128;
         }
         Ok(peer)
     }
@@ -84,7 +90,7 @@ impl MeshProxy {
         if let Some(hop) = &ctx.hop {
             // This hop takes part in the trace: the next hop's parent is
             // this span. Without tracing the headers pass untouched.
-            req.insert_header("traceparent", hop.traceparent())?;
+            req.insert_header("traceparent", &*hop.traceparent())?;
             req.remove_header("tracestate");
             if let Some(ts) = &hop.tracestate {
                 req.insert_header("tracestate", ts.as_str())?;

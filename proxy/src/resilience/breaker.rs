@@ -86,6 +86,7 @@
 //! ejection has run out, the return goes through a single probe request,
 //! as with Linkerd's failure accrual.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -344,37 +345,12 @@ impl Endpoints {
         let now = Instant::now();
         let probe_timeout = self.cfg.base_ejection;
         let mut table = self.lock();
-        let mut cands = Vec::with_capacity(table.slots.len());
-        // First pass honours `exclude`; the second (only worth it when
-        // something was excluded) lets a retry go back to a tried endpoint.
-        for honour_exclude in [true, false] {
-            if !honour_exclude && exclude.is_empty() {
-                break;
-            }
-            cands.clear();
-            for (index, slot) in table.slots.iter_mut().enumerate() {
-                if honour_exclude && exclude.contains(&index) {
-                    continue;
-                }
-                match admit(slot, now, probe_timeout) {
-                    Some(true) => return Some(Pick { index, probe: true }),
-                    Some(false) => cands.push(Candidate {
-                        index,
-                        weight: slot.weight,
-                        group: slot.group,
-                        cost: balancer::cost(slot.ewma.estimate(now), slot.pending),
-                    }),
-                    None => {}
-                }
-            }
-            if let Some(index) = balancer::choose(&cands, rand::random()) {
-                return Some(Pick {
-                    index,
-                    probe: false,
-                });
-            }
-        }
-        None
+        // This thread's candidate vector, reused: no allocation per pick.
+        let mut scratch = CANDIDATES.try_with(|c| c.take()).unwrap_or_default();
+        let pick = pick_in(&mut table, exclude, now, probe_timeout, &mut scratch);
+        scratch.clear();
+        let _ = CANDIDATES.try_with(|c| c.set(scratch));
+        pick
     }
 
     /// Counts a request sent to endpoint `index` as in flight until the
@@ -605,6 +581,51 @@ impl Drop for InFlight {
             slot.pending = slot.pending.saturating_sub(1);
         }
     }
+}
+
+/// [`Endpoints::pick`] on the locked table, with `cands` as scratch space.
+fn pick_in(
+    table: &mut Table,
+    exclude: &[usize],
+    now: Instant,
+    probe_timeout: Duration,
+    cands: &mut Vec<Candidate>,
+) -> Option<Pick> {
+    // First pass honours `exclude`; the second (only worth it when
+    // something was excluded) lets a retry go back to a tried endpoint.
+    for honour_exclude in [true, false] {
+        if !honour_exclude && exclude.is_empty() {
+            break;
+        }
+        cands.clear();
+        for (index, slot) in table.slots.iter_mut().enumerate() {
+            if honour_exclude && exclude.contains(&index) {
+                continue;
+            }
+            match admit(slot, now, probe_timeout) {
+                Some(true) => return Some(Pick { index, probe: true }),
+                Some(false) => cands.push(Candidate {
+                    index,
+                    weight: slot.weight,
+                    group: slot.group,
+                    cost: balancer::cost(slot.ewma.estimate(now), slot.pending),
+                }),
+                None => {}
+            }
+        }
+        if let Some(index) = balancer::choose(cands, rand::random()) {
+            return Some(Pick {
+                index,
+                probe: false,
+            });
+        }
+    }
+    None
+}
+
+thread_local! {
+    /// [`Endpoints::pick`]'s candidates, kept between picks.
+    static CANDIDATES: Cell<Vec<Candidate>> = const { Cell::new(Vec::new()) };
 }
 
 /// Whether `slot` can take a request now: `Some(probe)` if so. Turns an

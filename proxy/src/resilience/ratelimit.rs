@@ -65,7 +65,7 @@
 //! pause and advance time. Outside a runtime it is the system's monotonic
 //! clock.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::fmt::Write as _;
 use std::num::NonZeroU32;
@@ -298,18 +298,15 @@ impl LimitState {
     }
 
     /// The bucket key: the parts a `*` stands for (the exact parts are the
-    /// same for every request this limit matches). No allocation for an
-    /// exact tenant and capability.
+    /// same for every request this limit matches). A key this thread built
+    /// recently is reused (an `Arc` clone), so the common case allocates
+    /// nothing.
     fn key_for(&self, tenant: &str, capability: &str) -> BucketKey {
         let tenant = if self.any_tenant { tenant } else { "" };
         let capability = if self.any_capability { capability } else { "" };
-        let mut parts = String::with_capacity(tenant.len() + capability.len());
-        parts.push_str(tenant);
-        parts.push_str(capability);
-        BucketKey::Seen {
-            parts,
-            tenant_len: tenant.len(),
-        }
+        RECENT_KEYS
+            .try_with(|recent| recent.borrow_mut().get(tenant, capability))
+            .unwrap_or_else(|_| BucketKey::seen(tenant, capability))
     }
 
     /// `key` itself, or the overflow key when this limit is full.
@@ -410,12 +407,63 @@ enum BucketKey {
     /// The tenant (when the limit's tenant is `*`, else empty) followed by
     /// the capability (likewise); `tenant_len` keeps `("ab", "c")` and
     /// `("a", "bc")` apart.
-    Seen { parts: String, tenant_len: usize },
+    Seen { parts: Arc<str>, tenant_len: usize },
     /// The bucket shared by new keys while the limit holds `max_keys`.
     Overflow,
 }
 
+impl BucketKey {
+    fn seen(tenant: &str, capability: &str) -> BucketKey {
+        let mut parts = String::with_capacity(tenant.len() + capability.len());
+        parts.push_str(tenant);
+        parts.push_str(capability);
+        BucketKey::Seen {
+            parts: Arc::from(parts),
+            tenant_len: tenant.len(),
+        }
+    }
+
+    fn is(&self, tenant: &str, capability: &str) -> bool {
+        match self {
+            BucketKey::Seen { parts, tenant_len } => {
+                *tenant_len == tenant.len()
+                    && parts.len() == tenant.len() + capability.len()
+                    && parts.starts_with(tenant)
+                    && parts.ends_with(capability)
+            }
+            BucketKey::Overflow => false,
+        }
+    }
+}
+
+/// The last few bucket keys this thread built, newest first.
+#[derive(Default)]
+struct RecentKeys([Option<BucketKey>; RECENT_KEYS_HELD]);
+
+const RECENT_KEYS_HELD: usize = 4;
+
+impl RecentKeys {
+    /// The key for (tenant, capability): a recent one, or a new one that
+    /// replaces the oldest.
+    fn get(&mut self, tenant: &str, capability: &str) -> BucketKey {
+        if let Some(i) = self
+            .0
+            .iter()
+            .position(|k| k.as_ref().is_some_and(|k| k.is(tenant, capability)))
+        {
+            self.0[..=i].rotate_right(1);
+        } else {
+            self.0.rotate_right(1);
+            self.0[0] = Some(BucketKey::seen(tenant, capability));
+        }
+        self.0[0]
+            .clone()
+            .unwrap_or_else(|| BucketKey::seen(tenant, capability))
+    }
+}
+
 thread_local! {
+    static RECENT_KEYS: RefCell<RecentKeys> = RefCell::default();
     /// The theoretical arrival time the last allowed check on this thread
     /// stored: when its bucket is full again.
     static LAST_TAT: Cell<u64> = const { Cell::new(0) };

@@ -6,19 +6,16 @@ use pingora_http::RequestHeader;
 
 /// The authority a request names: an absolute-form target's authority
 /// (RFC 9112 §3.2.2: it wins over `Host`), the h2 `:authority`, or `Host`.
-pub fn request_authority(req: &RequestHeader) -> Option<String> {
+/// Borrowed from the request head: route selection reads it on every request.
+pub fn request_authority(req: &RequestHeader) -> Option<&str> {
     if let Some((_, authority, _)) = split_absolute(req.raw_path()) {
-        return Some(authority.to_string());
+        return Some(authority);
     }
-    req.uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+    req.uri.authority().map(|a| a.as_str()).or_else(|| {
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+    })
 }
 
 /// The host part of an authority (`backend:8080` → `backend`, `[::1]:80` → `[::1]`).
@@ -70,10 +67,10 @@ mod tests {
     fn authority_precedence() {
         let mut abs = req("http://Backend:80/x");
         abs.insert_header("host", "other").unwrap();
-        assert_eq!(request_authority(&abs).as_deref(), Some("Backend:80"));
+        assert_eq!(request_authority(&abs), Some("Backend:80"));
         let mut origin = req("/x");
         origin.insert_header("host", "backend").unwrap();
-        assert_eq!(request_authority(&origin).as_deref(), Some("backend"));
+        assert_eq!(request_authority(&origin), Some("backend"));
         assert_eq!(request_authority(&req("/x")), None);
         let q = req("http://svc?x=1");
         assert_eq!(split_absolute(q.raw_path()), Some(("http", "svc", "?x=1")));

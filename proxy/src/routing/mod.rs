@@ -15,10 +15,11 @@ pub mod select;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crank_api::proxy::{ProxyConfig, RouteConfig};
 use crank_certs::Identity;
+use pingora_core::upstreams::peer::HttpPeer;
 
 use crate::resilience::breaker::{BreakerConfig, Endpoints, Pick};
 use crate::resilience::retry::Budget;
@@ -100,6 +101,46 @@ pub struct Endpoint {
     pub identity: Identity,
     /// The SNI and the DNS SAN the peer's certificate must carry.
     pub server_name: String,
+    /// `identity` as a SPIFFE id, made once (each request to the endpoint
+    /// names it).
+    pub spiffe_id: Arc<str>,
+    /// The outbound peer for this endpoint, built once per TLS epoch.
+    pub peer: Arc<PreparedPeer>,
+}
+
+/// An endpoint's Pingora peer with its TLS settings, built at its first
+/// request and cloned for the next ones while the workload's TLS epoch
+/// ([`crate::identity::WorkloadTls::peer_epoch`]) is the same.
+#[derive(Default)]
+pub struct PreparedPeer(Mutex<Option<(u64, HttpPeer)>>);
+
+impl PreparedPeer {
+    /// The peer prepared at `epoch`, or the one `build` makes (kept for
+    /// the next request).
+    pub fn get_or_build(&self, epoch: u64, build: impl FnOnce() -> HttpPeer) -> HttpPeer {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some((at, peer)) if *at == epoch => peer.clone(),
+            _ => {
+                let peer = build();
+                *slot = Some((epoch, peer.clone()));
+                peer
+            }
+        }
+    }
+}
+
+impl PartialEq for PreparedPeer {
+    /// A cache: every endpoint's is alike.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for PreparedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreparedPeer")
+    }
 }
 
 impl Route {
@@ -273,7 +314,9 @@ fn mesh_endpoint(e: &crank_api::proxy::EndpointConfig) -> Endpoint {
     Endpoint {
         address: e.address,
         server_name: identity.dns_name(),
+        spiffe_id: identity.spiffe_id().into(),
         identity,
+        peer: Arc::default(),
     }
 }
 
@@ -285,14 +328,17 @@ fn egress_endpoint(d: &crate::egress::Destination) -> Endpoint {
         crank_api::proxy::EgressHost::Ip(ip) => SocketAddr::new(ip, d.port),
         crank_api::proxy::EgressHost::Name(_) => SocketAddr::from(([0, 0, 0, 0], d.port)),
     };
+    let identity = Identity {
+        service: d.name.clone(),
+        tenant: "egress".into(),
+        trust_domain: "external".into(),
+    };
     Endpoint {
         address,
-        identity: Identity {
-            service: d.name.clone(),
-            tenant: "egress".into(),
-            trust_domain: "external".into(),
-        },
+        spiffe_id: identity.spiffe_id().into(),
+        identity,
         server_name: d.host_str(),
+        peer: Arc::default(),
     }
 }
 

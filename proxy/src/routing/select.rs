@@ -20,11 +20,11 @@ pub fn select(
     pushed_to: Option<&str>,
 ) -> Result<Arc<Route>, Refusal> {
     let host = request_authority(req);
-    let nr = match table.select_path(port, host.as_deref(), req.uri.path()) {
+    let nr = match table.select_path(port, host, req.uri.path()) {
         Ok(route) => return Ok(route),
         Err(nr) => nr,
     };
-    if let Some(route) = egress_fallback(table, host.as_deref(), req)? {
+    if let Some(route) = egress_fallback(table, host, req)? {
         return Ok(route);
     }
     let mut detail = format!(

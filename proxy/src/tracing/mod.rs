@@ -51,6 +51,7 @@ pub struct Hop {
     pub flags: u8,
     /// The validated, combined `tracestate` to forward.
     pub tracestate: Option<String>,
+    /// When the span started; read (and set) only for a sampled hop.
     pub start: SystemTime,
     /// Upstream attempts started so far (outbound retries make one client
     /// span each).
@@ -71,13 +72,37 @@ impl Hop {
     }
 
     /// The `traceparent` for the next hop: this span is its parent.
-    pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+    /// Formatted on the stack (every request with tracing on forwards one,
+    /// sampled or not).
+    pub fn traceparent(&self) -> Traceparent {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        Traceparent(out)
+    }
+}
+
+/// A `traceparent` value (`00-<trace id>-<span id>-<flags>`), as text.
+#[derive(Clone, Copy)]
+pub struct Traceparent([u8; 55]);
+
+impl std::ops::Deref for Traceparent {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // Only ASCII hex digits and dashes are written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 15) as usize];
     }
 }
 
@@ -116,8 +141,9 @@ impl Tracer {
     /// trace context (keeping its sampling decision), or starts a new trace
     /// sampled at the configured ratio.
     pub fn begin(&self, headers: &HeaderMap) -> Hop {
-        let start = SystemTime::now();
-        match incoming(headers) {
+        // The clock is read for sampled hops only (their span's start).
+        let start = SystemTime::UNIX_EPOCH;
+        let mut hop = match incoming(headers) {
             Some((tp, tracestate)) => Hop {
                 trace_id: tp.trace_id,
                 parent: Some(tp.parent_id),
@@ -140,7 +166,11 @@ impl Tracer {
                     attempts: 0,
                 }
             }
+        };
+        if hop.sampled() {
+            hop.start = SystemTime::now();
         }
+        hop
     }
 
     /// Whether finishing this hop would export anything (so the caller can
@@ -199,7 +229,9 @@ impl Tracer {
             self.finish(hop, end);
         }
         hop.span_id = new_span_id();
-        hop.start = SystemTime::now();
+        if hop.sampled() {
+            hop.start = SystemTime::now();
+        }
         true
     }
 }
@@ -339,6 +371,8 @@ mod tests {
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(out.ends_with("-01"));
         assert_eq!(&out[36..52], hop.span_id_hex());
+        let formatted = format!("00-{}-{}-01", hop.trace_id_hex(), hop.span_id_hex());
+        assert_eq!(&*out, formatted);
 
         let t1 = Tracer::new(1.0, SpanSink::for_test(8).0);
         let unsampled = TP.replace("-01", "-00");

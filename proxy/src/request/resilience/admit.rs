@@ -2,8 +2,6 @@
 //! order: quota → fault (outbound) → idempotency (inbound) → concurrency
 //! slot. Each returns a refusal when its mechanism says no.
 
-use std::borrow::Cow;
-
 use pingora_proxy::Session;
 use tokio::time::Instant;
 
@@ -11,7 +9,7 @@ use super::replay::idempotency_affinity;
 use super::IdemCtx;
 use crate::direction::Direction;
 use crate::errors::{Reason, Refusal};
-use crate::request::{Ctx, MeshProxy};
+use crate::request::{claimed_capability, Ctx, MeshProxy};
 use crate::resilience::ratelimit::Quotas;
 use crate::resilience::shed::Shed;
 use crate::resilience::{fault, retry_after_secs};
@@ -55,18 +53,21 @@ impl MeshProxy {
         let quotas = self.rt.quotas.load();
         let mut from_header = false;
         let req = session.req_header();
-        let (q, tenant, capability): (&Quotas, Cow<str>, Cow<str>) = match self.direction {
+        // Borrowed, not copied: the config (for the inbound capability)
+        // stays loaded while the names are in use.
+        let cfg;
+        let (q, tenant, capability): (&Quotas, &str, &str) = match self.direction {
             Direction::Inbound => {
                 if quotas.inbound.is_empty() {
                     return Ok(());
                 }
                 let tenant = ctx.peer.as_ref().map_or("", |p| p.tenant.as_str());
-                let cap = self.inbound_capability(req);
-                (
-                    &quotas.inbound,
-                    Cow::Borrowed(tenant),
-                    Cow::Owned(cap.unwrap_or_default()),
-                )
+                cfg = self.rt.config.load();
+                let configured = cfg.inbound.as_ref().and_then(|i| i.capability.as_deref());
+                let cap = configured
+                    .or_else(|| claimed_capability(req))
+                    .unwrap_or_default();
+                (&quotas.inbound, tenant, cap)
             }
             Direction::Outbound => {
                 if quotas.outbound.is_empty() {
@@ -82,14 +83,10 @@ impl MeshProxy {
                     .route
                     .as_ref()
                     .map_or("", |r| r.capability.as_deref().unwrap_or(r.name.as_str()));
-                (
-                    &quotas.outbound,
-                    Cow::Owned(tenant.to_string()),
-                    Cow::Owned(cap.to_string()),
-                )
+                (&quotas.outbound, tenant, cap)
             }
         };
-        let Some(d) = q.check(&tenant, &capability) else {
+        let Some(d) = q.check(tenant, capability) else {
             return Ok(());
         };
         if d.allowed {
@@ -103,13 +100,13 @@ impl MeshProxy {
         let label = if from_header {
             "(tenant_header)"
         } else {
-            &tenant
+            tenant
         };
         self.rt
             .metrics
             .resilience
             .ratelimited
-            .with_label_values(&[self.direction.as_str(), label, &capability])
+            .with_label_values(&[self.direction.as_str(), label, capability])
             .inc();
         let detail = format!(
             "tenant {tenant:?}, capability {capability:?}, quota {} ({} per {}s)",

@@ -51,7 +51,7 @@ pub struct ResCtx {
     /// outcome is known (or the request ends).
     in_flight: Option<InFlight>,
     /// Endpoints this request tried (a retry avoids them).
-    tried: Vec<usize>,
+    tried: Tried,
     /// The route's request deadline.
     deadline: Option<Instant>,
     pub retries: u32,
@@ -73,6 +73,51 @@ pub struct ResCtx {
     peer_refused: bool,
 }
 
+/// Indices of the endpoints a request tried, in order: held inline for the
+/// first few attempts (every outbound request makes at least one), in a
+/// vector beyond.
+#[derive(Debug, Clone)]
+pub(crate) enum Tried {
+    Inline([usize; TRIED_INLINE], u8),
+    Spilled(Vec<usize>),
+}
+
+const TRIED_INLINE: usize = 4;
+
+impl Default for Tried {
+    fn default() -> Self {
+        Tried::Inline([0; TRIED_INLINE], 0)
+    }
+}
+
+impl Tried {
+    pub(crate) fn push(&mut self, index: usize) {
+        match self {
+            Tried::Inline(held, n) if usize::from(*n) < TRIED_INLINE => {
+                held[usize::from(*n)] = index;
+                *n += 1;
+            }
+            Tried::Inline(held, _) => {
+                let mut v = held.to_vec();
+                v.push(index);
+                *self = Tried::Spilled(v);
+            }
+            Tried::Spilled(v) => v.push(index),
+        }
+    }
+}
+
+impl std::ops::Deref for Tried {
+    type Target = [usize];
+
+    fn deref(&self) -> &[usize] {
+        match self {
+            Tried::Inline(held, n) => &held[..usize::from(*n)],
+            Tried::Spilled(v) => v,
+        }
+    }
+}
+
 /// The first request with an `Idempotency-Key`: its claim, request hash and
 /// the response being captured.
 pub(crate) struct IdemCtx {
@@ -83,4 +128,26 @@ pub(crate) struct IdemCtx {
     headers: Vec<(String, Bytes)>,
     body: BytesMut,
     too_large: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tried;
+
+    #[test]
+    fn tried_keeps_every_index_in_order_past_the_inline_ones() {
+        let mut t = Tried::default();
+        assert!(t.is_empty());
+        for i in 0..9 {
+            t.push(i * 10);
+            assert_eq!(t.len(), i + 1);
+        }
+        assert_eq!(&*t, &[0, 10, 20, 30, 40, 50, 60, 70, 80]);
+        assert!(t.contains(&30) && !t.contains(&31));
+        assert!(matches!(t, Tried::Spilled(_)));
+        let mut short = Tried::default();
+        short.push(7);
+        assert_eq!(&*short, &[7]);
+        assert!(matches!(short, Tried::Inline(..)));
+    }
 }

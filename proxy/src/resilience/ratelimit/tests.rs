@@ -426,3 +426,27 @@ fn concurrent_checks_share_one_bucket() {
     assert_eq!(passed, 100);
     assert_eq!(quotas.key_count(), 1);
 }
+
+/// Bucket keys come from the thread's recent keys when they repeat: the
+/// same key for the same parts, never one of another (tenant, capability),
+/// and the right one after more distinct keys than are held.
+#[test]
+fn recent_keys_are_reused_and_never_confused() {
+    let mut recent = RecentKeys::default();
+    let a = recent.get("ab", "c");
+    let b = recent.get("a", "bc");
+    assert_ne!(a, b, "(ab, c) and (a, bc) are different buckets");
+    assert_eq!(recent.get("ab", "c"), a);
+    for i in 0..(RECENT_KEYS_HELD * 2) {
+        let t = format!("t{i}");
+        assert_eq!(recent.get(&t, "x"), BucketKey::seen(&t, "x"));
+    }
+    assert_eq!(recent.get("a", "bc"), b);
+    assert_eq!(recent.get("", ""), BucketKey::seen("", ""));
+    let (BucketKey::Seen { parts: p1, .. }, BucketKey::Seen { parts: p2, .. }) =
+        (recent.get("a", "bc"), recent.get("a", "bc"))
+    else {
+        panic!("seen keys")
+    };
+    assert!(Arc::ptr_eq(&p1, &p2), "a repeat clones the held key");
+}
