@@ -202,11 +202,7 @@ fn client_attrs(req: &RequestHeader, ctx: &Ctx, a: &mut Vec<Kv>) {
     let authority = request_authority(req);
     a.push(Kv::new(
         "url.full",
-        format!(
-            "http://{}{}",
-            authority.unwrap_or(""),
-            span_path(req)
-        ),
+        format!("http://{}{}", authority.unwrap_or(""), span_path(req)),
     ));
     if let Some(host) = &authority {
         a.push(Kv::new("server.address", host_only(host).to_string()));
