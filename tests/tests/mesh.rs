@@ -645,6 +645,15 @@ fn pushed_tenants_are_served_by_the_sidecar_and_follow_edits() {
     wait_until("the edit is served", Duration::from_secs(10), || {
         max_queued(20)
     });
+    // The sidecar serves an update's tenants a moment before its
+    // config_dump reports the update's seq (it keeps the update on disk in
+    // between): wait for the seq crank-control published.
+    let published = status(&cp)["version"]["seq"].as_u64().unwrap();
+    wait_until(
+        "the edit's seq is reported",
+        Duration::from_secs(10),
+        || seq_of(&sidecar) == published,
+    );
     // A bad edit is refused by crank-control: the sidecar keeps the last.
     let seq = seq_of(&sidecar);
     write(
