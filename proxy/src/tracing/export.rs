@@ -1,6 +1,7 @@
 //! Span export over OTLP (HTTP/protobuf or gRPC), off the request path.
 //!
-//! Request threads hand finished spans to a bounded queue with `try_send`;
+//! Request threads hand finished spans to a queue bounded by
+//! `max_queue_size`, whose memory is taken as spans arrive, not up front;
 //! one exporter thread batches them (by size, or after `scheduled_delay`)
 //! and sends each batch with `opentelemetry-otlp`'s exporter (a hyper
 //! client, or a tonic channel for gRPC) on its own current-thread runtime. When the collector is slow or
@@ -10,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,10 +25,14 @@ use prometheus::{IntCounter, IntCounterVec};
 /// The request side of the queue.
 #[derive(Clone)]
 pub struct SpanSink {
-    tx: SyncSender<SpanData>,
+    tx: Sender<SpanData>,
     dropped_full: IntCounter,
     /// Spans queued and not yet taken by the exporter.
     pending: Arc<AtomicUsize>,
+    /// The bound on `pending` (`max_queue_size`). An unbounded channel with
+    /// this check, because a bounded one reserves every slot at start: 4,096
+    /// spans took 1.5 MiB of every process with tracing on (issue #19).
+    capacity: usize,
     /// At this many pending spans the exporter is woken.
     batch: usize,
     /// The exporter thread, once started.
@@ -38,29 +43,31 @@ impl SpanSink {
     /// Queues a span, or drops and counts it when the queue is full. Wakes
     /// the exporter only when a batch is complete.
     pub fn offer(&self, span: SpanData) {
-        match self.tx.try_send(span) {
-            Ok(()) => {
-                if self.pending.fetch_add(1, Ordering::AcqRel).wrapping_add(1) == self.batch {
-                    if let Some(t) = self.worker.get() {
-                        t.unpark();
-                    }
-                }
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped_full.inc()
+        // Counted before the send, so that `pending` never falls below what
+        // the channel holds when the exporter takes a span and subtracts.
+        let queued = self.pending.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        if queued > self.capacity || self.tx.send(span).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.dropped_full.inc();
+            return;
+        }
+        if queued == self.batch {
+            if let Some(t) = self.worker.get() {
+                t.unpark();
             }
         }
     }
 
     /// A sink whose spans a test reads from the returned receiver.
     pub fn for_test(capacity: usize) -> (SpanSink, Receiver<SpanData>) {
-        let (tx, rx) = mpsc::sync_channel(capacity);
+        let (tx, rx) = mpsc::channel();
         let dropped = IntCounter::new("test_dropped", "test").expect("valid counter");
         (
             SpanSink {
                 tx,
                 dropped_full: dropped,
                 pending: Arc::default(),
+                capacity,
                 batch: capacity,
                 worker: Arc::default(),
             },
@@ -256,7 +263,7 @@ pub fn start(
 ) -> anyhow::Result<SpanSink> {
     let protocol = protocol(cfg)?;
     check_env_endpoint(cfg)?;
-    let (tx, rx) = mpsc::sync_channel(cfg.max_queue_size);
+    let (tx, rx) = mpsc::channel();
     let worker: Arc<OnceLock<std::thread::Thread>> = Arc::default();
     let control = Arc::new(Control {
         flush: AtomicBool::new(false),
@@ -271,6 +278,7 @@ pub fn start(
         tx,
         dropped_full: metrics.dropped.with_label_values(&["queue_full"]),
         pending: pending.clone(),
+        capacity: cfg.max_queue_size,
         batch,
         worker: worker.clone(),
     };
