@@ -17,6 +17,8 @@ pub struct ControlPlane {
     pub log: PathBuf,
     /// `dashboard_listen`, when [`ControlOptions::dashboard`] is set.
     pub dashboard: Option<SocketAddr>,
+    /// Environment of the process ([`ControlOptions::env`]).
+    env: Vec<(&'static str, String)>,
 }
 
 /// Knobs for the control plane's config.
@@ -28,6 +30,8 @@ pub struct ControlOptions {
     pub extra: String,
     /// Serve the web dashboard on a free loopback port (`dashboard_listen`).
     pub dashboard: bool,
+    /// Environment variables for crank-control (`CRANK_CONTROL_TICK`).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for ControlOptions {
@@ -37,6 +41,7 @@ impl Default for ControlOptions {
             stale_after: "10m",
             extra: String::new(),
             dashboard: false,
+            env: Vec::new(),
         }
     }
 }
@@ -75,6 +80,7 @@ impl ControlPlane {
             config,
             log,
             dashboard,
+            env: opts.env,
         };
         cp.ctl_ok(&["ca", "init", "--dir", "ca/root"]);
         cp.ctl_ok(&[
@@ -132,6 +138,7 @@ impl ControlPlane {
         let child = Command::new(crate::bin("crank-control"))
             .arg("--config")
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .stdin(Stdio::null())

@@ -79,6 +79,12 @@ impl Registry for MemoryRegistry {
         expired
     }
 
+    fn version(&self, now: Instant) -> u64 {
+        let mut inner = self.lock();
+        inner.purge(now);
+        inner.version
+    }
+
     fn snapshot(&self, now: Instant) -> Snapshot {
         let mut inner = self.lock();
         inner.purge(now);
@@ -380,6 +386,9 @@ mod tests {
     fn snapshot_removes_expired_and_expire_still_reports_them() {
         let (r, t0) = setup();
         r.register(reg("10.0.0.1:8443"), 10 * SEC, t0).unwrap();
+        assert_eq!(Registry::version(&r, t0), 1);
+        // The version alone sees the expiry too (a watch asks only that).
+        assert_eq!(Registry::version(&r, t0 + 10 * SEC), 2);
         let snap = r.snapshot(t0 + 10 * SEC);
         assert!(snap.entries.is_empty());
         assert_eq!(snap.version, 2, "same version means same entries");

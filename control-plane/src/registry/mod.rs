@@ -103,6 +103,10 @@ pub trait Registry: Send + Sync {
     /// The live entries at `now`, sorted by address, and the version.
     fn snapshot(&self, now: Instant) -> Snapshot;
 
+    /// The version [`Registry::snapshot`] would return at `now`, without
+    /// copying the entries (a watch asks on every request).
+    fn version(&self, now: Instant) -> u64;
+
     /// Wakes on changes made elsewhere (another replica's registration, a
     /// lease the store expired); `None` where every change goes through
     /// this process's own calls.

@@ -253,6 +253,10 @@ impl Registry for StoreRegistry {
         }
     }
 
+    fn version(&self, _now: Instant) -> u64 {
+        self.lock().version
+    }
+
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes.subscribe())
     }

@@ -44,7 +44,8 @@ pub struct ControlConfig {
     #[serde(default)]
     pub workloads: WorkloadSettings,
     /// The mesh config directory (capabilities.yaml, routes/, quotas.yaml,
-    /// slo/, policies/), checked every half second and pushed to proxies.
+    /// slo/, policies/), watched (a saved edit publishes at once) and
+    /// checked every half second, and pushed to proxies.
     /// Absent: crank-control is only the CA.
     #[serde(default)]
     pub config_dir: Option<PathBuf>,

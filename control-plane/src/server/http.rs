@@ -9,7 +9,6 @@
 //! TLS), [`super::ca_admin`] (the admin API), [`super::mesh`] and
 //! [`super::traffic`]; the accept loops are [`super::listeners`].
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -112,40 +111,48 @@ pub(super) fn check_instance(instance: &str) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn form_pairs(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// The query of a long poll: the caller's instance, the versions it has,
-/// and how long to wait (seconds, at most 60).
-pub(super) struct PollQuery {
+/// and how long to wait (seconds, at most 60). Read in place from the
+/// request's query (a watch asks on every call; nothing is copied but
+/// the instance).
+pub(super) struct PollQuery<'a> {
     pub instance: String,
-    q: HashMap<String, String>,
+    query: &'a str,
 }
 
-impl PollQuery {
-    pub(super) fn parse(req: &Request<Incoming>) -> Result<PollQuery, Refusal> {
-        let q: HashMap<String, String> = req.uri().query().map(form_pairs).unwrap_or_default();
-        let instance = q.get("instance").cloned().unwrap_or_default();
-        check_instance(&instance)?;
-        Ok(PollQuery { instance, q })
+impl<'a> PollQuery<'a> {
+    pub(super) fn parse<B>(req: &'a Request<B>) -> Result<PollQuery<'a>, Refusal> {
+        let query = req.uri().query().unwrap_or("");
+        let instance = value(query, "instance").unwrap_or("");
+        check_instance(instance)?;
+        Ok(PollQuery {
+            instance: instance.to_string(),
+            query,
+        })
     }
 
     /// A number from the query; 0 when absent or not a number.
     pub(super) fn num(&self, key: &str) -> u64 {
-        self.q.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+        self.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
-    pub(super) fn get(&self, key: &str) -> Option<&String> {
-        self.q.get(key)
+    /// A key's value as sent (the last one when repeated).
+    pub(super) fn get(&self, key: &str) -> Option<&'a str> {
+        value(self.query, key)
     }
 
     pub(super) fn wait(&self) -> Duration {
         Duration::from_secs(self.num("wait").min(60))
     }
+}
+
+/// `key`'s value in a query string `a=1&b=2` (the last one when repeated).
+fn value<'q>(query: &'q str, key: &str) -> Option<&'q str> {
+    query
+        .rsplit('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 #[cfg(test)]
@@ -170,6 +177,27 @@ mod tests {
         assert!(e.message.contains("crankctl token create"));
         // A code outside HTTP's range cannot happen, but would not panic.
         assert_eq!(refusal_response(refusal(1000, "x", "y")).status(), 500);
+    }
+
+    #[test]
+    fn a_poll_query_reads_instance_versions_and_wait() {
+        let req = |q: &str| {
+            Request::get(format!("/v1/mesh/watch?{q}"))
+                .body(())
+                .unwrap()
+        };
+        let r = req("instance=w1&seq=7&registry=x&wait=300&seq=8");
+        let q = PollQuery::parse(&r).unwrap();
+        assert_eq!(q.instance, "w1");
+        assert_eq!(q.num("seq"), 8, "the last of a repeated key");
+        assert_eq!(q.num("registry"), 0, "not a number");
+        assert_eq!(q.num("bundle"), 0, "absent");
+        assert_eq!(q.wait(), Duration::from_secs(60), "at most 60 s");
+        assert_eq!(q.get("registry"), Some("x"));
+        for bad in ["seq=1", "instance=&seq=1", "instance=a%20b", "instance"] {
+            let e = PollQuery::parse(&req(bad)).err().expect(bad);
+            assert_eq!((e.status, e.code), (400, "bad-request"), "{bad}");
+        }
     }
 
     #[test]

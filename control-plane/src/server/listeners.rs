@@ -20,7 +20,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::admin_access::Caller;
 use super::http::Resp;
-use super::workload::route_workload;
+use super::workload::{route_workload, PeerCerts};
 use super::Control;
 
 /// A TLS handshake that takes longer is dropped.
@@ -57,12 +57,10 @@ pub async fn workload_conn(control: Arc<Control>, tcp: TcpStream, addr: SocketAd
         }
         Err(_) => return,
     };
-    let peer_certs = Arc::new(
-        tls.get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>()),
-    );
+    let peer_certs =
+        Arc::new(PeerCerts::new(tls.get_ref().1.peer_certificates().map(
+            |c| c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>(),
+        )));
     http1(tls, move |req| {
         route_workload(control.clone(), peer_certs.clone(), req)
     })

@@ -1,5 +1,6 @@
 //! Config distribution and the registry in crank-control: the config
-//! directory is checked every half second and a valid change is published
+//! directory is watched (a saved edit is checked at once, see
+//! [`super::ticker`]) and checked every half second; a valid change is published
 //! as a new version (sequence number + content hash, kept in `mesh.json`
 //! so a restart serves the last good one even if the directory is broken);
 //! proxies long-poll `/v1/mesh/watch` and get only their routes, resolved
@@ -440,23 +441,12 @@ impl Control {
     pub(super) async fn mesh_watch(
         &self,
         req: Request<Incoming>,
-        id: Identity,
+        caller: &super::workload::Verified,
     ) -> Result<Resp, Refusal> {
         let q = super::http::PollQuery::parse(&req)?;
-        let instance = q.instance.clone();
         let (have_seq, have_eps) = (q.num("seq"), q.num("registry"));
         let wait = q.wait();
-        self.mesh().proxies.insert(
-            instance.clone(),
-            ProxyReport {
-                identity: id.dns_name(),
-                instance: instance.clone(),
-                seq: have_seq,
-                endpoints_version: have_eps,
-                last_seen: now(),
-                wait: wait.as_secs(),
-            },
-        );
+        self.note_proxy(q.instance, caller, have_seq, have_eps, wait);
         // After a restart the registry is empty until workloads register
         // again (their next heartbeat learns the lease is gone): answering
         // now would take every endpoint out of every route. Wait for them.
@@ -480,16 +470,17 @@ impl Control {
             let Some(published) = current else {
                 return Err(refusal(503, "no-config", "crank-control has not published a valid config yet; see `crankctl status` for the config directory's problems"));
             };
-            let update = self.cached_update(&published, &id);
+            let update = self.cached_update(&published, caller);
             if update.seq != have_seq
                 || update.fingerprint != have_eps
                 || tokio::time::Instant::now() >= deadline
             {
-                return Ok(hyper::Response::builder()
-                    .status(200)
-                    .header("content-type", "application/json")
-                    .body(http_body_util::Full::new(update.body.clone()))
-                    .expect("a valid response"));
+                let mut resp = hyper::Response::new(http_body_util::Full::new(update.body.clone()));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                return Ok(resp);
             }
             let registry_changed = async {
                 let alive = match registry_rx.as_mut() {
@@ -564,26 +555,75 @@ impl Control {
     /// This identity's update for the published version and the registry
     /// as it is now, computed once and shared by every watcher with that
     /// identity (replicas of a service) until either changes.
-    fn cached_update(&self, published: &Published, id: &Identity) -> Arc<CachedUpdate> {
-        let snap = self.registry.snapshot(instant());
-        let key = (published.seq, snap.version);
-        let mut cache = self.update_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.key != key {
-            cache.key = key;
-            cache.by_identity.clear();
+    fn cached_update(
+        &self,
+        published: &Published,
+        caller: &super::workload::Verified,
+    ) -> Arc<CachedUpdate> {
+        let now = instant();
+        let key = (published.seq, self.registry.version(now));
+        {
+            let mut cache = self.update_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.key != key {
+                cache.key = key;
+                cache.by_identity.clear();
+            }
+            if let Some(u) = cache.by_identity.get(&caller.dns_name) {
+                return u.clone();
+            }
         }
-        cache
-            .by_identity
-            .entry(id.dns_name())
-            .or_insert_with(|| {
-                let u = update_for(published, id, &snap.entries);
-                Arc::new(CachedUpdate {
-                    seq: u.version.seq,
-                    fingerprint: u.registry,
-                    body: bytes::Bytes::from(serde_json::to_vec(&u).unwrap_or_default()),
-                })
-            })
-            .clone()
+        // A miss: resolve outside the lock, against a snapshot of the
+        // registry (its version may have moved on since `key`).
+        let snap = self.registry.snapshot(now);
+        let u = update_for(published, &caller.id, &snap.entries);
+        let update = Arc::new(CachedUpdate {
+            seq: u.version.seq,
+            fingerprint: u.registry,
+            body: bytes::Bytes::from(serde_json::to_vec(&u).unwrap_or_default()),
+        });
+        let mut cache = self.update_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.key == (published.seq, snap.version) {
+            cache
+                .by_identity
+                .insert(caller.dns_name.clone(), update.clone());
+        }
+        update
+    }
+
+    /// Records what a watching proxy has (for `crankctl status`), in place
+    /// when it watched before.
+    fn note_proxy(
+        &self,
+        instance: String,
+        caller: &super::workload::Verified,
+        seq: u64,
+        endpoints_version: u64,
+        wait: Duration,
+    ) {
+        let (last_seen, wait) = (now(), wait.as_secs());
+        let mut mesh = self.mesh();
+        match mesh.proxies.get_mut(&instance) {
+            Some(p) => {
+                if p.identity != caller.dns_name {
+                    p.identity.clone_from(&caller.dns_name);
+                }
+                p.seq = seq;
+                p.endpoints_version = endpoints_version;
+                p.last_seen = last_seen;
+                p.wait = wait;
+            }
+            None => {
+                let report = ProxyReport {
+                    identity: caller.dns_name.clone(),
+                    instance: instance.clone(),
+                    seq,
+                    endpoints_version,
+                    last_seen,
+                    wait,
+                };
+                mesh.proxies.insert(instance, report);
+            }
+        }
     }
 
     /// Time left before the registry is trusted again after a restart

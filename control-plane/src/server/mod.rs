@@ -5,9 +5,10 @@
 //!
 //! Ports and tasks: `listen` (TLS, workload API), `admin_socket` (HTTP/1.1
 //! over a Unix socket), optional `metrics_listen` and `dashboard_listen`
-//! (the web dashboard, [`dashboard`]), and one ticker task that
-//! moves rotations on, prunes expired entries and renews the server's own
-//! certificate.
+//! (the web dashboard, [`dashboard`]), and one ticker task ([`ticker`])
+//! that moves rotations on, prunes expired entries, renews the server's own
+//! certificate and checks the config directory, at once when its inotify
+//! watch sees an edit.
 //!
 //! Modules by concern: [`listeners`] (the accept loops), [`workload`] (the
 //! workload API: routing, enroll, renew, identity watch), [`ca_admin`] (the
@@ -32,6 +33,7 @@ mod metrics;
 pub mod roles;
 pub mod routes;
 pub mod state;
+mod ticker;
 mod tls;
 pub mod traffic;
 mod workload;
@@ -416,19 +418,14 @@ pub fn check_ca(cfg: &ControlConfig) -> Result<()> {
 /// Runs crank-control until SIGTERM/SIGINT: the listeners stop accepting,
 /// the admin socket is removed.
 pub async fn run(cfg: ControlConfig) -> Result<()> {
+    let period = ticker::tick_period(std::env::var("CRANK_CONTROL_TICK").ok().as_deref())
+        .map_err(anyhow::Error::msg)?;
     let control = Control::open(cfg).await?;
     let mut signals = crank_plumbing::Signals::install()?;
     let drain = crank_plumbing::Drain::new();
     let mut tasks = spawn_listeners(&control, &drain).await?;
     state::replica::spawn(&control, &mut tasks);
-    let ticker = control.clone();
-    tasks.spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_millis(500));
-        loop {
-            every.tick().await;
-            ticker.tick().await;
-        }
-    });
+    tasks.spawn(control.clone().run_ticker(period));
     let signal = tokio::select! {
         s = signals.recv() => s,
         r = tasks.join_next() => {

@@ -325,6 +325,12 @@ impl CaState {
         self.revoked.contains_key(&canonical_serial(serial))
     }
 
+    /// [`CaState::is_revoked`] for a serial already in canonical form
+    /// (no copy; a watch checks on every request).
+    pub fn is_revoked_canonical(&self, serial: &str) -> bool {
+        self.revoked.contains_key(serial)
+    }
+
     /// Revokes a serial, or every unexpired leaf of an identity. Returns the
     /// serials newly denied.
     pub fn revoke(&mut self, target: &str, now: i64) -> Result<Vec<String>, AdminError> {

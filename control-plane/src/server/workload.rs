@@ -5,7 +5,7 @@
 //! identity watch (a long poll for bundle, revocations and renew hints).
 //! The mesh and registry calls are in [`super::mesh`] and [`super::traffic`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,9 +22,6 @@ use super::http::{body, check_instance, json, refusal, PollQuery, Resp};
 use super::routes::{workload_route, WorkloadRoute, OPENAPI};
 use super::state::{CaState, Issued, Refusal, Report};
 use super::{now, Control};
-
-/// The client certificates of one TLS connection.
-pub(super) type PeerCerts = Option<Vec<CertificateDer<'static>>>;
 
 fn csr_refusal(e: SignCsrError, renewing: bool) -> Refusal {
     match e {
@@ -47,9 +44,38 @@ fn csr_refusal(e: SignCsrError, renewing: bool) -> Refusal {
     }
 }
 
-/// The verified client certificate's identity and serial, for renew and watch.
-fn peer(control: &Control, peer: &PeerCerts) -> Result<(Identity, String), Refusal> {
-    let leaf = peer.as_ref().and_then(|c| c.first()).ok_or_else(|| {
+/// The client certificates of one TLS connection, and what they say:
+/// parsed once per connection (a watching proxy asks many times on one
+/// connection), checked against the deny list on every request.
+pub(super) struct PeerCerts {
+    certs: Option<Vec<CertificateDer<'static>>>,
+    verified: OnceLock<Result<Verified, Refusal>>,
+}
+
+/// The identity and serial of a connection's client certificate.
+pub(super) struct Verified {
+    pub id: Identity,
+    /// `id.dns_name()`, made once.
+    pub dns_name: String,
+    pub serial: String,
+}
+
+impl PeerCerts {
+    pub(super) fn new(certs: Option<Vec<CertificateDer<'static>>>) -> PeerCerts {
+        PeerCerts {
+            certs,
+            verified: OnceLock::new(),
+        }
+    }
+
+    fn verified(&self) -> &Result<Verified, Refusal> {
+        self.verified.get_or_init(|| verify(self.certs.as_deref()))
+    }
+}
+
+/// The identity and serial of the client certificate (the leaf).
+fn verify(certs: Option<&[CertificateDer<'static>]>) -> Result<Verified, Refusal> {
+    let leaf = certs.and_then(|c| c.first()).ok_or_else(|| {
         refusal(401, "cert-required", "this call needs the workload's current certificate as a TLS client certificate; enroll first with a join token")
     })?;
     let summary = crank_certs::CertSummary::from_der(leaf)
@@ -61,11 +87,25 @@ fn peer(control: &Control, peer: &PeerCerts) -> Result<(Identity, String), Refus
             "the client certificate carries no Crank identity",
         )
     })?;
-    let serial = canonical_serial(&summary.serial);
-    if control.state().is_revoked(&serial) {
-        return Err(revoked(&id, &serial));
+    Ok(Verified {
+        dns_name: id.dns_name(),
+        id,
+        serial: canonical_serial(&summary.serial),
+    })
+}
+
+/// The caller's verified, unrevoked certificate.
+fn peer_ref<'a>(control: &Control, peer: &'a PeerCerts) -> Result<&'a Verified, Refusal> {
+    let v = peer.verified().as_ref().map_err(Clone::clone)?;
+    if control.state().is_revoked_canonical(&v.serial) {
+        return Err(revoked(&v.id, &v.serial));
     }
-    Ok((id, serial))
+    Ok(v)
+}
+
+/// The verified client certificate's identity and serial, for renew and watch.
+fn peer(control: &Control, peer: &PeerCerts) -> Result<(Identity, String), Refusal> {
+    peer_ref(control, peer).map(|v| (v.id.clone(), v.serial.clone()))
 }
 
 fn revoked(id: &Identity, serial: &str) -> Refusal {
@@ -78,12 +118,14 @@ pub(super) async fn route_workload(
     peer_certs: Arc<PeerCerts>,
     req: Request<Incoming>,
 ) -> Resp {
-    let path = req.uri().path().to_string();
-    let r = match workload_route(req.method().as_str(), &path) {
+    // A clone of the URI shares its bytes: no copy per request.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let r = match workload_route(req.method().as_str(), path) {
         Some(route) => dispatch(&control, &peer_certs, route, req).await,
-        None => Err(not_found(&path)),
+        None => Err(not_found(path)),
     };
-    r.unwrap_or_else(|e| control.refused(e, &path))
+    r.unwrap_or_else(|e| control.refused(e, path))
 }
 
 async fn dispatch(
@@ -103,7 +145,11 @@ async fn dispatch(
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())))
             .expect("a valid response")),
-        WorkloadRoute::MeshWatch => control.mesh_watch(req, who()?).await,
+        WorkloadRoute::MeshWatch => {
+            control
+                .mesh_watch(req, peer_ref(control, peer_certs)?)
+                .await
+        }
         WorkloadRoute::Register => control.register(req, who()?).await,
         WorkloadRoute::Heartbeat => {
             who()?;
@@ -264,7 +310,7 @@ impl Control {
         let (have_bundle, have_revs) = (q.num("bundle"), q.num("revocations"));
         let serial = {
             let st = self.state();
-            match q.get("serial").map(|s| canonical_serial(s)) {
+            match q.get("serial").map(canonical_serial) {
                 Some(s) if st.issued(&s).is_some_and(|i| i.identity == id) => s,
                 _ => peer_serial,
             }
