@@ -167,7 +167,9 @@ start_pair() {
     local tool=$1 tag=${2:-$1} name opt
     for name in back front; do
         case "$tool" in
-            callgrind) opt=(--tool=callgrind --callgrind-out-file="$OUT/$name.cg") ;;
+            # names in every dump file, so that callgrind_annotate can read the
+            # per-request dump (.cg.1) alone
+            callgrind) opt=(--tool=callgrind --compress-strings=no --callgrind-out-file="$OUT/$name.cg") ;;
             dhat) opt=(--tool=dhat --dhat-out-file="$OUT/$name.$tag.dhat.json") ;;
         esac
         valgrind "${opt[@]}" "$CRANK_PROXY" --config "$OUT/$name.yaml" >"$OUT/$name.$tag.log" 2>&1 &

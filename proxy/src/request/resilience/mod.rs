@@ -65,7 +65,10 @@ pub struct ResCtx {
     connect_retry: bool,
     /// The quota decision, for `RateLimit` headers on the response.
     rate: Option<RateDecision>,
-    idem: Option<IdemCtx>,
+    /// Boxed: rare (requests with an `Idempotency-Key`), and 376 bytes
+    /// inline, which every request's future carried (and Pingora copies
+    /// once per request; issue #19).
+    idem: Option<Box<IdemCtx>>,
     /// Who answered when it was neither the upstream nor an error reason.
     pub answered_by: Option<&'static str>,
     /// The peer sidecar refused the request as malformed: answered as

@@ -46,7 +46,7 @@ impl MeshProxy {
         };
         match idempotency::begin(store, &scoped) {
             Begin::First(claim) => {
-                ctx.res.idem = Some(IdemCtx::new(claim, Some(hasher), None));
+                ctx.res.idem = Some(Box::new(IdemCtx::new(claim, Some(hasher), None)));
                 Ok(())
             }
             Begin::Full => {
@@ -71,7 +71,7 @@ impl MeshProxy {
                     WaitOutcome::Abandoned if !session.as_ref().retry_buffer_truncated() => {
                         match idempotency::begin(store, &scoped) {
                             Begin::First(claim) => {
-                                ctx.res.idem = Some(IdemCtx::new(claim, None, Some(hash)));
+                                ctx.res.idem = Some(Box::new(IdemCtx::new(claim, None, Some(hash))));
                                 Ok(())
                             }
                             Begin::Done(c) => Err(self.replay(session, ctx, &c, hash).await),
@@ -210,7 +210,7 @@ impl MeshProxy {
     /// `logging`: a complete response from the app completes the claim; a
     /// failure abandons it (dropped with the context), so a retry runs.
     pub(crate) fn finish_idempotency(&self, ctx: &mut Ctx, ok: bool) {
-        let Some(i) = ctx.res.idem.take() else {
+        let Some(i) = ctx.res.idem.take().map(|i| *i) else {
             return;
         };
         if !ok || ctx.reason.is_some() || i.status == 0 {

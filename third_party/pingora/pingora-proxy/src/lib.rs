@@ -458,9 +458,16 @@ where
                         (server_reused, error)
                     }
                     ClientSession::Custom(mut c) => {
-                        let (server_reused, error) = self
-                            .proxy_to_custom_upstream(session, &mut c, client_reused, &peer, ctx)
-                            .await;
+                        // crank patch (issue #19): boxed, so that the custom-protocol path's
+                        // state does not size every request's future (see process_request)
+                        let (server_reused, error) = Box::pin(self.proxy_to_custom_upstream(
+                            session,
+                            &mut c,
+                            client_reused,
+                            &peer,
+                            ctx,
+                        ))
+                        .await;
                         let session = ClientSession::Custom(c);
                         self.client_upstream
                             .release_http_session(session, &*peer, peer.idle_timeout())
@@ -1159,8 +1166,11 @@ where
             .early_request_filter(&mut session, &mut ctx)
             .await
         {
-            return self
-                .handle_error(session, &mut ctx, e, "Fail to early filter request:")
+            // crank patch (issue #19): handle_error's future (4.6 KB) is boxed here and at the
+            // other error returns of this function: inline, it sized the future of every
+            // request, which is moved (memcpy) into a box once per request.
+            return Box::pin(self
+                .handle_error(session, &mut ctx, e, "Fail to early filter request:"))
                 .await;
         }
 
@@ -1176,13 +1186,13 @@ where
             .request_header_filter(req)
             .await
         {
-            return self
+            return Box::pin(self
                 .handle_error(
                     session,
                     &mut ctx,
                     e,
                     "Failed in downstream modules request filter:",
-                )
+                ))
                 .await;
         }
 
@@ -1207,8 +1217,8 @@ where
                 /* else continue */
             }
             Err(e) => {
-                return self
-                    .handle_error(session, &mut ctx, e, "Fail to filter request:")
+                return Box::pin(self
+                    .handle_error(session, &mut ctx, e, "Fail to filter request:"))
                     .await;
             }
         }
@@ -1240,13 +1250,13 @@ where
                         match session.write_response_header_ref(&BAD_GATEWAY, true).await {
                             Ok(()) => {}
                             Err(e) => {
-                                return self
+                                return Box::pin(self
                                     .handle_error(
                                         session,
                                         &mut ctx,
                                         e,
                                         "Error responding with Bad Gateway:",
-                                    )
+                                    ))
                                     .await;
                             }
                         }
@@ -1261,13 +1271,13 @@ where
                     session.cache.disable(NoCacheReason::InternalError);
                 }
 
-                return self
+                return Box::pin(self
                     .handle_error(
                         session,
                         &mut ctx,
                         e,
                         "Error deciding if we should proxy to upstream:",
-                    )
+                    ))
                     .await;
             }
         }

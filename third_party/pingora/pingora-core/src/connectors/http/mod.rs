@@ -106,8 +106,15 @@ where
         let h1_only = peer
             .get_peer_options()
             .is_none_or(|o| o.alpn.get_max_http_version() == 1);
+        // crank patch (issue #19): the paths that make a new connection (TCP, TLS handshake)
+        // are boxed. Inline, their state (8-9 KB) sized the future of every proxied request,
+        // which Pingora moves (memcpy) into a box once per request; reuse, the common case,
+        // stays inline.
         if h1_only {
-            let (h1, reused) = self.h1.get_http_session(peer).await?;
+            if let Some(h1) = self.h1.reused_http_session(peer).await {
+                return Ok((HttpSession::H1(h1), true));
+            }
+            let (h1, reused) = Box::pin(self.h1.get_http_session(peer)).await?;
             Ok((HttpSession::H1(h1), reused))
         } else {
             // the peer allows h2, we first check the h2 reuse pool
@@ -127,7 +134,8 @@ where
                     return Ok((HttpSession::H1(h1), true));
                 }
             }
-            let session = self.h2.new_http_session(peer).await?;
+            // crank patch (issue #19): boxed, see above
+            let session = Box::pin(self.h2.new_http_session(peer)).await?;
             Ok((session, false))
         }
     }
