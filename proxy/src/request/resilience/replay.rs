@@ -71,7 +71,8 @@ impl MeshProxy {
                     WaitOutcome::Abandoned if !session.as_ref().retry_buffer_truncated() => {
                         match idempotency::begin(store, &scoped) {
                             Begin::First(claim) => {
-                                ctx.res.idem = Some(Box::new(IdemCtx::new(claim, None, Some(hash))));
+                                ctx.res.idem =
+                                    Some(Box::new(IdemCtx::new(claim, None, Some(hash))));
                                 Ok(())
                             }
                             Begin::Done(c) => Err(self.replay(session, ctx, &c, hash).await),
