@@ -10,6 +10,7 @@ pub mod housekeeping;
 pub mod reload;
 mod services;
 mod start;
+pub mod trim;
 
 use std::path::Path;
 use std::sync::Arc;

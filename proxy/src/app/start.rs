@@ -103,6 +103,8 @@ impl App {
         crate::routing::init_circuit_gauges(&rt.routes.load(), None, &rt.metrics);
         let keys = rt.metrics.resilience.idempotency_keys.clone();
         housekeeping::spawn(rt.quotas.clone(), rt.idempotency.clone(), keys)?;
+        // Start-up is over a few seconds from now (see trim.rs).
+        super::trim::spawn(std::time::Duration::from_secs(5));
         let every = std::time::Duration::from_secs(1);
         reload::spawn(path.to_path_buf(), self.reloader.clone(), every)
     }
