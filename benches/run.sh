@@ -214,11 +214,13 @@ rss_sampler() {
     done >>"$RSS_SAMPLES"
 }
 
-peak_kib() { # PID -> max(sampled VmRSS, VmHWM) in KiB
-    local hwm sampled
-    hwm=$(kib_of "$1" VmHWM)
+# PID -> RSS under load: max of the VmRSS samples taken during the wrk run,
+# in KiB (VmHWM when there is no sample). VmHWM itself, the peak since the
+# process started (start-up included), goes to raw/<tag>.rss.txt.
+peak_kib() {
+    local sampled
     sampled=$(awk -v p="$1" '$1 == p && $2 > m { m = $2 } END { print m + 0 }' "$RSS_SAMPLES" 2>/dev/null)
-    echo $(( ${hwm:-0} > ${sampled:-0} ? ${hwm:-0} : ${sampled:-0} ))
+    if [[ "${sampled:-0}" -gt 0 ]]; then echo "$sampled"; else kib_of "$1" VmHWM; fi
 }
 
 fmt_ms() { awk -v v="$1" 'BEGIN { if (v == "" || v == "-") print "-"; else printf "%.3f", v }'; }
@@ -325,7 +327,13 @@ measure() {
         [[ -n "$bpid" ]] && rb=$(peak_kib "$bpid")
         {
             echo "idle before warm-up: $idle"
-            echo "peak (max of VmRSS samples during wrk, VmHWM after wrk): front=${rf}kB back=${rb}kB"
+            echo "under load (max of VmRSS samples during wrk): front=${rf}kB back=${rb}kB"
+            echo "VmHWM (peak since start, start-up included): front=$(kib_of "$fpid" VmHWM)kB back=$(kib_of "$bpid" VmHWM)kB"
+            # the split after wrk: heap and stacks (anon) against mapped binary and libraries (file)
+            local p
+            for p in $fpid $bpid; do
+                echo "after wrk: $p RssAnon=$(kib_of "$p" RssAnon)kB RssFile=$(kib_of "$p" RssFile)kB"
+            done
         } >"$RAW/$tag.rss.txt"
     fi
 
@@ -980,7 +988,7 @@ report() {
         done < <(tr '\t' '\037' <"$SUMMARY")
         echo
         echo "× best peer = req/s ÷ the higher req/s of the haproxy and nginx pairs in this run$( (( ROUNDS > 1 )) && echo " (same round)"). Latency: $lat_hdr."
-        echo "RSS = peak resident set (max of VmRSS sampled every 0.2 s during the wrk run and VmHWM after it)."
+        echo "RSS = resident set under load: max of VmRSS sampled every 0.2 s during the wrk run (the peak since start, VmHWM, is in raw/<setup>.rss.txt)."
         if [[ -n "$OHA" ]]; then
             echo "errors = wrk (socket errors + non-2xx) / oha (failed + non-200); anything but 0 / 0 makes the row invalid."
         else
@@ -1222,8 +1230,8 @@ shim_report() {
         }' "$SUMMARY"
     echo
     echo "hop CPU µs/req = utime+stime of the hop process alone (crank-shim, all its threads; or the nginx proxy) during the wrk run"
-    echo "÷ its requests; the shim's nginx worker and the upstream are not counted. RSS = peak of the hop process (VmRSS sampled"
-    echo "every 0.2 s during wrk, VmHWM after); its idle VmRSS before the warm-up is in raw/<setup>[.r<round>].rss.txt."
+    echo "÷ its requests; the shim's nginx worker and the upstream are not counted. RSS = the hop process's under load (max of"
+    echo "VmRSS sampled every 0.2 s during wrk); its idle VmRSS before the warm-up and its VmHWM are in raw/<setup>[.r<round>].rss.txt."
 }
 
 # ---------------------------------------------------------------- main
