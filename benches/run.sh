@@ -217,6 +217,27 @@ rss_sampler() {
 # PID -> RSS under load: max of the VmRSS samples taken during the wrk run,
 # in KiB (VmHWM when there is no sample). VmHWM itself, the peak since the
 # process started (start-up included), goes to raw/<tag>.rss.txt.
+# thread_switches PID... -> "pid/tid comm voluntary nonvoluntary" per thread
+thread_switches() {
+    local pid t
+    for pid in "$@"; do
+        for t in /proc/"$pid"/task/*; do
+            [[ -r "$t/status" ]] || continue
+            awk -v id="$pid/${t##*/}" '/^Name:/ { n = $2 } /^voluntary_ctxt_switches:/ { v = $2 }
+                /^nonvoluntary_ctxt_switches:/ { nv = $2 } END { print id, n, v, nv }' "$t/status"
+        done
+    done
+}
+
+# switches_delta BEFORE AFTER REQUESTS -> per thread: switches during the run
+# and per 1,000 requests, busiest first
+switches_delta() {
+    awk -v n="$3" 'NR == FNR { v[$1] = $3; nv[$1] = $4; next }
+        { d = $3 - v[$1]; dn = $4 - nv[$1]; if (d + dn > 0)
+            printf "%s %s voluntary=%d nonvoluntary=%d per_1000_requests=%.1f\n", $1, $2, d, dn, (d + dn) * 1000 / n }' \
+        <(echo "$1") <(echo "$2") | sort -t= -k4 -rn
+}
+
 peak_kib() {
     local sampled
     sampled=$(awk -v p="$1" '$1 == p && $2 > m { m = $2 } END { print m + 0 }' "$RSS_SAMPLES" 2>/dev/null)
@@ -359,8 +380,12 @@ measure() {
         lat_src=oha
         local ohaf=$RAW/$tag.oha.json
         log "$name: oha -q $RATE -c$CONNS -z $LAT_DUR --latency-correction"
+        local sw0; sw0=$(thread_switches $fpid $bpid)
         timeout $(( $(secs "$LAT_DUR") + 30 )) "${LOAD_PIN[@]}" "$OHA" --no-tui "${OHA_JSON_FLAG[@]}" \
             --latency-correction -q "$RATE" -c "$CONNS" -z "$LAT_DUR" "$url" >"$ohaf" 2>"$RAW/$tag.oha.stderr"
+        # where the wake-ups go at the fixed rate: context switches per
+        # thread of both sidecars during the oha run
+        switches_delta "$sw0" "$(thread_switches $fpid $bpid)" "$(( RATE * $(secs "$LAT_DUR") ))" >"$RAW/$tag.switches.txt"
         if jq -e . "$ohaf" >/dev/null 2>&1; then
             # lat_ok = requests that failed or were not 200 (oha counts any status as success);
             # requests still in flight when -z ends ("aborted due to deadline") are not failures
