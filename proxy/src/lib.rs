@@ -15,6 +15,7 @@
 
 pub mod app;
 pub mod balancer;
+pub mod batch;
 pub mod capture;
 pub mod clock;
 pub mod config;

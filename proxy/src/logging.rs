@@ -6,25 +6,36 @@
 //! The access log (one line per request) does not go through
 //! tracing-subscriber's JSON formatter: [`JsonLine`] writes the same bytes
 //! (`timestamp`, `level`, `fields` in the order given, `target`; serde_json's
-//! escaping and number formatting) into a reused per-thread buffer and hands
-//! the line to the same writer, which saves the formatter's field visitor and
-//! its timestamp `String` on every request.
+//! escaping and number formatting) into a reused per-thread buffer, which
+//! saves the formatter's field visitor and its timestamp `String` on every
+//! request, and queues it for its own writer thread (`crank-access-log`),
+//! which writes the lines to stderr in batches, at most 50 times a second
+//! ([`crate::batch`]): a channel woke its writer once per request.
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use serde::Serializer as _;
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::EnvFilter;
 
+use crate::batch::LineBatch;
+
 static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
-/// The writer the subscriber writes to, for lines written directly.
-static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+/// The access log's queue (written directly, batched: [`crate::batch`]).
+static ACCESS: OnceLock<Arc<LineBatch>> = OnceLock::new();
+
+/// Bytes of access log lines queued before new ones are dropped: about
+/// 8,000 lines, four seconds at 2,000 requests a second.
+const ACCESS_QUEUE_BYTES: usize = 4 << 20;
+
+/// What [`flush`] also runs before exit (the decision log's writer).
+static FLUSHERS: Mutex<Vec<Box<dyn Fn() + Send>>> = Mutex::new(Vec::new());
 
 /// Lines the writer may fall behind by before new ones are dropped.
 /// tracing-appender's default, 128,000, reserves one 32-byte slot per line
@@ -41,7 +52,6 @@ pub fn init() {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(QUEUE_LINES)
         .finish(std::io::stderr());
-    let direct = writer.clone();
     let installed = tracing_subscriber::fmt()
         .json()
         .with_current_span(false)
@@ -51,13 +61,41 @@ pub fn init() {
         .try_init()
         .is_ok();
     if installed {
-        let _ = WRITER.set(direct);
         *GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
+        let access = LineBatch::new(ACCESS_QUEUE_BYTES);
+        let writer = access.clone();
+        let spawned = std::thread::Builder::new()
+            .name("crank-access-log".into())
+            .spawn(move || writer.run(write_stderr));
+        // Without its thread the access log goes through tracing's writer.
+        if spawned.is_ok() {
+            let _ = ACCESS.set(access);
+        }
     }
+}
+
+/// A batch of whole lines to stderr, under its lock: the subscriber's own
+/// writes cannot fall inside it.
+fn write_stderr(lines: &[u8]) {
+    let _ = std::io::stderr().lock().write_all(lines);
+}
+
+/// Runs `f` when [`flush`] is called (before exit).
+pub fn on_flush(f: impl Fn() + Send + 'static) {
+    FLUSHERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Box::new(f));
 }
 
 /// Writes out buffered log lines; call before `std::process::exit`.
 pub fn flush() {
+    if let Some(access) = ACCESS.get() {
+        access.flush(write_stderr);
+    }
+    for f in FLUSHERS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        f();
+    }
     drop(GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
 }
 
@@ -81,9 +119,10 @@ impl JsonLine<'_> {
         if !enabled {
             return;
         }
-        Self::build(target, fill, |line| match WRITER.get() {
-            Some(w) => {
-                let _ = w.clone().write_all(line);
+        Self::build(target, fill, |line| match ACCESS.get() {
+            Some(access) => {
+                // A full queue drops the line: the request never waits.
+                access.push(line);
             }
             None => {
                 let text = String::from_utf8_lossy(line.strip_suffix(b"\n").unwrap_or(line));

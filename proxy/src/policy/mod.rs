@@ -11,7 +11,6 @@ mod watch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -21,12 +20,14 @@ use crank_policy::input::RequestFacts;
 use crank_policy::{Bundle, Decision, Mode, Outcome, PolicySet};
 use prometheus::{Histogram, IntCounter};
 
+use crate::batch::LineBatch;
 use crate::direction::Direction;
 use crate::metrics::Metrics;
 
-/// Lines queued for the decision log writer before new ones are dropped
-/// (and counted): the request path never waits on the disk.
-const LOG_QUEUE: usize = 16 * 1024;
+/// Bytes queued for the decision log writer before new lines are dropped
+/// (and counted): the request path never waits on the disk. About 10,000
+/// lines of the shipped set's size.
+const LOG_QUEUE_BYTES: usize = 8 << 20;
 
 /// One direction's policy set, kept current by the reloader.
 pub struct PolicyHandle {
@@ -142,7 +143,7 @@ impl PolicyHandle {
 pub struct Policies {
     pub inbound: Option<Arc<PolicyHandle>>,
     pub outbound: Option<Arc<PolicyHandle>>,
-    log: Option<SyncSender<String>>,
+    log: Option<Arc<LineBatch>>,
 }
 
 impl Policies {
@@ -209,12 +210,16 @@ impl Policies {
             }
         }
         if cfg.decision_log.enabled {
-            let writer = LogWriter::open(&cfg.decision_log, base)?;
-            let (tx, rx) = sync_channel(LOG_QUEUE);
+            let writer = Arc::new(Mutex::new(LogWriter::open(&cfg.decision_log, base)?));
+            let queue = LineBatch::new(LOG_QUEUE_BYTES);
+            let (q, w) = (queue.clone(), writer.clone());
             std::thread::Builder::new()
                 .name("crank-decision-log".into())
-                .spawn(move || writer.run(rx))?;
-            policies.log = Some(tx);
+                .spawn(move || q.run(move |lines| lock(&w).write_batch(lines)))?;
+            // Before exit, what is queued is written (crate::drain).
+            let (q, w) = (queue.clone(), writer);
+            crate::logging::on_flush(move || q.flush(|lines| lock(&w).write_batch(lines)));
+            policies.log = Some(queue);
         }
         let handles: Vec<Arc<PolicyHandle>> = policies
             .inbound
@@ -297,17 +302,20 @@ impl Policies {
             .observe(decision.elapsed.as_secs_f64());
         let wanted = manifest.decision_log.log_allowed || decision.outcome != Outcome::Allow;
         if let (Some(log), true) = (&self.log, wanted) {
-            let line =
+            let mut line =
                 log::Line::new(facts, manifest, set.revision(), dir, &decision, trace_id).to_json();
-            match log.try_send(line) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    metrics.decision_log_dropped.inc();
-                }
+            line.push('\n');
+            if !log.push(line.as_bytes()) {
+                metrics.decision_log_dropped.inc();
             }
         }
         decision
     }
+}
+
+/// The decision log writer, shared by its thread and the exit flush.
+fn lock(w: &Mutex<LogWriter>) -> std::sync::MutexGuard<'_, LogWriter> {
+    w.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A 128-bit random id, as 32 hex digits.
@@ -366,39 +374,33 @@ impl LogWriter {
         })
     }
 
-    fn run(mut self, rx: Receiver<String>) {
-        let stdout = std::io::stdout();
-        while let Ok(line) = rx.recv() {
-            match &self.path {
-                None => {
-                    let mut out = stdout.lock();
-                    let _ = writeln!(out, "{line}");
-                    // Drain what else is queued before flushing.
-                    while let Ok(more) = rx.try_recv() {
-                        let _ = writeln!(out, "{more}");
-                    }
-                    let _ = out.flush();
+    /// Writes a batch of whole lines (each ends with a newline) and flushes.
+    fn write_batch(&mut self, lines: &[u8]) {
+        match &self.path {
+            None => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(lines);
+                let _ = out.flush();
+            }
+            Some(_) => {
+                for line in lines.split_inclusive(|b| *b == b'\n') {
+                    self.write_line(line);
                 }
-                Some(_) => {
-                    self.write_line(&line);
-                    while let Ok(more) = rx.try_recv() {
-                        self.write_line(&more);
-                    }
-                    if let Some(f) = &mut self.file {
-                        let _ = f.flush();
-                    }
+                if let Some(f) = &mut self.file {
+                    let _ = f.flush();
                 }
             }
         }
     }
 
-    fn write_line(&mut self, line: &str) {
-        let len = line.len() as u64 + 1;
+    /// One line, with its newline.
+    fn write_line(&mut self, line: &[u8]) {
+        let len = line.len() as u64;
         if self.written + len > self.max_bytes && self.written > 0 {
             self.rotate();
         }
         if let Some(f) = &mut self.file {
-            if writeln!(f, "{line}").is_ok() {
+            if f.write_all(line).is_ok() {
                 self.written += len;
             }
         }
@@ -475,9 +477,11 @@ mod tests {
             keep: 2,
         };
         let mut w = LogWriter::open(&cfg, dir.path()).unwrap();
-        let line = "x".repeat(999);
-        for _ in 0..20 {
-            w.write_line(&line);
+        // 999 bytes and a newline per line, in batches of 4 and 1 lines
+        let line = format!("{}\n", "x".repeat(999));
+        for _ in 0..4 {
+            w.write_batch(line.repeat(4).as_bytes());
+            w.write_batch(line.as_bytes());
         }
         let size = |n: &str| std::fs::metadata(dir.path().join(n)).map(|m| m.len());
         assert!(size("decisions.log").unwrap() <= 4096);
