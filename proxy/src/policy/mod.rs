@@ -382,6 +382,17 @@ impl LogWriter {
                 let _ = out.write_all(lines);
                 let _ = out.flush();
             }
+            Some(_) if self.written + lines.len() as u64 <= self.max_bytes => {
+                // No line of the batch rotates the file: one write for all.
+                if let Some(f) = &mut self.file {
+                    if f.write_all(lines).is_ok() {
+                        self.written += lines.len() as u64;
+                    }
+                }
+                if let Some(f) = &mut self.file {
+                    let _ = f.flush();
+                }
+            }
             Some(_) => {
                 for line in lines.split_inclusive(|b| *b == b'\n') {
                     self.write_line(line);
@@ -484,6 +495,9 @@ mod tests {
             w.write_batch(line.as_bytes());
         }
         let size = |n: &str| std::fs::metadata(dir.path().join(n)).map(|m| m.len());
+        // whole lines only, in order, in every file
+        let text = std::fs::read_to_string(dir.path().join("decisions.log")).unwrap();
+        assert!(text.lines().all(|l| l.len() == 999), "{}", text.len());
         assert!(size("decisions.log").unwrap() <= 4096);
         assert_eq!(size("decisions.log.1").unwrap(), 4000);
         assert_eq!(size("decisions.log.2").unwrap(), 4000);
