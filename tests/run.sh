@@ -78,6 +78,12 @@ fi
 cargo build --workspace --bins
 cargo test --workspace "$@"
 
+# The vendored Pingora crates are outside the workspace; pingora-pool's own
+# tests cover its crank patch (kept empty nodes, key hashing) and the
+# upstream behaviour it must keep (third_party/pingora/PATCHES.md).
+CARGO_TARGET_DIR="$PWD/target/third-party" \
+  cargo test --manifest-path third_party/pingora/pingora-pool/Cargo.toml --lib
+
 # The README's quickstart, end to end, with the debug binaries just built,
 # with the worker shim example in it; one-shot mode also runs every 'try
 # next' line it prints.

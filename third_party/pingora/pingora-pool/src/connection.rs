@@ -19,7 +19,9 @@ use log::{debug, warn};
 use parking_lot::Mutex;
 use pingora_timeout::{sleep, timeout};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -29,6 +31,46 @@ use super::lru::Lru;
 use futures::FutureExt;
 
 type GroupKey = u64;
+
+// crank patch (issue #19): group keys are already hashes (`reuse_hash()`
+// of a peer, itself a 64-bit hash), so hashing them again with SipHash
+// cost ~150 instructions per map access, about 9 accesses per request.
+/// A [`Hasher`] for keys that are already well-distributed 64-bit hashes,
+/// such as the pools' group keys: one xor-shift and one multiply per key.
+/// Other input falls back to FNV-1a.
+#[derive(Default, Clone, Copy)]
+pub struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The [`std::hash::BuildHasher`] of [`PreHashed`].
+pub type PreHashedState = BuildHasherDefault<PreHashed>;
+
+// crank patch (issue #19): an empty node was removed as soon as its last
+// connection was taken and made again when one came back, which with one
+// upstream connection (the usual h2 case) meant a `PoolNode` (two
+// allocations, a 16-slot queue) made and dropped per request, under the
+// write lock. `ConnectionPool::keep_empty_nodes` lets a pool keep up to N
+// empty nodes; beyond N they are removed as before, so many distinct group
+// keys still cannot grow the map unbounded. The default stays 0.
+/// A suggested value for [`ConnectionPool::keep_empty_nodes`].
+pub const KEEP_EMPTY_NODES: usize = 64;
 #[cfg(unix)]
 type ID = i32;
 #[cfg(windows)]
@@ -186,7 +228,12 @@ type Pool<S> = PoolNode<PoolConnection<S>>;
 /// be picked up by another user/request.
 pub struct ConnectionPool<S> {
     // Concurrent per-key pool index; each value handles per-key connection storage.
-    pools: DashMap<GroupKey, Arc<Pool<S>>>,
+    pools: DashMap<GroupKey, Arc<Pool<S>>, PreHashedState>,
+    // crank patch (issue #19): the number of nodes in `pools` (DashMap's
+    // `len()` locks every shard), so that empty ones are only removed
+    // beyond `keep_empty` of them.
+    nodes: AtomicUsize,
+    keep_empty: usize,
     lru: Lru<ID, ConnectionMeta>,
 }
 
@@ -197,9 +244,22 @@ impl<S> ConnectionPool<S> {
     /// or above `size`, the least recently used connection is dropped.
     pub fn new(size: usize) -> Self {
         ConnectionPool {
-            pools: DashMap::with_capacity(size),
+            pools: DashMap::with_capacity_and_hasher(size, PreHashedState::default()),
+            nodes: AtomicUsize::new(0),
+            keep_empty: 0,
             lru: Lru::new(size),
         }
+    }
+
+    /// Keep up to `n` group keys' empty [`PoolNode`]s instead of removing
+    /// each as soon as its last connection leaves (the default, `n` = 0).
+    /// A pool whose connections are taken and returned all the time (one
+    /// upstream connection carrying every request) then no longer makes
+    /// and drops a node per request; beyond `n` nodes, empty ones are
+    /// removed as before.
+    pub fn keep_empty_nodes(mut self, n: usize) -> Self {
+        self.keep_empty = n;
+        self
     }
 
     /// Insert a connection under `key` while the DashMap entry guard is held.
@@ -207,10 +267,10 @@ impl<S> ConnectionPool<S> {
     /// Holding the guard through [`PoolNode::insert`] prevents empty-node cleanup
     /// from removing the map entry between looking it up and repopulating it.
     fn insert_pool_connection(&self, key: GroupKey, id: ID, connection: PoolConnection<S>) {
-        let pool_node = self
-            .pools
-            .entry(key)
-            .or_insert_with(|| Arc::new(PoolNode::new()));
+        let pool_node = self.pools.entry(key).or_insert_with(|| {
+            self.nodes.fetch_add(1, Ordering::Relaxed);
+            Arc::new(PoolNode::new())
+        });
         pool_node.insert(id, connection);
     }
 
@@ -230,6 +290,10 @@ impl<S> ConnectionPool<S> {
     /// this cleanup from removing a node between an inserter's entry lookup and
     /// its [`PoolNode::insert`] call.
     fn try_remove_empty_node(&self, key: GroupKey) {
+        // crank patch (issue #19): keep a few empty nodes (`keep_empty_nodes`).
+        if self.nodes.load(Ordering::Relaxed) <= self.keep_empty {
+            return;
+        }
         if let Some(node) = self.pools.get(&key) {
             if node.is_empty() {
                 // Release the DashMap read guard before remove_if() acquires
@@ -237,7 +301,13 @@ impl<S> ConnectionPool<S> {
                 // predicate because another thread may repopulate the node in
                 // between dropping this guard and attempting removal.
                 drop(node);
-                self.pools.remove_if(&key, |_, node| node.is_empty());
+                if self
+                    .pools
+                    .remove_if(&key, |_, node| node.is_empty())
+                    .is_some()
+                {
+                    self.nodes.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -1170,6 +1240,45 @@ mod tests {
         }
 
         cleanup.join().unwrap();
+    }
+
+    // crank patch (issue #19)
+    #[tokio::test]
+    async fn test_kept_empty_nodes_stay_until_the_limit() {
+        let cp: ConnectionPool<String> = ConnectionPool::new(16).keep_empty_nodes(2);
+        for key in [1u64, 2, 3] {
+            let meta = ConnectionMeta::new(key, key as ID);
+            cp.put(&meta, format!("v{key}"));
+        }
+        assert_eq!(pool_len(&cp), 3);
+        // Three nodes, two may stay empty: the first emptied is removed
+        // (3 > 2), the next two stay.
+        assert_eq!(cp.get(&1).as_deref(), Some("v1"));
+        assert!(!pool_contains(&cp, 1), "over the limit: removed");
+        assert_eq!(cp.get(&2).as_deref(), Some("v2"));
+        assert!(pool_contains(&cp, 2), "within the limit: kept");
+        assert_eq!(cp.get(&3).as_deref(), Some("v3"));
+        assert!(pool_contains(&cp, 3), "within the limit: kept");
+        assert_eq!(pool_len(&cp), 2);
+        // A kept empty node serves the next put and get of its key.
+        let meta = ConnectionMeta::new(2, 20);
+        cp.put(&meta, "v2b".to_string());
+        assert_eq!(pool_len(&cp), 2, "no new node for a kept key");
+        assert_eq!(cp.get(&2).as_deref(), Some("v2b"));
+        assert_eq!(cp.get(&2), None);
+        assert_eq!(cp.nodes.load(Ordering::Relaxed), pool_len(&cp));
+    }
+
+    #[test]
+    fn test_prehashed_spreads_keys() {
+        use std::hash::BuildHasher;
+        let s = PreHashedState::default();
+        let a = s.hash_one(1u64);
+        let b = s.hash_one(2u64);
+        assert_ne!(a, b);
+        // Low bits (hashbrown's bucket index) differ for consecutive keys.
+        let low: std::collections::HashSet<u64> = (0..64u64).map(|k| s.hash_one(k) & 63).collect();
+        assert!(low.len() > 32, "{}", low.len());
     }
 
     #[tokio::test]

@@ -25,4 +25,6 @@
 mod connection;
 mod lru;
 
-pub use connection::{ConnectionMeta, ConnectionPool, PoolNode};
+pub use connection::{
+    ConnectionMeta, ConnectionPool, PoolNode, PreHashed, PreHashedState, KEEP_EMPTY_NODES,
+};

@@ -203,7 +203,10 @@ impl TransportConnector {
             .and_then(|o| o.keepalive_pool_callback.clone());
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
-            connection_pool: Arc::new(ConnectionPool::new(pool_size)),
+            // crank patch (issue #19): see ConnectionPool::keep_empty_nodes.
+            connection_pool: Arc::new(
+                ConnectionPool::new(pool_size).keep_empty_nodes(pingora_pool::KEEP_EMPTY_NODES),
+            ),
             offload: offload.map(|v| OffloadRuntime::new("upstream connect offload", v.0, v.1)),
             bind_to_v4,
             bind_to_v6,

@@ -207,13 +207,15 @@ impl ConnectionRef {
 
 pub struct InUsePool {
     // TODO: use pingora hashmap to shard the lock contention
-    pools: RwLock<HashMap<u64, PoolNode<ConnectionRef>>>,
+    // crank patch (issue #19): the keys are reuse hashes already; see
+    // `pingora_pool::PreHashed`.
+    pools: RwLock<HashMap<u64, PoolNode<ConnectionRef>, pingora_pool::PreHashedState>>,
 }
 
 impl InUsePool {
     fn new() -> Self {
         InUsePool {
-            pools: RwLock::new(HashMap::new()),
+            pools: RwLock::new(HashMap::default()),
         }
     }
 
@@ -225,6 +227,12 @@ impl InUsePool {
     /// concurrently repopulated.
     fn try_remove_empty_node(&self, reuse_hash: u64) {
         let mut pools = self.pools.write();
+        // crank patch (issue #19): with one connection per peer (the usual
+        // h2 case) its node emptied and was made again on every request;
+        // keep up to KEEP_EMPTY_NODES empty nodes, as the idle pool does.
+        if pools.len() <= pingora_pool::KEEP_EMPTY_NODES {
+            return;
+        }
         if let Some(pool) = pools.get(&reuse_hash) {
             if pool.is_empty() {
                 pools.remove(&reuse_hash);
@@ -259,10 +267,12 @@ impl InUsePool {
     pub fn get(&self, reuse_hash: u64) -> Option<ConnectionRef> {
         let (result, maybe_empty) = {
             let pools = self.pools.read();
+            // crank patch (issue #19): no write lock while empty nodes are kept.
+            let prune = pools.len() > pingora_pool::KEEP_EMPTY_NODES;
             match pools.get(&reuse_hash) {
                 Some(pool) => match pool.get_any() {
-                    Some((_, conn)) => (Some(conn), pool.is_empty()),
-                    None => (None, true),
+                    Some((_, conn)) => (Some(conn), prune && pool.is_empty()),
+                    None => (None, prune),
                 },
                 None => (None, false),
             }
@@ -280,9 +290,11 @@ impl InUsePool {
     pub fn release(&self, reuse_hash: u64, id: UniqueIDType) -> Option<ConnectionRef> {
         let (result, maybe_empty) = {
             let pools = self.pools.read();
+            // crank patch (issue #19): no write lock while empty nodes are kept.
+            let prune = pools.len() > pingora_pool::KEEP_EMPTY_NODES;
             if let Some(pool) = pools.get(&reuse_hash) {
                 let removed = pool.remove(id);
-                (removed, pool.is_empty())
+                (removed, prune && pool.is_empty())
             } else {
                 (None, false)
             }
@@ -321,7 +333,10 @@ impl Connector {
         // connection offload is handled by the [TransportConnector]
         Connector {
             transport: TransportConnector::new(options),
-            idle_pool: Arc::new(ConnectionPool::new(pool_size)),
+            // crank patch (issue #19): see ConnectionPool::keep_empty_nodes.
+            idle_pool: Arc::new(
+                ConnectionPool::new(pool_size).keep_empty_nodes(pingora_pool::KEEP_EMPTY_NODES),
+            ),
             in_use_pool: InUsePool::new(),
             pool_callback,
         }
