@@ -80,7 +80,9 @@ cargo test --workspace "$@"
 
 # The vendored Pingora crates are outside the workspace; pingora-pool's own
 # tests cover its crank patch (kept empty nodes, key hashing) and the
-# upstream behaviour it must keep (third_party/pingora/PATCHES.md).
+# upstream behaviour it must keep (third_party/pingora/PATCHES.md). The
+# workspace's lock file pins the dependencies it shares with the workspace.
+cp Cargo.lock third_party/pingora/pingora-pool/Cargo.lock
 CARGO_TARGET_DIR="$PWD/target/third-party" \
   cargo test --manifest-path third_party/pingora/pingora-pool/Cargo.toml --lib
 
