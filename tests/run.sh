@@ -78,13 +78,26 @@ fi
 cargo build --workspace --bins
 cargo test --workspace "$@"
 
-# The vendored Pingora crates are outside the workspace; pingora-pool's own
-# tests cover its crank patch (kept empty nodes, key hashing) and the
-# upstream behaviour it must keep (third_party/pingora/PATCHES.md). The
-# workspace's lock file pins the dependencies it shares with the workspace.
-cp Cargo.lock third_party/pingora/pingora-pool/Cargo.lock
+# The vendored Pingora crates are outside the workspace; their own tests
+# cover the crank patches and the upstream behaviour they must keep
+# (third_party/pingora/PATCHES.md): pingora-pool's (kept empty nodes, key
+# hashing) and pingora-core's HTTP protocol tests (body buffers, the chunked
+# writer, h2 heads). pingora-core's connector and listener tests need the
+# internet or upstream's key files, so only `protocols::http` runs. The
+# workspace's lock file pins the dependencies they share with the
+# workspace, and the other vendored crates stand in for crates.io's.
+PINGORA="$PWD/third_party/pingora"
+for crate in pingora-pool pingora-core; do
+  cp Cargo.lock "$PINGORA/$crate/Cargo.lock"
+done
 CARGO_TARGET_DIR="$PWD/target/third-party" \
-  cargo test --manifest-path third_party/pingora/pingora-pool/Cargo.toml --lib
+  cargo test --manifest-path "$PINGORA/pingora-pool/Cargo.toml" --lib
+CARGO_TARGET_DIR="$PWD/target/third-party" \
+  cargo test --manifest-path "$PINGORA/pingora-core/Cargo.toml" --features rustls \
+  --config "patch.crates-io.pingora-pool.path=\"$PINGORA/pingora-pool\"" \
+  --config "patch.crates-io.pingora-http.path=\"$PINGORA/pingora-http\"" \
+  --config "patch.crates-io.pingora-timeout.path=\"$PINGORA/pingora-timeout\"" \
+  --lib -- protocols::http
 
 # The README's quickstart, end to end, with the debug binaries just built,
 # with the worker shim example in it; one-shot mode also runs every 'try

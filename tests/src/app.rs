@@ -3,8 +3,11 @@
 //! runtime, so synchronous tests can use it.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -12,6 +15,11 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The bytes each connection received, one entry per connection.
+pub type Received = Arc<Mutex<Vec<Vec<u8>>>>;
 
 /// What the app saw for one request.
 #[derive(Debug, Clone)]
@@ -35,24 +43,49 @@ impl EchoSeen {
 pub struct EchoApp {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<EchoSeen>>>,
+    /// With [`EchoApp::start_recording`]: every byte each connection
+    /// received, one entry per connection in accept order.
+    pub received: Received,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl EchoApp {
     /// Starts the app on an ephemeral port.
     pub fn start() -> EchoApp {
+        EchoApp::start_with(false)
+    }
+
+    /// Like [`EchoApp::start`], and keeps the exact bytes each connection
+    /// received in [`EchoApp::received`] (for framing checks: what a
+    /// sidecar wrote on the wire, not what hyper made of it).
+    pub fn start_recording() -> EchoApp {
+        EchoApp::start_with(true)
+    }
+
+    fn start_with(record: bool) -> EchoApp {
         let seen: Arc<Mutex<Vec<EchoSeen>>> = Arc::default();
+        let received: Received = Arc::default();
         let seen2 = seen.clone();
+        let received2 = received.clone();
         let (addr, tx) = crate::serve_on_thread(move |listener| async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let seen = seen2.clone();
+                let slot = record.then(|| {
+                    let mut all = received2.lock().unwrap();
+                    all.push(Vec::new());
+                    (received2.clone(), all.len() - 1)
+                });
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
+                    let io = Recorded {
+                        inner: stream,
+                        slot,
+                    };
                     let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(io), svc)
                         .await;
                 });
             }
@@ -60,6 +93,7 @@ impl EchoApp {
         EchoApp {
             addr,
             seen,
+            received,
             _shutdown: tx,
         }
     }
@@ -129,4 +163,57 @@ async fn handle(
         .header("x-echo", "1")
         .body(Full::new(Bytes::from(json.to_string())))
         .unwrap())
+}
+
+/// The app's side of a connection; with a slot, appends every byte read to
+/// `EchoApp::received[slot]`.
+struct Recorded {
+    inner: TcpStream,
+    slot: Option<(Received, usize)>,
+}
+
+impl AsyncRead for Recorded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some((all, i))) = (&r, &this.slot) {
+            all.lock().unwrap()[*i].extend_from_slice(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Recorded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -81,7 +81,7 @@ fn assert_refused_by_parser(case: &str, responses: &[RawResponse], closed: bool)
 #[test]
 fn well_framed_requests_on_one_connection_all_reach_the_app() {
     // The control for the refusals below: the same raw client, correct framing.
-    let app = EchoApp::start();
+    let app = EchoApp::start_recording();
     let mesh = Mesh::start(app.addr, MeshOptions::default());
     // Keep-alive, one request at a time (Pingora closes a connection with
     // pipelined bytes rather than guess, so requests wait for answers here).
@@ -100,7 +100,13 @@ fn well_framed_requests_on_one_connection_all_reach_the_app() {
         c.send(raw.as_bytes());
         let r = c.read_response(Duration::from_secs(5));
         let r = r.unwrap_or_else(|| panic!("no response to {raw:?}; received {:?}", c.unparsed()));
-        assert_eq!(r.status, 200, "{raw:?}: {r:?}");
+        assert_eq!(
+            r.status,
+            200,
+            "{raw:?}: {r:?}; the app saw {:?}; its connections received {}",
+            app.seen.lock().unwrap(),
+            wire(&app)
+        );
     }
     let seen = app.seen.lock().unwrap().clone();
     let got: Vec<(&str, u64)> = seen
@@ -108,6 +114,82 @@ fn well_framed_requests_on_one_connection_all_reach_the_app() {
         .map(|s| (s.path.as_str(), s.body_bytes))
         .collect();
     assert_eq!(got, [("/sized", 5), ("/chunked", 11), ("/last", 0)]);
+    // The chunked body reached the app over h2 and the server sidecar's
+    // HTTP/1 hop: it ends with exactly one last-chunk. A second one (an
+    // empty DATA frame written as a zero-size chunk before the real end;
+    // Pingora patch 11, cloudflare/pingora#935) is a bogus request on the
+    // pooled connection: the app answers it 400, and that answer goes to
+    // the next request sent there.
+    let all: Vec<u8> = app.received.lock().unwrap().concat();
+    let last_chunks = all.windows(7).filter(|w| w == b"\r\n0\r\n\r\n").count();
+    assert_eq!(
+        last_chunks,
+        1,
+        "one chunked request, one last-chunk: {}",
+        wire(&app)
+    );
+}
+
+#[test]
+fn a_chunked_response_reaches_the_client_with_one_last_chunk() {
+    // The app streams its answer (no content-length: chunked on HTTP/1);
+    // it crosses the h2 hop and reaches the raw client chunked again. A
+    // second last-chunk would sit in front of the next response on the
+    // same connection and break it.
+    let (app, _stop) = crank_tests::serve_on_thread(|listener| async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    let frames = futures::stream::iter(["hello", " world"].map(|s| {
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            bytes::Bytes::from_static(s.as_bytes()),
+                        ))
+                    }));
+                    let resp = http::Response::builder()
+                        .body(http_body_util::StreamBody::new(frames))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    let mesh = Mesh::start(app, MeshOptions::default());
+    let mut c = RawConn::connect(mesh.port);
+    for path in ["/first", "/second"] {
+        c.send(request(&format!("GET {path} HTTP/1.1\r\nHost: backend"), "").as_bytes());
+        let r = c.read_response(Duration::from_secs(5));
+        let r = r.unwrap_or_else(|| panic!("no response to {path}; received {:?}", c.unparsed()));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+        assert_eq!(
+            r.header("transfer-encoding"),
+            Some("chunked"),
+            "{path}: {r:?}"
+        );
+        assert_eq!(r.body, "hello world", "{path}: {r:?}");
+    }
+    assert!(
+        c.unparsed().is_empty(),
+        "after the second response: {:?}",
+        c.unparsed()
+    );
+}
+
+/// What the app's connections received, for assertion messages.
+fn wire(app: &EchoApp) -> String {
+    let received = app.received.lock().unwrap();
+    let each: Vec<String> = received
+        .iter()
+        .map(|c| format!("{:?}", String::from_utf8_lossy(c)))
+        .collect();
+    each.join(" | ")
 }
 
 #[test]

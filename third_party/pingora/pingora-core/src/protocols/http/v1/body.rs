@@ -1421,6 +1421,15 @@ impl BodyWriter {
         match self.body_mode {
             BM::ChunkedEncoding(written) => {
                 let chunk_size = buf.len();
+                // crank patch 11 (cloudflare/pingora#935): a zero-size chunk is
+                // the last-chunk, so writing an empty buffer ended the body
+                // early and `finish` then wrote a second "0\r\n\r\n", a
+                // bogus request (or response) on a reused connection. An h2
+                // END_STREAM on an empty DATA frame arrives here as an empty
+                // body task. Nothing to write.
+                if chunk_size == 0 {
+                    return Ok(Some(0));
+                }
 
                 let chuck_size_buf = format!("{:X}\r\n", chunk_size);
                 let mut output_buf = Bytes::from(chuck_size_buf).chain(buf).chain(&b"\r\n"[..]);
@@ -1912,6 +1921,13 @@ impl BodyWriter {
         if matches!(self.send_body_state.write_state, WriteState::Idle) {
             if let Some(bytes) = self.send_body_state.pending_bytes.take() {
                 let application_bytes_size = bytes.len();
+                // crank patch 11 (cloudflare/pingora#935): an empty buffer is not
+                // a chunk (a zero-size chunk ends the body); see
+                // `do_write_chunked_body`.
+                if application_bytes_size == 0 {
+                    self.send_body_state.write_state = WriteState::Done(0);
+                    return Poll::Ready(Ok(Some(0)));
+                }
 
                 // Format the chunk: size\r\ndata\r\n
                 let chunk_size_header = format!("{:X}\r\n", application_bytes_size);
@@ -3393,6 +3409,54 @@ mod tests {
         let res = body_writer.finish(&mut mock_io).await.unwrap().unwrap();
         assert_eq!(res, data.len() * 2);
         assert_eq!(body_writer.body_mode, BodyMode::Complete(data.len() * 2));
+    }
+
+    // crank patch 11 (cloudflare/pingora#935): an empty buffer (an h2 END_STREAM
+    // on an empty DATA frame) must not be written as a zero-size chunk,
+    // which is the last-chunk: the body would end twice on the wire.
+    #[tokio::test]
+    async fn write_body_chunked_empty_buffer_writes_nothing() {
+        init_log();
+        let data = b"abcdefghij";
+        // The mock fails on any write it does not expect: one chunk, then
+        // exactly one last-chunk.
+        let mut mock_io = Builder::new()
+            .write(b"A\r\nabcdefghij\r\n")
+            .write(&LAST_CHUNK[..])
+            .build();
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_chunked();
+        let res = body_writer.write_body(&mut mock_io, &data[..]).await;
+        assert_eq!(res.unwrap(), Some(data.len()));
+        let res = body_writer.write_body(&mut mock_io, b"").await;
+        assert_eq!(res.unwrap(), Some(0));
+        assert_eq!(body_writer.body_mode, BodyMode::ChunkedEncoding(data.len()));
+        let res = body_writer.finish(&mut mock_io).await.unwrap();
+        assert_eq!(res, Some(data.len()));
+        assert_eq!(body_writer.body_mode, BodyMode::Complete(data.len()));
+    }
+
+    // crank patch 11 (cloudflare/pingora#935): the same rule on the task API.
+    #[tokio::test]
+    async fn chunked_body_task_empty_buffer_writes_nothing() {
+        init_log();
+        let mut mock_io = Builder::new()
+            .write(b"5\r\nhello\r\n")
+            .write(&LAST_CHUNK[..])
+            .build();
+        let mut body_writer = BodyWriter::new();
+        body_writer.init_chunked();
+        body_writer.send_body_task(Bytes::from_static(b"hello"), None);
+        let res = body_writer.write_current_body_task(&mut mock_io).await;
+        assert_eq!(res.unwrap(), Some(5));
+        body_writer.send_body_task(Bytes::new(), None);
+        let res = body_writer.write_current_body_task(&mut mock_io).await;
+        assert_eq!(res.unwrap(), Some(0));
+        assert!(!body_writer.has_pending_body_task());
+        body_writer.send_finish_task();
+        let res = body_writer.write_current_finish_task(&mut mock_io).await;
+        assert_eq!(res.unwrap(), Some(5));
+        assert_eq!(body_writer.body_mode, BodyMode::Complete(5));
     }
 
     #[tokio::test]
