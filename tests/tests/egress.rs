@@ -412,9 +412,9 @@ fn crank_control_pushes_egress_destinations_routes_and_mode() {
         via(px, &undeclared, &[]).0 == 200
     });
     assert!(w.other_seen.requests.load(Ordering::SeqCst) >= 1);
-    assert!(
-        client.log_text().contains("egress-not-declared"),
-        "{}",
-        client.log_text()
+    wait_until(
+        "the audited request in the log",
+        Duration::from_secs(5),
+        || client.log_text().contains("egress-not-declared"),
     );
 }

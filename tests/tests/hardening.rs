@@ -184,10 +184,16 @@ fn proxy_errors_say_connection_close_and_name_their_sidecar() {
     );
     assert_eq!(r.header("connection"), Some("close"), "{}", r.head);
     assert!(c.read_until_closed(Duration::from_secs(5)));
-    // The access log says who answered.
-    let log = mesh.client.log_text();
-    assert!(log.contains("\"error_origin\":\"outbound\""), "{log}");
-    assert!(log.contains("\"error_origin\":\"peer\""), "{log}");
+    // The access log says who answered (its writer is batched: wait).
+    wait_until(
+        "both error origins in the access log",
+        Duration::from_secs(5),
+        || {
+            let log = mesh.client.log_text();
+            log.contains("\"error_origin\":\"outbound\"")
+                && log.contains("\"error_origin\":\"peer\"")
+        },
+    );
 }
 
 #[test]

@@ -222,11 +222,14 @@ fn an_edit_reaches_every_proxy_and_a_broken_edit_changes_nothing() {
     for c in [&c1, &c2] {
         let v: serde_json::Value = serde_json::from_str(&c.admin_get("/config_dump").1).unwrap();
         assert!(v["mesh"]["last_rejected"].is_null(), "{}", v["mesh"]);
-        assert!(
-            c.log_text()
-                .contains("a good mesh config applied; the earlier refusal is cleared"),
-            "{}",
-            c.log_text()
+        // The log writer is asynchronous (batched): wait for the line.
+        wait_until(
+            "the cleared refusal's log line",
+            Duration::from_secs(5),
+            || {
+                c.log_text()
+                    .contains("a good mesh config applied; the earlier refusal is cleared")
+            },
         );
     }
     assert_eq!(get(port1), 200);
@@ -258,11 +261,14 @@ fn a_reverted_config_file_clears_the_refusal() {
     wait_until("the refusal is cleared", Duration::from_secs(10), || {
         rejected(&c).is_null()
     });
-    assert!(
-        c.log_text()
-            .contains("config file is back to the running config; the earlier refusal is cleared"),
-        "{}",
-        c.log_text()
+    wait_until(
+        "the cleared refusal's log line",
+        Duration::from_secs(5),
+        || {
+            c.log_text().contains(
+                "config file is back to the running config; the earlier refusal is cleared",
+            )
+        },
     );
     assert_eq!(get(port), 200);
 }

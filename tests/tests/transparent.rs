@@ -576,9 +576,12 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
     assert!(!out.status.success(), "{}", output_text(&out));
     let undeclared = ["direction=\"outbound\"", "reason=\"undeclared\""];
     assert_eq!(count(a, "crank_capture_refused_total", &undeclared), 1.0);
-    assert!(a_proxy
-        .log_text()
-        .contains("no route or egress destination declares it"));
+    // The log writer is asynchronous (batched): the line may land after the count.
+    wait_until("the refusal's log line", Duration::from_secs(5), || {
+        a_proxy
+            .log_text()
+            .contains("no route or egress destination declares it")
+    });
     // The same over IPv6 (`ipv6: true`): the [::1] capture listener and
     // IP6T_SO_ORIGINAL_DST.
     let url6 = format!("http://[{}]:8080/", b.addr6());
@@ -589,12 +592,11 @@ fn undeclared_destinations_and_plaintext_callers_can_be_refused() {
         .unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert_eq!(count(a, "crank_capture_refused_total", &undeclared), 2.0);
-    assert!(
-        a_proxy
-            .log_text()
-            .contains(&format!("[{}]:8080", b.addr6())),
-        "{}",
-        a_proxy.log_text()
+    let logged6 = format!("[{}]:8080", b.addr6());
+    wait_until(
+        "the IPv6 refusal's log line",
+        Duration::from_secs(5),
+        || a_proxy.log_text().contains(&logged6),
     );
 
     // A caller without a sidecar (curl as A's proxy uid, which A's rules
