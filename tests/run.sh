@@ -82,8 +82,9 @@ cargo test --workspace "$@"
 # cover the crank patches and the upstream behaviour they must keep
 # (third_party/pingora/PATCHES.md): pingora-pool's (kept empty nodes, key
 # hashing) and pingora-core's HTTP protocol tests (body buffers, the chunked
-# writer, h2 heads). pingora-core's connector and listener tests need the
-# internet or upstream's key files, so only `protocols::http` runs. The
+# writer, h2 heads) and its idle-watch tests (patch 12, local listeners only).
+# pingora-core's other connector and listener tests need the internet or
+# upstream's key files, so they do not run. The
 # workspace's lock file pins the dependencies they share with the
 # workspace, and the other vendored crates stand in for crates.io's.
 PINGORA="$PWD/third_party/pingora"
@@ -97,7 +98,8 @@ CARGO_TARGET_DIR="$PWD/target/third-party" \
   --config "patch.crates-io.pingora-pool.path=\"$PINGORA/pingora-pool\"" \
   --config "patch.crates-io.pingora-http.path=\"$PINGORA/pingora-http\"" \
   --config "patch.crates-io.pingora-timeout.path=\"$PINGORA/pingora-timeout\"" \
-  --lib -- protocols::http
+  --lib -- protocols::http connectors::idle_watch connectors::tests::idle_ \
+  connectors::http::v2::tests::idle_
 
 # The README's quickstart, end to end, with the debug binaries just built,
 # with the worker shim example in it; one-shot mode also runs every 'try

@@ -262,6 +262,12 @@ impl<S> ConnectionPool<S> {
         self
     }
 
+    /// The number of connections in the pool (crank patch 12, for tests
+    /// and metrics).
+    pub fn idle_connections(&self) -> usize {
+        self.lru.len()
+    }
+
     /// Insert a connection under `key` while the DashMap entry guard is held.
     ///
     /// Holding the guard through [`PoolNode::insert`] prevents empty-node cleanup

@@ -161,6 +161,11 @@ where
         (notifier, self.put(key, node))
     }
 
+    /// crank patch 12: the number of live entries.
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
     pub fn pop(&self, key: &K) -> Option<Node<T>> {
         let popped = self.shard(key).lock().pop(key);
         if popped.is_some() {

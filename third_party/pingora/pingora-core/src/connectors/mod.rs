@@ -15,6 +15,7 @@
 //! Connecting to servers
 
 pub mod http;
+mod idle_watch;
 pub mod l4;
 #[cfg(feature = "any_tls")]
 mod tls;
@@ -258,7 +259,20 @@ impl TransportConnector {
                 {
                     let _ = s.lock().await;
                 } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
+                  // crank patch 12 (issue #19): a deferred watcher starting on
+                  // another thread may hold the Arc between its upgrade and its
+                  // lock; its watcher sees the reuse and lets go, so wait once more
+                let s = match Arc::try_unwrap(s) {
+                    Ok(l) => Ok(l),
+                    Err(s) => {
+                        tokio::task::yield_now().await;
+                        {
+                            let _ = s.lock().await;
+                        }
+                        Arc::try_unwrap(s)
+                    }
+                };
+                match s {
                     Ok(l) => {
                         let mut stream = l.into_inner();
                         // test_reusable_stream: we assume server would never actively send data
@@ -266,10 +280,9 @@ impl TransportConnector {
                         // crank patch (issue #19): matches_connection, not matches_fd: no
                         // getpeername per reuse (see Peer::matches_connection)
                         #[cfg(unix)]
-                        if peer.matches_connection(
-                            stream.id(),
-                            stream.get_socket_digest().as_deref(),
-                        ) && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
+                        if peer
+                            .matches_connection(stream.id(), stream.get_socket_digest().as_deref())
+                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
                         } else {
@@ -329,28 +342,20 @@ impl TransportConnector {
         let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
         let stream = Arc::new(Mutex::new(stream));
-        let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
+        let weak = Arc::downgrade(&stream);
         let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
-        let idle_meta = IdleConnection::new(meta);
-        let pool = self.connection_pool.clone(); //clone the arc
-        let keepalive_pool_callback = self.keepalive_pool_callback.clone();
-        let rt = pingora_runtime::current_handle();
-        rt.spawn(async move {
-            if pool
-                .idle_poll(
-                    locked_stream,
-                    &idle_meta.connection,
-                    idle_timeout,
-                    notify_close,
-                    watch_use,
-                )
-                .await
-            {
-                if let Some(callback) = keepalive_pool_callback {
-                    callback(idle_meta.elapsed());
-                }
-            }
-        });
+        // crank patch 12 (issue #19): the watcher starts only if the stream is
+        // still idle a moment later (idle_watch.rs)
+        let idle = StreamIdle {
+            stream: weak,
+            idle: IdleConnection::new(meta),
+            timeout: idle_timeout,
+            notify_close,
+            watch_use,
+            pool: self.connection_pool.clone(),
+            callback: self.keepalive_pool_callback.clone(),
+        };
+        STREAMS_IDLE.with(|deferred| deferred.push(idle));
     }
 
     /// Get a stream to the given server [Peer]
@@ -479,6 +484,73 @@ use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
+type StreamPool = Arc<ConnectionPool<Arc<Mutex<Stream>>>>;
+
+thread_local! {
+    static STREAMS_IDLE: idle_watch::Deferred<StreamIdle> = idle_watch::Deferred::new();
+}
+
+/// A stream released to the pool whose `idle_poll` has not started
+/// (crank patch 12, idle_watch.rs). Only the pool holds the stream itself.
+struct StreamIdle {
+    stream: std::sync::Weak<Mutex<Stream>>,
+    idle: IdleConnection,
+    timeout: Option<Duration>,
+    notify_close: Arc<tokio::sync::Notify>,
+    watch_use: tokio::sync::oneshot::Receiver<bool>,
+    pool: StreamPool,
+    callback: Option<PoolCallback>,
+}
+
+impl idle_watch::IdleWatch for StreamIdle {
+    fn start(mut self) {
+        use futures::FutureExt;
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.watch_use.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            // taken again
+            Ok(_) => return,
+            // the pool dropped it: evicted (as `idle_poll` tells the two apart)
+            Err(TryRecvError::Closed) => {
+                if self.notify_close.notified().now_or_never().is_some() {
+                    if let Some(callback) = self.callback {
+                        callback(self.idle.elapsed());
+                    }
+                }
+                return;
+            }
+        }
+        // still idle; if a request takes it meanwhile, it waits for this lock
+        // and the watcher, seeing `watch_use`, lets go at once
+        let Some(locked) = self
+            .stream
+            .upgrade()
+            .and_then(|stream| stream.try_lock_owned().ok())
+        else {
+            return;
+        };
+        // the idle timeout counts from the release
+        let timeout = self.timeout.map(|t| t.saturating_sub(self.idle.elapsed()));
+        tokio::spawn(async move {
+            if self
+                .pool
+                .idle_poll(
+                    locked,
+                    &self.idle.connection,
+                    timeout,
+                    self.notify_close,
+                    self.watch_use,
+                )
+                .await
+            {
+                if let Some(callback) = self.callback {
+                    callback(self.idle.elapsed());
+                }
+            }
+        });
+    }
+}
+
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
     let mut buf = [0; 1];
     // tokio::task::unconstrained because now_or_never may yield None when the future is ready
@@ -593,6 +665,164 @@ mod tests {
 
     use super::*;
     use crate::upstreams::peer::BasicPeer;
+
+    // crank patch 12: idle watchers start a moment after the release
+    // (idle_watch.rs). A local listener whose accepted sockets the test holds.
+    async fn idle_listener() -> (
+        BasicPeer,
+        tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = BasicPeer::new(&listener.local_addr().unwrap().to_string());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let _ = tx.send(socket);
+            }
+        });
+        (peer, rx)
+    }
+
+    fn pooled(connector: &TransportConnector) -> usize {
+        connector.connection_pool.idle_connections()
+    }
+
+    async fn wait_for_pool(connector: &TransportConnector, n: usize) -> bool {
+        for _ in 0..100 {
+            if pooled(connector) == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn idle_stream_taken_again_before_its_watcher_starts_is_the_same_stream() {
+        let (peer, _accepted) = idle_listener().await;
+        let connector = TransportConnector::new(None);
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let id = stream.id();
+        connector.release_stream(stream, peer.reuse_hash(), Some(Duration::from_secs(60)));
+        let (mut stream, reused) = connector.get_stream(&peer).await.unwrap();
+        assert!(reused);
+        assert_eq!(stream.id(), id);
+        // released and taken many times with no watcher in between
+        for _ in 0..100 {
+            connector.release_stream(stream, peer.reuse_hash(), None);
+            stream = stream_of(&connector, &peer).await;
+            assert_eq!(stream.id(), id);
+        }
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        // the queued watches find the streams taken and start nothing; the one
+        // left idle is watched and stays pooled
+        tokio::time::sleep(idle_watch::WATCH_DELAY * 3).await;
+        assert_eq!(pooled(&connector), 1);
+        let (stream, reused) = connector.get_stream(&peer).await.unwrap();
+        assert!(
+            reused,
+            "a watched idle stream is handed out once its watcher lets go"
+        );
+        assert_eq!(stream.id(), id);
+    }
+
+    async fn stream_of(connector: &TransportConnector, peer: &BasicPeer) -> Stream {
+        let (stream, reused) = connector.get_stream(peer).await.unwrap();
+        assert!(reused);
+        stream
+    }
+
+    #[tokio::test]
+    async fn idle_stream_closed_by_its_peer_leaves_the_pool_once_watched() {
+        let (peer, mut accepted) = idle_listener().await;
+        let connector = TransportConnector::new(None);
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let server_side = accepted.recv().await.unwrap();
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        assert_eq!(pooled(&connector), 1);
+        drop(server_side); // the peer closes the idle connection
+        assert!(
+            wait_for_pool(&connector, 0).await,
+            "the watcher saw the close and dropped the stream"
+        );
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_stream_closed_before_its_watcher_starts_is_not_reused() {
+        let (peer, mut accepted) = idle_listener().await;
+        let connector = TransportConnector::new(None);
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let server_side = accepted.recv().await.unwrap();
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        drop(server_side);
+        // let the FIN arrive, but ask well before the watcher starts
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(connector.reused_stream(&peer).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_timeout_counts_from_the_release() {
+        use idle_watch::IdleWatch;
+        let (peer, _accepted) = idle_listener().await;
+        let connector = TransportConnector::new(None);
+        // what release_stream queues, for a stream released 10 s ago with a
+        // 10 s idle timeout: its watcher closes it at once
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let meta = ConnectionMeta::new(peer.reuse_hash(), stream.id());
+        let stream = Arc::new(Mutex::new(stream));
+        let weak = Arc::downgrade(&stream);
+        let (notify_close, watch_use) = connector.connection_pool.put(&meta, stream);
+        let mut idle = IdleConnection::new(meta);
+        idle.idle_since -= Duration::from_secs(10);
+        StreamIdle {
+            stream: weak,
+            idle,
+            timeout: Some(Duration::from_secs(10)),
+            notify_close,
+            watch_use,
+            pool: connector.connection_pool.clone(),
+            callback: None,
+        }
+        .start();
+        assert!(wait_for_pool(&connector, 0).await);
+        // and through release_stream: a short timeout is kept
+        let stream = connector.new_stream(&peer).await.unwrap();
+        connector.release_stream(stream, peer.reuse_hash(), Some(Duration::from_millis(1)));
+        assert!(wait_for_pool(&connector, 0).await);
+        let stream = connector.new_stream(&peer).await.unwrap();
+        connector.release_stream(stream, peer.reuse_hash(), Some(Duration::from_secs(60)));
+        tokio::time::sleep(idle_watch::WATCH_DELAY * 3).await;
+        assert_eq!(pooled(&connector), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_stream_evicted_before_its_watcher_starts_is_closed_and_counted() {
+        let (peer, mut accepted) = idle_listener().await;
+        let evicted = Arc::new(AtomicU64::new(0));
+        let counted = evicted.clone();
+        let mut connector = TransportConnector::new(Some(ConnectorOptions::new(1)));
+        connector.keepalive_pool_callback = Some(Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        let first = connector.new_stream(&peer).await.unwrap();
+        let mut first_server = accepted.recv().await.unwrap();
+        let second = connector.new_stream(&peer).await.unwrap();
+        connector.release_stream(first, peer.reuse_hash(), None);
+        connector.release_stream(second, peer.reuse_hash(), None);
+        // a pool of one: the first was evicted and closed at once
+        assert_eq!(pooled(&connector), 1);
+        let mut buf = [0u8; 1];
+        use tokio::io::AsyncReadExt;
+        assert_eq!(first_server.read(&mut buf).await.unwrap(), 0);
+        tokio::time::sleep(idle_watch::WATCH_DELAY * 3).await;
+        assert_eq!(
+            evicted.load(Ordering::SeqCst),
+            1,
+            "the eviction is reported"
+        );
+        assert_eq!(pooled(&connector), 1);
+    }
 
     #[tokio::test]
     async fn test_connect() {

@@ -433,7 +433,9 @@ impl Connector {
             // filter out closed, InUsePool does not have notify closed eviction like the idle pool
             // and it's possible we get an in use connection that is closed and not yet released
             .filter(|c| !c.is_closed())
-            .or_else(|| self.idle_pool.get(&reuse_hash));
+            // crank patch 12 (issue #19): an idle connection's watcher may not
+            // have started yet to take it out of the pool when it closed
+            .or_else(|| self.idle_pool.get(&reuse_hash).filter(|c| !c.is_closed()));
         if let Some(conn) = maybe_conn {
             // crank patch (issue #19): matches_connection, not matches_fd: no getpeername per
             // request (see Peer::matches_connection)
@@ -503,26 +505,18 @@ impl Connector {
             };
             let closed = conn.0.closed.clone();
             let (notify_evicted, watch_use) = self.idle_pool.put(&meta, conn);
-            let idle_meta = IdleConnection::new(meta);
-            let pool = self.idle_pool.clone(); //clone the arc
-            let keepalive_pool_callback = self.pool_callback.clone();
-            let rt = pingora_runtime::current_handle();
-            rt.spawn(async move {
-                if pool
-                    .idle_timeout(
-                        &idle_meta.connection,
-                        idle_timeout,
-                        notify_evicted,
-                        closed,
-                        watch_use,
-                    )
-                    .await
-                {
-                    if let Some(callback) = keepalive_pool_callback {
-                        callback(idle_meta.elapsed());
-                    }
-                }
-            });
+            // crank patch 12 (issue #19): the watcher starts only if the
+            // connection is still idle a moment later (idle_watch.rs)
+            let idle = H2Idle {
+                idle: IdleConnection::new(meta),
+                timeout: idle_timeout,
+                notify_evicted,
+                closed,
+                watch_use,
+                pool: self.idle_pool.clone(),
+                callback: self.pool_callback.clone(),
+            };
+            H2_IDLE.with(|deferred| deferred.push(idle));
         } else {
             self.in_use_pool.insert(reuse_hash, conn);
             drop(locked);
@@ -539,6 +533,63 @@ impl Connector {
             .preferred_http_version
             .get(peer)
             .is_some_and(|v| matches!(v, ALPN::H1))
+    }
+}
+
+thread_local! {
+    static H2_IDLE: crate::connectors::idle_watch::Deferred<H2Idle> =
+        crate::connectors::idle_watch::Deferred::new();
+}
+
+/// An h2 connection released to the idle pool whose `idle_timeout` watcher
+/// has not started (crank patch 12, idle_watch.rs).
+struct H2Idle {
+    idle: IdleConnection,
+    timeout: Option<Duration>,
+    notify_evicted: Arc<tokio::sync::Notify>,
+    closed: watch::Receiver<bool>,
+    watch_use: tokio::sync::oneshot::Receiver<bool>,
+    pool: Arc<ConnectionPool<ConnectionRef>>,
+    callback: Option<PoolCallback>,
+}
+
+impl crate::connectors::idle_watch::IdleWatch for H2Idle {
+    fn start(mut self) {
+        use futures::FutureExt;
+        use tokio::sync::oneshot::error::TryRecvError;
+        match self.watch_use.try_recv() {
+            Err(TryRecvError::Empty) => {}
+            // taken again
+            Ok(_) => return,
+            // the pool dropped it: evicted (as `idle_timeout` tells the two apart)
+            Err(TryRecvError::Closed) => {
+                if self.notify_evicted.notified().now_or_never().is_some() {
+                    if let Some(callback) = self.callback {
+                        callback(self.idle.elapsed());
+                    }
+                }
+                return;
+            }
+        }
+        // the idle timeout counts from the release
+        let timeout = self.timeout.map(|t| t.saturating_sub(self.idle.elapsed()));
+        tokio::spawn(async move {
+            if self
+                .pool
+                .idle_timeout(
+                    &self.idle.connection,
+                    timeout,
+                    self.notify_evicted,
+                    self.closed,
+                    self.watch_use,
+                )
+                .await
+            {
+                if let Some(callback) = self.callback {
+                    callback(self.idle.elapsed());
+                }
+            }
+        });
     }
 }
 
@@ -726,6 +777,112 @@ mod tests {
             HttpSession::H2(_) => panic!("expect h1"),
             HttpSession::Custom(_) => panic!("expect h1"),
         }
+    }
+
+    // crank patch 12: idle h2 connections are watched a moment after their
+    // release (idle_watch.rs). An h2c server that keeps each connection open
+    // until the test says to close it.
+    async fn h2c_server() -> (HttpPeer, tokio::sync::mpsc::UnboundedSender<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = HttpPeer::new(listener.local_addr().unwrap(), false, "".into());
+        peer.options.set_http_version(2, 2);
+        let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(socket).await.unwrap();
+            tokio::select! {
+                _ = async { while conn.accept().await.is_some() {} } => {}
+                _ = close_rx.recv() => {}
+            }
+        });
+        (peer, close_tx)
+    }
+
+    async fn idle_h2(connector: &Connector, peer: &HttpPeer) -> Http2Session {
+        match connector
+            .new_http_session::<HttpPeer, ()>(peer)
+            .await
+            .unwrap()
+        {
+            HttpSession::H2(h2) => h2,
+            _ => panic!("expect h2"),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_h2_connection_is_reused_before_and_after_its_watcher_starts() {
+        let (peer, _close) = h2c_server().await;
+        let connector = Connector::new(None);
+        let h2 = idle_h2(&connector, &peer).await;
+        let id = h2.conn.id();
+        connector.release_http_session(h2, &peer, Some(Duration::from_secs(60)));
+        let h2 = connector.reused_http_session(&peer).await.unwrap().unwrap();
+        assert_eq!(h2.conn.id(), id);
+        connector.release_http_session(h2, &peer, Some(Duration::from_secs(60)));
+        tokio::time::sleep(crate::connectors::idle_watch::WATCH_DELAY * 3).await;
+        assert_eq!(connector.idle_pool.idle_connections(), 1);
+        let h2 = connector.reused_http_session(&peer).await.unwrap().unwrap();
+        assert_eq!(h2.conn.id(), id);
+    }
+
+    #[tokio::test]
+    async fn idle_h2_connection_closed_before_its_watcher_starts_is_not_reused() {
+        let (peer, close) = h2c_server().await;
+        let connector = Connector::new(None);
+        let h2 = idle_h2(&connector, &peer).await;
+        let conn = h2.conn();
+        connector.release_http_session(h2, &peer, None);
+        close.send(()).unwrap();
+        for _ in 0..100 {
+            if conn.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(conn.is_closed());
+        // the watcher has not started; the closed connection is still pooled
+        // but is not handed out
+        assert!(connector
+            .reused_http_session(&peer)
+            .await
+            .unwrap()
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn idle_h2_connection_times_out_from_its_release() {
+        use crate::connectors::idle_watch::IdleWatch;
+        let (peer, _close) = h2c_server().await;
+        let connector = Connector::new(None);
+        // what release_http_session queues, for a connection released 10 s
+        // ago with a 10 s idle timeout: its watcher closes it at once
+        let h2 = idle_h2(&connector, &peer).await;
+        let conn = h2.conn();
+        drop(h2);
+        let meta = ConnectionMeta::new(peer.reuse_hash(), conn.id());
+        let closed = conn.0.closed.clone();
+        let (notify_evicted, watch_use) = connector.idle_pool.put(&meta, conn);
+        let mut idle = IdleConnection::new(meta);
+        idle.idle_since -= Duration::from_secs(10);
+        H2Idle {
+            idle,
+            timeout: Some(Duration::from_secs(10)),
+            notify_evicted,
+            closed,
+            watch_use,
+            pool: connector.idle_pool.clone(),
+            callback: None,
+        }
+        .start();
+        let mut gone = false;
+        for _ in 0..100 {
+            gone = connector.idle_pool.idle_connections() == 0;
+            if gone {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone, "the idle timeout counted from the release");
     }
 
     #[tokio::test]
