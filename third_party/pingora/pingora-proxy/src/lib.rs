@@ -1567,42 +1567,46 @@ where
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    // crank patch 13 (issue #19): `impl Future`, not `async_trait` (see the trait)
+    fn process_new_http(
         self: &Arc<Self>,
-        mut session: HttpSession,
+        session: HttpSession,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        // Extract user context from the previous request before the session is moved into the Box
-        let prev_user_ctx = session.take_connection_user_context();
+    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send {
+        async move {
+            let mut session = session;
+            // Extract user context from the previous request before the session is moved into the Box
+            let prev_user_ctx = session.take_connection_user_context();
 
-        let session = Box::new(session);
+            let session = Box::new(session);
 
-        // TODO: keepalive pool, use stack
-        let mut session = match self.handle_new_request(session).await {
-            Some(downstream_session) => Session::new(
-                downstream_session,
-                &self.downstream_modules,
-                #[cfg(feature = "upstream_modules")]
-                &self.upstream_modules,
-                self.shutdown_flag.clone(),
-            ),
-            None => return None, // bad request
-        };
+            // TODO: keepalive pool, use stack
+            let mut session = match self.handle_new_request(session).await {
+                Some(downstream_session) => Session::new(
+                    downstream_session,
+                    &self.downstream_modules,
+                    #[cfg(feature = "upstream_modules")]
+                    &self.upstream_modules,
+                    self.shutdown_flag.clone(),
+                ),
+                None => return None, // bad request
+            };
 
-        if *shutdown.borrow() {
-            // stop downstream from reusing if this service is shutting down soon
-            session.set_keepalive(None);
+            if *shutdown.borrow() {
+                // stop downstream from reusing if this service is shutting down soon
+                session.set_keepalive(None);
+            }
+
+            let mut ctx = self.inner.new_ctx();
+
+            // Deliver user context from the previous request on this reused connection
+            if let Some(prev_ctx) = prev_user_ctx {
+                self.inner
+                    .on_connection_reuse(&mut session, &mut ctx, prev_ctx);
+            }
+
+            self.process_request(session, ctx).await
         }
-
-        let mut ctx = self.inner.new_ctx();
-
-        // Deliver user context from the previous request on this reused connection
-        if let Some(prev_ctx) = prev_user_ctx {
-            self.inner
-                .on_connection_reuse(&mut session, &mut ctx, prev_ctx);
-        }
-
-        self.process_request(session, ctx).await
     }
 
     async fn http_cleanup(&self) {

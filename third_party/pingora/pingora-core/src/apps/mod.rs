@@ -222,12 +222,17 @@ pub trait HttpServerApp {
     /// The caller needs to make sure that the connection is in a reusable state
     /// i.e., no error or incomplete read or write headers or bodies. Otherwise
     /// a `None` should be returned.
-    async fn process_new_http(
+    ///
+    /// crank patch 13 (issue #19): this returns `impl Future` instead of being an
+    /// `async_trait` method, so that an HTTP/1 connection's loop awaits each
+    /// request's future in place instead of moving it (~10 KB) into a new box
+    /// per request.
+    fn process_new_http(
         self: &Arc<Self>,
-        mut session: ServerSession,
+        session: ServerSession,
         // TODO: make this ShutdownWatch so that all task can await on this event
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream>;
+    ) -> impl std::future::Future<Output = Option<ReusedHttpStream>> + Send;
 
     /// Provide options on how HTTP/2 connection should be established. This function will be called
     /// every time a new HTTP/2 **connection** needs to be established.
@@ -329,14 +334,16 @@ where
                 |h2_stream, guard| {
                     let app = app.clone();
                     let shutdown = shutdown_for_session.clone();
-                    pingora_runtime::current_handle().spawn(async move {
+                    // crank patch 13: boxed here, as `async_trait` boxed the request's
+                    // future before, so that the spawn moves a pointer, not the future
+                    pingora_runtime::current_handle().spawn(Box::pin(async move {
                         // hold `guard` for the session's lifetime so the accept
                         // loop's idle timeout sees this connection as busy.
                         let _guard = guard;
                         // Note, `PersistentSettings` not currently relevant for h2
                         app.process_new_http(ServerSession::new_http2(h2_stream), &shutdown)
                             .await;
-                    });
+                    }));
                 },
             )
             .await;
