@@ -99,7 +99,7 @@ CARGO_TARGET_DIR="$PWD/target/third-party" \
   --config "patch.crates-io.pingora-http.path=\"$PINGORA/pingora-http\"" \
   --config "patch.crates-io.pingora-timeout.path=\"$PINGORA/pingora-timeout\"" \
   --lib -- protocols::http connectors::idle_watch connectors::tests::idle_ \
-  connectors::http::v2::tests::idle_
+  connectors::http::v2::tests::idle_ apps::tests::box_in_place
 
 # The README's quickstart, end to end, with the debug binaries just built,
 # with the worker shim example in it; one-shot mode also runs every 'try

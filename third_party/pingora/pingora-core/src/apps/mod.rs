@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use log::{debug, error};
 use std::any::Any;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -334,9 +335,10 @@ where
                 |h2_stream, guard| {
                     let app = app.clone();
                     let shutdown = shutdown_for_session.clone();
-                    // crank patch 13: boxed here, as `async_trait` boxed the request's
-                    // future before, so that the spawn moves a pointer, not the future
-                    pingora_runtime::current_handle().spawn(Box::pin(async move {
+                    // crank patch 13 (issue #19): boxed here, as `async_trait` boxed the
+                    // request's future before, so that the spawn moves a pointer, not the
+                    // future; patch 14: built in its box, not moved into it
+                    pingora_runtime::current_handle().spawn(box_in_place(move || async move {
                         // hold `guard` for the session's lifetime so the accept
                         // loop's idle timeout sees this connection as busy.
                         let _guard = guard;
@@ -380,6 +382,29 @@ where
     async fn cleanup(&self) {
         self.http_cleanup().await;
     }
+}
+
+/// crank patch 14 (issue #19): box a future that `make` returns, built in its box.
+///
+/// `Box::pin(make())` builds the future on the stack and copies all of it
+/// (its type is as large as its largest state, ~10 KB for a proxied
+/// request) into the box, even though only its captures are set before its
+/// first poll. Here the future is returned by a call that is not inlined,
+/// so it is returned through a pointer (the ABI's return slot), and LLVM
+/// passes the new box as that slot instead of a stack temporary (its
+/// "call slot" optimisation): no copy. If the optimiser does not do so,
+/// this is exactly `Box::pin(make())`.
+#[inline(always)]
+fn box_in_place<F, M: FnOnce() -> F>(make: M) -> Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make_value(make));
+    // SAFETY: `write` initialised the value
+    Box::into_pin(unsafe { slot.assume_init() })
+}
+
+#[inline(never)]
+fn make_value<F, M: FnOnce() -> F>(make: M) -> F {
+    make()
 }
 
 #[cfg(test)]
@@ -432,5 +457,40 @@ mod tests {
         assert!(session2.take_connection_user_context().is_none());
         // Keepalive should still work
         assert_eq!(session2.get_keepalive(), Some(30));
+    }
+
+    // crank patch 14 (issue #19): `box_in_place` gives the future `make` returns, which
+    // runs to completion and drops its captures once; a `make` that panics
+    // leaves nothing to drop and frees the box.
+    #[tokio::test]
+    async fn box_in_place_runs_the_future_and_drops_its_captures_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Counted(Arc<AtomicUsize>);
+        impl Drop for Counted {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let drops = Arc::new(AtomicUsize::new(0));
+        let captured = Counted(drops.clone());
+        let big = [7u8; 16 * 1024];
+        let fut = box_in_place(move || async move {
+            let _held = captured;
+            tokio::task::yield_now().await;
+            big.iter().map(|b| *b as usize).sum::<usize>()
+        });
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        assert_eq!(tokio::spawn(fut).await.unwrap(), 7 * 16 * 1024);
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+
+        let captured = Counted(drops.clone());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            box_in_place(move || -> std::future::Ready<()> {
+                let _held = captured;
+                panic!("maker fails")
+            })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(drops.load(Ordering::SeqCst), 2);
     }
 }
