@@ -347,7 +347,7 @@ measure() {
         [[ -n "$fpid" ]] && rf=$(peak_kib "$fpid")
         [[ -n "$bpid" ]] && rb=$(peak_kib "$bpid")
         {
-            echo "idle before warm-up: $idle"
+            echo "after the warm-up, before wrk: $idle"
             echo "under load (max of VmRSS samples during wrk): front=${rf}kB back=${rb}kB"
             echo "VmHWM (peak since start, start-up included): front=$(kib_of "$fpid" VmHWM)kB back=$(kib_of "$bpid" VmHWM)kB"
             # the split after wrk: heap and stacks (anon) against mapped binary and libraries (file)
@@ -356,6 +356,10 @@ measure() {
                 echo "after wrk: $p RssAnon=$(kib_of "$p" RssAnon)kB RssFile=$(kib_of "$p" RssFile)kB"
             done
         } >"$RAW/$tag.rss.txt"
+        # which mappings hold the resident pages (when a reading is high,
+        # the file pages say whether it is the binary's code or data)
+        if [[ -n "$fpid" ]]; then cat "/proc/$fpid/smaps" >"$RAW/$tag.front.smaps.txt" 2>/dev/null || true; fi
+        if [[ -n "$bpid" ]]; then cat "/proc/$bpid/smaps" >"$RAW/$tag.back.smaps.txt" 2>/dev/null || true; fi
     fi
 
     local rps wrk_errs non2xx sock wrk_p50 wrk_p99 nreq cpu_us=""
@@ -1256,7 +1260,7 @@ shim_report() {
     echo
     echo "hop CPU µs/req = utime+stime of the hop process alone (crank-shim, all its threads; or the nginx proxy) during the wrk run"
     echo "÷ its requests; the shim's nginx worker and the upstream are not counted. RSS = the hop process's under load (max of"
-    echo "VmRSS sampled every 0.2 s during wrk); its idle VmRSS before the warm-up and its VmHWM are in raw/<setup>[.r<round>].rss.txt."
+    echo "VmRSS sampled every 0.2 s during wrk); its VmRSS after the warm-up, its VmHWM and the RssAnon/RssFile split after wrk are in raw/<setup>[.r<round>].rss.txt, its /proc/PID/smaps after wrk in raw/<setup>[.r<round>].<front|back>.smaps.txt."
 }
 
 # ---------------------------------------------------------------- main
