@@ -532,7 +532,11 @@ fn pushed_quotas_and_policies_take_effect_on_the_proxies() {
 
     // One edit: an outbound quota for the caller's tenant, and a policy
     // that closes /forbidden.
-    write(&cp, "quotas.yaml", "limits:\n  - {tenant: demo, capability: hello:v1, rate: 3/min, burst: 3, direction: outbound}\n");
+    // The burst leaves room for the requests below that reach the worker
+    // before its sidecar has reloaded the policy (the caller's sidecar may
+    // apply the quota first): with a burst of 3, a loaded machine used it up
+    // on 200s and the wait saw only 429s.
+    write(&cp, "quotas.yaml", "limits:\n  - {tenant: demo, capability: hello:v1, rate: 3/min, burst: 20, direction: outbound}\n");
     write(&cp, "policies/policy.yaml", "mode: enforce\n");
     // The pushed set replaces the local one file by file (same name).
     write(&cp, "policies/open.rego", "package crank.authz\n\nallow := true\n\ndeny contains \"the /forbidden path is closed\" if {\n\tinput.request.path == \"/forbidden\"\n}\n");
@@ -552,7 +556,15 @@ fn pushed_quotas_and_policies_take_effect_on_the_proxies() {
         "the new policy denies /forbidden",
         Duration::from_secs(10),
         || {
+            // Paced, so that the quota's burst outlasts the reload.
+            std::thread::sleep(Duration::from_millis(200));
             let (status, text) = curl(&[&format!("http://{port}/forbidden")]);
+            assert_ne!(
+                status,
+                429,
+                "the quota's burst ran out before the worker's sidecar applied the policy:\n{text}\n{}",
+                server.log_text()
+            );
             last = text;
             status == 403
         },
@@ -562,9 +574,9 @@ fn pushed_quotas_and_policies_take_effect_on_the_proxies() {
         !policies.join("open.rego").exists()
             || std::fs::read_to_string(policies.join("open.rego")).is_ok()
     );
-    // The quota: 3 requests pass (some were used above), then 429.
+    // The quota: 20 requests pass (some were used above), then 429.
     let mut statuses = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..25 {
         statuses.push(get(port));
     }
     assert!(
